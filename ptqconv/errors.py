@@ -1,0 +1,15 @@
+"""The two kinds of failure a user can meet, mapped to exit statuses by the CLI."""
+
+from __future__ import annotations
+
+
+class PtqError(Exception):
+    """The conversion failed (exit status 1): bad model contents, an unsupported graph..."""
+
+    exit_code = 1
+
+
+class PtqUsageError(PtqError):
+    """The command line or the config is wrong (exit status 2)."""
+
+    exit_code = 2

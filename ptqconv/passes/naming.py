@@ -1,0 +1,25 @@
+"""Fresh, deterministic value and node names for graph rewrites."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+
+class NameAllocator:
+    """Hands out names not yet used by any value or node of `graph` (or earlier calls)."""
+
+    def __init__(self, graph: ir.Graph):
+        self._used: set[str] = set()
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            self._used.add(node.name or "")
+            self._used.update(v.name or "" for v in (*node.inputs, *node.outputs) if v is not None)
+        self._used.update(v.name or "" for v in graph.inputs)
+        self._used.update(graph.initializers)
+
+    def new(self, base: str) -> str:
+        name, counter = base, 1
+        while name in self._used:
+            name = f"{base}_{counter}"
+            counter += 1
+        self._used.add(name)
+        return name

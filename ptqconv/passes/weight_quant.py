@@ -1,0 +1,171 @@
+"""Weight-only quantization: float weights -> integer initializer + DequantizeLinear."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqconv import qparams
+from ptqconv.passes.naming import NameAllocator
+from ptqconv.passes.weight_slots import WeightSlot, weight_slot
+
+# onnxruntime 1.31 fuses DequantizeLinear(int2) -> MatMul/Gemm into MatMulNBits, which returns
+# wrong results unless N % 4 == 0 (measured for every K); such weights keep the int2 grid in an
+# int4 container.
+_INT2_FUSED_OPS = ("MatMul", "Gemm")
+
+
+@dataclass
+class WeightRecord:
+    """What happened to one weight, for the run summary."""
+
+    name: str
+    op_type: str
+    nodes: tuple[str, ...]
+    shape: tuple[int, ...]
+    quantized: bool
+    reason: str = ""
+    storage: str = ""
+    float_bytes: int = 0
+
+
+@dataclass
+class WeightQuantConfig:
+    grid: qparams.Grid
+    min_size: int = 0  # quantWeightSize: quantize only when element count > this
+    min_channel: int = 16  # quantWeightChannel: convs only when output channels > this
+    skip_nodes: frozenset[str] = field(default_factory=frozenset)
+    skip_op_types: frozenset[str] = field(default_factory=frozenset)
+
+
+class WeightQuantPass(ir.passes.InPlacePass):
+    """Replace each eligible constant weight by integers, a per-channel scale (and zero point)
+    and a DequantizeLinear node; record every weight it met in `records`."""
+
+    def __init__(self, config: WeightQuantConfig, progress: Callable[[int], None] | None = None):
+        super().__init__()
+        self.config = config
+        self.progress = progress
+        self.records: list[WeightRecord] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        slots: dict[ir.Value, list[WeightSlot]] = {}
+        for node in graph:
+            slot = weight_slot(node)
+            if slot is not None:
+                slots.setdefault(node.inputs[slot.index], []).append(slot)
+        names = NameAllocator(graph)
+        modified = False
+        for value, value_slots in slots.items():
+            record = self._record(value, value_slots)
+            reason = self._skip_reason(graph, value, value_slots)
+            if reason:
+                record.reason = reason
+            else:
+                record.storage = self._quantize(graph, names, value, value_slots).name.lower()
+                record.quantized = modified = True
+            self.records.append(record)
+            if self.progress is not None:
+                self.progress(record.float_bytes)
+        return ir.passes.PassResult(model, modified=modified)
+
+    @staticmethod
+    def _record(value: ir.Value, slots: list[WeightSlot]) -> WeightRecord:
+        tensor = value.const_value
+        return WeightRecord(
+            name=value.name or "",
+            op_type=slots[0].node.op_type,
+            nodes=tuple(s.node.name or s.node.op_type for s in slots),
+            shape=tuple(tensor.shape),
+            quantized=False,
+            float_bytes=tensor.nbytes,
+        )
+
+    def _skip_reason(self, graph: ir.Graph, value: ir.Value, slots: list[WeightSlot]) -> str:
+        cfg = self.config
+        tensor = value.const_value
+        for slot in slots:
+            if slot.node.name in cfg.skip_nodes or slot.node.op_type in cfg.skip_op_types:
+                return f"skip_quant_node ({slot.node.name or slot.node.op_type})"
+        if value.name not in graph.initializers or graph.initializers[value.name] is not value:
+            return "not an initializer of the main graph"
+        if value.is_graph_output():
+            return "also a graph output"
+        if tensor.dtype != ir.DataType.FLOAT:
+            return f"dtype {tensor.dtype.name.lower()} (only float32 weights are quantized)"
+        weight_uses = {(s.node, s.index) for s in slots}
+        for user, index in value.uses():
+            if (user, index) not in weight_uses:
+                return f"also a non-weight input of {user.op_type} {user.name or ''}".rstrip()
+        if len(tensor.shape) < 2:
+            return f"rank {len(tensor.shape)} < 2"
+        if len({s.axis for s in slots}) > 1:
+            return "shared by ops that need different channel axes"
+        size = tensor.size
+        if size <= cfg.min_size:
+            return f"{size} elements <= quantWeightSize {cfg.min_size}"
+        channels = max(s.channels for s in slots)
+        if slots[0].node.op_type in ("Conv", "ConvTranspose") and channels <= cfg.min_channel:
+            return f"{channels} output channels <= quantWeightChannel {cfg.min_channel}"
+        return ""
+
+    def _quantize(
+        self, graph: ir.Graph, names: NameAllocator, value: ir.Value, slots: list[WeightSlot]
+    ) -> ir.DataType:
+        grid = self.config.grid
+        axis = slots[0].axis
+        weights = value.const_value.numpy()
+        shape = weights.shape
+        if (
+            grid.storage == ir.DataType.INT2
+            and shape[axis] % 4
+            and any(s.node.op_type in _INT2_FUSED_OPS for s in slots)
+        ):
+            grid = grid.with_storage(ir.DataType.INT4)
+        rmin, rmax = qparams.tensor_range(weights, axis)
+        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+        storage_np = grid.storage.numpy()
+        q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=storage_np)
+        del weights
+
+        name = value.name
+        inputs = [
+            _initializer(graph, names.new(f"{name}_quantized"), q, grid.storage),
+            _initializer(graph, names.new(f"{name}_scale"), scale, ir.DataType.FLOAT),
+        ]
+        if not grid.symmetric:
+            inputs.append(
+                _initializer(
+                    graph,
+                    names.new(f"{name}_zero_point"),
+                    zero_point.astype(storage_np),
+                    grid.storage,
+                )
+            )
+        dequant = ir.node(
+            "DequantizeLinear", inputs, {"axis": axis}, name=names.new(f"{name}_DequantizeLinear")
+        )
+        graph.insert_before(slots[0].node, dequant)
+        out = dequant.outputs[0]
+        out.type = ir.TensorType(ir.DataType.FLOAT)
+        out.shape = ir.Shape(shape)
+        # The dequantized value keeps the weight's name, so consumers and debug tools that
+        # refer to it by name still find it.
+        graph.initializers.pop(name)
+        value.replace_all_uses_with(out)
+        value.name = None
+        out.name = name
+        return grid.storage
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
+    tensor = ir.Tensor(array, dtype=dtype, name=name)
+    value = ir.Value(
+        name=name, type=ir.TensorType(dtype), shape=ir.Shape(array.shape), const_value=tensor
+    )
+    graph.register_initializer(value)
+    return value

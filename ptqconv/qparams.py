@@ -1,0 +1,150 @@
+"""Range -> scale / zero point math: the one module every pass and observer uses.
+
+A `Grid` says which integers a tensor may take and in which ONNX container they are stored;
+`scale_zero_point` turns float ranges into quantization parameters for a grid, and
+`quantize` / `dequantize` apply them with ONNX's QuantizeLinear semantics (round half to even).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+# REFERENCE.md §2: "enforce a minimum range so scale is never 0".
+MIN_RANGE = 1e-8
+
+_SIGNED_CONTAINERS = (
+    (2, ir.DataType.INT2),
+    (4, ir.DataType.INT4),
+    (8, ir.DataType.INT8),
+    (16, ir.DataType.INT16),
+)
+_UNSIGNED_CONTAINERS = (
+    (2, ir.DataType.UINT2),
+    (4, ir.DataType.UINT4),
+    (8, ir.DataType.UINT8),
+    (16, ir.DataType.UINT16),
+)
+
+
+def container_for(bits: int, signed: bool = True) -> ir.DataType:
+    """The smallest native ONNX integer type that holds `bits`-bit values."""
+    for width, dtype in _SIGNED_CONTAINERS if signed else _UNSIGNED_CONTAINERS:
+        if bits <= width:
+            return dtype
+    raise ValueError(f"no integer container for {bits} bits")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The integers [qmin, qmax] a quantized tensor may take, and how they are stored.
+
+    `binary` is the 1-bit grid {-1, +1} (zero point 0): with an integer zero point a 2-level
+    affine grid always contains 0, which would waste one of the two levels on weights that are
+    centred on zero.
+    """
+
+    bits: int
+    qmin: int
+    qmax: int
+    storage: ir.DataType
+    symmetric: bool
+    binary: bool = False
+
+    @property
+    def levels(self) -> int:
+        return 2 if self.binary else self.qmax - self.qmin + 1
+
+    def with_storage(self, storage: ir.DataType) -> Grid:
+        return Grid(self.bits, self.qmin, self.qmax, storage, self.symmetric, self.binary)
+
+
+def weight_only_grid(bits: int) -> Grid:
+    """Grid for weight-only quantization at 1–16 bits, stored in the smallest native type.
+
+    Affine (asymmetric per channel) from 2 bits up: it uses all 2**bits levels of the
+    container, which matters most at 2–4 bits, and the DequantizeLinear -> float op chain that
+    weight-only models run has no symmetric-weight requirement (onnxruntime's MatMulNBits
+    fusion takes zero points). 1 bit is the symmetric binary grid, see `Grid`.
+    """
+    if not 1 <= bits <= 16:
+        raise ValueError(f"weight bits must be in [1, 16], got {bits}")
+    if bits == 1:
+        return Grid(1, -1, 1, ir.DataType.INT2, symmetric=True, binary=True)
+    half = 1 << (bits - 1)
+    return Grid(bits, -half, half - 1, container_for(bits), symmetric=False)
+
+
+def _reduce_axes(ndim: int, axis: int | None) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if axis is None or i != axis % ndim)
+
+
+def tensor_range(x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of `x`, over everything (axis None) or per slice along `axis`."""
+    axes = _reduce_axes(x.ndim, axis)
+    return np.min(x, axis=axes), np.max(x, axis=axes)
+
+
+def scale_zero_point(
+    rmin: np.ndarray | float, rmax: np.ndarray | float, grid: Grid
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) that map [rmin, rmax] onto `grid`.
+
+    REFERENCE.md §2: scale = (max - min) / (qmax - qmin), zp = round(qmin - min / scale),
+    clamped into [qmin, qmax]; the range is widened to contain 0 so that 0 is exact (padding
+    and ReLU outputs rely on it). Symmetric grids use max(|min|, |max|) and zero point 0.
+    """
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if grid.symmetric:
+        absmax = np.maximum(np.maximum(-rmin, rmax), MIN_RANGE / 2)
+        # Binary levels sit at the centres of the two halves of [-absmax, absmax].
+        half_span = 2.0 if grid.binary else (grid.qmax - grid.qmin) / 2.0
+        scale = absmax / half_span
+        zero_point = np.zeros_like(scale, dtype=np.int64)
+    else:
+        span = np.maximum(rmax - rmin, MIN_RANGE)
+        scale = span / (grid.qmax - grid.qmin)
+        zero_point = np.clip(np.rint(grid.qmin - rmin / scale), grid.qmin, grid.qmax)
+        zero_point = zero_point.astype(np.int64)
+    return scale.astype(np.float32), zero_point
+
+
+def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or param.ndim == 0:
+        return param
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return param.reshape(shape)
+
+
+def quantize(
+    x: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    grid: Grid,
+    axis: int | None = None,
+    dtype: np.dtype | type = np.int32,
+) -> np.ndarray:
+    """Integers of `x` on `grid` as `dtype`, rounding half to even like QuantizeLinear."""
+    s = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
+    if grid.binary:
+        return np.where(x >= 0, 1, -1).astype(dtype)
+    # float32 carries 24 bits: enough to round onto grids of up to 12 bits exactly, not 16.
+    work = np.float32 if grid.qmax - grid.qmin < 4096 else np.float64
+    q = np.divide(x, s, dtype=work)
+    np.rint(q, out=q)
+    q += _broadcast(np.asarray(zero_point, work), x.ndim, axis)
+    np.clip(q, grid.qmin, grid.qmax, out=q)
+    return q.astype(dtype)
+
+
+def dequantize(
+    q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None
+) -> np.ndarray:
+    """Float values of integers `q`: (q - zero_point) * scale, as DequantizeLinear computes."""
+    s = _broadcast(np.asarray(scale, np.float32), q.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, np.int64), q.ndim, axis)
+    return ((q.astype(np.int64) - z) * s).astype(np.float32)

@@ -1,0 +1,143 @@
+"""The command line: summary, help, and one-line errors with the right exit status."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from models import DIGITS, mlp, save
+
+from ptqconv.cli import main
+
+MODEL = str(DIGITS / "model.onnx")
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    status = main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_summary_lists_quantized_and_skipped_weights_sizes_and_time(tmp_path, capsys):
+    out = tmp_path / "w8.onnx"
+    status, stdout, _ = cli(
+        capsys,
+        "--fmk=ONNX",
+        f"--modelFile={MODEL}",
+        f"--outputFile={out}",
+        "--quantType=WeightQuant",
+        "--bitNum=8",
+        "--quantWeightChannel=32",
+    )
+    assert status == 0 and out.exists()
+    assert "weights quantized: 3 (stored as int8)" in stdout
+    assert "weights skipped:   2" in stdout
+    assert "32 output channels <= quantWeightChannel 32" in stdout
+    assert "of float)" in stdout and "time:" in stdout
+
+
+def test_console_script_and_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "ptqconv.cli", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0
+    for flag in (
+        "--fmk",
+        "--modelFile",
+        "--outputFile",
+        "--quantType",
+        "--bitNum",
+        "--quantWeightSize",
+        "--quantWeightChannel",
+        "--configFile",
+        "Examples:",
+    ):
+        assert flag in result.stdout
+
+
+def test_traceback_only_with_verbose(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that protobuf may half-parse")
+    status, _, err = cli(
+        capsys,
+        f"--modelFile={bad}",
+        f"--outputFile={tmp_path / 'o.onnx'}",
+        "--quantType=WeightQuant",
+        "--verbose",
+    )
+    assert status == 1 and "Traceback" in err
+
+
+def bad_cases(tmp_path):
+    out = str(tmp_path / "out.onnx")
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a model\n")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    unreadable = tmp_path / "secret.onnx"
+    save(mlp((8, 8)), unreadable)
+    unreadable.chmod(0o000)
+    base = [f"--modelFile={MODEL}", f"--outputFile={out}", "--quantType=WeightQuant"]
+    return [
+        (["--modelFile=missing.onnx", *base[1:]], 2, "--modelFile: no such file: missing.onnx"),
+        ([f"--modelFile={unreadable}", *base[1:]], 2, "--modelFile: permission denied"),
+        ([f"--modelFile={text}", *base[1:]], 1, "notes.txt: not an ONNX model"),
+        ([f"--modelFile={tmp_path}", *base[1:]], 2, "--modelFile: is a directory"),
+        (
+            [*base[::2], f"--outputFile={tmp_path}/nodir/out.onnx"],
+            2,
+            "--outputFile: directory does not exist",
+        ),
+        (
+            [*base[::2], f"--outputFile={locked}/out.onnx"],
+            2,
+            "--outputFile: directory is not writable",
+        ),
+        ([*base[::2], f"--outputFile={MODEL}"], 2, "--outputFile: must differ from --modelFile"),
+        (
+            [*base, "--bitNum=17"],
+            2,
+            "--bitNum: 17 is out of range; allowed: [1, 16] for WeightQuant",
+        ),
+        ([*base, "--bitNum=0"], 2, "--bitNum: 0 is out of range; allowed: [1, 16]"),
+        ([*base, "--bitNum=eight"], 2, "--bitNum: 'eight' is not an integer; allowed: [1, 16]"),
+        ([*base, "--bitNum=4.5"], 2, "--bitNum: '4.5' is not an integer"),
+        (
+            [*base, "--quantWeightSize=-1"],
+            2,
+            "--quantWeightSize: -1 is out of range; allowed: >= 0",
+        ),
+        (
+            [*base, "--quantWeightChannel=-3"],
+            2,
+            "--quantWeightChannel: -3 is out of range; allowed: >= 0",
+        ),
+        (
+            [*base[:2], "--quantType=Dynamic"],
+            2,
+            "--quantType: 'Dynamic' is not supported; allowed: WeightQuant, PostTraining",
+        ),
+        (base[:2], 2, "--quantType is required; allowed: WeightQuant, PostTraining"),
+        ([*base, "--fmk=TF"], 2, "--fmk: 'TF' is not supported; allowed: ONNX"),
+        ([*base, "--bitnum=8"], 2, "No such option '--bitnum'. Did you mean '--bitNum'?"),
+        ([*base[:2], "--quantType=PostTraining"], 2, "--configFile is required"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, case):
+    args, expected_status, message = bad_cases(tmp_path)[case]
+    if os.geteuid() == 0 and ("permission denied" in message or "not writable" in message):
+        pytest.skip("root bypasses file permissions")
+    before = set(tmp_path.rglob("*"))
+    status, _, err = cli(capsys, *args)
+    assert status == expected_status
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ptqconv: error: ")
+    assert message in lines[0]
+    assert "Traceback" not in err
+    assert set(tmp_path.rglob("*")) == before

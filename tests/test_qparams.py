@@ -1,0 +1,90 @@
+"""The range -> scale / zero point core, checked with hypothesis."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from ptqconv import qparams
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+matrices = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=9), elements=finite
+)
+
+
+@pytest.mark.parametrize(
+    ("bits", "storage"),
+    [
+        (1, ir.DataType.INT2),
+        (2, ir.DataType.INT2),
+        (3, ir.DataType.INT4),
+        (4, ir.DataType.INT4),
+        (5, ir.DataType.INT8),
+        (8, ir.DataType.INT8),
+        (9, ir.DataType.INT16),
+        (16, ir.DataType.INT16),
+    ],
+)
+def test_weight_grid_has_exactly_2_pow_bits_levels_in_smallest_container(bits, storage):
+    grid = qparams.weight_only_grid(bits)
+    assert grid.storage == storage
+    assert grid.levels == 2**bits
+
+
+@settings(max_examples=300, deadline=None)
+@given(matrices, st.integers(1, 16), st.integers(0, 2))
+def test_dequantized_weight_within_half_step_per_channel(w, bits, axis_pick):
+    axis = axis_pick % w.ndim
+    grid = qparams.weight_only_grid(bits)
+    rmin, rmax = qparams.tensor_range(w, axis)
+    scale, zp = qparams.scale_zero_point(rmin, rmax, grid)
+    assert np.all(scale > 0)
+    assert np.all((zp >= grid.qmin) & (zp <= grid.qmax))
+    q = qparams.quantize(w, scale, zp, grid, axis)
+    assert q.min() >= grid.qmin and q.max() <= grid.qmax
+    deq = qparams.dequantize(q, scale, zp, axis)
+    step = (2 * scale if grid.binary else scale).astype(np.float64)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    err = np.abs(deq.astype(np.float64) - w)
+    # Half a step, plus float32 rounding of the operands.
+    bound = step.reshape(shape) / 2 * (1 + 1e-5) + 1e-6 * np.abs(w) + 1e-30
+    assert np.all(err <= bound)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-1e3, 0), st.floats(0, 1e3), st.integers(1, 8))
+def test_zero_is_exact_on_affine_grids(lo, hi, bits):
+    grid = qparams.Grid(bits, 0, 2**bits - 1, ir.DataType.UINT8, symmetric=False)
+    scale, zp = qparams.scale_zero_point(lo, hi, grid)
+    q = qparams.quantize(np.zeros(1, np.float32), scale, zp, grid)
+    assert qparams.dequantize(q, scale, zp)[0] == 0.0
+
+
+def test_degenerate_range_gives_positive_scale():
+    grid = qparams.weight_only_grid(8)
+    scale, zp = qparams.scale_zero_point(np.zeros(3), np.zeros(3), grid)
+    assert np.all(scale > 0) and np.all(np.isfinite(scale))
+    q = qparams.quantize(np.zeros((3, 4), np.float32), scale, zp, grid, axis=0)
+    assert np.all(qparams.dequantize(q, scale, zp, axis=0) == 0)
+
+
+def test_rounding_is_half_to_even_like_quantizelinear():
+    grid = qparams.Grid(8, -128, 127, ir.DataType.INT8, symmetric=True)
+    x = np.array([0.5, 1.5, 2.5, -0.5, -1.5], np.float32)
+    q = qparams.quantize(x, np.float32(1.0), np.int64(0), grid)
+    assert q.tolist() == [0, 2, 2, 0, -2]
+
+
+def test_one_bit_grid_is_binary_plus_minus():
+    grid = qparams.weight_only_grid(1)
+    w = np.array([[-3.0, -0.1, 0.2, 4.0]], np.float32)
+    scale, zp = qparams.scale_zero_point(*qparams.tensor_range(w, 0), grid)
+    q = qparams.quantize(w, scale, zp, grid, 0)
+    assert set(q.ravel().tolist()) == {-1, 1}
+    assert np.allclose(qparams.dequantize(q, scale, zp, 0), [[-2, -2, 2, 2]])
