@@ -12,6 +12,8 @@ from ptqconv.errors import PtqError
 
 EPILOG = """\b
 Examples:
+  ptqconv --fmk=ONNX --modelFile=model.onnx --outputFile=model_int8.onnx \\
+          --quantType=PostTraining --configFile=configs/digits.ini
   ptqconv --fmk=ONNX --modelFile=model.onnx --outputFile=model_w8.onnx \\
           --quantType=WeightQuant --bitNum=8
   ptqconv --modelFile=model.onnx --outputFile=model_w4.onnx --quantType=WeightQuant \\
@@ -79,13 +81,14 @@ def convert_command(quiet: bool, verbose: bool, **flags: str | None) -> None:
     from ptqconv.options import ConvertOptions
 
     options = ConvertOptions.create(**flags)
-    report = convert(options, progress=None if quiet else _progress)
+    show = not quiet and sys.stderr.isatty()
+    report = convert(options, progress=_progress if show else None)
     if not quiet:
         click.echo(report.format())
 
 
 def _progress(total: int, label: str) -> Callable[[int], None]:
-    """A progress bar on stderr (only drawn on a terminal), fed amounts of work done."""
+    """A progress bar on stderr with rate and ETA, fed amounts of work done."""
     bar = click.progressbar(
         length=max(total, 1), label=label, file=sys.stderr, show_eta=True, show_percent=True
     )

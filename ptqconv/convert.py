@@ -1,17 +1,26 @@
-"""The conversion pipeline: options -> load -> passes -> save -> report."""
+"""The conversion pipeline: options -> load -> passes (and calibration) -> save -> report."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
+import onnx_ir as ir
+
 from ptqconv import modelio, qparams
-from ptqconv.errors import PtqError
+from ptqconv.calibrate.collector import observe
+from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
+from ptqconv.calibrate.observers import OBSERVERS, MinMaxObserver, Observer
 from ptqconv.options import ConvertOptions, QuantType
+from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
+from ptqconv.passes.qdq import QDQPass
+from ptqconv.passes.qdq_plan import QuantPlan, plan_quantization
 from ptqconv.passes.weight_quant import WeightQuantConfig, WeightQuantPass
 from ptqconv.report import ConversionReport
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
+# Per-axis DequantizeLinear, which QDQ weights need, arrived in opset 13.
+QDQ_MIN_OPSET = 13
 
 
 def convert(options: ConvertOptions, progress: ProgressFactory | None = None) -> ConversionReport:
@@ -20,19 +29,26 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
     `progress(total, label)` may return a callback that is fed amounts of work done.
     """
     start = time.perf_counter()
-    report = ConversionReport(
-        options.model_file, options.output_file, options.quant_type.value, options.bit_num
-    )
+    report = ConversionReport(options.model_file, options.output_file,
+                              options.quant_type.value, options.bit_num)
     model = modelio.load_model(options.model_file)
     report.size_before = modelio.files_size(modelio.model_files(options.model_file, model))
     report.opset_before = model.opset_imports.get("", 1)
-    if options.quant_type is not QuantType.WEIGHT_QUANT:
-        raise PtqError(f"--quantType={options.quant_type.value} is not available yet")
+    if options.quant_type is QuantType.WEIGHT_QUANT:
+        model = _weight_quant(model, options, report, progress)
+    else:
+        model = _post_training(model, options, report, progress)
+    report.opset_after = model.opset_imports.get("", 1)
+    report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))
+    report.seconds = time.perf_counter() - start
+    return report
 
+
+def _weight_quant(model: ir.Model, options: ConvertOptions, report: ConversionReport,
+                  progress: ProgressFactory | None) -> ir.Model:
     grid = qparams.weight_only_grid(options.bit_num)
-    model = modelio.ensure_opset(
-        model, modelio.opset_for({grid.storage}), options.model_file.parent
-    )
+    model = modelio.ensure_opset(model, modelio.opset_for({grid.storage}),
+                                 options.model_file.parent)
     config = WeightQuantConfig(
         grid=grid,
         min_size=options.quant_weight_size,
@@ -40,13 +56,73 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
         skip_nodes=frozenset(options.skip_quant_node),
         skip_op_types=frozenset(options.skip_quant_node),
     )
-    total = modelio.tensor_bytes(model)
-    step = progress(total, "quantizing weights") if progress else None
+    step = progress(modelio.tensor_bytes(model), "quantizing weights") if progress else None
     weight_pass = WeightQuantPass(config, progress=step)
     weight_pass(model)
     report.weights = weight_pass.records
-    report.opset_after = model.opset_imports.get("", 1)
+    return model
 
-    report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))
-    report.seconds = time.perf_counter() - start
-    return report
+
+def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionReport,
+                   progress: ProgressFactory | None) -> ir.Model:
+    config = options.config
+    assert config is not None  # ConvertOptions.create guarantees it for PostTraining
+    data = CalibrationSet.open(graph_inputs(model.graph), config.calibrate_path,
+                               config.calibrate_size, dict(options.input_shape))
+    model = modelio.ensure_opset(model, QDQ_MIN_OPSET, options.model_file.parent)
+    plan = plan_quantization(model.graph, frozenset(options.skip_quant_node))
+    method = OBSERVERS[config.activation_quant_method]
+    model_inputs = {v.name for v in model.graph.inputs}
+
+    def make_observer(name: str) -> Observer:
+        # Clipping a model input throws information away before the first layer, and inputs
+        # are often discrete (pixels, tokens), which misleads histogram methods.
+        return MinMaxObserver() if name in model_inputs else method()
+
+    step = progress(len(data), f"calibrating ({config.activation_quant_method})") \
+        if progress else None
+    observers = observe(model, plan.observe, data, make_observer, config.thread_num, step)
+    ranges = {name: obs.compute_range(options.bit_num) for name, obs in observers.items()}
+    qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
+                  keep_weight_errors=config.bias_correction)
+    output_ranges = _unit_output_ranges(model.graph, plan, ranges)
+    qdq(model)
+    if config.bias_correction and qdq.weight_errors:
+        step = progress(len(data), "bias correction") if progress else None
+        shifts = measure_shifts(model, qdq.weight_errors, data, config.thread_num, step)
+        # Start again from the float graph: corrected float biases are then quantized by the
+        # same pass as any other bias.
+        model = modelio.ensure_opset(modelio.load_model(options.model_file), QDQ_MIN_OPSET,
+                                     options.model_file.parent)
+        corrected = apply_shifts(model.graph, shifts, output_ranges)
+        plan = plan_quantization(model.graph, frozenset(options.skip_quant_node))
+        qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel)
+        qdq(model)
+        applied = [c for c in corrected if c.applied]
+        bias_lines = [f"  bias correction: {len(applied)} of {len(corrected)} layers"]
+        bias_lines += [f"    {c.node_name}: skipped, {c.reason}"
+                       for c in corrected if not c.applied][:10]
+    else:
+        bias_lines = []
+    report.details += [
+        f"  calibration: {config.activation_quant_method} on {len(data)} samples",
+        f"  node units quantized: {len(plan.units)}",
+        f"  activations quantized: {len(qdq.act_params)} ranges, "
+        f"{sum(1 for n in model.graph if n.op_type == 'QuantizeLinear')} QuantizeLinear nodes",
+        f"  weights quantized: {qdq.weights_quantized} (int8 symmetric"
+        f"{' per-channel' if config.per_channel else ''}, {options.bit_num}-bit grid)",
+        *bias_lines,
+    ]
+    return model
+
+
+def _unit_output_ranges(graph: ir.Graph, plan: QuantPlan,
+                        ranges: dict[str, tuple[float, float]]) -> dict[int, tuple[float, float]]:
+    """Float range of each node's quantized output (after a folded Relu/Clip), by node index."""
+    result = {}
+    for index, node in enumerate(graph):
+        name = node.outputs[0].name if node.outputs else None
+        name = plan.folded.get(name, name)
+        if name in ranges:
+            result[index] = ranges[name]
+    return result

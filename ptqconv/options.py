@@ -6,8 +6,13 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ptqconv.calibrate.dataset import parse_input_shape
 from ptqconv.errors import PtqUsageError
+
+if TYPE_CHECKING:
+    from ptqconv.config import QuantConfig
 
 
 class QuantType(str, Enum):
@@ -29,7 +34,10 @@ SUPPORTED_FMK = ("ONNX",)
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Everything a conversion needs, checked. Build it with `ConvertOptions.create`."""
+    """Everything a conversion needs, checked. Build it with `ConvertOptions.create`.
+
+    Values given on the command line win over the config file, which wins over defaults.
+    """
 
     model_file: Path
     output_file: Path
@@ -39,6 +47,8 @@ class ConvertOptions:
     quant_weight_channel: int = 16
     config_file: Path | None = None
     skip_quant_node: tuple[str, ...] = ()
+    config: QuantConfig | None = None
+    input_shape: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @classmethod
     def create(
@@ -52,25 +62,51 @@ class ConvertOptions:
         config_file: str | os.PathLike | None = None,
         skip_quant_node: str | tuple[str, ...] | list[str] | None = None,
         fmk: str | None = None,
+        input_shape: str | None = None,
     ) -> ConvertOptions:
         """Validate raw values (strings from the command line, or Python values)."""
+        from ptqconv.config import load_config  # config uses QuantType from this module
+
         if fmk is not None and str(fmk).upper() not in SUPPORTED_FMK:
             raise PtqUsageError(f"--fmk: {fmk!r} is not supported; allowed: ONNX")
+        config_path = None if config_file is None else _input_file("--configFile", config_file)
+        config = None if config_path is None else load_config(config_path)
+        if quant_type is None and config is not None and config.quant_type is not None:
+            quant_type = config.quant_type
         qtype = parse_quant_type(quant_type)
         model = _input_file("--modelFile", model_file)
         output = _output_file(output_file, model)
         low, high = BIT_RANGE[qtype]
-        bits = 8 if bit_num is None else _int("--bitNum", bit_num, low, high, f" for {qtype.value}")
-        size = 0 if quant_weight_size is None else _int("--quantWeightSize", quant_weight_size, 0)
-        channel = (
-            16
-            if quant_weight_channel is None
-            else _int("--quantWeightChannel", quant_weight_channel, 0)
-        )
-        config = None if config_file is None else _input_file("--configFile", config_file)
-        if qtype is QuantType.POST_TRAINING and config is None:
-            raise PtqUsageError("--configFile is required for --quantType=PostTraining")
-        return cls(model, output, qtype, bits, size, channel, config, _names(skip_quant_node))
+        where = f" for {qtype.value}"
+        if bit_num is not None:
+            bits = _int("--bitNum", bit_num, low, high, where)
+        elif config is not None and config.bit_num is not None:
+            bits = _int(f"{config.line_of('bit_num')}: bit_num", config.bit_num, low, high, where)
+        else:
+            bits = 8
+        size = _pick("--quantWeightSize", quant_weight_size,
+                     config and config.min_quant_weight_size, 0)
+        channel = _pick("--quantWeightChannel", quant_weight_channel,
+                        config and config.min_quant_weight_channel, 16)
+        if qtype is QuantType.POST_TRAINING:
+            if config is None:
+                raise PtqUsageError("--configFile is required for --quantType=PostTraining")
+            if not config.calibrate_path:
+                raise PtqUsageError(
+                    f"{config.source}: no calibration data: set calibrate_path in "
+                    "[data_preprocess_param] (or image_path in the flat form)")
+        shapes = dict(config.input_shape) if config is not None else {}
+        if input_shape:
+            shapes.update(parse_input_shape(input_shape))
+        skip = _names(skip_quant_node) + (config.skip_quant_node if config else ())
+        return cls(model, output, qtype, bits, size, channel, config_path,
+                   tuple(dict.fromkeys(skip)), config, tuple(shapes.items()))
+
+
+def _pick(flag: str, value: int | str | None, from_config: int | None, default: int) -> int:
+    if value is not None:
+        return _int(flag, value, 0)
+    return default if from_config is None else from_config
 
 
 def parse_quant_type(value: str | QuantType | None) -> QuantType:

@@ -148,3 +148,28 @@ def dequantize(
     s = _broadcast(np.asarray(scale, np.float32), q.ndim, axis)
     z = _broadcast(np.asarray(zero_point, np.int64), q.ndim, axis)
     return ((q.astype(np.int64) - z) * s).astype(np.float32)
+
+
+def activation_grid(bits: int) -> Grid:
+    """uint8 asymmetric activations, [0, 2**bits - 1] inside the uint8 container (REFERENCE §3).
+
+    Below 8 bits the grid is narrowed inside uint8, so onnxruntime still fuses integer kernels.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"activation bits must be in [1, 8], got {bits}")
+    return Grid(bits, 0, 2**bits - 1, ir.DataType.UINT8, symmetric=False)
+
+
+def fused_weight_grid(bits: int) -> Grid:
+    """int8 symmetric weights with zero point 0, [-(2**(bits-1) - 1), 2**(bits-1) - 1].
+
+    onnxruntime's U8S8 kernels (QLinearConv, QGemm, ...) want symmetric int8 weights
+    (REFERENCE.md §3); the narrow range keeps -128 out so that products cannot saturate.
+    1 bit uses the binary grid {-1, +1}, since the symmetric narrow grid would be {0}.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"weight bits must be in [1, 8], got {bits}")
+    if bits == 1:
+        return Grid(1, -1, 1, ir.DataType.INT8, symmetric=True, binary=True)
+    half = (1 << (bits - 1)) - 1
+    return Grid(bits, -half, half, ir.DataType.INT8, symmetric=True)

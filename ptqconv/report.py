@@ -20,6 +20,7 @@ class ConversionReport:
     opset_before: int = 0
     opset_after: int = 0
     weights: list[WeightRecord] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # extra lines from the quantization mode
 
     @property
     def quantized(self) -> list[WeightRecord]:
@@ -32,12 +33,14 @@ class ConversionReport:
     def format(self, max_skipped: int = 20) -> str:
         ratio = self.size_after / self.size_before if self.size_before else 0.0
         storages = sorted({w.storage for w in self.quantized})
-        lines = [
-            f"{self.quant_type} {self.bit_num}-bit: {self.model_file} -> {self.output_file}",
-            f"  weights quantized: {len(self.quantized)}"
-            + (f" (stored as {', '.join(storages)})" if storages else ""),
-            f"  weights skipped:   {len(self.skipped)}",
-        ]
+        lines = [f"{self.quant_type} {self.bit_num}-bit: {self.model_file} -> {self.output_file}"]
+        if self.quant_type == "WeightQuant":
+            lines += [
+                f"  weights quantized: {len(self.quantized)}"
+                + (f" (stored as {', '.join(storages)})" if storages else ""),
+                f"  weights skipped:   {len(self.skipped)}",
+            ]
+        lines += self.details
         for w in self.skipped[:max_skipped]:
             lines.append(f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.reason}")
         if len(self.skipped) > max_skipped:

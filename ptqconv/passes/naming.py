@@ -23,3 +23,12 @@ class NameAllocator:
             counter += 1
         self._used.add(name)
         return name
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Graph inputs, initializers and node outputs of the top-level graph, by name."""
+    values = {v.name: v for v in graph.inputs}
+    values.update(graph.initializers)
+    for node in graph:
+        values.update((v.name, v) for v in node.outputs if v.name)
+    return values

@@ -1,0 +1,549 @@
+"""Calibration samples stored as raw `.bin` files, read lazily one sample at a time.
+
+Layout (REFERENCE.md §1 "Calibration data"): one directory per model input; each file in it
+is one sample of that input, raw little-endian values in C order with no header, in the
+input's dtype, exactly ``prod(shape) * itemsize`` bytes. The files of a directory are sorted
+lexicographically by file name (Python string order, so ``10.bin`` sorts before ``9.bin``: pad
+the numbers), the first ``count`` are used, and sample k of the model is file k of every input
+directory. Hidden files (names starting with ``.``, such as ``.DS_Store``) and subdirectories
+are ignored; every other regular file is data, whatever its suffix.
+
+`CalibrationSet.open` checks everything it can before any long work starts (pairing of
+directories with inputs, file counts, shapes, every file's size and, optionally, that float
+files hold no NaN/Inf) and raises `PtqUsageError` with a one-line message naming the input,
+the file or directory, what was found and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx_ir as ir
+
+from ptqconv.errors import PtqError, PtqUsageError
+
+Dim = int | str | None
+
+# ONNX packs these several values to a byte; a raw file of them has no agreed layout.
+_SUB_BYTE_DTYPES = frozenset(
+    {"int4", "uint4", "int2", "uint2", "float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
+)
+_DIM_RE = re.compile(r"[0-9]+", re.ASCII)
+_SHAPE_HINT = "--inputShape=name:d0,d1,... or input_shape in the config"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input of the model.
+
+    `shape` is the model's declared shape: an int > 0 is a static dimension; a str (symbolic
+    name), None or an int <= 0 is dynamic. `shape` is None when the model declares no shape at
+    all (unknown rank); such an input needs a user-given shape.
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...] | None
+
+
+def model_inputs(model_path: Path) -> list[InputSpec]:
+    """The graph inputs of the model at `model_path` that are not initializers, in graph order.
+
+    Raise PtqError naming the file when it cannot be read, and naming the input when an input
+    is not a tensor or has an undefined element type.
+    """
+    model_path = Path(model_path)
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except OSError as exc:
+        raise PtqError(f"{_p(model_path)}: cannot read: {exc.strerror or exc}") from None
+    except Exception:
+        raise PtqError(f"{_p(model_path)}: not an ONNX model (protobuf cannot parse it)") from None
+    graph = proto.graph
+    weights = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
+    specs = []
+    for value in graph.input:
+        if value.name in weights:
+            continue
+        kind = value.type.WhichOneof("value")
+        if kind != "tensor_type":
+            raise PtqError(
+                f"{_p(model_path)}: input {value.name!r} is a {kind or 'value of no type'}, "
+                "not a tensor; calibration data can only feed tensors"
+            )
+        tensor_type = value.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        except Exception:
+            raise PtqError(
+                f"{_p(model_path)}: input {value.name!r} has element type "
+                f"{tensor_type.elem_type}, which has no numpy equivalent"
+            ) from None
+        shape: tuple[Dim, ...] | None = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(_dim(d) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def graph_inputs(graph: ir.Graph) -> list[InputSpec]:
+    """Input specs of an already loaded model: its graph inputs (initializers are not inputs)."""
+    specs = []
+    for value in graph.inputs:
+        if value.name in graph.initializers:
+            continue
+        if value.dtype is None or value.dtype.numpy() is None:
+            raise PtqError(f"model input {value.name!r} is not a tensor with a numpy type")
+        shape = None if value.shape is None else tuple(
+            d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+    return specs
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
+    which = d.WhichOneof("value")
+    if which == "dim_value":
+        return int(d.dim_value)
+    if which == "dim_param" and d.dim_param:
+        return d.dim_param
+    return None
+
+
+def parse_input_shape(text: str, what: str = "--inputShape") -> dict[str, tuple[int, ...]]:
+    """Parse MindSpore's ``--inputShape`` spelling: ``name:1,3,224,224;name2:1,64``.
+
+    Entries are separated by ``;`` (empty entries, such as a trailing ``;``, are skipped); the
+    name is split from the dims at the LAST ``:`` so names such as ``x:0`` work; dims are
+    positive decimal integers separated by ``,``; spaces around the pieces are ignored. Raise
+    PtqUsageError naming the bad entry. `what` names the option in messages.
+    """
+    result: dict[str, tuple[int, ...]] = {}
+    form = "name:d0,d1,... entries separated by ';'"
+    for raw in text.split(";"):
+        entry = raw.strip()
+        if not entry:
+            continue
+        name, sep, dims_text = entry.rpartition(":")
+        name = name.strip()
+        if not sep:
+            raise PtqUsageError(f"{what}: {entry!r} has no ':' (expected {form})")
+        if not name:
+            raise PtqUsageError(f"{what}: {entry!r} has no input name before ':' ({form})")
+        if not dims_text.strip():
+            raise PtqUsageError(f"{what}: {entry!r} has no dimensions after ':' ({form})")
+        dims = []
+        for tok in dims_text.split(","):
+            tok = tok.strip()
+            if not _DIM_RE.fullmatch(tok) or int(tok) <= 0:
+                raise PtqUsageError(
+                    f"{what}: {entry!r}: dimension {tok!r} is not a positive integer ({form})"
+                )
+            dims.append(int(tok))
+        if name in result:
+            raise PtqUsageError(f"{what}: input {name!r} is given twice ({entry!r})")
+        result[name] = tuple(dims)
+    if not result:
+        raise PtqUsageError(f"{what}: {text!r} gives no shape (expected {form})")
+    return result
+
+
+class CalibrationSet:
+    """Calibration samples of a model, checked up front and read lazily from disk.
+
+    Build it with `CalibrationSet.open`. Iterating yields one ``{input name: array}`` dict per
+    sample, each array with the resolved shape in `shapes`, reading one file per input at a
+    time; the set can be iterated any number of times.
+    """
+
+    inputs: tuple[InputSpec, ...]
+    shapes: dict[str, tuple[int, ...]]
+    files: dict[str, list[Path]]
+
+    def __init__(
+        self,
+        inputs: tuple[InputSpec, ...],
+        shapes: dict[str, tuple[int, ...]],
+        files: dict[str, list[Path]],
+        what: str = "calibration data",
+    ) -> None:
+        self.inputs = inputs
+        self.shapes = shapes
+        self.files = files
+        self._what = what
+        self._count = min((len(f) for f in files.values()), default=0)
+
+    @classmethod
+    def open(
+        cls,
+        inputs: Sequence[InputSpec],
+        paths: Sequence[tuple[str | None, Path]],
+        count: int,
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        check_values: bool = True,
+        what: str = "calibration data",
+    ) -> CalibrationSet:
+        """Pair directories with model inputs, resolve shapes and check every used file.
+
+        `paths` holds ``(input name, directory)`` pairs. With every name None the directories
+        pair with `inputs` by position (MindSpore's flat ``image_path``); otherwise every name
+        must be given, be a model input, appear once, and every model input needs a directory.
+        At most `count` files per directory are used (fewer is fine, none is an error).
+        `shapes` (from ``--inputShape`` or the config's ``input_shape``) fixes dynamic
+        dimensions; a single dimension still dynamic is inferred from the first file's size.
+        With `check_values`, float files are read once to reject NaN/Inf (and bool files to
+        reject bytes other than 0 and 1). `what` starts every message.
+
+        Raise PtqUsageError (one line naming the input, the file or directory, what was found
+        and what was expected) for any problem with the data or the shapes, PtqError for a
+        model input whose type cannot be stored in a raw file.
+        """
+        inputs = tuple(inputs)
+        if count < 1:
+            raise PtqUsageError(f"{what}: the sample count must be at least 1, not {count}")
+        if not inputs:
+            raise PtqUsageError(f"{what}: the model has no inputs to calibrate")
+        for spec in inputs:
+            if spec.dtype.kind == "O" or spec.dtype.name in _SUB_BYTE_DTYPES:
+                raise PtqError(
+                    f"{what}: input {spec.name!r} has type {spec.dtype.name}, which raw .bin "
+                    "files cannot hold (only types of whole bytes per value)"
+                )
+        dirs = _pair(inputs, paths, what)
+        user_shapes = _check_user_shapes(inputs, shapes or {}, what)
+
+        all_files = {spec.name: _list_dir(spec.name, dirs[spec.name], what) for spec in inputs}
+        first = inputs[0].name
+        for spec in inputs[1:]:
+            a, b = len(all_files[first]), len(all_files[spec.name])
+            if a != b:
+                raise PtqUsageError(
+                    f"{what}: input {first!r} has {a} files in {_p(dirs[first])} but input "
+                    f"{spec.name!r} has {b} files in {_p(dirs[spec.name])}; sample k is file k "
+                    "of every input directory, so the counts must be equal"
+                )
+        n = min(count, len(all_files[first]))
+        files = {name: f[:n] for name, f in all_files.items()}
+
+        resolved: dict[str, tuple[int, ...]] = {}
+        inferred: set[str] = set()
+        for spec in inputs:
+            shape, was_inferred = _resolve_shape(
+                spec, user_shapes.get(spec.name), files[spec.name][0], what
+            )
+            resolved[spec.name] = shape
+            if was_inferred:
+                inferred.add(spec.name)
+
+        for spec in inputs:
+            shape = resolved[spec.name]
+            expected = math.prod(shape) * spec.dtype.itemsize
+            origin = ""
+            if spec.name in inferred:
+                origin = f", inferred from {_oneline(files[spec.name][0].name)}"
+            for path in files[spec.name]:
+                size = _size(spec.name, path, what)
+                if size != expected:
+                    raise PtqUsageError(
+                        f"{what}: input {spec.name!r}: {_p(path)} is {size} bytes; expected "
+                        f"{expected} ({spec.dtype.name} {_fmt(shape)}{origin})"
+                    )
+
+        if check_values:
+            for spec in inputs:
+                for path in files[spec.name]:
+                    _check_values(spec, resolved[spec.name], path, what)
+
+        return cls(inputs, resolved, files, what)
+
+    def __len__(self) -> int:
+        """The number of samples used."""
+        return self._count
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        """Sample k as ``{name: array}``, each array read from disk when the sample is due."""
+        for k in range(self._count):
+            yield {
+                spec.name: _read(spec, self.shapes[spec.name], self.files[spec.name][k], self._what)
+                for spec in self.inputs
+            }
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive samples concatenated along axis 0, `batch_size` at a time.
+
+        The last batch holds the remaining samples and may be smaller. Raise ValueError when
+        `batch_size` < 1 or when an input's first dimension is static (or absent) in the model,
+        since the model would not accept a larger batch there (raised by this call, before
+        any file is read).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        for spec in self.inputs:
+            if not spec.shape or not _is_dynamic(spec.shape[0]):
+                raise ValueError(
+                    f"input {spec.name!r} has model shape {_fmt(spec.shape)}: its first "
+                    "dimension is not dynamic, so samples cannot be batched along it"
+                )
+        return self._batches(batch_size)
+
+    def _batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        pending: list[dict[str, np.ndarray]] = []
+        for sample in self:
+            pending.append(sample)
+            if len(pending) == batch_size:
+                yield _concat(self.inputs, pending)
+                pending = []
+        if pending:
+            yield _concat(self.inputs, pending)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(
+            f"{s.name}: {s.dtype.name} {_fmt(self.shapes[s.name])}" for s in self.inputs
+        )
+        return f"CalibrationSet({len(self)} samples; {shapes})"
+
+
+def _concat(inputs: tuple[InputSpec, ...], samples: list[dict[str, np.ndarray]]):
+    return {s.name: np.concatenate([x[s.name] for x in samples], axis=0) for s in inputs}
+
+
+def _pair(
+    inputs: tuple[InputSpec, ...], paths: Sequence[tuple[str | None, Path]], what: str
+) -> dict[str, Path]:
+    """Map every model input name to its directory."""
+    names = [s.name for s in inputs]
+    listed = ", ".join(repr(n) for n in names)
+    if not paths:
+        raise PtqUsageError(f"{what}: no directories given for model inputs {listed}")
+    keys = [name for name, _ in paths]
+    if all(k is None for k in keys):
+        if len(paths) != len(inputs):
+            raise PtqUsageError(
+                f"{what}: {len(paths)} directories given by position for {len(inputs)} model "
+                f"inputs ({listed}); give one directory per input, in the model's input order"
+            )
+        return {name: Path(d) for name, (_, d) in zip(names, paths, strict=True)}
+    if any(k is None for k in keys):
+        raise PtqUsageError(
+            f"{what}: some directories are named by input and some are not; name every one "
+            f"(input:dir) or none (model inputs: {listed})"
+        )
+    dirs: dict[str, Path] = {}
+    for name, d in paths:
+        assert name is not None
+        if name not in names:
+            raise PtqUsageError(
+                f"{what}: {name!r} (directory {_p(Path(d))}) is not an input of the model; "
+                f"model inputs: {listed}"
+            )
+        if name in dirs:
+            raise PtqUsageError(
+                f"{what}: input {name!r} is given twice: {_p(dirs[name])} and {_p(Path(d))}"
+            )
+        dirs[name] = Path(d)
+    missing = [n for n in names if n not in dirs]
+    if missing:
+        raise PtqUsageError(
+            f"{what}: no directory for model input(s) {', '.join(repr(n) for n in missing)}; "
+            f"every input needs one (model inputs: {listed})"
+        )
+    return dirs
+
+
+def _check_user_shapes(
+    inputs: tuple[InputSpec, ...], shapes: Mapping[str, tuple[int, ...]], what: str
+) -> dict[str, tuple[int, ...]]:
+    names = [s.name for s in inputs]
+    result = {}
+    for name, shape in shapes.items():
+        if name not in names:
+            raise PtqUsageError(
+                f"{what}: an input shape is given for {name!r}, which is not an input of the "
+                f"model; model inputs: {', '.join(repr(n) for n in names)}"
+            )
+        shape = tuple(shape)
+        if not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape):
+            raise PtqUsageError(
+                f"{what}: input {name!r}: input shape {_fmt(shape)} must hold positive integers"
+            )
+        result[name] = tuple(int(d) for d in shape)
+    return result
+
+
+def _resolve_shape(
+    spec: InputSpec, user: tuple[int, ...] | None, first_file: Path, what: str
+) -> tuple[tuple[int, ...], bool]:
+    """The concrete shape of one sample of `spec`, and whether a dimension was inferred."""
+    model = spec.shape
+    if user is not None:
+        if model is not None:
+            if len(user) != len(model):
+                raise PtqUsageError(
+                    f"{what}: input {spec.name!r}: input shape {_fmt(user)} has rank {len(user)} "
+                    f"but the model's shape {_fmt(model)} has rank {len(model)}"
+                )
+            for i, (u, m) in enumerate(zip(user, model, strict=True)):
+                if not _is_dynamic(m) and u != m:
+                    raise PtqUsageError(
+                        f"{what}: input {spec.name!r}: input shape {_fmt(user)} disagrees with "
+                        f"the model's shape {_fmt(model)} at dimension {i} ({u} vs {m})"
+                    )
+        return user, False
+    if model is None:
+        raise PtqUsageError(
+            f"{what}: input {spec.name!r}: the model declares no shape (unknown rank), so the "
+            f"shape of a sample cannot be inferred; pass {_hint(spec)}"
+        )
+    unknown = [i for i, d in enumerate(model) if _is_dynamic(d)]
+    if not unknown:
+        return tuple(int(d) for d in model), False
+    if len(unknown) > 1 and unknown[0] == 0:
+        # One file holds one sample: a dynamic leading (batch) dimension is 1.
+        model = (1, *model[1:])
+        unknown = unknown[1:]
+    if len(unknown) > 1:
+        raise PtqUsageError(
+            f"{what}: input {spec.name!r}: model shape {_fmt(spec.shape)} has {len(unknown)} "
+            f"dynamic dimensions besides the batch, too many to infer from the file size; "
+            f"pass {_hint(spec)}"
+        )
+    known = math.prod(int(d) for d in model if not _is_dynamic(d))
+    unit = known * spec.dtype.itemsize
+    size = _size(spec.name, first_file, what)
+    if size == 0 or size % unit:
+        raise PtqUsageError(
+            f"{what}: input {spec.name!r}: {_p(first_file)} is {size} bytes, not a positive "
+            f"multiple of {unit} ({spec.dtype.name} {_fmt(model)} without dimension "
+            f"{unknown[0]}), so dimension {unknown[0]} cannot be inferred; pass {_hint(spec)}"
+        )
+    shape = tuple(size // unit if i == unknown[0] else int(d) for i, d in enumerate(model))
+    return shape, True
+
+
+def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str) -> None:
+    dtype = spec.dtype
+    if dtype.kind == "b":
+        raw = _load(spec.name, path, np.dtype(np.uint8), math.prod(shape), what)
+        bad = np.flatnonzero(raw > 1)
+        if bad.size:
+            i = int(bad[0])
+            raise PtqUsageError(
+                f"{what}: input {spec.name!r}: {_p(path)} has byte {int(raw[i])} at index "
+                f"{_index(i, shape)} (flat {i}; {bad.size} such bytes); bool "
+                "data must be 0 or 1"
+            )
+        return
+    if not _is_float(dtype):
+        return
+    arr = _load(spec.name, path, dtype, math.prod(shape), what)
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite)
+    i = int(bad[0])
+    kind = "NaN" if np.isnan(arr[i]) else "Inf"
+    raise PtqUsageError(
+        f"{what}: input {spec.name!r}: {_p(path)} holds {kind} at index "
+        f"{_index(i, shape)} (flat {i}; {bad.size} non-finite values in the "
+        f"file, {dtype.name} {_fmt(shape)}); calibration data must be finite"
+    )
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    # ml_dtypes' bfloat16 / float8 types have kind 'V' but support np.isfinite.
+    return dtype.kind in "fc" or dtype.name.startswith(("float", "bfloat"))
+
+
+def _read(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str) -> np.ndarray:
+    n = math.prod(shape)
+    arr = _load(spec.name, path, spec.dtype, n, what)
+    if arr.size != n:
+        raise PtqError(
+            f"{what}: input {spec.name!r}: {_p(path)} now holds {arr.size} values; "
+            f"expected {n} ({spec.dtype.name} {_fmt(shape)}); did it change after the check?"
+        )
+    return arr.reshape(shape)
+
+
+def _load(name: str, path: Path, dtype: np.dtype, n: int, what: str) -> np.ndarray:
+    """Read up to `n` little-endian values of `dtype` from `path` as a native-order array."""
+    file_dtype = dtype.newbyteorder("<") if dtype.kind in "iufc" else dtype
+    try:
+        arr = np.fromfile(path, dtype=file_dtype, count=n)
+    except OSError as exc:
+        raise PtqUsageError(
+            f"{what}: input {name!r}: cannot read {_p(path)}: {exc.strerror or exc}"
+        ) from None
+    return arr if file_dtype == dtype else arr.astype(dtype)
+
+
+def _list_dir(name: str, directory: Path, what: str) -> list[Path]:
+    """The data files of `directory`, sorted by file name; hidden files are skipped."""
+    where = f"{what}: input {name!r}: directory {_p(directory)}"
+    if not directory.exists():
+        raise PtqUsageError(f"{where} does not exist")
+    if not directory.is_dir():
+        raise PtqUsageError(f"{where} is not a directory")
+    try:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+    except OSError as exc:
+        raise PtqUsageError(f"{where} cannot be listed: {exc.strerror or exc}") from None
+    if not names:
+        raise PtqUsageError(f"{where} has no data files (hidden files are ignored)")
+    return [directory / n for n in names]
+
+
+def _size(name: str, path: Path, what: str) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise PtqUsageError(
+            f"{what}: input {name!r}: cannot read {_p(path)}: {exc.strerror or exc}"
+        ) from None
+
+
+def _is_dynamic(d: Dim) -> bool:
+    return not isinstance(d, (int, np.integer)) or d <= 0
+
+
+def _fmt(shape) -> str:
+    """A shape as ``[1,3,H,?]``: symbolic dims by name, unnamed dynamic dims as ``?``."""
+    if shape is None:
+        return "[unknown rank]"
+    parts = []
+    for d in shape:
+        if isinstance(d, str):
+            parts.append(_oneline(d))
+        elif d is None or (isinstance(d, (int, np.integer)) and d <= 0):
+            parts.append("?")
+        else:
+            parts.append(str(int(d)))
+    return "[" + ",".join(parts) + "]"
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]"
+
+
+def _hint(spec: InputSpec) -> str:
+    if spec.shape is None:
+        return _SHAPE_HINT.replace("name", _oneline(spec.name), 1)
+    dims = ",".join(str(d) if not _is_dynamic(d) else f"d{i}" for i, d in enumerate(spec.shape))
+    return f"--inputShape={_oneline(spec.name)}:{dims} or input_shape in the config"
+
+
+def _oneline(text: str) -> str:
+    return text if text.isprintable() else repr(text)
+
+
+def _p(path: Path) -> str:
+    """A path for a one-line message (control characters escaped)."""
+    return _oneline(str(path))

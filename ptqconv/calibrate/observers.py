@@ -1,0 +1,231 @@
+"""Observers: one class per calibration method, each with update / merge / compute_range.
+
+An observer sees the float values of one activation tensor, one sample (or batch) at a time,
+keeps a summary whose size does not depend on the number of samples, and turns it into a
+quantization range. `OBSERVERS` maps the config's method names to classes.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+# REFERENCE.md §2 (MindSpore / MNN / TensorRT KL): 2048 bins over |x|, bins start at 1e-7.
+KL_BINS = 2048
+KL_BIN_FLOOR = 1e-7
+KL_TARGET_BINS = 128
+# REFERENCE.md §2 REMOVAL_OUTLIER: per-sample 0.01% / 99.99% quantiles.
+OUTLIER_QUANTILES = (0.0001, 0.9999)
+
+
+class Observer(ABC):
+    """Running summary of one tensor's values."""
+
+    def __init__(self) -> None:
+        self.min = math.inf
+        self.max = -math.inf
+
+    @property
+    def seen(self) -> bool:
+        return self.min <= self.max
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+
+    def merge(self, other: Observer) -> None:
+        """Fold in another observer of the same tensor, as if it had seen other's data too."""
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+
+    @abstractmethod
+    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+        """The float range [lo, hi] to quantize to `bits` bits (unsigned when lo >= 0)."""
+
+    def _empty_range(self) -> tuple[float, float] | None:
+        return None if self.seen else (0.0, 0.0)
+
+
+class MinMaxObserver(Observer):
+    """MAX_MIN: the running min and max."""
+
+    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+        return self._empty_range() or (self.min, self.max)
+
+
+class HistogramObserver(Observer):
+    """KL: histogram of |x| and TensorRT's KL-divergence threshold search (REFERENCE.md §2).
+
+    Streaming: the histogram has FINE_BINS bins whose width is a power of two, doubled (by
+    summing neighbouring pairs, which is exact) whenever a value outgrows the range. Because
+    widths are powers of two, histograms fed in any chunking, or merged, are identical to one
+    fed everything at once, and the final 2048-bin histogram over [0, absmax] is re-binned from
+    at least 4 fine bins per target bin.
+    """
+
+    FINE_BINS = 16384
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hist = np.zeros(self.FINE_BINS, np.int64)
+        self.exponent: int | None = None  # bin width = 2 ** exponent
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        absmax = max(-lo, hi)
+        if absmax == 0.0:
+            return
+        self._grow_to(absmax)
+        a = np.abs(x, dtype=np.float32).ravel()
+        # Multiplying by 2**-exponent is exact, so binning does not depend on the history.
+        idx = (a * np.float32(2.0 ** -self.exponent)).astype(np.int32)
+        np.minimum(idx, self.FINE_BINS - 1, out=idx)
+        counts = np.bincount(idx, minlength=self.FINE_BINS)
+        counts[0] -= a.size - np.count_nonzero(a)  # REFERENCE.md §2: exact zeros skipped
+        self.hist += counts
+
+    def _exponent_for(self, absmax: float) -> int:
+        # Floor: 2**-exponent must stay finite in float32; such tiny ranges are below the
+        # minimum quantization range anyway.
+        exponent = max(math.ceil(math.log2(absmax / self.FINE_BINS)), -100)
+        while absmax * 2.0 ** -exponent >= self.FINE_BINS:
+            exponent += 1
+        return exponent
+
+    def _grow_to(self, absmax: float) -> None:
+        needed = self._exponent_for(absmax)
+        if self.exponent is None:
+            self.exponent = needed
+        elif needed > self.exponent:
+            self.hist = _coarsen(self.hist, needed - self.exponent)
+            self.exponent = needed
+
+    def merge(self, other: Observer) -> None:
+        assert isinstance(other, HistogramObserver)
+        super().merge(other)
+        if other.exponent is None:
+            return
+        if self.exponent is None:
+            self.exponent, self.hist = other.exponent, other.hist.copy()
+            return
+        exponent = max(self.exponent, other.exponent)
+        self.hist = (_coarsen(self.hist, exponent - self.exponent)
+                     + _coarsen(other.hist, exponent - other.exponent))
+        self.exponent = exponent
+
+    def histogram(self) -> tuple[np.ndarray, float]:
+        """The 2048-bin histogram of |x| over [0, absmax] (without the 1e-7 floor) and absmax."""
+        absmax = max(-self.min, self.max, 0.0)
+        if self.exponent is None or absmax == 0.0:
+            return np.zeros(KL_BINS), absmax
+        width = 2.0 ** self.exponent
+        edges = np.arange(self.FINE_BINS + 1) * width
+        cumulative = np.concatenate([[0.0], np.cumsum(self.hist, dtype=np.float64)])
+        targets = np.linspace(0.0, absmax, KL_BINS + 1)
+        # Counts are spread uniformly inside a fine bin; all mass lies below absmax.
+        at = np.interp(targets, edges, cumulative)
+        at[-1] = cumulative[-1]
+        return np.diff(at), absmax
+
+    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+        empty = self._empty_range()
+        if empty:
+            return empty
+        hist, absmax = self.histogram()
+        if absmax == 0.0:
+            return (self.min, self.max)
+        unsigned = self.min >= 0
+        # REFERENCE.md §2: MindSpore merges into 128 bins per side whatever bit_num is (fewer
+        # target bins make the search collapse onto its first candidates). Unsigned tensors
+        # (after ReLU) have no negative side, so their 256 levels all lie on [0, T].
+        target = KL_TARGET_BINS * 2 if unsigned else KL_TARGET_BINS
+        threshold_bin = kl_threshold_bin(hist + KL_BIN_FLOOR, target)
+        threshold = (threshold_bin + 0.5) * absmax / KL_BINS
+        if unsigned:
+            return (0.0, min(threshold, self.max))
+        return (max(-threshold, self.min), min(threshold, self.max))
+
+
+def _coarsen(hist: np.ndarray, steps: int) -> np.ndarray:
+    """Double the bin width `steps` times by summing neighbouring pairs (exact)."""
+    for _ in range(steps):
+        hist = np.concatenate([hist.reshape(-1, 2).sum(1), np.zeros(len(hist) // 2, hist.dtype)])
+    return hist
+
+
+def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
+    """The candidate bin i in [quant_bins, len(hist) - 1] minimising KL(P || Q).
+
+    P is hist[:i] with the tail folded into bin i - 1; Q is hist[:i] merged into `quant_bins`
+    groups (the last takes the remainder) and spread evenly back. Every bin is non-zero (the
+    caller adds a floor), so KL has a closed form in prefix sums, evaluated for all candidates
+    at once instead of TensorRT's per-candidate loop.
+    """
+    h = np.asarray(hist, np.float64)
+    n = len(h)
+    if quant_bins >= n:
+        return n - 1
+    cs = np.concatenate([[0.0], np.cumsum(h)])
+    cs_hlogh = np.concatenate([[0.0], np.cumsum(h * np.log(h))])
+    total = cs[-1]
+    i = np.arange(quant_bins, n)  # candidates
+    tail = total - cs[i]
+    last = h[i - 1] + tail
+    sum_p_log_p = cs_hlogh[i - 1] + last * np.log(last)
+
+    m = (i // quant_bins)[:, None]
+    g = np.arange(quant_bins)[None, :]
+    starts = g * m
+    ends = np.where(g == quant_bins - 1, i[:, None], (g + 1) * m)
+    group_sum = cs[ends] - cs[starts]
+    log_q = np.log(group_sum / (ends - starts))
+    sum_p_log_q = (group_sum * log_q).sum(1) + tail * log_q[:, -1]
+
+    kl = (sum_p_log_p - sum_p_log_q) / total + np.log(cs[i] / total)
+    return int(i[np.argmin(kl)])
+
+
+class RemovalOutlierObserver(Observer):
+    """REMOVAL_OUTLIER: the mean over samples of each sample's 0.01% / 99.99% quantiles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lo_sum = 0.0
+        self.hi_sum = 0.0
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        super().update(x)
+        lo, hi = np.quantile(x.ravel(), OUTLIER_QUANTILES)
+        self.lo_sum += float(lo)
+        self.hi_sum += float(hi)
+        self.count += 1
+
+    def merge(self, other: Observer) -> None:
+        assert isinstance(other, RemovalOutlierObserver)
+        super().merge(other)
+        self.lo_sum += other.lo_sum
+        self.hi_sum += other.hi_sum
+        self.count += other.count
+
+    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+        empty = self._empty_range()
+        if empty or not self.count:
+            return empty or (self.min, self.max)
+        return (self.lo_sum / self.count, self.hi_sum / self.count)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "MAX_MIN": MinMaxObserver,
+    "KL": HistogramObserver,
+    "REMOVAL_OUTLIER": RemovalOutlierObserver,
+}

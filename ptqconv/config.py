@@ -1,0 +1,753 @@
+"""Calibration config file -> one validated, immutable `QuantConfig`; every config error is here.
+
+`load_config(path)` reads the three forms of MindSpore Lite's converter_lite calibration config
+(REFERENCE.md §1) and raises `PtqUsageError` (exit status 2) for every problem, with a one-line
+message that names the file, the line, the section, the key, the value and what is allowed:
+
+    calib.cfg:7: [full_quant_param] activation_quant_method: 'KLD' is not supported; allowed: ...
+    calib.cfg:9: unknown section [foo]; allowed: [common_quant_param], ...
+    calib.cfg:8: [full_quant_param] bias_correction given twice (first on line 5)
+    calib.cfg:4: batch_count: '0' is out of range; allowed: [1, 65535]     (flat form: no section)
+
+Format detection, in this order:
+  1. a `.yaml` / `.yml` extension -> YAML;
+  2. otherwise the first line that is not blank and not a comment (`#` or `;`) decides:
+     a `[section]` header -> sectioned INI; `---` or `key:` / `key: value` with no `=` -> YAML;
+     anything else -> the flat `key=value` form.
+
+The forms:
+  flat (r0.7-r1.3)  `key=value` lines: image_path, batch_count, method_x, thread_num,
+                    bias_correction, input_shape.
+  INI (r1.5+)       [common_quant_param] quant_type, bit_num, min_quant_weight_size,
+                    min_quant_weight_channel, skip_quant_node, debug_info_save_path
+                    [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
+                    [full_quant_param] activation_quant_method, bias_correction, per_channel,
+                    thread_num
+  YAML              the same three sections as top-level mappings with the same keys.
+
+Flat and INI are read with configparser: `=` is the only delimiter, keys are case-sensitive, no
+interpolation, whole-line comments start with `#` or `;`, and an inline comment starts with a
+`#` that follows whitespace (`a=1 # note`). YAML is read with safe_load semantics (no Python
+tags); line numbers come from the composed nodes.
+
+Where ptqconv differs from converter_lite, on purpose:
+  - Unknown keys and sections, duplicated keys and sections and empty values (`key=`) are errors
+    (converter_lite only warns about unknown flat keys: a misspelt key silently ignored gives a
+    bad model). An empty `skip_quant_node` means no node.
+  - Relative directories (calibrate_path, image_path, debug_info_save_path) are resolved
+    against the config file's directory, not the current directory, so a config works from any
+    directory. They are normalized lexically (os.path.abspath) and not checked here.
+  - Flat `bias_correction` accepts `true` / `false` in any case and rejects anything else
+    (converter_lite takes exactly `true` as true and everything else as false). The INI and YAML
+    forms also accept 1/0, yes/no and on/off.
+  - Integers are base-10 only. YAML scalars are read from their text, so `010` is 10 and `0x10`
+    or `8.0` are errors, exactly as in the INI form.
+  - Lines are not continued by indentation (each line stands alone, as in converter_lite).
+  - `quant_type` also accepts ptqconv's spellings WeightQuant / PostTraining; DYNAMIC_QUANT and
+    `input_type=IMAGE` are not supported.
+  - `calibrate_path` items `name:dir` split at the LAST `:` (as converter_lite does), so input
+    names may contain `:` (`x:0`) but directories may not, nor `,`. In YAML, a mapping
+    `{input_name: dir}` or a list avoids both limits.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NoReturn
+
+import yaml
+
+from ptqconv.errors import PtqUsageError
+from ptqconv.options import QuantType
+
+FORMATS = ("flat", "ini", "yaml")
+U16_MAX = 65535  # REFERENCE.md §1: min_quant_weight_size/channel, calibrate_size ranges
+METHODS = ("MAX_MIN", "KL", "REMOVAL_OUTLIER")  # REFERENCE.md §1 / §2
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A checked calibration config. Unset optional values are None (or the default below)."""
+
+    source: Path
+    format: str  # "flat" | "ini" | "yaml"
+    quant_type: str | None = None  # "WeightQuant" | "PostTraining"
+    bit_num: int | None = None  # [1, 16]; the caller checks [1, 8] for PostTraining
+    min_quant_weight_size: int | None = None  # [0, 65535]
+    min_quant_weight_channel: int | None = None  # [0, 65535]
+    skip_quant_node: tuple[str, ...] = ()
+    debug_info_save_path: Path | None = None
+    # (input name, directory); the name is None for the flat form's positional image_path.
+    calibrate_path: tuple[tuple[str | None, Path], ...] = ()
+    calibrate_size: int = 100  # [1, 65535]
+    input_type: str = "BIN"
+    input_shape: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    activation_quant_method: str = "MAX_MIN"  # MAX_MIN | KL | REMOVAL_OUTLIER
+    bias_correction: bool = False
+    per_channel: bool = True
+    thread_num: int = 1  # [1, 64]
+    # Line of every key given, by field name and by the key as written (flat `image_path` too).
+    lines: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # The key as written for every field given: "[data_preprocess_param] calibrate_path",
+    # "image_path" (flat form, no section).
+    keys: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    def line_of(self, key: str) -> str:
+        """`calib.cfg:5` where `key` (a field name or a key as written) was set, or `calib.cfg`."""
+        line = self.lines.get(key)
+        return f"{self.source}:{line}" if line is not None else str(self.source)
+
+    def where(self, name: str) -> str:
+        """Prefix for a caller's message about a field: `calib.cfg:5: [sec] key` (as written)."""
+        return f"{self.line_of(name)}: {self.keys.get(name, name)}"
+
+
+def load_config(path: str | os.PathLike[str]) -> QuantConfig:
+    """Read, detect the form of and validate a calibration config (see the module docstring)."""
+    source = Path(path)
+    text = _read_text(source)
+    fmt = detect_format(source, text)
+    base = Path(os.path.abspath(source)).parent
+    if fmt == "yaml":
+        sections = _yaml_sections(source, text)
+        schema = _SECTIONED
+    else:
+        sections = _ini_sections(source, text, flat=fmt == "flat")
+        schema = {None: _FLAT_KEYS} if fmt == "flat" else _SECTIONED
+    return _build(source, fmt, base, sections, schema)
+
+
+def detect_format(path: Path, text: str) -> str:
+    """ "yaml" for .yaml/.yml; else by the first meaningful line: "ini", "yaml" or "flat"."""
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return "yaml"
+    return _detect_by_content(text)
+
+
+def _detect_by_content(text: str) -> str:
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line or line.startswith(_COMMENTS):
+            continue
+        if configparser.ConfigParser.SECTCRE.match(_strip_inline_comment(line)):
+            return "ini"
+        if "=" not in line and _YAML_LINE.fullmatch(line):
+            return "yaml"
+        return "flat"
+    return "flat"
+
+
+# --- reading and errors --------------------------------------------------------------------------
+
+_COMMENTS = ("#", ";")
+_YAML_LINE = re.compile(r"---|[A-Za-z_][\w.-]*\s*:(\s.*)?")
+_FLAT_SECTION = "\x00flat"  # the synthetic section wrapped around a flat file for configparser
+_NO_DEFAULT = "\x00default"  # no [DEFAULT] magic: a [DEFAULT] header is just an unknown section
+
+
+def _error(message: str) -> PtqUsageError:
+    """Always one line, whatever the values, reasons or keys it quotes contain."""
+    return PtqUsageError(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+
+
+def _at(source: Path, line: int | None) -> str:
+    return f"{source}:{line}" if line is not None else str(source)
+
+
+def _show(key: str) -> str:
+    """A key as typed, quoted when it is empty or holds spaces or unprintable characters."""
+    if key and key.isprintable() and not any(c.isspace() for c in key):
+        return key
+    return repr(key)
+
+
+def _read_text(source: Path) -> str:
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise _error(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise _error(
+            f"{source}:{line}: cannot read: not UTF-8 text (byte 0x{data[exc.start]:02x})"
+        ) from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not any(
+        line.strip() and not line.strip().startswith(_COMMENTS) for line in text.split("\n")
+    ):
+        raise _error(f"{source}: empty file: no settings, only blank lines and comments")
+    return text
+
+
+# --- flat and INI via configparser ---------------------------------------------------------------
+
+
+@dataclass
+class _Section:
+    name: str | None  # None: the flat form
+    line: int | None
+    entries: list[tuple[str, int | None, Any]]  # (key as written, line, raw value)
+
+
+def _strip_inline_comment(line: str) -> str:
+    """What configparser does with inline_comment_prefixes=("#",): cut at a `#` after a space."""
+    for index, char in enumerate(line):
+        if char == "#" and (index == 0 or line[index - 1].isspace()):
+            return line[:index].strip()
+    return line.strip()
+
+
+def _locate(lines: list[str], section: str | None) -> list[tuple[str | None, int | None, dict]]:
+    """Sections in file order with their header line and the first line of every key.
+
+    configparser does not expose line numbers; this finds them with configparser's own rules
+    (comment prefixes, inline comments, SECTCRE, the key is what precedes the first `=`).
+    """
+    found: list[tuple[str | None, int | None, dict]] = [(section, None, {})]
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip() or raw.strip().startswith(_COMMENTS):
+            continue
+        line = _strip_inline_comment(raw)
+        header = configparser.ConfigParser.SECTCRE.match(line)
+        if header:
+            found.append((header.group("header"), number, {}))
+        elif "=" in line:
+            found[-1][2].setdefault(line.split("=", 1)[0].strip(), number)
+    return found if section is not None else found[1:]
+
+
+def _first_line(located: list, section: str | None, key: str | None) -> int | None:
+    for name, line, keys in located:
+        if name == section:
+            return line if key is None else keys.get(key)
+    return None
+
+
+def _ini_sections(source: Path, text: str, flat: bool) -> list[_Section]:
+    # Every line stands alone: no indented continuation lines (converter_lite trims each line).
+    lines = [line.lstrip() for line in text.split("\n")]
+    parser = configparser.ConfigParser(
+        delimiters=("=",),
+        comment_prefixes=_COMMENTS,
+        inline_comment_prefixes=("#",),
+        strict=True,
+        empty_lines_in_values=False,
+        default_section=_NO_DEFAULT,
+        interpolation=None,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    shift = 1 if flat else 0
+    head = [f"[{_FLAT_SECTION}]"] if flat else []
+    located = _locate(lines, _FLAT_SECTION if flat else None)
+    expect = "key=value" if flat else "key=value or a [section] header"
+    try:
+        parser.read_string("\n".join(head + lines), source=str(source))
+    except configparser.DuplicateSectionError as exc:
+        line = exc.lineno - shift if exc.lineno else None
+        if flat:
+            _section_in_flat(source, line, exc.section)
+        first = _first_line(located, exc.section, None)
+        raise _error(
+            f"{_at(source, line)}: section [{exc.section}] given twice (first on line {first})"
+        ) from None
+    except configparser.DuplicateOptionError as exc:
+        line = exc.lineno - shift if exc.lineno else None
+        first = _first_line(located, exc.section, exc.option)
+        where = "" if exc.section == _FLAT_SECTION else f"[{exc.section}] "
+        raise _error(
+            f"{_at(source, line)}: {where}{_show(exc.option)} given twice (first on line {first})"
+        ) from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise _error(
+            f"{_at(source, exc.lineno)}: cannot parse {exc.line.strip()!r}; expected a [section] "
+            "header first"
+        ) from None
+    except configparser.ParsingError as exc:
+        line = exc.errors[0][0] - shift
+        raise _error(
+            f"{_at(source, line)}: cannot parse {lines[line - 1].strip()!r}; expected {expect}"
+        ) from None
+    except configparser.Error as exc:  # anything newer Pythons may add
+        raise _error(f"{source}: cannot parse: {exc}") from None
+    sections = []
+    for name, line, keys in located:
+        if flat and name != _FLAT_SECTION:
+            _section_in_flat(source, line, name)
+        entries = [(key, at, parser.get(name, key, raw=True)) for key, at in keys.items()]
+        sections.append(_Section(None if flat else name, line, entries))
+    return sections
+
+
+def _section_in_flat(source: Path, line: int | None, name: str | None) -> NoReturn:
+    raise _error(
+        f"{_at(source, line)}: section header [{name}] in a flat key=value config; a sectioned "
+        "config starts with its first [section] header"
+    )
+
+
+# --- YAML ----------------------------------------------------------------------------------------
+
+
+class _Pairs(list):
+    """A YAML mapping value, kept as (key, value) pairs in file order."""
+
+
+def _kind(node: yaml.Node) -> str:
+    return "list" if isinstance(node, yaml.SequenceNode) else "mapping"
+
+
+def _yaml_sections(source: Path, text: str) -> list[_Section]:
+    looks_ini = _detect_by_content(text) != "yaml"  # YAML only because of the file name
+    hint = " (.yaml/.yml files are read as YAML)" if looks_ini else ""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        reason = exc.problem or exc.context or "syntax error"
+        if exc.context and reason.startswith("but "):  # "expected a ..., but found ..."
+            reason = f"{exc.context}, {reason}"
+        raise _error(f"{_at(source, line)}: not valid YAML: {reason}{hint}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise _error(f"{_at(source, line)}: not valid YAML: {exc.reason}{hint}") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise _error(f"{source}: not valid YAML: {exc}{hint}") from None
+    if document is None:
+        raise _error(f"{source}: empty file: no settings, only blank lines and comments")
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    allowed = _allowed_sections()
+    if not isinstance(root, yaml.MappingNode):
+        got = "a single value" if isinstance(root, yaml.ScalarNode) else f"a {_kind(root)}"
+        raise _error(
+            f"{_at(source, root.start_mark.line + 1)}: the top level must be a mapping of "
+            f"sections, got {got}; allowed: {allowed}"
+        )
+    sections: list[_Section] = []
+    seen: dict[str, int] = {}
+    for key_node, value_node in root.value:
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _error(
+                f"{_at(source, line)}: a section name must be a plain name; allowed: {allowed}"
+            )
+        name = key_node.value
+        if name in seen:
+            raise _error(
+                f"{_at(source, line)}: section [{name}] given twice (first on line {seen[name]})"
+            )
+        seen[name] = line
+        sections.append(_Section(name, line, _yaml_entries(source, name, value_node)))
+    return sections
+
+
+def _yaml_entries(source: Path, section: str, node: yaml.Node) -> list[tuple[str, int, Any]]:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return []  # `section:` with every key commented out
+    if not isinstance(node, yaml.MappingNode):
+        got = "a single value" if isinstance(node, yaml.ScalarNode) else f"a {_kind(node)}"
+        raise _error(
+            f"{_at(source, line)}: section [{section}] must be a mapping of key: value, got {got}"
+        )
+    entries: list[tuple[str, int, Any]] = []
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _error(f"{_at(source, line)}: [{section}] a key must be a plain name")
+        key = key_node.value
+        if key in seen:
+            raise _error(
+                f"{_at(source, line)}: [{section}] {_show(key)} given twice "
+                f"(first on line {seen[key]})"
+            )
+        seen[key] = line
+        entries.append((key, line, value_node))
+    return entries
+
+
+def _plain(node: Any, site: _Site, depth: int = 0) -> Any:
+    """A YAML node as text (None for null), a list, or _Pairs; INI values are already text."""
+    if not isinstance(node, yaml.Node):
+        return node
+    if depth > 3:
+        site.fail("value is nested too deeply")
+    if isinstance(node, yaml.ScalarNode):
+        return None if node.tag == "tag:yaml.org,2002:null" else node.value
+    if isinstance(node, yaml.SequenceNode):
+        return [_plain(item, site, depth + 1) for item in node.value]
+    pairs = _Pairs()
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            site.fail("a mapping key must be a plain name")
+        pairs.append((key.value, _plain(value, site, depth + 1)))
+    return pairs
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Site:
+    """Where a value came from, for messages."""
+
+    source: Path
+    line: int | None
+    section: str | None
+    key: str
+    base: Path
+
+    @property
+    def label(self) -> str:
+        return f"[{self.section}] {_show(self.key)}" if self.section else _show(self.key)
+
+    def fail(self, text: str) -> NoReturn:
+        raise _error(f"{_at(self.source, self.line)}: {self.label}: {text}")
+
+    def text(self, value: Any, allowed: str) -> str:
+        """One scalar, stripped, for an item of a list or mapping."""
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            kind = "mapping" if isinstance(value, _Pairs) else "list"
+            self.fail(f"an item is a YAML {kind}, expected a single value; allowed: {allowed}")
+        return value.strip()
+
+    def path(self, text: str) -> Path:
+        return Path(os.path.abspath(self.base / text))
+
+
+@dataclass(frozen=True)
+class _Key:
+    field: str
+    parse: Callable[[Any, _Site], Any]
+    allowed: str
+    many: bool = False  # YAML lists / mappings accepted
+    empty: Any = None  # the value of an empty setting; None: an empty setting is an error
+
+
+_INT = re.compile(r"[+-]?[0-9]+")
+
+
+def _integer(low: int, high: int) -> tuple[Callable[[str, _Site], int], str]:
+    allowed = f"[{low}, {high}]"
+
+    def parse(text: str, site: _Site) -> int:
+        if not _INT.fullmatch(text):
+            site.fail(f"{text!r} is not an integer; allowed: {allowed}")
+        if len(text.lstrip("+-").lstrip("0")) > 18:  # far out of range; int() would refuse 4301+
+            site.fail(f"{text!r} is out of range; allowed: {allowed}")
+        number = int(text, 10)
+        if not low <= number <= high:
+            site.fail(f"{text!r} is out of range; allowed: {allowed}")
+        return number
+
+    return parse, allowed
+
+
+def _int_key(name: str, low: int, high: int) -> _Key:
+    parse, allowed = _integer(low, high)
+    return _Key(name, parse, allowed)
+
+
+_BOOL_ALLOWED = "true, false (also 1/0, yes/no, on/off)"
+
+
+def _boolean(text: str, site: _Site) -> bool:
+    value = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
+    if value is None:
+        site.fail(f"{text!r} is not a boolean; allowed: {_BOOL_ALLOWED}")
+    return value
+
+
+def _flat_boolean(text: str, site: _Site) -> bool:
+    # converter_lite: true only for exactly `true`; we reject what is neither true nor false.
+    if text.lower() not in ("true", "false"):
+        site.fail(f"{text!r} is not a boolean; allowed: true, false")
+    return text.lower() == "true"
+
+
+_QUANT_TYPES = {
+    "WEIGHTQUANT": QuantType.WEIGHT_QUANT.value,
+    "FULLQUANT": QuantType.POST_TRAINING.value,
+    "POSTTRAINING": QuantType.POST_TRAINING.value,
+}
+_QUANT_TYPE_ALLOWED = "WEIGHT_QUANT, FULL_QUANT (or WeightQuant, PostTraining)"
+
+
+def _quant_type(text: str, site: _Site) -> str:
+    key = text.upper().replace("_", "")
+    if key == "DYNAMICQUANT":
+        site.fail(
+            f"{text!r} is not supported (ptqconv has no dynamic quantization); "
+            f"allowed: {_QUANT_TYPE_ALLOWED}"
+        )
+    if key not in _QUANT_TYPES:
+        site.fail(f"{text!r} is not supported; allowed: {_QUANT_TYPE_ALLOWED}")
+    return _QUANT_TYPES[key]
+
+
+_METHOD_ALLOWED = ", ".join(METHODS)
+
+
+def _method(text: str, site: _Site) -> str:
+    # Case-insensitive; the flat form's RemovalOutlier spelling is REMOVAL_OUTLIER.
+    found = {m.replace("_", ""): m for m in METHODS}.get(text.upper().replace("_", ""))
+    if found is None:
+        site.fail(f"{text!r} is not supported; allowed: {_METHOD_ALLOWED}")
+    return found
+
+
+def _input_type(text: str, site: _Site) -> str:
+    if text.upper() == "IMAGE":
+        site.fail(
+            f"{text!r} is not supported; allowed: BIN (ptqconv reads no images: save each "
+            "preprocessed input as a raw little-endian .bin in the input's dtype and shape, "
+            "e.g. numpy x.astype('<f4').tofile(path))"
+        )
+    if text.upper() != "BIN":
+        site.fail(f"{text!r} is not supported; allowed: BIN")
+    return "BIN"
+
+
+_NAMES_ALLOWED = "node names separated by ',' (YAML: or a list)"
+
+
+def _names(raw: str | list, site: _Site) -> tuple[str, ...]:
+    if isinstance(raw, _Pairs):
+        site.fail(f"a YAML mapping is not allowed; allowed: {_NAMES_ALLOWED}")
+    items = raw.split(",") if isinstance(raw, str) else [site.text(i, _NAMES_ALLOWED) for i in raw]
+    return tuple(name.strip() for name in items if name.strip())
+
+
+def _path(text: str, site: _Site) -> Path:
+    return site.path(text)
+
+
+_CALIBRATE_ALLOWED = "name:dir[,name:dir...] with the input name before the last ':'"
+
+
+def _calibrate_path(raw: str | list, site: _Site) -> tuple[tuple[str, Path], ...]:
+    if isinstance(raw, _Pairs):
+        pairs = [(name.strip(), site.text(d, _CALIBRATE_ALLOWED)) for name, d in raw]
+    else:
+        items = raw.split(",") if isinstance(raw, str) else raw
+        pairs = []
+        for item in items:
+            text = site.text(item, _CALIBRATE_ALLOWED)
+            if not text:
+                continue  # a trailing comma
+            name, colon, directory = text.rpartition(":")
+            if not colon:
+                site.fail(
+                    f"{text!r} has no input name; expected name:dir (e.g. input:calib/input), "
+                    "items separated by ','"
+                )
+            pairs.append((name.strip(), directory.strip()))
+    result: list[tuple[str, Path]] = []
+    for name, directory in pairs:
+        if not name:
+            site.fail(f"empty input name before {directory!r}; allowed: {_CALIBRATE_ALLOWED}")
+        if not directory:
+            site.fail(f"empty directory for input {name!r}; allowed: {_CALIBRATE_ALLOWED}")
+        if any(name == seen for seen, _ in result):
+            site.fail(f"input {name!r} given twice; each input has one directory")
+        result.append((name, site.path(directory)))
+    if not result:
+        site.fail(f"no input given; allowed: {_CALIBRATE_ALLOWED}")
+    return tuple(result)
+
+
+_IMAGE_PATH_ALLOWED = "dir[,dir...], one directory per model input, in input order"
+
+
+def _image_path(text: str, site: _Site) -> tuple[tuple[None, Path], ...]:
+    items = [item.strip() for item in text.split(",")]
+    for position, item in enumerate(items, 1):
+        if not item:
+            site.fail(
+                f"directory {position} of {len(items)} is empty; allowed: {_IMAGE_PATH_ALLOWED}"
+            )
+    return tuple((None, site.path(item)) for item in items)
+
+
+_SHAPE_ALLOWED = "name:d0,d1,...[;name:d0,d1,...] with every dimension a positive integer"
+
+
+def _input_shape(raw: str | list, site: _Site) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    if isinstance(raw, _Pairs):
+        pairs = [(name.strip(), dims) for name, dims in raw]
+    else:
+        items = raw.split(";") if isinstance(raw, str) else raw
+        pairs = []
+        for item in items:
+            text = site.text(item, _SHAPE_ALLOWED)
+            if not text:
+                continue  # a trailing ';'
+            name, colon, dims = text.rpartition(":")
+            if not colon or not name.strip():
+                site.fail(
+                    f"{text!r} has no input name; expected name:d0,d1,... (e.g. input:1,3,8,8)"
+                )
+            pairs.append((name.strip(), dims))
+    result: list[tuple[str, tuple[int, ...]]] = []
+    for name, dims in pairs:
+        if not name:
+            site.fail(f"empty input name; allowed: {_SHAPE_ALLOWED}")
+        if any(name == seen for seen, _ in result):
+            site.fail(f"input {name!r} given twice")
+        if isinstance(dims, _Pairs):
+            site.fail(f"input {name!r}: dimensions as a YAML mapping; allowed: {_SHAPE_ALLOWED}")
+        if isinstance(dims, str) or dims is None:
+            dims = (dims or "").split(",")
+        texts = [site.text(d, _SHAPE_ALLOWED) for d in dims]
+        if texts == [""]:
+            site.fail(f"input {name!r} has no dimensions; allowed: {_SHAPE_ALLOWED}")
+        shape = []
+        for text in texts:
+            if not re.fullmatch(r"\+?[0-9]{1,18}", text) or int(text) < 1:
+                site.fail(
+                    f"input {name!r}: dimension {text!r} is not a positive integer; "
+                    f"allowed: {_SHAPE_ALLOWED}"
+                )
+            shape.append(int(text))
+        result.append((name, tuple(shape)))
+    if not result:
+        site.fail(f"no input given; allowed: {_SHAPE_ALLOWED}")
+    return tuple(result)
+
+
+def _keys(*keys: _Key) -> dict[str, _Key]:
+    return {key.field: key for key in keys}
+
+
+_SECTIONED: dict[str | None, dict[str, _Key]] = {
+    "common_quant_param": _keys(
+        _Key("quant_type", _quant_type, _QUANT_TYPE_ALLOWED),
+        _int_key("bit_num", 1, 16),
+        _int_key("min_quant_weight_size", 0, U16_MAX),
+        _int_key("min_quant_weight_channel", 0, U16_MAX),
+        _Key("skip_quant_node", _names, _NAMES_ALLOWED, many=True, empty=()),
+        _Key("debug_info_save_path", _path, "a directory"),
+    ),
+    "data_preprocess_param": _keys(
+        _Key("calibrate_path", _calibrate_path, _CALIBRATE_ALLOWED, many=True),
+        _int_key("calibrate_size", 1, U16_MAX),
+        _Key("input_type", _input_type, "BIN"),
+        _Key("input_shape", _input_shape, _SHAPE_ALLOWED, many=True),
+    ),
+    "full_quant_param": _keys(
+        _Key("activation_quant_method", _method, _METHOD_ALLOWED),
+        _Key("bias_correction", _boolean, _BOOL_ALLOWED),
+        _Key("per_channel", _boolean, _BOOL_ALLOWED),
+        _int_key("thread_num", 1, 64),
+    ),
+}
+
+# flat key -> (QuantConfig field, parser); converter_lite r0.7-r1.3.
+_FLAT_KEYS: dict[str, _Key] = {
+    "image_path": _Key("calibrate_path", _image_path, _IMAGE_PATH_ALLOWED),
+    "batch_count": _Key("calibrate_size", *_integer(1, U16_MAX)),
+    "method_x": _Key("activation_quant_method", _method, _METHOD_ALLOWED),
+    "thread_num": _int_key("thread_num", 1, 64),
+    "bias_correction": _Key("bias_correction", _flat_boolean, "true, false"),
+    "input_shape": _Key("input_shape", _input_shape, _SHAPE_ALLOWED),
+}
+
+_HOME = {key: section for section, keys in _SECTIONED.items() for key in keys}
+_IMAGE_KEYS = (
+    "image_to_format",
+    "normalize_mean",
+    "normalize_std",
+    "resize_width",
+    "resize_height",
+    "resize_method",
+    "center_crop_width",
+    "center_crop_height",
+)
+
+
+def _allowed_sections() -> str:
+    return ", ".join(f"[{name}]" for name in sorted(s for s in _SECTIONED if s))
+
+
+def _unknown_key_hint(key: str, section: str | None) -> str:
+    if section is None:
+        if key in _HOME:
+            return (
+                f" ({key} is a sectioned-form key: start the file with a [{_HOME[key]}] header "
+                "to use that form)"
+            )
+        return ""
+    if key in _HOME:
+        return f" ({key} belongs in [{_HOME[key]}])"
+    if key in _FLAT_KEYS:
+        target = _FLAT_KEYS[key].field
+        return f" ({key} is the flat-form name; use {target} in [{_HOME[target]}])"
+    if key in _IMAGE_KEYS:
+        return " (image preprocessing is not supported, only input_type=BIN)"
+    return ""
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or value == []
+
+
+def _build(
+    source: Path,
+    fmt: str,
+    base: Path,
+    sections: list[_Section],
+    schema: Mapping[str | None, Mapping[str, _Key]],
+) -> QuantConfig:
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    labels: dict[str, str] = {}
+    for section in sections:
+        if section.name not in schema:
+            raise _error(
+                f"{_at(source, section.line)}: unknown section [{_show(str(section.name))}]; "
+                f"allowed: {_allowed_sections()}"
+            )
+        known = schema[section.name]
+        for key, line, raw in section.entries:
+            site = _Site(source, line, section.name, key, base)
+            spec = known.get(key)
+            if spec is None:
+                where = f"[{section.name}] " if section.name else ""
+                raise _error(
+                    f"{_at(source, line)}: {where}{_show(key)} is not supported; allowed keys: "
+                    f"{', '.join(sorted(known))}{_unknown_key_hint(key, section.name)}"
+                )
+            value = _plain(raw, site)
+            if _is_empty(value):
+                if spec.empty is None:
+                    site.fail(f"empty value; allowed: {spec.allowed}")
+                parsed = spec.empty
+            elif isinstance(value, str):
+                parsed = spec.parse(value.strip(), site)
+            elif spec.many:
+                parsed = spec.parse(value, site)
+            else:
+                kind = "mapping" if isinstance(value, _Pairs) else "list"
+                site.fail(f"a YAML {kind} is not allowed, one value; allowed: {spec.allowed}")
+            values[spec.field] = parsed
+            if line is not None:
+                lines[spec.field] = lines[key] = line
+            labels[spec.field] = site.label
+    return QuantConfig(
+        source=source,
+        format=fmt,
+        lines=MappingProxyType(lines),
+        keys=MappingProxyType(labels),
+        **values,
+    )
