@@ -101,7 +101,13 @@ class QDQPass(ir.passes.InPlacePass):
         else:
             self.graph.insert_after(producer, [quant, dequant])
         for user, index in uses:
-            user.replace_input_with(index, out)
+            # Nodes the user keeps in float read the float tensor, so onnxruntime cannot
+            # fuse them into a DQ -> op -> Q integer kernel.
+            if user not in self.plan.skipped:
+                user.replace_input_with(index, out)
+        if not out.uses() and not value.is_graph_output():
+            self.graph.remove([quant, dequant], safe=True)
+            return
         if value.is_graph_output():
             # The graph output keeps its name and becomes the dequantized value, so the
             # producer is followed by Q and can be fused.

@@ -42,6 +42,7 @@ class QuantPlan:
     weights: list[tuple[ir.Node, int, int]] = field(default_factory=list)  # node, input, axis
     biases: list[tuple[ir.Node, int]] = field(default_factory=list)  # node, input index
     constants: list[str] = field(default_factory=list)  # constant activations (Add/Mul/Concat)
+    skipped: set[ir.Node] = field(default_factory=set)  # skip_quant_node: consume float tensors
 
     def quantized_tensors(self) -> list[str]:
         return [*self.observe, *self.fixed, *self.shared]
@@ -66,6 +67,7 @@ def plan_quantization(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> Qu
         if _is_float(value) and value.name:
             marked[value.name] = None
 
+    plan.skipped = {node for node in graph if node.name in skip or node.op_type in skip}
     for node in graph:
         if _skipped(node, skip) or node.op_type not in QUANT_OPS:
             continue

@@ -1,0 +1,194 @@
+"""PostTraining end to end: formats, methods, bits, fusion in onnxruntime, bias correction."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import run_model
+from models import DIGITS, digits_eval, residual_cnn, save, two_input_text_model, write_samples
+
+from ptqconv.cli import main
+
+CONFIGS = DIGITS.parent.parent / "configs"
+
+
+def convert(*args: str) -> int:
+    return main(["--quantType=PostTraining", "--quiet", *args])
+
+
+def digits_accuracy(path) -> tuple[float, float]:
+    import json
+
+    x = digits_eval()
+    labels = np.array(json.loads((DIGITS / "eval" / "labels.json").read_text()))
+    (ref,), (got,) = run_model(DIGITS / "model.onnx", {"input": x}), run_model(path, {"input": x})
+    return float((got.argmax(1) == labels).mean()), float((got.argmax(1) == ref.argmax(1)).mean())
+
+
+@pytest.mark.parametrize("config", ["digits.ini", "digits.yaml", "digits_flat.cfg"])
+def test_each_shipped_config_format_quantizes_the_example(tmp_path, config):
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                   f"--configFile={CONFIGS / config}") == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    accuracy, agreement = digits_accuracy(out)
+    assert accuracy >= 0.97 and agreement >= 0.98
+
+
+def ini(tmp_path, calibrate_path: str, method: str = "MAX_MIN", extra: str = "",
+        bias: bool = False) -> str:
+    path = tmp_path / "c.ini"
+    path.write_text(f"[data_preprocess_param]\ncalibrate_path={calibrate_path}\n{extra}"
+                    f"[full_quant_param]\nactivation_quant_method={method}\n"
+                    f"bias_correction={str(bias).lower()}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["MAX_MIN", "KL", "REMOVAL_OUTLIER"])
+@pytest.mark.parametrize(("bits", "min_accuracy"), [(8, 0.97), (4, 0.9)])
+def test_every_method_at_8_and_4_bits_on_real_data(tmp_path, method, bits, min_accuracy):
+    out = tmp_path / "q.onnx"
+    config = ini(tmp_path, f"input:{DIGITS / 'calib' / 'input'}", method)
+    assert convert(f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                   f"--configFile={config}", f"--bitNum={bits}") == 0
+    accuracy, _ = digits_accuracy(out)
+    assert accuracy >= min_accuracy
+
+
+def optimized_ops(path, tmp_path) -> collections.Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
+                               .graph.node)
+
+
+def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
+    src = save(residual_cnn(), tmp_path / "float.onnx")
+    rng = np.random.default_rng(0)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(16)))
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    ops = optimized_ops(out, tmp_path)
+    # Every quantized Conv became QLinearConv and every quantized Add QLinearAdd: no float
+    # Conv or Add is left between Q and DQ.
+    assert ops["QLinearConv"] == 5 and ops["Conv"] == 0
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0
+    assert ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x}, level)
+        cos = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
+        assert cos >= 0.99, level
+
+
+def test_constant_node_weights_at_opset_11(tmp_path):
+    src = save(residual_cnn(opset=11, constant_nodes=True), tmp_path / "float.onnx")
+    rng = np.random.default_rng(1)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(8)))
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version == 13
+    assert optimized_ops(out, tmp_path)["QLinearConv"] == 5
+
+
+def test_multi_input_model_with_int64_ids_flat_config(tmp_path):
+    src = save(two_input_text_model(), tmp_path / "float.onnx")
+    rng = np.random.default_rng(2)
+    ids = write_samples(tmp_path / "ids", (rng.integers(0, 50, (1, 8)) for _ in range(10)))
+    scale = write_samples(tmp_path / "scale", (rng.uniform(0.5, 1.5, (1, 8, 1)).astype(np.float32)
+                                               for _ in range(10)))
+    config = tmp_path / "flat.cfg"
+    config.write_text(f"image_path={ids},{scale}\nbatch_count=10\nmethod_x=KL\n")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}", f"--configFile={config}") == 0
+    feeds = {"ids": rng.integers(0, 50, (1, 8)),
+             "scale": rng.uniform(0.5, 1.5, (1, 8, 1)).astype(np.float32)}
+    (ref,), (got,) = run_model(src, feeds), run_model(out, feeds)
+    # Softmax output is quantized with onnxruntime's fixed step of 1/256.
+    assert np.abs(ref - got).max() < 8 / 256
+    assert (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got) >= 0.99
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops["QuantizeLinear"] >= 3  # Gather output (shared), Mul output, MatMul output
+
+
+def biased_rounding_model(seed: int = 5) -> onnx.ModelProto:
+    """A 1x1 Conv and a Gemm whose weights all round the same way on a 3-bit grid.
+
+    In each output channel one weight sets the range (grid step absmax/3) and the others sit
+    at 1.4 steps, which rounds to 1 step: a systematic error of -0.4 step per weight that, on
+    positive inputs, shifts every output channel by a constant.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def biased(shape):
+        step = rng.uniform(0.05, 0.2, (shape[0], 1)).astype(np.float32)
+        w = np.full(shape, 1.4, np.float32).reshape(shape[0], -1) * step
+        w *= np.sign(rng.uniform(-0.2, 1, w.shape)).astype(np.float32)
+        w[:, 0] = 3 * step[:, 0]
+        return w.reshape(shape)
+
+    inits = [numpy_helper.from_array(biased((16, 8, 1, 1)), "cw"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "cb"),
+             numpy_helper.from_array(biased((10, 16 * 4 * 4)), "fw")]
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv"),
+             helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fw"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_bias_correction_removes_a_systematic_shift(tmp_path):
+    src = save(biased_rounding_model(), tmp_path / "float.onnx")
+    rng = np.random.default_rng(6)
+    calib = [rng.uniform(0, 1, (1, 8, 4, 4)).astype(np.float32) for _ in range(32)]
+    held_out = [rng.uniform(0, 1, (1, 8, 4, 4)).astype(np.float32) for _ in range(32)]
+    data = write_samples(tmp_path / "x", calib)
+    shift = {}
+    for bias in (False, True):
+        out = tmp_path / f"q_{bias}.onnx"
+        assert convert(f"--modelFile={src}", f"--outputFile={out}", "--bitNum=3",
+                       f"--configFile={ini(tmp_path, f'x:{data}', bias=bias)}") == 0
+        diffs = [run_model(src, {"x": s})[0] - run_model(out, {"x": s})[0] for s in held_out]
+        shift[bias] = float(np.abs(np.mean(diffs, axis=0)).mean())
+    # The mean error mostly goes away; the Gemm had no bias input, so correction created one.
+    assert shift[True] < 0.2 * shift[False], shift
+    assert any(i.name.startswith("fc_bias") for i in onnx.load(
+        str(tmp_path / "q_True.onnx")).graph.initializer)
+
+
+def test_skip_quant_node_keeps_nodes_float(tmp_path):
+    src = save(residual_cnn(), tmp_path / "float.onnx")
+    rng = np.random.default_rng(4)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(4)))
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}", "--skipQuantNode=fc,Add",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QGemm"] == 0 and ops["QLinearAdd"] == 0
+    # Convs whose output feeds only quantized nodes still run as integer kernels.
+    assert ops["QLinearConv"] >= 2
+    model = onnx.load(str(out))
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Add", "Gemm"):  # the skipped nodes read float tensors
+            assert all(producers.get(i) != "DequantizeLinear" for i in node.input[:1]), node.name
