@@ -23,7 +23,10 @@ The forms:
                     [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     thread_num
-  YAML              the same three sections as top-level mappings with the same keys.
+  YAML              the same three sections as top-level mappings with the same keys; lists
+                    and mappings are accepted where they help (skip_quant_node: [a, b];
+                    calibrate_path: {input: dir}; input_shape: {input: [1, 3, 8, 8]}), and a
+                    section left empty (`full_quant_param:`) is an empty section.
 
 Flat and INI are read with configparser: `=` is the only delimiter, keys are case-sensitive, no
 interpolation, whole-line comments start with `#` or `;`, and an inline comment starts with a
@@ -124,7 +127,7 @@ def load_config(path: str | os.PathLike[str]) -> QuantConfig:
 
 
 def detect_format(path: Path, text: str) -> str:
-    """ "yaml" for .yaml/.yml; else by the first meaningful line: "ini", "yaml" or "flat"."""
+    """Return the form: "yaml" for .yaml/.yml, else "ini", "yaml" or "flat" by the content."""
     if path.suffix.lower() in (".yaml", ".yml"):
         return "yaml"
     return _detect_by_content(text)
@@ -256,12 +259,13 @@ def _ini_sections(source: Path, text: str, flat: bool) -> list[_Section]:
             _section_in_flat(source, line, exc.section)
         first = _first_line(located, exc.section, None)
         raise _error(
-            f"{_at(source, line)}: section [{exc.section}] given twice (first on line {first})"
+            f"{_at(source, line)}: section [{_show(exc.section)}] given twice "
+            f"(first on line {first})"
         ) from None
     except configparser.DuplicateOptionError as exc:
         line = exc.lineno - shift if exc.lineno else None
         first = _first_line(located, exc.section, exc.option)
-        where = "" if exc.section == _FLAT_SECTION else f"[{exc.section}] "
+        where = "" if exc.section == _FLAT_SECTION else f"[{_show(exc.section)}] "
         raise _error(
             f"{_at(source, line)}: {where}{_show(exc.option)} given twice (first on line {first})"
         ) from None
@@ -288,8 +292,8 @@ def _ini_sections(source: Path, text: str, flat: bool) -> list[_Section]:
 
 def _section_in_flat(source: Path, line: int | None, name: str | None) -> NoReturn:
     raise _error(
-        f"{_at(source, line)}: section header [{name}] in a flat key=value config; a sectioned "
-        "config starts with its first [section] header"
+        f"{_at(source, line)}: section header [{_show(str(name))}] in a flat key=value config; "
+        "a sectioned config starts with its first [section] header"
     )
 
 
@@ -342,10 +346,13 @@ def _yaml_sections(source: Path, text: str) -> list[_Section]:
         name = key_node.value
         if name in seen:
             raise _error(
-                f"{_at(source, line)}: section [{name}] given twice (first on line {seen[name]})"
+                f"{_at(source, line)}: section [{_show(name)}] given twice "
+                f"(first on line {seen[name]})"
             )
         seen[name] = line
-        sections.append(_Section(name, line, _yaml_entries(source, name, value_node)))
+        # An unknown section is reported by _build, in file order with the other problems.
+        entries = _yaml_entries(source, name, value_node) if name in _SECTIONED else []
+        sections.append(_Section(name, line, entries))
     return sections
 
 
@@ -419,7 +426,7 @@ class _Site:
             return ""
         if not isinstance(value, str):
             kind = "mapping" if isinstance(value, _Pairs) else "list"
-            self.fail(f"an item is a YAML {kind}, expected a single value; allowed: {allowed}")
+            self.fail(f"expected single values, got a nested YAML {kind}; allowed: {allowed}")
         return value.strip()
 
     def path(self, text: str) -> Path:
@@ -499,9 +506,12 @@ def _quant_type(text: str, site: _Site) -> str:
 _METHOD_ALLOWED = ", ".join(METHODS)
 
 
+_METHOD_SPELLINGS = {m.replace("_", ""): m for m in METHODS}
+
+
 def _method(text: str, site: _Site) -> str:
-    # Case-insensitive; the flat form's RemovalOutlier spelling is REMOVAL_OUTLIER.
-    found = {m.replace("_", ""): m for m in METHODS}.get(text.upper().replace("_", ""))
+    # Case-insensitive, underscores optional: the flat form's RemovalOutlier is REMOVAL_OUTLIER.
+    found = _METHOD_SPELLINGS.get(text.upper().replace("_", ""))
     if found is None:
         site.fail(f"{text!r} is not supported; allowed: {_METHOD_ALLOWED}")
     return found
@@ -739,7 +749,7 @@ def _build(
                 parsed = spec.parse(value, site)
             else:
                 kind = "mapping" if isinstance(value, _Pairs) else "list"
-                site.fail(f"a YAML {kind} is not allowed, one value; allowed: {spec.allowed}")
+                site.fail(f"expected one value, got a YAML {kind}; allowed: {spec.allowed}")
             values[spec.field] = parsed
             if line is not None:
                 lines[spec.field] = lines[key] = line

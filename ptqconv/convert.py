@@ -21,6 +21,8 @@ from ptqconv.report import ConversionReport
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 # Per-axis DequantizeLinear, which QDQ weights need, arrived in opset 13.
 QDQ_MIN_OPSET = 13
+# Activations beyond this magnitude are mask sentinels (e.g. -3.4e38), left in float.
+SENTINEL_RANGE = 1e15
 
 
 def convert(options: ConvertOptions, progress: ProgressFactory | None = None) -> ConversionReport:
@@ -83,6 +85,12 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
         if progress else None
     observers = observe(model, plan.observe, data, make_observer, config.thread_num, step)
     ranges = {name: obs.compute_range(options.bit_num) for name, obs in observers.items()}
+    # Attention masks fill with float32's lowest value; a tensor whose range reaches such
+    # sentinels is not a signal, and quantizing it would erase everything else it carries.
+    sentinels = sorted(n for n, (lo, hi) in ranges.items()
+                       if not (abs(lo) < SENTINEL_RANGE and abs(hi) < SENTINEL_RANGE))
+    for name in sentinels:
+        del ranges[name]
     qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
                   keep_weight_errors=config.bias_correction)
     output_ranges = _unit_output_ranges(model.graph, plan, ranges)
@@ -107,6 +115,8 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
     report.details += [
         f"  calibration: {config.activation_quant_method} on {len(data)} samples",
         f"  node units quantized: {len(plan.units)}",
+        *([f"  kept float (mask-like range beyond {SENTINEL_RANGE:g}): {', '.join(sentinels)}"]
+          if sentinels else []),
         f"  activations quantized: {len(qdq.act_params)} ranges, "
         f"{sum(1 for n in model.graph if n.op_type == 'QuantizeLinear')} QuantizeLinear nodes",
         f"  weights quantized: {qdq.weights_quantized} (int8 symmetric"

@@ -134,7 +134,7 @@ def quantize(
         return np.where(x >= 0, 1, -1).astype(dtype)
     # float32 carries 24 bits: enough to round onto grids of up to 12 bits exactly, not 16.
     work = np.float32 if grid.qmax - grid.qmin < 4096 else np.float64
-    q = np.divide(x, s, dtype=work)
+    q = np.asarray(np.divide(x, s, dtype=work))  # 0-d input gives a scalar otherwise
     np.rint(q, out=q)
     q += _broadcast(np.asarray(zero_point, work), x.ndim, axis)
     np.clip(q, grid.qmin, grid.qmax, out=q)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from models import DIGITS, mlp, save
 
@@ -139,5 +140,82 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, case
     assert len(lines) == 1, err
     assert lines[0].startswith("ptqconv: error: ")
     assert message in lines[0]
+    assert "Traceback" not in err
+    assert set(tmp_path.rglob("*")) == before
+
+
+def post_training_cases(tmp_path):
+    """(args, status, message) for bad PostTraining input: config, data, shapes."""
+    from models import write_samples
+
+    model = str(DIGITS / "model.onnx")
+    out = str(tmp_path / "out.onnx")
+    good = DIGITS / "calib" / "input"
+
+    written = []
+
+    def config(text: str, suffix: str = ".ini") -> str:
+        path = tmp_path / f"c{len(written)}{suffix}"
+        written.append(path)
+        path.write_text(text)
+        return str(path)
+
+    short = write_samples(tmp_path / "short", [np.zeros(10, np.float32)])
+    nan = write_samples(
+        tmp_path / "nan",
+        [np.zeros((1, 1, 8, 8), np.float32), np.full((1, 1, 8, 8), np.nan, np.float32)],
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [f"--modelFile={model}", f"--outputFile={out}", "--quantType=PostTraining"]
+    section = "[data_preprocess_param]\ncalibrate_path="
+    return [
+        (base, 2, "--configFile is required for --quantType=PostTraining"),
+        ([*base, "--configFile=nope.cfg"], 2, "--configFile: no such file: nope.cfg"),
+        (
+            [*base, f"--configFile={config(section + f'input:{good}' + chr(10) + 'bogus=1')}"],
+            2,
+            "c0.ini:3: [data_preprocess_param] bogus is not supported",
+        ),
+        (
+            [*base, f"--configFile={config('[full_quant_param]' + chr(10) + 'method=1')}"],
+            2,
+            "c1.ini:2: [full_quant_param] method is not supported",
+        ),
+        ([*base, f"--configFile={config(section + f'nosuch:{good}')}"], 2, "'nosuch' (directory"),
+        (
+            [*base, f"--configFile={config(section + f'input:{tmp_path}/missing')}"],
+            2,
+            "does not exist",
+        ),
+        ([*base, f"--configFile={config(section + f'input:{empty}')}"], 2, "has no data files"),
+        (
+            [*base, f"--configFile={config(section + f'input:{short}')}"],
+            2,
+            "000000.bin is 40 bytes",
+        ),
+        ([*base, f"--configFile={config(section + f'input:{nan}')}"], 2, "000001.bin holds NaN"),
+        (
+            [*base, "--bitNum=9", f"--configFile={config(section + f'input:{good}')}"],
+            2,
+            "--bitNum: 9 is out of range; allowed: [1, 8] for PostTraining",
+        ),
+        (
+            [*base, f"--configFile={config('full_quant_param: [1, 2]', '.yaml')}"],
+            2,
+            "c8.yaml:1: section [full_quant_param] must be a mapping",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_bad_post_training_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, case):
+    args, expected_status, message = post_training_cases(tmp_path)[case]
+    before = set(tmp_path.rglob("*"))
+    status, _, err = cli(capsys, *args)
+    assert status == expected_status, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert message in lines[0], lines[0]
     assert "Traceback" not in err
     assert set(tmp_path.rglob("*")) == before

@@ -88,3 +88,10 @@ def test_one_bit_grid_is_binary_plus_minus():
     q = qparams.quantize(w, scale, zp, grid, 0)
     assert set(q.ravel().tolist()) == {-1, 1}
     assert np.allclose(qparams.dequantize(q, scale, zp, 0), [[-2, -2, 2, 2]])
+
+
+def test_scalar_tensors_quantize():
+    grid = qparams.activation_grid(8)
+    scale, zp = qparams.scale_zero_point(-1.0, 1.0, grid)
+    q = qparams.quantize(np.array(0.5, np.float32), scale, zp, grid, dtype=np.uint8)
+    assert q.shape == () and abs(qparams.dequantize(q, scale, zp) - 0.5) <= scale / 2
