@@ -14,7 +14,7 @@ from ptqconv.calibrate.observers import OBSERVERS, MinMaxObserver, Observer
 from ptqconv.options import ConvertOptions, QuantType
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
 from ptqconv.passes.qdq import QDQPass
-from ptqconv.passes.qdq_plan import QuantPlan, plan_quantization
+from ptqconv.passes.qdq_plan import plan_quantization
 from ptqconv.passes.weight_quant import WeightQuantConfig, WeightQuantPass
 from ptqconv.report import ConversionReport
 
@@ -72,7 +72,8 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
     data = CalibrationSet.open(graph_inputs(model.graph), config.calibrate_path,
                                config.calibrate_size, dict(options.input_shape))
     model = modelio.ensure_opset(model, QDQ_MIN_OPSET, options.model_file.parent)
-    plan = plan_quantization(model.graph, frozenset(options.skip_quant_node))
+    skip = frozenset(options.skip_quant_node)
+    first = plan_quantization(model.graph, skip)
     method = OBSERVERS[config.activation_quant_method]
     model_inputs = {v.name for v in model.graph.inputs}
 
@@ -83,17 +84,20 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
 
     step = progress(len(data), f"calibrating ({config.activation_quant_method})") \
         if progress else None
-    observers = observe(model, plan.observe, data, make_observer, config.thread_num, step)
+    # Shared tensors are observed too: the second plan below may need their own ranges.
+    tensors = [*first.observe, *first.shared]
+    observers = observe(model, tensors, data, make_observer, config.thread_num, step)
     ranges = {name: obs.compute_range(options.bit_num) for name, obs in observers.items()}
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
     # sentinels is not a signal, and quantizing it would erase everything else it carries.
+    # Tensors that turned out not to be float32 stay unquantized as well.
     sentinels = sorted(n for n, (lo, hi) in ranges.items()
                        if not (abs(lo) < SENTINEL_RANGE and abs(hi) < SENTINEL_RANGE))
-    for name in sentinels:
-        del ranges[name]
+    float_tensors = frozenset(sentinels) | (frozenset(tensors) - frozenset(observers))
+    ranges = {n: r for n, r in ranges.items() if n not in float_tensors}
+    plan = plan_quantization(model.graph, skip, float_tensors)
     qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
                   keep_weight_errors=config.bias_correction)
-    output_ranges = _unit_output_ranges(model.graph, plan, ranges)
     qdq(model)
     if config.bias_correction and qdq.weight_errors:
         step = progress(len(data), "bias correction") if progress else None
@@ -102,8 +106,8 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
         # same pass as any other bias.
         model = modelio.ensure_opset(modelio.load_model(options.model_file), QDQ_MIN_OPSET,
                                      options.model_file.parent)
-        corrected = apply_shifts(model.graph, shifts, output_ranges)
-        plan = plan_quantization(model.graph, frozenset(options.skip_quant_node))
+        corrected = apply_shifts(model.graph, shifts)
+        plan = plan_quantization(model.graph, skip, float_tensors)
         qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel)
         qdq(model)
         applied = [c for c in corrected if c.applied]
@@ -125,14 +129,3 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
     ]
     return model
 
-
-def _unit_output_ranges(graph: ir.Graph, plan: QuantPlan,
-                        ranges: dict[str, tuple[float, float]]) -> dict[int, tuple[float, float]]:
-    """Float range of each node's quantized output (after a folded Relu/Clip), by node index."""
-    result = {}
-    for index, node in enumerate(graph):
-        name = node.outputs[0].name if node.outputs else None
-        name = plan.folded.get(name, name)
-        if name in ranges:
-            result[index] = ranges[name]
-    return result

@@ -1,11 +1,17 @@
-"""Which tensors of a float graph get QuantizeLinear/DequantizeLinear, decided before calibration.
+"""Which tensors of a float graph get QuantizeLinear/DequantizeLinear.
 
-Node units follow what onnxruntime's CPU provider fuses into integer kernels (REFERENCE.md §3):
-- QUANT_OPS have QLinear* kernels: their float activation inputs and their output are quantized;
-- SHARE_OPS only move data: their output reuses their input's scale, so they run on uint8;
-- Relu/Clip right after a quantized op are folded: the quantized tensor is their output, whose
-  range (zp = qmin for Relu) lets onnxruntime drop them;
-- everything else stays float, with Q/DQ only where it meets a quantized unit.
+Node units follow what onnxruntime's CPU provider runs as integer kernels (REFERENCE.md §3):
+- weight ops (Conv, ConvTranspose, Gemm, MatMul) are always units: their activation inputs
+  are quantized. A Conv needs Q after it to become QLinearConv, so its output is always
+  quantized; MatMul/Gemm also run integer with a float output (MatMulIntegerToFloat, QGemm),
+  so theirs is quantized only when an integer consumer reads it;
+- elementwise units (Add, Mul, Concat, pooling, Sigmoid, LeakyRelu, Softmax) only pay when
+  their inputs already come from units and an integer consumer reads their output; otherwise
+  the Q/DQ pairs would only add noise (transformer residual streams with outlier channels);
+- SHARE_OPS move data: their output reuses their input's scale, so they run on uint8;
+- Relu/Clip right after a unit are folded: the quantized tensor is their output, whose range
+  (zp = qmin for Relu) lets onnxruntime drop them;
+- everything else, and every node in `skip`, stays float.
 """
 
 from __future__ import annotations
@@ -16,17 +22,17 @@ import onnx_ir as ir
 
 from ptqconv.passes.weight_slots import weight_slot
 
-QUANT_OPS = frozenset({
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "AveragePool",
-    "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax",
+WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+ELEMENTWISE_OPS = frozenset({
+    "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax",
 })
+QUANT_OPS = WEIGHT_OPS | ELEMENTWISE_OPS
 SHARE_OPS = frozenset({
     "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
     "Resize", "Identity",
 })
 FOLD_OPS = frozenset({"Relu", "Clip"})
-# Inputs that carry a constant per-channel weight and an int32 bias.
-WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})
 BIAS_INDEX = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
 
@@ -53,35 +59,99 @@ def _is_float(value: ir.Value | None) -> bool:
     return value is not None and (value.dtype is None or value.dtype == ir.DataType.FLOAT)
 
 
-def _skipped(node: ir.Node, skip: frozenset[str]) -> bool:
-    return (node.name in skip) or (node.op_type in skip) or node.domain not in ("", "ai.onnx")
+def _activations(node: ir.Node) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None and v.const_value is None and _is_float(v)]
 
 
-def plan_quantization(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> QuantPlan:
-    """Decide the node units and quantized tensors of `graph` (top level; subgraphs stay float)."""
-    plan = QuantPlan()
+def _constant_weight_index(node: ir.Node) -> int | None:
+    slot = weight_slot(node)
+    if slot is None:
+        return None
+    value = slot.node.inputs[slot.index]
+    if len(value.const_value.shape) < 2 or value.dtype != ir.DataType.FLOAT:
+        return None
+    return slot.index
+
+
+class _Planner:
+    def __init__(self, graph: ir.Graph, skip: frozenset[str], float_tensors: frozenset[str]):
+        self.graph = graph
+        self.float_tensors = float_tensors
+        self.outputs = {v.name for v in graph.outputs}
+        self.skipped = {n for n in graph if n.name in skip or n.op_type in skip
+                        or n.domain not in ("", "ai.onnx")}
+        self.units = {n for n in graph if n not in self.skipped and self._candidate(n)}
+        self._prune_elementwise()
+
+    def _candidate(self, node: ir.Node) -> bool:
+        if node.op_type not in QUANT_OPS or not node.outputs:
+            return False
+        if any(v.name in self.float_tensors for v in (*_activations(node), node.outputs[0])):
+            return False
+        if node.op_type in WEIGHT_OPS and node.op_type != "MatMul":
+            return _constant_weight_index(node) is not None
+        return True
+
+    def readers(self, value: ir.Value) -> bool:
+        """Whether an integer unit reads `value`, directly or through SHARE/FOLD ops."""
+        for user, _ in value.uses():
+            if user in self.skipped:
+                continue
+            if user in self.units:
+                return True
+            if user.op_type in SHARE_OPS | FOLD_OPS and user.outputs and self.readers(
+                    user.outputs[0]):
+                return True
+        return False
+
+    def from_unit(self, value: ir.Value) -> bool:
+        """Whether `value` is already quantized upstream (a unit, through SHARE/FOLD ops)."""
+        producer = value.producer()
+        if producer is None:
+            return value in self.graph.inputs
+        if producer in self.units:
+            return True
+        if producer in self.skipped:
+            return False
+        if producer.op_type in SHARE_OPS | FOLD_OPS and producer.inputs:
+            source = producer.inputs[0]
+            return source is not None and self.from_unit(source)
+        return False
+
+    def _prune_elementwise(self) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for node in [n for n in self.units if n.op_type in ELEMENTWISE_OPS]:
+                if not (all(self.from_unit(v) for v in _activations(node))
+                        and self.readers(node.outputs[0])):
+                    self.units.discard(node)
+                    changed = True
+
+
+def plan_quantization(
+    graph: ir.Graph, skip: frozenset[str] = frozenset(),
+    float_tensors: frozenset[str] = frozenset(),
+) -> QuantPlan:
+    """Decide the node units and quantized tensors of `graph` (top level; subgraphs stay float).
+
+    `float_tensors` must stay float (calibration found them unquantizable, e.g. masks).
+    """
+    planner = _Planner(graph, skip, float_tensors)
+    plan = QuantPlan(skipped=planner.skipped)
     marked: dict[str, None] = {}  # ordered set of activation tensors to quantize
-    graph_outputs = {v.name for v in graph.outputs}
 
     def mark(value: ir.Value | None) -> None:
-        if _is_float(value) and value.name:
+        if _is_float(value) and value.name and value.name not in float_tensors:
             marked[value.name] = None
 
-    plan.skipped = {node for node in graph if node.name in skip or node.op_type in skip}
     for node in graph:
-        if _skipped(node, skip) or node.op_type not in QUANT_OPS:
+        if node not in planner.units:
             continue
-        slot = weight_slot(node) if node.op_type in WEIGHT_OPS else None
-        weight_index = None
-        if slot is not None and len(slot.node.inputs[slot.index].const_value.shape) >= 2 and (
-            slot.node.inputs[slot.index].dtype == ir.DataType.FLOAT
-        ):
-            weight_index = slot.index
-        if node.op_type in WEIGHT_OPS and weight_index is None and node.op_type != "MatMul":
-            continue  # Conv/Gemm with a non-constant weight: leave float
         plan.units.append(node)
+        weight_index = _constant_weight_index(node) if node.op_type in WEIGHT_OPS else None
         if weight_index is not None:
-            plan.weights.append((node, weight_index, slot.axis))
+            plan.weights.append((node, weight_index, weight_slot(node).axis))
         bias_index = BIAS_INDEX.get(node.op_type)
         for index, value in enumerate(node.inputs):
             if value is None or index == weight_index:
@@ -96,27 +166,33 @@ def plan_quantization(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> Qu
                 continue
             mark(value)
         output = node.outputs[0]
+        if node.op_type in FLOAT_OUTPUT_OK and not planner.readers(output):
+            continue  # runs as MatMulIntegerToFloat / QGemm with a float output
         users = output.uses()
-        if (len(users) == 1 and output.name not in graph_outputs
-                and users[0][0].op_type in FOLD_OPS and not _skipped(users[0][0], skip)
+        if (len(users) == 1 and output.name not in planner.outputs
+                and users[0][0].op_type in FOLD_OPS and users[0][0] not in planner.skipped
                 and node.op_type not in ("Softmax", "Sigmoid")):
             plan.folded[output.name] = users[0][0].outputs[0].name
             mark(users[0][0].outputs[0])
         else:
             mark(output)
-        if node.op_type == "Softmax":
-            plan.fixed[output.name] = (0.0, 1.0)
+
+    for node in graph:
+        if node.op_type == "Softmax" and node.outputs and node.outputs[0].name in marked:
+            plan.fixed[node.outputs[0].name] = (0.0, 1.0)
 
     # Data-movement ops whose input is quantized pass the same scale through.
     for node in graph:
-        if _skipped(node, skip) or node.op_type not in SHARE_OPS or not node.inputs:
+        if node in planner.skipped or node.op_type not in SHARE_OPS or not node.inputs:
             continue
         source = node.inputs[0]
         if source is None or source.const_value is not None or not node.outputs:
             continue
-        if (source.name in marked or source.name in plan.shared) and _is_float(node.outputs[0]):
-            plan.shared[node.outputs[0].name] = plan.shared.get(source.name, source.name)
-            marked.pop(node.outputs[0].name, None)
+        out = node.outputs[0]
+        if (source.name in marked or source.name in plan.shared) and _is_float(out) and (
+                out.name not in float_tensors):
+            plan.shared[out.name] = plan.shared.get(source.name, source.name)
+            marked.pop(out.name, None)
 
     plan.observe = [name for name in marked if name not in plan.fixed]
     return plan
