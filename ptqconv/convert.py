@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import onnx_ir as ir
 
@@ -36,12 +38,16 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
     model = modelio.load_model(options.model_file)
     report.size_before = modelio.files_size(modelio.model_files(options.model_file, model))
     report.opset_before = model.opset_imports.get("", 1)
-    if options.quant_type is QuantType.WEIGHT_QUANT:
-        model = _weight_quant(model, options, report, progress)
-    else:
-        model = _post_training(model, options, report, progress)
-    report.opset_after = model.opset_imports.get("", 1)
-    report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))
+    # The working copy may keep its weights in the temporary directory until saved.
+    with tempfile.TemporaryDirectory(prefix="ptqconv-") as workdir:
+        if options.quant_type is QuantType.WEIGHT_QUANT:
+            model = _weight_quant(model, options, report, progress)
+        else:
+            del model
+            simplified = modelio.simplify_with_onnxruntime(options.model_file, Path(workdir))
+            model = _post_training(simplified, options, report, progress)
+        report.opset_after = model.opset_imports.get("", 1)
+        report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -65,13 +71,15 @@ def _weight_quant(model: ir.Model, options: ConvertOptions, report: ConversionRe
     return model
 
 
-def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionReport,
+def _post_training(source: Path, options: ConvertOptions, report: ConversionReport,
                    progress: ProgressFactory | None) -> ir.Model:
+    """Calibrate and quantize the (simplified) float model at `source`."""
     config = options.config
+    model = modelio.load_model(source)
     assert config is not None  # ConvertOptions.create guarantees it for PostTraining
     data = CalibrationSet.open(graph_inputs(model.graph), config.calibrate_path,
                                config.calibrate_size, dict(options.input_shape))
-    model = modelio.ensure_opset(model, QDQ_MIN_OPSET, options.model_file.parent)
+    model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
     skip = frozenset(options.skip_quant_node)
     first = plan_quantization(model.graph, skip)
     method = OBSERVERS[config.activation_quant_method]
@@ -104,8 +112,7 @@ def _post_training(model: ir.Model, options: ConvertOptions, report: ConversionR
         shifts = measure_shifts(model, qdq.weight_errors, data, config.thread_num, step)
         # Start again from the float graph: corrected float biases are then quantized by the
         # same pass as any other bias.
-        model = modelio.ensure_opset(modelio.load_model(options.model_file), QDQ_MIN_OPSET,
-                                     options.model_file.parent)
+        model = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
         corrected = apply_shifts(model.graph, shifts)
         plan = plan_quantization(model.graph, skip, float_tensors)
         qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel)

@@ -35,6 +35,32 @@ _OPSET_FOR_TYPE = {
 }
 
 
+def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
+    """The float model after onnxruntime's basic (hardware-independent) graph optimizations.
+
+    They fold BatchNormalization and constant Mul/Add into Conv and fold constants, as
+    onnxruntime's quant_pre_process does; quantizing a conv output before a per-channel
+    rescale amplifies the noise of small channels. The result has only standard ONNX ops.
+    """
+    import onnxruntime as ort
+
+    out = workdir / "simplified.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", "simplified.onnx.data")
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1073741824")
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PtqError(f"{path}: onnxruntime cannot load the model: {message}") from None
+    return out
+
+
 def opset_for(dtypes: set[ir.DataType]) -> int:
     """The lowest default-domain opset whose DequantizeLinear takes all of `dtypes` per axis."""
     return max((_OPSET_FOR_TYPE[d] for d in dtypes), default=1)
