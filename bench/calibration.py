@@ -56,7 +56,8 @@ class Reader(CalibrationDataReader):
         self.files = iter(sorted(Path({data!r}).iterdir()))
     def get_next(self):
         f = next(self.files, None)
-        return None if f is None else {{"input": np.fromfile(f, np.float32).reshape(1, 3, 224, 224)}}
+        shape = (1, 3, 224, 224)
+        return None if f is None else {{"input": np.fromfile(f, np.float32).reshape(shape)}}
 quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.{method}, extra_options={extra})

@@ -85,17 +85,18 @@ class HistogramObserver(Observer):
         self._grow_to(absmax)
         a = np.abs(x, dtype=np.float32).ravel()
         # Multiplying by 2**-exponent is exact, so binning does not depend on the history.
-        idx = (a * np.float32(2.0 ** -self.exponent)).astype(np.int32)
-        np.minimum(idx, self.FINE_BINS - 1, out=idx)
-        counts = np.bincount(idx, minlength=self.FINE_BINS)
-        counts[0] -= a.size - np.count_nonzero(a)  # REFERENCE.md §2: exact zeros skipped
-        self.hist += counts
+        # Fine bin k >= 1 holds (k-1)w < |x| <= kw: exact zeros, which REFERENCE.md §2 skips,
+        # land alone in index 0 and are dropped without a separate pass.
+        a *= np.float32(2.0 ** -self.exponent)
+        np.ceil(a, out=a)
+        counts = np.bincount(a.astype(np.int32), minlength=self.FINE_BINS + 1)
+        self.hist += counts[1:]
 
     def _exponent_for(self, absmax: float) -> int:
         # Floor: 2**-exponent must stay finite in float32; such tiny ranges are below the
         # minimum quantization range anyway.
         exponent = max(math.ceil(math.log2(absmax / self.FINE_BINS)), -100)
-        while absmax * 2.0 ** -exponent >= self.FINE_BINS:
+        while absmax * 2.0 ** -exponent > self.FINE_BINS:
             exponent += 1
         return exponent
 
