@@ -73,6 +73,16 @@ Exit status: 0 done, 1 the conversion failed, 2 a flag or the config is wrong.
     metavar="NAMES",
     help="Comma-separated node names or op types to keep in float.",
 )
+@click.option("--debugDir", "debug_dir", metavar="DIR",
+              help="PostTraining: write a per-layer report (layer_report.csv/.json) of every "
+                   "quantized tensor, float vs quantized, to DIR (config: "
+                   "debug_info_save_path).")
+@click.option("--accuracyThreshold", "accuracy_threshold", metavar="PERCENT",
+              help="Gate: after writing the model, compare it with the float model on the "
+                   "config's eval_path samples and exit 1 if the mean bias (MindSpore's "
+                   "benchmark formula, percent) is above PERCENT.")
+@click.option("--cosineDistanceThreshold", "cosine_threshold", metavar="COS",
+              help="Gate: also exit 1 if any output's cosine similarity is below COS.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
 def convert_command(quiet: bool, verbose: bool, **flags: str | None) -> None:

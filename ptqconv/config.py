@@ -22,8 +22,10 @@ The forms:
                     min_quant_weight_channel, skip_quant_node, debug_info_save_path
                     [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
-                    thread_num
-  YAML              the same three sections as top-level mappings with the same keys; lists
+                    reduce_range, thread_num
+                    [evaluate_param] eval_path, eval_size, accuracy_threshold,
+                    cosine_threshold (ptqconv's accuracy gate after conversion)
+  YAML              the same sections as top-level mappings with the same keys; lists
                     and mappings are accepted where they help (skip_quant_node: [a, b];
                     calibrate_path: {input: dir}; input_shape: {input: [1, 3, 8, 8]}), and a
                     section left empty (`full_quant_param:`) is an empty section.
@@ -37,7 +39,7 @@ Where ptqconv differs from converter_lite, on purpose:
   - Unknown keys and sections, duplicated keys and sections and empty values (`key=`) are errors
     (converter_lite only warns about unknown flat keys: a misspelt key silently ignored gives a
     bad model). An empty `skip_quant_node` means no node.
-  - Relative directories (calibrate_path, image_path, debug_info_save_path) are resolved
+  - Relative directories (calibrate_path, image_path, eval_path, debug_info_save_path) resolve
     against the config file's directory, not the current directory, so a config works from any
     directory. They are normalized lexically (os.path.abspath) and not checked here.
   - Flat `bias_correction` accepts `true` / `false` in any case and rejects anything else
@@ -94,7 +96,13 @@ class QuantConfig:
     activation_quant_method: str = "MAX_MIN"  # MAX_MIN | KL | REMOVAL_OUTLIER
     bias_correction: bool = False
     per_channel: bool = True
+    reduce_range: bool = True  # 7-bit weights: no U8S8 int16 saturation on x86 without VNNI
     thread_num: int = 1  # [1, 64]
+    # [evaluate_param]: the accuracy gate run after the model is written.
+    eval_path: tuple[tuple[str, Path], ...] = ()  # name:dir like calibrate_path
+    eval_size: int | None = None  # first N eval samples; None: all
+    accuracy_threshold: float | None = None  # percent mean bias (MindSpore benchmark)
+    cosine_threshold: float | None = None  # minimum cosine similarity per output
     # Line of every key given, by field name and by the key as written (flat `image_path` too).
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
     # The key as written for every field given: "[data_preprocess_param] calibrate_path",
@@ -539,6 +547,21 @@ def _names(raw: str | list, site: _Site) -> tuple[str, ...]:
     return tuple(name.strip() for name in items if name.strip())
 
 
+def _real(low: float, high: float) -> tuple[Callable[[str, _Site], float], str]:
+    allowed = f"a number in [{low:g}, {high:g}]"
+
+    def parse(text: str, site: _Site) -> float:
+        try:
+            number = float(text)
+        except ValueError:
+            site.fail(f"{text!r} is not a number; allowed: {allowed}")
+        if not low <= number <= high:  # also rejects nan
+            site.fail(f"{text!r} is out of range; allowed: {allowed}")
+        return number
+
+    return parse, allowed
+
+
 def _path(text: str, site: _Site) -> Path:
     return site.path(text)
 
@@ -659,7 +682,14 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _Key("activation_quant_method", _method, _METHOD_ALLOWED),
         _Key("bias_correction", _boolean, _BOOL_ALLOWED),
         _Key("per_channel", _boolean, _BOOL_ALLOWED),
+        _Key("reduce_range", _boolean, _BOOL_ALLOWED),
         _int_key("thread_num", 1, 64),
+    ),
+    "evaluate_param": _keys(
+        _Key("eval_path", _calibrate_path, _CALIBRATE_ALLOWED, many=True),
+        _int_key("eval_size", 1, U16_MAX),
+        _Key("accuracy_threshold", *_real(0.0, 1e6)),
+        _Key("cosine_threshold", *_real(-1.0, 1.0)),
     ),
 }
 

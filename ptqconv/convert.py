@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import modelio, qparams
+from ptqconv import layer_report, modelio, qparams
 from ptqconv.calibrate.collector import observe
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.calibrate.observers import OBSERVERS, MinMaxObserver, Observer
@@ -104,8 +104,10 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
     float_tensors = frozenset(sentinels) | (frozenset(tensors) - frozenset(observers))
     ranges = {n: r for n, r in ranges.items() if n not in float_tensors}
     plan = plan_quantization(model.graph, skip, float_tensors)
+    debug = options.debug_dir is not None
     qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
-                  keep_weight_errors=config.bias_correction)
+                  keep_weight_errors=config.bias_correction, keep_weights=debug,
+                  reduce_range=config.reduce_range)
     qdq(model)
     if config.bias_correction and qdq.weight_errors:
         step = progress(len(data), "bias correction") if progress else None
@@ -115,7 +117,8 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
         model = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
         corrected = apply_shifts(model.graph, shifts)
         plan = plan_quantization(model.graph, skip, float_tensors)
-        qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel)
+        qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
+                      keep_weights=debug, reduce_range=config.reduce_range)
         qdq(model)
         applied = [c for c in corrected if c.applied]
         bias_lines = [f"  bias correction: {len(applied)} of {len(corrected)} layers"]
@@ -131,8 +134,29 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
         f"  activations quantized: {len(qdq.act_params)} ranges, "
         f"{sum(1 for n in model.graph if n.op_type == 'QuantizeLinear')} QuantizeLinear nodes",
         f"  weights quantized: {qdq.weights_quantized} (int8 symmetric"
-        f"{' per-channel' if config.per_channel else ''}, {options.bit_num}-bit grid)",
+        f"{' per-channel' if config.per_channel else ''}, levels "
+        f"[{qdq.weight_grid.qmin}, {qdq.weight_grid.qmax}]"
+        f"{', reduce_range' if qdq.weight_grid.qmax < 2 ** (options.bit_num - 1) - 1 else ''})",
         *bias_lines,
     ]
+    if debug:
+        report.details += _layer_report(source, model, qdq, data, options)
     return model
+
+
+def _layer_report(source: Path, model: ir.Model, qdq: QDQPass, data: CalibrationSet,
+                  options: ConvertOptions) -> list[str]:
+    """Per-layer float-vs-quantized statistics over the calibration set (--debugDir)."""
+    float_model = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
+    owners = {v.name: "(model input)" for v in float_model.graph.inputs}
+    owners.update((v.name, n.name or n.op_type) for n in float_model.graph for v in n.outputs)
+    tensors = {}
+    for name, dequantized in qdq.dequantized.items():
+        params = qdq.activation_params(name)
+        if params is not None:
+            tensors[name] = (dequantized, params[0], params[1])
+    stats = layer_report.activation_report(float_model, model, tensors, owners,
+                                           options.bit_num, data, options.config.thread_num)
+    stats += layer_report.weight_report(qdq.weight_params, qdq.weight_grid)
+    return layer_report.write(options.debug_dir, stats)
 

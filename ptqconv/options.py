@@ -49,6 +49,9 @@ class ConvertOptions:
     skip_quant_node: tuple[str, ...] = ()
     config: QuantConfig | None = None
     input_shape: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    debug_dir: Path | None = None  # per-layer report (PostTraining)
+    accuracy_threshold: float | None = None  # percent mean bias on eval data (the gate)
+    cosine_threshold: float | None = None
 
     @classmethod
     def create(
@@ -63,6 +66,9 @@ class ConvertOptions:
         skip_quant_node: str | tuple[str, ...] | list[str] | None = None,
         fmk: str | None = None,
         input_shape: str | None = None,
+        debug_dir: str | os.PathLike | None = None,
+        accuracy_threshold: float | str | None = None,
+        cosine_threshold: float | str | None = None,
     ) -> ConvertOptions:
         """Validate raw values (strings from the command line, or Python values)."""
         from ptqconv.config import load_config  # config uses QuantType from this module
@@ -99,8 +105,23 @@ class ConvertOptions:
         if input_shape:
             shapes.update(parse_input_shape(input_shape))
         skip = _names(skip_quant_node) + (config.skip_quant_node if config else ())
+        debug = Path(debug_dir) if debug_dir else (config.debug_info_save_path if config
+                                                   else None)
+        if debug is not None and debug.exists() and not debug.is_dir():
+            raise PtqUsageError(f"--debugDir: not a directory: {debug}")
+        accuracy = (_real("--accuracyThreshold", accuracy_threshold, 0.0, 1e6)
+                    if accuracy_threshold is not None
+                    else (config.accuracy_threshold if config else None))
+        cosine = (_real("--cosineDistanceThreshold", cosine_threshold, -1.0, 1.0)
+                  if cosine_threshold is not None else (config.cosine_threshold if config
+                                                        else None))
+        if (accuracy is not None or cosine is not None) and not (config and config.eval_path):
+            raise PtqUsageError(
+                "--accuracyThreshold needs held-out data: set eval_path in [evaluate_param] "
+                "of the config (name:dir like calibrate_path)")
         return cls(model, output, qtype, bits, size, channel, config_path,
-                   tuple(dict.fromkeys(skip)), config, tuple(shapes.items()))
+                   tuple(dict.fromkeys(skip)), config, tuple(shapes.items()), debug, accuracy,
+                   cosine)
 
 
 def _pick(flag: str, value: int | str | None, from_config: int | None, default: int) -> int:
@@ -131,6 +152,17 @@ def _int(flag: str, value: int | str, low: int, high: int | None = None, where: 
         ) from None
     if isinstance(value, bool) or number < low or (high is not None and number > high):
         raise PtqUsageError(f"{flag}: {value} is out of range; allowed: {allowed}{where}")
+    return number
+
+
+def _real(flag: str, value: float | str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PtqUsageError(
+            f"{flag}: {value!r} is not a number; allowed: [{low:g}, {high:g}]") from None
+    if not low <= number <= high:
+        raise PtqUsageError(f"{flag}: {value} is out of range; allowed: [{low:g}, {high:g}]")
     return number
 
 

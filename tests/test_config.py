@@ -17,12 +17,12 @@ from ptqconv.errors import PtqUsageError
 
 CONFIGS = REPO / "configs"
 META = ("source", "format", "lines", "keys")
-SECTIONS = "[common_quant_param], [data_preprocess_param], [full_quant_param]"
+SECTIONS = "[common_quant_param], [data_preprocess_param], [evaluate_param], [full_quant_param]"
 COMMON_KEYS = (
     "bit_num, debug_info_save_path, min_quant_weight_channel, min_quant_weight_size, "
     "quant_type, skip_quant_node"
 )
-FULL_KEYS = "activation_quant_method, bias_correction, per_channel, thread_num"
+FULL_KEYS = "activation_quant_method, bias_correction, per_channel, reduce_range, thread_num"
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -733,7 +733,9 @@ SCHEMA = {
     ),
     ("full_quant_param", "bias_correction"): _boolean(),
     ("full_quant_param", "per_channel"): _boolean(),
+    ("full_quant_param", "reduce_range"): _boolean(),
     ("full_quant_param", "thread_num"): _integer(1, 64),
+    ("evaluate_param", "eval_size"): _integer(1, 65535),
 }
 PATHS = {"debug_info_save_path", "calibrate_path"}
 
@@ -748,7 +750,7 @@ def _expected(key, value, base):
 
 def _render_ini(chosen) -> tuple[str, dict[str, int]]:
     lines, where = [], {}
-    for section in ("common_quant_param", "data_preprocess_param", "full_quant_param"):
+    for section in ("common_quant_param", "data_preprocess_param", "full_quant_param", "evaluate_param"):
         keys = [(k, v) for (s, k), v in chosen.items() if s == section]
         if keys:
             lines += ["", f"[{section}]", "# keys"]

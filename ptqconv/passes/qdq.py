@@ -24,20 +24,27 @@ class QDQPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], bits: int,
-                 per_channel: bool = True, keep_weight_errors: bool = False):
+                 per_channel: bool = True, keep_weight_errors: bool = False,
+                 keep_weights: bool = False, reduce_range: bool = True):
         super().__init__()
+        self.keep_weights = keep_weights  # float weights for the per-layer report
         # For bias correction: node index in the float graph -> (node, W - dequantized W).
         self.keep_weight_errors = keep_weight_errors
         self.weight_errors: dict[int, tuple[ir.Node, np.ndarray]] = {}
         self.plan = plan
         self.ranges = ranges
         self.act_grid = qparams.activation_grid(bits)
-        self.weight_grid = qparams.fused_weight_grid(bits)
+        self.weight_grid = qparams.fused_weight_grid(bits, reduce_range)
         self.per_channel = per_channel
         # tensor name -> (scale value, zero point value, float scale) of its activation grid
         self.act_params: dict[str, tuple[ir.Value, ir.Value, float]] = {}
         self.weight_scales: dict[tuple[int, int], np.ndarray] = {}
         self.weights_quantized = 0
+        # For reports: float tensor name -> its dequantized value's name (activations), and
+        # weight name -> (float values, scale, zero point, axis, owner node name).
+        self.dequantized: dict[str, str] = {}
+        self.weight_params: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int | None,
+                                            str]] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -59,6 +66,13 @@ class QDQPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     # --- activations -------------------------------------------------------------------
+
+    def activation_params(self, name: str) -> tuple[float, int] | None:
+        """(scale, zero point) of an activation tensor this pass quantized."""
+        params = self._params(name) if name in self.dequantized else None
+        if params is None:
+            return None
+        return params[2], int(params[1].const_value.numpy())
 
     def _params(self, name: str) -> tuple[ir.Value, ir.Value, float] | None:
         root = self.plan.shared.get(name, name)
@@ -118,6 +132,7 @@ class QDQPass(ir.passes.InPlacePass):
             out.name = name
         else:
             out.name = self.names.new(f"{name}_dequantized")
+        self.dequantized[name] = out.name
 
     # --- weights, biases, constants ----------------------------------------------------
 
@@ -132,6 +147,9 @@ class QDQPass(ir.passes.InPlacePass):
         q = qparams.quantize(weights, scale, zero_point, self.weight_grid, use_axis,
                              dtype=np.int8)
         self.weight_scales[(id(node), index)] = scale
+        if self.keep_weights:
+            self.weight_params[value.name] = (weights, scale, zero_point, use_axis,
+                                              node.name or node.op_type)
         if self.keep_weight_errors and node.op_type in ("Conv", "Gemm"):
             error = weights - qparams.dequantize(q, scale, zero_point, use_axis)
             for user, _ in value.uses():
