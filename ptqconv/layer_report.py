@@ -7,8 +7,10 @@ QDQ model in lockstep (memory independent of the sample count):
   skipping above 0.7), local SQNR;
 - cumulative figures compare the float tensor with the QDQ model's dequantized tensor (all
   upstream error included): cosine similarity and SQNR, as MindSpore's debug dump does.
-Weights get the same local figures from their values. Written as CSV and JSON; the worst
-tensors by local SQNR come with a suggested skip_quant_node list.
+Weights get the same local figures from their values. Tensors are ranked by the mean of their
+per-channel SQNR (a channel crushed by another channel's range counts fully; whole-tensor SQNR
+is dominated by the loudest channel). Written as CSV and JSON, with a suggested
+skip_quant_node list.
 """
 
 from __future__ import annotations
@@ -56,8 +58,37 @@ class TensorStats:
     cum_out_sq: float = 0.0
     cum_err_sq: float = 0.0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(QUANTILE_BINS, np.int64))
+    channel_axis: int | None = None  # None: axis 1 for rank >= 4, else the last axis
+    channel_signal: np.ndarray | None = None
+    channel_noise: np.ndarray | None = None
+
+    def _per_channel(self, x: np.ndarray, err: np.ndarray) -> None:
+        if x.ndim < 2:
+            return
+        axis = self.channel_axis if self.channel_axis is not None else (
+            1 if x.ndim >= 4 else x.ndim - 1)
+        others = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+        signal = np.square(x, dtype=np.float64).sum(axis=others)
+        noise = np.square(err, dtype=np.float64).sum(axis=others)
+        if self.channel_signal is None:
+            self.channel_signal, self.channel_noise = signal, noise
+        elif self.channel_signal.shape == signal.shape:
+            self.channel_signal += signal
+            self.channel_noise += noise
+
+    def channel_sqnr(self) -> float:
+        """Mean over channels of each channel's SQNR in dB: a channel crushed by another
+        channel's range counts as much as the dominant one (whole-tensor SQNR hides it)."""
+        if self.channel_signal is None:
+            return _sqnr(self.total_sq, self.local_err_sq)
+        alive = self.channel_signal > 0
+        if not alive.any():
+            return math.inf
+        noise = np.maximum(self.channel_noise[alive], self.channel_signal[alive] * 1e-12)
+        return float(np.mean(10 * np.log10(self.channel_signal[alive] / noise)))
 
     def update(self, x: np.ndarray, local: np.ndarray, cumulative: np.ndarray | None) -> None:
+        self._per_channel(x, local.astype(np.float64) - x)
         x64 = x.astype(np.float64).ravel()
         self.count += x64.size
         self.minimum = min(self.minimum, float(x64.min()))
@@ -105,6 +136,7 @@ class TensorStats:
             "clip_rate": self.clipped / n,
             "rmse_over_scale": rmse / self.scale if self.scale else math.nan,
             "local_sqnr_db": _sqnr(self.total_sq, self.local_err_sq),
+            "channel_sqnr_db": self.channel_sqnr(),
             "cos_similarity": cosine,
             "sqnr_db": _sqnr(self.cum_ref_sq, self.cum_err_sq) if self.cum_ref_sq else math.nan,
         }
@@ -161,7 +193,7 @@ def weight_report(
         q = qparams.quantize(w, scale, zp, grid, axis)
         local = qparams.dequantize(q, scale, zp, axis)
         stats = TensorStats(name, "weight", owner, grid.bits, float(np.mean(scale)), 0,
-                            float(w.min()), float(w.max()))
+                            float(w.min()), float(w.max()), channel_axis=axis)
         stats.update(w, local, local)  # nothing upstream: cumulative equals local
         result.append(stats)
     return result
@@ -175,19 +207,19 @@ def write(directory: Path, stats: list[TensorStats], top: int = 10) -> list[str]
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["tensor_name"])
         writer.writeheader()
         writer.writerows(rows)
-    worst = sorted(rows, key=lambda r: (r["local_sqnr_db"], -r["rmse_over_scale"]))[:top]
+    worst = sorted(rows, key=lambda r: (r["channel_sqnr_db"], -r["rmse_over_scale"]))[:top]
     suggestions = sorted({str(r["node_name"]) for r in worst
-                          if r["local_sqnr_db"] < LOCAL_SQNR_SKIP_DB
+                          if r["channel_sqnr_db"] < LOCAL_SQNR_SKIP_DB
                           or r["rmse_over_scale"] > RMSE_SCALE_SKIP})
     (directory / "layer_report.json").write_text(json.dumps(
         {"schema": "ptqconv.layer_report/1", "tensors": [_json(r) for r in rows],
          "worst": [r["tensor_name"] for r in worst], "suggested_skip_quant_node": suggestions},
         indent=1) + "\n")
     lines = [f"  per-layer report: {directory / 'layer_report.csv'} ({len(rows)} tensors); "
-             "worst by local SQNR:"]
+             "worst by per-channel SQNR:"]
     for r in worst:
-        lines.append(f"    {r['tensor_name']} ({r['kind']}, {r['node_name']}): local SQNR "
-                     f"{r['local_sqnr_db']:.1f} dB, rmse/scale {r['rmse_over_scale']:.2f}, "
+        lines.append(f"    {r['tensor_name']} ({r['kind']}, {r['node_name']}): channel SQNR "
+                     f"{r['channel_sqnr_db']:.1f} dB, rmse/scale {r['rmse_over_scale']:.2f}, "
                      f"clip {r['clip_rate']:.2%}, cumulative cos {r['cos_similarity']:.4f}")
     if suggestions:
         lines.append(f"    suggested skip_quant_node={','.join(suggestions)}")

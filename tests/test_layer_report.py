@@ -1,0 +1,69 @@
+"""Per-layer debug report: one row per quantized tensor; a deliberately bad layer ranks first."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+from conftest import run_model  # noqa: F401  (sets onnxruntime's log level)
+from models import residual_cnn, save, write_samples
+
+from ptqconv.cli import main
+
+
+def test_report_rows_and_a_huge_outlier_layer_ranks_first(tmp_path, capsys):
+    model = residual_cnn(seed=7)
+    # One output channel of block 0's first conv gets a bias of 500: its ReLU output's
+    # per-tensor range is then dominated by that channel and every other channel is crushed.
+    for init in model.graph.initializer:
+        if init.name == "b0c0_b":
+            bias = onnx.numpy_helper.to_array(init).copy()
+            bias[3] = 500.0
+            init.CopyFrom(onnx.numpy_helper.from_array(bias, init.name))
+    src = save(model, tmp_path / "float.onnx")
+    rng = np.random.default_rng(0)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(8)))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[common_quant_param]\ndebug_info_save_path={tmp_path / 'debug'}\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}"]) == 0
+    stdout = capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "debug" / "layer_report.csv").open()))
+    report = json.loads((tmp_path / "debug" / "layer_report.json").read_text())
+    assert report["schema"] == "ptqconv.layer_report/1"
+    quantized = onnx.load(str(out))
+    weights = {n.input[0][: -len("_quantized")] for n in quantized.graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")
+               and quantized.graph.initializer and any(
+                   i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8
+                   for i in quantized.graph.initializer)}
+    activations = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
+    assert {r["tensor_name"] for r in rows if r["kind"] == "weight"} == weights
+    assert {r["tensor_name"] for r in rows if r["kind"] == "activation"} == activations
+    for row in rows:
+        assert float(row["min"]) <= float(row["q1"]) <= float(row["median"]) <= float(row["q3"])
+        assert 0.0 <= float(row["clip_rate"]) <= 1.0 and float(row["scale"]) > 0
+    assert report["worst"][0] == "b0ar"
+    assert "block0_relu0" in report["suggested_skip_quant_node"]
+    assert "suggested skip_quant_node=" in stdout and "b0ar (activation" in stdout
+
+
+def test_well_quantized_layers_have_rmse_near_a_uniform_rounding_error(tmp_path):
+    src = save(residual_cnn(seed=8), tmp_path / "float.onnx")
+    rng = np.random.default_rng(1)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(8)))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}", "--quiet",
+                 f"--debugDir={tmp_path / 'd'}"]) == 0
+    rows = list(csv.DictReader((tmp_path / "d" / "layer_report.csv").open()))
+    weights = [float(r["rmse_over_scale"]) for r in rows if r["kind"] == "weight"]
+    # Rounding alone leaves rmse = scale / sqrt(12) = 0.289 scale.
+    assert all(0.2 < w < 0.35 for w in weights), weights
