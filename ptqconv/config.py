@@ -68,12 +68,13 @@ from typing import Any, NoReturn
 
 import yaml
 
+from ptqconv.calibrate.observers import OBSERVERS
 from ptqconv.errors import PtqUsageError
 from ptqconv.options import QuantType
 
 FORMATS = ("flat", "ini", "yaml")
 U16_MAX = 65535  # REFERENCE.md §1: min_quant_weight_size/channel, calibrate_size ranges
-METHODS = ("MAX_MIN", "KL", "REMOVAL_OUTLIER")  # REFERENCE.md §1 / §2
+METHODS = tuple(OBSERVERS)  # REFERENCE.md §1 / §2, plus MSE
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,7 @@ ERRORS = [
         "[common_quant_param]\nquant_type=FULL_QUANT\n\n[full_quant_param]\nbias_correction=true\n"
         "# the method\nactivation_quant_method=KLD\n",
         "calib.cfg:7: [full_quant_param] activation_quant_method: 'KLD' is not supported; "
-        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER",
+        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE",
         id="ini-bad-choice",
     ),
     pytest.param(
@@ -473,7 +473,8 @@ ERRORS = [
     pytest.param(
         "calib.cfg",
         "method_x=minmax\n",
-        "calib.cfg:1: method_x: 'minmax' is not supported; allowed: MAX_MIN, KL, REMOVAL_OUTLIER",
+        "calib.cfg:1: method_x: 'minmax' is not supported; "
+        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE",
         id="flat-bad-method",
     ),
     pytest.param(
@@ -641,7 +642,7 @@ def test_messages_stay_on_one_line_whatever_the_value(here):
     _put("c.yaml", 'full_quant_param:\n  activation_quant_method: "K\\nL\\u2028X"\n')
     assert failure("c.yaml") == (
         "c.yaml:2: [full_quant_param] activation_quant_method: 'K\\nL\\u2028X' is not supported; "
-        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER"
+        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE"
     )
     _put("c.yaml", 'full_quant_param:\n  "bad key\\n": 1\n')
     assert failure("c.yaml") == (
@@ -750,7 +751,12 @@ def _expected(key, value, base):
 
 def _render_ini(chosen) -> tuple[str, dict[str, int]]:
     lines, where = [], {}
-    for section in ("common_quant_param", "data_preprocess_param", "full_quant_param", "evaluate_param"):
+    for section in (
+        "common_quant_param",
+        "data_preprocess_param",
+        "full_quant_param",
+        "evaluate_param",
+    ):
         keys = [(k, v) for (s, k), v in chosen.items() if s == section]
         if keys:
             lines += ["", f"[{section}]", "# keys"]

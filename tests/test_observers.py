@@ -111,3 +111,22 @@ def test_minmax_and_removal_outlier_ranges():
 def test_observer_that_saw_nothing_gives_a_zero_range():
     for cls in OBSERVERS.values():
         assert cls().compute_range() == (0.0, 0.0)
+
+
+def test_mse_keeps_a_saturated_relu6_spike_that_kl_clips():
+    rng = np.random.default_rng(5)
+    x = np.clip(np.abs(rng.standard_normal(200_000)) * 1.5, 0, 6).astype(np.float32)
+    x[:2000] = 6.0  # 1% of the values saturate at 6, as after ReLU6
+    from ptqconv.calibrate.observers import MSEObserver
+
+    kl_lo, kl_hi = feed(HistogramObserver(), [x]).compute_range(8)
+    mse_lo, mse_hi = feed(MSEObserver(), [x]).compute_range(8)
+    assert kl_lo == mse_lo == 0.0
+    assert mse_hi == pytest.approx(6.0, abs=0.01)
+    assert kl_hi < 5.9
+
+    def mse(hi: float) -> float:
+        step = hi / 255
+        return float(np.mean((np.clip(np.round(x / step), 0, 255) * step - x) ** 2))
+
+    assert mse(mse_hi) < mse(kl_hi)

@@ -193,6 +193,43 @@ def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
     return int(i[np.argmin(kl)])
 
 
+class MSEObserver(HistogramObserver):
+    """MSE: the clipping threshold that minimises the expected squared quantization error.
+
+    Same streaming histogram as KL; for every candidate threshold T the error is the clipping
+    error of the mass beyond T plus uniform rounding noise (T / levels)^2 / 12 inside, on the
+    grid the tensor will actually use (2**bits levels over [0, T] for unsigned tensors, over
+    [-T, T] for signed ones). Unlike KL it pays for what clipping costs, so a spike of
+    saturated values (ReLU6 at 6) or a rare but large outlier is kept when clipping it hurts.
+    """
+
+    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+        empty = self._empty_range()
+        if empty:
+            return empty
+        hist, absmax = self.histogram()
+        if absmax == 0.0:
+            return (self.min, self.max)
+        unsigned = self.min >= 0
+        levels = 2**bits - 1
+        width = absmax / KL_BINS
+        centres = (np.arange(KL_BINS) + 0.5) * width
+        thresholds = (np.arange(1, KL_BINS + 1)) * width
+        # Clipping error for each candidate: sum over bins beyond T of count * (x - T)^2.
+        c0 = np.cumsum(hist[::-1])[::-1]  # counts at or beyond bin i
+        c1 = np.cumsum((hist * centres)[::-1])[::-1]
+        c2 = np.cumsum((hist * centres**2)[::-1])[::-1]
+        beyond = np.append(c0[1:], 0.0), np.append(c1[1:], 0.0), np.append(c2[1:], 0.0)
+        clip = beyond[2] - 2 * thresholds * beyond[1] + thresholds**2 * beyond[0]
+        step = thresholds / levels if unsigned else 2 * thresholds / levels
+        inside = c0[0] - beyond[0]
+        error = clip + inside * step**2 / 12
+        threshold = float(thresholds[int(np.argmin(error))])
+        if unsigned:
+            return (0.0, min(threshold, self.max))
+        return (max(-threshold, self.min), min(threshold, self.max))
+
+
 class RemovalOutlierObserver(Observer):
     """REMOVAL_OUTLIER: the mean over samples of each sample's 0.01% / 99.99% quantiles."""
 
@@ -229,4 +266,5 @@ OBSERVERS: dict[str, type[Observer]] = {
     "MAX_MIN": MinMaxObserver,
     "KL": HistogramObserver,
     "REMOVAL_OUTLIER": RemovalOutlierObserver,
+    "MSE": MSEObserver,
 }

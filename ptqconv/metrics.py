@@ -1,0 +1,234 @@
+"""Output-accuracy metrics: MindSpore's mean bias, cosine, SQNR, top-1 agreement (pure numpy).
+
+`mean_bias` is MindSpore Lite benchmark's "mean bias" (REFERENCE.md §4, the same as
+``BenchmarkBase::CompareData`` in mindspore/lite/tools/benchmark/benchmark_base.h). For every
+element with reference r and output o, e = |o - r|:
+
+1. skip it when ``e <= 1e-8 + 1e-5 * |r|`` (absolute plus relative tolerance);
+2. else, when ``|r| < FLT_EPSILON`` (the reference is about zero, so a relative error means
+   nothing), count ``e`` itself if ``e > 1e-5``, and SKIP the element otherwise. This is our
+   reading of "count e itself when e > 1e-5": MindSpore's code has ``else { continue; }``
+   there, so such an element is neither counted nor sent to step 3;
+3. else count the relative error ``e / (|r| + FLT_MIN)``.
+
+A tensor's mean bias is the sum over the counted elements divided by their number (0 when
+none is counted); a model's is the mean over its output tensors, as a percentage
+(`model_mean_bias_percent`).
+
+Where we differ from MindSpore, on purpose:
+- Arithmetic is float64 (MindSpore uses float32, so a skip/count decision can differ for an
+  error within one float32 ulp of a tolerance, and its float32 running sum loses digits on
+  large tensors).
+- A non-finite e (NaN or Inf in the output or the reference) is always counted, so the sum
+  becomes NaN/Inf and the bias cannot look good. MindSpore fails on NaN/Inf in the output
+  before computing anything; taken literally its comparisons would skip a NaN element.
+- Over many samples `OutputComparison` pools the sums and counts of all samples (MindSpore
+  compares a single sample).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from ptqconv.errors import PtqError
+
+# REFERENCE.md §4 (MindSpore benchmark_base.h: absoluteTolerance, relativeTolerance).
+ABSOLUTE_TOLERANCE = 1e-8
+RELATIVE_TOLERANCE = 1e-5
+# REFERENCE.md §4: about-zero references count the absolute error when it is above this.
+ZERO_REFERENCE_ERROR = 1e-5
+FLT_EPSILON = float(np.finfo(np.float32).eps)
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+RESULT_KEYS = (
+    "mean_bias_percent",
+    "cosine",
+    "sqnr_db",
+    "max_abs_error",
+    "top1_agreement",
+    "non_finite",
+    "samples",
+    "elements",
+)
+
+
+def mean_bias(reference: np.ndarray, output: np.ndarray) -> tuple[float, int]:
+    """MindSpore's mean-bias terms of one tensor: (sum of the counted errors, count).
+
+    The tensor's mean bias is ``sum / count`` (0 when count is 0); see the module docstring
+    for the rule. Raise ValueError when the two arrays differ in size.
+    """
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    o = np.asarray(output, dtype=np.float64).ravel()
+    if r.size != o.size:
+        raise ValueError(f"reference has {r.size} elements but output has {o.size}")
+    with np.errstate(invalid="ignore", over="ignore"):
+        e = np.abs(o - r)
+        abs_r = np.abs(r)
+        # `not (e <= tol)` rather than `e > tol`, so that NaN is never skipped.
+        over = ~(e <= ABSOLUTE_TOLERANCE + RELATIVE_TOLERANCE * abs_r)
+        about_zero = abs_r < FLT_EPSILON
+        absolute = over & about_zero & ~(e <= ZERO_REFERENCE_ERROR)
+        relative = over & ~about_zero
+        total = float(e[absolute].sum()) + float((e[relative] / (abs_r[relative] + FLT_MIN)).sum())
+    return total, int(np.count_nonzero(absolute)) + int(np.count_nonzero(relative))
+
+
+def cosine_similarity(dot: float, reference_sq: float, output_sq: float) -> float:
+    """Cosine from pooled sums; 1.0 when both vectors are zero, 0.0 when only one is.
+
+    (MindSpore's GetMeanError also returns 1 when only one of them is zero; a model that
+    outputs zeros where the reference does not has not matched it, so we return 0.)
+    """
+    if reference_sq == 0.0 and output_sq == 0.0:
+        return 1.0
+    if reference_sq == 0.0 or output_sq == 0.0:
+        return 0.0
+    return dot / (math.sqrt(reference_sq) * math.sqrt(output_sq))
+
+
+def sqnr_db(signal_sq: float, noise_sq: float) -> float:
+    """10 log10(signal / noise): +inf without noise, -inf for noise on a zero signal."""
+    if math.isnan(signal_sq) or math.isnan(noise_sq):
+        return math.nan
+    if noise_sq == 0.0:
+        return math.inf
+    if signal_sq == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal_sq / noise_sq)
+
+
+class OutputComparison:
+    """Streaming comparison of one output tensor, reference vs output, over many samples.
+
+    Only running sums are kept, so memory does not depend on the number of samples. Shapes
+    may change between samples (dynamic axes) but must agree within each update.
+    """
+
+    def __init__(self, name: str = "output") -> None:
+        self.name = name
+        self.samples = 0
+        self.elements = 0
+        self.non_finite = 0
+        self.bias_sum = 0.0
+        self.bias_count = 0
+        self.dot = 0.0
+        self.reference_sq = 0.0
+        self.output_sq = 0.0
+        self.error_sq = 0.0
+        self.max_abs_error = 0.0
+        self.top1_hits = 0
+        self.top1_rows = 0
+        self._top1 = True  # every update so far looked like a batch of score vectors
+
+    def update(self, reference: np.ndarray, output: np.ndarray) -> None:
+        """Add one sample (or a batch of samples stacked along axis 0)."""
+        reference = np.asarray(reference)
+        output = np.asarray(output)
+        if reference.shape != output.shape:
+            raise PtqError(
+                f"output {self.name!r}: the reference has shape {_shape(reference.shape)} but "
+                f"the model gives {_shape(output.shape)}"
+            )
+        for which, array in (("reference", reference), ("model", output)):
+            if array.dtype.kind not in "biuf":
+                raise PtqError(
+                    f"output {self.name!r}: the {which} gives {array.dtype.name} values; only "
+                    "numeric outputs can be compared"
+                )
+        r = reference.astype(np.float64, copy=False)
+        o = output.astype(np.float64, copy=False)
+        total, count = mean_bias(r, o)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = o - r
+            self.dot += float(np.dot(r.ravel(), o.ravel()))
+            self.reference_sq += float(np.dot(r.ravel(), r.ravel()))
+            self.output_sq += float(np.dot(o.ravel(), o.ravel()))
+            self.error_sq += float(np.dot(diff.ravel(), diff.ravel()))
+            if diff.size:
+                worst = float(np.max(np.abs(diff)))  # NaN propagates
+                if math.isnan(worst) or math.isnan(self.max_abs_error):
+                    self.max_abs_error = math.nan
+                else:
+                    self.max_abs_error = max(self.max_abs_error, worst)
+        self.bias_sum += total
+        self.bias_count += count
+        if output.dtype.kind == "f":
+            self.non_finite += int(output.size - np.count_nonzero(np.isfinite(output)))
+        self.samples += 1
+        self.elements += output.size
+        if self._top1 and _is_scores(reference, output):
+            if output.size:
+                rows_r = np.argmax(reference.reshape(-1, reference.shape[-1]), axis=-1)
+                rows_o = np.argmax(output.reshape(-1, output.shape[-1]), axis=-1)
+                self.top1_hits += int(np.count_nonzero(rows_r == rows_o))
+                self.top1_rows += rows_r.size
+        else:
+            self._top1 = False
+
+    @property
+    def mean_bias_percent(self) -> float:
+        """Pooled mean bias of all samples, percent; 0.0 when no element was counted."""
+        return self.bias_sum / self.bias_count * 100.0 if self.bias_count else 0.0
+
+    @property
+    def cosine(self) -> float:
+        return cosine_similarity(self.dot, self.reference_sq, self.output_sq)
+
+    @property
+    def sqnr_db(self) -> float:
+        return sqnr_db(self.reference_sq, self.error_sq)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Share of rows (over the last axis) whose argmax agrees; None for non-score outputs."""
+        if not self._top1 or self.top1_rows == 0:
+            return None
+        return self.top1_hits / self.top1_rows
+
+    def result(self) -> dict[str, Any]:
+        """The figures, keyed by `RESULT_KEYS` (NaN/Inf stay floats here)."""
+        return {
+            "mean_bias_percent": self.mean_bias_percent,
+            "cosine": self.cosine,
+            "sqnr_db": self.sqnr_db,
+            "max_abs_error": self.max_abs_error,
+            "top1_agreement": self.top1_agreement,
+            "non_finite": self.non_finite,
+            "samples": self.samples,
+            "elements": self.elements,
+        }
+
+    def __repr__(self) -> str:
+        return f"OutputComparison({self.name!r}, {self.samples} samples)"
+
+
+def model_mean_bias_percent(outputs: Mapping[str, OutputComparison] | Iterable[float]) -> float:
+    """The model's mean bias: the mean of its output tensors' mean bias (percent), as MindSpore.
+
+    Takes the comparisons or their `mean_bias_percent` values; NaN if any is NaN, 0.0 for none.
+    """
+    values = (
+        [c.mean_bias_percent for c in outputs.values()]
+        if isinstance(outputs, Mapping)
+        else [float(v) for v in outputs]
+    )
+    return sum(values) / len(values) if values else 0.0
+
+
+def _is_scores(reference: np.ndarray, output: np.ndarray) -> bool:
+    """A batch of score vectors: float, rank >= 2, more than one score per row."""
+    return (
+        output.ndim >= 2
+        and output.shape[-1] > 1
+        and reference.dtype.kind == "f"
+        and output.dtype.kind == "f"
+    )
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
