@@ -20,7 +20,9 @@ Examples:
           --bitNum=4 --quantWeightSize=1024 --quantWeightChannel=16
 
 \b
-Exit status: 0 done, 1 the conversion failed, 2 a flag or the config is wrong.
+Accuracy gate for CI: ptqconv benchmark --help
+Exit status: 0 done, 1 the conversion failed (or missed --accuracyThreshold), 2 a flag or
+the config is wrong.
 """
 
 
@@ -77,6 +79,10 @@ Exit status: 0 done, 1 the conversion failed, 2 a flag or the config is wrong.
               help="PostTraining: write a per-layer report (layer_report.csv/.json) of every "
                    "quantized tensor, float vs quantized, to DIR (config: "
                    "debug_info_save_path).")
+@click.option("--sensitivity", is_flag=True,
+              help="PostTraining: also quantize one node unit at a time and rank the units "
+                   "by the output error each causes alone (slow: one model per unit); written "
+                   "to DIR/sensitivity.csv with --debugDir.")
 @click.option("--accuracyThreshold", "accuracy_threshold", metavar="PERCENT",
               help="Gate: after writing the model, compare it with the float model on the "
                    "config's eval_path samples and exit 1 if the mean bias (MindSpore's "
@@ -95,6 +101,10 @@ def convert_command(quiet: bool, verbose: bool, **flags: str | None) -> None:
     report = convert(options, progress=_progress if show else None)
     if not quiet:
         click.echo(report.format())
+    if report.gate_failures:
+        click.echo(f"ptqconv: error: accuracy gate failed: {'; '.join(report.gate_failures)} "
+                   f"({options.output_file} was written)", err=True)
+        raise click.exceptions.Exit(1)
 
 
 def _progress(total: int, label: str) -> Callable[[int], None]:
@@ -118,13 +128,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command and turn every failure into one line and an exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args
+    command, prog = convert_command, "ptqconv"
+    if args and args[0] == "benchmark":
+        from ptqconv.benchmark import benchmark_command
+
+        command, prog, args = benchmark_command, "ptqconv benchmark", args[1:]
     try:
-        convert_command.main(args=args, prog_name="ptqconv", standalone_mode=False)
-        return 0
+        # With standalone_mode=False click returns a command's Exit code instead of raising.
+        status = command.main(args=args, prog_name=prog, standalone_mode=False)
+        return status if isinstance(status, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.UsageError as exc:
-        return _fail(f"{exc.format_message()} (see ptqconv --help)", 2, verbose)
+        return _fail(f"{exc.format_message()} (see {prog} --help)", 2, verbose)
     except PtqError as exc:
         return _fail(str(exc), exc.exit_code, verbose)
     except (KeyboardInterrupt, click.Abort):

@@ -9,11 +9,14 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import layer_report, modelio, qparams
+from ptqconv import layer_report, modelio, qparams, sensitivity
+from ptqconv.benchmark import compare_models, gate_failures
 from ptqconv.calibrate.collector import observe
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
-from ptqconv.calibrate.observers import OBSERVERS, MinMaxObserver, Observer
+from ptqconv.calibrate.observers import OBSERVERS, ChannelRange, MinMaxObserver, Observer
+from ptqconv.metrics import model_mean_bias_percent
 from ptqconv.options import ConvertOptions, QuantType
+from ptqconv.passes import smooth_quant
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
 from ptqconv.passes.qdq import QDQPass
 from ptqconv.passes.qdq_plan import plan_quantization
@@ -38,6 +41,7 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
     model = modelio.load_model(options.model_file)
     report.size_before = modelio.files_size(modelio.model_files(options.model_file, model))
     report.opset_before = model.opset_imports.get("", 1)
+    eval_data = _eval_data(model, options)  # checked now, before any long work
     # The working copy may keep its weights in the temporary directory until saved.
     with tempfile.TemporaryDirectory(prefix="ptqconv-") as workdir:
         if options.quant_type is QuantType.WEIGHT_QUANT:
@@ -48,8 +52,37 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
             model = _post_training(simplified, options, report, progress)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))
+    if eval_data is not None:
+        _accuracy_gate(eval_data, options, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _eval_data(model: ir.Model, options: ConvertOptions) -> CalibrationSet | None:
+    config = options.config
+    if options.accuracy_threshold is None and options.cosine_threshold is None:
+        return None
+    assert config is not None  # ConvertOptions.create guarantees eval_path with a threshold
+    return CalibrationSet.open(graph_inputs(model.graph), config.eval_path,
+                               config.eval_size or 2**31, dict(options.input_shape),
+                               what="eval data")
+
+
+def _accuracy_gate(data: CalibrationSet, options: ConvertOptions,
+                   report: ConversionReport) -> None:
+    """Compare the written model with the float one on held-out samples (MindSpore's
+    benchmark figures) and record why it misses the thresholds, if it does."""
+    threads = options.config.thread_num if options.config else 1
+    comparisons = compare_models(options.output_file, options.model_file, data, "all", threads)
+    report.details.append(f"  accuracy gate on {len(data)} eval samples "
+                          f"(mean bias {model_mean_bias_percent(comparisons):.3f}%):")
+    for name, comparison in comparisons.items():
+        r = comparison.result()
+        top1 = "" if r["top1_agreement"] is None else f", top-1 {r['top1_agreement']:.3f}"
+        report.details.append(f"    {name}: mean bias {r['mean_bias_percent']:.3f}%, cosine "
+                              f"{r['cosine']:.5f}, SQNR {r['sqnr_db']:.1f} dB{top1}")
+    report.gate_failures = gate_failures(comparisons, options.accuracy_threshold,
+                                         options.cosine_threshold)
 
 
 def _weight_quant(model: ir.Model, options: ConvertOptions, report: ConversionReport,
@@ -79,8 +112,10 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
     assert config is not None  # ConvertOptions.create guarantees it for PostTraining
     data = CalibrationSet.open(graph_inputs(model.graph), config.calibrate_path,
                                config.calibrate_size, dict(options.input_shape))
-    model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
     skip = frozenset(options.skip_quant_node)
+    model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
+    smooth_names = ({g.activation for g in smooth_quant.find_groups(model.graph, skip)}
+                    if config.smooth_quant else set())
     first = plan_quantization(model.graph, skip)
     method = OBSERVERS[config.activation_quant_method]
     model_inputs = {v.name for v in model.graph.inputs}
@@ -88,12 +123,13 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
     def make_observer(name: str) -> Observer:
         # Clipping a model input throws information away before the first layer, and inputs
         # are often discrete (pixels, tokens), which misleads histogram methods.
-        return MinMaxObserver() if name in model_inputs else method()
+        inner = MinMaxObserver() if name in model_inputs else method()
+        return ChannelRange(inner) if name in smooth_names else inner
 
     step = progress(len(data), f"calibrating ({config.activation_quant_method})") \
         if progress else None
     # Shared tensors are observed too: the second plan below may need their own ranges.
-    tensors = [*first.observe, *first.shared]
+    tensors = list(dict.fromkeys([*first.observe, *first.shared, *sorted(smooth_names)]))
     observers = observe(model, tensors, data, make_observer, config.thread_num, step)
     ranges = {name: obs.compute_range(options.bit_num) for name, obs in observers.items()}
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
@@ -103,6 +139,24 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
                        if not (abs(lo) < SENTINEL_RANGE and abs(hi) < SENTINEL_RANGE))
     float_tensors = frozenset(sentinels) | (frozenset(tensors) - frozenset(observers))
     ranges = {n: r for n, r in ranges.items() if n not in float_tensors}
+    channel_ranges = {n: (o.channel_min, o.channel_max) for n, o in observers.items()
+                      if isinstance(o, ChannelRange) and o.channel_min is not None
+                      and n not in float_tensors}
+
+    def prepare(graph_model: ir.Model) -> dict[str, tuple[float, float]]:
+        """The graph edits made before QDQ: SmoothQuant; returns the new tensors' ranges."""
+        if not channel_ranges:
+            return {}
+        groups = smooth_quant.find_groups(graph_model.graph, skip)
+        return smooth_quant.smooth(graph_model.graph, groups, channel_ranges)
+
+    def reload() -> ir.Model:
+        fresh = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
+        prepare(fresh)
+        return fresh
+
+    smoothed = prepare(model)
+    ranges.update(smoothed)
     plan = plan_quantization(model.graph, skip, float_tensors)
     debug = options.debug_dir is not None
     qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
@@ -114,7 +168,7 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
         shifts = measure_shifts(model, qdq.weight_errors, data, config.thread_num, step)
         # Start again from the float graph: corrected float biases are then quantized by the
         # same pass as any other bias.
-        model = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
+        model = reload()
         corrected = apply_shifts(model.graph, shifts)
         plan = plan_quantization(model.graph, skip, float_tensors)
         qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
@@ -129,6 +183,7 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
     report.details += [
         f"  calibration: {config.activation_quant_method} on {len(data)} samples",
         f"  node units quantized: {len(plan.units)}",
+        *([f"  SmoothQuant: {len(smoothed)} MatMul inputs"] if smoothed else []),
         *([f"  kept float (mask-like range beyond {SENTINEL_RANGE:g}): {', '.join(sentinels)}"]
           if sentinels else []),
         f"  activations quantized: {len(qdq.act_params)} ranges, "
@@ -140,14 +195,25 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
         *bias_lines,
     ]
     if debug:
-        report.details += _layer_report(source, model, qdq, data, options)
+        report.details += _layer_report(reload(), model, qdq, data, options)
+    if options.sensitivity:
+        float_model = reload()
+        unit_plan = plan_quantization(float_model.graph, skip, float_tensors)
+        samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), data,
+                                                strict=False)]
+        step = progress(len(unit_plan.units), "sensitivity") if progress else None
+        ranking = sensitivity.rank_units(
+            float_model, unit_plan, ranges,
+            lambda sub: QDQPass(sub, ranges, options.bit_num, per_channel=config.per_channel,
+                                reduce_range=config.reduce_range),
+            samples, config.thread_num, step)
+        report.details += sensitivity.write(options.debug_dir, ranking)
     return model
 
 
-def _layer_report(source: Path, model: ir.Model, qdq: QDQPass, data: CalibrationSet,
+def _layer_report(float_model: ir.Model, model: ir.Model, qdq: QDQPass, data: CalibrationSet,
                   options: ConvertOptions) -> list[str]:
     """Per-layer float-vs-quantized statistics over the calibration set (--debugDir)."""
-    float_model = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
     owners = {v.name: "(model input)" for v in float_model.graph.inputs}
     owners.update((v.name, n.name or n.op_type) for n in float_model.graph for v in n.outputs)
     tensors = {}

@@ -95,7 +95,10 @@ class TensorStats:
         self.maximum = max(self.maximum, float(x64.max()))
         self.total += float(x64.sum())
         self.total_sq += float(x64 @ x64)
-        self.clipped += int(np.count_nonzero((x64 < self.lo) | (x64 > self.hi)))
+        # Clipped: beyond the grid by more than half a step, i.e. worse than rounding (a
+        # rounded zero point alone moves one end of the grid by up to half a step).
+        half = self.scale / 2
+        self.clipped += int(np.count_nonzero((x64 < self.lo - half) | (x64 > self.hi + half)))
         err = local.astype(np.float64).ravel() - x64
         self.local_err_sq += float(err @ err)
         # Quartiles from a histogram over the representable range (clipped values at its ends).

@@ -88,7 +88,13 @@ def cosine_similarity(dot: float, reference_sq: float, output_sq: float) -> floa
         return 1.0
     if reference_sq == 0.0 or output_sq == 0.0:
         return 0.0
-    return dot / (math.sqrt(reference_sq) * math.sqrt(output_sq))
+    norms = math.sqrt(reference_sq * output_sq)
+    if math.isinf(norms) or norms == 0.0:  # the product overflowed or underflowed
+        norms = math.sqrt(reference_sq) * math.sqrt(output_sq)
+    if norms == 0.0:
+        return math.nan
+    cosine = dot / norms
+    return cosine if math.isnan(cosine) else min(1.0, max(-1.0, cosine))
 
 
 def sqnr_db(signal_sq: float, noise_sq: float) -> float:
@@ -126,7 +132,10 @@ class OutputComparison:
         self._top1 = True  # every update so far looked like a batch of score vectors
 
     def update(self, reference: np.ndarray, output: np.ndarray) -> None:
-        """Add one sample (or a batch of samples stacked along axis 0)."""
+        """Add one sample (or a batch of samples stacked along axis 0).
+
+        Raise PtqError naming the output when the shapes differ or a side is not numeric.
+        """
         reference = np.asarray(reference)
         output = np.asarray(output)
         if reference.shape != output.shape:
@@ -185,7 +194,11 @@ class OutputComparison:
 
     @property
     def top1_agreement(self) -> float | None:
-        """Share of rows (over the last axis) whose argmax agrees; None for non-score outputs."""
+        """Share of rows (over the last axis) whose argmax agrees.
+
+        None unless every update looked like a batch of score vectors: float values, rank >= 2
+        and a last dimension > 1.
+        """
         if not self._top1 or self.top1_rows == 0:
             return None
         return self.top1_hits / self.top1_rows

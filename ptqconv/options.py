@@ -52,6 +52,7 @@ class ConvertOptions:
     debug_dir: Path | None = None  # per-layer report (PostTraining)
     accuracy_threshold: float | None = None  # percent mean bias on eval data (the gate)
     cosine_threshold: float | None = None
+    sensitivity: bool = False  # rank node units by the error each causes alone
 
     @classmethod
     def create(
@@ -69,6 +70,7 @@ class ConvertOptions:
         debug_dir: str | os.PathLike | None = None,
         accuracy_threshold: float | str | None = None,
         cosine_threshold: float | str | None = None,
+        sensitivity: bool = False,
     ) -> ConvertOptions:
         """Validate raw values (strings from the command line, or Python values)."""
         from ptqconv.config import load_config  # config uses QuantType from this module
@@ -121,7 +123,7 @@ class ConvertOptions:
                 "of the config (name:dir like calibrate_path)")
         return cls(model, output, qtype, bits, size, channel, config_path,
                    tuple(dict.fromkeys(skip)), config, tuple(shapes.items()), debug, accuracy,
-                   cosine)
+                   cosine, bool(sensitivity) and qtype is QuantType.POST_TRAINING)
 
 
 def _pick(flag: str, value: int | str | None, from_config: int | None, default: int) -> int:

@@ -21,6 +21,11 @@ class ConversionReport:
     opset_after: int = 0
     weights: list[WeightRecord] = field(default_factory=list)
     details: list[str] = field(default_factory=list)  # extra lines from the quantization mode
+    gate_failures: list[str] = field(default_factory=list)  # accuracy gate: why it failed
+
+    @property
+    def passed(self) -> bool:
+        return not self.gate_failures
 
     @property
     def quantized(self) -> list[WeightRecord]:

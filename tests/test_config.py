@@ -22,7 +22,9 @@ COMMON_KEYS = (
     "bit_num, debug_info_save_path, min_quant_weight_channel, min_quant_weight_size, "
     "quant_type, skip_quant_node"
 )
-FULL_KEYS = "activation_quant_method, bias_correction, per_channel, reduce_range, thread_num"
+FULL_KEYS = (
+    "activation_quant_method, bias_correction, per_channel, reduce_range, smooth_quant, thread_num"
+)
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -735,6 +737,7 @@ SCHEMA = {
     ("full_quant_param", "bias_correction"): _boolean(),
     ("full_quant_param", "per_channel"): _boolean(),
     ("full_quant_param", "reduce_range"): _boolean(),
+    ("full_quant_param", "smooth_quant"): _boolean(),
     ("full_quant_param", "thread_num"): _integer(1, 64),
     ("evaluate_param", "eval_size"): _integer(1, 65535),
 }

@@ -13,7 +13,7 @@ from models import residual_cnn, save, write_samples
 from ptqconv.cli import main
 
 
-def test_report_rows_and_a_huge_outlier_layer_ranks_first(tmp_path, capsys):
+def outlier_model():
     model = residual_cnn(seed=7)
     # One output channel of block 0's first conv gets a bias of 500: its ReLU output's
     # per-tensor range is then dominated by that channel and every other channel is crushed.
@@ -22,7 +22,11 @@ def test_report_rows_and_a_huge_outlier_layer_ranks_first(tmp_path, capsys):
             bias = onnx.numpy_helper.to_array(init).copy()
             bias[3] = 500.0
             init.CopyFrom(onnx.numpy_helper.from_array(bias, init.name))
-    src = save(model, tmp_path / "float.onnx")
+    return model
+
+
+def test_report_rows_and_a_huge_outlier_layer_ranks_first(tmp_path, capsys):
+    src = save(outlier_model(), tmp_path / "float.onnx")
     rng = np.random.default_rng(0)
     data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
                                           for _ in range(8)))
@@ -67,3 +71,24 @@ def test_well_quantized_layers_have_rmse_near_a_uniform_rounding_error(tmp_path)
     weights = [float(r["rmse_over_scale"]) for r in rows if r["kind"] == "weight"]
     # Rounding alone leaves rmse = scale / sqrt(12) = 0.289 scale.
     assert all(0.2 < w < 0.35 for w in weights), weights
+
+
+def test_sensitivity_ranks_the_outlier_unit_first(tmp_path, capsys):
+    src = save(outlier_model(), tmp_path / "float.onnx")
+    rng = np.random.default_rng(2)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(8)))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}", "--sensitivity",
+                 f"--debugDir={tmp_path / 'd'}"]) == 0
+    rows = list(csv.DictReader((tmp_path / "d" / "sensitivity.csv").open()))
+    assert len(rows) == 9  # 5 Conv, 2 Add, GlobalAveragePool, Gemm
+    # The worst unit is one that quantizes the crushed tensor b0ar (block0_conv0 writes it,
+    # block0_conv1 reads it); a well-behaved unit costs far less.
+    assert rows[0]["node_name"] in ("block0_conv0", "block0_conv1")
+    sqnr = {r["node_name"]: float(r["output_sqnr_db_alone"]) for r in rows}
+    assert list(sqnr.values()) == sorted(sqnr.values())
+    assert sqnr[rows[0]["node_name"]] < sqnr["stem"] - 20
+    assert f"--skipQuantNode={rows[0]['node_name']}" in capsys.readouterr().out

@@ -268,3 +268,42 @@ OBSERVERS: dict[str, type[Observer]] = {
     "REMOVAL_OUTLIER": RemovalOutlierObserver,
     "MSE": MSEObserver,
 }
+
+
+class ChannelRange(Observer):
+    """Wraps another observer and also keeps per-channel min / max along the last axis
+    (for SmoothQuant); the range it reports is the wrapped observer's."""
+
+    def __init__(self, inner: Observer) -> None:
+        super().__init__()
+        self.inner = inner
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        self.inner.update(x)
+        super().update(x)
+        if x.ndim == 0 or x.size == 0:
+            return
+        flat = x.reshape(-1, x.shape[-1])
+        lo, hi = flat.min(axis=0), flat.max(axis=0)
+        if self.channel_min is None:
+            self.channel_min, self.channel_max = lo, hi
+        else:
+            self.channel_min = np.minimum(self.channel_min, lo)
+            self.channel_max = np.maximum(self.channel_max, hi)
+
+    def merge(self, other: Observer) -> None:
+        assert isinstance(other, ChannelRange)
+        self.inner.merge(other.inner)
+        super().merge(other)
+        if other.channel_min is None:
+            return
+        if self.channel_min is None:
+            self.channel_min, self.channel_max = other.channel_min, other.channel_max
+        else:
+            self.channel_min = np.minimum(self.channel_min, other.channel_min)
+            self.channel_max = np.maximum(self.channel_max, other.channel_max)
+
+    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+        return self.inner.compute_range(bits)
