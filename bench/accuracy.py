@@ -3,9 +3,10 @@
     python bench/accuracy.py CORPUS_DIR [--models a,b] [--out bench/accuracy.latest.md]
 
 Both tools calibrate on the same `calib/` .bin files and are scored on `eval/` against the
-float model, with the metric each manifest names. onnxruntime is run as the issue asks: QDQ,
-per-channel int8 weights, uint8 activations, MinMax calibration. Skips cleanly when the corpus
-directory does not exist.
+float model, with the metric each manifest names. ptqconv runs with its defaults
+(reduce_range, SmoothQuant) and each calibration method, with and without bias correction.
+onnxruntime runs as quantize_static is usually run: QDQ, per-channel int8 weights, uint8
+activations, MinMax calibration. Skips cleanly when the corpus directory does not exist.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def main() -> None:
             ref = [session(m.model).run(None, s) for s in m.samples("eval")]
             row = {"model": m.name}
             variants = [("ptqconv MAX_MIN", "MAX_MIN", False), ("ptqconv KL", "KL", False),
-                        ("ptqconv KL+bias corr.", "KL", True)]
+                        ("ptqconv KL+bias corr.", "KL", True), ("ptqconv MSE", "MSE", False),
+                        ("ptqconv MSE+bias corr.", "MSE", True)]
             for label, method, bias in variants:
                 out = tmp / f"{m.name}_{method}_{bias}.onnx"
                 try:
@@ -110,7 +112,8 @@ def main() -> None:
         args.out.write_text(table + "\n")
 
 
-COLUMNS = ["ptqconv MAX_MIN", "ptqconv KL", "ptqconv KL+bias corr.", "onnxruntime"]
+COLUMNS = ["ptqconv MAX_MIN", "ptqconv KL", "ptqconv KL+bias corr.", "ptqconv MSE",
+           "ptqconv MSE+bias corr.", "onnxruntime"]
 
 
 def _cell(value: tuple[float, str, float]) -> str:

@@ -44,6 +44,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from ptqconv import modelio
 from ptqconv.calibrate import dataset
 from ptqconv.calibrate.collector import session_options
 from ptqconv.calibrate.dataset import CalibrationSet, InputSpec, model_inputs, parse_input_shape
@@ -934,7 +935,7 @@ def benchmark(
         if on_start:
             on_start(len(samples))
         comparisons = _compare_sessions(model, reference, samples, progress, first)
-        reference_size = model_size(options.reference_model)
+        reference_size = modelio.model_size(options.reference_model)
         reference_latency = reference.latency_ms(
             first[0], options.loop_count, options.warm_up_loop_count
         )
@@ -951,7 +952,7 @@ def benchmark(
     )
     return BenchmarkReport(
         model_file=options.model_file,
-        model_size=model_size(options.model_file),
+        model_size=modelio.model_size(options.model_file),
         model_latency_ms=model_latency,
         reference_model=options.reference_model,
         benchmark_data_file=options.benchmark_data_file,
@@ -1014,47 +1015,6 @@ def _compare_with_data(
     return comparisons
 
 
-def model_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of the model file plus the external data files its tensors use."""
-    path = Path(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise PtqError(f"{_p(path)}: cannot read the model: {_first(exc)}") from None
-    total = path.stat().st_size
-    for location in sorted(_external_locations(proto.graph)):
-        data = path.parent / location
-        try:
-            total += data.stat().st_size
-        except OSError as exc:
-            raise PtqError(
-                f"{_p(path)}: external data file {_p(data)}: {exc.strerror or exc}"
-            ) from None
-    return total
-
-
-def _external_locations(graph: onnx.GraphProto) -> set[str]:
-    tensors: list[onnx.TensorProto] = list(graph.initializer)
-    for sparse in graph.sparse_initializer:
-        tensors += [sparse.values, sparse.indices]
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-            tensors.extend(attr.tensors)
-    locations = set()
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                locations |= _external_locations(attr.g)
-            for sub in attr.graphs:
-                locations |= _external_locations(sub)
-    return locations
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,49 @@ def model_files(path: Path, model: ir.Model) -> list[Path]:
     return [path, *sorted(data)]
 
 
+def model_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of the model file plus the external data files its tensors use."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise PtqError(f"{path}: cannot read the model: {exc}") from None
+    total = path.stat().st_size
+    for location in sorted(_external_locations(proto.graph)):
+        data = path.parent / location
+        try:
+            total += data.stat().st_size
+        except OSError as exc:
+            raise PtqError(
+                f"{path}: external data file {data}: {exc.strerror or exc}"
+            ) from None
+    return total
+
+
+def _external_locations(graph: onnx.GraphProto) -> set[str]:
+    tensors: list[onnx.TensorProto] = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+            tensors.extend(attr.tensors)
+    locations = set()
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                locations |= _external_locations(attr.g)
+            for sub in attr.graphs:
+                locations |= _external_locations(sub)
+    return locations
+
+
 def files_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths)
 

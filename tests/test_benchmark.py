@@ -18,12 +18,12 @@ from ptqconv.benchmark import (
     SCHEMA,
     benchmark_command,
     compare_models,
-    model_size,
     read_benchmark_data,
     run_benchmark,
     write_benchmark_data,
 )
 from ptqconv.errors import PtqError, PtqUsageError
+from ptqconv.modelio import model_size
 
 FLOAT = DIGITS / "model.onnx"
 EVAL = DIGITS / "eval" / "input"

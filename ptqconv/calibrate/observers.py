@@ -136,22 +136,25 @@ class HistogramObserver(Observer):
         return np.diff(at), absmax
 
     def compute_range(self, bits: int = 8) -> tuple[float, float]:
-        empty = self._empty_range()
-        if empty:
-            return empty
+        if self.exponent is None or max(-self.min, self.max) <= 0.0:
+            return self._empty_range() or (self.min, self.max)
         hist, absmax = self.histogram()
-        if absmax == 0.0:
-            return (self.min, self.max)
+        return self._clip_to(self._threshold(hist, absmax, bits))
+
+    def _clip_to(self, threshold: float) -> tuple[float, float]:
+        """[-T, T] (or [0, T] for tensors never negative), within the observed range."""
+        if self.min >= 0:
+            return (0.0, min(threshold, self.max))
+        return (max(-threshold, self.min), min(threshold, self.max))
+
+    def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
         unsigned = self.min >= 0
         # REFERENCE.md §2: MindSpore merges into 128 bins per side whatever bit_num is (fewer
         # target bins make the search collapse onto its first candidates). Unsigned tensors
         # (after ReLU) have no negative side, so their 256 levels all lie on [0, T].
         target = KL_TARGET_BINS * 2 if unsigned else KL_TARGET_BINS
         threshold_bin = kl_threshold_bin(hist + KL_BIN_FLOOR, target)
-        threshold = (threshold_bin + 0.5) * absmax / KL_BINS
-        if unsigned:
-            return (0.0, min(threshold, self.max))
-        return (max(-threshold, self.min), min(threshold, self.max))
+        return (threshold_bin + 0.5) * absmax / KL_BINS
 
 
 def _coarsen(hist: np.ndarray, steps: int) -> np.ndarray:
@@ -203,13 +206,7 @@ class MSEObserver(HistogramObserver):
     saturated values (ReLU6 at 6) or a rare but large outlier is kept when clipping it hurts.
     """
 
-    def compute_range(self, bits: int = 8) -> tuple[float, float]:
-        empty = self._empty_range()
-        if empty:
-            return empty
-        hist, absmax = self.histogram()
-        if absmax == 0.0:
-            return (self.min, self.max)
+    def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
         unsigned = self.min >= 0
         levels = 2**bits - 1
         width = absmax / KL_BINS
@@ -224,10 +221,7 @@ class MSEObserver(HistogramObserver):
         step = thresholds / levels if unsigned else 2 * thresholds / levels
         inside = c0[0] - beyond[0]
         error = clip + inside * step**2 / 12
-        threshold = float(thresholds[int(np.argmin(error))])
-        if unsigned:
-            return (0.0, min(threshold, self.max))
-        return (max(-threshold, self.min), min(threshold, self.max))
+        return float(thresholds[int(np.argmin(error))])
 
 
 class RemovalOutlierObserver(Observer):
