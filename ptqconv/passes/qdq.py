@@ -10,8 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
+from ptqconv.passes.bias_correction import CORRECTED_OPS
 from ptqconv.passes.naming import NameAllocator, values_by_name
-from ptqconv.passes.qdq_plan import QuantPlan
+from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -150,10 +151,10 @@ class QDQPass(ir.passes.InPlacePass):
         if self.keep_weights:
             self.weight_params[value.name] = (weights, scale, zero_point, use_axis,
                                               node.name or node.op_type)
-        if self.keep_weight_errors and node.op_type in ("Conv", "Gemm"):
+        if self.keep_weight_errors and node.op_type in CORRECTED_OPS:
             error = weights - qparams.dequantize(q, scale, zero_point, use_axis)
             for user, _ in value.uses():
-                if user.op_type in ("Conv", "Gemm"):
+                if user.op_type in CORRECTED_OPS:
                     self.weight_errors[self.node_index[id(user)]] = (user, error)
         name = value.name
         q_value = self._initializer(f"{name}_quantized", q, ir.DataType.INT8)
@@ -164,7 +165,7 @@ class QDQPass(ir.passes.InPlacePass):
         out = self._dequantize(node, [q_value, s_value, zp_value], attributes, name,
                                weights.shape)
         for user, i in list(value.uses()):
-            if user.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if user.op_type in WEIGHT_OPS:
                 user.replace_input_with(i, out)
                 self.weight_scales[(id(user), i)] = scale
         if not value.uses() and name in self.graph.initializers:
