@@ -94,8 +94,7 @@ def _weight_quant(model: ir.Model, options: ConvertOptions, report: ConversionRe
         grid=grid,
         min_size=options.quant_weight_size,
         min_channel=options.quant_weight_channel,
-        skip_nodes=frozenset(options.skip_quant_node),
-        skip_op_types=frozenset(options.skip_quant_node),
+        skip=frozenset(options.skip_quant_node),
     )
     step = progress(modelio.tensor_bytes(model), "quantizing weights") if progress else None
     weight_pass = WeightQuantPass(config, progress=step)

@@ -37,8 +37,7 @@ class WeightQuantConfig:
     grid: qparams.Grid
     min_size: int = 0  # quantWeightSize: quantize only when element count > this
     min_channel: int = 16  # quantWeightChannel: convs only when output channels > this
-    skip_nodes: frozenset[str] = field(default_factory=frozenset)
-    skip_op_types: frozenset[str] = field(default_factory=frozenset)
+    skip: frozenset[str] = field(default_factory=frozenset)  # node names or op types
 
 
 class WeightQuantPass(ir.passes.InPlacePass):
@@ -89,7 +88,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         cfg = self.config
         tensor = value.const_value
         for slot in slots:
-            if slot.node.name in cfg.skip_nodes or slot.node.op_type in cfg.skip_op_types:
+            if slot.node.name in cfg.skip or slot.node.op_type in cfg.skip:
                 return f"skip_quant_node ({slot.node.name or slot.node.op_type})"
         if value.name not in graph.initializers or graph.initializers[value.name] is not value:
             return "not an initializer of the main graph"
