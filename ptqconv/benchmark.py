@@ -49,7 +49,10 @@ from ptqconv.calibrate import dataset
 from ptqconv.calibrate.collector import session_options
 from ptqconv.calibrate.dataset import CalibrationSet, InputSpec, model_inputs, parse_input_shape
 from ptqconv.errors import PtqError, PtqUsageError
+from ptqconv.errors import one_line as _oneline
+from ptqconv.errors import shown as _p
 from ptqconv.metrics import OutputComparison, model_mean_bias_percent
+from ptqconv.options import input_file as _input_file
 
 SCHEMA = "ptqconv.benchmark/1"
 LEVELS = ("disable", "basic", "extended", "all")
@@ -194,20 +197,6 @@ def _given(value: object) -> bool:
     if isinstance(value, Sequence):
         return len(value) > 0
     return True
-
-
-def _input_file(flag: str, value: str | os.PathLike | None) -> Path:
-    if not _given(value):
-        raise PtqUsageError(f"{flag} is required")
-    assert value is not None
-    path = Path(value)
-    if not path.exists():
-        raise PtqUsageError(f"{flag}: no such file: {_p(path)}")
-    if path.is_dir():
-        raise PtqUsageError(f"{flag}: is a directory, not a file: {_p(path)}")
-    if not os.access(path, os.R_OK):
-        raise PtqUsageError(f"{flag}: permission denied: {_p(path)}")
-    return path
 
 
 def _report_file(value: str | os.PathLike) -> Path:
@@ -1068,12 +1057,7 @@ def _clip(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _oneline(text: str) -> str:
-    return text if text.isprintable() else repr(text)
 
-
-def _p(path: Path | None) -> str:
-    return _oneline(str(path))
 
 
 # ---------------------------------------------------------------------------------------------

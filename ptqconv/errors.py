@@ -13,3 +13,13 @@ class PtqUsageError(PtqError):
     """The command line or the config is wrong (exit status 2)."""
 
     exit_code = 2
+
+
+def one_line(text: str) -> str:
+    """`text` safe to show inside a one-line message (control characters escaped)."""
+    return text if text.isprintable() else repr(text)
+
+
+def shown(path: object) -> str:
+    """A path or name for a one-line message."""
+    return one_line(str(path))

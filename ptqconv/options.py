@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ptqconv.calibrate.dataset import parse_input_shape
-from ptqconv.errors import PtqUsageError
+from ptqconv.errors import PtqUsageError, shown
 
 if TYPE_CHECKING:
     from ptqconv.config import QuantConfig
@@ -77,12 +77,12 @@ class ConvertOptions:
 
         if fmk is not None and str(fmk).upper() not in SUPPORTED_FMK:
             raise PtqUsageError(f"--fmk: {fmk!r} is not supported; allowed: ONNX")
-        config_path = None if config_file is None else _input_file("--configFile", config_file)
+        config_path = None if config_file is None else input_file("--configFile", config_file)
         config = None if config_path is None else load_config(config_path)
         if quant_type is None and config is not None and config.quant_type is not None:
             quant_type = config.quant_type
         qtype = parse_quant_type(quant_type)
-        model = _input_file("--modelFile", model_file)
+        model = input_file("--modelFile", model_file)
         output = _output_file(output_file, model)
         low, high = BIT_RANGE[qtype]
         where = f" for {qtype.value}"
@@ -168,16 +168,17 @@ def _real(flag: str, value: float | str, low: float, high: float) -> float:
     return number
 
 
-def _input_file(flag: str, value: str | os.PathLike | None) -> Path:
-    if value is None or str(value) == "":
+def input_file(flag: str, value: str | os.PathLike | None) -> Path:
+    """`value` as a readable file given with `flag`, or the usage error naming what is wrong."""
+    if value is None or str(value) == "" or (isinstance(value, (list, tuple)) and not value):
         raise PtqUsageError(f"{flag} is required")
     path = Path(value)
     if not path.exists():
-        raise PtqUsageError(f"{flag}: no such file: {path}")
+        raise PtqUsageError(f"{flag}: no such file: {shown(path)}")
     if path.is_dir():
-        raise PtqUsageError(f"{flag}: is a directory, not a file: {path}")
+        raise PtqUsageError(f"{flag}: is a directory, not a file: {shown(path)}")
     if not os.access(path, os.R_OK):
-        raise PtqUsageError(f"{flag}: permission denied: {path}")
+        raise PtqUsageError(f"{flag}: permission denied: {shown(path)}")
     return path
 
 

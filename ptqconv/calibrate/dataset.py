@@ -29,6 +29,8 @@ import onnx.helper
 import onnx_ir as ir
 
 from ptqconv.errors import PtqError, PtqUsageError
+from ptqconv.errors import one_line as _oneline
+from ptqconv.errors import shown as _p
 
 Dim = int | str | None
 
@@ -540,10 +542,4 @@ def _hint(spec: InputSpec) -> str:
     return f"--inputShape={_oneline(spec.name)}:{dims} or input_shape in the config"
 
 
-def _oneline(text: str) -> str:
-    return text if text.isprintable() else repr(text)
 
-
-def _p(path: Path) -> str:
-    """A path for a one-line message (control characters escaped)."""
-    return _oneline(str(path))
