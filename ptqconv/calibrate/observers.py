@@ -89,7 +89,8 @@ class HistogramObserver(Observer):
         # land alone in index 0 and are dropped without a separate pass.
         a *= np.float32(2.0 ** -self.exponent)
         np.ceil(a, out=a)
-        counts = np.bincount(a.astype(np.int32), minlength=self.FINE_BINS + 1)
+        # intp indices: bincount would otherwise convert them in another full pass.
+        counts = np.bincount(a.astype(np.intp), minlength=self.FINE_BINS + 1)
         self.hist += counts[1:]
 
     def _exponent_for(self, absmax: float) -> int:
