@@ -138,16 +138,19 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
                        if not (abs(lo) < SENTINEL_RANGE and abs(hi) < SENTINEL_RANGE))
     float_tensors = frozenset(sentinels) | (frozenset(tensors) - frozenset(observers))
     ranges = {n: r for n, r in ranges.items() if n not in float_tensors}
-    channel_ranges = {n: (o.channel_min, o.channel_max) for n, o in observers.items()
-                      if isinstance(o, ChannelRange) and o.channel_min is not None
-                      and n not in float_tensors}
+    channel_stats = {n: (o.channel_min, o.channel_max, o.channel_mean_square)
+                     for n, o in observers.items()
+                     if isinstance(o, ChannelRange) and o.channel_min is not None
+                     and n not in float_tensors}
 
     def prepare(graph_model: ir.Model) -> dict[str, tuple[float, float]]:
         """The graph edits made before QDQ: SmoothQuant; returns the new tensors' ranges."""
-        if not channel_ranges:
+        if not channel_stats:
             return {}
         groups = smooth_quant.find_groups(graph_model.graph, skip)
-        return smooth_quant.smooth(graph_model.graph, groups, channel_ranges)
+        grid = qparams.fused_weight_grid(options.bit_num, config.reduce_range)
+        return smooth_quant.smooth(graph_model.graph, groups, channel_stats,
+                                   2**options.bit_num - 1, grid.qmax)
 
     def reload() -> ir.Model:
         fresh = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
@@ -156,6 +159,8 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
 
     smoothed = prepare(model)
     ranges.update(smoothed)
+    # SmoothQuant's Mul nodes stay float: quantizing their input would undo the smoothing.
+    skip = skip | smooth_quant.smoothing_nodes(model.graph)
     plan = plan_quantization(model.graph, skip, float_tensors)
     debug = options.debug_dir is not None
     qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,

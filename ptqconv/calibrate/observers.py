@@ -274,6 +274,12 @@ class ChannelRange(Observer):
         self.inner = inner
         self.channel_min: np.ndarray | None = None
         self.channel_max: np.ndarray | None = None
+        self.channel_sumsq: np.ndarray | None = None
+        self.rows = 0
+
+    @property
+    def channel_mean_square(self) -> np.ndarray | None:
+        return None if self.channel_sumsq is None else self.channel_sumsq / max(self.rows, 1)
 
     def update(self, x: np.ndarray) -> None:
         self.inner.update(x)
@@ -282,11 +288,14 @@ class ChannelRange(Observer):
             return
         flat = x.reshape(-1, x.shape[-1])
         lo, hi = flat.min(axis=0), flat.max(axis=0)
+        sumsq = np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
+        self.rows += flat.shape[0]
         if self.channel_min is None:
-            self.channel_min, self.channel_max = lo, hi
+            self.channel_min, self.channel_max, self.channel_sumsq = lo, hi, sumsq
         else:
             self.channel_min = np.minimum(self.channel_min, lo)
             self.channel_max = np.maximum(self.channel_max, hi)
+            self.channel_sumsq = self.channel_sumsq + sumsq
 
     def merge(self, other: Observer) -> None:
         assert isinstance(other, ChannelRange)
@@ -294,11 +303,14 @@ class ChannelRange(Observer):
         super().merge(other)
         if other.channel_min is None:
             return
+        self.rows += other.rows
         if self.channel_min is None:
             self.channel_min, self.channel_max = other.channel_min, other.channel_max
+            self.channel_sumsq = other.channel_sumsq
         else:
             self.channel_min = np.minimum(self.channel_min, other.channel_min)
             self.channel_max = np.maximum(self.channel_max, other.channel_max)
+            self.channel_sumsq = self.channel_sumsq + other.channel_sumsq
 
     def compute_range(self, bits: int = 8) -> tuple[float, float]:
         return self.inner.compute_range(bits)
