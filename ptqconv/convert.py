@@ -227,6 +227,6 @@ def _layer_report(float_model: ir.Model, model: ir.Model, qdq: QDQPass, data: Ca
             tensors[name] = (dequantized, params[0], params[1])
     stats = layer_report.activation_report(float_model, model, tensors, owners,
                                            options.bit_num, data, options.config.thread_num)
-    stats += layer_report.weight_report(qdq.weight_params, qdq.weight_grid)
+    stats += layer_report.weight_report(qdq.weight_params)
     return layer_report.write(options.debug_dir, stats)
 

@@ -188,11 +188,11 @@ def activation_report(
 
 
 def weight_report(
-    weights: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, int | None, str]],
-    grid: qparams.Grid,
+    weights: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, int | None, str,
+                                qparams.Grid]],
 ) -> list[TensorStats]:
     result = []
-    for name, (w, scale, zp, axis, owner) in weights.items():
+    for name, (w, scale, zp, axis, owner, grid) in weights.items():
         q = qparams.quantize(w, scale, zp, grid, axis)
         local = qparams.dequantize(q, scale, zp, axis)
         stats = TensorStats(name, "weight", owner, grid.bits, float(np.mean(scale)), 0,
