@@ -32,19 +32,28 @@ def digits_accuracy(path) -> tuple[float, float]:
 @pytest.mark.parametrize("config", ["digits.ini", "digits.yaml", "digits_flat.cfg"])
 def test_each_shipped_config_format_quantizes_the_example(tmp_path, config):
     out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
-                   f"--configFile={CONFIGS / config}") == 0
+    assert (
+        convert(
+            f"--modelFile={DIGITS / 'model.onnx'}",
+            f"--outputFile={out}",
+            f"--configFile={CONFIGS / config}",
+        )
+        == 0
+    )
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     accuracy, agreement = digits_accuracy(out)
     assert accuracy >= 0.97 and agreement >= 0.98
 
 
-def ini(tmp_path, calibrate_path: str, method: str = "MAX_MIN", extra: str = "",
-        bias: bool = False) -> str:
+def ini(
+    tmp_path, calibrate_path: str, method: str = "MAX_MIN", extra: str = "", bias: bool = False
+) -> str:
     path = tmp_path / "c.ini"
-    path.write_text(f"[data_preprocess_param]\ncalibrate_path={calibrate_path}\n{extra}"
-                    f"[full_quant_param]\nactivation_quant_method={method}\n"
-                    f"bias_correction={str(bias).lower()}\n")
+    path.write_text(
+        f"[data_preprocess_param]\ncalibrate_path={calibrate_path}\n{extra}"
+        f"[full_quant_param]\nactivation_quant_method={method}\n"
+        f"bias_correction={str(bias).lower()}\n"
+    )
     return str(path)
 
 
@@ -53,8 +62,15 @@ def ini(tmp_path, calibrate_path: str, method: str = "MAX_MIN", extra: str = "",
 def test_every_method_at_8_and_4_bits_on_real_data(tmp_path, method, bits, min_accuracy):
     out = tmp_path / "q.onnx"
     config = ini(tmp_path, f"input:{DIGITS / 'calib' / 'input'}", method)
-    assert convert(f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
-                   f"--configFile={config}", f"--bitNum={bits}") == 0
+    assert (
+        convert(
+            f"--modelFile={DIGITS / 'model.onnx'}",
+            f"--outputFile={out}",
+            f"--configFile={config}",
+            f"--bitNum={bits}",
+        )
+        == 0
+    )
     accuracy, _ = digits_accuracy(out)
     assert accuracy >= min_accuracy
 
@@ -63,18 +79,26 @@ def optimized_ops(path, tmp_path) -> collections.Counter:
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
-                               .graph.node)
+    return collections.Counter(
+        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
+    )
 
 
 def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
     src = save(residual_cnn(), tmp_path / "float.onnx")
     rng = np.random.default_rng(0)
-    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-                                          for _ in range(16)))
+    data = write_samples(
+        tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(16))
+    )
     out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    assert (
+        convert(
+            f"--modelFile={src}",
+            f"--outputFile={out}",
+            f"--configFile={ini(tmp_path, f'x:{data}')}",
+        )
+        == 0
+    )
     ops = optimized_ops(out, tmp_path)
     # Every quantized Conv became QLinearConv and every quantized Add QLinearAdd: no float
     # Conv or Add is left between Q and DQ.
@@ -82,10 +106,12 @@ def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
     assert ops["QLinearAdd"] == 2 and ops["Add"] == 0
     assert ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1
     x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    for level in (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    ):
         (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x}, level)
         cos = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
         assert cos >= 0.99, level
@@ -94,11 +120,18 @@ def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
 def test_constant_node_weights_at_opset_11(tmp_path):
     src = save(residual_cnn(opset=11, constant_nodes=True), tmp_path / "float.onnx")
     rng = np.random.default_rng(1)
-    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-                                          for _ in range(8)))
+    data = write_samples(
+        tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(8))
+    )
     out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    assert (
+        convert(
+            f"--modelFile={src}",
+            f"--outputFile={out}",
+            f"--configFile={ini(tmp_path, f'x:{data}')}",
+        )
+        == 0
+    )
     model = onnx.load(str(out))
     assert model.opset_import[0].version == 13
     assert optimized_ops(out, tmp_path)["QLinearConv"] == 5
@@ -108,14 +141,17 @@ def test_multi_input_model_with_int64_ids_flat_config(tmp_path):
     src = save(two_input_text_model(), tmp_path / "float.onnx")
     rng = np.random.default_rng(2)
     ids = write_samples(tmp_path / "ids", (rng.integers(0, 50, (1, 8)) for _ in range(10)))
-    scale = write_samples(tmp_path / "scale", (rng.uniform(0.5, 1.5, (1, 8, 1)).astype(np.float32)
-                                               for _ in range(10)))
+    scale = write_samples(
+        tmp_path / "scale", (rng.uniform(0.5, 1.5, (1, 8, 1)).astype(np.float32) for _ in range(10))
+    )
     config = tmp_path / "flat.cfg"
     config.write_text(f"image_path={ids},{scale}\nbatch_count=10\nmethod_x=KL\n")
     out = tmp_path / "q.onnx"
     assert convert(f"--modelFile={src}", f"--outputFile={out}", f"--configFile={config}") == 0
-    feeds = {"ids": rng.integers(0, 50, (1, 8)),
-             "scale": rng.uniform(0.5, 1.5, (1, 8, 1)).astype(np.float32)}
+    feeds = {
+        "ids": rng.integers(0, 50, (1, 8)),
+        "scale": rng.uniform(0.5, 1.5, (1, 8, 1)).astype(np.float32),
+    }
     (ref,), (got,) = run_model(src, feeds), run_model(out, feeds)
     # Softmax output is quantized with onnxruntime's fixed step of 1/256.
     assert np.abs(ref - got).max() < 8 / 256
@@ -148,15 +184,23 @@ def biased_rounding_model(seed: int = 5) -> onnx.ModelProto:
         w[:, 0] = 3 * step[:, 0]
         return w.reshape(shape)
 
-    inits = [numpy_helper.from_array(biased((16, 8, 1, 1)), "cw"),
-             numpy_helper.from_array(np.zeros(16, np.float32), "cb"),
-             numpy_helper.from_array(biased((10, 16 * 4 * 4)), "fw")]
-    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv"),
-             helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
-             helper.make_node("Gemm", ["f", "fw"], ["y"], name="fc", transB=1)]
+    inits = [
+        numpy_helper.from_array(biased((16, 8, 1, 1)), "cw"),
+        numpy_helper.from_array(np.zeros(16, np.float32), "cb"),
+        numpy_helper.from_array(biased((10, 16 * 4 * 4)), "fw"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv"),
+        helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fw"], ["y"], name="fc", transB=1),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -171,24 +215,41 @@ def test_bias_correction_removes_a_systematic_shift(tmp_path):
     shift = {}
     for bias in (False, True):
         out = tmp_path / f"q_{bias}.onnx"
-        assert convert(f"--modelFile={src}", f"--outputFile={out}", "--bitNum=3",
-                       f"--configFile={ini(tmp_path, f'x:{data}', bias=bias)}") == 0
+        assert (
+            convert(
+                f"--modelFile={src}",
+                f"--outputFile={out}",
+                "--bitNum=3",
+                f"--configFile={ini(tmp_path, f'x:{data}', bias=bias)}",
+            )
+            == 0
+        )
         diffs = [run_model(src, {"x": s})[0] - run_model(out, {"x": s})[0] for s in held_out]
         shift[bias] = float(np.abs(np.mean(diffs, axis=0)).mean())
     # The mean error mostly goes away; the Gemm had no bias input, so correction created one.
     assert shift[True] < 0.2 * shift[False], shift
-    assert any(i.name.startswith("fc_bias") for i in onnx.load(
-        str(tmp_path / "q_True.onnx")).graph.initializer)
+    assert any(
+        i.name.startswith("fc_bias")
+        for i in onnx.load(str(tmp_path / "q_True.onnx")).graph.initializer
+    )
 
 
 def test_skip_quant_node_keeps_nodes_float(tmp_path):
     src = save(residual_cnn(), tmp_path / "float.onnx")
     rng = np.random.default_rng(4)
-    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-                                          for _ in range(4)))
+    data = write_samples(
+        tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(4))
+    )
     out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}", "--skipQuantNode=fc,Add",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    assert (
+        convert(
+            f"--modelFile={src}",
+            f"--outputFile={out}",
+            "--skipQuantNode=fc,Add",
+            f"--configFile={ini(tmp_path, f'x:{data}')}",
+        )
+        == 0
+    )
     ops = optimized_ops(out, tmp_path)
     assert ops["QGemm"] == 0 and ops["QLinearAdd"] == 0
     # Convs whose output feeds only quantized nodes still run as integer kernels.
@@ -198,3 +259,51 @@ def test_skip_quant_node_keeps_nodes_float(tmp_path):
     for node in model.graph.node:
         if node.op_type in ("Add", "Gemm"):  # the skipped nodes read float tensors
             assert all(producers.get(i) != "DequantizeLinear" for i in node.input[:1]), node.name
+
+
+def test_reduce_range_spares_depthwise_convs(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "dw"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], name="conv", pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu"),
+        helper.make_node("Conv", ["ar", "dw"], ["y"], name="depthwise", group=8, pads=[1] * 4),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = save(model, tmp_path / "float.onnx")
+    data = write_samples(
+        tmp_path / "x", (rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(4))
+    )
+    for reduce_range, gemm_max in (("true", 63), ("false", 127)):
+        out = tmp_path / f"q_{reduce_range}.onnx"
+        config = ini(tmp_path, f"x:{data}", extra="")
+        with open(config, "a") as handle:
+            handle.write(f"reduce_range={reduce_range}\n")
+        assert (
+            convert(
+                f"--modelFile={src}",
+                f"--outputFile={out}",
+                "--quantWeightChannel=0",
+                f"--configFile={config}",
+            )
+            == 0
+        )
+        inits = {
+            t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer
+        }
+        assert np.abs(inits["w0_quantized"]).max() == gemm_max
+        # onnxruntime's depthwise kernel adds no int16 pairs: the full grid is kept.
+        assert np.abs(inits["dw_quantized"]).max() == 127
