@@ -132,44 +132,66 @@ def residual_cnn(seed: int = 0, opset: int = 17, constant_nodes: bool = False) -
     rng = np.random.default_rng(seed)
     c = 16
     weights: dict[str, np.ndarray] = {
-        "stem_w": rng.standard_normal((c, 3, 3, 3)) * 0.3, "stem_b": rng.standard_normal(c) * 0.1,
+        "stem_w": rng.standard_normal((c, 3, 3, 3)) * 0.3,
+        "stem_b": rng.standard_normal(c) * 0.1,
     }
-    nodes = [helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["s"], name="stem", pads=[1] * 4),
-             helper.make_node("Relu", ["s"], ["s_r"], name="stem_relu")]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["s"], name="stem", pads=[1] * 4),
+        helper.make_node("Relu", ["s"], ["s_r"], name="stem_relu"),
+    ]
     prev = "s_r"
     for b in range(2):
         for k in range(2):
             weights[f"b{b}c{k}_w"] = rng.standard_normal((c, c, 3, 3)) * (0.6 / np.sqrt(9 * c))
             weights[f"b{b}c{k}_b"] = rng.standard_normal(c) * 0.05
         nodes += [
-            helper.make_node("Conv", [prev, f"b{b}c0_w", f"b{b}c0_b"], [f"b{b}a"],
-                             name=f"block{b}_conv0", pads=[1] * 4),
+            helper.make_node(
+                "Conv",
+                [prev, f"b{b}c0_w", f"b{b}c0_b"],
+                [f"b{b}a"],
+                name=f"block{b}_conv0",
+                pads=[1] * 4,
+            ),
             helper.make_node("Relu", [f"b{b}a"], [f"b{b}ar"], name=f"block{b}_relu0"),
-            helper.make_node("Conv", [f"b{b}ar", f"b{b}c1_w", f"b{b}c1_b"], [f"b{b}b"],
-                             name=f"block{b}_conv1", pads=[1] * 4),
+            helper.make_node(
+                "Conv",
+                [f"b{b}ar", f"b{b}c1_w", f"b{b}c1_b"],
+                [f"b{b}b"],
+                name=f"block{b}_conv1",
+                pads=[1] * 4,
+            ),
             helper.make_node("Add", [f"b{b}b", prev], [f"b{b}sum"], name=f"block{b}_add"),
             helper.make_node("Relu", [f"b{b}sum"], [f"b{b}out"], name=f"block{b}_relu1"),
         ]
         prev = f"b{b}out"
     weights["fc_w"] = rng.standard_normal((10, c)) * 0.3
     weights["fc_b"] = rng.standard_normal(10) * 0.1
-    nodes += [helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
-              helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["y"], name="fc", transB=1),
+    ]
     inits = []
     for name, array in weights.items():
         tensor = numpy_helper.from_array(array.astype(np.float32), name)
         if constant_nodes:
-            nodes.insert(0, helper.make_node("Constant", [], [name], name=f"const_{name}",
-                                             value=tensor))
+            nodes.insert(
+                0, helper.make_node("Constant", [], [name], name=f"const_{name}", value=tensor)
+            )
         else:
             inits.append(tensor)
-    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits, opset)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        inits,
+        opset,
+    )
 
 
-def two_input_text_model(vocab: int = 50, dim: int = 32, seq: int = 8,
-                         seed: int = 0) -> onnx.ModelProto:
+def two_input_text_model(
+    vocab: int = 50, dim: int = 32, seq: int = 8, seed: int = 0
+) -> onnx.ModelProto:
     """int64 token ids -> Gather embedding, times a float mask input, MatMul, Softmax."""
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((vocab, dim)).astype(np.float32)
@@ -182,10 +204,13 @@ def two_input_text_model(vocab: int = 50, dim: int = 32, seq: int = 8,
     ]
     return _model(
         nodes,
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", seq]),
-         helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch", seq, 1])],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", seq]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch", seq, 1]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", seq, dim])],
-        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")],
+    )
 
 
 def write_samples(directory: Path, arrays) -> Path:
@@ -193,3 +218,13 @@ def write_samples(directory: Path, arrays) -> Path:
     for i, array in enumerate(arrays):
         np.ascontiguousarray(array).tofile(directory / f"{i:06d}.bin")
     return directory
+
+
+def random_samples(
+    directory: Path, count: int, seed: int, shape: tuple[int, ...] = (1, 3, 16, 16)
+) -> Path:
+    """`count` standard-normal float32 samples of `shape` as .bin files in `directory`."""
+    rng = np.random.default_rng(seed)
+    return write_samples(
+        directory, (rng.standard_normal(shape).astype(np.float32) for _ in range(count))
+    )

@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import onnx
 from conftest import run_model  # noqa: F401  (sets onnxruntime's log level)
-from models import residual_cnn, save, write_samples
+from models import random_samples, residual_cnn, save
 
 from ptqconv.cli import main
 
@@ -27,25 +26,40 @@ def outlier_model():
 
 def test_report_rows_and_a_huge_outlier_layer_ranks_first(tmp_path, capsys):
     src = save(outlier_model(), tmp_path / "float.onnx")
-    rng = np.random.default_rng(0)
-    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-                                          for _ in range(8)))
+    data = random_samples(tmp_path / "x", 8, seed=0)
     config = tmp_path / "c.ini"
-    config.write_text(f"[common_quant_param]\ndebug_info_save_path={tmp_path / 'debug'}\n"
-                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+    config.write_text(
+        f"[common_quant_param]\ndebug_info_save_path={tmp_path / 'debug'}\n"
+        f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+    )
     out = tmp_path / "q.onnx"
-    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
-                 f"--configFile={config}"]) == 0
+    assert (
+        main(
+            [
+                f"--modelFile={src}",
+                f"--outputFile={out}",
+                "--quantType=PostTraining",
+                f"--configFile={config}",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     rows = list(csv.DictReader((tmp_path / "debug" / "layer_report.csv").open()))
     report = json.loads((tmp_path / "debug" / "layer_report.json").read_text())
     assert report["schema"] == "ptqconv.layer_report/1"
     quantized = onnx.load(str(out))
-    weights = {n.input[0][: -len("_quantized")] for n in quantized.graph.node
-               if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")
-               and quantized.graph.initializer and any(
-                   i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8
-                   for i in quantized.graph.initializer)}
+    weights = {
+        n.input[0][: -len("_quantized")]
+        for n in quantized.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0].endswith("_quantized")
+        and quantized.graph.initializer
+        and any(
+            i.name == n.input[0] and i.data_type == onnx.TensorProto.INT8
+            for i in quantized.graph.initializer
+        )
+    }
     activations = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
     assert {r["tensor_name"] for r in rows if r["kind"] == "weight"} == weights
     assert {r["tensor_name"] for r in rows if r["kind"] == "activation"} == activations
@@ -59,14 +73,22 @@ def test_report_rows_and_a_huge_outlier_layer_ranks_first(tmp_path, capsys):
 
 def test_well_quantized_layers_have_rmse_near_a_uniform_rounding_error(tmp_path):
     src = save(residual_cnn(seed=8), tmp_path / "float.onnx")
-    rng = np.random.default_rng(1)
-    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-                                          for _ in range(8)))
+    data = random_samples(tmp_path / "x", 8, seed=1)
     config = tmp_path / "c.ini"
     config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
-    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
-                 "--quantType=PostTraining", f"--configFile={config}", "--quiet",
-                 f"--debugDir={tmp_path / 'd'}"]) == 0
+    assert (
+        main(
+            [
+                f"--modelFile={src}",
+                f"--outputFile={tmp_path / 'q.onnx'}",
+                "--quantType=PostTraining",
+                f"--configFile={config}",
+                "--quiet",
+                f"--debugDir={tmp_path / 'd'}",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "d" / "layer_report.csv").open()))
     weights = [float(r["rmse_over_scale"]) for r in rows if r["kind"] == "weight"]
     # Rounding alone leaves rmse = scale / sqrt(12) = 0.289 scale.
@@ -75,14 +97,22 @@ def test_well_quantized_layers_have_rmse_near_a_uniform_rounding_error(tmp_path)
 
 def test_sensitivity_ranks_the_outlier_unit_first(tmp_path, capsys):
     src = save(outlier_model(), tmp_path / "float.onnx")
-    rng = np.random.default_rng(2)
-    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
-                                          for _ in range(8)))
+    data = random_samples(tmp_path / "x", 8, seed=2)
     config = tmp_path / "c.ini"
     config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
-    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
-                 "--quantType=PostTraining", f"--configFile={config}", "--sensitivity",
-                 f"--debugDir={tmp_path / 'd'}"]) == 0
+    assert (
+        main(
+            [
+                f"--modelFile={src}",
+                f"--outputFile={tmp_path / 'q.onnx'}",
+                "--quantType=PostTraining",
+                f"--configFile={config}",
+                "--sensitivity",
+                f"--debugDir={tmp_path / 'd'}",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "d" / "sensitivity.csv").open()))
     assert len(rows) == 9  # 5 Conv, 2 Add, GlobalAveragePool, Gemm
     # The worst unit is one that quantizes the crushed tensor b0ar (block0_conv0 writes it,

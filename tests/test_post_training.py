@@ -9,7 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import run_model
-from models import DIGITS, digits_eval, residual_cnn, save, two_input_text_model, write_samples
+from models import (
+    DIGITS,
+    digits_eval,
+    random_samples,
+    residual_cnn,
+    save,
+    two_input_text_model,
+    write_samples,
+)
 
 from ptqconv.cli import main
 
@@ -86,10 +94,7 @@ def optimized_ops(path, tmp_path) -> collections.Counter:
 
 def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
     src = save(residual_cnn(), tmp_path / "float.onnx")
-    rng = np.random.default_rng(0)
-    data = write_samples(
-        tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(16))
-    )
+    data = random_samples(tmp_path / "x", 16, seed=0)
     out = tmp_path / "q.onnx"
     assert (
         convert(
@@ -105,7 +110,7 @@ def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
     assert ops["QLinearConv"] == 5 and ops["Conv"] == 0
     assert ops["QLinearAdd"] == 2 and ops["Add"] == 0
     assert ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1
-    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    x = np.random.default_rng(100).standard_normal((1, 3, 16, 16)).astype(np.float32)
     for level in (
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -119,10 +124,7 @@ def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
 
 def test_constant_node_weights_at_opset_11(tmp_path):
     src = save(residual_cnn(opset=11, constant_nodes=True), tmp_path / "float.onnx")
-    rng = np.random.default_rng(1)
-    data = write_samples(
-        tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(8))
-    )
+    data = random_samples(tmp_path / "x", 8, seed=1)
     out = tmp_path / "q.onnx"
     assert (
         convert(
@@ -236,10 +238,7 @@ def test_bias_correction_removes_a_systematic_shift(tmp_path):
 
 def test_skip_quant_node_keeps_nodes_float(tmp_path):
     src = save(residual_cnn(), tmp_path / "float.onnx")
-    rng = np.random.default_rng(4)
-    data = write_samples(
-        tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32) for _ in range(4))
-    )
+    data = random_samples(tmp_path / "x", 4, seed=4)
     out = tmp_path / "q.onnx"
     assert (
         convert(
