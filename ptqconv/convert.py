@@ -47,9 +47,13 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
         if options.quant_type is QuantType.WEIGHT_QUANT:
             model = _weight_quant(model, options, report, progress)
         else:
+            assert options.config is not None  # ConvertOptions.create guarantees it
+            # Checked on the graph already loaded, before the simplification and calibration.
+            data = CalibrationSet.open(graph_inputs(model.graph), options.config.calibrate_path,
+                                       options.config.calibrate_size, dict(options.input_shape))
             del model
             simplified = modelio.simplify_with_onnxruntime(options.model_file, Path(workdir))
-            model = _post_training(simplified, options, report, progress)
+            model = _post_training(simplified, data, options, report, progress)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))
     if eval_data is not None:
@@ -103,14 +107,12 @@ def _weight_quant(model: ir.Model, options: ConvertOptions, report: ConversionRe
     return model
 
 
-def _post_training(source: Path, options: ConvertOptions, report: ConversionReport,
-                   progress: ProgressFactory | None) -> ir.Model:
-    """Calibrate and quantize the (simplified) float model at `source`."""
+def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
+                   report: ConversionReport, progress: ProgressFactory | None) -> ir.Model:
+    """Calibrate on `data` and quantize the (simplified) float model at `source`."""
     config = options.config
-    model = modelio.load_model(source)
     assert config is not None  # ConvertOptions.create guarantees it for PostTraining
-    data = CalibrationSet.open(graph_inputs(model.graph), config.calibrate_path,
-                               config.calibrate_size, dict(options.input_shape))
+    model = modelio.load_model(source)
     skip = frozenset(options.skip_quant_node)
     model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
     smooth_names = ({g.activation for g in smooth_quant.find_groups(model.graph, skip)}
@@ -163,9 +165,12 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
     skip = skip | smooth_quant.smoothing_nodes(model.graph)
     plan = plan_quantization(model.graph, skip, float_tensors)
     debug = options.debug_dir is not None
-    qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
-                  keep_weight_errors=config.bias_correction, keep_weights=debug,
-                  reduce_range=config.reduce_range)
+
+    def qdq_pass(quant_plan, **keep: bool) -> QDQPass:
+        return QDQPass(quant_plan, ranges, options.bit_num, per_channel=config.per_channel,
+                       reduce_range=config.reduce_range, **keep)
+
+    qdq = qdq_pass(plan, keep_weight_errors=config.bias_correction, keep_weights=debug)
     qdq(model)
     if config.bias_correction and qdq.weight_errors:
         step = progress(len(data), "bias correction") if progress else None
@@ -175,8 +180,7 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
         model = reload()
         corrected = apply_shifts(model.graph, shifts)
         plan = plan_quantization(model.graph, skip, float_tensors)
-        qdq = QDQPass(plan, ranges, options.bit_num, per_channel=config.per_channel,
-                      keep_weights=debug, reduce_range=config.reduce_range)
+        qdq = qdq_pass(plan, keep_weights=debug)
         qdq(model)
         applied = [c for c in corrected if c.applied]
         bias_lines = [f"  bias correction: {len(applied)} of {len(corrected)} layers"]
@@ -206,11 +210,8 @@ def _post_training(source: Path, options: ConvertOptions, report: ConversionRepo
         samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), data,
                                                 strict=False)]
         step = progress(len(unit_plan.units), "sensitivity") if progress else None
-        ranking = sensitivity.rank_units(
-            float_model, unit_plan, ranges,
-            lambda sub: QDQPass(sub, ranges, options.bit_num, per_channel=config.per_channel,
-                                reduce_range=config.reduce_range),
-            samples, config.thread_num, step)
+        ranking = sensitivity.rank_units(float_model, unit_plan, ranges, qdq_pass, samples,
+                                         config.thread_num, step)
         report.details += sensitivity.write(options.debug_dir, ranking)
     return model
 
