@@ -59,7 +59,7 @@ class QDQPass(ir.passes.InPlacePass):
         self.graph = graph
         values = values_by_name(graph)
         # Roots first (their parameters are created), then the tensors that share them.
-        for name in [*self.plan.observe, *self.plan.fixed, *self.plan.shared]:
+        for name in self.plan.quantized_tensors():
             if name in values and self._params(name) is not None:
                 self._insert_qdq(values[name])
         for node, index, axis in self.plan.weights:

@@ -51,6 +51,7 @@ class QuantPlan:
     skipped: set[ir.Node] = field(default_factory=set)  # skip_quant_node: consume float tensors
 
     def quantized_tensors(self) -> list[str]:
+        """Every activation to quantize: roots (observed, fixed) before the tensors sharing them."""
         return [*self.observe, *self.fixed, *self.shared]
 
 
