@@ -16,9 +16,9 @@ from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.calibrate.observers import OBSERVERS, ChannelRange, MinMaxObserver, Observer
 from ptqconv.metrics import model_mean_bias_percent
 from ptqconv.options import ConvertOptions, QuantType
-from ptqconv.passes import smooth_quant
+from ptqconv.passes import equalize, smooth_quant
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
-from ptqconv.passes.qdq import QDQPass
+from ptqconv.passes.qdq import QDQPass, is_depthwise
 from ptqconv.passes.qdq_plan import plan_quantization
 from ptqconv.passes.weight_quant import WeightQuantConfig, WeightQuantPass
 from ptqconv.report import ConversionReport
@@ -117,6 +117,9 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
     model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
     smooth_names = ({g.activation for g in smooth_quant.find_groups(model.graph, skip)}
                     if config.smooth_quant else set())
+    # Equalization rescales per output channel, which per-tensor weights would pay for.
+    equalize_names = ({g.activation for g in equalize.find_groups(model.graph, skip)}
+                      if config.equalize and config.per_channel else set()) - smooth_names
     first = plan_quantization(model.graph, skip)
     method = OBSERVERS[config.activation_quant_method]
     model_inputs = {v.name for v in model.graph.inputs}
@@ -125,12 +128,15 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
         # Clipping a model input throws information away before the first layer, and inputs
         # are often discrete (pixels, tokens), which misleads histogram methods.
         inner = MinMaxObserver() if name in model_inputs else method()
-        return ChannelRange(inner) if name in smooth_names else inner
+        if name in smooth_names:
+            return ChannelRange(inner)
+        return ChannelRange(inner, axis=1) if name in equalize_names else inner
 
     step = progress(len(data), f"calibrating ({config.activation_quant_method})") \
         if progress else None
     # Shared tensors are observed too: the second plan below may need their own ranges.
-    tensors = list(dict.fromkeys([*first.observe, *first.shared, *sorted(smooth_names)]))
+    tensors = list(dict.fromkeys([*first.observe, *first.shared, *sorted(smooth_names),
+                                  *sorted(equalize_names)]))
     observers = observe(model, tensors, data, make_observer, config.thread_num, step)
     ranges = {name: obs.compute_range(options.bit_num) for name, obs in observers.items()}
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
@@ -146,13 +152,23 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
                      and n not in float_tensors}
 
     def prepare(graph_model: ir.Model) -> dict[str, tuple[float, float]]:
-        """The graph edits made before QDQ: SmoothQuant; returns the new tensors' ranges."""
+        """The graph edits made before QDQ: equalization and SmoothQuant; returns the ranges
+        of the tensors they changed or made."""
         if not channel_stats:
             return {}
-        groups = smooth_quant.find_groups(graph_model.graph, skip)
         grid = qparams.fused_weight_grid(options.bit_num, config.reduce_range)
-        return smooth_quant.smooth(graph_model.graph, groups, channel_stats,
-                                   2**options.bit_num - 1, grid.qmax)
+        full = qparams.fused_weight_grid(options.bit_num, reduce_range=False)
+        new_ranges = equalize.equalize(
+            equalize.find_groups(graph_model.graph, skip),
+            {n: channel_stats[n] for n in equalize_names if n in channel_stats},
+            2**options.bit_num - 1,
+            lambda conv: full.qmax if is_depthwise(conv) else grid.qmax)
+        groups = smooth_quant.find_groups(graph_model.graph, skip)
+        new_ranges.update(smooth_quant.smooth(graph_model.graph, groups,
+                                              {n: channel_stats[n] for n in smooth_names
+                                               if n in channel_stats},
+                                              2**options.bit_num - 1, grid.qmax))
+        return new_ranges
 
     def reload() -> ir.Model:
         fresh = modelio.ensure_opset(modelio.load_model(source), QDQ_MIN_OPSET, source.parent)
@@ -160,6 +176,7 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
         return fresh
 
     smoothed = prepare(model)
+    equalized = [n for n in smoothed if n in equalize_names]
     ranges.update(smoothed)
     # SmoothQuant's Mul nodes stay float: quantizing their input would undo the smoothing.
     skip = skip | smooth_quant.smoothing_nodes(model.graph)
@@ -191,7 +208,9 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
     report.details += [
         f"  calibration: {config.activation_quant_method} on {len(data)} samples",
         f"  node units quantized: {len(plan.units)}",
-        *([f"  SmoothQuant: {len(smoothed)} MatMul inputs"] if smoothed else []),
+        *([f"  equalized: {len(equalized)} Conv -> Conv activations"] if equalized else []),
+        *([f"  SmoothQuant: {len(smoothed) - len(equalized)} MatMul inputs"]
+          if len(smoothed) > len(equalized) else []),
         *([f"  kept float (mask-like range beyond {SENTINEL_RANGE:g}): {', '.join(sentinels)}"]
           if sentinels else []),
         f"  activations quantized: {len(qdq.act_params)} ranges, "

@@ -266,12 +266,14 @@ OBSERVERS: dict[str, type[Observer]] = {
 
 
 class ChannelRange(Observer):
-    """Wraps another observer and also keeps per-channel min / max along the last axis
-    (for SmoothQuant); the range it reports is the wrapped observer's."""
+    """Wraps another observer and also keeps per-channel min, max and mean square along `axis`
+    (the last for MatMul inputs, 1 for NCHW Conv inputs), which scale migration needs; the
+    range it reports is the wrapped observer's."""
 
-    def __init__(self, inner: Observer) -> None:
+    def __init__(self, inner: Observer, axis: int = -1) -> None:
         super().__init__()
         self.inner = inner
+        self.axis = axis
         self.channel_min: np.ndarray | None = None
         self.channel_max: np.ndarray | None = None
         self.channel_sumsq: np.ndarray | None = None
@@ -286,10 +288,13 @@ class ChannelRange(Observer):
         super().update(x)
         if x.ndim == 0 or x.size == 0:
             return
-        flat = x.reshape(-1, x.shape[-1])
-        lo, hi = flat.min(axis=0), flat.max(axis=0)
-        sumsq = np.einsum("ij,ij->j", flat, flat, dtype=np.float64)
-        self.rows += flat.shape[0]
+        axis = self.axis % x.ndim
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        lo, hi = x.min(axis=others), x.max(axis=others)
+        # [outer, channel, inner] is a view of a contiguous array: no copy per sample.
+        view = x.reshape(int(np.prod(x.shape[:axis])), x.shape[axis], -1)
+        sumsq = np.einsum("ijk,ijk->j", view, view, dtype=np.float64)
+        self.rows += x.size // x.shape[axis]
         if self.channel_min is None:
             self.channel_min, self.channel_max, self.channel_sumsq = lo, hi, sumsq
         else:

@@ -148,7 +148,7 @@ class QDQPass(ir.passes.InPlacePass):
             return
         weights = value.const_value.numpy()
         use_axis = axis if self.per_channel else None
-        grid = self.depthwise_grid if _is_depthwise(node) else self.weight_grid
+        grid = self.depthwise_grid if is_depthwise(node) else self.weight_grid
         rmin, rmax = qparams.tensor_range(weights, use_axis)
         scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
         q = qparams.quantize(weights, scale, zero_point, grid, use_axis, dtype=np.int8)
@@ -254,7 +254,7 @@ class QDQPass(ir.passes.InPlacePass):
         return value
 
 
-def _is_depthwise(node: ir.Node) -> bool:
+def is_depthwise(node: ir.Node) -> bool:
     """A Conv with one input channel per group (and more than one group)."""
     if node.op_type != "Conv" or "group" not in node.attributes:
         return False

@@ -4,7 +4,8 @@ Transformer activations (LayerNorm and GELU outputs) carry a few channels far la
 rest; a per-tensor uint8 scale then crushes every other channel (the per-layer report shows
 them at 15-20 dB). For each activation X feeding MatMuls with constant weights W [K, N], the
 per-channel factors s_j = max|X_j|^a / max|W_j,:|^(1-a) move that range into the weights,
-which are quantized per channel anyway (the strength a is chosen per activation):
+which are quantized per channel anyway (the strength a is chosen per activation, see
+`scale_migration`):
 X' = X / s (a float Mul inserted on the MatMul branch only, so other readers of X are
 unchanged) and W' = diag(s) W, so X' W' = X W exactly.
 """
@@ -17,13 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ptqconv.passes import scale_migration
 from ptqconv.passes.naming import NameAllocator
-
-# Candidate migration strengths, searched per activation (see `choose_alpha`). A single value
-# suits no model: on all_minilm_l6_v2 a global 0.5 gave embedding cosine 0.988 and 0.75 gave
-# 0.996, while on a MatMul with flat random weights 0.75 made the error worse than no smoothing.
-ALPHAS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-SCALE_LIMITS = (1e-4, 1e4)
 
 
 @dataclass
@@ -63,35 +59,6 @@ def smoothing_nodes(graph: ir.Graph) -> frozenset[str]:
                      and (n.inputs[1].name or "").endswith("_smooth_inv_scale"))
 
 
-def choose_alpha(
-    lo: np.ndarray, hi: np.ndarray, mean_square: np.ndarray, weights: list[np.ndarray],
-    act_levels: int, weight_levels: int,
-) -> tuple[float, np.ndarray]:
-    """The migration strength (and its factors s) that minimises the predicted noise power at
-    the MatMuls' outputs: activation rounding noise (dx^2 / 12) * sum W'^2 plus weight rounding
-    noise sum_n (dw_n^2 / 12) * sum_j E[X'_j^2], with dx the per-tensor step of X' = X / s and
-    dw_n the per-column step of W' = diag(s) W. 0.0 means no smoothing."""
-    act = np.maximum(np.abs(lo), np.abs(hi)).astype(np.float64)
-    wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0).astype(np.float64)
-    best = (np.inf, 0.0, np.ones_like(act))
-    for alpha in ALPHAS:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = act**alpha / wmax ** (1 - alpha)
-        s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
-        s = np.clip(s, *SCALE_LIMITS)
-        s /= np.exp(np.mean(np.log(s)))  # only relative factors matter; keep them centred
-        dx = (np.max(hi / s) - np.min(lo / s)) / act_levels
-        noise = 0.0
-        for w in weights:
-            scaled = w.astype(np.float64) * s[:, None]
-            dw = np.abs(scaled).max(axis=0) / weight_levels
-            noise += dx**2 / 12 * float(np.square(scaled).sum())
-            noise += float((dw**2 / 12).sum() * (mean_square / s**2).sum())
-        if noise < best[0]:
-            best = (noise, alpha, s)
-    return best[1], best[2].astype(np.float32)
-
-
 def smooth(
     graph: ir.Graph,
     groups: list[SmoothGroup],
@@ -117,7 +84,8 @@ def smooth(
         weights = [m.inputs[1].const_value.numpy() for m in group.matmuls]
         if any(w.shape[0] != lo.shape[0] for w in weights):
             continue
-        alpha, s = choose_alpha(lo, hi, mean_square, weights, act_levels, weight_levels)
+        readers = [scale_migration.Reader.matmul(w, weight_levels) for w in weights]
+        alpha, s = scale_migration.choose_scales(lo, hi, mean_square, readers, act_levels)
         if alpha == 0.0:
             continue
         x = values[group.activation]
