@@ -1,137 +1,164 @@
-"""W8A8 accuracy on the real-model corpus: ptqconv (MAX_MIN, KL) vs onnxruntime quantize_static.
-
-    python bench/accuracy.py CORPUS_DIR [--models a,b] [--out bench/accuracy.latest.md]
-
-Both tools calibrate on the same `calib/` .bin files and are scored on `eval/` against the
-float model, with the metric each manifest names. ptqconv runs with its defaults
-(reduce_range, SmoothQuant) and each calibration method, with and without bias correction.
-onnxruntime runs as quantize_static is usually run: QDQ, per-channel int8 weights, uint8
-activations, MinMax calibration. Skips cleanly when the corpus directory does not exist.
-"""
+"""Accuracy on the real-model corpus: each manifest's metric on eval/ against the float model,
+for onnxruntime's quantize_static and ptqconv's settings, all calibrated on the same calib/
+.bin files. Skips cleanly when there is no corpus."""
 
 from __future__ import annotations
 
-import argparse
-import sys
-import tempfile
-import time
+import math
 from pathlib import Path
+from typing import Any
 
+from .common import Context, Section, fmt, guarded, run_child, table
+from .corpus import CorpusModel, metric, models, outputs
+
+BUILD_HINT = "build it with ../shared/corpus/build_corpus.sh DIR"
+
+PTQCONV = """
+from ptqconv.cli import main
+status = main({args!r})
+assert status == 0, f"ptqconv exit status {{status}}"
+"""
+
+# onnxruntime as quantize_static is usually run: QDQ, per-channel int8 weights, uint8
+# activations, MinMax, no pre-processing.
+ORT = """
 import numpy as np
+from pathlib import Path
 import onnxruntime as ort
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import CorpusModel, metric, models
-
 ort.set_default_logger_severity(3)
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                      QuantType, quantize_static)
+inputs = {inputs!r}
+class Reader(CalibrationDataReader):
+    def __init__(self):
+        self.i = 0
+    def get_next(self):
+        if self.i == {count}:
+            return None
+        feed = {{x["name"]: np.fromfile(Path({calib!r}) / x["dir"] / f"{{self.i:06d}}.bin",
+                                       x["dtype"]).reshape(x["shape"]) for x in inputs}}
+        self.i += 1
+        return feed
+quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax)
+"""
+
+# (column, kind, method, bias correction, bits). ptqconv's bit_num sets weights and
+# activations alike: at 4 bits that is W4A4, there is no W4A8 setting.
+VARIANTS: tuple[tuple[str, str, str, bool, int], ...] = (
+    ("onnxruntime W8A8 MinMax", "ort", "MinMax", False, 8),
+    ("ptqconv W8A8 MAX_MIN", "ptq", "MAX_MIN", False, 8),
+    ("ptqconv W8A8 KL", "ptq", "KL", False, 8),
+    ("ptqconv W8A8 MSE+bias corr.", "ptq", "MSE", True, 8),
+    ("ptqconv W4A4 MSE+bias corr.", "ptq", "MSE", True, 4),
+    ("ptqconv WeightQuant 8-bit", "wq", "", False, 8),
+    ("ptqconv WeightQuant 4-bit", "wq", "", False, 4),
+)
 
 
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _code(m: CorpusModel, variant: tuple[str, str, str, bool, int], out: Path,
+          tmp: Path) -> str:
+    _, kind, method, bias, bits = variant
+    if kind == "ort":
+        return ORT.format(inputs=m.inputs, count=m.count("calib"), calib=str(m.dir / "calib"),
+                          model=str(m.model), out=str(out))
+    args = [f"--modelFile={m.model}", f"--outputFile={out}", "--quiet"]
+    if kind == "wq":
+        args += ["--quantType=WeightQuant", f"--bitNum={bits}"]
+    else:
+        config = m.ini_config(method, tmp / f"{m.name}_{method}_{bias}_{bits}.ini", bias, bits)
+        args += ["--quantType=PostTraining", f"--configFile={config}"]
+    return PTQCONV.format(args=args)
 
 
-def ptqconv_quantize(m: CorpusModel, method: str, out: Path, tmp: Path,
-                     bias_correction: bool = False) -> float:
-    from ptqconv.cli import main
-
-    config = m.ini_config(method, tmp / f"{m.name}_{method}.ini", bias_correction)
-    start = time.perf_counter()
-    status = main([f"--modelFile={m.model}", f"--outputFile={out}",
-                   "--quantType=PostTraining", f"--configFile={config}", "--quiet"])
-    if status:
-        raise RuntimeError(f"ptqconv failed on {m.name} ({method}) with status {status}")
-    return time.perf_counter() - start
-
-
-def ort_quantize(m: CorpusModel, out: Path) -> float:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = m.samples("calib")
-
-        def get_next(self):
-            return next(self.it, None)
-
-    start = time.perf_counter()
-    quantize_static(str(m.model), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-    return time.perf_counter() - start
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("corpus", type=Path)
-    parser.add_argument("--models", default="")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    if not args.corpus.is_dir():
-        print(f"corpus directory {args.corpus} not found; build it with "
-              "../shared/corpus/build_corpus.sh; skipping")
-        return
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        for m in models(args.corpus, [s for s in args.models.split(",") if s]):
-            ref = [session(m.model).run(None, s) for s in m.samples("eval")]
-            row = {"model": m.name}
-            variants = [("ptqconv MAX_MIN", "MAX_MIN", False), ("ptqconv KL", "KL", False),
-                        ("ptqconv KL+bias corr.", "KL", True), ("ptqconv MSE", "MSE", False),
-                        ("ptqconv MSE+bias corr.", "MSE", True)]
-            for label, method, bias in variants:
-                out = tmp / f"{m.name}_{method}_{bias}.onnx"
-                try:
-                    seconds = ptqconv_quantize(m, method, out, tmp, bias)
-                    got = [session(out).run(None, s) for s in m.samples("eval")]
-                    name, value, extra = metric(m, ref, got)
-                    row[label] = (value, extra, seconds)
-                except Exception as exc:  # report and go on with the other models
-                    row[label] = (float("nan"), f"failed: {exc}", 0.0)
-            out = tmp / f"{m.name}_ort.onnx"
-            try:
-                seconds = ort_quantize(m, out)
-                got = [session(out).run(None, s) for s in m.samples("eval")]
-                name, value, extra = metric(m, ref, got)
-                row["onnxruntime"] = (value, extra, seconds)
-            except Exception as exc:
-                row["onnxruntime"] = (float("nan"), f"failed: {str(exc)[:80]}", 0.0)
-            name, float_value, _ = metric(m, ref, ref)
-            row["metric"], row["float"] = name, float_value
+def run(ctx: Context) -> Section:
+    section = Section("accuracy", "Accuracy on real models")
+    if ctx.corpus is None or not Path(ctx.corpus).is_dir():
+        where = "no corpus given (--corpus DIR or $PTQCONV_CORPUS)" if ctx.corpus is None \
+            else f"corpus {ctx.corpus} not found"
+        message = f"{where}; {BUILD_HINT}; skipping accuracy"
+        print(message, flush=True)
+        section.markdown = f"Skipped: {message}."
+        section.data = {"skipped": message}
+        return section
+    corpus = Path(ctx.corpus)
+    found = models(corpus)
+    if ctx.quick:  # the two smallest, for the plumbing
+        found = [m for m in found if m.name in ("mtcnn_rnet", "mtcnn_pnet")] or found[:1]
+    tmp = ctx.scratch("accuracy")
+    rows: list[dict[str, Any]] = []
+    for m in found:
+        ctx.log(f"accuracy: {m.name}")
+        row: dict[str, Any] = {"model": m.name, "calib": m.count("calib"),
+                               "eval": m.count("eval"), "variants": {}}
+        try:
+            ref = outputs(m.model, m)
+            row["metric"], row["float"], _ = metric(m, ref, ref)
+        except Exception as exc:
+            row["error"] = f"float model: {type(exc).__name__}: {exc}"[:200]
             rows.append(row)
-            print(_row(row), flush=True)
-    table = _table(rows)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+            continue
+        for variant in VARIANTS:
+            label = variant[0]
+            out = tmp / f"{m.name}_{label.replace(' ', '_')}.onnx"
+            code = _code(m, variant, out, tmp)
+            conv = guarded(ctx, f"{m.name}, {label}", lambda c=code: run_child(
+                c, 1, ctx.mem_cap_gb))
+            entry: dict[str, Any] = {"convert_seconds": conv.seconds if conv.ok else None,
+                                     "convert_rss_mb": conv.rss_mb if conv.ok else None}
+            if conv.ok:
+                try:
+                    _, value, extra = metric(m, ref, outputs(out, m))
+                    entry.update(value=value, extra=extra)
+                except Exception as exc:  # the model was written but does not run
+                    entry["error"] = f"run: {type(exc).__name__}: {exc}"[:200]
+            else:
+                entry["error"] = conv.error
+            for path in out.parent.glob(out.name + "*"):
+                path.unlink()
+            row["variants"][label] = entry
+        rows.append(row)
+        ctx.log(f"  {m.name}: " + ", ".join(
+            f"{k} {_cell(v, False)}" for k, v in row["variants"].items()))
+    section.data = {"corpus": str(corpus), "models": rows}
+    section.markdown = markdown(rows)
+    return section
 
 
-COLUMNS = ["ptqconv MAX_MIN", "ptqconv KL", "ptqconv KL+bias corr.", "ptqconv MSE",
-           "ptqconv MSE+bias corr.", "onnxruntime"]
+def _cell(entry: dict[str, Any], extra: bool = True) -> str:
+    if "value" not in entry:
+        return entry.get("error", "not run")
+    value = entry["value"]
+    text = "nan" if math.isnan(value) else f"{value:.4f}"
+    return f"{text} ({entry['extra']})" if extra and entry.get("extra") else text
 
 
-def _cell(value: tuple[float, str, float]) -> str:
-    v, extra, _ = value
-    text = "failed" if np.isnan(v) else f"{v:.4f}"
-    return f"{text} ({extra})" if extra else text
-
-
-def _row(row: dict) -> str:
-    return (f"| {row['model']} | {row['metric']} | {row['float']:.4f} | "
-            + " | ".join(_cell(row[c]) for c in COLUMNS) + " |")
-
-
-def _table(rows: list[dict]) -> str:
-    head = ("| model | metric (vs float) | float | " + " | ".join(COLUMNS) + " |\n"
-            + "|---|---|---:|" + "---:|" * len(COLUMNS))
-    return "\n".join([head, *(_row(r) for r in rows)])
-
-
-if __name__ == "__main__":
-    main()
+def markdown(rows: list[dict[str, Any]]) -> str:
+    labels = [v[0] for v in VARIANTS]
+    metric_rows, time_rows = [], []
+    for r in rows:
+        if "error" in r:
+            metric_rows.append([r["model"], r["error"], "–", *["–"] * len(labels)])
+            continue
+        metric_rows.append([r["model"], r["metric"], fmt(r["float"], 4),
+                            *[_cell(r["variants"].get(x, {})) for x in labels]])
+        time_rows.append([r["model"], r["calib"], *[
+            fmt(r["variants"].get(x, {}).get("convert_seconds"), 1) for x in labels]])
+    return "\n".join([
+        "Each manifest's metric on its eval split against the float model's outputs (1.0 is "
+        "the float model where the metric compares with float; accuracy-type metrics compare "
+        "with labels). Both tools calibrate on the same `calib/` `.bin` files. onnxruntime: "
+        "`quantize_static` as usually run (QDQ, per-channel int8 weights, uint8 activations, "
+        "MinMax, no pre-processing). ptqconv: its defaults (reduce_range, SmoothQuant) with "
+        "each calibration method; `bit_num=4` quantizes weights and activations alike (W4A4: "
+        "ptqconv has no separate activation bit width). WeightQuant models run with "
+        "onnxruntime's default session options (MatMulNBits quantizes activations to int8 "
+        "at accuracy level 4).",
+        "",
+        table(["model", "metric (vs float)", "float", *labels], metric_rows, left=2),
+        "",
+        "Conversion time (s; one run each, in its own process, imports included):",
+        "",
+        table(["model", "calib samples", *labels], time_rows),
+    ])

@@ -1,151 +1,247 @@
-"""Calibration cost: ptqconv KL / MAX_MIN vs onnxruntime Entropy / MinMax, same model and data.
+"""Calibration cost on a ResNet-18-sized CNN (224x224, random weights): ptqconv MAX_MIN / KL
+against onnxruntime's MinMax / Entropy on the same .bin files, with the float inference of
+the same samples as the floor, then the quantized models' latency.
 
-    python bench/calibration.py [--samples 300] [--repeat 1] [--skip-ort-entropy]
-
-A ResNet-18-sized CNN at 224x224 (random weights) and N smooth random images as .bin files.
-Each case runs in its own process; time and peak RSS (VmHWM) are reported with ratios against
-onnxruntime and against the float inference of the same samples (the floor any calibration
-pays). onnxruntime's Entropy runs with num_bins=2048 (its default of 128 gives the MinMax
-range, REFERENCE.md §2), so both KL searches see the same resolution. Also reports the
-median latency of the quantized models against the float model, with the fused integer node
-counts after onnxruntime's optimization.
+The comparison itself (`compare`) is shared with the BERT section.
 """
 
 from __future__ import annotations
 
-import argparse
-import collections
-import statistics
-import sys
-import tempfile
-import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime as ort
+from . import latency
+from .common import Context, Measure, Section, fmt, guarded, measure_cell, ratio, run_child, table
+from .models import image_samples, resnet18
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, run_child
-from models import image_samples, resnet18
-
-ort.set_default_logger_severity(3)
+ENTROPY_BINS = 2048
 
 FLOAT_RUN = """
 import numpy as np, onnxruntime as ort
 from pathlib import Path
 so = ort.SessionOptions(); so.intra_op_num_threads = {threads}
 s = ort.InferenceSession({model!r}, so, providers=["CPUExecutionProvider"])
-for f in sorted(Path({data!r}).iterdir()):
-    s.run(None, {{"input": np.fromfile(f, np.float32).reshape(1, 3, 224, 224)}})
+for f in sorted(Path({data!r}).iterdir())[:{count}]:
+    s.run(None, {{{name!r}: np.fromfile(f, np.float32).reshape({shape!r})}})
 """
 
 PTQCONV = """
 from ptqconv.cli import main
-assert main(["--modelFile={model}", "--outputFile={out}", "--quantType=PostTraining",
-             "--configFile={config}", "--quiet"]) == 0
+status = main(["--modelFile={model}", "--outputFile={out}", "--quantType=PostTraining",
+               "--configFile={config}", "--quiet"])
+assert status == 0, f"ptqconv exit status {{status}}"
 """
 
+# quantize_static (onnxruntime 1.31) does not pass a bin count to its calibrator: CalibNumBins
+# is not among the options it forwards, so Entropy always runs with 128 bins, which with 128
+# quantized bins leaves one candidate threshold, the MinMax range. The bench gives it 2048
+# bins (as ptqconv's KL) by wrapping create_calibrator.
 ORT = """
 import numpy as np
 from pathlib import Path
+import importlib
+import onnxruntime as ort
+ort.set_default_logger_severity(3)
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                       QuantType, quantize_static)
+if {bins}:
+    q = importlib.import_module("onnxruntime.quantization.quantize")
+    _create = q.create_calibrator
+    def _with_bins(*args, extra_options=None, **kwargs):
+        extra = dict(extra_options or {{}}, num_bins={bins})
+        return _create(*args, extra_options=extra, **kwargs)
+    q.create_calibrator = _with_bins
 class Reader(CalibrationDataReader):
     def __init__(self):
-        self.files = iter(sorted(Path({data!r}).iterdir()))
+        self.files = iter(sorted(Path({data!r}).iterdir())[:{count}])
     def get_next(self):
         f = next(self.files, None)
-        shape = (1, 3, 224, 224)
-        return None if f is None else {{"input": np.fromfile(f, np.float32).reshape(shape)}}
+        return None if f is None else {{{name!r}: np.fromfile(f, np.float32).reshape({shape!r})}}
 quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.{method}, extra_options={extra})
+                calibrate_method=CalibrationMethod.{method})
 """
 
-
-def latency(path: Path, threads: int, runs: int = 30) -> tuple[float, collections.Counter]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.optimized_model_filepath = str(path) + ".opt"
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    for _ in range(5):
-        session.run(None, {"input": x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {"input": x})
-        times.append(time.perf_counter() - start)
-    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
-                              .graph.node)
-    return statistics.median(times) * 1000, ops
+CASES = ("float inference (floor)", "ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax",
+         "onnxruntime Entropy")
+PAIRS = (("ptqconv MAX_MIN", "onnxruntime MinMax"), ("ptqconv KL", "onnxruntime Entropy"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-ort-entropy", action="store_true",
-                        help="onnxruntime's Entropy keeps every activation in memory (~9 GB "
-                             "at 300 samples)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        model = resnet18(tmp / "resnet18.onnx")
-        data = image_samples(tmp / "input", args.samples)
-        cases: dict[str, str] = {
-            "float inference (floor)": FLOAT_RUN.format(threads=args.threads, model=str(model),
-                                                        data=str(data)),
-        }
-        for method in ("MAX_MIN", "KL"):
-            config = tmp / f"{method}.ini"
-            config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:{data}\n"
-                              f"calibrate_size={args.samples}\n[full_quant_param]\n"
-                              f"activation_quant_method={method}\nthread_num={args.threads}\n")
-            cases[f"ptqconv {method}"] = PTQCONV.format(model=model, out=tmp / f"p_{method}.onnx",
-                                                       config=config)
-        ort_methods = [("MinMax", "{}")]
-        if not args.skip_ort_entropy:
-            ort_methods.append(("Entropy", "{'CalibNumBins': 2048}"))
-        for method, extra in ort_methods:
-            cases[f"onnxruntime {method}"] = ORT.format(data=str(data), model=str(model),
-                                                        out=str(tmp / f"o_{method}.onnx"),
-                                                        method=method, extra=extra)
-        results = {}
-        for name, code in cases.items():
-            results[name] = run_child(code, args.repeat)
-            print(f"{name}: {results[name]['seconds']:.1f} s, {results[name]['rss_mb']:.0f} MB",
-                  flush=True)
-        lat = {"float": latency(model, args.threads)}
-        for name, path in (("ptqconv MAX_MIN", tmp / "p_MAX_MIN.onnx"),
-                           ("ptqconv KL", tmp / "p_KL.onnx"),
-                           ("onnxruntime MinMax", tmp / "o_MinMax.onnx")):
-            lat[name] = latency(path, args.threads)
+@dataclass
+class Workload:
+    """A model, its .bin samples and where the quantized outputs go."""
 
-    floor = results["float inference (floor)"]["seconds"]
-    print(f"\nCalibration bench, {now()}, {machine()}")
-    print(f"ResNet-18-sized CNN (11.7M parameters), 224x224, {args.samples} samples, "
-          f"{args.threads} threads, medians of {args.repeat} run(s)\n")
-    print("| case | time (s) | x float inference | peak RSS (MB) |")
-    print("|---|---:|---:|---:|")
-    for name, r in results.items():
-        print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / floor:.2f} | {r['rss_mb']:.0f} |")
-    pairs = [("ptqconv MAX_MIN", "onnxruntime MinMax"), ("ptqconv KL", "onnxruntime Entropy")]
-    for ours, theirs in pairs:
-        if theirs in results:
-            a, b = results[ours], results[theirs]
-            print(f"\n{ours} / {theirs}: time {a['seconds'] / b['seconds']:.2f}x, "
-                  f"peak RSS {a['rss_mb'] / b['rss_mb']:.2f}x")
-    print("\n| model | median latency (ms) | x float | QLinearConv | QLinearAdd | QGemm | "
-          "float Conv left |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    base = lat["float"][0]
-    for name, (ms, ops) in lat.items():
-        print(f"| {name} | {ms:.1f} | {ms / base:.2f} | {ops['QLinearConv']} | "
-              f"{ops['QLinearAdd']} | {ops['QGemm']} | {ops['Conv'] + ops['FusedConv']} |")
+    model: Path
+    data: Path
+    input_name: str
+    shape: tuple[int, ...]
+    out: Path
+    entropy_bins: int = ENTROPY_BINS
+    results: dict[int, dict[str, Measure]] = field(default_factory=dict)
+    repeats: dict[int, int] = field(default_factory=dict)
+    skipped: dict[tuple[int, str], str] = field(default_factory=dict)
+
+    def output(self, case: str, count: int) -> Path:
+        return self.out / f"{case.replace(' ', '_')}_{count}.onnx"
 
 
-if __name__ == "__main__":
-    main()
+def compare(ctx: Context, w: Workload, count: int, repeat: int,
+            skip: dict[str, str] | None = None, entropy_repeat: int = 1) -> None:
+    """Time every case on the first `count` samples, each run in its own child process.
+
+    onnxruntime Entropy runs `entropy_repeat` times: its time is mostly a fixed threshold
+    search, several times the others', so extra runs would cost the budget and change little.
+    """
+    w.repeats[count] = repeat
+    results: dict[str, Measure] = {}
+    for case in CASES:
+        if skip and case in skip:
+            w.skipped[(count, case)] = skip[case]
+            results[case] = Measure(error=f"skipped: {skip[case]}")
+            ctx.log(f"  {count} samples, {case}: skipped ({skip[case]})")
+            continue
+        code = _code(ctx, w, case, count)
+        runs = min(repeat, entropy_repeat) if case == "onnxruntime Entropy" else repeat
+        results[case] = guarded(ctx, f"{count} samples, {case}",
+                                lambda c=code, r=runs: run_child(c, r, ctx.mem_cap_gb))
+    w.results[count] = results
+
+
+def _code(ctx: Context, w: Workload, case: str, count: int) -> str:
+    common = {"data": str(w.data), "count": count, "name": w.input_name, "shape": w.shape}
+    if case.startswith("float"):
+        return FLOAT_RUN.format(threads=ctx.threads, model=str(w.model), **common)
+    out = w.output(case, count)
+    if case.startswith("ptqconv"):
+        method = case.split()[1]
+        config = w.out / f"{method}_{count}.ini"
+        config.write_text(f"[data_preprocess_param]\ncalibrate_path={w.input_name}:{w.data}\n"
+                          f"calibrate_size={count}\n[full_quant_param]\n"
+                          f"activation_quant_method={method}\nthread_num={ctx.threads}\n")
+        return PTQCONV.format(model=w.model, out=out, config=config)
+    method = case.split()[1]
+    return ORT.format(model=str(w.model), out=str(out), method=method,
+                      bins=w.entropy_bins if method == "Entropy" else 0, **common)
+
+
+def quick_bins(ctx: Context) -> int:
+    """--quick checks the plumbing: Entropy's threshold search over 2048 bins alone takes
+    half a minute even on a tiny model."""
+    return 256 if ctx.quick else ENTROPY_BINS
+
+
+def entropy_estimate(w: Workload) -> tuple[float, float] | None:
+    """(MB per sample, fixed MB) of onnxruntime Entropy's peak RSS, fitted on two counts."""
+    done = sorted((n, r["onnxruntime Entropy"].rss_mb) for n, r in w.results.items()
+                  if r["onnxruntime Entropy"].ok)
+    if len(done) < 2:
+        return None
+    (n0, m0), (n1, m1) = done[0], done[-1]
+    per = (m1 - m0) / (n1 - n0)
+    return per, m0 - per * n0
+
+
+def entropy_footprint(model: Path) -> tuple[int, float]:
+    """(tensors, MB per sample) that onnxruntime's Entropy calibrator keeps for every sample:
+    the float inputs and outputs of the nodes quantize_static would quantize (its QDQ
+    registry), sized by ONNX shape inference."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(model), load_external_data=False)
+                                              ).graph
+    sizes = {v.name: int(np.prod([d.dim_value for d in v.type.tensor_type.shape.dim]))
+             for v in [*graph.input, *graph.value_info, *graph.output]
+             if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    weights = {t.name for t in graph.initializer}
+    tensors = {t for n in graph.node if n.op_type in QDQRegistry
+               for t in [*n.input, *n.output] if t in sizes and t not in weights}
+    return len(tensors), sum(sizes[t] for t in tensors) * 4 / 1e6
+
+
+def cost_markdown(w: Workload) -> str:
+    rows = []
+    for count, results in w.results.items():
+        floor = results[CASES[0]]
+        for case, m in results.items():
+            rows.append([count, case, len(m.runs) or "–", measure_cell(m, "seconds"),
+                         fmt(ratio(m, floor, "seconds")), measure_cell(m, "rss_mb", 0, why=False)])
+    cost = table(["samples", "case", "runs", "time (s)", "x float inference",
+                  "peak RSS (MB)"], rows, left=2)
+    ratios = []
+    for count, results in w.results.items():
+        cells = []
+        for ours, theirs in PAIRS:
+            cells += [fmt(ratio(results[ours], results[theirs], "seconds")),
+                      fmt(ratio(results[ours], results[theirs], "rss_mb"))]
+        ratios.append([count, *cells])
+    pairs = table(["samples", "MAX_MIN / MinMax time", "MAX_MIN / MinMax peak RSS",
+                   "KL / Entropy time", "KL / Entropy peak RSS"], ratios)
+    return f"{cost}\n\nptqconv / onnxruntime (below 1: ptqconv cheaper):\n\n{pairs}"
+
+
+def cost_data(w: Workload) -> dict[str, Any]:
+    return {str(n): {case: m.as_dict() for case, m in r.items()} for n, r in w.results.items()}
+
+
+def run(ctx: Context) -> Section:
+    section = Section("calibration", "Calibration cost and latency: ResNet-18-sized CNN")
+    tmp = ctx.scratch("cnn")
+    size, width = (64, 16) if ctx.quick else (224, 64)
+    counts = (10,) if ctx.quick else (100, 300, 1000)
+    model = resnet18(tmp / "resnet18.onnx", size=size, width=width)
+    shape = (1, 3, size, size)
+    data = image_samples(tmp / "input", max(counts), shape)
+    w = Workload(model, data, "input", shape, ctx.scratch("cnn/out"), quick_bins(ctx))
+    ctx.log(f"CNN: {model.stat().st_size / 1e6:.1f} MB model, {max(counts)} samples of {shape}")
+    for count in counts:
+        # The whole default run must stay under 15 minutes: only 100 samples get several runs.
+        repeat = ctx.repeat if count <= 100 or ctx.heavy else 1
+        skip = {}
+        if count >= 1000 and not ctx.heavy:
+            est = entropy_estimate(w)
+            need = f"~{(est[0] * count + est[1]) / 1024:.0f} GB" if est else "tens of GB"
+            skip["onnxruntime Entropy"] = (
+                f"keeps every activation of every sample in memory, would need {need}; "
+                f"--heavy runs it under a {ctx.mem_cap_gb:g} GB cap")
+        compare(ctx, w, count, repeat, skip, entropy_repeat=ctx.repeat if ctx.heavy else 1)
+    section.data["model"] = {"file_mb": model.stat().st_size / 1e6, "input": list(shape)}
+    section.data["cost"] = cost_data(w)
+    est = entropy_estimate(w)
+    if est:
+        section.data["entropy_mb_per_sample"] = est[0]
+    lat_count = 300 if 300 in counts else counts[-1]
+    models = {"float": model}
+    for case in ("ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax", "onnxruntime Entropy"):
+        models[f"{case} ({lat_count} samples)"] = w.output(case, lat_count)
+    runs = 5 if ctx.quick else 30
+    lat = latency.measure(ctx, models, next(iter(sorted(data.iterdir()))), "input", shape,
+                          runs=runs, warmup=3, repeat=1 if ctx.quick else ctx.repeat)
+    section.data["latency"] = lat
+    est_text = (f" Its peak RSS grows by {est[0]:.0f} MB per sample here." if est else "")
+    section.markdown = "\n".join([
+        f"ResNet-18 topology (11.7M parameters, BN folded, random weights) at {size}x{size}, "
+        f"smooth random images as `.bin` files; {ctx.threads} threads. Each run of each case "
+        "is its own process (the whole conversion for ptqconv and onnxruntime, imports "
+        "included; plain inference of the same samples for the floor); peak RSS is the "
+        "child's VmHWM; figures are medians over `runs`. onnxruntime: `quantize_static`, "
+        "QDQ, per-channel int8 weights, uint8 activations. Its Entropy method runs with "
+        f"{w.entropy_bins} histogram bins, like ptqconv's KL: `quantize_static` does not forward "
+        "`CalibNumBins`, and its default of 128 bins with 128 quantized bins can only return "
+        "the MinMax range, so the bench passes the bin count to its calibrator directly. "
+        "Entropy keeps every augmented output of every sample in memory until the end; "
+        f"each case runs under a {ctx.mem_cap_gb:g} GB address-space cap.{est_text} To keep "
+        "the default run under 15 minutes only the 100-sample cases are run several times "
+        "(`runs`), and Entropy once (its time is mostly a fixed threshold search).",
+        "",
+        cost_markdown(w),
+        "",
+        f"Latency of the models quantized on {lat_count} samples (median of {runs} runs after "
+        f"3 warm-up, median over {1 if ctx.quick else ctx.repeat} processes; {ctx.threads} "
+        "threads, ORT_ENABLE_ALL) and the nodes of onnxruntime's optimized graph:",
+        "",
+        latency.markdown(lat),
+    ])
+    return section

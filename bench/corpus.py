@@ -1,9 +1,10 @@
-"""Shared access to the real-model corpus (../shared/corpus): manifests, samples, metrics."""
+"""The real-model corpus (built by ../shared/corpus/build_corpus.sh): manifests, samples and
+the metric each manifest names."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +38,13 @@ class CorpusModel:
         for i in range(self.count(split)):
             yield self.sample(split, i)
 
-    def ini_config(self, method: str, path: Path, bias_correction: bool = False) -> Path:
+    def ini_config(self, method: str, path: Path, bias_correction: bool = False,
+                   bits: int = 8) -> Path:
         calib = ",".join(f"{x['name']}:{self.dir / 'calib' / x['dir']}" for x in self.inputs)
         shapes = ";".join(f"{x['name']}:{','.join(map(str, x['shape']))}" for x in self.inputs)
         path.write_text(
-            "[common_quant_param]\nquant_type=FULL_QUANT\nbit_num=8\n"
+            "[common_quant_param]\nquant_type=FULL_QUANT\n"
+            f"bit_num={bits}\n"
             f"[data_preprocess_param]\ncalibrate_path={calib}\n"
             f"calibrate_size={self.count('calib')}\ninput_shape={shapes}\n"
             f"[full_quant_param]\nactivation_quant_method={method}\n"
@@ -123,6 +126,11 @@ def metric(m: CorpusModel, ref: Outputs, got: Outputs) -> tuple[str, float, str]
     return "output cosine", float(cos), ""
 
 
-def run_all(session_factory: Callable[[], object], m: CorpusModel) -> Outputs:
-    session = session_factory()
+def outputs(model: Path, m: CorpusModel) -> Outputs:
+    """Every eval sample through `model` (onnxruntime CPU, default session options)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # some exported models carry unused initializers
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     return [session.run(None, s) for s in m.samples("eval")]

@@ -1,101 +1,120 @@
-"""WeightQuant cost on a model with ~100 MB of float weights, against onnxruntime.quantization.
+"""WeightQuant cost: ptqconv 8- and 4-bit against onnxruntime's nearest tools, on MatMul models
+of ~100 MB (default) and ~3 GB (--heavy; external data), time and peak RSS per run.
 
-    python bench/weightquant.py [--mb 100] [--repeat 3]
-
-Builds an MLP of 2048x2048 MatMul layers (random weights: this measures cost, not accuracy),
-then times each tool in its own process and reports medians of wall time and peak RSS.
 onnxruntime has no 8-bit weight-only mode: its nearest is quantize_dynamic (int8 per-channel
-weights, activations quantized at run time); its 4-bit weight-only tool is MatMulNBitsQuantizer.
+weights, activations quantized at run time); its 4-bit weight-only tool is MatMulNBitsQuantizer
+(blocks of 128).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import tempfile
+import shutil
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from .common import (
+    Context,
+    Measure,
+    Section,
+    fmt,
+    guarded,
+    measure_cell,
+    ratio,
+    run_child,
+    table,
+)
+from .models import mlp
+
+PTQCONV = """
+from ptqconv.cli import main
+status = main(["--modelFile={src}", "--outputFile={out}", "--quantType=WeightQuant",
+               "--bitNum={bits}", "--quiet"])
+assert status == 0, f"ptqconv exit status {{status}}"
+"""
+
+ORT_DYNAMIC = """
+from onnxruntime.quantization import QuantType, quantize_dynamic
+quantize_dynamic({src!r}, {out!r}, per_channel=True, weight_type=QuantType.QInt8,
+                 use_external_data_format={external})
+"""
+
+ORT_NBITS = """
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+q = MatMulNBitsQuantizer(onnx.load({src!r}), bits=4)
+q.process()
+onnx.save(q.model.model, {out!r}, save_as_external_data={external})
+"""
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, now, run_child
-
-
-def build(path: Path, megabytes: int, width: int = 2048) -> int:
-    rng = np.random.default_rng(0)
-    layers = max(1, round(megabytes * 1e6 / (width * width * 4)))
-    nodes, inits, prev = [], [], "x"
-    for i in range(layers):
-        w = rng.standard_normal((width, width), dtype=np.float32) / np.float32(np.sqrt(width))
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
-        prev = f"h{i}"
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, width])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path.stat().st_size
+CASES = {
+    "ptqconv WeightQuant 8-bit": lambda **k: PTQCONV.format(bits=8, **k),
+    "ptqconv WeightQuant 4-bit": lambda **k: PTQCONV.format(bits=4, **k),
+    "onnxruntime quantize_dynamic int8 per-channel": lambda **k: ORT_DYNAMIC.format(**k),
+    "onnxruntime MatMulNBitsQuantizer 4-bit": lambda **k: ORT_NBITS.format(**k),
+}
+PAIRS = (("ptqconv WeightQuant 8-bit", "onnxruntime quantize_dynamic int8 per-channel"),
+         ("ptqconv WeightQuant 4-bit", "onnxruntime MatMulNBitsQuantizer 4-bit"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=int, default=100, help="float weights in MB")
-    parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "float.onnx"
-        size_mb = build(src, args.mb) / 1e6
-        cases = {
-            "ptqconv WeightQuant 8-bit": (
-                "from ptqconv.cli import main\n"
-                f"assert main(['--modelFile={src}', '--outputFile={tmp}/p8.onnx', "
-                "'--quantType=WeightQuant', '--bitNum=8', '--quiet']) == 0\n"
-            ),
-            "ptqconv WeightQuant 4-bit": (
-                "from ptqconv.cli import main\n"
-                f"assert main(['--modelFile={src}', '--outputFile={tmp}/p4.onnx', "
-                "'--quantType=WeightQuant', '--bitNum=4', '--quiet']) == 0\n"
-            ),
-            "onnxruntime quantize_dynamic int8 per-channel": (
-                "from onnxruntime.quantization import quantize_dynamic, QuantType\n"
-                f"quantize_dynamic({str(src)!r}, {tmp + '/o8.onnx'!r}, per_channel=True, "
-                "weight_type=QuantType.QInt8)\n"
-            ),
-            "onnxruntime MatMulNBitsQuantizer 4-bit": (
-                "import onnx\n"
-                "from onnxruntime.quantization.matmul_nbits_quantizer import "
-                "MatMulNBitsQuantizer\n"
-                f"q = MatMulNBitsQuantizer(onnx.load({str(src)!r}), bits=4)\n"
-                f"q.process(); onnx.save(q.model.model, {tmp + '/o4.onnx'!r})\n"
-            ),
-        }
-        results = {name: run_child(code, args.repeat) for name, code in cases.items()}
-    print(f"WeightQuant bench, {now()}, {machine()}")
-    print(f"model: {size_mb:.1f} MB of float32 MatMul weights; medians of {args.repeat} runs\n")
-    print("| tool | time (s) | peak RSS (MB) | RSS / model size |")
-    print("|---|---:|---:|---:|")
-    for name, r in results.items():
-        print(f"| {name} | {r['seconds']:.2f} | {r['rss_mb']:.0f} | {r['rss_mb'] / size_mb:.2f} |")
-    p8, o8 = (
-        results["ptqconv WeightQuant 8-bit"],
-        results["onnxruntime quantize_dynamic int8 per-channel"],
-    )
-    p4, o4 = results["ptqconv WeightQuant 4-bit"], results["onnxruntime MatMulNBitsQuantizer 4-bit"]
-    print(
-        f"\nratios ptqconv/onnxruntime: 8-bit time {p8['seconds'] / o8['seconds']:.2f}, "
-        f"RSS {p8['rss_mb'] / o8['rss_mb']:.2f}; 4-bit time {p4['seconds'] / o4['seconds']:.2f},"
-        f" RSS {p4['rss_mb'] / o4['rss_mb']:.2f}"
-    )
-    print(f"targets: ptqconv <= 3 s and peak RSS < 3x model ({3 * size_mb:.0f} MB)")
+def _size_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.iterdir()) / 1e6
 
 
-if __name__ == "__main__":
-    main()
+def run(ctx: Context) -> Section:
+    section = Section("weightquant", "Weight-only quantization cost")
+    sizes: list[tuple[float, int]] = [(4, 512)] if ctx.quick else [(100, 2048)]
+    if ctx.heavy:
+        sizes.append((3000, 4096))
+    rows, ratio_rows, data = [], [], {}
+    for megabytes, width in sizes:
+        tmp = ctx.scratch(f"wq{megabytes:g}")
+        src = tmp / "src" / "float.onnx"
+        src.parent.mkdir(exist_ok=True)
+        model_mb = mlp(src, megabytes, width) / 1e6
+        external = (src.parent / "float.onnx.data").exists()
+        ctx.log(f"WeightQuant: {model_mb:.0f} MB model{' (external data)' if external else ''}")
+        # The 3 GB cases take minutes each: one run.
+        repeat = ctx.repeat if megabytes < 1000 else 1
+        results: dict[str, Measure] = {}
+        outputs: dict[str, Any] = {}
+        for i, (name, make) in enumerate(CASES.items()):
+            out_dir = tmp / f"out{i}"
+            out_dir.mkdir(exist_ok=True)
+            code = make(src=str(src), out=str(out_dir / "q.onnx"), external=external)
+            # ptqconv maps external data (address space, not memory): RSS cap only.
+            hard = not name.startswith("ptqconv")
+            results[name] = guarded(
+                ctx, f"{model_mb:.0f} MB, {name}",
+                lambda c=code, r=repeat, h=hard: run_child(c, r, ctx.mem_cap_gb, address_cap=h))
+            outputs[name] = _size_mb(out_dir) if results[name].ok else None
+            shutil.rmtree(out_dir)  # several GB at the heavy size
+        shutil.rmtree(tmp)
+        for name, m in results.items():
+            rows.append([f"{model_mb:.0f}", name, len(m.runs) or "–",
+                         measure_cell(m, "seconds"), measure_cell(m, "rss_mb", 0, why=False),
+                         fmt(m.rss_mb / model_mb if m.ok else None),
+                         fmt(outputs[name], 1)])
+        ratio_rows.append([f"{model_mb:.0f}", *(
+            fmt(ratio(results[a], results[b], attr)) for a, b in PAIRS
+            for attr in ("seconds", "rss_mb"))])
+        data[f"{megabytes:g}MB"] = {"model_mb": model_mb, "width": width, "external": external,
+                                    "cases": {n: {**m.as_dict(), "output_mb": outputs[n]}
+                                              for n, m in results.items()}}
+    section.data = data
+    section.markdown = "\n".join([
+        "MatMul chains with random float32 weights (cost, not accuracy); models over 1 GB "
+        "keep their weights as external data. Each run in its own process, peak RSS from "
+        "VmHWM (it includes about 80 MB of Python and library imports). onnxruntime has no "
+        "8-bit weight-only mode: `quantize_dynamic` (int8 per-channel weights, activations "
+        "quantized at run time) is its nearest; its 4-bit tool `MatMulNBitsQuantizer` uses "
+        "blocks of 128 rather than per-channel scales.",
+        "",
+        table(["model (MB)", "tool", "runs", "time (s)", "peak RSS (MB)", "RSS / model size",
+               "output (MB)"], rows, left=2),
+        "",
+        "ptqconv / onnxruntime:",
+        "",
+        table(["model (MB)", "8-bit time", "8-bit peak RSS", "4-bit time", "4-bit peak RSS"],
+              ratio_rows),
+    ])
+    return section

@@ -1,0 +1,100 @@
+"""Quantized-model latency against float, and what onnxruntime fuses: shared by the CNN and
+BERT sections. Each model is timed in its own child process."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .common import Context, Measure, fmt, guarded, run_child, table
+
+# Integer kernels onnxruntime's CPU provider can end up with after ORT_ENABLE_ALL.
+INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat",
+               "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid",
+               "QLinearLeakyRelu", "QLinearSoftmax", "QGemm", "MatMulIntegerToFloat",
+               "DynamicQuantizeMatMul", "MatMulInteger", "ConvInteger", "QAttention",
+               "MatMulNBits", "QLinearReduceMean", "QLinearWhere")
+FLOAT_COMPUTE = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Attention")
+
+_CHILD = """
+import collections, statistics, time
+import numpy as np, onnx, onnxruntime as ort
+ort.set_default_logger_severity(3)
+so = ort.SessionOptions()
+so.intra_op_num_threads = {threads}
+so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+so.optimized_model_filepath = {optimized!r}
+s = ort.InferenceSession({model!r}, so, providers=["CPUExecutionProvider"])
+feed = {{{name!r}: np.fromfile({sample!r}, np.float32).reshape({shape!r})}}
+for _ in range({warmup}):
+    s.run(None, feed)
+times = []
+for _ in range({runs}):
+    t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)
+ops = collections.Counter(n.op_type for n in onnx.load({optimized!r},
+                                                       load_external_data=False).graph.node)
+RESULT = {{"ms": statistics.median(times) * 1000, "ops": dict(ops)}}
+"""
+
+
+def measure(ctx: Context, models: dict[str, Path], sample: Path, name: str,
+            shape: tuple[int, ...], runs: int, warmup: int, repeat: int) -> dict[str, Any]:
+    """Median latency (ms, median over `repeat` children of each child's median over `runs`)
+    and the optimized graph's op counts, per model."""
+    out: dict[str, Any] = {}
+    for label, path in models.items():
+        if not path.exists():
+            out[label] = {"error": "no model (its conversion failed)"}
+            continue
+        optimized = path.with_name(path.stem + ".ort_opt.onnx")
+        code = _CHILD.format(threads=ctx.threads, optimized=str(optimized), model=str(path),
+                             name=name, sample=str(sample), shape=tuple(shape), warmup=warmup,
+                             runs=runs)
+        m: Measure = guarded(ctx, f"latency {label}", lambda c=code: _one(c, repeat))
+        optimized.unlink(missing_ok=True)
+        if not m.ok:
+            out[label] = {"error": m.error}
+            continue
+        ops = m.result["ops"]
+        out[label] = {
+            "ms": m.result["ms_median"], "ms_runs": m.result["ms_all"], "runs": runs,
+            "children": len(m.runs), "rss_mb": m.rss_mb,
+            "integer_ops": {k: ops[k] for k in INTEGER_OPS if ops.get(k)},
+            "float_compute_left": sum(ops.get(k, 0) for k in FLOAT_COMPUTE),
+            "dq_left": ops.get("DequantizeLinear", 0), "q_left": ops.get("QuantizeLinear", 0),
+        }
+        ctx.log(f"  latency {label}: {out[label]['ms']:.1f} ms, integer ops "
+                f"{out[label]['integer_ops']}")
+    return out
+
+
+def _one(code: str, repeat: int) -> Measure:
+    ms = []
+    m = Measure()
+    for _ in range(repeat):
+        one = run_child(code)
+        if not one.ok:
+            return one
+        m.runs += one.runs
+        ms.append(one.result["ms"])
+        m.result = {**one.result, "ms_all": ms}
+    m.result["ms_median"] = statistics.median(ms)
+    return m
+
+
+def markdown(results: dict[str, Any], floor_label: str = "float") -> str:
+    base = results.get(floor_label, {}).get("ms")
+    kinds = sorted({k for r in results.values() for k in r.get("integer_ops", {})},
+                   key=INTEGER_OPS.index)
+    rows = []
+    for label, r in results.items():
+        if "error" in r:
+            rows.append([label, r["error"], "–", *["–"] * len(kinds), "–", "–"])
+            continue
+        rows.append([label, fmt(r["ms"], 1), fmt(r["ms"] / base if base else None),
+                     *[r["integer_ops"].get(k, 0) for k in kinds], r["float_compute_left"],
+                     r["dq_left"]])
+    headers = ["model", "median latency (ms)", "x float", *kinds,
+               "float Conv/MatMul/Gemm left", "DequantizeLinear left"]
+    return table(headers, rows)

@@ -1,0 +1,81 @@
+"""The bench's plumbing: clean skip without a corpus, the report writer, child measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.__main__ import parse  # noqa: E402
+from bench.common import Measure, Section, run_child, table  # noqa: E402
+from bench.report import write  # noqa: E402
+
+
+def test_missing_corpus_skips_cleanly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "accuracy", "--corpus",
+         "/nonexistent", "--out-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert ("corpus /nonexistent not found; build it with ../shared/corpus/build_corpus.sh "
+            "DIR; skipping accuracy") in result.stdout
+    # A quick run never writes the files the README quotes.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quick.json", "quick.md"]
+    report = json.loads((tmp_path / "quick.json").read_text())
+    assert report["quick"] is True
+    assert report["command"] == ("python -m bench --quick --only accuracy --corpus /nonexistent "
+                                 f"--out-dir {tmp_path}")
+    section = report["sections"]["accuracy"]
+    assert section["error"] is None
+    assert "skipping accuracy" in section["data"]["skipped"]
+    assert "QUICK" in (tmp_path / "quick.md").read_text()
+
+
+def test_writer_renders_sections_and_json(tmp_path):
+    meta = {"command": "python -m bench --x", "date": "2026-01-01 00:00 UTC", "quick": False,
+            "wall_seconds": 90.0, "load_average_end": [0.5, 0.4, 0.3],
+            "machine": {"cpu": "Test CPU", "cores": 2, "memory_gb": 8.0, "simd": ["avx2"],
+                        "vnni": False, "load_average": [1.0, 0.5, 0.25], "python": "3.11",
+                        "onnxruntime": "1.31", "onnx": "1.20", "numpy": "2.0"}}
+    good = Section("calibration", "Calibration cost",
+                   markdown=table(["case", "time (s)"], [["ptqconv KL", "1.50"]]),
+                   data={"time": float("nan"), "path": Path("/x"), "runs": (1, 2)}, seconds=12)
+    bad = Section("bert", "BERT", error="RuntimeError: boom", seconds=3)
+    md_path, json_path = write(tmp_path, "latest", meta, [good, bad])
+    md = md_path.read_text()
+    assert md.startswith("# ptqconv bench\n")
+    assert "- command: `python -m bench --x`" in md
+    assert "total wall time 1.5 min" in md
+    assert "Test CPU, 2 cores, 8 GB, avx2 (no VNNI)" in md
+    assert "1.00 / 0.50 / 0.25, at end: 0.50 / 0.40 / 0.30" in md
+    assert "## Calibration cost\n\n| case | time (s) |\n|---|---:|\n| ptqconv KL | 1.50 |" in md
+    assert "## BERT\n\n**Section failed:** RuntimeError: boom" in md
+    data = json.loads(json_path.read_text())  # strict JSON: NaN would not parse back as null
+    assert data["sections"]["calibration"]["data"] == {"time": None, "path": "/x",
+                                                      "runs": [1, 2]}
+    assert data["sections"]["bert"]["error"] == "RuntimeError: boom"
+    assert data["machine"]["cpu"] == "Test CPU"
+
+
+def test_run_child_reports_result_medians_and_memory_cap():
+    m = run_child("RESULT = 6 * 7", repeat=3)
+    assert m.ok and len(m.runs) == 3 and m.result == 42
+    assert 0 < m.seconds < 5 and 1 < m.rss_mb < 500
+    capped = run_child("block = bytearray(2 << 30)", mem_cap_gb=1)
+    assert not capped.ok and capped.error.startswith("out of memory above 1 GB")
+    failed = run_child("raise ValueError('no good')")
+    assert failed.error == "failed: ValueError: no good"
+    assert Measure(runs=[{"seconds": s, "rss_mb": 1.0} for s in (3, 1, 2)]).seconds == 2
+
+
+def test_unknown_section_is_a_usage_error():
+    with pytest.raises(SystemExit) as exc:
+        parse(["--only", "calibration,nope"])
+    assert exc.value.code == 2
+    assert parse(["--only", "bert"]).sections == ["bert"]
