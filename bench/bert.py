@@ -6,6 +6,8 @@ each tool's output, and the latency against float.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import latency
 from .calibration import (
     Workload,
@@ -38,7 +40,8 @@ def run(ctx: Context) -> Section:
     w = Workload(model, data, "hidden", shape, ctx.scratch("bert/out"), quick_bins(ctx))
     tensors, per_sample = entropy_footprint(model)
     for count in counts:
-        # One inference is ~0.45 s on 2 cores: one run per case keeps the default run in budget.
+        # One inference is 0.15-0.45 s on 2 cores: one run per case keeps the default run in
+        # budget.
         skip = {}
         if not (ctx.heavy or ctx.quick):
             # Its 2048-bin threshold search alone takes minutes over this many tensors.
@@ -48,14 +51,20 @@ def run(ctx: Context) -> Section:
                 f"a {ctx.mem_cap_gb:g} GB cap")
         compare(ctx, w, count, 1, skip)
     est = entropy_estimate(w)
+    floor = w.results[counts[0]]["float inference (floor)"]
+    # The floor includes imports and session creation: an upper bound per inference.
+    per_inference = (f" (the float floor is {floor.seconds / counts[0] * 1000:.0f} ms per "
+                     "sample, session creation included)" if floor.ok else "")
     section.data = {"model": {**dims, "file_mb": model.stat().st_size / 1e6,
                               "matmul_weights_m": params},
                     "entropy_footprint": {"tensors": tensors, "mb_per_sample": per_sample},
                     "cost": cost_data(w)}
     count = counts[0]
-    models = {"float": model}
+    models: dict[str, Path | str] = {"float": model}
     for case in ("ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax", "onnxruntime Entropy"):
-        models[f"{case} ({count} samples)"] = w.output(case, count)
+        done = w.results[count][case]
+        models[f"{case} ({count} samples)"] = (w.output(case, count) if done.ok
+                                                else f"not converted: {done.error}")
     runs = 3 if ctx.quick else 10
     lat = latency.measure(ctx, models, next(iter(sorted(data.iterdir()))), "hidden", shape,
                           runs=runs, warmup=2, repeat=1)
@@ -69,7 +78,7 @@ def run(ctx: Context) -> Section:
         "scaled Q.K^T, Softmax, .V, output projection, residual Add, LayerNormalization, "
         "FFN with Erf-form GELU, residual, LayerNormalization; float32 hidden states "
         f"{list(shape)} as input, standard-normal samples. Same cases and settings as the CNN "
-        f"section; one run per case (one inference takes about half a second here). "
+        f"section; one run per case{per_inference}. "
         f"onnxruntime's calibrators observe {tensors} tensors here, {per_sample:.0f} MB per "
         f"sample (shape inference), which Entropy keeps for every sample.{est_text}",
         "",

@@ -213,16 +213,19 @@ def run(ctx: Context) -> Section:
     if est:
         section.data["entropy_mb_per_sample"] = est[0]
     lat_count = 300 if 300 in counts else counts[-1]
-    models = {"float": model}
+    models: dict[str, Path | str] = {"float": model}
     for case in ("ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax", "onnxruntime Entropy"):
-        models[f"{case} ({lat_count} samples)"] = w.output(case, lat_count)
+        done = w.results[lat_count][case]
+        models[f"{case} ({lat_count} samples)"] = (w.output(case, lat_count) if done.ok
+                                                else f"not converted: {done.error}")
     runs = 5 if ctx.quick else 30
     lat = latency.measure(ctx, models, next(iter(sorted(data.iterdir()))), "input", shape,
                           runs=runs, warmup=3, repeat=1 if ctx.quick else ctx.repeat)
     section.data["latency"] = lat
     est_text = (f" Its peak RSS grows by {est[0]:.0f} MB per sample here." if est else "")
     section.markdown = "\n".join([
-        f"ResNet-18 topology (11.7M parameters, BN folded, random weights) at {size}x{size}, "
+        f"ResNet-18 topology ({'11.7M parameters' if width == 64 else f'{width} base channels'}"
+        f", BN folded, random weights) at {size}x{size}, "
         f"smooth random images as `.bin` files; {ctx.threads} threads. Each run of each case "
         "is its own process (the whole conversion for ptqconv and onnxruntime, imports "
         "included; plain inference of the same samples for the floor); peak RSS is the "
@@ -232,7 +235,8 @@ def run(ctx: Context) -> Section:
         "`CalibNumBins`, and its default of 128 bins with 128 quantized bins can only return "
         "the MinMax range, so the bench passes the bin count to its calibrator directly. "
         "Entropy keeps every augmented output of every sample in memory until the end; "
-        f"each case runs under a {ctx.mem_cap_gb:g} GB address-space cap.{est_text} To keep "
+        f"every case runs under a {ctx.mem_cap_gb:g} GB memory cap (RSS watchdog and "
+        f"RLIMIT_AS).{est_text} To keep "
         "the default run under 15 minutes only the 100-sample cases are run several times "
         "(`runs`), and Entropy once (its time is mostly a fixed threshold search).",
         "",

@@ -38,14 +38,15 @@ RESULT = {{"ms": statistics.median(times) * 1000, "ops": dict(ops)}}
 """
 
 
-def measure(ctx: Context, models: dict[str, Path], sample: Path, name: str,
+def measure(ctx: Context, models: dict[str, Path | str], sample: Path, name: str,
             shape: tuple[int, ...], runs: int, warmup: int, repeat: int) -> dict[str, Any]:
     """Median latency (ms, median over `repeat` children of each child's median over `runs`)
-    and the optimized graph's op counts, per model."""
+    and the optimized graph's op counts, per model; a str instead of a path says why there
+    is no model."""
     out: dict[str, Any] = {}
     for label, path in models.items():
-        if not path.exists():
-            out[label] = {"error": "no model (its conversion failed)"}
+        if isinstance(path, str) or not path.exists():
+            out[label] = {"error": path if isinstance(path, str) else "no model"}
             continue
         optimized = path.with_name(path.stem + ".ort_opt.onnx")
         code = _CHILD.format(threads=ctx.threads, optimized=str(optimized), model=str(path),
