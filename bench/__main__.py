@@ -1,8 +1,9 @@
 """python -m bench [--corpus DIR] [--heavy] [--repeat N] [--only a,b] [--quick] [--out-dir DIR]
 
 Runs the sections in order and writes `<out-dir>/latest.md` and `latest.json` after each one,
-so a failure or an interruption keeps what was measured. A --quick run writes `quick.*` and a
---only run `only-<sections>.*`: neither overwrites the full run the README quotes.
+so a failure or an interruption keeps what was measured. A --quick run writes `quick.*` (not
+kept in git) and a --only run `only-<sections>[-heavy].*`: neither overwrites the full run the
+README quotes.
 """
 
 from __future__ import annotations
@@ -33,24 +34,29 @@ def _default_cap() -> float:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[2])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure ptqconv against onnxruntime's quantizer (calibration cost, BERT, "
+                    "WeightQuant, corpus accuracy) and write <out-dir>/latest.md and .json.")
     parser.add_argument("--corpus", type=Path, default=os.environ.get("PTQCONV_CORPUS"),
                         help="corpus directory built by ../shared/corpus/build_corpus.sh "
                              "(default: $PTQCONV_CORPUS); the accuracy section skips without it")
     parser.add_argument("--heavy", action="store_true",
                         help="also the slow and memory-hungry cases: onnxruntime Entropy at "
-                             "1,000 samples (capped), BERT at 300 samples, the 3 GB WeightQuant "
-                             "model")
+                             "1,000 CNN samples and on BERT (capped), BERT at 300 samples, the "
+                             "3 GB WeightQuant model, every CNN case repeated")
     parser.add_argument("--repeat", type=int, default=3, help="runs per timed case (median)")
     parser.add_argument("--only", default="",
                         help=f"comma-separated sections among {','.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true",
                         help="tiny models and sample counts, one run each: a plumbing check")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent,
+                        help="where the .md and .json go (default: bench/)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="onnxruntime and ptqconv threads (default: all cores)")
     parser.add_argument("--mem-cap-gb", type=float, default=_default_cap(),
-                        help="address-space cap of every timed child (default: 80%% of RAM, "
-                             "at most 20)")
+                        help="memory cap of every timed child, above which it is stopped and "
+                             "reported out of memory (default: 80%% of RAM, at most 20)")
     args = parser.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     unknown = [s for s in only if s not in SECTIONS]
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     stem = "quick" if args.quick else (
-        "latest" if args.sections == list(SECTIONS) else "only-" + "-".join(args.sections))
+        "latest" if args.sections == list(SECTIONS)
+        else "only-" + "-".join(args.sections) + ("-heavy" if args.heavy else ""))
     meta = {
         "command": shlex.join(["python", "-m", "bench", *argv]),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
