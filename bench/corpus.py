@@ -48,7 +48,8 @@ class CorpusModel:
             f"[data_preprocess_param]\ncalibrate_path={calib}\n"
             f"calibrate_size={self.count('calib')}\ninput_shape={shapes}\n"
             f"[full_quant_param]\nactivation_quant_method={method}\n"
-            f"bias_correction={'true' if bias_correction else 'false'}\n")
+            f"bias_correction={'true' if bias_correction else 'false'}\n"
+            "activation_bit_num=8\n")  # W4A8 at bits=4
         return path
 
 

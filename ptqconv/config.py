@@ -22,7 +22,8 @@ The forms:
                     min_quant_weight_channel, skip_quant_node, debug_info_save_path
                     [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
-                    reduce_range, smooth_quant, equalize, thread_num
+                    reduce_range, smooth_quant, equalize, activation_bit_num,
+                    thread_num
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
                     cosine_threshold (ptqconv's accuracy gate after conversion)
   YAML              the same sections as top-level mappings with the same keys; lists
@@ -100,6 +101,8 @@ class QuantConfig:
     reduce_range: bool = True  # 7-bit weights: no U8S8 int16 saturation on x86 without VNNI
     smooth_quant: bool = True  # SmoothQuant for MatMul activations (transformers)
     equalize: bool = True  # cross-layer equalization of Conv -> Relu/Clip -> Conv chains
+    # [1, 8]; ptqconv's: bits of the activations when they differ from bit_num (W4A8).
+    activation_bit_num: int | None = None
     thread_num: int = 1  # [1, 64]
     # [evaluate_param]: the accuracy gate run after the model is written.
     eval_path: tuple[tuple[str, Path], ...] = ()  # name:dir like calibrate_path
@@ -688,6 +691,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _Key("reduce_range", _boolean, _BOOL_ALLOWED),
         _Key("smooth_quant", _boolean, _BOOL_ALLOWED),
         _Key("equalize", _boolean, _BOOL_ALLOWED),
+        _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
     ),
     "evaluate_param": _keys(

@@ -114,6 +114,7 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
     assert config is not None  # ConvertOptions.create guarantees it for PostTraining
     model = modelio.load_model(source)
     skip = frozenset(options.skip_quant_node)
+    act_bits = config.activation_bit_num or options.bit_num
     model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
     smooth_names = ({g.activation for g in smooth_quant.find_groups(model.graph, skip)}
                     if config.smooth_quant else set())
@@ -138,7 +139,7 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
     tensors = list(dict.fromkeys([*first.observe, *first.shared, *sorted(smooth_names),
                                   *sorted(equalize_names)]))
     observers = observe(model, tensors, data, make_observer, config.thread_num, step)
-    ranges = {name: obs.compute_range(options.bit_num) for name, obs in observers.items()}
+    ranges = {name: obs.compute_range(act_bits) for name, obs in observers.items()}
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
     # sentinels is not a signal, and quantizing it would erase everything else it carries.
     # Tensors that turned out not to be float32 stay unquantized as well.
@@ -161,13 +162,13 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
         new_ranges = equalize.equalize(
             equalize.find_groups(graph_model.graph, skip),
             {n: channel_stats[n] for n in equalize_names if n in channel_stats},
-            2**options.bit_num - 1,
+            2**act_bits - 1,
             lambda conv: full.qmax if is_depthwise(conv) else grid.qmax)
         groups = smooth_quant.find_groups(graph_model.graph, skip)
         new_ranges.update(smooth_quant.smooth(graph_model.graph, groups,
                                               {n: channel_stats[n] for n in smooth_names
                                                if n in channel_stats},
-                                              2**options.bit_num - 1, grid.qmax))
+                                              2**act_bits - 1, grid.qmax))
         return new_ranges
 
     def reload() -> ir.Model:
@@ -185,7 +186,7 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
 
     def qdq_pass(quant_plan, **keep: bool) -> QDQPass:
         return QDQPass(quant_plan, ranges, options.bit_num, per_channel=config.per_channel,
-                       reduce_range=config.reduce_range, **keep)
+                       reduce_range=config.reduce_range, act_bits=act_bits, **keep)
 
     qdq = qdq_pass(plan, keep_weight_errors=config.bias_correction, keep_weights=debug)
     qdq(model)
@@ -207,6 +208,7 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
         bias_lines = []
     report.details += [
         f"  calibration: {config.activation_quant_method} on {len(data)} samples",
+        *([f"  activations: {act_bits}-bit"] if act_bits != options.bit_num else []),
         f"  node units quantized: {len(plan.units)}",
         *([f"  equalized: {len(equalized)} Conv -> Conv activations"] if equalized else []),
         *([f"  SmoothQuant: {len(smoothed) - len(equalized)} MatMul inputs"]
@@ -246,7 +248,7 @@ def _layer_report(float_model: ir.Model, model: ir.Model, qdq: QDQPass, data: Ca
         if params is not None:
             tensors[name] = (dequantized, params[0], params[1])
     stats = layer_report.activation_report(float_model, model, tensors, owners,
-                                           options.bit_num, data, options.config.thread_num)
+                                           qdq.act_grid.bits, data, options.config.thread_num)
     stats += layer_report.weight_report(qdq.weight_params)
     return layer_report.write(options.debug_dir, stats)
 

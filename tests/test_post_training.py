@@ -306,3 +306,65 @@ def test_reduce_range_spares_depthwise_convs(tmp_path):
         assert np.abs(inits["w0_quantized"]).max() == gemm_max
         # onnxruntime's depthwise kernel adds no int16 pairs: the full grid is kept.
         assert np.abs(inits["dw_quantized"]).max() == 127
+
+
+def test_w4a8_keeps_8_bit_activations_with_4_bit_weights(tmp_path):
+    errors = {}
+    for name, extra in (("w4a4", ""), ("w4a8", "activation_bit_num=8\n")):
+        config = tmp_path / f"{name}.ini"
+        config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:"
+                          f"{DIGITS / 'calib' / 'input'}\n[full_quant_param]\n{extra}")
+        out = tmp_path / f"{name}.onnx"
+        assert convert(f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                       f"--configFile={config}", "--bitNum=4") == 0
+        model = onnx.load(str(out))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        weights = [inits[n.input[0]] for n in model.graph.node
+                   if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None
+                   and inits[n.input[0]].dtype == np.int8]
+        assert weights and max(int(np.abs(w).max()) for w in weights) <= 7
+        x = digits_eval()
+        (ref,) = run_model(DIGITS / "model.onnx", {"input": x})
+        (got,) = run_model(out, {"input": x})
+        errors[name] = float(np.sqrt(np.mean(np.square(ref - got))))
+    assert errors["w4a8"] < 0.7 * errors["w4a4"], errors
+
+
+def test_attention_blocks_convert_and_fuse(tmp_path):
+    """A 2-layer BERT-like encoder: onnxruntime's basic MatMulAddFusion used to leave a
+    simplified model that onnxruntime itself failed to load ("Attempt to replace the existing
+    tensor")."""
+    import sys
+
+    sys.path.insert(0, str(DIGITS.parent.parent))
+    from bench.models import bert, normal_samples
+
+    src = bert(tmp_path / "bert.onnx", layers=2, hidden=128, heads=2, ffn=256, seq=16)
+    data = normal_samples(tmp_path / "hidden", 4, (1, 16, 128))
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'hidden:{data}')}") == 0
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearMatMul"] >= 4 and ops["QLinearSoftmax"] == 2
+
+
+def test_a_model_whose_only_quantized_activation_is_its_input(tmp_path):
+    # MatMul + Add with a float output: calibration observes the model input alone.
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
+    b = onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["m"]),
+         onnx.helper.make_node("Add", ["m", "b"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8])], [w, b])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = save(model, tmp_path / "float.onnx")
+    samples = [rng.standard_normal((1, 4, 16)).astype(np.float32) for _ in range(4)]
+    data = write_samples(tmp_path / "x", samples)
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    (ref,), (got,) = run_model(src, {"x": samples[0]}), run_model(out, {"x": samples[0]})
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()

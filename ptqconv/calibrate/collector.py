@@ -133,6 +133,11 @@ def observe(
                 update(name, sample[name])
             yield sample
 
-    with probe_session(model, fetched, threads) as session:
-        stream(session, with_inputs(samples), fetched, consume, progress)
+    if not fetched:  # only model inputs to observe (session.run([]) would fetch everything)
+        for _ in with_inputs(samples):
+            if progress:
+                progress(1)
+    else:
+        with probe_session(model, fetched, threads) as session:
+            stream(session, with_inputs(samples), fetched, consume, progress)
     return {name: obs for name, obs in observers.items() if name not in skipped}

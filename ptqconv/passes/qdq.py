@@ -26,7 +26,8 @@ class QDQPass(ir.passes.InPlacePass):
 
     def __init__(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], bits: int,
                  per_channel: bool = True, keep_weight_errors: bool = False,
-                 keep_weights: bool = False, reduce_range: bool = True):
+                 keep_weights: bool = False, reduce_range: bool = True,
+                 act_bits: int | None = None):
         super().__init__()
         self.keep_weights = keep_weights  # float weights for the per-layer report
         # For bias correction: node index in the float graph -> (node, W - dequantized W).
@@ -34,7 +35,7 @@ class QDQPass(ir.passes.InPlacePass):
         self.weight_errors: dict[int, tuple[ir.Node, np.ndarray]] = {}
         self.plan = plan
         self.ranges = ranges
-        self.act_grid = qparams.activation_grid(bits)
+        self.act_grid = qparams.activation_grid(act_bits or bits)
         self.weight_grid = qparams.fused_weight_grid(bits, reduce_range)
         # onnxruntime's depthwise kernel accumulates single products in int32, so it cannot
         # saturate like the GEMM kernels: depthwise weights keep the full 8-bit grid (measured
