@@ -54,12 +54,7 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1073741824")
     try:
-        # MatMulAddFusion turns MatMul + Add on 3-D inputs into Reshape -> Gemm -> Reshape
-        # with shape initializers that onnxruntime 1.31 then fails to load again ("Attempt to
-        # replace the existing tensor", on a 2-layer BERT), and whose Gemm keeps float DQ
-        # inputs once quantized. MatMul + Add quantize and fuse well as they are.
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=["MatMulAddFusion"])
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PtqError(f"{path}: onnxruntime cannot load the model: {message}") from None

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from ptqconv.calibrate.collector import session_options
+from ptqconv.calibrate.collector import REAPPLIED_FUSIONS, session_options
 from ptqconv.passes.qdq import QDQPass
 from ptqconv.passes.qdq_plan import QuantPlan
 
@@ -77,6 +77,7 @@ def rank_units(
 def _run(model: bytes, samples: Sequence[Mapping[str, np.ndarray]],
          threads: int) -> list[np.ndarray]:
     session = ort.InferenceSession(model, session_options(threads),
+                                   disabled_optimizers=REAPPLIED_FUSIONS,
                                    providers=["CPUExecutionProvider"])
     return [np.concatenate([o.ravel() for o in session.run(None, dict(s))]) for s in samples]
 

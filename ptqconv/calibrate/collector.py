@@ -22,6 +22,11 @@ from ptqconv import modelio
 from ptqconv.calibrate.observers import Observer
 from ptqconv.passes.naming import values_by_name
 
+# The graphs ptqconv runs were already simplified by onnxruntime (modelio). Applying
+# MatMulAddFusion a second time, to a graph holding its own Reshape -> Gemm -> Reshape output,
+# fails in onnxruntime 1.31 with "Attempt to replace the existing tensor" (attention blocks).
+REAPPLIED_FUSIONS = ["MatMulAddFusion"]
+
 
 def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     options = ort.SessionOptions()
@@ -63,7 +68,8 @@ def probe_session(model: ir.Model, outputs: Sequence[str], threads: int):
             graph.outputs.clear()
             graph.outputs.extend(original)
             session = ort.InferenceSession(source, session_options(threads),
-                                           providers=["CPUExecutionProvider"])
+                                           providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=REAPPLIED_FUSIONS)
             del source
             yield session
     finally:
