@@ -6,8 +6,6 @@ each tool's output, and the latency against float.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import latency
 from .calibration import (
     Workload,
@@ -16,6 +14,7 @@ from .calibration import (
     cost_markdown,
     entropy_estimate,
     entropy_footprint,
+    latency_models,
     quick_bins,
 )
 from .common import Context, Section
@@ -60,11 +59,7 @@ def run(ctx: Context) -> Section:
                     "entropy_footprint": {"tensors": tensors, "mb_per_sample": per_sample},
                     "cost": cost_data(w)}
     count = counts[0]
-    models: dict[str, Path | str] = {"float": model}
-    for case in ("ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax", "onnxruntime Entropy"):
-        done = w.results[count][case]
-        models[f"{case} ({count} samples)"] = (w.output(case, count) if done.ok
-                                                else f"not converted: {done.error}")
+    models = latency_models(w, model, count)
     runs = 3 if ctx.quick else 10
     lat = latency.measure(ctx, models, next(iter(sorted(data.iterdir()))), "hidden", shape,
                           runs=runs, warmup=2, repeat=1)

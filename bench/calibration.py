@@ -182,6 +182,16 @@ def cost_markdown(w: Workload) -> str:
     return f"{cost}\n\nptqconv / onnxruntime (below 1: ptqconv cheaper):\n\n{pairs}"
 
 
+def latency_models(w: Workload, model: Path, count: int) -> dict[str, Path | str]:
+    """The float model and each tool's output at `count` samples (or why there is none)."""
+    models: dict[str, Path | str] = {"float": model}
+    for case in CASES[1:]:
+        done = w.results[count][case]
+        models[f"{case} ({count} samples)"] = (w.output(case, count) if done.ok
+                                              else f"not converted: {done.error}")
+    return models
+
+
 def cost_data(w: Workload) -> dict[str, Any]:
     return {str(n): {case: m.as_dict() for case, m in r.items()} for n, r in w.results.items()}
 
@@ -213,11 +223,7 @@ def run(ctx: Context) -> Section:
     if est:
         section.data["entropy_mb_per_sample"] = est[0]
     lat_count = 300 if 300 in counts else counts[-1]
-    models: dict[str, Path | str] = {"float": model}
-    for case in ("ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax", "onnxruntime Entropy"):
-        done = w.results[lat_count][case]
-        models[f"{case} ({lat_count} samples)"] = (w.output(case, lat_count) if done.ok
-                                                else f"not converted: {done.error}")
+    models = latency_models(w, model, lat_count)
     runs = 5 if ctx.quick else 30
     lat = latency.measure(ctx, models, next(iter(sorted(data.iterdir()))), "input", shape,
                           runs=runs, warmup=3, repeat=1 if ctx.quick else ctx.repeat)

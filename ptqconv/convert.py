@@ -18,7 +18,7 @@ from ptqconv.metrics import model_mean_bias_percent
 from ptqconv.options import ConvertOptions, QuantType
 from ptqconv.passes import equalize, smooth_quant
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
-from ptqconv.passes.qdq import QDQPass, is_depthwise
+from ptqconv.passes.qdq import QDQPass, weight_grid_for
 from ptqconv.passes.qdq_plan import plan_quantization
 from ptqconv.passes.weight_quant import WeightQuantConfig, WeightQuantPass
 from ptqconv.report import ConversionReport
@@ -158,12 +158,11 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
         if not channel_stats:
             return {}
         grid = qparams.fused_weight_grid(options.bit_num, config.reduce_range)
-        full = qparams.fused_weight_grid(options.bit_num, reduce_range=False)
         new_ranges = equalize.equalize(
             equalize.find_groups(graph_model.graph, skip),
             {n: channel_stats[n] for n in equalize_names if n in channel_stats},
             2**act_bits - 1,
-            lambda conv: full.qmax if is_depthwise(conv) else grid.qmax)
+            lambda conv: weight_grid_for(conv, options.bit_num, config.reduce_range).qmax)
         groups = smooth_quant.find_groups(graph_model.graph, skip)
         new_ranges.update(smooth_quant.smooth(graph_model.graph, groups,
                                               {n: channel_stats[n] for n in smooth_names
