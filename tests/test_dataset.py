@@ -413,7 +413,9 @@ def test_iteration_streams_without_keeping_samples(tmp_path):
         tracemalloc.stop()
     del sample
     assert all(r() is None for r in refs)
-    assert peak < 200_000  # a few samples at most, not n * 4 KB = 8 MB
+    # Kept samples would cost n * 4 KB = 8 MB; the bound leaves room for the
+    # interpreter's own allocations (about 0.2 MB, which varies by machine).
+    assert peak < 1_000_000
 
 
 # ---------------------------------------------------------------- parse_input_shape
