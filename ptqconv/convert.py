@@ -13,7 +13,13 @@ from ptqconv import layer_report, modelio, qparams, sensitivity
 from ptqconv.benchmark import compare_models, gate_failures
 from ptqconv.calibrate.collector import observe
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
-from ptqconv.calibrate.observers import OBSERVERS, ChannelRange, MinMaxObserver, Observer
+from ptqconv.calibrate.observers import (
+    KL_SQNR_FLOOR_DB,
+    OBSERVERS,
+    ChannelRange,
+    MinMaxObserver,
+    Observer,
+)
 from ptqconv.metrics import model_mean_bias_percent
 from ptqconv.options import ConvertOptions, QuantType
 from ptqconv.passes import equalize, smooth_quant
@@ -140,6 +146,7 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
                                   *sorted(equalize_names)]))
     observers = observe(model, tensors, data, make_observer, config.thread_num, step)
     ranges = {name: obs.compute_range(act_bits) for name, obs in observers.items()}
+    kl_refused = sum(obs.kl_refused for obs in observers.values())
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
     # sentinels is not a signal, and quantizing it would erase everything else it carries.
     # Tensors that turned out not to be float32 stay unquantized as well.
@@ -207,6 +214,8 @@ def _post_training(source: Path, data: CalibrationSet, options: ConvertOptions,
         bias_lines = []
     report.details += [
         f"  calibration: {config.activation_quant_method} on {len(data)} samples",
+        *([f"  KL thresholds refused: {kl_refused} (clipping would leave below "
+             f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if kl_refused else []),
         *([f"  activations: {act_bits}-bit"] if act_bits != options.bit_num else []),
         f"  node units quantized: {len(plan.units)}",
         *([f"  equalized: {len(equalized)} Conv -> Conv activations"] if equalized else []),

@@ -87,13 +87,39 @@ def test_histogram_matches_a_direct_2048_bin_histogram():
 def test_kl_clips_a_heavy_tail_and_keeps_unsigned_tensors_unsigned():
     rng = np.random.default_rng(1)
     x = rng.standard_normal(100_000).astype(np.float32)
-    x[:5] = 100.0  # outliers
+    x[:5] = 30.0  # outliers, 4% of the energy
     lo, hi = feed(HistogramObserver(), [x]).compute_range(8)
-    # The outliers at 100 are clipped; the negative side stops at the observed minimum.
-    assert lo == pytest.approx(x.min()) and 3 < hi < 25
+    # The outliers at 30 are clipped; the range is [-T, T] within the observed minimum.
+    assert lo == pytest.approx(max(x.min(), -hi)) and 3 < hi < 25
     relu = np.maximum(x, 0)
     lo, hi = feed(HistogramObserver(), [relu]).compute_range(8)
     assert lo == 0.0 and 3 < hi < 25
+
+
+def test_kl_is_refused_where_its_clipping_would_leave_mostly_noise():
+    # As ppocrv4_rec's Hardswish outputs: most values within 0.04 of zero, a few up to 100 x
+    # larger that carry most of the energy. KL's threshold cuts that tail.
+    rng = np.random.default_rng(3)
+    x = (np.abs(rng.standard_normal(200_000)) * 0.03 - 0.04).astype(np.float32)
+    x[:20_000] = rng.exponential(0.08, 20_000)
+    x[:400] = rng.uniform(0.5, 3.5, 400)
+    lo, hi = feed(HistogramObserver(), [x]).compute_range(8)
+    assert (lo, hi) == (pytest.approx(x.min()), pytest.approx(x.max(), rel=1e-6))
+
+    def sqnr_db(obs) -> float:
+        lo, hi = feed(obs, [x]).compute_range(8)
+        scale = (hi - lo) / 255
+        zp = np.round(-lo / scale)
+        q = (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+        return float(10 * np.log10(np.mean(x.astype(np.float64) ** 2) / np.mean((q - x) ** 2)))
+
+    # What the refusal avoids: KL's own threshold, as MindSpore computes it, leaves < 10 dB.
+    unguarded = HistogramObserver()
+    unguarded._destroys_tensor = lambda *a: False
+    assert sqnr_db(unguarded) < 10 < 25 < sqnr_db(HistogramObserver())
+    guarded = feed(HistogramObserver(), [x])
+    guarded.compute_range(8)
+    assert guarded.kl_refused
 
 
 def test_minmax_and_removal_outlier_ranges():

@@ -16,12 +16,20 @@ import numpy as np
 KL_BINS = 2048
 KL_BIN_FLOOR = 1e-7
 KL_TARGET_BINS = 128
+# ptqconv's safety net on KL: a KL threshold is refused when its clipping leaves the tensor
+# with a predicted SQNR below this and the observed range would do better. KL weighs bins by
+# probability, so on long-tailed tensors whose rare large values carry the signal (ppocrv4_rec's
+# Hardswish outputs: 99% of values below a tenth of the maximum) it clipped them to 1-9 dB.
+KL_SQNR_FLOOR_DB = 10.0
 # REFERENCE.md §2 REMOVAL_OUTLIER: per-sample 0.01% / 99.99% quantiles.
 OUTLIER_QUANTILES = (0.0001, 0.9999)
 
 
 class Observer(ABC):
     """Running summary of one tensor's values."""
+
+    # Set by compute_range when the method's own choice was refused for the observed range.
+    kl_refused = False
 
     def __init__(self) -> None:
         self.min = math.inf
@@ -155,7 +163,23 @@ class HistogramObserver(Observer):
         # (after ReLU) have no negative side, so their 256 levels all lie on [0, T].
         target = KL_TARGET_BINS * 2 if unsigned else KL_TARGET_BINS
         threshold_bin = kl_threshold_bin(hist + KL_BIN_FLOOR, target)
-        return (threshold_bin + 0.5) * absmax / KL_BINS
+        threshold = (threshold_bin + 0.5) * absmax / KL_BINS
+        self.kl_refused = self._destroys_tensor(hist, absmax, bits, threshold)
+        return absmax if self.kl_refused else threshold
+
+    def _negative_extent(self, absmax: float) -> float:
+        # Signed tensors are scored as if symmetric even when barely negative: the tighter
+        # grid the real [min, T] range gives was measured to pick worse MSE thresholds
+        # (mobilenet_v2 top-1 0.95 -> 0.85, ppocrv4_rec 0.80 -> 0.74 with bias correction).
+        return absmax if self.min < 0 else 0.0
+
+    def _destroys_tensor(self, hist: np.ndarray, absmax: float, bits: int,
+                         threshold: float) -> bool:
+        kl_error, full_error = predicted_error(
+            hist, absmax, np.array([threshold, absmax]), self._negative_extent(absmax), bits)
+        centres = (np.arange(KL_BINS) + 0.5) * (absmax / KL_BINS)
+        power = float(np.sum(hist * centres**2))
+        return bool(kl_error > full_error and power < kl_error * 10 ** (KL_SQNR_FLOOR_DB / 10))
 
 
 def _coarsen(hist: np.ndarray, steps: int) -> np.ndarray:
@@ -200,29 +224,38 @@ def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
 class MSEObserver(HistogramObserver):
     """MSE: the clipping threshold that minimises the expected squared quantization error.
 
-    Same streaming histogram as KL; for every candidate threshold T the error is the clipping
-    error of the mass beyond T plus uniform rounding noise (T / levels)^2 / 12 inside, on the
-    grid the tensor will actually use (2**bits levels over [0, T] for unsigned tensors, over
-    [-T, T] for signed ones). Unlike KL it pays for what clipping costs, so a spike of
-    saturated values (ReLU6 at 6) or a rare but large outlier is kept when clipping it hurts.
+    Same streaming histogram as KL; every candidate threshold T is scored by
+    `predicted_error` (clipping error plus rounding noise on the grid the tensor will use).
+    Unlike KL it pays for what clipping costs, so a spike of saturated values (ReLU6 at 6) or
+    a rare but large outlier is kept when clipping it hurts.
     """
 
     def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
-        unsigned = self.min >= 0
-        levels = 2**bits - 1
-        width = absmax / KL_BINS
-        centres = (np.arange(KL_BINS) + 0.5) * width
-        thresholds = (np.arange(1, KL_BINS + 1)) * width
-        # Clipping error for each candidate: sum over bins beyond T of count * (x - T)^2.
-        c0 = np.cumsum(hist[::-1])[::-1]  # counts at or beyond bin i
-        c1 = np.cumsum((hist * centres)[::-1])[::-1]
-        c2 = np.cumsum((hist * centres**2)[::-1])[::-1]
-        beyond = np.append(c0[1:], 0.0), np.append(c1[1:], 0.0), np.append(c2[1:], 0.0)
-        clip = beyond[2] - 2 * thresholds * beyond[1] + thresholds**2 * beyond[0]
-        step = thresholds / levels if unsigned else 2 * thresholds / levels
-        inside = c0[0] - beyond[0]
-        error = clip + inside * step**2 / 12
+        thresholds = np.arange(1, KL_BINS + 1) * (absmax / KL_BINS)
+        error = predicted_error(hist, absmax, thresholds, self._negative_extent(absmax), bits)
         return float(thresholds[int(np.argmin(error))])
+
+
+def predicted_error(hist: np.ndarray, absmax: float, thresholds: np.ndarray,
+                    negative_extent: float, bits: int) -> np.ndarray:
+    """Expected squared error (summed over values) of quantizing with each clip threshold T.
+
+    `hist` is the KL_BINS-bin histogram of |x| over [0, absmax], each bin's mass taken at its
+    centre. The error is the clipping error of the mass beyond T plus uniform rounding noise
+    step^2 / 12 inside, on the grid the tensor will use: 2**bits levels over
+    [-min(negative_extent, T), T] (see HistogramObserver._clip_to), so a tensor that is
+    barely negative (Hardswish, GELU) gets nearly the unsigned grid's step.
+    """
+    width = absmax / KL_BINS
+    centres = (np.arange(KL_BINS) + 0.5) * width
+    # Suffix sums: mass, first and second moments from bin k on.
+    c0, c1, c2 = (np.append(np.cumsum((hist * centres**p)[::-1])[::-1], 0.0) for p in range(3))
+    first_clipped = np.clip(np.floor(thresholds / width + 0.5), 0, KL_BINS).astype(np.intp)
+    t = thresholds
+    clip = c2[first_clipped] - 2 * t * c1[first_clipped] + t**2 * c0[first_clipped]
+    step = (t + np.minimum(negative_extent, t)) / (2**bits - 1)
+    inside = c0[0] - c0[first_clipped]
+    return np.maximum(clip, 0.0) + inside * step**2 / 12
 
 
 class RemovalOutlierObserver(Observer):
@@ -319,3 +352,7 @@ class ChannelRange(Observer):
 
     def compute_range(self, bits: int = 8) -> tuple[float, float]:
         return self.inner.compute_range(bits)
+
+    @property
+    def kl_refused(self) -> bool:  # type: ignore[override]
+        return self.inner.kl_refused
