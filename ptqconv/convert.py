@@ -37,7 +37,8 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
         else:
             assert options.config is not None  # ConvertOptions.create guarantees it
             # Checked on the graph already loaded, before the simplification and calibration.
-            data = CalibrationSet.open(graph_inputs(model.graph), options.config.calibrate_path,
+            data = CalibrationSet.open(graph_inputs(model.graph, options.model_file),
+                                       options.config.calibrate_path,
                                        options.config.calibrate_size, dict(options.input_shape))
             del model
             simplified = modelio.simplify_with_onnxruntime(options.model_file, Path(workdir))
@@ -56,7 +57,7 @@ def _eval_data(model: ir.Model, options: ConvertOptions) -> CalibrationSet | Non
     if options.accuracy_threshold is None and options.cosine_threshold is None:
         return None
     assert config is not None  # ConvertOptions.create guarantees eval_path with a threshold
-    return CalibrationSet.open(graph_inputs(model.graph), config.eval_path,
+    return CalibrationSet.open(graph_inputs(model.graph, options.model_file), config.eval_path,
                                config.eval_size or 2**31, dict(options.input_shape),
                                what="eval data")
 

@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from models import DIGITS, mlp, save
+from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv.cli import main
 
@@ -167,6 +169,13 @@ def post_training_cases(tmp_path):
     )
     empty = tmp_path / "empty"
     empty.mkdir()
+    sequence_model = tmp_path / "sequence.onnx"
+    seq = helper.make_tensor_sequence_value_info("input", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("SequenceAt", ["input", "i"], ["o"])], "g",
+                              [seq], [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array(0, np.int64), "i")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              sequence_model)
     base = [f"--modelFile={model}", f"--outputFile={out}", "--quantType=PostTraining"]
     section = "[data_preprocess_param]\ncalibrate_path="
     return [
@@ -205,10 +214,16 @@ def post_training_cases(tmp_path):
             2,
             "c8.yaml:1: section [full_quant_param] must be a mapping",
         ),
+        (
+            [f"--modelFile={sequence_model}", f"--outputFile={out}", "--quantType=PostTraining",
+             f"--configFile={config(section + f'input:{good}')}"],
+            1,  # an unsupported model, not a usage error
+            "sequence.onnx: model input 'input' is a sequence, not a tensor",
+        ),
     ]
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(12))
 def test_bad_post_training_input_fails_with_one_line_and_writes_nothing(tmp_path, capsys, case):
     args, expected_status, message = post_training_cases(tmp_path)[case]
     before = set(tmp_path.rglob("*"))

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx.helper
 import onnx_ir as ir
 
+from ptqconv import modelio
 from ptqconv.errors import PtqError, PtqUsageError
 from ptqconv.errors import one_line as _oneline
 from ptqconv.errors import shown as _p
@@ -59,64 +58,33 @@ class InputSpec:
 def model_inputs(model_path: Path) -> list[InputSpec]:
     """The graph inputs of the model at `model_path` that are not initializers, in graph order.
 
-    Raise PtqError naming the file when it cannot be read, and naming the input when an input
-    is not a tensor or has an undefined element type.
+    Raise PtqError naming the file when it is not a usable model (modelio.load_model), and
+    naming the input when an input is not a tensor of a numpy type.
     """
     model_path = Path(model_path)
-    try:
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except OSError as exc:
-        raise PtqError(f"{_p(model_path)}: cannot read: {exc.strerror or exc}") from None
-    except Exception:
-        raise PtqError(f"{_p(model_path)}: not an ONNX model (protobuf cannot parse it)") from None
-    graph = proto.graph
-    weights = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
-    specs = []
-    for value in graph.input:
-        if value.name in weights:
-            continue
-        kind = value.type.WhichOneof("value")
-        if kind != "tensor_type":
-            raise PtqError(
-                f"{_p(model_path)}: input {value.name!r} is a {kind or 'value of no type'}, "
-                "not a tensor; calibration data can only feed tensors"
-            )
-        tensor_type = value.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        except Exception:
-            raise PtqError(
-                f"{_p(model_path)}: input {value.name!r} has element type "
-                f"{tensor_type.elem_type}, which has no numpy equivalent"
-            ) from None
-        shape: tuple[Dim, ...] | None = None
-        if tensor_type.HasField("shape"):
-            shape = tuple(_dim(d) for d in tensor_type.shape.dim)
-        specs.append(InputSpec(value.name, dtype, shape))
-    return specs
+    return graph_inputs(modelio.load_model(model_path).graph, model_path)
 
 
-def graph_inputs(graph: ir.Graph) -> list[InputSpec]:
-    """Input specs of an already loaded model: its graph inputs (initializers are not inputs)."""
+def graph_inputs(graph: ir.Graph, source: Path | None = None) -> list[InputSpec]:
+    """Input specs of an already loaded model: its graph inputs (initializers are not inputs).
+    `source` names the model file in messages."""
+    where = f"{_p(source)}: " if source is not None else ""
     specs = []
     for value in graph.inputs:
         if value.name in graph.initializers:
             continue
+        if not isinstance(value.type, ir.TensorType):
+            kind = type(value.type).__name__.removesuffix("Type").lower() if value.type \
+                else "value of no type"
+            raise PtqError(f"{where}model input {value.name!r} is a {kind}, not a tensor; "
+                           "calibration data can only feed tensors")
         if value.dtype is None or value.dtype.numpy() is None:
-            raise PtqError(f"model input {value.name!r} is not a tensor with a numpy type")
+            raise PtqError(f"{where}model input {value.name!r} has element type "
+                           f"{value.dtype}, which numpy cannot hold")
         shape = None if value.shape is None else tuple(
             d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
     return specs
-
-
-def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
-    which = d.WhichOneof("value")
-    if which == "dim_value":
-        return int(d.dim_value)
-    if which == "dim_param" and d.dim_param:
-        return d.dim_param
-    return None
 
 
 def parse_input_shape(text: str, what: str = "--inputShape") -> dict[str, tuple[int, ...]]:

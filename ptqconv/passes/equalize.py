@@ -20,8 +20,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv.passes import scale_migration
+from ptqconv.passes.ops import is_onnx
 
-_DOMAINS = ("", "ai.onnx")
 # Equalized channels get this much room above their observed maxima (see `equalize`). On
 # mobilenet_v2 (MSE + bias correction) 1 gave top-1 agreement 0.80, 2 and 4 gave 0.95, with
 # logit cosine 0.9867, 0.9874 and 0.9841.
@@ -62,7 +62,7 @@ def _activation(y: ir.Value) -> tuple[ir.Value, float | None] | None:
     if len(users) != 1:
         return y, None
     user = users[0][0]
-    if user.domain not in _DOMAINS or not user.outputs:
+    if not is_onnx(user) or not user.outputs:
         return y, None
     if user.op_type == "Relu":
         return user.outputs[0], None
@@ -81,7 +81,7 @@ def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> list[Equ
     outputs = {v.name for v in graph.outputs}
 
     def usable(node: ir.Node) -> bool:
-        return (node.op_type == "Conv" and node.domain in _DOMAINS and node.name not in skip
+        return (node.op_type == "Conv" and is_onnx(node) and node.name not in skip
                 and node.op_type not in skip and _own_constant(node, 1)
                 and (len(node.inputs) < 3 or node.inputs[2] is None or _own_constant(node, 2)))
 

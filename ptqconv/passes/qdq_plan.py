@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from ptqconv.passes.ops import is_onnx
 from ptqconv.passes.weight_slots import weight_slot
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -80,7 +81,7 @@ class _Planner:
         self.float_tensors = float_tensors
         self.outputs = {v.name for v in graph.outputs}
         self.skipped = {n for n in graph if n.name in skip or n.op_type in skip
-                        or n.domain not in ("", "ai.onnx")}
+                        or not is_onnx(n)}
         self.units = {n for n in graph if n not in self.skipped and self._candidate(n)}
         self._prune_elementwise()
 

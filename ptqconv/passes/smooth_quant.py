@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from ptqconv.passes import scale_migration
 from ptqconv.passes.naming import NameAllocator
+from ptqconv.passes.ops import is_onnx
 
 
 @dataclass
@@ -34,7 +35,7 @@ def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> list[Smo
     groups: dict[str, SmoothGroup] = {}
     rejected: set[str] = set()
     for node in graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        if node.op_type != "MatMul" or not is_onnx(node) or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if x is None or x.const_value is not None or not x.name:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from ptqconv.passes.ops import is_onnx
+
 
 @dataclass(frozen=True)
 class WeightSlot:
@@ -29,7 +31,7 @@ def weight_slot(node: ir.Node) -> WeightSlot | None:
     Gemm B is [K, N], or [N, K] with transB; MatMul's constant B is [..., K, N]; a Gather table
     is [rows, D] and gets a scale per row, since embedding rows differ widely in norm.
     """
-    if node.domain not in ("", "ai.onnx"):
+    if not is_onnx(node):
         return None
     op = node.op_type
     index = 0 if op == "Gather" else 1
