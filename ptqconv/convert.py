@@ -13,6 +13,7 @@ from ptqconv.benchmark import compare_models, gate_failures
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.metrics import model_mean_bias_percent
 from ptqconv.options import ConvertOptions, QuantType
+from ptqconv.passes.generated_names import value_names
 from ptqconv.passes.weight_quant import WeightQuantConfig, WeightQuantPass
 from ptqconv.post_training import PostTraining, ProgressFactory
 from ptqconv.report import ConversionReport
@@ -40,9 +41,11 @@ def convert(options: ConvertOptions, progress: ProgressFactory | None = None) ->
             data = CalibrationSet.open(graph_inputs(model.graph, options.model_file),
                                        options.config.calibrate_path,
                                        options.config.calibrate_size, dict(options.input_shape))
+            original_names = value_names(model.graph)
             del model
             simplified = modelio.simplify_with_onnxruntime(options.model_file, Path(workdir))
-            model, lines = PostTraining(simplified, data, options, progress).run()
+            model, lines = PostTraining(simplified, data, options, progress,
+                                        original_names).run()
             report.details += lines
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, options.output_file))

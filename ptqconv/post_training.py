@@ -24,6 +24,7 @@ from ptqconv.config import QuantConfig
 from ptqconv.options import ConvertOptions
 from ptqconv.passes import equalize, smooth_quant
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
+from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.qdq import QDQPass, weight_grid_for
 from ptqconv.passes.qdq_plan import QuantPlan, plan_quantization
 
@@ -51,9 +52,11 @@ class PostTraining:
     """One PostTraining conversion of the simplified float model at `source`."""
 
     def __init__(self, source: Path, data: CalibrationSet, options: ConvertOptions,
-                 progress: ProgressFactory | None) -> None:
+                 progress: ProgressFactory | None, original_names: set[str]) -> None:
+        """`original_names`: the value names of the user's model, before simplification."""
         assert options.config is not None  # ConvertOptions.create guarantees it
         self.source, self.data, self.options, self.progress = source, data, options, progress
+        self.original_names = original_names
         self.config: QuantConfig = options.config
         self.skip = frozenset(options.skip_quant_node)
         self.act_bits = self.config.activation_bit_num or options.bit_num
@@ -67,8 +70,9 @@ class PostTraining:
                                else set()) - self.smooth_names
 
     def load_float(self) -> ir.Model:
-        return modelio.ensure_opset(modelio.load_model(self.source), QDQ_MIN_OPSET,
-                                    self.source.parent)
+        model = modelio.load_model(self.source)
+        PrefixGeneratedNamesPass(self.original_names)(model)
+        return modelio.ensure_opset(model, QDQ_MIN_OPSET, self.source.parent)
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
         return self.progress(total, label) if self.progress else None

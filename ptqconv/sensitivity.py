@@ -30,7 +30,7 @@ def unit_plan(plan: QuantPlan, unit: ir.Node) -> QuantPlan:
         fixed={n: r for n, r in plan.fixed.items() if n in names},
         folded=plan.folded,
         weights=[w for w in plan.weights if w[0] is unit],
-        biases=[b for b in plan.biases if b[0] is unit],
+        biases=[b for b in plan.biases if b[2] is unit],
         constants=[c for c in plan.constants if c in names],
         skipped=plan.skipped,
     )
@@ -60,7 +60,7 @@ def rank_units(
         sub = unit_plan(plan, unit)
         sub.units = [nodes[index[id(unit)]]]
         sub.weights = [(nodes[index[id(n)]], i, a) for n, i, a in sub.weights]
-        sub.biases = [(nodes[index[id(n)]], i) for n, i in sub.biases]
+        sub.biases = [(nodes[index[id(n)]], i, nodes[index[id(u)]]) for n, i, u in sub.biases]
         sub.skipped = {nodes[index[id(n)]] for n in plan.skipped}
         make_pass(sub)(trial)
         outputs = _run(ir.to_proto(trial).SerializeToString(), samples, threads)

@@ -330,22 +330,31 @@ def test_w4a8_keeps_8_bit_activations_with_4_bit_weights(tmp_path):
     assert errors["w4a8"] < 0.7 * errors["w4a4"], errors
 
 
-def test_attention_blocks_convert_and_fuse(tmp_path):
-    """A 2-layer BERT-like encoder: onnxruntime's basic MatMulAddFusion used to leave a
-    simplified model that onnxruntime itself failed to load ("Attempt to replace the existing
-    tensor")."""
+@pytest.mark.parametrize("layers, hidden, heads, ffn, seq",
+                         [(2, 128, 2, 256, 16), (3, 256, 4, 1024, 32)])
+def test_attention_blocks_convert_and_fuse(tmp_path, layers, hidden, heads, ffn, seq):
+    """BERT-like encoders. onnxruntime's basic MatMulAddFusion used to leave a simplified model
+    that onnxruntime itself failed to load ("Attempt to replace the existing tensor"); then the
+    quantized 3-layer one failed to load with default session options, because fusing it
+    again generated names the simplification had used. Every MatMul with a bias must end up
+    an integer kernel: a float bias left MatMul + Add as a float Gemm between DequantizeLinear."""
     import sys
 
     sys.path.insert(0, str(DIGITS.parent.parent))
     from bench.models import bert, normal_samples
 
-    src = bert(tmp_path / "bert.onnx", layers=2, hidden=128, heads=2, ffn=256, seq=16)
-    data = normal_samples(tmp_path / "hidden", 4, (1, 16, 128))
+    src = bert(tmp_path / "bert.onnx", layers=layers, hidden=hidden, heads=heads, ffn=ffn,
+               seq=seq)
+    data = normal_samples(tmp_path / "hidden", 4, (1, seq, hidden))
     out = tmp_path / "q.onnx"
     assert convert(f"--modelFile={src}", f"--outputFile={out}",
                    f"--configFile={ini(tmp_path, f'hidden:{data}')}") == 0
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])  # default options
     ops = optimized_ops(out, tmp_path)
-    assert ops["QLinearMatMul"] >= 4 and ops["QLinearSoftmax"] == 2
+    assert ops["QLinearMatMul"] >= 2 * layers and ops["QLinearSoftmax"] == layers
+    # Per layer: Q, K, V, output projection and two FFN MatMuls, all with biases.
+    assert ops["QGemm"] + ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] >= 6 * layers
+    assert ops["Gemm"] == ops["MatMul"] == ops["DequantizeLinear"] == 0, ops
 
 
 def test_a_model_whose_only_quantized_activation_is_its_input(tmp_path):

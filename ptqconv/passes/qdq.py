@@ -62,8 +62,8 @@ class QDQPass(ir.passes.InPlacePass):
                 self._insert_qdq(values[name])
         for node, index, axis in self.plan.weights:
             self._quantize_weight(node, index, axis)
-        for node, index in self.plan.biases:
-            self._quantize_bias(node, index)
+        for node, index, unit in self.plan.biases:
+            self._quantize_bias(node, index, unit)
         for name in self.plan.constants:
             if name in values:
                 self._quantize_constant(values[name])
@@ -175,11 +175,12 @@ class QDQPass(ir.passes.InPlacePass):
             self.graph.initializers.pop(name)
         self.weights_quantized += 1
 
-    def _quantize_bias(self, node: ir.Node, index: int) -> None:
+    def _quantize_bias(self, node: ir.Node, index: int, unit: ir.Node) -> None:
+        """Input `index` of `node` as int32 with the scale of `unit`'s input x weight."""
         value = node.inputs[index]
-        input_params = self._input_params(node)
+        input_params = self._input_params(unit)
         weight_index = 1
-        weight_scale = self.weight_scales.get((id(node), weight_index))
+        weight_scale = self.weight_scales.get((id(unit), weight_index))
         if value is None or value.const_value is None or input_params is None or (
                 weight_scale is None):
             return

@@ -47,7 +47,9 @@ class QuantPlan:
     fixed: dict[str, tuple[float, float]] = field(default_factory=dict)  # e.g. Softmax [0, 1]
     folded: dict[str, str] = field(default_factory=dict)  # producer output -> Relu/Clip output
     weights: list[tuple[ir.Node, int, int]] = field(default_factory=list)  # node, input, axis
-    biases: list[tuple[ir.Node, int]] = field(default_factory=list)  # node, input index
+    # (node, input index, the unit whose input scale x weight scale is the bias scale): a
+    # Conv/Gemm's own bias, or the constant of the Add that follows a float-output MatMul.
+    biases: list[tuple[ir.Node, int, ir.Node]] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)  # constant activations (Add/Mul/Concat)
     skipped: set[ir.Node] = field(default_factory=set)  # skip_quant_node: consume float tensors
 
@@ -63,6 +65,31 @@ def _is_float(value: ir.Value | None) -> bool:
 
 def _activations(node: ir.Node) -> list[ir.Value]:
     return [v for v in node.inputs if v is not None and v.const_value is None and _is_float(v)]
+
+
+def _matmul_bias(node: ir.Node, weight_index: int | None,
+                 skipped: set[ir.Node]) -> tuple[ir.Node, int] | None:
+    """The (Add, input index) of the constant bias added to this MatMul's output, if any.
+
+    onnxruntime fuses MatMul + Add into a Gemm before its QDQ fusions run; with the bias
+    through DequantizeLinear from int32 that Gemm becomes a QGemm, with a float bias it
+    stays a float Gemm fed by two DequantizeLinear (11 attention output projections of the
+    BERT-base bench did).
+    """
+    if node.op_type != "MatMul" or weight_index != 1:
+        return None
+    weight = node.inputs[1].const_value
+    users = node.outputs[0].uses()
+    if weight is None or len(weight.shape) != 2 or len(users) != 1:
+        return None
+    add, index = users[0]
+    if add.op_type != "Add" or add in skipped or not is_onnx(add):
+        return None
+    bias = add.inputs[1 - index]
+    if (bias is None or bias.const_value is None or bias.dtype != ir.DataType.FLOAT
+            or tuple(bias.const_value.shape) != (weight.shape[1],)):
+        return None
+    return add, 1 - index
 
 
 def _constant_weight_index(node: ir.Node) -> int | None:
@@ -160,7 +187,7 @@ def plan_quantization(
                 continue
             if index == bias_index and weight_index is not None:
                 if value.const_value is not None and len(value.const_value.shape) == 1:
-                    plan.biases.append((node, index))
+                    plan.biases.append((node, index, node))
                 continue
             if value.const_value is not None:
                 if _is_float(value) and value.name not in plan.constants:
@@ -169,6 +196,9 @@ def plan_quantization(
             mark(value)
         output = node.outputs[0]
         if node.op_type in FLOAT_OUTPUT_OK and not planner.readers(output):
+            bias = _matmul_bias(node, weight_index, planner.skipped)
+            if bias is not None:
+                plan.biases.append((*bias, node))
             continue  # runs as MatMulIntegerToFloat / QGemm with a float output
         users = output.uses()
         if (len(users) == 1 and output.name not in planner.outputs
