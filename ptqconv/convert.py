@@ -14,7 +14,11 @@ from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.metrics import model_mean_bias_percent
 from ptqconv.options import ConvertOptions, QuantType
 from ptqconv.passes.generated_names import value_names
-from ptqconv.passes.weight_quant import WeightQuantConfig, WeightQuantPass
+from ptqconv.passes.weight_quant import (
+    FLOAT16_SCALE_OPSET,
+    WeightQuantConfig,
+    WeightQuantPass,
+)
 from ptqconv.post_training import PostTraining, ProgressFactory
 from ptqconv.report import ConversionReport
 
@@ -85,8 +89,10 @@ def _accuracy_gate(data: CalibrationSet, options: ConvertOptions,
 def _weight_quant(model: ir.Model, options: ConvertOptions, report: ConversionReport,
                   progress: ProgressFactory | None) -> ir.Model:
     grid = qparams.weight_only_grid(options.bit_num)
-    model = modelio.ensure_opset(model, modelio.opset_for({grid.storage}),
-                                 options.model_file.parent)
+    half = any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+    model = modelio.ensure_opset(
+        model, max(modelio.opset_for({grid.storage}), FLOAT16_SCALE_OPSET if half else 0),
+        options.model_file.parent)
     config = WeightQuantConfig(
         grid=grid,
         min_size=options.quant_weight_size,

@@ -88,13 +88,17 @@ def tensor_range(x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np
 
 
 def scale_zero_point(
-    rmin: np.ndarray | float, rmax: np.ndarray | float, grid: Grid
+    rmin: np.ndarray | float, rmax: np.ndarray | float, grid: Grid,
+    scale_dtype: np.dtype | type = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (int64) that map [rmin, rmax] onto `grid`.
+    """Scale (`scale_dtype`, float32 unless given) and zero point (int64) that map
+    [rmin, rmax] onto `grid`.
 
     REFERENCE.md §2: scale = (max - min) / (qmax - qmin), zp = round(qmin - min / scale),
     clamped into [qmin, qmax]; the range is widened to contain 0 so that 0 is exact (padding
     and ReLU outputs rely on it). Symmetric grids use max(|min|, |max|) and zero point 0.
+    A float16 scale (float16 models: DequantizeLinear outputs the scale's type) is rounded
+    up, never down, so the range still fits the grid; the zero point follows that scale.
     """
     rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
     rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
@@ -102,14 +106,27 @@ def scale_zero_point(
         absmax = np.maximum(np.maximum(-rmin, rmax), MIN_RANGE / 2)
         # Binary levels sit at the centres of the two halves of [-absmax, absmax].
         half_span = 2.0 if grid.binary else (grid.qmax - grid.qmin) / 2.0
-        scale = absmax / half_span
+        scale = _representable(absmax / half_span, scale_dtype)
         zero_point = np.zeros_like(scale, dtype=np.int64)
     else:
         span = np.maximum(rmax - rmin, MIN_RANGE)
-        scale = span / (grid.qmax - grid.qmin)
-        zero_point = np.clip(np.rint(grid.qmin - rmin / scale), grid.qmin, grid.qmax)
+        exact = span / (grid.qmax - grid.qmin)
+        scale = _representable(exact, scale_dtype)
+        # A rounded-up narrow scale moves the grid: the zero point must follow it.
+        divisor = exact if scale.dtype == np.float32 else scale.astype(np.float64)
+        zero_point = np.clip(np.rint(grid.qmin - rmin / divisor), grid.qmin, grid.qmax)
         zero_point = zero_point.astype(np.int64)
-    return scale.astype(np.float32), zero_point
+    return scale, zero_point
+
+
+def _representable(scale: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
+    """`scale` in `dtype`: float32 to nearest; narrower types rounded up to a positive value."""
+    if np.dtype(dtype) == np.float32:
+        return scale.astype(np.float32)
+    narrow = np.asarray(scale).astype(dtype)
+    low = narrow.astype(np.float64) < scale
+    narrow = np.where(low, np.nextafter(narrow, np.asarray(np.inf, dtype)), narrow)
+    return np.maximum(narrow, np.finfo(dtype).smallest_subnormal).astype(dtype)
 
 
 def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:

@@ -95,3 +95,17 @@ def test_scalar_tensors_quantize():
     scale, zp = qparams.scale_zero_point(-1.0, 1.0, grid)
     q = qparams.quantize(np.array(0.5, np.float32), scale, zp, grid, dtype=np.uint8)
     assert q.shape == () and abs(qparams.dequantize(q, scale, zp) - 0.5) <= scale / 2
+
+
+@given(st.floats(-1e4, 0), st.floats(0, 1e4), st.integers(2, 16))
+def test_float16_scale_is_rounded_up_so_the_range_still_fits(lo, hi, bits):
+    grid = qparams.weight_only_grid(bits)
+    scale32, _ = qparams.scale_zero_point(lo, hi, grid)
+    scale16, zp = qparams.scale_zero_point(lo, hi, grid, np.float16)
+    assert scale16.dtype == np.float16 and scale16 > 0
+    assert scale16.astype(np.float64) >= scale32.astype(np.float64) * (1 - 1e-6)
+    ends = np.array([lo, hi], np.float32)
+    q = qparams.quantize(ends, scale16, zp, grid, dtype=np.int64)
+    back = qparams.dequantize(q, scale16.astype(np.float32), zp)
+    # Neither end is clipped: both come back within half a (float16) step.
+    assert np.all(np.abs(back - ends) <= float(scale16) / 2 * (1 + 1e-3) + 1e-6 * np.abs(ends))

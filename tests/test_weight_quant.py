@@ -203,3 +203,34 @@ def test_model_above_onnxruntime_opset_is_refused(tmp_path):
     with pytest.raises(ptqconv.PtqError, match="opset 27 is newer than onnxruntime can run"):
         ptqconv.convert(str(src), str(tmp_path / "o.onnx"), "WeightQuant")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def float16_mlp(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((64, 128)) * 0.1).astype(np.float16)
+    w2 = (rng.standard_normal((128, 32)) * 0.1).astype(np.float16)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         onnx.helper.make_node("Relu", ["h"], ["r"]),
+         onnx.helper.make_node("MatMul", ["r", "w2"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, [4, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, [4, 32])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)],
+                                  ir_version=9)
+
+
+@pytest.mark.parametrize("bits, opset, min_sqnr_db", [(8, 19, 38), (4, 21, 16)])
+def test_float16_weights_are_quantized_with_float16_scales(tmp_path, bits, opset, min_sqnr_db):
+    src, out, report = quantize(tmp_path, float16_mlp(), bits, quant_weight_size=0)
+    assert {w.name for w in report.quantized} == {"w1", "w2"}
+    model = onnx.load(str(out))
+    assert model.opset_import[0].version == opset  # float16 scales need 19; int4 21
+    scales = [t for t in model.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+    x = {"x": np.random.default_rng(1).standard_normal((4, 64)).astype(np.float16)}
+    ref = run_model(src, x)[0].astype(np.float64)
+    got = run_model(out, x)[0]
+    assert got.dtype == np.float16
+    sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((got.astype(np.float64) - ref) ** 2))
+    assert sqnr > min_sqnr_db

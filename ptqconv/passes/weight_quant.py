@@ -16,6 +16,9 @@ from ptqconv.passes.weight_slots import WeightSlot, weight_slot
 # wrong results unless N % 4 == 0 (measured for every K); such weights keep the int2 grid in an
 # int4 container.
 _INT2_FUSED_OPS = ("MatMul", "Gemm")
+# float16 weights dequantize through a float16 scale, which DequantizeLinear takes from opset 19.
+FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+FLOAT16_SCALE_OPSET = 19
 
 
 @dataclass
@@ -94,8 +97,9 @@ class WeightQuantPass(ir.passes.InPlacePass):
             return "not an initializer of the main graph"
         if value.is_graph_output():
             return "also a graph output"
-        if tensor.dtype != ir.DataType.FLOAT:
-            return f"dtype {tensor.dtype.name.lower()} (only float32 weights are quantized)"
+        if tensor.dtype not in FLOAT_TYPES:
+            return (f"dtype {tensor.dtype.name.lower()} "
+                    "(only float32 and float16 weights are quantized)")
         weight_uses = {(s.node, s.index) for s in slots}
         for user, index in value.uses():
             if (user, index) not in weight_uses:
@@ -118,6 +122,9 @@ class WeightQuantPass(ir.passes.InPlacePass):
         grid = self.config.grid
         axis = slots[0].axis
         weights = value.const_value.numpy()
+        float_type = value.const_value.dtype  # the dequantized weight's, via the scale's type
+        if weights.dtype != np.float32:
+            weights = weights.astype(np.float32)
         shape = weights.shape
         if (
             grid.storage == ir.DataType.INT2
@@ -126,7 +133,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         ):
             grid = grid.with_storage(ir.DataType.INT4)
         rmin, rmax = qparams.tensor_range(weights, axis)
-        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid, float_type.numpy())
         storage_np = grid.storage.numpy()
         q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=storage_np)
         del weights
@@ -134,7 +141,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         name = value.name
         inputs = [
             _initializer(graph, names.new(f"{name}_quantized"), q, grid.storage),
-            _initializer(graph, names.new(f"{name}_scale"), scale, ir.DataType.FLOAT),
+            _initializer(graph, names.new(f"{name}_scale"), scale, float_type),
         ]
         if not grid.symmetric:
             inputs.append(
@@ -150,7 +157,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         )
         graph.insert_before(slots[0].node, dequant)
         out = dequant.outputs[0]
-        out.type = ir.TensorType(ir.DataType.FLOAT)
+        out.type = ir.TensorType(float_type)
         out.shape = ir.Shape(shape)
         # The dequantized value keeps the weight's name, so consumers and debug tools that
         # refer to it by name still find it.
