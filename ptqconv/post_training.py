@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from ptqconv import layer_report, modelio, qparams, sensitivity
 from ptqconv.calibrate.collector import observe
@@ -24,6 +25,7 @@ from ptqconv.config import QuantConfig
 from ptqconv.options import ConvertOptions
 from ptqconv.passes import equalize, smooth_quant
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
+from ptqconv.passes.fold_casts import FoldInitializerCastsPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.qdq import QDQPass, weight_grid_for
 from ptqconv.passes.qdq_plan import QuantPlan, plan_quantization
@@ -72,6 +74,9 @@ class PostTraining:
     def load_float(self) -> ir.Model:
         model = modelio.load_model(self.source)
         PrefixGeneratedNamesPass(self.original_names)(model)
+        FoldInitializerCastsPass()(model)
+        # onnxruntime's simplification declares every domain it knows; keep the used ones.
+        common_passes.RemoveUnusedOpsetsPass()(model)
         return modelio.ensure_opset(model, QDQ_MIN_OPSET, self.source.parent)
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:

@@ -377,3 +377,32 @@ def test_a_model_whose_only_quantized_activation_is_its_input(tmp_path):
                    f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
     (ref,), (got,) = run_model(src, {"x": samples[0]}), run_model(out, {"x": samples[0]})
     assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_float16_model_gets_int8_weights(tmp_path):
+    """onnxruntime's simplification computes float16 models in float32 behind a Cast per
+    weight; folded, those weights are quantized per channel like any float32 weight."""
+    from test_weight_quant import float16_mlp
+
+    src = tmp_path / "fp16.onnx"
+    onnx.save(float16_mlp(), src)
+    rng = np.random.default_rng(2)
+    data = tmp_path / "x"
+    data.mkdir()
+    for i in range(8):
+        rng.standard_normal((4, 64)).astype(np.float16).tofile(data / f"{i:06d}.bin")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    model = onnx.load(str(out))
+    weights = [t.name for t in model.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
+    assert sorted(weights) == ["w1_quantized", "w2_quantized"]
+    assert not [n for n in model.graph.node
+                if n.op_type == "Cast" and n.input[0] in ("w1", "w2")]
+    assert [o.domain for o in model.opset_import] == [""]  # no domains left unused
+    x = {"x": rng.standard_normal((4, 64)).astype(np.float16)}
+    ref = run_model(src, x)[0].astype(np.float64)
+    got = run_model(out, x)[0]
+    assert got.dtype == np.float16
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25
