@@ -210,11 +210,11 @@ def run(ctx: Context) -> Section:
     data = image_samples(tmp / "input", max(counts), shape)
     w = Workload(model, data, "input", shape, ctx.scratch("cnn/out"), quick_bins(ctx))
     ctx.log(f"CNN: {model.stat().st_size / 1e6:.1f} MB model, {max(counts)} samples of {shape}")
+    # The whole default run must stay under 15 minutes: above 100 samples only the float
+    # floor and KL, whose ratio is the calibration-cost target, get several runs.
+    case_repeat = {case: ctx.repeat for case in KL_TARGET_CASES}
     for count in counts:
-        # The whole default run must stay under 15 minutes: above 100 samples only the float
-        # floor and KL, whose ratio is the calibration-cost target, get several runs.
         repeat = ctx.repeat if count <= 100 or ctx.heavy else 1
-        case_repeat = {case: ctx.repeat for case in KL_TARGET_CASES}
         skip = {}
         if count >= 1000 and not ctx.heavy:
             est = entropy_estimate(w)

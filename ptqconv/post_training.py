@@ -162,8 +162,7 @@ class PostTraining:
                                     step)
             # Start again from the float graph: corrected float biases are then quantized by
             # the same pass as any other bias.
-            model = self.load_float()
-            self.prepare(model, cal.channel_stats)
+            model = self._prepared_float(cal)
             corrected = apply_shifts(model.graph, shifts)
             plan = plan_quantization(model.graph, skip, cal.float_tensors)
             qdq = self.qdq_pass(plan, ranges, keep_weights=debug)

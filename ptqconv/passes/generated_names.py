@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from ptqconv.passes.naming import NameAllocator
+
 PREFIX = "ptq_"
 
 
+def _values(graph: ir.Graph) -> list[ir.Value]:
+    """Graph inputs, initializers, and every value a node of `graph` or its subgraphs reads or
+    writes, each once, in a deterministic order."""
+    found = {id(v): v for v in (*graph.inputs, *graph.initializers.values())}
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for v in (*node.inputs, *node.outputs):
+            if v is not None:
+                found.setdefault(id(v), v)
+    return list(found.values())
+
+
 def value_names(graph: ir.Graph) -> set[str]:
-    """Every value name of `graph` and its subgraphs: inputs, initializers, node outputs."""
-    names: set[str] = set()
-    for g in (graph, *_subgraphs(graph)):
-        names.update(v.name for v in g.inputs if v.name)
-        names.update(g.initializers)
-        names.update(v.name for node in g for v in node.outputs if v.name)
-    return names
+    """Every value name of `graph` and its subgraphs."""
+    return {v.name for v in _values(graph) if v.name}
 
 
 class PrefixGeneratedNamesPass(ir.passes.InPlacePass):
@@ -33,31 +41,10 @@ class PrefixGeneratedNamesPass(ir.passes.InPlacePass):
         self.original = original
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        taken = value_names(model.graph)
-        seen: set[int] = set()
+        names = NameAllocator(model.graph)
         modified = False
-        for g in (model.graph, *_subgraphs(model.graph)):
-            values = [*g.inputs, *g.initializers.values(),
-                      *(v for node in g for v in node.outputs)]
-            for value in values:
-                if id(value) in seen or not value.name or value.name in self.original:
-                    continue
-                seen.add(id(value))
-                new = PREFIX + value.name
-                while new in taken:
-                    new = PREFIX + new
-                taken.add(new)
-                value.name = new
+        for value in _values(model.graph):
+            if value.name and value.name not in self.original:
+                value.name = names.new(PREFIX + value.name)
                 modified = True
         return ir.passes.PassResult(model, modified)
-
-
-def _subgraphs(graph: ir.Graph) -> list[ir.Graph]:
-    found = []
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                found.append(attr.as_graph())
-            elif attr.type == ir.AttributeType.GRAPHS:
-                found.extend(attr.as_graphs())
-    return found
