@@ -1,15 +1,27 @@
-"""ptqconv: post-training quantization of ONNX models, with MindSpore Lite's converter flags."""
+"""ptqconv: post-training quantization of ONNX models, with MindSpore Lite's converter flags.
+
+    report = ptqconv.convert("model.onnx", "model_w4.onnx", "WeightQuant", bit_num=4)
+    report = ptqconv.convert("model.onnx", "model_int8.onnx", "PostTraining",
+                             config_file="quant.ini")
+    report.post_training.units, report.size_after, report.format()
+
+`convert` takes the converter's flags as keyword arguments (see `ConvertSettings.create`);
+`ptqconv.evaluate.benchmark` is `ptqconv benchmark`.
+"""
 
 from __future__ import annotations
 
-from ptqconv.convert import convert as _convert
+import os
+from typing import Any
+
 from ptqconv.errors import PtqError, PtqUsageError
-from ptqconv.options import ConvertOptions, QuantType
 from ptqconv.report import ConversionReport
+from ptqconv.settings import ConvertSettings
+from ptqconv.values import QuantType
 
 __all__ = [
     "ConversionReport",
-    "ConvertOptions",
+    "ConvertSettings",
     "PtqError",
     "PtqUsageError",
     "QuantType",
@@ -18,28 +30,14 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def convert(
-    model_file: str,
-    output_file: str,
-    quant_type: str | QuantType = QuantType.WEIGHT_QUANT,
-    bit_num: int = 8,
-    quant_weight_size: int = 0,
-    quant_weight_channel: int = 16,
-    config_file: str | None = None,
-    skip_quant_node: tuple[str, ...] | list[str] | str | None = None,
-) -> ConversionReport:
-    """Quantize an ONNX model file; the same validation and pipeline as the `ptqconv` CLI.
+def convert(model_file: str | os.PathLike, output_file: str | os.PathLike,
+            quant_type: str | QuantType | None = None, **flags: Any) -> ConversionReport:
+    """Quantize an ONNX model file, with the same checks and pipeline as the `ptqconv` CLI.
 
-    >>> ptqconv.convert("model.onnx", "model_w8.onnx", "WeightQuant", bit_num=8)
+    `flags` are `ConvertSettings.create`'s: bit_num, quant_weight_size, quant_weight_channel,
+    config_file, skip_quant_node, input_shape, debug_dir, accuracy_threshold,
+    cosine_threshold, sensitivity. Raise PtqUsageError or PtqError with a one-line message.
     """
-    options = ConvertOptions.create(
-        model_file,
-        output_file,
-        quant_type,
-        bit_num,
-        quant_weight_size,
-        quant_weight_channel,
-        config_file,
-        skip_quant_node,
-    )
-    return _convert(options)
+    from ptqconv.conversion import convert as run
+
+    return run(ConvertSettings.create(model_file, output_file, quant_type, **flags))

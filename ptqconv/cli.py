@@ -1,15 +1,22 @@
-"""Command line: MindSpore Lite converter_lite flags, one-line errors, a summary at the end."""
+"""Command line: MindSpore Lite converter_lite and benchmark flags, one-line errors, a summary.
+
+The only module that knows click: `ptqconv [convert] FLAGS` converts, `ptqconv benchmark FLAGS`
+checks a quantized model against its float model.
+"""
 
 from __future__ import annotations
 
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import click
 
+from ptqconv import __version__
 from ptqconv.errors import PtqError
 
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EPILOG = """\b
 Examples:
   ptqconv --fmk=ONNX --modelFile=model.onnx --outputFile=model_int8.onnx \\
@@ -26,8 +33,26 @@ the config is wrong.
 """
 
 
-@click.command(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+
+
+class _ConvertByDefault(click.Group):
+    """`ptqconv FLAGS` is `ptqconv convert FLAGS`, as converter_lite users type it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] != "--version"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_ConvertByDefault, context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="ptqconv")
+def ptqconv() -> None:
+    """Post-training quantization of ONNX models with MindSpore Lite's converter flags."""
+
+
+@ptqconv.command(
+    name="convert",
+    context_settings=CONTEXT,
     epilog=EPILOG,
 )
 @click.option(
@@ -91,20 +116,134 @@ the config is wrong.
               help="Gate: also exit 1 if any output's cosine similarity is below COS.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
-def convert_command(quiet: bool, verbose: bool, **flags: str | None) -> None:
+def convert_command(quiet: bool, verbose: bool, **flags: Any) -> None:
     """Quantize a float ONNX model (post-training, no retraining needed)."""
-    from ptqconv.convert import convert
-    from ptqconv.options import ConvertOptions
+    from ptqconv.conversion import convert
+    from ptqconv.settings import ConvertSettings
 
-    options = ConvertOptions.create(**flags)
-    show = not quiet and sys.stderr.isatty()
-    report = convert(options, progress=_progress if show else None)
+    settings = ConvertSettings.create(**flags)
+    report = convert(settings, progress=_progress if _show(quiet) else None)
     if not quiet:
         click.echo(report.format())
     if report.gate_failures:
         click.echo(f"ptqconv: error: accuracy gate failed: {'; '.join(report.gate_failures)} "
-                   f"({options.output_file} was written)", err=True)
+                   f"({settings.output_file} was written)", err=True)
         raise click.exceptions.Exit(1)
+
+
+BENCHMARK_EPILOG = """\b
+Examples:
+  ptqconv benchmark --modelFile=model_int8.onnx --referenceModel=model.onnx \\
+          --inDataDir=input:eval/input --reportFile=report.json
+  ptqconv benchmark --modelFile=model_int8.onnx --inDataFile=sample.bin \\
+          --benchmarkDataFile=sample.out --accuracyThreshold=1
+
+\b
+Benchmark data file (MindSpore's format), for every output:
+  name ndims d0 ... dn-1
+  v0 v1 v2 ...
+
+\b
+Exit status: 0 the gate passed, 1 it failed (or a model could not run), 2 a flag or an input
+file is wrong.
+"""
+
+
+@ptqconv.command(
+    name="benchmark",
+    context_settings=CONTEXT,
+    epilog=BENCHMARK_EPILOG,
+)
+@click.option("--modelFile", "model_file", metavar="PATH", help="Quantized ONNX model to check.")
+@click.option(
+    "--referenceModel",
+    "reference_model",
+    metavar="PATH",
+    help="Float ONNX model run on the same inputs (or give --benchmarkDataFile).",
+)
+@click.option(
+    "--inDataDir",
+    "in_data_dir",
+    metavar="DIRS",
+    help="Input samples as .bin files, one directory per input: name:dir[,name:dir...] or "
+    "dir[,dir...] in input order (like calibrate_path / image_path). All files are used.",
+)
+@click.option(
+    "--inDataFile",
+    "in_data_file",
+    metavar="FILES",
+    help="One sample: one .bin file per model input, comma-separated, in input order.",
+)
+@click.option(
+    "--benchmarkDataFile",
+    "benchmark_data_file",
+    metavar="PATH",
+    help="Reference outputs of the --inDataFile sample, in MindSpore's benchmark data format "
+    "(instead of --referenceModel).",
+)
+@click.option(
+    "--inputShape",
+    "input_shape",
+    metavar="SHAPES",
+    help="Shapes of dynamic inputs: name:d0,d1,...[;name2:...].",
+)
+@click.option(
+    "--accuracyThreshold",
+    "accuracy_threshold",
+    metavar="PERCENT",
+    help="Fail when the model's mean bias (MindSpore's formula, percent) is above PERCENT.  "
+    "[default: 0.5]",
+)
+@click.option(
+    "--cosineDistanceThreshold",
+    "cosine_distance_threshold",
+    metavar="COS",
+    help="Also fail when any output's cosine similarity is below COS.  [default: off]",
+)
+@click.option("--reportFile", "report_file", metavar="PATH", help="Write a JSON report to PATH.")
+@click.option(
+    "--graphOptimizationLevel",
+    "graph_optimization_level",
+    metavar="LEVEL",
+    help="onnxruntime graph optimizations for both models: disable, basic, extended or all.  "
+    "[default: all]",
+)
+@click.option("--numThreads", "num_threads", metavar="N", help="Threads per session.  [default: 2]")
+@click.option(
+    "--loopCount",
+    "loop_count",
+    metavar="N",
+    help="Latency: timed runs of each model on the first sample.  [default: 10]",
+)
+@click.option(
+    "--warmUpLoopCount",
+    "warm_up_loop_count",
+    metavar="N",
+    help="Latency: untimed runs before timing.  [default: 3]",
+)
+@click.option("--quiet", is_flag=True, help="Print nothing but errors; the exit status tells.")
+@click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
+def benchmark_command(quiet: bool, verbose: bool, **flags: Any) -> None:
+    """Check a quantized model's accuracy against its float model (MindSpore benchmark flags)."""
+    from ptqconv.evaluate import BenchmarkSettings, benchmark
+
+    advance: list[Callable[[int], None]] = []
+
+    def on_start(total: int) -> None:
+        if _show(quiet) and total > 1:
+            advance.append(_progress(total, "comparing"))
+
+    report = benchmark(BenchmarkSettings.create(**flags),
+                       progress=lambda amount: advance and advance[0](amount),
+                       on_start=on_start)
+    if not quiet:
+        click.echo(report.format())
+    if not report.passed:
+        raise click.exceptions.Exit(1)
+
+
+def _show(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
 
 
 def _progress(total: int, label: str) -> Callable[[int], None]:
@@ -128,18 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command and turn every failure into one line and an exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args
-    command, prog = convert_command, "ptqconv"
-    if args and args[0] == "benchmark":
-        from ptqconv.benchmark import benchmark_command
-
-        command, prog, args = benchmark_command, "ptqconv benchmark", args[1:]
     try:
         # With standalone_mode=False click returns a command's Exit code instead of raising.
-        status = command.main(args=args, prog_name=prog, standalone_mode=False)
+        status = ptqconv.main(args=args, prog_name="ptqconv", standalone_mode=False)
         return status if isinstance(status, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.UsageError as exc:
+        command = exc.ctx.command.name if exc.ctx is not None else None
+        prog = "ptqconv benchmark" if command == "benchmark" else "ptqconv"
         return _fail(f"{exc.format_message()} (see {prog} --help)", 2, verbose)
     except PtqError as exc:
         return _fail(str(exc), exc.exit_code, verbose)

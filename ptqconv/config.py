@@ -69,9 +69,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from ptqconv import values
 from ptqconv.calibrate.observers import OBSERVERS
 from ptqconv.errors import PtqUsageError
-from ptqconv.options import QuantType
 
 FORMATS = ("flat", "ini", "yaml")
 U16_MAX = 65535  # REFERENCE.md §1: min_quant_weight_size/channel, calibrate_size ranges
@@ -80,35 +80,36 @@ METHODS = tuple(OBSERVERS)  # REFERENCE.md §1 / §2, plus MSE
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """A checked calibration config. Unset optional values are None (or the default below)."""
+    """What a calibration config file says: checked values, None where a key is absent.
+
+    Defaults are not applied here: `ptqconv.settings` resolves flag > config > default.
+    """
 
     source: Path
     format: str  # "flat" | "ini" | "yaml"
-    quant_type: str | None = None  # "WeightQuant" | "PostTraining"
-    bit_num: int | None = None  # [1, 16]; the caller checks [1, 8] for PostTraining
+    quant_type: values.QuantType | None = None
+    bit_num: int | None = None  # [1, 16]; settings check [1, 8] for PostTraining
     min_quant_weight_size: int | None = None  # [0, 65535]
     min_quant_weight_channel: int | None = None  # [0, 65535]
-    skip_quant_node: tuple[str, ...] = ()
+    skip_quant_node: tuple[str, ...] | None = None
     debug_info_save_path: Path | None = None
     # (input name, directory); the name is None for the flat form's positional image_path.
-    calibrate_path: tuple[tuple[str | None, Path], ...] = ()
-    calibrate_size: int = 100  # [1, 65535]
-    input_type: str = "BIN"
-    input_shape: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    activation_quant_method: str = "MAX_MIN"  # MAX_MIN | KL | REMOVAL_OUTLIER
-    bias_correction: bool = False
-    per_channel: bool = True
-    reduce_range: bool = True  # 7-bit weights: no U8S8 int16 saturation on x86 without VNNI
-    smooth_quant: bool = True  # SmoothQuant for MatMul activations (transformers)
-    equalize: bool = True  # cross-layer equalization of Conv -> Relu/Clip -> Conv chains
-    # [1, 8]; ptqconv's: bits of the activations when they differ from bit_num (W4A8).
-    activation_bit_num: int | None = None
-    thread_num: int = 1  # [1, 64]
+    calibrate_path: tuple[tuple[str | None, Path], ...] | None = None
+    calibrate_size: int | None = None  # [1, 65535]
+    input_shape: tuple[tuple[str, tuple[int, ...]], ...] | None = None
+    activation_quant_method: str | None = None  # one of METHODS
+    bias_correction: bool | None = None
+    per_channel: bool | None = None
+    reduce_range: bool | None = None
+    smooth_quant: bool | None = None
+    equalize: bool | None = None
+    activation_bit_num: int | None = None  # [1, 8]
+    thread_num: int | None = None  # [1, 64]
     # [evaluate_param]: the accuracy gate run after the model is written.
-    eval_path: tuple[tuple[str, Path], ...] = ()  # name:dir like calibrate_path
-    eval_size: int | None = None  # first N eval samples; None: all
-    accuracy_threshold: float | None = None  # percent mean bias (MindSpore benchmark)
-    cosine_threshold: float | None = None  # minimum cosine similarity per output
+    eval_path: tuple[tuple[str, Path], ...] | None = None
+    eval_size: int | None = None
+    accuracy_threshold: float | None = None
+    cosine_threshold: float | None = None
     # Line of every key given, by field name and by the key as written (flat `image_path` too).
     lines: Mapping[str, int] = field(default_factory=dict, hash=False)
     # The key as written for every field given: "[data_preprocess_param] calibrate_path",
@@ -454,224 +455,113 @@ class _Key:
     allowed: str
     many: bool = False  # YAML lists / mappings accepted
     empty: Any = None  # the value of an empty setting; None: an empty setting is an error
+    kept: bool = True  # False: checked for MindSpore compatibility, with nothing to keep
 
 
-_INT = re.compile(r"[+-]?[0-9]+")
+def _checked(parse: Callable[[Any, _Site], Any]) -> Callable[[Any, _Site], Any]:
+    """`parse` with the shared parsers' complaints located at the key."""
+
+    def located(raw: Any, site: _Site) -> Any:
+        try:
+            return parse(raw, site)
+        except values.Invalid as exc:
+            site.fail(str(exc))
+
+    return located
 
 
-def _integer(low: int, high: int) -> tuple[Callable[[str, _Site], int], str]:
-    allowed = f"[{low}, {high}]"
-
-    def parse(text: str, site: _Site) -> int:
-        if not _INT.fullmatch(text):
-            site.fail(f"{text!r} is not an integer; allowed: {allowed}")
-        if len(text.lstrip("+-").lstrip("0")) > 18:  # far out of range; int() would refuse 4301+
-            site.fail(f"{text!r} is out of range; allowed: {allowed}")
-        number = int(text, 10)
-        if not low <= number <= high:
-            site.fail(f"{text!r} is out of range; allowed: {allowed}")
-        return number
-
-    return parse, allowed
+def _scalar(parse: Callable[[str], Any], allowed: str) -> tuple[Callable[[Any, _Site], Any], str]:
+    return _checked(lambda text, site: parse(text)), allowed
 
 
 def _int_key(name: str, low: int, high: int) -> _Key:
-    parse, allowed = _integer(low, high)
-    return _Key(name, parse, allowed)
+    return _Key(name, *_scalar(lambda t: values.integer(t, low, high),
+                               values.allowed_range(low, high)))
 
 
-_BOOL_ALLOWED = "true, false (also 1/0, yes/no, on/off)"
+def _real_key(name: str, low: float, high: float) -> _Key:
+    return _Key(name, *_scalar(lambda t: values.real(t, low, high),
+                               f"a number in {values.allowed_range(low, high)}"))
 
 
-def _boolean(text: str, site: _Site) -> bool:
-    value = configparser.ConfigParser.BOOLEAN_STATES.get(text.lower())
-    if value is None:
-        site.fail(f"{text!r} is not a boolean; allowed: {_BOOL_ALLOWED}")
-    return value
+def _bool_key(name: str, strict: bool = False) -> _Key:
+    return _Key(name, *_scalar(lambda t: values.boolean(t, strict),
+                               "true, false" if strict else values.BOOLEAN_ALLOWED))
 
 
-def _flat_boolean(text: str, site: _Site) -> bool:
-    # converter_lite: true only for exactly `true`; we reject what is neither true nor false.
-    if text.lower() not in ("true", "false"):
-        site.fail(f"{text!r} is not a boolean; allowed: true, false")
-    return text.lower() == "true"
-
-
-_QUANT_TYPES = {
-    "WEIGHTQUANT": QuantType.WEIGHT_QUANT.value,
-    "FULLQUANT": QuantType.POST_TRAINING.value,
-    "POSTTRAINING": QuantType.POST_TRAINING.value,
-}
-_QUANT_TYPE_ALLOWED = "WEIGHT_QUANT, FULL_QUANT (or WeightQuant, PostTraining)"
-
-
-def _quant_type(text: str, site: _Site) -> str:
-    key = text.upper().replace("_", "")
-    if key == "DYNAMICQUANT":
-        site.fail(
-            f"{text!r} is not supported (ptqconv has no dynamic quantization); "
-            f"allowed: {_QUANT_TYPE_ALLOWED}"
-        )
-    if key not in _QUANT_TYPES:
-        site.fail(f"{text!r} is not supported; allowed: {_QUANT_TYPE_ALLOWED}")
-    return _QUANT_TYPES[key]
-
-
-_METHOD_ALLOWED = ", ".join(METHODS)
-
-
-_METHOD_SPELLINGS = {m.replace("_", ""): m for m in METHODS}
-
-
-def _method(text: str, site: _Site) -> str:
-    # Case-insensitive, underscores optional: the flat form's RemovalOutlier is REMOVAL_OUTLIER.
-    found = _METHOD_SPELLINGS.get(text.upper().replace("_", ""))
-    if found is None:
-        site.fail(f"{text!r} is not supported; allowed: {_METHOD_ALLOWED}")
-    return found
-
-
-def _input_type(text: str, site: _Site) -> str:
+def _input_type(text: str) -> str:
     if text.upper() == "IMAGE":
-        site.fail(
+        raise values.Invalid(
             f"{text!r} is not supported; allowed: BIN (ptqconv reads no images: save each "
             "preprocessed input as a raw little-endian .bin in the input's dtype and shape, "
-            "e.g. numpy x.astype('<f4').tofile(path))"
-        )
+            "e.g. numpy x.astype('<f4').tofile(path))")
     if text.upper() != "BIN":
-        site.fail(f"{text!r} is not supported; allowed: BIN")
+        raise values.Invalid(f"{text!r} is not supported; allowed: BIN")
     return "BIN"
 
 
 _NAMES_ALLOWED = "node names separated by ',' (YAML: or a list)"
 
 
+@_checked
 def _names(raw: str | list, site: _Site) -> tuple[str, ...]:
     if isinstance(raw, _Pairs):
         site.fail(f"a YAML mapping is not allowed; allowed: {_NAMES_ALLOWED}")
-    items = raw.split(",") if isinstance(raw, str) else [site.text(i, _NAMES_ALLOWED) for i in raw]
-    return tuple(name.strip() for name in items if name.strip())
+    return values.names(raw if isinstance(raw, str)
+                        else [site.text(i, _NAMES_ALLOWED) for i in raw])
 
 
-def _real(low: float, high: float) -> tuple[Callable[[str, _Site], float], str]:
-    allowed = f"a number in [{low:g}, {high:g}]"
-
-    def parse(text: str, site: _Site) -> float:
-        try:
-            number = float(text)
-        except ValueError:
-            site.fail(f"{text!r} is not a number; allowed: {allowed}")
-        if not low <= number <= high:  # also rejects nan
-            site.fail(f"{text!r} is out of range; allowed: {allowed}")
-        return number
-
-    return parse, allowed
-
-
+@_checked
 def _path(text: str, site: _Site) -> Path:
     return site.path(text)
 
 
-_CALIBRATE_ALLOWED = "name:dir[,name:dir...] with the input name before the last ':'"
-
-
+@_checked
 def _calibrate_path(raw: str | list, site: _Site) -> tuple[tuple[str, Path], ...]:
-    if isinstance(raw, _Pairs):
-        pairs = [(name.strip(), site.text(d, _CALIBRATE_ALLOWED)) for name, d in raw]
+    allowed = values.NAME_DIRS_ALLOWED
+    if isinstance(raw, _Pairs):  # YAML {input: dir}: names may hold ':' and ','
+        given: Any = [(name.strip(), site.text(d, allowed)) for name, d in raw]
+    elif isinstance(raw, str):
+        given = raw
     else:
-        items = raw.split(",") if isinstance(raw, str) else raw
-        pairs = []
-        for item in items:
-            text = site.text(item, _CALIBRATE_ALLOWED)
-            if not text:
-                continue  # a trailing comma
-            name, colon, directory = text.rpartition(":")
-            if not colon:
-                site.fail(
-                    f"{text!r} has no input name; expected name:dir (e.g. input:calib/input), "
-                    "items separated by ','"
-                )
-            pairs.append((name.strip(), directory.strip()))
-    result: list[tuple[str, Path]] = []
-    for name, directory in pairs:
-        if not name:
-            site.fail(f"empty input name before {directory!r}; allowed: {_CALIBRATE_ALLOWED}")
-        if not directory:
-            site.fail(f"empty directory for input {name!r}; allowed: {_CALIBRATE_ALLOWED}")
-        if any(name == seen for seen, _ in result):
-            site.fail(f"input {name!r} given twice; each input has one directory")
-        result.append((name, site.path(directory)))
-    if not result:
-        site.fail(f"no input given; allowed: {_CALIBRATE_ALLOWED}")
-    return tuple(result)
+        given = [site.text(item, allowed) for item in raw if site.text(item, allowed)]
+    return tuple((name, site.path(d)) for name, d in values.name_dirs(given))
 
 
-_IMAGE_PATH_ALLOWED = "dir[,dir...], one directory per model input, in input order"
-
-
+@_checked
 def _image_path(text: str, site: _Site) -> tuple[tuple[None, Path], ...]:
-    items = [item.strip() for item in text.split(",")]
-    for position, item in enumerate(items, 1):
-        if not item:
-            site.fail(
-                f"directory {position} of {len(items)} is empty; allowed: {_IMAGE_PATH_ALLOWED}"
-            )
-    return tuple((None, site.path(item)) for item in items)
+    dirs = values.items(text, what="directory", allowed=values.DIRS_ALLOWED)
+    if not dirs:
+        raise values.Invalid(f"no directory given; allowed: {values.DIRS_ALLOWED}")
+    return tuple((None, site.path(d)) for d in dirs)
 
 
-_SHAPE_ALLOWED = "name:d0,d1,...[;name:d0,d1,...] with every dimension a positive integer"
-
-
+@_checked
 def _input_shape(raw: str | list, site: _Site) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    if isinstance(raw, _Pairs):
-        pairs = [(name.strip(), dims) for name, dims in raw]
+    allowed = values.SHAPES_ALLOWED
+    if isinstance(raw, _Pairs):  # YAML {input: [1, 3, 8, 8]} or {input: "1,3,8,8"}
+        given: Any = []
+        for name, dims in raw:
+            if isinstance(dims, _Pairs):
+                site.fail(f"input {name!r}: dimensions as a YAML mapping; allowed: {allowed}")
+            given.append((name, dims if isinstance(dims, str) or dims is None
+                          else [site.text(d, allowed) for d in dims]))
+    elif isinstance(raw, str):
+        given = raw
     else:
-        items = raw.split(";") if isinstance(raw, str) else raw
-        pairs = []
-        for item in items:
-            text = site.text(item, _SHAPE_ALLOWED)
-            if not text:
-                continue  # a trailing ';'
-            name, colon, dims = text.rpartition(":")
-            if not colon or not name.strip():
-                site.fail(
-                    f"{text!r} has no input name; expected name:d0,d1,... (e.g. input:1,3,8,8)"
-                )
-            pairs.append((name.strip(), dims))
-    result: list[tuple[str, tuple[int, ...]]] = []
-    for name, dims in pairs:
-        if not name:
-            site.fail(f"empty input name; allowed: {_SHAPE_ALLOWED}")
-        if any(name == seen for seen, _ in result):
-            site.fail(f"input {name!r} given twice")
-        if isinstance(dims, _Pairs):
-            site.fail(f"input {name!r}: dimensions as a YAML mapping; allowed: {_SHAPE_ALLOWED}")
-        if isinstance(dims, str) or dims is None:
-            dims = (dims or "").split(",")
-        texts = [site.text(d, _SHAPE_ALLOWED) for d in dims]
-        if texts == [""]:
-            site.fail(f"input {name!r} has no dimensions; allowed: {_SHAPE_ALLOWED}")
-        shape = []
-        for text in texts:
-            if not re.fullmatch(r"\+?[0-9]{1,18}", text) or int(text) < 1:
-                site.fail(
-                    f"input {name!r}: dimension {text!r} is not a positive integer; "
-                    f"allowed: {_SHAPE_ALLOWED}"
-                )
-            shape.append(int(text))
-        result.append((name, tuple(shape)))
-    if not result:
-        site.fail(f"no input given; allowed: {_SHAPE_ALLOWED}")
-    return tuple(result)
+        given = [site.text(item, allowed) for item in raw]
+    return values.shapes(given)
 
 
 def _keys(*keys: _Key) -> dict[str, _Key]:
     return {key.field: key for key in keys}
 
 
+_METHOD_ALLOWED = ", ".join(METHODS)
+
 _SECTIONED: dict[str | None, dict[str, _Key]] = {
     "common_quant_param": _keys(
-        _Key("quant_type", _quant_type, _QUANT_TYPE_ALLOWED),
+        _Key("quant_type", *_scalar(values.quant_type, values.QUANT_TYPE_ALLOWED)),
         _int_key("bit_num", 1, 16),
         _int_key("min_quant_weight_size", 0, U16_MAX),
         _int_key("min_quant_weight_channel", 0, U16_MAX),
@@ -679,37 +569,39 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _Key("debug_info_save_path", _path, "a directory"),
     ),
     "data_preprocess_param": _keys(
-        _Key("calibrate_path", _calibrate_path, _CALIBRATE_ALLOWED, many=True),
+        _Key("calibrate_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),
         _int_key("calibrate_size", 1, U16_MAX),
-        _Key("input_type", _input_type, "BIN"),
-        _Key("input_shape", _input_shape, _SHAPE_ALLOWED, many=True),
+        _Key("input_type", *_scalar(_input_type, "BIN"), kept=False),
+        _Key("input_shape", _input_shape, values.SHAPES_ALLOWED, many=True),
     ),
     "full_quant_param": _keys(
-        _Key("activation_quant_method", _method, _METHOD_ALLOWED),
-        _Key("bias_correction", _boolean, _BOOL_ALLOWED),
-        _Key("per_channel", _boolean, _BOOL_ALLOWED),
-        _Key("reduce_range", _boolean, _BOOL_ALLOWED),
-        _Key("smooth_quant", _boolean, _BOOL_ALLOWED),
-        _Key("equalize", _boolean, _BOOL_ALLOWED),
+        _Key("activation_quant_method", *_scalar(lambda t: values.choice(t, METHODS),
+                                                 _METHOD_ALLOWED)),
+        _bool_key("bias_correction"),
+        _bool_key("per_channel"),
+        _bool_key("reduce_range"),
+        _bool_key("smooth_quant"),
+        _bool_key("equalize"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
     ),
     "evaluate_param": _keys(
-        _Key("eval_path", _calibrate_path, _CALIBRATE_ALLOWED, many=True),
+        _Key("eval_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),
         _int_key("eval_size", 1, U16_MAX),
-        _Key("accuracy_threshold", *_real(0.0, 1e6)),
-        _Key("cosine_threshold", *_real(-1.0, 1.0)),
+        _real_key("accuracy_threshold", 0.0, 1e6),
+        _real_key("cosine_threshold", -1.0, 1.0),
     ),
 }
 
-# flat key -> (QuantConfig field, parser); converter_lite r0.7-r1.3.
+# flat key -> QuantConfig field and parser; converter_lite r0.7-r1.3.
 _FLAT_KEYS: dict[str, _Key] = {
-    "image_path": _Key("calibrate_path", _image_path, _IMAGE_PATH_ALLOWED),
-    "batch_count": _Key("calibrate_size", *_integer(1, U16_MAX)),
-    "method_x": _Key("activation_quant_method", _method, _METHOD_ALLOWED),
+    "image_path": _Key("calibrate_path", _image_path, values.DIRS_ALLOWED),
+    "batch_count": _int_key("calibrate_size", 1, U16_MAX),
+    "method_x": _Key("activation_quant_method",
+                     *_scalar(lambda t: values.choice(t, METHODS), _METHOD_ALLOWED)),
     "thread_num": _int_key("thread_num", 1, 64),
-    "bias_correction": _Key("bias_correction", _flat_boolean, "true, false"),
-    "input_shape": _Key("input_shape", _input_shape, _SHAPE_ALLOWED),
+    "bias_correction": _bool_key("bias_correction", strict=True),
+    "input_shape": _Key("input_shape", _input_shape, values.SHAPES_ALLOWED),
 }
 
 _HOME = {key: section for section, keys in _SECTIONED.items() for key in keys}
@@ -758,7 +650,7 @@ def _build(
     sections: list[_Section],
     schema: Mapping[str | None, Mapping[str, _Key]],
 ) -> QuantConfig:
-    values: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     lines: dict[str, int] = {}
     labels: dict[str, str] = {}
     for section in sections:
@@ -789,7 +681,8 @@ def _build(
             else:
                 kind = "mapping" if isinstance(value, _Pairs) else "list"
                 site.fail(f"expected one value, got a YAML {kind}; allowed: {spec.allowed}")
-            values[spec.field] = parsed
+            if spec.kept:
+                given[spec.field] = parsed
             if line is not None:
                 lines[spec.field] = lines[key] = line
             labels[spec.field] = site.label
@@ -798,5 +691,5 @@ def _build(
         format=fmt,
         lines=MappingProxyType(lines),
         keys=MappingProxyType(labels),
-        **values,
+        **given,
     )

@@ -8,6 +8,7 @@ A `Grid` says which integers a tensor may take and in which ONNX container they 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import onnx_ir as ir
@@ -27,6 +28,13 @@ _UNSIGNED_CONTAINERS = (
     (8, ir.DataType.UINT8),
     (16, ir.DataType.UINT16),
 )
+
+
+class Range(NamedTuple):
+    """A float range [low, high] to quantize."""
+
+    low: float
+    high: float
 
 
 def container_for(bits: int, signed: bool = True) -> ir.DataType:

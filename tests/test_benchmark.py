@@ -14,15 +14,12 @@ from models import DIGITS, save, write_samples
 from onnx import TensorProto, helper, numpy_helper
 
 import ptqconv
-from ptqconv.benchmark import (
-    SCHEMA,
-    benchmark_command,
-    compare_models,
-    read_benchmark_data,
-    run_benchmark,
-    write_benchmark_data,
-)
+from ptqconv.cli import benchmark_command
 from ptqconv.errors import PtqError, PtqUsageError
+from ptqconv.evaluate import BenchmarkSettings, benchmark
+from ptqconv.evaluate.comparison import compare_models
+from ptqconv.evaluate.data_file import read_benchmark_data, write_benchmark_data
+from ptqconv.evaluate.options import SCHEMA
 from ptqconv.modelio import model_size
 
 FLOAT = DIGITS / "model.onnx"
@@ -188,7 +185,7 @@ def test_quiet_prints_nothing(quantized, capsys):
 
 
 def test_run_benchmark_api(quantized, tmp_path):
-    report = run_benchmark(
+    report = benchmark(BenchmarkSettings.create(
         quantized[8],
         FLOAT,
         in_data_dir=[("input", EVAL)],
@@ -196,7 +193,7 @@ def test_run_benchmark_api(quantized, tmp_path):
         loop_count=1,
         warm_up_loop_count=0,
         report_file=tmp_path / "r.json",
-    )
+    ))
     assert report.passed and report.samples == 200
     assert list(report.comparisons) == ["logits"]
     assert report.to_dict()["overall"]["mean_bias_percent"] == pytest.approx(
@@ -334,7 +331,7 @@ def test_usage_errors(tmp_path, capsys):
             (model, ref, indir, f"--reportFile={tmp_path / 'no' / 'r.json'}"),
             "--reportFile: directory does not exist",
         ),
-        ((model, ref, indir, "--inputShape=input"), "--inputShape: 'input' has no ':'"),
+        ((model, ref, indir, "--inputShape=input"), "--inputShape: 'input' has no input name"),
     ]
     for args, message in cases:
         status, out, error = bench(capsys, *args)
@@ -470,7 +467,8 @@ def test_external_data_counts_in_the_size(tmp_path):
     assert data.stat().st_size > 0
     assert model_size(ext) == ext.stat().st_size + data.stat().st_size
     samples = write_samples(tmp_path / "x", [np.ones((2, 3), np.float32)])
-    report = run_benchmark(ext, model, in_data_dir=str(samples), loop_count=1)
+    report = benchmark(BenchmarkSettings.create(ext, model, in_data_dir=str(samples),
+                                                loop_count=1))
     assert report.passed and report.model_size == model_size(ext)
 
 

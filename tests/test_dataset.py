@@ -9,15 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv.calibrate.dataset import (
     CalibrationSet,
     InputSpec,
     model_inputs,
-    parse_input_shape,
 )
 from ptqconv.errors import PtqError, PtqUsageError
 
@@ -416,72 +413,6 @@ def test_iteration_streams_without_keeping_samples(tmp_path):
     # Kept samples would cost n * 4 KB = 8 MB; the bound leaves room for the
     # interpreter's own allocations (about 0.2 MB, which varies by machine).
     assert peak < 1_000_000
-
-
-# ---------------------------------------------------------------- parse_input_shape
-
-names = st.text(
-    alphabet=st.characters(blacklist_characters=";", blacklist_categories=("Cs",)), min_size=1
-).filter(lambda s: s == s.strip() and s != "")
-shapes = st.lists(st.integers(1, 10**6), min_size=1, max_size=6).map(tuple)
-
-
-@given(st.dictionaries(names, shapes, min_size=1, max_size=4), st.sampled_from(["", " "]))
-@settings(max_examples=150, deadline=None)
-def test_parse_input_shape_round_trip(spec_map, pad):
-    text = ";".join(f"{pad}{n}{pad}:{pad}{','.join(map(str, s))}" for n, s in spec_map.items())
-    assert parse_input_shape(text) == spec_map
-    assert list(parse_input_shape(text + ";")) == list(spec_map)
-
-
-@given(st.text(max_size=40))
-@settings(max_examples=300, deadline=None)
-def test_parse_input_shape_never_crashes(text):
-    try:
-        result = parse_input_shape(text)
-    except PtqUsageError as exc:
-        assert "\n" not in str(exc)
-    else:
-        assert result
-        for name, dims in result.items():
-            assert name and all(isinstance(d, int) and d > 0 for d in dims)
-
-
-@given(names, st.text(alphabet="abc-+.e x0", min_size=1, max_size=5))
-@settings(max_examples=100, deadline=None)
-def test_parse_input_shape_rejects_non_integer_dims(name, junk):
-    if junk.strip().isdigit() and int(junk) > 0:
-        return
-    with pytest.raises(PtqUsageError, match="is not a positive integer"):
-        parse_input_shape(f"{name}:1,{junk}")
-
-
-@pytest.mark.parametrize(
-    ("text", "needle"),
-    [
-        ("", "gives no shape"),
-        (" ; ", "gives no shape"),
-        ("x1,3,224", "'x1,3,224' has no ':'"),
-        (":1,3", "':1,3' has no input name"),
-        ("x:", "'x:' has no dimensions"),
-        ("x:1,,3", "dimension '' is not a positive integer"),
-        ("x:1,0", "dimension '0' is not a positive integer"),
-        ("x:1,-1", "dimension '-1' is not a positive integer"),
-        ("x:1.5", "dimension '1.5' is not a positive integer"),
-        ("x:١", "is not a positive integer"),  # Arabic-Indic digit: int() would take it
-        ("x:1;y:2;x:3", "input 'x' is given twice ('x:3')"),
-    ],
-)
-def test_parse_input_shape_rejects_junk(text, needle):
-    with pytest.raises(PtqUsageError, match=r"^--inputShape: ") as info:
-        parse_input_shape(text)
-    assert needle in str(info.value)
-
-
-def test_parse_input_shape_names_with_colons_and_spaces():
-    assert parse_input_shape(" x:0 : 1, 3 ;ids:1,64;") == {"x:0": (1, 3), "ids": (1, 64)}
-    with pytest.raises(PtqUsageError, match=r"^input_shape: "):
-        parse_input_shape("x", what="input_shape")
 
 
 def test_dynamic_batch_is_one_when_another_dim_is_inferred(tmp_path):

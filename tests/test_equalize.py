@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from models import _model, save, write_samples
 from onnx import TensorProto, helper, numpy_helper
 
-from ptqconv.calibrate.observers import ChannelRange, MinMaxObserver
+from ptqconv.calibrate.statistics import ChannelMoments, StatisticPoint, Statistics
 from ptqconv.cli import main
 from ptqconv.passes import equalize, scale_migration
 
@@ -65,10 +65,10 @@ def _channel_stats(path, tensor: str, samples):
 
     model = onnx.load(str(path))
     model.graph.output.append(helper.make_value_info(tensor, onnx.TypeProto()))
-    observer = ChannelRange(MinMaxObserver(), axis=1)
+    moments = ChannelMoments(axis=1)
     for x in samples:
-        observer.update(run_model_proto(model, x)[-1])
-    return observer.channel_min, observer.channel_max, observer.channel_mean_square
+        moments.update(run_model_proto(model, x)[-1])
+    return Statistics({StatisticPoint(tensor, equalize.CHANNELS): moments})
 
 
 def run_model_proto(model, x):
@@ -83,14 +83,17 @@ def test_equalizing_leaves_the_float_model_unchanged(tmp_path, act, group):
     src = save(uneven_convs(act, group), tmp_path / "float.onnx")
     calibration = _samples(1)
     x = "a" if act else "c1"
-    stats = {x: _channel_stats(src, x, calibration)}
+    stats = _channel_stats(src, x, calibration)
     model = ir.load(src)
-    groups = equalize.find_groups(model.graph)
+    groups = equalize.find_groups(model.graph).groups
     assert [(g.activation, g.producer.name, [c.name for c in g.consumers], g.clip_max)
             for g in groups] == [(x, "conv1", ["conv2"], 6.0 if act == "clip" else None)]
     w1_before = model.graph.initializers["w1"].const_value.numpy().copy()
-    new_ranges = equalize.equalize(groups, stats, 255, lambda conv: 63)
-    assert list(new_ranges) == [x]
+    equalizer = equalize.EqualizePass(frozenset(), 255, lambda conv: 63)
+    assert equalizer.statistic_points(model) == [StatisticPoint(x, equalize.CHANNELS)]
+    result = equalizer.calibrated(stats)(model)
+    new_ranges = result.ranges
+    assert list(new_ranges) == [x] and result.migrated == [x] and result.modified
     scales = w1_before[:, 0, 0, 0] / model.graph.initializers["w1"].const_value.numpy()[:, 0, 0, 0]
     assert scales.max() / scales.min() > 10  # the quiet channels were amplified
     if act == "clip":
@@ -106,12 +109,15 @@ def test_equalizing_leaves_the_float_model_unchanged(tmp_path, act, group):
 def test_graphs_that_cannot_absorb_the_scales_are_left_alone(tmp_path):
     model = uneven_convs("relu", 1)
     model.graph.output.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, None))
-    assert equalize.find_groups(ir.from_proto(model).graph) == []  # `a` is read outside
+    assert equalize.find_groups(ir.from_proto(model).graph).groups == []  # `a` is read outside
     model = uneven_convs("relu", 1)
-    assert equalize.find_groups(ir.from_proto(model).graph, frozenset({"conv2"})) == []
+    search = equalize.find_groups(ir.from_proto(model).graph, frozenset({"conv2"}))
+    assert search.groups == [] and search.rejected == {"a": "a reader is in skip_quant_node"}
     model = uneven_convs("clip", 1)
     model.graph.initializer[3].CopyFrom(numpy_helper.from_array(np.array(-1, np.float32), "lo"))
-    assert equalize.find_groups(ir.from_proto(model).graph) == []  # Clip(-1, 6) does not scale
+    search = equalize.find_groups(ir.from_proto(model).graph)  # Clip(-1, 6) does not scale
+    assert search.groups == [] and list(search.rejected.values()) == [
+        "a Clip that is not Clip(0, c) follows"]
 
 
 def test_equalization_lowers_the_w8a8_error_on_quiet_channels(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ptqconv.errors import PtqError
-from ptqconv.metrics import (
+from ptqconv.evaluate.metrics import (
     FLT_EPSILON,
     FLT_MIN,
     RESULT_KEYS,

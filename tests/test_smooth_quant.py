@@ -8,6 +8,7 @@ from conftest import run_model
 from models import save, write_samples
 from onnx import TensorProto, helper, numpy_helper
 
+from ptqconv.calibrate.statistics import ChannelMoments, StatisticPoint, Statistics
 from ptqconv.cli import main
 from ptqconv.passes import smooth_quant
 
@@ -43,14 +44,19 @@ def outlier_matmul(seed: int = 0):
 def test_smoothing_leaves_the_float_model_unchanged(tmp_path):
     src = save(outlier_matmul(), tmp_path / "float.onnx")
     model = ir.load(src)
-    groups = smooth_quant.find_groups(model.graph)
+    groups = smooth_quant.find_groups(model.graph).groups
     assert [(g.activation, [m.name for m in g.matmuls]) for g in groups] == [("h", ["proj"])]
-    lo = np.full(64, -3.0, np.float32)
-    hi = np.full(64, 3.0, np.float32)
-    lo[[5, 17, 40]], hi[[5, 17, 40]] = -180.0, 180.0
-    mean_square = (hi / 3) ** 2
-    new_ranges = smooth_quant.smooth(model.graph, groups, {"h": (lo, hi, mean_square)})
-    ((_, (rlo, rhi)),) = new_ranges.items()
+    moments = ChannelMoments(-1)
+    moments.channel_min = np.full(64, -3.0, np.float32)
+    moments.channel_max = np.full(64, 3.0, np.float32)
+    moments.channel_min[[5, 17, 40]], moments.channel_max[[5, 17, 40]] = -180.0, 180.0
+    moments.channel_sumsq, moments.rows = (moments.channel_max / 3) ** 2, 1
+    smoother = smooth_quant.SmoothQuantPass(frozenset(), 255, 63)
+    assert smoother.statistic_points(model) == [StatisticPoint("h", smooth_quant.CHANNELS)]
+    statistics = Statistics({StatisticPoint("h", smooth_quant.CHANNELS): moments})
+    result = smoother.calibrated(statistics)(model)
+    assert result.migrated == ["h"] and result.left_alone == {}
+    ((_, (rlo, rhi)),) = result.ranges.items()
     assert max(-rlo, rhi) / 180.0 < 0.5  # the outliers' range moved into the weights
     ir.save(model, tmp_path / "smoothed.onnx")
     x = np.random.default_rng(1).standard_normal((1, 16, 64)).astype(np.float32)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,6 @@ Dim = int | str | None
 _SUB_BYTE_DTYPES = frozenset(
     {"int4", "uint4", "int2", "uint2", "float4_e2m1fn", "float6_e2m3fn", "float6_e3m2fn"}
 )
-_DIM_RE = re.compile(r"[0-9]+", re.ASCII)
 _SHAPE_HINT = "--inputShape=name:d0,d1,... or input_shape in the config"
 
 
@@ -85,44 +83,6 @@ def graph_inputs(graph: ir.Graph, source: Path | None = None) -> list[InputSpec]
             d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
         specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
     return specs
-
-
-def parse_input_shape(text: str, what: str = "--inputShape") -> dict[str, tuple[int, ...]]:
-    """Parse MindSpore's ``--inputShape`` spelling: ``name:1,3,224,224;name2:1,64``.
-
-    Entries are separated by ``;`` (empty entries, such as a trailing ``;``, are skipped); the
-    name is split from the dims at the LAST ``:`` so names such as ``x:0`` work; dims are
-    positive decimal integers separated by ``,``; spaces around the pieces are ignored. Raise
-    PtqUsageError naming the bad entry. `what` names the option in messages.
-    """
-    result: dict[str, tuple[int, ...]] = {}
-    form = "name:d0,d1,... entries separated by ';'"
-    for raw in text.split(";"):
-        entry = raw.strip()
-        if not entry:
-            continue
-        name, sep, dims_text = entry.rpartition(":")
-        name = name.strip()
-        if not sep:
-            raise PtqUsageError(f"{what}: {entry!r} has no ':' (expected {form})")
-        if not name:
-            raise PtqUsageError(f"{what}: {entry!r} has no input name before ':' ({form})")
-        if not dims_text.strip():
-            raise PtqUsageError(f"{what}: {entry!r} has no dimensions after ':' ({form})")
-        dims = []
-        for tok in dims_text.split(","):
-            tok = tok.strip()
-            if not _DIM_RE.fullmatch(tok) or int(tok) <= 0:
-                raise PtqUsageError(
-                    f"{what}: {entry!r}: dimension {tok!r} is not a positive integer ({form})"
-                )
-            dims.append(int(tok))
-        if name in result:
-            raise PtqUsageError(f"{what}: input {name!r} is given twice ({entry!r})")
-        result[name] = tuple(dims)
-    if not result:
-        raise PtqUsageError(f"{what}: {text!r} gives no shape (expected {form})")
-    return result
 
 
 class CalibrationSet:
@@ -180,12 +140,7 @@ class CalibrationSet:
             raise PtqUsageError(f"{what}: the sample count must be at least 1, not {count}")
         if not inputs:
             raise PtqUsageError(f"{what}: the model has no inputs to calibrate")
-        for spec in inputs:
-            if spec.dtype.kind == "O" or spec.dtype.name in _SUB_BYTE_DTYPES:
-                raise PtqError(
-                    f"{what}: input {spec.name!r} has type {spec.dtype.name}, which raw .bin "
-                    "files cannot hold (only types of whole bytes per value)"
-                )
+        _check_storable(inputs, what)
         dirs = _pair(inputs, paths, what)
         user_shapes = _check_user_shapes(inputs, shapes or {}, what)
 
@@ -213,18 +168,11 @@ class CalibrationSet:
                 inferred.add(spec.name)
 
         for spec in inputs:
-            shape = resolved[spec.name]
-            expected = math.prod(shape) * spec.dtype.itemsize
             origin = ""
             if spec.name in inferred:
                 origin = f", inferred from {_oneline(files[spec.name][0].name)}"
             for path in files[spec.name]:
-                size = _size(spec.name, path, what)
-                if size != expected:
-                    raise PtqUsageError(
-                        f"{what}: input {spec.name!r}: {_p(path)} is {size} bytes; expected "
-                        f"{expected} ({spec.dtype.name} {_fmt(shape)}{origin})"
-                    )
+                _check_size(spec, resolved[spec.name], path, what, origin)
 
         if check_values:
             for spec in inputs:
@@ -232,6 +180,41 @@ class CalibrationSet:
                     _check_values(spec, resolved[spec.name], path, what)
 
         return cls(inputs, resolved, files, what)
+
+    @classmethod
+    def from_files(
+        cls,
+        inputs: Sequence[InputSpec],
+        files: Sequence[Path],
+        shapes: Mapping[str, tuple[int, ...]] | None = None,
+        what: str = "--inDataFile",
+    ) -> CalibrationSet:
+        """One sample from one `.bin` file per input (paired by position), checked as `open`
+        checks a directory's files (shape resolution, size, NaN/Inf)."""
+        inputs = tuple(inputs)
+        listed = ", ".join(repr(s.name) for s in inputs)
+        if not inputs:
+            raise PtqUsageError(f"{what}: the model has no inputs to feed")
+        if len(files) != len(inputs):
+            raise PtqUsageError(
+                f"{what}: {len(files)} file(s) given for {len(inputs)} model input(s) "
+                f"({listed}); give one .bin file per input, in the model's input order, "
+                "separated by ','")
+        _check_storable(inputs, what)
+        user = _check_user_shapes(inputs, shapes or {}, what)
+        resolved: dict[str, tuple[int, ...]] = {}
+        for spec, path in zip(inputs, files, strict=True):
+            if not path.exists():
+                raise PtqUsageError(f"{what}: input {spec.name!r}: no such file: {_p(path)}")
+            if not path.is_file():
+                raise PtqUsageError(f"{what}: input {spec.name!r}: not a file: {_p(path)}")
+            shape, inferred = _resolve_shape(spec, user.get(spec.name), path, what)
+            _check_size(spec, shape, path, what, ", inferred from the file size" if inferred
+                        else "")
+            _check_values(spec, shape, path, what)
+            resolved[spec.name] = shape
+        return cls(inputs, resolved, {s.name: [p] for s, p in zip(inputs, files, strict=True)},
+                   what)
 
     def __len__(self) -> int:
         """The number of samples used."""
@@ -278,6 +261,24 @@ class CalibrationSet:
             f"{s.name}: {s.dtype.name} {_fmt(self.shapes[s.name])}" for s in self.inputs
         )
         return f"CalibrationSet({len(self)} samples; {shapes})"
+
+
+def _check_storable(inputs: Sequence[InputSpec], what: str) -> None:
+    for spec in inputs:
+        if spec.dtype.kind == "O" or spec.dtype.name in _SUB_BYTE_DTYPES:
+            raise PtqError(
+                f"{what}: input {spec.name!r} has type {spec.dtype.name}, which raw .bin "
+                "files cannot hold (only types of whole bytes per value)")
+
+
+def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
+                origin: str) -> None:
+    expected = math.prod(shape) * spec.dtype.itemsize
+    size = _size(spec.name, path, what)
+    if size != expected:
+        raise PtqUsageError(
+            f"{what}: input {spec.name!r}: {_p(path)} is {size} bytes; expected {expected} "
+            f"({spec.dtype.name} {_fmt(shape)}{origin})")
 
 
 def _concat(inputs: tuple[InputSpec, ...], samples: list[dict[str, np.ndarray]]):

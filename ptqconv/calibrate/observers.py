@@ -1,4 +1,4 @@
-"""Observers: one class per calibration method, each with update / merge / compute_range.
+"""Observers: one accumulator class per calibration method, with compute_range.
 
 An observer sees the float values of one activation tensor, one sample (or batch) at a time,
 keeps a summary whose size does not depend on the number of samples, and turns it into a
@@ -8,9 +8,12 @@ quantization range. `OBSERVERS` maps the config's method names to classes.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import numpy as np
+
+from ptqconv.calibrate.statistics import Accumulator
+from ptqconv.qparams import Range
 
 # REFERENCE.md §2 (MindSpore / MNN / TensorRT KL): 2048 bins over |x|, bins start at 1e-7.
 KL_BINS = 2048
@@ -25,8 +28,8 @@ KL_SQNR_FLOOR_DB = 10.0
 OUTLIER_QUANTILES = (0.0001, 0.9999)
 
 
-class Observer(ABC):
-    """Running summary of one tensor's values."""
+class Observer(Accumulator):
+    """Running summary of one tensor's values that yields its quantization range."""
 
     # Set by compute_range when the method's own choice was refused for the observed range.
     kl_refused = False
@@ -51,18 +54,18 @@ class Observer(ABC):
         self.max = max(self.max, other.max)
 
     @abstractmethod
-    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+    def compute_range(self, bits: int = 8) -> Range:
         """The float range [lo, hi] to quantize to `bits` bits (unsigned when lo >= 0)."""
 
-    def _empty_range(self) -> tuple[float, float] | None:
-        return None if self.seen else (0.0, 0.0)
+    def _empty_range(self) -> Range | None:
+        return None if self.seen else Range(0.0, 0.0)
 
 
 class MinMaxObserver(Observer):
     """MAX_MIN: the running min and max."""
 
-    def compute_range(self, bits: int = 8) -> tuple[float, float]:
-        return self._empty_range() or (self.min, self.max)
+    def compute_range(self, bits: int = 8) -> Range:
+        return self._empty_range() or Range(self.min, self.max)
 
 
 class HistogramObserver(Observer):
@@ -144,17 +147,17 @@ class HistogramObserver(Observer):
         at[-1] = cumulative[-1]
         return np.diff(at), absmax
 
-    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+    def compute_range(self, bits: int = 8) -> Range:
         if self.exponent is None or max(-self.min, self.max) <= 0.0:
-            return self._empty_range() or (self.min, self.max)
+            return self._empty_range() or Range(self.min, self.max)
         hist, absmax = self.histogram()
         return self._clip_to(self._threshold(hist, absmax, bits))
 
-    def _clip_to(self, threshold: float) -> tuple[float, float]:
+    def _clip_to(self, threshold: float) -> Range:
         """[-T, T] (or [0, T] for tensors never negative), within the observed range."""
         if self.min >= 0:
-            return (0.0, min(threshold, self.max))
-        return (max(-threshold, self.min), min(threshold, self.max))
+            return Range(0.0, min(threshold, self.max))
+        return Range(max(-threshold, self.min), min(threshold, self.max))
 
     def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
         unsigned = self.min >= 0
@@ -281,11 +284,11 @@ class RemovalOutlierObserver(Observer):
         self.hi_sum += other.hi_sum
         self.count += other.count
 
-    def compute_range(self, bits: int = 8) -> tuple[float, float]:
+    def compute_range(self, bits: int = 8) -> Range:
         empty = self._empty_range()
         if empty or not self.count:
-            return empty or (self.min, self.max)
-        return (self.lo_sum / self.count, self.hi_sum / self.count)
+            return empty or Range(self.min, self.max)
+        return Range(self.lo_sum / self.count, self.hi_sum / self.count)
 
 
 OBSERVERS: dict[str, type[Observer]] = {
@@ -294,63 +297,3 @@ OBSERVERS: dict[str, type[Observer]] = {
     "REMOVAL_OUTLIER": RemovalOutlierObserver,
     "MSE": MSEObserver,
 }
-
-
-class ChannelRange(Observer):
-    """Wraps another observer and also keeps per-channel min, max and mean square along `axis`
-    (the last for MatMul inputs, 1 for NCHW Conv inputs), which scale migration needs; the
-    range it reports is the wrapped observer's."""
-
-    def __init__(self, inner: Observer, axis: int = -1) -> None:
-        super().__init__()
-        self.inner = inner
-        self.axis = axis
-        self.channel_min: np.ndarray | None = None
-        self.channel_max: np.ndarray | None = None
-        self.channel_sumsq: np.ndarray | None = None
-        self.rows = 0
-
-    @property
-    def channel_mean_square(self) -> np.ndarray | None:
-        return None if self.channel_sumsq is None else self.channel_sumsq / max(self.rows, 1)
-
-    def update(self, x: np.ndarray) -> None:
-        self.inner.update(x)
-        super().update(x)
-        if x.ndim == 0 or x.size == 0:
-            return
-        axis = self.axis % x.ndim
-        others = tuple(i for i in range(x.ndim) if i != axis)
-        lo, hi = x.min(axis=others), x.max(axis=others)
-        # [outer, channel, inner] is a view of a contiguous array: no copy per sample.
-        view = x.reshape(int(np.prod(x.shape[:axis])), x.shape[axis], -1)
-        sumsq = np.einsum("ijk,ijk->j", view, view, dtype=np.float64)
-        self.rows += x.size // x.shape[axis]
-        if self.channel_min is None:
-            self.channel_min, self.channel_max, self.channel_sumsq = lo, hi, sumsq
-        else:
-            self.channel_min = np.minimum(self.channel_min, lo)
-            self.channel_max = np.maximum(self.channel_max, hi)
-            self.channel_sumsq = self.channel_sumsq + sumsq
-
-    def merge(self, other: Observer) -> None:
-        assert isinstance(other, ChannelRange)
-        self.inner.merge(other.inner)
-        super().merge(other)
-        if other.channel_min is None:
-            return
-        self.rows += other.rows
-        if self.channel_min is None:
-            self.channel_min, self.channel_max = other.channel_min, other.channel_max
-            self.channel_sumsq = other.channel_sumsq
-        else:
-            self.channel_min = np.minimum(self.channel_min, other.channel_min)
-            self.channel_max = np.maximum(self.channel_max, other.channel_max)
-            self.channel_sumsq = self.channel_sumsq + other.channel_sumsq
-
-    def compute_range(self, bits: int = 8) -> tuple[float, float]:
-        return self.inner.compute_range(bits)
-
-    @property
-    def kl_refused(self) -> bool:  # type: ignore[override]
-        return self.inner.kl_refused

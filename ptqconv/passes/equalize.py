@@ -13,19 +13,27 @@ calibration statistics, as SmoothQuant's do, so no float op is added to the grap
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from ptqconv.calibrate.statistics import ChannelMoments, Statistic, StatisticPoint
+from ptqconv.graph.initializers import set_constant
+from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
-from ptqconv.passes.ops import is_onnx
+from ptqconv.passes.calibrated import CalibratedPass, MigrationResult
+from ptqconv.qparams import Range
 
-# Equalized channels get this much room above their observed maxima (see `equalize`). On
-# mobilenet_v2 (MSE + bias correction) 1 gave top-1 agreement 0.80, 2 and 4 gave 0.95, with
-# logit cosine 0.9867, 0.9874 and 0.9841.
+logger = logging.getLogger(__name__)
+
+# Equalized channels get this much room above their observed maxima (docs/decisions.md,
+# equalization headroom).
 HEADROOM = 2.0
+# Per-channel statistics of NCHW activations.
+CHANNELS = Statistic(ChannelMoments, (1,))
 
 
 @dataclass
@@ -75,79 +83,119 @@ def _activation(y: ir.Value) -> tuple[ir.Value, float | None] | None:
     return y, None
 
 
-def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> list[EqualizeGroup]:
+@dataclass
+class GroupSearch:
+    """The groups found, and why each other Conv -> Conv activation was passed over."""
+
+    groups: list[EqualizeGroup] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> GroupSearch:
     """Conv -> [Relu | Clip(0, c)] -> Convs, where nothing else reads the tensors between them
     and every weight and bias involved is a constant of its own Conv."""
     outputs = {v.name for v in graph.outputs}
 
-    def usable(node: ir.Node) -> bool:
-        return (node.op_type == "Conv" and is_onnx(node) and node.name not in skip
-                and node.op_type not in skip and _own_constant(node, 1)
-                and (len(node.inputs) < 3 or node.inputs[2] is None or _own_constant(node, 2)))
+    def unusable(node: ir.Node) -> str:
+        if node.op_type != "Conv" or not is_onnx(node):
+            return f"also read by {node.op_type}"
+        if node.name in skip or node.op_type in skip:
+            return "a reader is in skip_quant_node"
+        if not _own_constant(node, 1) or not (
+                len(node.inputs) < 3 or node.inputs[2] is None or _own_constant(node, 2)):
+            return "a weight or bias is shared or computed"
+        return ""
 
-    groups = []
+    search = GroupSearch()
     for producer in graph:
-        if not usable(producer) or not producer.outputs or producer.outputs[0].name in outputs:
+        if producer.op_type != "Conv" or unusable(producer) or not producer.outputs:
             continue
-        found = _activation(producer.outputs[0])
+        y = producer.outputs[0]
+        found = _activation(y)
         if found is None:
+            search.rejected[y.name] = "a Clip that is not Clip(0, c) follows"
             continue
         x, clip_max = found
         users = x.uses()
+        if not users or not x.name or x.name in outputs or y.name in outputs:
+            continue  # a model output, or nothing to equalize with
         channels = producer.inputs[1].const_value.shape[0]
-        if (not x.name or x.name in outputs or not users
-                or not all(index == 0 and usable(user) for user, index in users)
-                or any(user.inputs[1].const_value.shape[1] * _group(user) != channels
-                       for user, _ in users)):
+        if not any(user.op_type == "Conv" for user, _ in users):
+            continue  # no Conv to equalize with
+        reason = next((unusable(user) for user, _ in users if unusable(user)), "")
+        if not reason and any(index != 0 for _, index in users):
+            reason = "also read as a weight"
+        if not reason and any(user.inputs[1].const_value.shape[1] * _group(user) != channels
+                              for user, _ in users):
+            reason = "a reader's input channels differ from the producer's output channels"
+        if reason:
+            search.rejected[x.name] = reason
             continue
-        groups.append(EqualizeGroup(x.name, producer, clip_max, [u for u, _ in users]))
-    return groups
+        search.groups.append(EqualizeGroup(x.name, producer, clip_max, [u for u, _ in users]))
+    return search
 
 
-def equalize(
-    groups: list[EqualizeGroup],
-    statistics: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-    act_levels: int,
-    weight_levels: Callable[[ir.Node], int],
-) -> dict[str, tuple[float, float]]:
-    """Equalize each group whose activation has per-channel (min, max, mean square) along axis
-    1 in `statistics`; return the new float range of each tensor changed (exact for min/max
-    statistics). Groups whose best strength is 0 are left alone."""
-    new_ranges = {}
-    for group in groups:
-        if group.activation not in statistics:
-            continue
-        lo, hi, mean_square = statistics[group.activation]
-        # Per-channel maxima from a calibration set are a loose estimate: eval data beat them
-        # by 2x on mobilenet_v2 (up to 14x in its last blocks), and an equalized channel is
-        # clipped by the per-tensor range at its own estimate. Planning for HEADROOM x the
-        # observed range (never past the tensor's) keeps such channels unclipped.
+class EqualizePass(CalibratedPass):
+    """Equalize every group whose per-channel statistics predict less output noise after it;
+    `weight_levels(conv)` is the largest integer of the conv's weight grid."""
+
+    technique = "equalization"
+
+    def __init__(self, skip: frozenset[str], act_levels: int,
+                 weight_levels: Callable[[ir.Node], int]) -> None:
+        super().__init__()
+        self.skip, self.act_levels, self.weight_levels = skip, act_levels, weight_levels
+
+    def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
+        return [StatisticPoint(g.activation, CHANNELS)
+                for g in find_groups(model.graph, self.skip).groups]
+
+    def call(self, model: ir.Model) -> MigrationResult:
+        search = find_groups(model.graph, self.skip)
+        result = MigrationResult(model, False, self.technique, left_alone=dict(search.rejected))
+        for group in search.groups:
+            moments = self.statistics.get(group.activation, CHANNELS)
+            stats = moments.result() if moments is not None else None
+            if stats is None or group.activation in self.excluded:
+                result.left_alone[group.activation] = "not calibrated (stays float)"
+                continue
+            new_range = self._equalize(group, stats.minimum, stats.maximum, stats.mean_square)
+            if new_range is None:
+                result.left_alone[group.activation] = "predicted to gain nothing"
+            else:
+                result.ranges[group.activation] = new_range
+                result.migrated.append(group.activation)
+                result.modified = True
+        for name, reason in result.left_alone.items():
+            logger.debug("equalization: %s left alone: %s", name, reason)
+        return result
+
+    def _equalize(self, group: EqualizeGroup, lo: np.ndarray, hi: np.ndarray,
+                  mean_square: np.ndarray) -> Range | None:
+        # Per-channel maxima from a calibration set are a loose estimate, and an equalized
+        # channel is clipped by the per-tensor range at its own estimate: plan for HEADROOM x
+        # the observed range (never past the tensor's).
         plan_lo = np.maximum(lo * HEADROOM, np.min(lo))
         plan_hi = np.minimum(hi * HEADROOM, np.max(hi))
         readers = [scale_migration.Reader.conv(c.inputs[1].const_value.numpy(), _group(c),
-                                               weight_levels(c)) for c in group.consumers]
+                                               self.weight_levels(c)) for c in group.consumers]
         if any(r.square.shape[0] != lo.shape[0] for r in readers):
-            continue
+            return None
         alpha, s = scale_migration.choose_scales(plan_lo, plan_hi, mean_square, readers,
-                                                 act_levels, clip_max=group.clip_max)
+                                                 self.act_levels, clip_max=group.clip_max)
         if alpha == 0.0:
-            continue
+            return None
         _scale_outputs(group.producer, 1.0 / s)
         for consumer in group.consumers:
             _scale_inputs(consumer, s)
-        new_ranges[group.activation] = (float(np.min(lo / s)), float(np.max(hi / s)))
-    return new_ranges
-
-
-def _set(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.Tensor(array.astype(np.float32), name=value.name)
+        return Range(float(np.min(lo / s)), float(np.max(hi / s)))
 
 
 def _scale_outputs(conv: ir.Node, factors: np.ndarray) -> None:
     w = conv.inputs[1].const_value.numpy()
-    _set(conv.inputs[1], w * factors.reshape(-1, *[1] * (w.ndim - 1)))
+    set_constant(conv.inputs[1], w * factors.reshape(-1, *[1] * (w.ndim - 1)))
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
-        _set(conv.inputs[2], conv.inputs[2].const_value.numpy() * factors)
+        set_constant(conv.inputs[2], conv.inputs[2].const_value.numpy() * factors)
 
 
 def _scale_inputs(conv: ir.Node, factors: np.ndarray) -> None:
@@ -157,4 +205,4 @@ def _scale_inputs(conv: ir.Node, factors: np.ndarray) -> None:
     n_out, k_per_group = w.shape[:2]
     group_of = np.arange(n_out) // (n_out // _group(conv))
     per_weight = factors[group_of[:, None] * k_per_group + np.arange(k_per_group)[None, :]]
-    _set(conv.inputs[1], w * per_weight.reshape(n_out, k_per_group, *[1] * (w.ndim - 2)))
+    set_constant(conv.inputs[1], w * per_weight.reshape(n_out, k_per_group, *[1] * (w.ndim - 2)))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ptqconv.passes.ops import is_onnx
+from ptqconv.graph.initializers import add_initializer
+from ptqconv.graph.ops import is_onnx
 
 
 class FoldInitializerCastsPass(ir.passes.InPlacePass):
@@ -33,11 +34,8 @@ class FoldInitializerCastsPass(ir.passes.InPlacePass):
             if sole:
                 graph.initializers.pop(source.name)
             out.name = None
-            folded = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT),
-                              shape=ir.Shape(array.shape),
-                              const_value=ir.Tensor(array, name=name))
+            folded = add_initializer(graph, name, array)
             out.replace_all_uses_with(folded)
             graph.remove(node, safe=True)
-            graph.register_initializer(folded)
             modified = True
         return ir.passes.PassResult(model, modified)

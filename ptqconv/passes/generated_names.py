@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ptqconv.passes.naming import NameAllocator
+from ptqconv.graph.naming import NameAllocator
 
 PREFIX = "ptq_"
 

@@ -5,16 +5,72 @@ per-channel weights, int32 bias with scale = input scale x weight scale)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
-from ptqconv.passes.bias_correction import CORRECTED_OPS
-from ptqconv.passes.naming import NameAllocator, values_by_name
-from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan
+from ptqconv.graph.initializers import add_initializer
+from ptqconv.graph.naming import NameAllocator, node_key, values_by_name
+from ptqconv.graph.ops import is_depthwise
+from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# Ops whose weight rounding error bias correction measures.
+CORRECTED_OPS = ("Conv", "Gemm")
+
+
+@dataclass(frozen=True)
+class ActivationParams:
+    """The grid of one quantized activation: its scale and zero point, as numbers and as the
+    initializers the Q/DQ nodes read."""
+
+    scale: float
+    zero_point: int
+    scale_value: ir.Value
+    zero_point_value: ir.Value
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One weight as the QDQ pass quantized it (kept for the per-layer report)."""
+
+    name: str
+    values: np.ndarray  # float
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None  # None: per tensor
+    owner: str  # the node's name (or op type)
+    grid: qparams.Grid
+
+
+@dataclass(frozen=True)
+class WeightError:
+    """W - dequantized W of a Conv/Gemm, for bias correction."""
+
+    node: ir.Node
+    error: np.ndarray
+
+
+@dataclass
+class QDQResult(ir.passes.PassResult):
+    """What the pass did, beyond the rewritten model."""
+
+    activation_grid: qparams.Grid | None = None
+    weight_grid: qparams.Grid | None = None  # of the GEMM kernels (depthwise convs may differ)
+    # float tensor name -> its grid (shared tensors under their own names too)
+    activations: dict[str, ActivationParams] = field(default_factory=dict)
+    dequantized: dict[str, str] = field(default_factory=dict)  # float name -> dequantized name
+    activation_ranges: int = 0  # distinct grids made (tensors sharing one count once)
+    weights_quantized: int = 0
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # with keep_weights
+    # node key (graph.naming.node_key in the float graph) -> error, with keep_weight_errors
+    weight_errors: dict[str, WeightError] = field(default_factory=dict)
+
+    @property
+    def quantize_nodes(self) -> int:
+        return sum(1 for n in self.model.graph if n.op_type == "QuantizeLinear")
 
 
 class QDQPass(ir.passes.InPlacePass):
@@ -29,59 +85,45 @@ class QDQPass(ir.passes.InPlacePass):
                  keep_weights: bool = False, reduce_range: bool = True,
                  act_bits: int | None = None):
         super().__init__()
-        self.keep_weights = keep_weights  # float weights for the per-layer report
-        # For bias correction: node index in the float graph -> (node, W - dequantized W).
-        self.keep_weight_errors = keep_weight_errors
-        self.weight_errors: dict[int, tuple[ir.Node, np.ndarray]] = {}
         self.plan = plan
         self.ranges = ranges
-        self.act_grid = qparams.activation_grid(act_bits or bits)
         self.bits = bits
-        self.reduce_range = reduce_range
-        self.weight_grid = qparams.fused_weight_grid(bits, reduce_range)  # of GEMM kernels
         self.per_channel = per_channel
-        # tensor name -> (scale value, zero point value, float scale) of its activation grid
-        self.act_params: dict[str, tuple[ir.Value, ir.Value, float]] = {}
-        self.weight_scales: dict[tuple[int, int], np.ndarray] = {}
-        self.weights_quantized = 0
-        # For reports: float tensor name -> its dequantized value's name (activations), and
-        # weight name -> (float values, scale, zero point, axis, owner node name).
-        self.dequantized: dict[str, str] = {}
-        self.weight_params: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int | None,
-                                            str, qparams.Grid]] = {}
+        self.reduce_range = reduce_range
+        self.act_grid = qparams.activation_grid(act_bits or bits)
+        self.keep_weights = keep_weights
+        self.keep_weight_errors = keep_weight_errors
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> QDQResult:
         graph = model.graph
-        self.node_index = {id(node): i for i, node in enumerate(graph)}
-        self.names = NameAllocator(graph)
         self.graph = graph
+        self.names = NameAllocator(graph)
+        # Keys before any rename: a quantized graph output gives its name to the DQ output.
+        self.keys = {node: node_key(node) for node in graph}
+        self.result = QDQResult(model, True, self.act_grid,
+                                qparams.fused_weight_grid(self.bits, self.reduce_range))
+        self.roots: dict[str, ActivationParams] = {}
+        self.weight_scales: dict[tuple[ir.Node, int], np.ndarray] = {}
         values = values_by_name(graph)
         # Roots first (their parameters are created), then the tensors that share them.
         for name in self.plan.quantized_tensors():
             if name in values and self._params(name) is not None:
                 self._insert_qdq(values[name])
-        for node, index, axis in self.plan.weights:
-            self._quantize_weight(node, index, axis)
-        for node, index, unit in self.plan.biases:
-            self._quantize_bias(node, index, unit)
+        for weight in self.plan.weights:
+            self._quantize_weight(weight)
+        for bias in self.plan.biases:
+            self._quantize_bias(bias)
         for name in self.plan.constants:
             if name in values:
                 self._quantize_constant(values[name])
-        return ir.passes.PassResult(model, modified=True)
+        return self.result
 
     # --- activations -------------------------------------------------------------------
 
-    def activation_params(self, name: str) -> tuple[float, int] | None:
-        """(scale, zero point) of an activation tensor this pass quantized."""
-        params = self._params(name) if name in self.dequantized else None
-        if params is None:
-            return None
-        return params[2], int(params[1].const_value.numpy())
-
-    def _params(self, name: str) -> tuple[ir.Value, ir.Value, float] | None:
+    def _params(self, name: str) -> ActivationParams | None:
         root = self.plan.shared.get(name, name)
-        if root in self.act_params:
-            return self.act_params[root]
+        if root in self.roots:
+            return self.roots[root]
         bounds = self.plan.fixed.get(root) or self.ranges.get(root)
         if bounds is None:
             return None
@@ -91,20 +133,23 @@ class QDQPass(ir.passes.InPlacePass):
             zero_point = np.int64(0)
         else:
             scale, zero_point = qparams.scale_zero_point(bounds[0], bounds[1], self.act_grid)
-        scale_value = self._initializer(f"{root}_scale", np.asarray(scale, np.float32),
-                                        ir.DataType.FLOAT)
-        zp_value = self._initializer(f"{root}_zero_point", np.asarray(zero_point, np.uint8),
-                                     ir.DataType.UINT8)
-        self.act_params[root] = (scale_value, zp_value, float(scale))
-        return self.act_params[root]
+        scale_value = add_initializer(self.graph, self.names.new(f"{root}_scale"),
+                                      np.asarray(scale, np.float32))
+        zp_value = add_initializer(self.graph, self.names.new(f"{root}_zero_point"),
+                                   np.asarray(zero_point, np.uint8))
+        self.roots[root] = ActivationParams(float(scale), int(zero_point), scale_value,
+                                            zp_value)
+        self.result.activation_ranges += 1
+        return self.roots[root]
 
     def _insert_qdq(self, value: ir.Value) -> None:
-        scale, zero_point, _ = self._params(value.name)
+        params = self._params(value.name)
         uses = list(value.uses())
         name = value.name
-        quant = ir.node("QuantizeLinear", [value, scale, zero_point],
+        grid_inputs = [params.scale_value, params.zero_point_value]
+        quant = ir.node("QuantizeLinear", [value, *grid_inputs],
                         name=self.names.new(f"{name}_QuantizeLinear"))
-        dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale, zero_point],
+        dequant = ir.node("DequantizeLinear", [quant.outputs[0], *grid_inputs],
                           name=self.names.new(f"{name}_DequantizeLinear"))
         quant.outputs[0].name = self.names.new(f"{name}_quantized")
         quant.outputs[0].type = ir.TensorType(self.act_grid.storage)
@@ -136,78 +181,75 @@ class QDQPass(ir.passes.InPlacePass):
             out.name = name
         else:
             out.name = self.names.new(f"{name}_dequantized")
-        self.dequantized[name] = out.name
+        self.result.dequantized[name] = out.name
+        self.result.activations[name] = params
 
     # --- weights, biases, constants ----------------------------------------------------
 
-    def _quantize_weight(self, node: ir.Node, index: int, axis: int) -> None:
+    def _quantize_weight(self, planned: PlannedWeight) -> None:
+        node, index = planned.node, planned.index
         value = node.inputs[index]
         if value.const_value is None:
             return
         weights = value.const_value.numpy()
-        use_axis = axis if self.per_channel else None
+        axis = planned.axis if self.per_channel else None
         grid = weight_grid_for(node, self.bits, self.reduce_range)
-        rmin, rmax = qparams.tensor_range(weights, use_axis)
+        rmin, rmax = qparams.tensor_range(weights, axis)
         scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-        q = qparams.quantize(weights, scale, zero_point, grid, use_axis, dtype=np.int8)
-        self.weight_scales[(id(node), index)] = scale
+        q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+        self.weight_scales[(node, index)] = scale
+        name = value.name
         if self.keep_weights:
-            self.weight_params[value.name] = (weights, scale, zero_point, use_axis,
-                                              node.name or node.op_type, grid)
+            self.result.weights[name] = QuantizedWeight(name, weights, scale, zero_point, axis,
+                                                        node.name or node.op_type, grid)
         if self.keep_weight_errors and node.op_type in CORRECTED_OPS:
-            error = weights - qparams.dequantize(q, scale, zero_point, use_axis)
+            error = weights - qparams.dequantize(q, scale, zero_point, axis)
             for user, _ in value.uses():
                 if user.op_type in CORRECTED_OPS:
-                    self.weight_errors[self.node_index[id(user)]] = (user, error)
-        name = value.name
-        q_value = self._initializer(f"{name}_quantized", q, ir.DataType.INT8)
-        s_value = self._initializer(f"{name}_scale", scale, ir.DataType.FLOAT)
-        zp_value = self._initializer(f"{name}_zero_point", np.zeros(scale.shape, np.int8),
-                                     ir.DataType.INT8)
-        attributes = {"axis": axis} if use_axis is not None else {}
-        out = self._dequantize(node, [q_value, s_value, zp_value], attributes, name,
+                    self.result.weight_errors[self.keys[user]] = WeightError(user, error)
+        inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
+                  add_initializer(self.graph, self.names.new(f"{name}_scale"), scale),
+                  add_initializer(self.graph, self.names.new(f"{name}_zero_point"),
+                                  np.zeros(scale.shape, np.int8))]
+        out = self._dequantize(inputs, {"axis": planned.axis} if axis is not None else {}, name,
                                weights.shape)
         for user, i in list(value.uses()):
             if user.op_type in WEIGHT_OPS:
                 user.replace_input_with(i, out)
-                self.weight_scales[(id(user), i)] = scale
+                self.weight_scales[(user, i)] = scale
         if not value.uses() and name in self.graph.initializers:
             self.graph.initializers.pop(name)
-        self.weights_quantized += 1
+        self.result.weights_quantized += 1
 
-    def _quantize_bias(self, node: ir.Node, index: int, unit: ir.Node) -> None:
-        """Input `index` of `node` as int32 with the scale of `unit`'s input x weight."""
+    def _quantize_bias(self, planned: PlannedBias) -> None:
+        """The planned input as int32 with the scale of the unit's input x weight."""
+        node, index = planned.node, planned.index
         value = node.inputs[index]
-        input_params = self._input_params(unit)
-        weight_index = 1
-        weight_scale = self.weight_scales.get((id(unit), weight_index))
+        input_params = self._input_params(planned.unit)
+        weight_scale = self.weight_scales.get((planned.unit, 1))
         if value is None or value.const_value is None or input_params is None or (
                 weight_scale is None):
             return
         bias = value.const_value.numpy().astype(np.float64)
-        bias_scale = (np.float64(input_params[2]) * weight_scale.astype(np.float64))
+        bias_scale = np.float64(input_params.scale) * weight_scale.astype(np.float64)
         bias_scale = np.broadcast_to(bias_scale, bias.shape) if bias_scale.ndim else bias_scale
         q = np.clip(np.rint(bias / bias_scale), INT32_MIN, INT32_MAX).astype(np.int32)
         name = value.name
-        q_value = self._initializer(f"{name}_quantized", q, ir.DataType.INT32)
         scale32 = np.asarray(bias_scale, np.float32)
-        s_value = self._initializer(f"{name}_scale", scale32, ir.DataType.FLOAT)
-        attributes = {"axis": 0} if scale32.ndim else {}
-        out = self._dequantize(node, [q_value, s_value], attributes, name, bias.shape)
+        inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
+                  add_initializer(self.graph, self.names.new(f"{name}_scale"), scale32)]
+        out = self._dequantize(inputs, {"axis": 0} if scale32.ndim else {}, name, bias.shape)
         node.replace_input_with(index, out)
         if not value.uses() and name in self.graph.initializers:
             self.graph.initializers.pop(name)
 
-    def _input_params(self, node: ir.Node) -> tuple[ir.Value, ir.Value, float] | None:
+    def _input_params(self, node: ir.Node) -> ActivationParams | None:
         source = node.inputs[0]
         producer = source.producer() if source is not None else None
         if producer is None or producer.op_type != "DequantizeLinear":
             return None
         scale = producer.inputs[1]
-        for params in self.act_params.values():
-            if params[0] is scale:
-                return params
-        return None
+        return next((p for p in self.roots.values() if p.scale_value is scale), None)
 
     def _quantize_constant(self, value: ir.Value) -> None:
         array = value.const_value.numpy()
@@ -216,21 +258,22 @@ class QDQPass(ir.passes.InPlacePass):
         scale, zero_point = qparams.scale_zero_point(array.min(), array.max(), self.act_grid)
         q = qparams.quantize(array, scale, zero_point, self.act_grid, dtype=np.uint8)
         name = value.name
-        users = [(u, i) for u, i in value.uses() if u in set(self.plan.units)]
+        units = set(self.plan.units)
+        users = [(u, i) for u, i in value.uses() if u in units]
         if not users:
             return
-        q_value = self._initializer(f"{name}_quantized", q, ir.DataType.UINT8)
-        s_value = self._initializer(f"{name}_scale", np.asarray(scale, np.float32),
-                                    ir.DataType.FLOAT)
-        zp_value = self._initializer(f"{name}_zero_point", np.asarray(zero_point, np.uint8),
-                                     ir.DataType.UINT8)
-        out = self._dequantize(users[0][0], [q_value, s_value, zp_value], {}, name, array.shape)
+        inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
+                  add_initializer(self.graph, self.names.new(f"{name}_scale"),
+                                  np.asarray(scale, np.float32)),
+                  add_initializer(self.graph, self.names.new(f"{name}_zero_point"),
+                                  np.asarray(zero_point, np.uint8))]
+        out = self._dequantize(inputs, {}, name, array.shape)
         for user, i in users:
             user.replace_input_with(i, out)
         if not value.uses() and name in self.graph.initializers:
             self.graph.initializers.pop(name)
 
-    def _dequantize(self, before: ir.Node, inputs: list[ir.Value], attributes: dict, name: str,
+    def _dequantize(self, inputs: list[ir.Value], attributes: dict, name: str,
                     shape: tuple[int, ...]) -> ir.Value:
         node = ir.node("DequantizeLinear", inputs, attributes,
                        name=self.names.new(f"{name}_DequantizeLinear"))
@@ -238,33 +281,13 @@ class QDQPass(ir.passes.InPlacePass):
         out.name = self.names.new(f"{name}_dequantized")
         out.type = ir.TensorType(ir.DataType.FLOAT)
         out.shape = ir.Shape(shape)
-        first = next(iter(self.graph))
         # Weight DQ nodes depend only on initializers: put them at the top, in a stable order.
-        anchor = first if first is not None else before
-        self.graph.insert_before(anchor, node)
+        self.graph.insert_before(next(iter(self.graph)), node)
         return out
-
-    def _initializer(self, base: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-        name = self.names.new(base)
-        tensor = ir.Tensor(np.asarray(array, order="C"), dtype=dtype, name=name)
-        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(array.shape),
-                         const_value=tensor)
-        self.graph.register_initializer(value)
-        return value
 
 
 def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool) -> qparams.Grid:
     """The int8 grid of `node`'s weight. onnxruntime's depthwise kernel accumulates single
     products in int32, so it cannot saturate like the GEMM kernels: depthwise weights keep the
-    full 8-bit grid (measured on mobilenet_v2's first depthwise conv: output SQNR 10.5 dB at 7
-    bits, 19.6 at 8, identical fused and unfused)."""
+    full 8-bit grid (docs/decisions.md, depthwise weights)."""
     return qparams.fused_weight_grid(bits, reduce_range and not is_depthwise(node))
-
-
-def is_depthwise(node: ir.Node) -> bool:
-    """A Conv with one input channel per group (and more than one group)."""
-    if node.op_type != "Conv" or "group" not in node.attributes:
-        return False
-    weight = node.inputs[1].const_value if len(node.inputs) > 1 else None
-    return (node.attributes["group"].as_int() > 1 and weight is not None
-            and weight.shape[1] == 1)

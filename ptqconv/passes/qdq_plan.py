@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from ptqconv.passes.ops import is_onnx
-from ptqconv.passes.weight_slots import weight_slot
+from ptqconv.graph.ops import is_onnx
+from ptqconv.graph.weight_slots import weight_slot
 
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({
@@ -37,6 +37,25 @@ FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})
 BIAS_INDEX = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
 
 
+@dataclass(frozen=True)
+class PlannedWeight:
+    """Input `index` of `node` is a constant weight with output channels along `axis`."""
+
+    node: ir.Node
+    index: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class PlannedBias:
+    """Input `index` of `node` is a bias whose scale is `unit`'s input scale x weight scale:
+    a Conv/Gemm's own bias, or the constant of the Add after a float-output MatMul."""
+
+    node: ir.Node
+    index: int
+    unit: ir.Node
+
+
 @dataclass
 class QuantPlan:
     """The outcome of planning: what calibration observes and what the QDQ pass rewrites."""
@@ -46,10 +65,8 @@ class QuantPlan:
     shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose params it uses
     fixed: dict[str, tuple[float, float]] = field(default_factory=dict)  # e.g. Softmax [0, 1]
     folded: dict[str, str] = field(default_factory=dict)  # producer output -> Relu/Clip output
-    weights: list[tuple[ir.Node, int, int]] = field(default_factory=list)  # node, input, axis
-    # (node, input index, the unit whose input scale x weight scale is the bias scale): a
-    # Conv/Gemm's own bias, or the constant of the Add that follows a float-output MatMul.
-    biases: list[tuple[ir.Node, int, ir.Node]] = field(default_factory=list)
+    weights: list[PlannedWeight] = field(default_factory=list)
+    biases: list[PlannedBias] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)  # constant activations (Add/Mul/Concat)
     skipped: set[ir.Node] = field(default_factory=set)  # skip_quant_node: consume float tensors
 
@@ -180,14 +197,14 @@ def plan_quantization(
         plan.units.append(node)
         weight_index = _constant_weight_index(node) if node.op_type in WEIGHT_OPS else None
         if weight_index is not None:
-            plan.weights.append((node, weight_index, weight_slot(node).axis))
+            plan.weights.append(PlannedWeight(node, weight_index, weight_slot(node).axis))
         bias_index = BIAS_INDEX.get(node.op_type)
         for index, value in enumerate(node.inputs):
             if value is None or index == weight_index:
                 continue
             if index == bias_index and weight_index is not None:
                 if value.const_value is not None and len(value.const_value.shape) == 1:
-                    plan.biases.append((node, index, node))
+                    plan.biases.append(PlannedBias(node, index, node))
                 continue
             if value.const_value is not None:
                 if _is_float(value) and value.name not in plan.constants:
@@ -198,7 +215,7 @@ def plan_quantization(
         if node.op_type in FLOAT_OUTPUT_OK and not planner.readers(output):
             bias = _matmul_bias(node, weight_index, planner.skipped)
             if bias is not None:
-                plan.biases.append((*bias, node))
+                plan.biases.append(PlannedBias(*bias, node))
             continue  # runs as MatMulIntegerToFloat / QGemm with a float output
         users = output.uses()
         if (len(users) == 1 and output.name not in planner.outputs

@@ -12,15 +12,25 @@ unchanged) and W' = diag(s) W, so X' W' = X W exactly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from ptqconv.calibrate.statistics import ChannelMoments, Statistic, StatisticPoint
+from ptqconv.graph.initializers import add_initializer, set_constant
+from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
-from ptqconv.passes.naming import NameAllocator
-from ptqconv.passes.ops import is_onnx
+from ptqconv.passes.calibrated import CalibratedPass, MigrationResult
+from ptqconv.qparams import Range
+
+logger = logging.getLogger(__name__)
+# Per-channel statistics along the last axis (MatMul's K).
+CHANNELS = Statistic(ChannelMoments, (-1,))
+SUFFIX = "_smooth"
+INV_SCALE_SUFFIX = "_smooth_inv_scale"
 
 
 @dataclass
@@ -29,72 +39,104 @@ class SmoothGroup:
     matmuls: list[ir.Node]
 
 
-def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> list[SmoothGroup]:
+@dataclass
+class GroupSearch:
+    """The groups found, and why each other MatMul input was passed over."""
+
+    groups: list[SmoothGroup] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> GroupSearch:
     """Activations read as input A by MatMuls whose B is a constant 2-D float weight used by
     nothing else; every reader of such an activation that is a MatMul must qualify."""
     groups: dict[str, SmoothGroup] = {}
-    rejected: set[str] = set()
+    rejected: dict[str, str] = {}
     for node in graph:
         if node.op_type != "MatMul" or not is_onnx(node) or len(node.inputs) < 2:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if x is None or x.const_value is not None or not x.name:
             continue
-        ok = (node.name not in skip and w is not None and w.const_value is not None
-              and w.dtype == ir.DataType.FLOAT and len(w.const_value.shape) == 2
-              and all(user.op_type == "MatMul" and index == 1 for user, index in w.uses()))
-        if not ok:
-            rejected.add(x.name)
+        reason = ""
+        if node.name in skip:
+            reason = "a reader is in skip_quant_node"
+        elif (w is None or w.const_value is None or w.dtype != ir.DataType.FLOAT
+              or len(w.const_value.shape) != 2):
+            reason = "a MatMul reader has no constant 2-D float weight"
+        elif not all(user.op_type == "MatMul" and index == 1 for user, index in w.uses()):
+            reason = "a reader's weight is also read elsewhere"
+        if reason:
+            rejected.setdefault(x.name, reason)
             continue
         groups.setdefault(x.name, SmoothGroup(x.name, [])).matmuls.append(node)
-    return [g for name, g in groups.items() if name not in rejected]
-
-
-SUFFIX = "_smooth"
+    # Only activations some MatMul could smooth were candidates (not attention's Q.K^T).
+    return GroupSearch([g for name, g in groups.items() if name not in rejected],
+                       {name: why for name, why in rejected.items() if name in groups})
 
 
 def smoothing_nodes(graph: ir.Graph) -> frozenset[str]:
-    """Names of the Mul nodes `smooth` inserted, which quantization must leave float."""
+    """Names of the Mul nodes `SmoothQuantPass` inserted, which quantization must leave float."""
     return frozenset(n.name for n in graph if n.op_type == "Mul" and n.name
                      and n.name.endswith(SUFFIX) and n.inputs[1] is not None
-                     and (n.inputs[1].name or "").endswith("_smooth_inv_scale"))
+                     and (n.inputs[1].name or "").endswith(INV_SCALE_SUFFIX))
 
 
-def smooth(
-    graph: ir.Graph,
-    groups: list[SmoothGroup],
-    statistics: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-    act_levels: int = 255,
-    weight_levels: int = 63,
-) -> dict[str, tuple[float, float]]:
-    """Apply SmoothQuant to `groups` given per-channel (min, max, mean square) of each
-    activation along its last axis; return the float range of each new smoothed tensor, by
-    name (exact for min/max statistics). Groups whose best strength is 0 are left alone.
+class SmoothQuantPass(CalibratedPass):
+    """Smooth every group whose per-channel statistics predict less output noise after it.
 
-    The inserted Mul nodes are named `<activation>_smooth` (see `is_smoothing`): they must
+    The inserted Mul nodes are named `<activation>_smooth` (see `smoothing_nodes`): they must
     stay float and read the float activation, or X would be quantized before smoothing.
     """
-    names = NameAllocator(graph)
-    values = {v.name: v for n in graph for v in n.outputs}
-    values.update({v.name: v for v in graph.inputs})
-    new_ranges = {}
-    for group in groups:
-        if group.activation not in statistics or group.activation not in values:
-            continue
-        lo, hi, mean_square = statistics[group.activation]
+
+    technique = "SmoothQuant"
+
+    def __init__(self, skip: frozenset[str], act_levels: int, weight_levels: int) -> None:
+        super().__init__()
+        self.skip, self.act_levels, self.weight_levels = skip, act_levels, weight_levels
+
+    def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
+        return [StatisticPoint(g.activation, CHANNELS)
+                for g in find_groups(model.graph, self.skip).groups]
+
+    def call(self, model: ir.Model) -> MigrationResult:
+        graph = model.graph
+        search = find_groups(graph, self.skip)
+        result = MigrationResult(model, False, self.technique, left_alone=dict(search.rejected))
+        names = NameAllocator(graph)
+        values = {v.name: v for n in graph for v in n.outputs}
+        values.update({v.name: v for v in graph.inputs})
+        for group in search.groups:
+            moments = self.statistics.get(group.activation, CHANNELS)
+            stats = moments.result() if moments is not None else None
+            if stats is None or group.activation in self.excluded or (
+                    group.activation not in values):
+                result.left_alone[group.activation] = "not calibrated (stays float)"
+                continue
+            made = self._smooth(graph, names, values[group.activation], group, stats.minimum,
+                                stats.maximum, stats.mean_square)
+            if made is None:
+                result.left_alone[group.activation] = "predicted to gain nothing"
+                continue
+            result.ranges[made[0]] = made[1]
+            result.migrated.append(group.activation)
+            result.modified = True
+        for name, reason in result.left_alone.items():
+            logger.debug("SmoothQuant: %s left alone: %s", name, reason)
+        return result
+
+    def _smooth(self, graph: ir.Graph, names: NameAllocator, x: ir.Value, group: SmoothGroup,
+                lo: np.ndarray, hi: np.ndarray, mean_square: np.ndarray,
+                ) -> tuple[str, Range] | None:
         weights = [m.inputs[1].const_value.numpy() for m in group.matmuls]
         if any(w.shape[0] != lo.shape[0] for w in weights):
-            continue
-        readers = [scale_migration.Reader.matmul(w, weight_levels) for w in weights]
-        alpha, s = scale_migration.choose_scales(lo, hi, mean_square, readers, act_levels)
+            return None
+        readers = [scale_migration.Reader.matmul(w, self.weight_levels) for w in weights]
+        alpha, s = scale_migration.choose_scales(lo, hi, mean_square, readers, self.act_levels)
         if alpha == 0.0:
-            continue
-        x = values[group.activation]
-        inv = ir.Value(name=names.new(f"{group.activation}_smooth_inv_scale"),
-                       type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(s.shape),
-                       const_value=ir.Tensor((1.0 / s).astype(np.float32)))
-        inv.const_value.name = inv.name
-        graph.register_initializer(inv)
+            return None
+        inv = add_initializer(graph, names.new(f"{group.activation}{INV_SCALE_SUFFIX}"),
+                              (1.0 / s).astype(np.float32))
         mul = ir.node("Mul", [x, inv], name=names.new(f"{group.activation}{SUFFIX}"))
         out = mul.outputs[0]
         out.name = names.new(f"{group.activation}_smoothed")
@@ -103,8 +145,5 @@ def smooth(
         graph.insert_before(group.matmuls[0], mul)
         for matmul, w in zip(group.matmuls, weights, strict=True):
             matmul.replace_input_with(0, out)
-            weight = matmul.inputs[1]
-            weight.const_value = ir.Tensor((w * s[:, None]).astype(np.float32),
-                                           name=weight.name)
-        new_ranges[out.name] = (float(np.min(lo / s)), float(np.max(hi / s)))
-    return new_ranges
+            set_constant(matmul.inputs[1], w * s[:, None])
+        return out.name, Range(float(np.min(lo / s)), float(np.max(hi / s)))

@@ -9,8 +9,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
-from ptqconv.passes.naming import NameAllocator
-from ptqconv.passes.weight_slots import WeightSlot, weight_slot
+from ptqconv.graph.initializers import add_initializer
+from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.weight_slots import WeightSlot, weight_slot
 
 # onnxruntime 1.31 fuses DequantizeLinear(int2) -> MatMul/Gemm into MatMulNBits, which returns
 # wrong results unless N % 4 == 0 (measured for every K); such weights keep the int2 grid in an
@@ -43,17 +44,21 @@ class WeightQuantConfig:
     skip: frozenset[str] = field(default_factory=frozenset)  # node names or op types
 
 
+@dataclass
+class WeightQuantResult(ir.passes.PassResult):
+    records: list[WeightRecord] = field(default_factory=list)  # every weight met, in order
+
+
 class WeightQuantPass(ir.passes.InPlacePass):
     """Replace each eligible constant weight by integers, a per-channel scale (and zero point)
-    and a DequantizeLinear node; record every weight it met in `records`."""
+    and a DequantizeLinear node; the result records every weight it met."""
 
     def __init__(self, config: WeightQuantConfig, progress: Callable[[int], None] | None = None):
         super().__init__()
         self.config = config
         self.progress = progress
-        self.records: list[WeightRecord] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> WeightQuantResult:
         graph = model.graph
         slots: dict[ir.Value, list[WeightSlot]] = {}
         for node in graph:
@@ -61,7 +66,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
             if slot is not None:
                 slots.setdefault(node.inputs[slot.index], []).append(slot)
         names = NameAllocator(graph)
-        modified = False
+        result = WeightQuantResult(model, False)
         for value, value_slots in slots.items():
             record = self._record(value, value_slots)
             reason = self._skip_reason(graph, value, value_slots)
@@ -69,11 +74,11 @@ class WeightQuantPass(ir.passes.InPlacePass):
                 record.reason = reason
             else:
                 record.storage = self._quantize(graph, names, value, value_slots).name.lower()
-                record.quantized = modified = True
-            self.records.append(record)
+                record.quantized = result.modified = True
+            result.records.append(record)
             if self.progress is not None:
                 self.progress(record.float_bytes)
-        return ir.passes.PassResult(model, modified=modified)
+        return result
 
     @staticmethod
     def _record(value: ir.Value, slots: list[WeightSlot]) -> WeightRecord:
@@ -140,18 +145,12 @@ class WeightQuantPass(ir.passes.InPlacePass):
 
         name = value.name
         inputs = [
-            _initializer(graph, names.new(f"{name}_quantized"), q, grid.storage),
-            _initializer(graph, names.new(f"{name}_scale"), scale, float_type),
+            add_initializer(graph, names.new(f"{name}_quantized"), q, grid.storage),
+            add_initializer(graph, names.new(f"{name}_scale"), scale, float_type),
         ]
         if not grid.symmetric:
-            inputs.append(
-                _initializer(
-                    graph,
-                    names.new(f"{name}_zero_point"),
-                    zero_point.astype(storage_np),
-                    grid.storage,
-                )
-            )
+            inputs.append(add_initializer(graph, names.new(f"{name}_zero_point"),
+                                          zero_point.astype(storage_np), grid.storage))
         dequant = ir.node(
             "DequantizeLinear", inputs, {"axis": axis}, name=names.new(f"{name}_DequantizeLinear")
         )
@@ -167,11 +166,3 @@ class WeightQuantPass(ir.passes.InPlacePass):
         out.name = name
         return grid.storage
 
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType) -> ir.Value:
-    tensor = ir.Tensor(array, dtype=dtype, name=name)
-    value = ir.Value(
-        name=name, type=ir.TensorType(dtype), shape=ir.Shape(array.shape), const_value=tensor
-    )
-    graph.register_initializer(value)
-    return value

@@ -32,3 +32,10 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     for node in graph:
         values.update((v.name, v) for v in node.outputs if v.name)
     return values
+
+
+def node_key(node: ir.Node) -> str:
+    """A name for `node` that stays the same in every clone of its graph: its first output's
+    (unique in SSA form, unlike node names, which ONNX does not require to be)."""
+    output = node.outputs[0].name if node.outputs else None
+    return output or node.name or ""

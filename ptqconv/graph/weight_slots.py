@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ptqconv.passes.ops import is_onnx
+from ptqconv.graph.ops import is_onnx
 
 
 @dataclass(frozen=True)

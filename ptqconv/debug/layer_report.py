@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from ptqconv import qparams
-from ptqconv.calibrate.collector import probe_session
+from ptqconv import qparams, runtime
+from ptqconv.passes.qdq import QDQResult
 
 QUANTILE_BINS = 4096
 # TFLite's guidance: rmse/scale above this is a candidate to keep in float.
@@ -155,44 +155,46 @@ def _sqnr(signal: float, noise: float) -> float:
 
 def activation_report(
     float_model: ir.Model,
-    qdq_model: ir.Model,
-    tensors: Mapping[str, tuple[str, float, int]],  # float name -> (dequantized name, scale, zp)
-    owners: Mapping[str, str],
-    bits: int,
+    qdq: QDQResult,
     samples: Iterable[Mapping[str, np.ndarray]],
     threads: int = 1,
 ) -> list[TensorStats]:
-    """Stream `samples` through both models and collect statistics for each tensor."""
-    grid = qparams.activation_grid(bits)
+    """Stream `samples` through the float model and the QDQ model in lockstep and collect
+    statistics for every activation the QDQ pass quantized."""
+    grid = qdq.activation_grid
+    owners = {v.name: "(model input)" for v in float_model.graph.inputs}
+    owners.update((v.name, n.name or n.op_type) for n in float_model.graph for v in n.outputs)
     stats = {}
-    for name, (_, scale, zp) in tensors.items():
-        lo, hi = (grid.qmin - zp) * scale, (grid.qmax - zp) * scale
-        stats[name] = TensorStats(name, "activation", owners.get(name, ""), bits, scale, zp,
-                                  lo, hi)
-    names = list(tensors)
+    for name, params in qdq.activations.items():
+        lo = (grid.qmin - params.zero_point) * params.scale
+        hi = (grid.qmax - params.zero_point) * params.scale
+        stats[name] = TensorStats(name, "activation", owners.get(name, ""), grid.bits,
+                                  params.scale, params.zero_point, lo, hi)
+    names = list(stats)
     inputs = {v.name for v in float_model.graph.inputs}
     fetched = [n for n in names if n not in inputs]
-    dequantized = [tensors[n][0] for n in names]
-    with probe_session(float_model, fetched, threads) as ref_session, \
-            probe_session(qdq_model, dequantized, threads) as qdq_session:
+    dequantized = [qdq.dequantized[n] for n in names]
+    with runtime.probe(float_model, fetched, threads, label="layer report") as reference, \
+            runtime.probe(qdq.model, dequantized, threads, label="layer report") as quantized:
         for sample in samples:
-            ref = dict(zip(fetched, ref_session.run(fetched, dict(sample)), strict=True))
+            ref = reference.run(sample, fetched)
             ref.update({n: sample[n] for n in names if n in inputs})
-            out = dict(zip(names, qdq_session.run(dequantized, dict(sample)), strict=True))
-            for name in names:
-                scale, zp = tensors[name][1], tensors[name][2]
-                q = qparams.quantize(ref[name], np.float32(scale), np.int64(zp), grid)
-                local = qparams.dequantize(q, np.float32(scale), np.int64(zp))
-                stats[name].update(ref[name], local, out[name])
+            got = quantized.run(sample, dequantized)
+            for name, out in zip(names, dequantized, strict=True):
+                params = qdq.activations[name]
+                scale, zp = np.float32(params.scale), np.int64(params.zero_point)
+                q = qparams.quantize(ref[name], scale, zp, grid)
+                local = qparams.dequantize(q, scale, zp)
+                stats[name].update(ref[name], local, got[out])
     return list(stats.values())
 
 
-def weight_report(
-    weights: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray, int | None, str,
-                                qparams.Grid]],
-) -> list[TensorStats]:
+def weight_report(qdq: QDQResult) -> list[TensorStats]:
     result = []
-    for name, (w, scale, zp, axis, owner, grid) in weights.items():
+    for name, weight in qdq.weights.items():
+        w, scale, zp, axis, grid = (weight.values, weight.scale, weight.zero_point,
+                                    weight.axis, weight.grid)
+        owner = weight.owner
         q = qparams.quantize(w, scale, zp, grid, axis)
         local = qparams.dequantize(q, scale, zp, axis)
         stats = TensorStats(name, "weight", owner, grid.bits, float(np.mean(scale)), 0,
@@ -202,8 +204,18 @@ def weight_report(
     return result
 
 
-def write(directory: Path, stats: list[TensorStats], top: int = 10) -> list[str]:
-    """Write layer_report.csv / .json into `directory`; return the lines to print."""
+@dataclass(frozen=True)
+class LayerReport:
+    """Where the report went, and its worst rows by per-channel SQNR."""
+
+    path: Path
+    tensors: int
+    worst: list[dict[str, object]]
+    suggested_skip: list[str]
+
+
+def write(directory: Path, stats: list[TensorStats], top: int = 10) -> LayerReport:
+    """Write layer_report.csv / .json into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = [s.row() for s in stats]
     with (directory / "layer_report.csv").open("w", newline="") as handle:
@@ -218,15 +230,7 @@ def write(directory: Path, stats: list[TensorStats], top: int = 10) -> list[str]
         {"schema": "ptqconv.layer_report/1", "tensors": [_json(r) for r in rows],
          "worst": [r["tensor_name"] for r in worst], "suggested_skip_quant_node": suggestions},
         indent=1) + "\n")
-    lines = [f"  per-layer report: {directory / 'layer_report.csv'} ({len(rows)} tensors); "
-             "worst by per-channel SQNR:"]
-    for r in worst:
-        lines.append(f"    {r['tensor_name']} ({r['kind']}, {r['node_name']}): channel SQNR "
-                     f"{r['channel_sqnr_db']:.1f} dB, rmse/scale {r['rmse_over_scale']:.2f}, "
-                     f"clip {r['clip_rate']:.2%}, cumulative cos {r['cos_similarity']:.4f}")
-    if suggestions:
-        lines.append(f"    suggested skip_quant_node={','.join(suggestions)}")
-    return lines
+    return LayerReport(directory / "layer_report.csv", len(rows), worst, suggestions)
 
 
 def _json(row: dict[str, object]) -> dict[str, object]:

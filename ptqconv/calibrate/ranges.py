@@ -1,0 +1,65 @@
+"""Activation ranges: which statistic gives each tensor its range, and the ranges it gave."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ptqconv.calibrate.observers import OBSERVERS, MinMaxObserver, Observer
+from ptqconv.calibrate.statistics import Statistic, StatisticPoint, Statistics
+from ptqconv.qparams import Range
+
+# Activations beyond this magnitude are mask sentinels (e.g. -3.4e38), left in float.
+SENTINEL_RANGE = 1e15
+
+
+@dataclass(frozen=True)
+class RangeMethod:
+    """The range statistic of each tensor: `method`'s observer, except for model inputs,
+    which keep their observed min/max (clipping an input throws information away before the
+    first layer, and inputs are often discrete, pixels or tokens, which misleads histogram
+    methods)."""
+
+    method: str
+    model_inputs: frozenset[str]
+
+    def statistic(self, tensor: str) -> Statistic:
+        kind = MinMaxObserver if tensor in self.model_inputs else OBSERVERS[self.method]
+        return Statistic(kind)
+
+    def points(self, tensors: Iterable[str]) -> list[StatisticPoint]:
+        return [StatisticPoint(t, self.statistic(t)) for t in tensors]
+
+
+@dataclass
+class ActivationRanges:
+    """What calibration measured: a range for every activation to quantize, and the observed
+    tensors that stay float."""
+
+    ranges: dict[str, Range]
+    float_tensors: frozenset[str]  # observed but left in float
+    sentinels: list[str]  # of those, the ones with mask-like ranges
+    kl_refused: int  # KL thresholds replaced by the observed range
+
+
+def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iterable[str],
+                      bits: int) -> ActivationRanges:
+    """The range of each of `tensors` from `statistics`, at `bits` activation bits."""
+    observers: dict[str, Observer] = {}
+    for tensor in tensors:
+        found = statistics.get(tensor, method.statistic(tensor))
+        if found is not None:
+            observers[tensor] = found
+    ranges = {name: obs.compute_range(bits) for name, obs in observers.items()}
+    # Attention masks fill with float32's lowest value; a tensor whose range reaches such
+    # sentinels is not a signal, and quantizing it would erase everything else it carries.
+    # Tensors that turned out not to be float32 stay unquantized as well.
+    sentinels = sorted(n for n, (lo, hi) in ranges.items()
+                       if not (abs(lo) < SENTINEL_RANGE and abs(hi) < SENTINEL_RANGE))
+    float_tensors = frozenset(sentinels) | statistics.not_float
+    return ActivationRanges(
+        ranges={n: r for n, r in ranges.items() if n not in float_tensors},
+        float_tensors=float_tensors,
+        sentinels=sentinels,
+        kl_refused=sum(obs.kl_refused for obs in observers.values()),
+    )

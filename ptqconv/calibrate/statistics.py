@@ -1,0 +1,131 @@
+"""What calibration collects: statistics that steps ask for, collected in one streaming pass.
+
+A step declares `StatisticPoint`s (a tensor and the `Statistic` it needs there); the collector
+(`calibrate.collector.collect`) builds one accumulator per distinct point, feeds every sample
+once, and returns `Statistics`. Equal statistics on a tensor share one accumulator, so steps
+asking for the same figure cost nothing extra. An accumulator has `update(array)` and
+`merge(other)`; its summary does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+class Accumulator(ABC):
+    """A running summary of one tensor's values."""
+
+    @abstractmethod
+    def update(self, x: np.ndarray) -> None:
+        """Fold in the values of one sample (or batch)."""
+
+    @abstractmethod
+    def merge(self, other: Any) -> None:
+        """Fold in another accumulator of the same kind, as if this one had seen its data."""
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """What to accumulate: an accumulator class and the arguments it is built with."""
+
+    kind: type[Accumulator]
+    args: tuple = ()
+
+    def create(self) -> Accumulator:
+        return self.kind(*self.args)
+
+
+@dataclass(frozen=True)
+class StatisticPoint:
+    """`statistic` of the values of `tensor` over the calibration samples."""
+
+    tensor: str
+    statistic: Statistic
+
+
+class Statistics:
+    """The accumulators of a collection, by tensor and statistic. Tensors that turned out not
+    to be float32 are in `not_float` and have none."""
+
+    def __init__(self, accumulators: dict[StatisticPoint, Accumulator],
+                 not_float: frozenset[str] = frozenset()) -> None:
+        self._accumulators = accumulators
+        self.not_float = not_float
+
+    def get(self, tensor: str, statistic: Statistic) -> Any:
+        return self._accumulators.get(StatisticPoint(tensor, statistic))
+
+    def of_kind(self, kind: type[Accumulator]) -> Iterator[tuple[str, Any]]:
+        """(tensor, accumulator) for every accumulator that is a `kind`."""
+        for point, accumulator in self._accumulators.items():
+            if isinstance(accumulator, kind):
+                yield point.tensor, accumulator
+
+    @property
+    def tensors(self) -> list[str]:
+        return list(dict.fromkeys(p.tensor for p in self._accumulators))
+
+
+def unique_points(points: Iterable[StatisticPoint]) -> list[StatisticPoint]:
+    return list(dict.fromkeys(points))
+
+
+@dataclass(frozen=True)
+class ChannelStatistics:
+    """Per-channel min, max and mean square of a tensor along one axis."""
+
+    minimum: np.ndarray
+    maximum: np.ndarray
+    mean_square: np.ndarray
+
+
+class ChannelMoments(Accumulator):
+    """Per-channel min, max and mean square along `axis` (the last for MatMul inputs, 1 for
+    NCHW Conv inputs), which scale migration needs."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
+        self.channel_min: np.ndarray | None = None
+        self.channel_max: np.ndarray | None = None
+        self.channel_sumsq: np.ndarray | None = None
+        self.rows = 0
+
+    def update(self, x: np.ndarray) -> None:
+        if x.ndim == 0 or x.size == 0:
+            return
+        axis = self.axis % x.ndim
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        lo, hi = x.min(axis=others), x.max(axis=others)
+        # [outer, channel, inner] is a view of a contiguous array: no copy per sample.
+        view = x.reshape(int(np.prod(x.shape[:axis])), x.shape[axis], -1)
+        sumsq = np.einsum("ijk,ijk->j", view, view, dtype=np.float64)
+        self.rows += x.size // x.shape[axis]
+        if self.channel_min is None:
+            self.channel_min, self.channel_max, self.channel_sumsq = lo, hi, sumsq
+        else:
+            self.channel_min = np.minimum(self.channel_min, lo)
+            self.channel_max = np.maximum(self.channel_max, hi)
+            self.channel_sumsq = self.channel_sumsq + sumsq
+
+    def merge(self, other: ChannelMoments) -> None:
+        if other.channel_min is None:
+            return
+        self.rows += other.rows
+        if self.channel_min is None:
+            self.channel_min, self.channel_max = other.channel_min, other.channel_max
+            self.channel_sumsq = other.channel_sumsq
+        else:
+            self.channel_min = np.minimum(self.channel_min, other.channel_min)
+            self.channel_max = np.maximum(self.channel_max, other.channel_max)
+            self.channel_sumsq = self.channel_sumsq + other.channel_sumsq
+
+    def result(self) -> ChannelStatistics | None:
+        if self.channel_min is None:
+            return None
+        return ChannelStatistics(self.channel_min, self.channel_max,
+                                 self.channel_sumsq / max(self.rows, 1))

@@ -1,0 +1,1 @@
+"""Per-layer debugging: the layer report (--debugDir) and the sensitivity ranking."""

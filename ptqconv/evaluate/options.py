@@ -1,0 +1,164 @@
+"""`ptqconv benchmark` flags -> one frozen, checked `BenchmarkSettings`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ptqconv import runtime, values
+from ptqconv.errors import PtqUsageError
+from ptqconv.errors import shown as _p
+from ptqconv.files import input_file
+
+SCHEMA = "ptqconv.benchmark/1"
+# MindSpore benchmark defaults (benchmark_base.h): accuracyThreshold 0.5, numThreads 2,
+# loopCount 10, warmUpLoopCount 3; its cosineDistanceThreshold default -1.1 means "off".
+DEFAULT_ACCURACY_THRESHOLD = 0.5
+DEFAULT_THREADS = 2
+DEFAULT_LOOP_COUNT = 10
+DEFAULT_WARM_UP_LOOP_COUNT = 3
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """Everything a benchmark run needs, checked. Build it with `BenchmarkSettings.create`."""
+
+    model_file: Path
+    reference_model: Path | None = None
+    benchmark_data_file: Path | None = None
+    in_data_dir: tuple[tuple[str | None, Path], ...] = ()
+    in_data_file: tuple[Path, ...] = ()
+    input_shape: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    accuracy_threshold: float = DEFAULT_ACCURACY_THRESHOLD
+    cosine_distance_threshold: float | None = None
+    report_file: Path | None = None
+    graph_optimization_level: str = "all"
+    num_threads: int = DEFAULT_THREADS
+    loop_count: int = DEFAULT_LOOP_COUNT
+    warm_up_loop_count: int = DEFAULT_WARM_UP_LOOP_COUNT
+
+    @classmethod
+    def create(
+        cls,
+        model_file: str | os.PathLike | None,
+        reference_model: str | os.PathLike | None = None,
+        in_data_dir: str | Sequence[str | os.PathLike | tuple[str | None, Any]] | None = None,
+        in_data_file: str | Sequence[str | os.PathLike] | None = None,
+        benchmark_data_file: str | os.PathLike | None = None,
+        input_shape: str | Mapping[str, Sequence[int]] | None = None,
+        accuracy_threshold: float | str | None = None,
+        cosine_distance_threshold: float | str | None = None,
+        report_file: str | os.PathLike | None = None,
+        graph_optimization_level: str | None = None,
+        num_threads: int | str | None = None,
+        loop_count: int | str | None = None,
+        warm_up_loop_count: int | str | None = None,
+    ) -> BenchmarkSettings:
+        """Check raw values (strings from the command line, or Python values; None: the
+        default). Raise PtqUsageError, one line naming the flag, for anything wrong."""
+        model = input_file("--modelFile", model_file)
+        if _given(reference_model) == _given(benchmark_data_file):
+            raise PtqUsageError(
+                "--referenceModel and --benchmarkDataFile both given; give one: the float "
+                "model to run on the same inputs, or a file of its saved outputs"
+                if _given(reference_model) else
+                "no reference: give --referenceModel (the float model) or --benchmarkDataFile "
+                "(its outputs in MindSpore's benchmark data format)")
+        reference = (input_file("--referenceModel", reference_model)
+                     if _given(reference_model) else None)
+        data_file = (input_file("--benchmarkDataFile", benchmark_data_file)
+                     if _given(benchmark_data_file) else None)
+        if _given(in_data_dir) == _given(in_data_file):
+            raise PtqUsageError(
+                "--inDataDir and --inDataFile both given; give one: directories of .bin samples "
+                "(--inDataDir) or one .bin file per input (--inDataFile)"
+                if _given(in_data_dir) else
+                "no input data: give --inDataDir (name:dir,... directories of .bin samples) or "
+                "--inDataFile (one .bin file per model input, comma-separated)")
+        if data_file is not None and _given(in_data_dir):
+            raise PtqUsageError(
+                "--benchmarkDataFile holds the outputs of one sample; give that sample with "
+                "--inDataFile (one .bin file per input), not --inDataDir")
+        dirs = _flag("--inDataDir", in_data_dir, _in_data_dir) if _given(in_data_dir) else ()
+        files = (_flag("--inDataFile", in_data_file, _in_data_file)
+                 if _given(in_data_file) else ())
+        shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+        if isinstance(input_shape, Mapping):
+            shapes = _flag("--inputShape", list(input_shape.items()), values.shapes)
+        elif _given(input_shape):
+            shapes = _flag("--inputShape", input_shape, values.shapes)
+        level = "all" if graph_optimization_level is None else str(graph_optimization_level)
+        level = _flag("--graphOptimizationLevel", level,
+                      lambda v: values.choice(v, tuple(runtime.LEVELS)).lower())
+        return cls(
+            model_file=model,
+            reference_model=reference,
+            benchmark_data_file=data_file,
+            in_data_dir=dirs,
+            in_data_file=files,
+            input_shape=shapes,
+            accuracy_threshold=_optional("--accuracyThreshold", accuracy_threshold,
+                                         lambda v: values.real(v, 0.0, 1e6),
+                                         DEFAULT_ACCURACY_THRESHOLD),
+            cosine_distance_threshold=_optional("--cosineDistanceThreshold",
+                                                cosine_distance_threshold,
+                                                lambda v: values.real(v, -1.0, 1.0), None),
+            report_file=_report_file(report_file) if _given(report_file) else None,
+            graph_optimization_level=level,
+            num_threads=_optional("--numThreads", num_threads,
+                                  lambda v: values.integer(v, 1, 1024), DEFAULT_THREADS),
+            loop_count=_optional("--loopCount", loop_count,
+                                 lambda v: values.integer(v, 1, 1_000_000), DEFAULT_LOOP_COUNT),
+            warm_up_loop_count=_optional("--warmUpLoopCount", warm_up_loop_count,
+                                         lambda v: values.integer(v, 0, 1_000_000),
+                                         DEFAULT_WARM_UP_LOOP_COUNT),
+        )
+
+
+def _given(value: object) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, (str, os.PathLike)):
+        return str(value).strip() != ""
+    if isinstance(value, Sequence):
+        return len(value) > 0
+    return True
+
+
+def _flag(flag: str, value: Any, parse: Any) -> Any:
+    try:
+        return parse(value)
+    except values.Invalid as exc:
+        raise PtqUsageError(f"{flag}: {exc}") from None
+
+
+def _optional(flag: str, value: Any, parse: Any, default: Any) -> Any:
+    return default if value is None else _flag(flag, value, parse)
+
+
+def _in_data_dir(value: Any) -> tuple[tuple[str | None, Path], ...]:
+    """`name:dir,name2:dir2` (split at the last ':', like calibrate_path) or `dir,dir2`."""
+    if not isinstance(value, str):
+        value = [item if isinstance(item, tuple) else os.fspath(item) for item in value]
+    return tuple((name, Path(d)) for name, d in values.name_dirs(value, positional=True))
+
+
+def _in_data_file(value: Any) -> tuple[Path, ...]:
+    """Comma-separated `.bin` files, one per model input in input order."""
+    items = (values.items(value, what="file") if isinstance(value, str)
+             else [os.fspath(v) for v in value])
+    return tuple(Path(item) for item in items)
+
+
+def _report_file(value: str | os.PathLike) -> Path:
+    path = Path(value)
+    if path.is_dir():
+        raise PtqUsageError(f"--reportFile: is a directory: {_p(path)}")
+    if not path.parent.is_dir():
+        raise PtqUsageError(f"--reportFile: directory does not exist: {_p(path.parent)}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PtqUsageError(f"--reportFile: directory is not writable: {_p(path.parent)}")
+    return path

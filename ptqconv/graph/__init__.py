@@ -1,0 +1,1 @@
+"""Graph helpers shared by the passes: naming, op queries, weight slots, initializers."""

@@ -1,0 +1,21 @@
+"""Questions about nodes: standard ONNX operator (the only ones the passes rewrite), depthwise."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+# The default domain has two spellings.
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def is_onnx(node: ir.Node) -> bool:
+    return node.domain in ONNX_DOMAINS
+
+
+def is_depthwise(node: ir.Node) -> bool:
+    """A Conv with one input channel per group (and more than one group)."""
+    if node.op_type != "Conv" or "group" not in node.attributes:
+        return False
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 else None
+    return (node.attributes["group"].as_int() > 1 and weight is not None
+            and weight.shape[1] == 1)

@@ -1,0 +1,177 @@
+"""onnxruntime sessions, one way for every caller: options, loading with one-line errors,
+probing intermediate tensors, and streaming samples with inference one sample ahead."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ptqconv.errors import PtqError, one_line
+from ptqconv.graph.naming import values_by_name
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# The graphs ptqconv runs for itself were already simplified by onnxruntime (modelio). Applying
+# MatMulAddFusion a second time, to a graph holding its own Reshape -> Gemm -> Reshape output,
+# fails in onnxruntime 1.31 with "Attempt to replace the existing tensor" (attention blocks).
+REAPPLIED_FUSIONS = ["MatMulAddFusion"]
+# Protobuf refuses messages of 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
+
+
+def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    # Python-side work (observers) overlaps the next inference; spinning onnxruntime threads
+    # would take the cores it needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = LEVELS[level]
+    return options
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, safe for a one-line error."""
+    text = str(exc).strip()
+    return one_line(text.splitlines()[0]) if text else type(exc).__name__
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes the model's initializers take when serialized."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+
+
+@contextlib.contextmanager
+def _loadable(source: ModelSource) -> Iterator[str | bytes]:
+    """`source` as what onnxruntime loads: a path, or serialized bytes below protobuf's limit
+    (an in-memory model above it goes to a temporary file with external data)."""
+    if isinstance(source, onnx.ModelProto):
+        yield source.SerializeToString()
+    elif isinstance(source, ir.Model):
+        if initializer_bytes(source) <= EXTERNAL_DATA_THRESHOLD:
+            yield ir.to_proto(source).SerializeToString()
+            return
+        with tempfile.TemporaryDirectory(prefix="ptqconv-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            ir.save(source, path, external_data="model.onnx.data")
+            yield str(path)
+    elif isinstance(source, bytes):
+        yield source
+    else:
+        yield os.fspath(source)
+
+
+class Session:
+    """One onnxruntime CPU session whose failures are one-line PtqErrors starting with `label`.
+
+    `own_graph`: the model is a graph ptqconv simplified with onnxruntime already (see
+    REAPPLIED_FUSIONS); models a user deploys are loaded as onnxruntime would load them.
+    """
+
+    def __init__(self, source: ModelSource, threads: int = 1, level: str = "all",
+                 label: str = "model", own_graph: bool = False) -> None:
+        self.label = label
+        disabled = REAPPLIED_FUSIONS if own_graph else []
+        try:
+            with _loadable(source) as loadable:
+                self.session = ort.InferenceSession(
+                    loadable, session_options(threads, level),
+                    providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        except Exception as exc:
+            raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
+                           ) from None
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = {i.name: i.type for i in self.session.get_inputs()}
+
+    def run(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None,
+            sample: str = "a sample") -> dict[str, np.ndarray]:
+        """The outputs named in `names` (all outputs when None), by name."""
+        fetched = list(self.outputs if names is None else names)
+        try:
+            found = self.session.run(fetched, dict(feeds))
+        except Exception as exc:
+            raise PtqError(f"{self.label}: inference failed on {sample}: {first_line(exc)}"
+                           ) from None
+        return dict(zip(fetched, found, strict=True))
+
+    def latency_ms(self, feeds: Mapping[str, np.ndarray], loops: int, warm_up: int) -> float:
+        """Median wall time of `loops` runs after `warm_up` runs, in milliseconds."""
+        feeds = dict(feeds)
+        for _ in range(warm_up):
+            self.run(feeds, sample="the latency sample")
+        times = []
+        for _ in range(loops):
+            start = time.perf_counter()
+            self.session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000.0
+
+
+@contextlib.contextmanager
+def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
+          label: str = "model") -> Iterator[Session]:
+    """A session over ptqconv's own graph `model` that also returns the values in `outputs`.
+
+    The model is not modified: the extra outputs are added to its output list only while it
+    is serialized.
+    """
+    graph = model.graph
+    found = values_by_name(graph)
+    original = list(graph.outputs)
+    present = {v.name for v in original}
+    graph.outputs.extend(found[name] for name in outputs if name not in present)
+    try:
+        with _loadable(model) as loadable:
+            graph.outputs.clear()
+            graph.outputs.extend(original)
+            yield Session(loadable, threads, label=label, own_graph=True)
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(original)
+
+
+def stream(
+    session: Session,
+    samples: Iterable[Mapping[str, np.ndarray]],
+    names: Sequence[str],
+    consume: Callable[[dict[str, np.ndarray]], None],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run every sample, hand `consume` the named outputs; inference runs one sample ahead
+    (onnxruntime releases the GIL), which hides most of the consumer's cost."""
+    count = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for index, sample in enumerate(samples):
+            future = pool.submit(session.run, dict(sample), names, f"sample {index}")
+            if pending is not None:
+                consume(pending.result())
+                count += 1
+                if progress:
+                    progress(1)
+            pending = future
+        if pending is not None:
+            consume(pending.result())
+            count += 1
+            if progress:
+                progress(1)
+    return count
