@@ -13,37 +13,6 @@ from .corpus import CorpusModel, metric, models, outputs
 
 BUILD_HINT = "build it with ../shared/corpus/build_corpus.sh DIR"
 
-PTQCONV = """
-from ptqconv.cli import main
-status = main({args!r})
-assert status == 0, f"ptqconv exit status {{status}}"
-"""
-
-# onnxruntime as quantize_static is usually run: QDQ, per-channel int8 weights, uint8
-# activations, MinMax, no pre-processing.
-ORT = """
-import numpy as np
-from pathlib import Path
-import onnxruntime as ort
-ort.set_default_logger_severity(3)
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                      QuantType, quantize_static)
-inputs = {inputs!r}
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.i = 0
-    def get_next(self):
-        if self.i == {count}:
-            return None
-        feed = {{x["name"]: np.fromfile(Path({calib!r}) / x["dir"] / f"{{self.i:06d}}.bin",
-                                       x["dtype"]).reshape(x["shape"]) for x in inputs}}
-        self.i += 1
-        return feed
-quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.MinMax)
-"""
-
 # (column, kind, method, bias correction, weight bits); activations are 8-bit throughout.
 VARIANTS: tuple[tuple[str, str, str, bool, int], ...] = (
     ("onnxruntime W8A8 MinMax", "ort", "MinMax", False, 8),
@@ -56,19 +25,22 @@ VARIANTS: tuple[tuple[str, str, str, bool, int], ...] = (
 )
 
 
-def _code(m: CorpusModel, variant: tuple[str, str, str, bool, int], out: Path,
-          tmp: Path) -> str:
+def _case(m: CorpusModel, variant: tuple[str, str, str, bool, int], out: Path,
+          tmp: Path) -> tuple[str, dict[str, Any]]:
+    """The bench.cases function of `variant` on `m` and its arguments."""
     _, kind, method, bias, bits = variant
     if kind == "ort":
-        return ORT.format(inputs=m.inputs, count=m.count("calib"), calib=str(m.dir / "calib"),
-                          model=str(m.model), out=str(out))
+        # onnxruntime as quantize_static is usually run: MinMax, no pre-processing.
+        inputs = [{**x, "dir": str(m.dir / "calib" / x["dir"])} for x in m.inputs]
+        return "ort_static", {"model": str(m.model), "out": str(out), "inputs": inputs,
+                              "count": m.count("calib")}
     args = [f"--modelFile={m.model}", f"--outputFile={out}", "--quiet"]
     if kind == "wq":
         args += ["--quantType=WeightQuant", f"--bitNum={bits}"]
     else:
         config = m.ini_config(method, tmp / f"{m.name}_{method}_{bias}_{bits}.ini", bias, bits)
         args += ["--quantType=PostTraining", f"--configFile={config}"]
-    return PTQCONV.format(args=args)
+    return "ptqconv", {"args": args}
 
 
 def run(ctx: Context) -> Section:
@@ -101,9 +73,9 @@ def run(ctx: Context) -> Section:
         for variant in VARIANTS:
             label = variant[0]
             out = tmp / f"{m.name}_{label.replace(' ', '_')}.onnx"
-            code = _code(m, variant, out, tmp)
-            conv = guarded(ctx, f"{m.name}, {label}", lambda c=code: run_child(
-                c, 1, ctx.mem_cap_gb))
+            child = _case(m, variant, out, tmp)
+            conv = guarded(ctx, f"{m.name}, {label}", lambda c=child: run_child(
+                *c, 1, ctx.mem_cap_gb))
             entry: dict[str, Any] = {"convert_seconds": conv.seconds if conv.ok else None,
                                      "convert_rss_mb": conv.rss_mb if conv.ok else None}
             if conv.ok:

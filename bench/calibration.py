@@ -17,52 +17,6 @@ from .models import image_samples, resnet18
 
 ENTROPY_BINS = 2048
 
-FLOAT_RUN = """
-import numpy as np, onnxruntime as ort
-from pathlib import Path
-so = ort.SessionOptions(); so.intra_op_num_threads = {threads}
-s = ort.InferenceSession({model!r}, so, providers=["CPUExecutionProvider"])
-for f in sorted(Path({data!r}).iterdir())[:{count}]:
-    s.run(None, {{{name!r}: np.fromfile(f, np.float32).reshape({shape!r})}})
-"""
-
-PTQCONV = """
-from ptqconv.cli import main
-status = main(["--modelFile={model}", "--outputFile={out}", "--quantType=PostTraining",
-               "--configFile={config}", "--quiet"])
-assert status == 0, f"ptqconv exit status {{status}}"
-"""
-
-# quantize_static (onnxruntime 1.31) does not pass a bin count to its calibrator: CalibNumBins
-# is not among the options it forwards, so Entropy always runs with 128 bins, which with 128
-# quantized bins leaves one candidate threshold, the MinMax range. The bench gives it 2048
-# bins (as ptqconv's KL) by wrapping create_calibrator.
-ORT = """
-import numpy as np
-from pathlib import Path
-import importlib
-import onnxruntime as ort
-ort.set_default_logger_severity(3)
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                      QuantType, quantize_static)
-if {bins}:
-    q = importlib.import_module("onnxruntime.quantization.quantize")
-    _create = q.create_calibrator
-    def _with_bins(*args, extra_options=None, **kwargs):
-        extra = dict(extra_options or {{}}, num_bins={bins})
-        return _create(*args, extra_options=extra, **kwargs)
-    q.create_calibrator = _with_bins
-class Reader(CalibrationDataReader):
-    def __init__(self):
-        self.files = iter(sorted(Path({data!r}).iterdir())[:{count}])
-    def get_next(self):
-        f = next(self.files, None)
-        return None if f is None else {{{name!r}: np.fromfile(f, np.float32).reshape({shape!r})}}
-quantize_static({model!r}, {out!r}, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.{method})
-"""
-
 CASES = ("float inference (floor)", "ptqconv MAX_MIN", "ptqconv KL", "onnxruntime MinMax",
          "onnxruntime Entropy")
 PAIRS = (("ptqconv MAX_MIN", "onnxruntime MinMax"), ("ptqconv KL", "onnxruntime Entropy"))
@@ -104,29 +58,35 @@ def compare(ctx: Context, w: Workload, count: int, repeat: int,
             results[case] = Measure(error=f"skipped: {skip[case]}")
             ctx.log(f"  {count} samples, {case}: skipped ({skip[case]})")
             continue
-        code = _code(ctx, w, case, count)
+        child = _case(ctx, w, case, count)
         runs = min(repeat, entropy_repeat) if case == "onnxruntime Entropy" else repeat
         runs = (case_repeat or {}).get(case, runs)
         results[case] = guarded(ctx, f"{count} samples, {case}",
-                                lambda c=code, r=runs: run_child(c, r, ctx.mem_cap_gb))
+                                lambda c=child, r=runs: run_child(*c, r, ctx.mem_cap_gb))
     w.results[count] = results
 
 
-def _code(ctx: Context, w: Workload, case: str, count: int) -> str:
-    common = {"data": str(w.data), "count": count, "name": w.input_name, "shape": w.shape}
+def _case(ctx: Context, w: Workload, case: str, count: int) -> tuple[str, dict[str, Any]]:
+    """The bench.cases function of `case` and its arguments."""
     if case.startswith("float"):
-        return FLOAT_RUN.format(threads=ctx.threads, model=str(w.model), **common)
+        return "float_inference", {"model": str(w.model), "data": str(w.data), "count": count,
+                                   "name": w.input_name, "shape": list(w.shape),
+                                   "threads": ctx.threads}
     out = w.output(case, count)
+    method = case.split()[1]
     if case.startswith("ptqconv"):
-        method = case.split()[1]
         config = w.out / f"{method}_{count}.ini"
         config.write_text(f"[data_preprocess_param]\ncalibrate_path={w.input_name}:{w.data}\n"
                           f"calibrate_size={count}\n[full_quant_param]\n"
                           f"activation_quant_method={method}\nthread_num={ctx.threads}\n")
-        return PTQCONV.format(model=w.model, out=out, config=config)
-    method = case.split()[1]
-    return ORT.format(model=str(w.model), out=str(out), method=method,
-                      bins=w.entropy_bins if method == "Entropy" else 0, **common)
+        return "ptqconv", {"args": [f"--modelFile={w.model}", f"--outputFile={out}",
+                                    "--quantType=PostTraining", f"--configFile={config}",
+                                    "--quiet"]}
+    inputs = [{"name": w.input_name, "dir": str(w.data), "dtype": "float32",
+               "shape": list(w.shape)}]
+    return "ort_static", {"model": str(w.model), "out": str(out), "inputs": inputs,
+                          "count": count, "method": method,
+                          "bins": w.entropy_bins if method == "Entropy" else 0}
 
 
 def quick_bins(ctx: Context) -> int:

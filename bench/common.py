@@ -79,19 +79,6 @@ class Measure:
                 "runs": self.runs, "error": self.error, "result": self.result}
 
 
-# The child times `code` (imports included: both tools pay theirs), then reports its own peak
-# RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec from the parent, which
-# may have built a big model just before.
-_WRAPPER = """
-import json, time
-RESULT = None
-t0 = time.perf_counter()
-exec(compile({code!r}, "<bench case>", "exec"))
-t = time.perf_counter() - t0
-hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]
-print('@@' + json.dumps({{'seconds': t, 'rss_mb': int(hwm.split()[1]) / 1024, 'result': RESULT}}))
-"""
-
 _OOM_SIGNS = ("MemoryError", "bad_alloc", "Failed to allocate", "Cannot allocate memory",
               "Unable to allocate")
 
@@ -115,9 +102,11 @@ def _status_mb(pid: int, key: str) -> float:
         return 0.0
 
 
-def run_child(code: str, repeat: int = 1, mem_cap_gb: float | None = None,
-              timeout: float = 3600.0, address_cap: bool = True) -> Measure:
-    """Run `code` in `repeat` fresh Python processes; wall time and peak RSS of each run.
+def run_child(case: str, args: dict[str, Any], repeat: int = 1,
+              mem_cap_gb: float | None = None, timeout: float = 3600.0,
+              address_cap: bool = True) -> Measure:
+    """Run `bench.cases.<case>(**args)` in `repeat` fresh Python processes (`bench.child`);
+    wall time and peak RSS of each run.
 
     With `mem_cap_gb` a run whose RSS passes the cap is killed and reported as "out of
     memory above N GB", so a tool that keeps everything in memory cannot take the machine
@@ -138,7 +127,8 @@ def run_child(code: str, repeat: int = 1, mem_cap_gb: float | None = None,
 
     for _ in range(repeat):
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            proc = subprocess.Popen([sys.executable, "-c", _WRAPPER.format(code=code)],
+            proc = subprocess.Popen([sys.executable, "-m", "bench.child", case,
+                                     json.dumps(args)],
                                     stdout=out, stderr=err, text=True, env=env,
                                     preexec_fn=cap)
             peak, killed, deadline = 0.0, False, time.monotonic() + timeout

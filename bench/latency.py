@@ -17,27 +17,6 @@ INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLin
                "MatMulNBits", "QLinearReduceMean", "QLinearWhere")
 FLOAT_COMPUTE = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Attention")
 
-_CHILD = """
-import collections, statistics, time
-import numpy as np, onnx, onnxruntime as ort
-ort.set_default_logger_severity(3)
-so = ort.SessionOptions()
-so.intra_op_num_threads = {threads}
-so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-so.optimized_model_filepath = {optimized!r}
-s = ort.InferenceSession({model!r}, so, providers=["CPUExecutionProvider"])
-feed = {{{name!r}: np.fromfile({sample!r}, np.float32).reshape({shape!r})}}
-for _ in range({warmup}):
-    s.run(None, feed)
-times = []
-for _ in range({runs}):
-    t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)
-ops = collections.Counter(n.op_type for n in onnx.load({optimized!r},
-                                                       load_external_data=False).graph.node)
-RESULT = {{"ms": statistics.median(times) * 1000, "ops": dict(ops)}}
-"""
-
-
 def measure(ctx: Context, models: dict[str, Path | str], sample: Path, name: str,
             shape: tuple[int, ...], runs: int, warmup: int, repeat: int) -> dict[str, Any]:
     """Median latency (ms, median over `repeat` children of each child's median over `runs`)
@@ -49,10 +28,10 @@ def measure(ctx: Context, models: dict[str, Path | str], sample: Path, name: str
             out[label] = {"error": path if isinstance(path, str) else "no model"}
             continue
         optimized = path.with_name(path.stem + ".ort_opt.onnx")
-        code = _CHILD.format(threads=ctx.threads, optimized=str(optimized), model=str(path),
-                             name=name, sample=str(sample), shape=tuple(shape), warmup=warmup,
-                             runs=runs)
-        m: Measure = guarded(ctx, f"latency {label}", lambda c=code: _one(c, repeat))
+        args = {"model": str(path), "optimized": str(optimized), "sample": str(sample),
+                "name": name, "shape": list(shape), "threads": ctx.threads, "warmup": warmup,
+                "runs": runs}
+        m: Measure = guarded(ctx, f"latency {label}", lambda a=args: _one(a, repeat))
         optimized.unlink(missing_ok=True)
         if not m.ok:
             out[label] = {"error": m.error}
@@ -70,11 +49,11 @@ def measure(ctx: Context, models: dict[str, Path | str], sample: Path, name: str
     return out
 
 
-def _one(code: str, repeat: int) -> Measure:
+def _one(args: dict[str, Any], repeat: int) -> Measure:
     ms = []
     m = Measure()
     for _ in range(repeat):
-        one = run_child(code)
+        one = run_child("latency", args)
         if not one.ok:
             return one
         m.runs += one.runs

@@ -25,33 +25,17 @@ from .common import (
 )
 from .models import mlp
 
-PTQCONV = """
-from ptqconv.cli import main
-status = main(["--modelFile={src}", "--outputFile={out}", "--quantType=WeightQuant",
-               "--bitNum={bits}", "--quiet"])
-assert status == 0, f"ptqconv exit status {{status}}"
-"""
-
-ORT_DYNAMIC = """
-from onnxruntime.quantization import QuantType, quantize_dynamic
-quantize_dynamic({src!r}, {out!r}, per_channel=True, weight_type=QuantType.QInt8,
-                 use_external_data_format={external})
-"""
-
-ORT_NBITS = """
-import onnx
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-q = MatMulNBitsQuantizer(onnx.load({src!r}), bits=4)
-q.process()
-onnx.save(q.model.model, {out!r}, save_as_external_data={external})
-"""
-
 CASES = {
-    "ptqconv WeightQuant 8-bit": lambda **k: PTQCONV.format(bits=8, **k),
-    "ptqconv WeightQuant 4-bit": lambda **k: PTQCONV.format(bits=4, **k),
-    "onnxruntime quantize_dynamic int8 per-channel": lambda **k: ORT_DYNAMIC.format(**k),
-    "onnxruntime MatMulNBitsQuantizer 4-bit": lambda **k: ORT_NBITS.format(**k),
+    "ptqconv WeightQuant 8-bit": lambda **k: _ptqconv(bits=8, **k),
+    "ptqconv WeightQuant 4-bit": lambda **k: _ptqconv(bits=4, **k),
+    "onnxruntime quantize_dynamic int8 per-channel": lambda **k: ("ort_dynamic", k),
+    "onnxruntime MatMulNBitsQuantizer 4-bit": lambda **k: ("ort_nbits", k),
 }
+
+
+def _ptqconv(src: str, out: str, bits: int, external: bool) -> tuple[str, dict[str, Any]]:
+    return "ptqconv", {"args": [f"--modelFile={src}", f"--outputFile={out}",
+                                "--quantType=WeightQuant", f"--bitNum={bits}", "--quiet"]}
 PAIRS = (("ptqconv WeightQuant 8-bit", "onnxruntime quantize_dynamic int8 per-channel"),
          ("ptqconv WeightQuant 4-bit", "onnxruntime MatMulNBitsQuantizer 4-bit"))
 
@@ -80,12 +64,12 @@ def run(ctx: Context) -> Section:
         for i, (name, make) in enumerate(CASES.items()):
             out_dir = tmp / f"out{i}"
             out_dir.mkdir(exist_ok=True)
-            code = make(src=str(src), out=str(out_dir / "q.onnx"), external=external)
+            child = make(src=str(src), out=str(out_dir / "q.onnx"), external=external)
             # ptqconv maps external data (address space, not memory): RSS cap only.
             hard = not name.startswith("ptqconv")
             results[name] = guarded(
                 ctx, f"{model_mb:.0f} MB, {name}",
-                lambda c=code, r=repeat, h=hard: run_child(c, r, ctx.mem_cap_gb, address_cap=h))
+                lambda c=child, r=repeat, h=hard: run_child(*c, r, ctx.mem_cap_gb, address_cap=h))
             outputs[name] = _size_mb(out_dir) if results[name].ok else None
             shutil.rmtree(out_dir)  # several GB at the heavy size
         shutil.rmtree(tmp)

@@ -6,9 +6,11 @@ checks a quantized model against its float model.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import click
@@ -95,6 +97,13 @@ def ptqconv() -> None:
     "--configFile", "config_file", metavar="PATH", help="Calibration config (PostTraining)."
 )
 @click.option(
+    "--inputShape",
+    "input_shape",
+    metavar="SHAPES",
+    help="Shapes of inputs with dynamic dimensions, name:1,3,224,224;name2:1,64 (wins over "
+    "input_shape in the config).",
+)
+@click.option(
     "--skipQuantNode",
     "skip_quant_node",
     metavar="NAMES",
@@ -115,7 +124,8 @@ def ptqconv() -> None:
 @click.option("--cosineDistanceThreshold", "cosine_threshold", metavar="COS",
               help="Gate: also exit 1 if any output's cosine similarity is below COS.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--verbose", is_flag=True,
+              help="Show tracebacks on errors, and each per-node decision as it is made.")
 def convert_command(quiet: bool, verbose: bool, **flags: Any) -> None:
     """Quantize a float ONNX model (post-training, no retraining needed)."""
     from ptqconv.conversion import convert
@@ -267,6 +277,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command and turn every failure into one line and an exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args
+    with _decisions_logged(verbose):
+        return _run(args, verbose)
+
+
+@contextlib.contextmanager
+def _decisions_logged(verbose: bool) -> Iterator[None]:
+    """With --verbose, ptqconv's own per-node decisions on stderr (not its libraries')."""
+    if not verbose:
+        yield
+        return
+    logger = logging.getLogger("ptqconv")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _run(args: list[str], verbose: bool) -> int:
     try:
         # With standalone_mode=False click returns a command's Exit code instead of raising.
         status = ptqconv.main(args=args, prog_name="ptqconv", standalone_mode=False)

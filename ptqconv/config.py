@@ -1,13 +1,15 @@
-"""Calibration config file -> one validated, immutable `QuantConfig`; every config error is here.
+"""Calibration config file -> one checked, immutable `QuantConfig` of what the file says.
 
-`load_config(path)` reads the three forms of MindSpore Lite's converter_lite calibration config
-(REFERENCE.md §1) and raises `PtqUsageError` (exit status 2) for every problem, with a one-line
-message that names the file, the line, the section, the key, the value and what is allowed:
+`load_config(path)` reads the three forms of MindSpore Lite's converter_lite calibration
+config (docs/reference.md §1) and raises `PtqUsageError` (exit status 2) for every problem,
+with a one-line message that names the file, the line, the section, the key, the value and
+what is allowed (values are parsed by `ptqconv.values`; defaults are applied by
+`ptqconv.settings`, not here):
 
     calib.cfg:7: [full_quant_param] activation_quant_method: 'KLD' is not supported; allowed: ...
     calib.cfg:9: unknown section [foo]; allowed: [common_quant_param], ...
     calib.cfg:8: [full_quant_param] bias_correction given twice (first on line 5)
-    calib.cfg:4: batch_count: '0' is out of range; allowed: [1, 65535]     (flat form: no section)
+    calib.cfg:4: batch_count: 0 is out of range; allowed: [1, 65535]     (flat form: no section)
 
 Format detection, in this order:
   1. a `.yaml` / `.yml` extension -> YAML;
@@ -74,8 +76,8 @@ from ptqconv.calibrate.observers import OBSERVERS
 from ptqconv.errors import PtqUsageError
 
 FORMATS = ("flat", "ini", "yaml")
-U16_MAX = 65535  # REFERENCE.md §1: min_quant_weight_size/channel, calibrate_size ranges
-METHODS = tuple(OBSERVERS)  # REFERENCE.md §1 / §2, plus MSE
+U16_MAX = 65535  # docs/reference.md §1: min_quant_weight_size/channel, calibrate_size ranges
+METHODS = tuple(OBSERVERS)  # docs/reference.md §1 / §2, plus MSE
 
 
 @dataclass(frozen=True)

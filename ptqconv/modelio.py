@@ -15,14 +15,14 @@ import onnx_ir.passes.common as common_passes
 
 from ptqconv.errors import PtqError
 
-# REFERENCE.md §3: onnxruntime 1.31 refuses models above opset 26 and IR version 13.
+# docs/reference.md §3: onnxruntime 1.31 refuses models above opset 26 and IR version 13.
 MAX_ORT_OPSET = 26
 MAX_ORT_IR_VERSION = 13
 # Protobuf refuses messages of 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 _PLACEHOLDER = "ptqconv-detached-weight"
-# REFERENCE.md §3: per-axis DequantizeLinear needs 13, 16-bit and 4-bit types 21, 2-bit 25.
+# docs/reference.md §3: per-axis DequantizeLinear needs 13, 16-bit and 4-bit types 21, 2-bit 25.
 _OPSET_FOR_TYPE = {
     ir.DataType.INT8: 13,
     ir.DataType.UINT8: 13,

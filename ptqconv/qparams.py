@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx_ir as ir
 
-# REFERENCE.md §2: "enforce a minimum range so scale is never 0".
+# docs/reference.md §2: "enforce a minimum range so scale is never 0".
 MIN_RANGE = 1e-8
 
 _SIGNED_CONTAINERS = (
@@ -102,7 +102,7 @@ def scale_zero_point(
     """Scale (`scale_dtype`, float32 unless given) and zero point (int64) that map
     [rmin, rmax] onto `grid`.
 
-    REFERENCE.md §2: scale = (max - min) / (qmax - qmin), zp = round(qmin - min / scale),
+    docs/reference.md §2: scale = (max - min) / (qmax - qmin), zp = round(qmin - min / scale),
     clamped into [qmin, qmax]; the range is widened to contain 0 so that 0 is exact (padding
     and ReLU outputs rely on it). Symmetric grids use max(|min|, |max|) and zero point 0.
     A float16 scale (float16 models: DequantizeLinear outputs the scale's type) is rounded
@@ -176,7 +176,7 @@ def dequantize(
 
 
 def activation_grid(bits: int) -> Grid:
-    """uint8 asymmetric activations, [0, 2**bits - 1] inside the uint8 container (REFERENCE §3).
+    """uint8 asymmetric activations, [0, 2**bits - 1] in the uint8 container (docs/reference.md §3).
 
     Below 8 bits the grid is narrowed inside uint8, so onnxruntime still fuses integer kernels.
     """
@@ -189,12 +189,10 @@ def fused_weight_grid(bits: int, reduce_range: bool = True) -> Grid:
     """int8 symmetric weights with zero point 0, [-(2**(bits-1) - 1), 2**(bits-1) - 1].
 
     onnxruntime's U8S8 kernels (QLinearConv, QGemm, ...) want symmetric int8 weights
-    (REFERENCE.md §3); the narrow range keeps -128 out. `reduce_range` caps weights at 7 bits
-    ([-63, 63]): on x86 without VNNI, onnxruntime's U8S8 kernels add pairs of u8 x s8 products
-    in int16 (vpmaddubsw), and 255 * 127 * 2 overflows it; measured here, the first conv of the
-    shipped example fell from 44.7 to 17.5 dB SQNR once fused, and mobilenet_v2's top-1
-    agreement rose from 0.40 to 0.65 with 7-bit weights. It matches onnxruntime's own
-    reduce_range. 1 bit uses the binary grid {-1, +1}, since the narrow grid would be {0}.
+    (docs/reference.md §3); the narrow range keeps -128 out. `reduce_range` caps weights at
+    7 bits ([-63, 63]) against the int16 saturation of x86 CPUs without VNNI
+    (docs/decisions.md, reduce_range). 1 bit uses the binary grid {-1, +1}, since the narrow
+    grid would be {0}.
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"weight bits must be in [1, 8], got {bits}")

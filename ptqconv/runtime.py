@@ -26,9 +26,8 @@ LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# The graphs ptqconv runs for itself were already simplified by onnxruntime (modelio). Applying
-# MatMulAddFusion a second time, to a graph holding its own Reshape -> Gemm -> Reshape output,
-# fails in onnxruntime 1.31 with "Attempt to replace the existing tensor" (attention blocks).
+# The graphs ptqconv runs for itself were already simplified by onnxruntime (modelio), and
+# re-applying this fusion to them fails (docs/decisions.md, MatMulAddFusion).
 REAPPLIED_FUSIONS = ["MatMulAddFusion"]
 # Protobuf refuses messages of 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000

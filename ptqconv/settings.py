@@ -20,10 +20,10 @@ from ptqconv.values import QuantType
 
 T = TypeVar("T")
 
-# REFERENCE.md §1: --bitNum ranges.
+# docs/reference.md §1: --bitNum ranges.
 BIT_RANGE = {QuantType.WEIGHT_QUANT: (1, 16), QuantType.POST_TRAINING: (1, 8)}
 SUPPORTED_FMK = ("ONNX",)
-# MindSpore's defaults (REFERENCE.md §1), then ptqconv's own for the keys MindSpore lacks.
+# MindSpore's defaults (docs/reference.md §1), then ptqconv's own for the keys MindSpore lacks.
 DEFAULT_BIT_NUM = 8
 DEFAULT_QUANT_WEIGHT_SIZE = 0
 DEFAULT_QUANT_WEIGHT_CHANNEL = 16

@@ -64,12 +64,12 @@ def test_writer_renders_sections_and_json(tmp_path):
 
 
 def test_run_child_reports_result_medians_and_memory_cap():
-    m = run_child("RESULT = 6 * 7", repeat=3)
+    m = run_child("tests.bench_children:multiply", {"a": 6, "b": 7}, repeat=3)
     assert m.ok and len(m.runs) == 3 and m.result == 42
     assert 0 < m.seconds < 5 and 1 < m.rss_mb < 500
-    capped = run_child("block = bytearray(2 << 30)", mem_cap_gb=1)
+    capped = run_child("tests.bench_children:allocate", {"gigabytes": 2}, mem_cap_gb=1)
     assert not capped.ok and capped.error.startswith("out of memory above 1 GB")
-    failed = run_child("raise ValueError('no good')")
+    failed = run_child("tests.bench_children:fail", {"message": "no good"})
     assert failed.error == "failed: ValueError: no good"
     assert Measure(runs=[{"seconds": s, "rss_mb": 1.0} for s in (3, 1, 2)]).seconds == 2
 

@@ -234,3 +234,17 @@ def test_bad_post_training_input_fails_with_one_line_and_writes_nothing(tmp_path
     assert message in lines[0], lines[0]
     assert "Traceback" not in err
     assert set(tmp_path.rglob("*")) == before
+
+
+def test_version_and_the_explicit_convert_command(tmp_path, capsys):
+    from ptqconv import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"ptqconv, version {__version__}"
+    out = tmp_path / "w8.onnx"
+    status, stdout, _ = cli(capsys, "convert", f"--modelFile={MODEL}", f"--outputFile={out}",
+                            "--quantType=WeightQuant")
+    assert status == 0 and out.exists() and "WeightQuant 8-bit" in stdout
+    status, _, err = cli(capsys, "--bogus")
+    assert status == 2 and err.startswith("ptqconv: error: No such option '--bogus'")
+    assert err.endswith("(see ptqconv --help)\n")

@@ -360,31 +360,7 @@ def test_messages_stay_on_one_line(tmp_path):
     assert "'x\\ny'" in msg and "'" + str(tmp_path) + "/a\\nb'" in msg
 
 
-# ---------------------------------------------------------------- batches and streaming
-
-
-def test_batches_concatenate_along_axis_0(tmp_path):
-    rng = np.random.default_rng(2)
-    xs = [rng.standard_normal((1, 3, 4, 4)).astype(np.float32) for _ in range(5)]
-    ms = [rng.integers(0, 2, (1, 6)).astype(bool) for _ in range(5)]
-    m = spec("m", bool, (None, 6))
-    cs = CalibrationSet.open(
-        [X, m], [(None, write(tmp_path / "x", xs)), (None, write(tmp_path / "m", ms))], 5
-    )
-    batches = list(cs.batches(2))
-    assert [b["x"].shape for b in batches] == [(2, 3, 4, 4), (2, 3, 4, 4), (1, 3, 4, 4)]
-    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), np.concatenate(xs))
-    np.testing.assert_array_equal(np.concatenate([b["m"] for b in batches]), np.concatenate(ms))
-    assert [b["x"].shape[0] for b in cs.batches(8)] == [5]
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
-        cs.batches(0)
-
-
-def test_batches_need_dynamic_first_dim(tmp_path):
-    _, _, dx, di = two_input_data(tmp_path)
-    cs = CalibrationSet.open([X, IDS], [(None, dx), (None, di)], 3)
-    with pytest.raises(ValueError, match=r"input 'ids' has model shape \[1,seq\]"):
-        cs.batches(2)  # raised by the call, before iterating
+# ---------------------------------------------------------------- streaming
 
 
 def test_iteration_streams_without_keeping_samples(tmp_path):

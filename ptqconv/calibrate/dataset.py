@@ -1,6 +1,6 @@
 """Calibration samples stored as raw `.bin` files, read lazily one sample at a time.
 
-Layout (REFERENCE.md §1 "Calibration data"): one directory per model input; each file in it
+Layout (docs/reference.md §1 "Calibration data"): one directory per model input; each file in it
 is one sample of that input, raw little-endian values in C order with no header, in the
 input's dtype, exactly ``prod(shape) * itemsize`` bytes. The files of a directory are sorted
 lexicographically by file name (Python string order, so ``10.bin`` sorts before ``9.bin``: pad
@@ -26,9 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import modelio
-from ptqconv.errors import PtqError, PtqUsageError
-from ptqconv.errors import one_line as _oneline
-from ptqconv.errors import shown as _p
+from ptqconv.errors import PtqError, PtqUsageError, one_line, shown
 
 Dim = int | str | None
 
@@ -66,7 +64,7 @@ def model_inputs(model_path: Path) -> list[InputSpec]:
 def graph_inputs(graph: ir.Graph, source: Path | None = None) -> list[InputSpec]:
     """Input specs of an already loaded model: its graph inputs (initializers are not inputs).
     `source` names the model file in messages."""
-    where = f"{_p(source)}: " if source is not None else ""
+    where = f"{shown(source)}: " if source is not None else ""
     specs = []
     for value in graph.inputs:
         if value.name in graph.initializers:
@@ -150,8 +148,8 @@ class CalibrationSet:
             a, b = len(all_files[first]), len(all_files[spec.name])
             if a != b:
                 raise PtqUsageError(
-                    f"{what}: input {first!r} has {a} files in {_p(dirs[first])} but input "
-                    f"{spec.name!r} has {b} files in {_p(dirs[spec.name])}; sample k is file k "
+                    f"{what}: input {first!r} has {a} files in {shown(dirs[first])} but input "
+                    f"{spec.name!r} has {b} files in {shown(dirs[spec.name])}; sample k is file k "
                     "of every input directory, so the counts must be equal"
                 )
         n = min(count, len(all_files[first]))
@@ -170,7 +168,7 @@ class CalibrationSet:
         for spec in inputs:
             origin = ""
             if spec.name in inferred:
-                origin = f", inferred from {_oneline(files[spec.name][0].name)}"
+                origin = f", inferred from {one_line(files[spec.name][0].name)}"
             for path in files[spec.name]:
                 _check_size(spec, resolved[spec.name], path, what, origin)
 
@@ -205,9 +203,9 @@ class CalibrationSet:
         resolved: dict[str, tuple[int, ...]] = {}
         for spec, path in zip(inputs, files, strict=True):
             if not path.exists():
-                raise PtqUsageError(f"{what}: input {spec.name!r}: no such file: {_p(path)}")
+                raise PtqUsageError(f"{what}: input {spec.name!r}: no such file: {shown(path)}")
             if not path.is_file():
-                raise PtqUsageError(f"{what}: input {spec.name!r}: not a file: {_p(path)}")
+                raise PtqUsageError(f"{what}: input {spec.name!r}: not a file: {shown(path)}")
             shape, inferred = _resolve_shape(spec, user.get(spec.name), path, what)
             _check_size(spec, shape, path, what, ", inferred from the file size" if inferred
                         else "")
@@ -227,34 +225,6 @@ class CalibrationSet:
                 spec.name: _read(spec, self.shapes[spec.name], self.files[spec.name][k], self._what)
                 for spec in self.inputs
             }
-
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive samples concatenated along axis 0, `batch_size` at a time.
-
-        The last batch holds the remaining samples and may be smaller. Raise ValueError when
-        `batch_size` < 1 or when an input's first dimension is static (or absent) in the model,
-        since the model would not accept a larger batch there (raised by this call, before
-        any file is read).
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        for spec in self.inputs:
-            if not spec.shape or not _is_dynamic(spec.shape[0]):
-                raise ValueError(
-                    f"input {spec.name!r} has model shape {_fmt(spec.shape)}: its first "
-                    "dimension is not dynamic, so samples cannot be batched along it"
-                )
-        return self._batches(batch_size)
-
-    def _batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        pending: list[dict[str, np.ndarray]] = []
-        for sample in self:
-            pending.append(sample)
-            if len(pending) == batch_size:
-                yield _concat(self.inputs, pending)
-                pending = []
-        if pending:
-            yield _concat(self.inputs, pending)
 
     def __repr__(self) -> str:
         shapes = ", ".join(
@@ -277,12 +247,8 @@ def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
     size = _size(spec.name, path, what)
     if size != expected:
         raise PtqUsageError(
-            f"{what}: input {spec.name!r}: {_p(path)} is {size} bytes; expected {expected} "
+            f"{what}: input {spec.name!r}: {shown(path)} is {size} bytes; expected {expected} "
             f"({spec.dtype.name} {_fmt(shape)}{origin})")
-
-
-def _concat(inputs: tuple[InputSpec, ...], samples: list[dict[str, np.ndarray]]):
-    return {s.name: np.concatenate([x[s.name] for x in samples], axis=0) for s in inputs}
 
 
 def _pair(
@@ -311,12 +277,12 @@ def _pair(
         assert name is not None
         if name not in names:
             raise PtqUsageError(
-                f"{what}: {name!r} (directory {_p(Path(d))}) is not an input of the model; "
+                f"{what}: {name!r} (directory {shown(Path(d))}) is not an input of the model; "
                 f"model inputs: {listed}"
             )
         if name in dirs:
             raise PtqUsageError(
-                f"{what}: input {name!r} is given twice: {_p(dirs[name])} and {_p(Path(d))}"
+                f"{what}: input {name!r} is given twice: {shown(dirs[name])} and {shown(Path(d))}"
             )
         dirs[name] = Path(d)
     missing = [n for n in names if n not in dirs]
@@ -390,7 +356,7 @@ def _resolve_shape(
     size = _size(spec.name, first_file, what)
     if size == 0 or size % unit:
         raise PtqUsageError(
-            f"{what}: input {spec.name!r}: {_p(first_file)} is {size} bytes, not a positive "
+            f"{what}: input {spec.name!r}: {shown(first_file)} is {size} bytes, not a positive "
             f"multiple of {unit} ({spec.dtype.name} {_fmt(model)} without dimension "
             f"{unknown[0]}), so dimension {unknown[0]} cannot be inferred; pass {_hint(spec)}"
         )
@@ -406,7 +372,7 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
         if bad.size:
             i = int(bad[0])
             raise PtqUsageError(
-                f"{what}: input {spec.name!r}: {_p(path)} has byte {int(raw[i])} at index "
+                f"{what}: input {spec.name!r}: {shown(path)} has byte {int(raw[i])} at index "
                 f"{_index(i, shape)} (flat {i}; {bad.size} such bytes); bool "
                 "data must be 0 or 1"
             )
@@ -421,7 +387,7 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
     i = int(bad[0])
     kind = "NaN" if np.isnan(arr[i]) else "Inf"
     raise PtqUsageError(
-        f"{what}: input {spec.name!r}: {_p(path)} holds {kind} at index "
+        f"{what}: input {spec.name!r}: {shown(path)} holds {kind} at index "
         f"{_index(i, shape)} (flat {i}; {bad.size} non-finite values in the "
         f"file, {dtype.name} {_fmt(shape)}); calibration data must be finite"
     )
@@ -437,7 +403,7 @@ def _read(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str) -> np.
     arr = _load(spec.name, path, spec.dtype, n, what)
     if arr.size != n:
         raise PtqError(
-            f"{what}: input {spec.name!r}: {_p(path)} now holds {arr.size} values; "
+            f"{what}: input {spec.name!r}: {shown(path)} now holds {arr.size} values; "
             f"expected {n} ({spec.dtype.name} {_fmt(shape)}); did it change after the check?"
         )
     return arr.reshape(shape)
@@ -450,14 +416,14 @@ def _load(name: str, path: Path, dtype: np.dtype, n: int, what: str) -> np.ndarr
         arr = np.fromfile(path, dtype=file_dtype, count=n)
     except OSError as exc:
         raise PtqUsageError(
-            f"{what}: input {name!r}: cannot read {_p(path)}: {exc.strerror or exc}"
+            f"{what}: input {name!r}: cannot read {shown(path)}: {exc.strerror or exc}"
         ) from None
     return arr if file_dtype == dtype else arr.astype(dtype)
 
 
 def _list_dir(name: str, directory: Path, what: str) -> list[Path]:
     """The data files of `directory`, sorted by file name; hidden files are skipped."""
-    where = f"{what}: input {name!r}: directory {_p(directory)}"
+    where = f"{what}: input {name!r}: directory {shown(directory)}"
     if not directory.exists():
         raise PtqUsageError(f"{where} does not exist")
     if not directory.is_dir():
@@ -477,7 +443,7 @@ def _size(name: str, path: Path, what: str) -> int:
         return path.stat().st_size
     except OSError as exc:
         raise PtqUsageError(
-            f"{what}: input {name!r}: cannot read {_p(path)}: {exc.strerror or exc}"
+            f"{what}: input {name!r}: cannot read {shown(path)}: {exc.strerror or exc}"
         ) from None
 
 
@@ -492,7 +458,7 @@ def _fmt(shape) -> str:
     parts = []
     for d in shape:
         if isinstance(d, str):
-            parts.append(_oneline(d))
+            parts.append(one_line(d))
         elif d is None or (isinstance(d, (int, np.integer)) and d <= 0):
             parts.append("?")
         else:
@@ -506,9 +472,9 @@ def _index(flat: int, shape: tuple[int, ...]) -> str:
 
 def _hint(spec: InputSpec) -> str:
     if spec.shape is None:
-        return _SHAPE_HINT.replace("name", _oneline(spec.name), 1)
+        return _SHAPE_HINT.replace("name", one_line(spec.name), 1)
     dims = ",".join(str(d) if not _is_dynamic(d) else f"d{i}" for i, d in enumerate(spec.shape))
-    return f"--inputShape={_oneline(spec.name)}:{dims} or input_shape in the config"
+    return f"--inputShape={one_line(spec.name)}:{dims} or input_shape in the config"
 
 
 

@@ -15,16 +15,15 @@ import numpy as np
 from ptqconv.calibrate.statistics import Accumulator
 from ptqconv.qparams import Range
 
-# REFERENCE.md §2 (MindSpore / MNN / TensorRT KL): 2048 bins over |x|, bins start at 1e-7.
+# docs/reference.md §2 (MindSpore / MNN / TensorRT KL): 2048 bins over |x|, bins start at 1e-7.
 KL_BINS = 2048
 KL_BIN_FLOOR = 1e-7
 KL_TARGET_BINS = 128
-# ptqconv's safety net on KL: a KL threshold is refused when its clipping leaves the tensor
-# with a predicted SQNR below this and the observed range would do better. KL weighs bins by
-# probability, so on long-tailed tensors whose rare large values carry the signal (ppocrv4_rec's
-# Hardswish outputs: 99% of values below a tenth of the maximum) it clipped them to 1-9 dB.
+# A KL threshold that would leave a tensor below this predicted SQNR is refused when the
+# observed range does better: KL weighs bins by probability and can clip away the rare large
+# values that carry a long-tailed tensor's signal (docs/decisions.md, KL safety net).
 KL_SQNR_FLOOR_DB = 10.0
-# REFERENCE.md §2 REMOVAL_OUTLIER: per-sample 0.01% / 99.99% quantiles.
+# docs/reference.md §2 REMOVAL_OUTLIER: per-sample 0.01% / 99.99% quantiles.
 OUTLIER_QUANTILES = (0.0001, 0.9999)
 
 
@@ -69,7 +68,7 @@ class MinMaxObserver(Observer):
 
 
 class HistogramObserver(Observer):
-    """KL: histogram of |x| and TensorRT's KL-divergence threshold search (REFERENCE.md §2).
+    """KL: histogram of |x| and TensorRT's KL-divergence threshold search (docs/reference.md §2).
 
     Streaming: the histogram has FINE_BINS bins whose width is a power of two, doubled (by
     summing neighbouring pairs, which is exact) whenever a value outgrows the range. Because
@@ -96,7 +95,7 @@ class HistogramObserver(Observer):
         self._grow_to(absmax)
         a = np.abs(x, dtype=np.float32).ravel()
         # Multiplying by 2**-exponent is exact, so binning does not depend on the history.
-        # Fine bin k >= 1 holds (k-1)w < |x| <= kw: exact zeros, which REFERENCE.md §2 skips,
+        # Fine bin k >= 1 holds (k-1)w < |x| <= kw: exact zeros, which docs/reference.md §2 skips,
         # land alone in index 0 and are dropped without a separate pass.
         a *= np.float32(2.0 ** -self.exponent)
         np.ceil(a, out=a)
@@ -161,7 +160,7 @@ class HistogramObserver(Observer):
 
     def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
         unsigned = self.min >= 0
-        # REFERENCE.md §2: MindSpore merges into 128 bins per side whatever bit_num is (fewer
+        # docs/reference.md §2: MindSpore merges into 128 bins per side whatever bit_num is (fewer
         # target bins make the search collapse onto its first candidates). Unsigned tensors
         # (after ReLU) have no negative side, so their 256 levels all lie on [0, T].
         target = KL_TARGET_BINS * 2 if unsigned else KL_TARGET_BINS
@@ -243,9 +242,7 @@ def predicted_error(hist: np.ndarray, absmax: float, thresholds: np.ndarray,
     `hist` is the KL_BINS-bin histogram of |x| over [0, absmax], each bin's mass taken at its
     centre. The error is the clipping error of the mass beyond T plus uniform rounding noise
     step^2 / 12 inside, with 2**bits levels over [0, T], or over [-T, T] for signed tensors.
-    Barely negative tensors count as signed too: the tighter grid their real [min, T] range
-    gives was measured to pick worse MSE thresholds (mobilenet_v2 top-1 0.95 -> 0.85,
-    ppocrv4_rec 0.80 -> 0.74 with bias correction).
+    Barely negative tensors count as signed too (docs/decisions.md, symmetric noise model).
     """
     width = absmax / KL_BINS
     centres = _bin_centres(absmax)

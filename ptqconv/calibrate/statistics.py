@@ -10,7 +10,7 @@ asking for the same figure cost nothing extra. An accumulator has `update(array)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +59,6 @@ class Statistics:
 
     def get(self, tensor: str, statistic: Statistic) -> Any:
         return self._accumulators.get(StatisticPoint(tensor, statistic))
-
-    def of_kind(self, kind: type[Accumulator]) -> Iterator[tuple[str, Any]]:
-        """(tensor, accumulator) for every accumulator that is a `kind`."""
-        for point, accumulator in self._accumulators.items():
-            if isinstance(accumulator, kind):
-                yield point.tensor, accumulator
 
     @property
     def tensors(self) -> list[str]:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ptqconv.errors import PtqError, PtqUsageError
-from ptqconv.errors import shown as _p
+from ptqconv.errors import PtqUsageError, shown
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ def read_benchmark_data(
     Raise PtqUsageError naming the file and line for anything malformed (see module doc).
     """
     path = Path(path)
-    where = f"{what}: {_p(path)}"
+    where = f"{what}: {shown(path)}"
     header_form = "'name ndims d0 ... dn-1'"
     try:
         with open(path, encoding="utf-8") as handle:
@@ -133,18 +132,6 @@ def _is_number(token: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def write_benchmark_data(path: str | os.PathLike, outputs: Mapping[str, np.ndarray]) -> None:
-    """Write ``{name: array}`` as a MindSpore benchmark data file (float32, round-trip digits)."""
-    with open(path, "w", encoding="utf-8") as handle:
-        for name, array in outputs.items():
-            if not name or any(c.isspace() for c in name):
-                raise PtqError(f"tensor name {name!r} cannot be written: it must have no spaces")
-            array = np.asarray(array, dtype=np.float32)
-            handle.write(" ".join([name, str(array.ndim), *map(str, array.shape)]) + "\n")
-            handle.write(" ".join(f"{float(v):.9g}" for v in array.ravel()) + "\n")
-
 
 
 def shape_text(shape: Iterable[int]) -> str:

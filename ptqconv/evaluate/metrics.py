@@ -1,6 +1,6 @@
 """Output-accuracy metrics: MindSpore's mean bias, cosine, SQNR, top-1 agreement (pure numpy).
 
-`mean_bias` is MindSpore Lite benchmark's "mean bias" (REFERENCE.md §4, the same as
+`mean_bias` is MindSpore Lite benchmark's "mean bias" (docs/reference.md §4, the same as
 ``BenchmarkBase::CompareData`` in mindspore/lite/tools/benchmark/benchmark_base.h). For every
 element with reference r and output o, e = |o - r|:
 
@@ -36,10 +36,10 @@ import numpy as np
 
 from ptqconv.errors import PtqError
 
-# REFERENCE.md §4 (MindSpore benchmark_base.h: absoluteTolerance, relativeTolerance).
+# docs/reference.md §4 (MindSpore benchmark_base.h: absoluteTolerance, relativeTolerance).
 ABSOLUTE_TOLERANCE = 1e-8
 RELATIVE_TOLERANCE = 1e-5
-# REFERENCE.md §4: about-zero references count the absolute error when it is above this.
+# docs/reference.md §4: about-zero references count the absolute error when it is above this.
 ZERO_REFERENCE_ERROR = 1e-5
 FLT_EPSILON = float(np.finfo(np.float32).eps)
 FLT_MIN = float(np.finfo(np.float32).tiny)

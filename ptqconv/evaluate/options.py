@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ptqconv import runtime, values
-from ptqconv.errors import PtqUsageError
-from ptqconv.errors import shown as _p
+from ptqconv.errors import PtqUsageError, shown
 from ptqconv.files import input_file
 
 SCHEMA = "ptqconv.benchmark/1"
@@ -156,9 +155,9 @@ def _in_data_file(value: Any) -> tuple[Path, ...]:
 def _report_file(value: str | os.PathLike) -> Path:
     path = Path(value)
     if path.is_dir():
-        raise PtqUsageError(f"--reportFile: is a directory: {_p(path)}")
+        raise PtqUsageError(f"--reportFile: is a directory: {shown(path)}")
     if not path.parent.is_dir():
-        raise PtqUsageError(f"--reportFile: directory does not exist: {_p(path.parent)}")
+        raise PtqUsageError(f"--reportFile: directory does not exist: {shown(path.parent)}")
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PtqUsageError(f"--reportFile: directory is not writable: {_p(path.parent)}")
+        raise PtqUsageError(f"--reportFile: directory is not writable: {shown(path.parent)}")
     return path

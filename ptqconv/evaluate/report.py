@@ -13,9 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ptqconv.errors import PtqError
-from ptqconv.errors import one_line as _oneline
-from ptqconv.errors import shown as _p
+from ptqconv.errors import PtqError, one_line, shown
 from ptqconv.evaluate.comparison import names
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.evaluate.options import SCHEMA, BenchmarkSettings
@@ -97,32 +95,32 @@ class BenchmarkReport:
             path.write_text(self.to_json(), encoding="utf-8")
         except OSError as exc:
             raise PtqError(
-                f"--reportFile: cannot write {_p(path)}: {exc.strerror or exc}"
+                f"--reportFile: cannot write {shown(path)}: {exc.strerror or exc}"
             ) from None
 
     def format(self, max_rows: int = MAX_TABLE_ROWS) -> str:
         """The table printed by the command: one screen whatever the number of outputs."""
         if self.settings.reference_model is not None:
-            against = _p(self.settings.reference_model)
+            against = shown(self.settings.reference_model)
         else:
-            against = f"benchmark data {_p(self.settings.benchmark_data_file)}"
+            against = f"benchmark data {shown(self.settings.benchmark_data_file)}"
         lines = [
-            f"benchmark: {_p(self.settings.model_file)} vs {against}; {self.samples} sample"
+            f"benchmark: {shown(self.settings.model_file)} vs {against}; {self.samples} sample"
             f"{'s' if self.samples != 1 else ''}, graph optimization "
             f"{self.settings.graph_optimization_level}, {self.settings.num_threads} thread"
             f"{'s' if self.settings.num_threads != 1 else ''}"
         ]
         items = list(self.comparisons.items())
-        shown = items
+        rows = items
         if len(items) > max_rows:
-            shown = sorted(items, key=lambda kv: _sort_key(kv[1].mean_bias_percent))[:max_rows]
-        width = min(32, max([len("overall"), *(len(_cut(n, 32)) for n, _ in shown)]))
+            rows = sorted(items, key=lambda kv: _sort_key(kv[1].mean_bias_percent))[:max_rows]
+        width = min(32, max([len("overall"), *(len(_cut(n, 32)) for n, _ in rows)]))
         head = (
             f"{'output':<{width}}  {'mean bias %':>11}  {'cosine':>9}  {'SQNR dB':>8}  "
             f"{'max abs err':>11}  {'top-1':>6}"
         )
         lines += [head, "-" * len(head)]
-        for name, c in shown:
+        for name, c in rows:
             r = c.result()
             top1 = r["top1_agreement"]
             lines.append(
@@ -131,9 +129,9 @@ class BenchmarkReport:
                 f"{_num(r['max_abs_error'], '.4g'):>11}  "
                 f"{'-' if top1 is None else format(top1, '.1%'):>6}"
             )
-        if len(items) > len(shown):
+        if len(items) > len(rows):
             lines.append(
-                f"... {len(items) - len(shown)} more outputs with a lower mean bias "
+                f"... {len(items) - len(rows)} more outputs with a lower mean bias "
                 "(all of them in --reportFile)"
             )
         o = self.overall()
@@ -212,37 +210,6 @@ def _sort_key(bias: float) -> float:
     return -math.inf if math.isnan(bias) else -bias  # NaN first, then the largest bias
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        number = float(value)
-        if math.isnan(number):
-            return None
-        if math.isinf(number):
-            return "inf" if number > 0 else "-inf"
-        return number
-    return value
-
-
-def _worst(values: list[float], pick: Callable[..., float]) -> float:
-    if not values:
-        return math.nan
-    if any(math.isnan(v) for v in values):
-        return math.nan
-    return pick(values)
-
-
-def _sort_key(bias: float) -> float:
-    return -math.inf if math.isnan(bias) else -bias  # NaN first, then the largest bias
-
-
 def _num(value: float | None, spec: str) -> str:
     if value is None or math.isnan(value):
         return "nan"
@@ -260,7 +227,7 @@ def _ratio(a: float, b: float) -> str:
 
 
 def _cut(name: str, width: int) -> str:
-    name = _oneline(name)
+    name = one_line(name)
     if len(name) <= width:
         return name
     keep = width - 3

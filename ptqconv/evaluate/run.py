@@ -20,8 +20,7 @@ import numpy as np
 
 from ptqconv import modelio
 from ptqconv.calibrate.dataset import CalibrationSet, model_inputs
-from ptqconv.errors import PtqUsageError
-from ptqconv.errors import shown as _p
+from ptqconv.errors import PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures, names
 from ptqconv.evaluate.data_file import BenchmarkTensor, read_benchmark_data, shape_text
 from ptqconv.evaluate.metrics import OutputComparison
@@ -47,13 +46,14 @@ def benchmark(
         # Read and check the file before any model runs.
         data_file = read_benchmark_data(settings.benchmark_data_file)
     samples = open_samples(settings)
-    model = Session(settings.model_file, threads, level, f"--modelFile {_p(settings.model_file)}")
+    model = Session(settings.model_file, threads, level,
+                    f"--modelFile {shown(settings.model_file)}")
     first: list[Mapping[str, np.ndarray]] = []
     not_compared: list[str] = []
     reference_latency = None
     if settings.reference_model is not None:
         reference = Session(settings.reference_model, threads, level,
-                            f"--referenceModel {_p(settings.reference_model)}")
+                            f"--referenceModel {shown(settings.reference_model)}")
         check_same_io(model, reference)
         if on_start:
             on_start(len(samples))
@@ -104,7 +104,7 @@ def _compare_with_data(
     progress: Callable[[int], None] | None,
     first: list[Mapping[str, np.ndarray]],
 ) -> dict[str, OutputComparison]:
-    where = f"--benchmarkDataFile: {_p(path)}"
+    where = f"--benchmarkDataFile: {shown(path)}"
     for tensor in data.values():
         if tensor.name not in model.outputs:
             raise PtqUsageError(

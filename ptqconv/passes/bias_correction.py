@@ -1,4 +1,4 @@
-"""Bias correction (MindSpore's method, REFERENCE.md §2) for Conv and Gemm.
+"""Bias correction (MindSpore's method, docs/reference.md §2) for Conv and Gemm.
 
 The quantized layer computes op(x̂, Ŵ) + b where the float layer computes op(x̂, W) + b on the
 same quantized input x̂. Their per-channel mean difference is the mean of op(x̂, W - Ŵ), which a
@@ -21,10 +21,8 @@ from ptqconv.graph.naming import NameAllocator, node_key
 from ptqconv.passes.qdq import WeightError
 
 logger = logging.getLogger(__name__)
-# NNCF-style guard against absurd shifts: a mean shift wider than everything the layer output
-# spans over the calibration set cannot be a rounding bias; it means too few or
-# unrepresentative samples, so the layer is left alone. (Real rounding biases measured in the
-# tests reach about half the range.)
+# A mean shift wider than this times the layer's output range over the calibration set is a
+# calibration artefact, not a rounding bias: the layer is left alone (docs/decisions.md).
 MAX_SHIFT_RATIO = 1.0
 
 

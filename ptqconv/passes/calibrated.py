@@ -8,13 +8,22 @@ collector or the pipeline.
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx_ir as ir
 
-from ptqconv.calibrate.statistics import StatisticPoint, Statistics
+from ptqconv.calibrate.statistics import (
+    ChannelStatistics,
+    Statistic,
+    StatisticPoint,
+    Statistics,
+)
 from ptqconv.qparams import Range
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,3 +55,44 @@ class CalibratedPass(ir.passes.InPlacePass):
         must not be touched."""
         self.statistics, self.excluded = statistics, excluded
         return self
+
+
+class MigrationPass(CalibratedPass):
+    """Per-channel scale migration between activations and the weights that read them
+    (`scale_migration`): each group found in the graph is migrated from the per-channel
+    statistics of its activation, or left alone with the reason."""
+
+    channels: Statistic  # the per-channel statistic of an activation, along its channel axis
+
+    @abstractmethod
+    def find(self, graph: ir.Graph) -> tuple[list[Any], dict[str, str]]:
+        """The groups to migrate, and why each other candidate activation was passed over."""
+
+    @abstractmethod
+    def migrate(self, model: ir.Model, group: Any,
+                stats: ChannelStatistics) -> tuple[str, Range] | None:
+        """Migrate `group`: the tensor quantized in its place and its new range, or None when
+        the migration is predicted to gain nothing."""
+
+    def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
+        return [StatisticPoint(g.activation, self.channels) for g in self.find(model.graph)[0]]
+
+    def call(self, model: ir.Model) -> MigrationResult:
+        groups, rejected = self.find(model.graph)
+        result = MigrationResult(model, False, self.technique, left_alone=dict(rejected))
+        for group in groups:
+            moments = self.statistics.get(group.activation, self.channels)
+            stats = moments.result() if moments is not None else None
+            if stats is None or group.activation in self.excluded:
+                result.left_alone[group.activation] = "not calibrated (stays float)"
+                continue
+            made = self.migrate(model, group, stats)
+            if made is None:
+                result.left_alone[group.activation] = "predicted to gain nothing"
+                continue
+            result.ranges[made[0]] = made[1]
+            result.migrated.append(group.activation)
+            result.modified = True
+        for name, reason in result.left_alone.items():
+            logger.debug("%s: %s left alone: %s", self.technique, name, reason)
+        return result

@@ -1,8 +1,7 @@
 """Cross-layer equalization (Nagel et al., 2019) for Conv -> [Relu | Clip(0, c)] -> Conv chains.
 
 After batch-norm folding, the channels of a Conv's output can differ in range by a factor of
-a thousand (mobilenet_v2's first conv: per-channel weight maxima from 0.0007 to 0.36, and the
-depthwise conv reading it has weights up to 15 on the quiet channels). A per-tensor uint8
+a thousand. A per-tensor uint8
 scale rounds the quiet channels to a few levels, and the next conv multiplies that error by
 its largest weights. Scaling output channel k of the producing Conv (weights and bias) by
 1 / s_k and the next Convs' input channel k by s_k is exact in float for any s > 0 through
@@ -13,21 +12,18 @@ calibration statistics, as SmoothQuant's do, so no float op is added to the grap
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from ptqconv.calibrate.statistics import ChannelMoments, Statistic, StatisticPoint
+from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Statistic
 from ptqconv.graph.initializers import set_constant
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
-from ptqconv.passes.calibrated import CalibratedPass, MigrationResult
+from ptqconv.passes.calibrated import MigrationPass
 from ptqconv.qparams import Range
-
-logger = logging.getLogger(__name__)
 
 # Equalized channels get this much room above their observed maxima (docs/decisions.md,
 # equalization headroom).
@@ -135,40 +131,26 @@ def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> GroupSea
     return search
 
 
-class EqualizePass(CalibratedPass):
+class EqualizePass(MigrationPass):
     """Equalize every group whose per-channel statistics predict less output noise after it;
     `weight_levels(conv)` is the largest integer of the conv's weight grid."""
 
     technique = "equalization"
+    channels = CHANNELS
 
     def __init__(self, skip: frozenset[str], act_levels: int,
                  weight_levels: Callable[[ir.Node], int]) -> None:
         super().__init__()
         self.skip, self.act_levels, self.weight_levels = skip, act_levels, weight_levels
 
-    def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
-        return [StatisticPoint(g.activation, CHANNELS)
-                for g in find_groups(model.graph, self.skip).groups]
+    def find(self, graph: ir.Graph) -> tuple[list[EqualizeGroup], dict[str, str]]:
+        search = find_groups(graph, self.skip)
+        return search.groups, search.rejected
 
-    def call(self, model: ir.Model) -> MigrationResult:
-        search = find_groups(model.graph, self.skip)
-        result = MigrationResult(model, False, self.technique, left_alone=dict(search.rejected))
-        for group in search.groups:
-            moments = self.statistics.get(group.activation, CHANNELS)
-            stats = moments.result() if moments is not None else None
-            if stats is None or group.activation in self.excluded:
-                result.left_alone[group.activation] = "not calibrated (stays float)"
-                continue
-            new_range = self._equalize(group, stats.minimum, stats.maximum, stats.mean_square)
-            if new_range is None:
-                result.left_alone[group.activation] = "predicted to gain nothing"
-            else:
-                result.ranges[group.activation] = new_range
-                result.migrated.append(group.activation)
-                result.modified = True
-        for name, reason in result.left_alone.items():
-            logger.debug("equalization: %s left alone: %s", name, reason)
-        return result
+    def migrate(self, model: ir.Model, group: EqualizeGroup,
+                stats: ChannelStatistics) -> tuple[str, Range] | None:
+        new_range = self._equalize(group, stats.minimum, stats.maximum, stats.mean_square)
+        return None if new_range is None else (group.activation, new_range)
 
     def _equalize(self, group: EqualizeGroup, lo: np.ndarray, hi: np.ndarray,
                   mean_square: np.ndarray) -> Range | None:

@@ -2,10 +2,9 @@
 saved model again.
 
 onnxruntime names what its fusions create from fixed stems with a counter that restarts in
-every session (MatMulAddFusion: `gemm_input_shape`, `gemm_input_shape_token_0`, ...). Fusing
-the quantized model at load time then generated names the first session had already used,
-and onnxruntime 1.31 refused the model with "Attempt to replace the existing tensor" (a
-3-layer BERT-like encoder at hidden size 256 did; the 12-layer one happened not to).
+every session (MatMulAddFusion: `gemm_input_shape`, `gemm_input_shape_token_0`, ...), so
+fusing the quantized model at load time could reuse names the first session had written
+(docs/decisions.md, generated names).
 """
 
 from __future__ import annotations

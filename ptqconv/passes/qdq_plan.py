@@ -1,6 +1,6 @@
 """Which tensors of a float graph get QuantizeLinear/DequantizeLinear.
 
-Node units follow what onnxruntime's CPU provider runs as integer kernels (REFERENCE.md §3):
+Node units follow what onnxruntime's CPU provider runs as integer kernels (docs/reference.md §3):
 - weight ops (Conv, ConvTranspose, Gemm, MatMul) are always units: their activation inputs
   are quantized. A Conv needs Q after it to become QLinearConv, so its output is always
   quantized; MatMul/Gemm also run integer with a float output (MatMulIntegerToFloat, QGemm),
@@ -16,6 +16,7 @@ Node units follow what onnxruntime's CPU provider runs as integer kernels (REFER
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -23,6 +24,7 @@ import onnx_ir as ir
 from ptqconv.graph.ops import is_onnx
 from ptqconv.graph.weight_slots import weight_slot
 
+logger = logging.getLogger(__name__)
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({
     "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax",
@@ -171,6 +173,8 @@ class _Planner:
             for node in [n for n in self.units if n.op_type in ELEMENTWISE_OPS]:
                 if not (all(self.from_unit(v) for v in _activations(node))
                         and self.readers(node.outputs[0])):
+                    logger.debug("%s %s stays float: an input is float or no integer op "
+                                 "reads its output", node.op_type, node.name)
                     self.units.discard(node)
                     changed = True
 

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Candidate migration strengths a in s_k = max|X_k|^a / max|W_k|^(1-a). A single value suits no
-# model: on all_minilm_l6_v2 a global 0.5 gave embedding cosine 0.988 and 0.75 gave 0.996, while
-# on a MatMul with flat random weights 0.75 made the error worse than no migration.
+# Candidate migration strengths a in s_k = max|X_k|^a / max|W_k|^(1-a), chosen per activation:
+# a single value suits no model (docs/decisions.md, migration strength).
 ALPHAS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 SCALE_LIMITS = (1e-4, 1e4)
 

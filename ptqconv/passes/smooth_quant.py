@@ -12,21 +12,19 @@ unchanged) and W' = diag(s) W, so X' W' = X W exactly.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
-from ptqconv.calibrate.statistics import ChannelMoments, Statistic, StatisticPoint
+from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Statistic
 from ptqconv.graph.initializers import add_initializer, set_constant
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
-from ptqconv.passes.calibrated import CalibratedPass, MigrationResult
+from ptqconv.passes.calibrated import MigrationPass
 from ptqconv.qparams import Range
 
-logger = logging.getLogger(__name__)
 # Per-channel statistics along the last axis (MatMul's K).
 CHANNELS = Statistic(ChannelMoments, (-1,))
 SUFFIX = "_smooth"
@@ -82,7 +80,7 @@ def smoothing_nodes(graph: ir.Graph) -> frozenset[str]:
                      and (n.inputs[1].name or "").endswith(INV_SCALE_SUFFIX))
 
 
-class SmoothQuantPass(CalibratedPass):
+class SmoothQuantPass(MigrationPass):
     """Smooth every group whose per-channel statistics predict less output noise after it.
 
     The inserted Mul nodes are named `<activation>_smooth` (see `smoothing_nodes`): they must
@@ -90,40 +88,25 @@ class SmoothQuantPass(CalibratedPass):
     """
 
     technique = "SmoothQuant"
+    channels = CHANNELS
 
     def __init__(self, skip: frozenset[str], act_levels: int, weight_levels: int) -> None:
         super().__init__()
         self.skip, self.act_levels, self.weight_levels = skip, act_levels, weight_levels
 
-    def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
-        return [StatisticPoint(g.activation, CHANNELS)
-                for g in find_groups(model.graph, self.skip).groups]
-
-    def call(self, model: ir.Model) -> MigrationResult:
-        graph = model.graph
+    def find(self, graph: ir.Graph) -> tuple[list[SmoothGroup], dict[str, str]]:
         search = find_groups(graph, self.skip)
-        result = MigrationResult(model, False, self.technique, left_alone=dict(search.rejected))
-        names = NameAllocator(graph)
-        values = {v.name: v for n in graph for v in n.outputs}
-        values.update({v.name: v for v in graph.inputs})
-        for group in search.groups:
-            moments = self.statistics.get(group.activation, CHANNELS)
-            stats = moments.result() if moments is not None else None
-            if stats is None or group.activation in self.excluded or (
-                    group.activation not in values):
-                result.left_alone[group.activation] = "not calibrated (stays float)"
-                continue
-            made = self._smooth(graph, names, values[group.activation], group, stats.minimum,
-                                stats.maximum, stats.mean_square)
-            if made is None:
-                result.left_alone[group.activation] = "predicted to gain nothing"
-                continue
-            result.ranges[made[0]] = made[1]
-            result.migrated.append(group.activation)
-            result.modified = True
-        for name, reason in result.left_alone.items():
-            logger.debug("SmoothQuant: %s left alone: %s", name, reason)
-        return result
+        return search.groups, search.rejected
+
+    def migrate(self, model: ir.Model, group: SmoothGroup,
+                stats: ChannelStatistics) -> tuple[str, Range] | None:
+        graph = model.graph
+        x = next((v for v in (*graph.inputs, *(o for n in graph for o in n.outputs))
+                  if v.name == group.activation), None)
+        if x is None:
+            return None
+        return self._smooth(graph, NameAllocator(graph), x, group, stats.minimum,
+                            stats.maximum, stats.mean_square)
 
     def _smooth(self, graph: ir.Graph, names: NameAllocator, x: ir.Value, group: SmoothGroup,
                 lo: np.ndarray, hi: np.ndarray, mean_square: np.ndarray,

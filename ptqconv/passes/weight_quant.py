@@ -13,9 +13,8 @@ from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.weight_slots import WeightSlot, weight_slot
 
-# onnxruntime 1.31 fuses DequantizeLinear(int2) -> MatMul/Gemm into MatMulNBits, which returns
-# wrong results unless N % 4 == 0 (measured for every K); such weights keep the int2 grid in an
-# int4 container.
+# onnxruntime's MatMulNBits is wrong for int2 weights unless N % 4 == 0: such weights keep the
+# int2 grid in an int4 container (docs/decisions.md, int2 weights).
 _INT2_FUSED_OPS = ("MatMul", "Gemm")
 # float16 weights dequantize through a float16 scale, which DequantizeLinear takes from opset 19.
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
