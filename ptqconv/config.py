@@ -71,7 +71,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from ptqconv import values
+from ptqconv import target, values
 from ptqconv.calibrate.observers import OBSERVERS
 from ptqconv.errors import PtqUsageError
 
@@ -95,6 +95,7 @@ class QuantConfig:
     min_quant_weight_channel: int | None = None  # [0, 65535]
     skip_quant_node: tuple[str, ...] | None = None
     debug_info_save_path: Path | None = None
+    target_device: str | None = None  # one of target.TARGETS
     # (input name, directory); the name is None for the flat form's positional image_path.
     calibrate_path: tuple[tuple[str | None, Path], ...] | None = None
     calibrate_size: int | None = None  # [1, 65535]
@@ -491,6 +492,17 @@ def _bool_key(name: str, strict: bool = False) -> _Key:
                                "true, false" if strict else values.BOOLEAN_ALLOWED))
 
 
+def _target_device(text: str) -> str:
+    name = text.strip()
+    if name.upper() in target.FOREIGN:
+        raise values.Invalid(
+            f"{name!r} has no meaning here (ptqconv targets onnxruntime's CPU provider); "
+            f"allowed: {', '.join(target.TARGETS)} (CPU means auto)")
+    if name.lower() in target.ALIASES:
+        return target.ALIASES[name.lower()]
+    return values.choice(name, target.TARGETS)
+
+
 def _input_type(text: str) -> str:
     if text.upper() == "IMAGE":
         raise values.Invalid(
@@ -569,6 +581,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _int_key("min_quant_weight_channel", 0, U16_MAX),
         _Key("skip_quant_node", _names, _NAMES_ALLOWED, many=True, empty=()),
         _Key("debug_info_save_path", _path, "a directory"),
+        _Key("target_device", *_scalar(_target_device, ", ".join(target.TARGETS))),
     ),
     "data_preprocess_param": _keys(
         _Key("calibrate_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),

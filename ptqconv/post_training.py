@@ -127,6 +127,8 @@ class PostTraining:
             bit_num=s.bit_num,
             activation_bits=s.activation_bits,
             per_channel=s.per_channel,
+            target=s.target,
+            reduce_range=s.reduce_range,
             units=len(plan.units),
             kl_refused=calibration.kl_refused,
             migrations=[Migration(r.technique, r.migrated, r.left_alone) for r in migrated],

@@ -14,6 +14,7 @@ from ptqconv.debug.sensitivity import UnitSensitivity
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
 from ptqconv.passes.weight_quant import WeightRecord
+from ptqconv.target import Target
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class PostTrainingSummary:
     bit_num: int
     activation_bits: int
     per_channel: bool
+    target: Target
+    reduce_range: bool
     units: int  # node units quantized
     kl_refused: int
     migrations: list[Migration]
@@ -122,7 +125,10 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     equalized = by_technique.get("equalization")
     smoothed = by_technique.get("SmoothQuant")
     grid = s.weight_grid
+    given = ("" if s.reduce_range == s.target.saturates
+             else f"; reduce_range={str(s.reduce_range).lower()} set in the config")
     lines = [
+        f"  target: {s.target.describe()}{given}",
         f"  calibration: {s.method} on {s.samples} samples",
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),

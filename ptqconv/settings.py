@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ptqconv import target as target_module
 from ptqconv import values
 from ptqconv.config import QuantConfig, load_config
 from ptqconv.errors import PtqUsageError, shown
 from ptqconv.files import input_file
+from ptqconv.target import Target
 from ptqconv.values import QuantType
 
 T = TypeVar("T")
@@ -60,6 +62,8 @@ class PostTrainingSettings:
     activation_bits: int
     method: str  # activation range method, one of calibrate.observers.OBSERVERS
     calibration: DataSource
+    # The CPU the model will run on; reduce_range follows it unless the config sets it.
+    target: Target
     bias_correction: bool = False
     per_channel: bool = True
     # 7-bit weights for the GEMM kernels: U8S8 int16 saturation on x86 without VNNI.
@@ -165,6 +169,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         raise PtqUsageError(
             f"{config.source}: no calibration data: set calibrate_path in "
             "[data_preprocess_param] (or image_path in the flat form)")
+    device = target_module.resolve(pick.config("target_device") or "auto")
     debug = Path(debug_dir) if debug_dir else config.debug_info_save_path
     if debug is not None and debug.exists() and not debug.is_dir():
         raise PtqUsageError(f"--debugDir: not a directory: {shown(debug)}")
@@ -176,7 +181,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
                                shapes),
         bias_correction=pick.switch("bias_correction", False),
         per_channel=pick.switch("per_channel", True),
-        reduce_range=pick.switch("reduce_range", True),
+        target=device,
+        reduce_range=pick.switch("reduce_range", device.saturates),
         smooth_quant=pick.switch("smooth_quant", True),
         equalize=pick.switch("equalize", True),
         threads=threads,

@@ -21,7 +21,7 @@ META = ("source", "format", "lines", "keys")
 SECTIONS = "[common_quant_param], [data_preprocess_param], [evaluate_param], [full_quant_param]"
 COMMON_KEYS = (
     "bit_num, debug_info_save_path, min_quant_weight_channel, min_quant_weight_size, "
-    "quant_type, skip_quant_node"
+    "quant_type, skip_quant_node, target_device"
 )
 FULL_KEYS = (
     "activation_bit_num, activation_quant_method, bias_correction, equalize, per_channel, "
@@ -727,6 +727,11 @@ SCHEMA = {
     ("common_quant_param", "min_quant_weight_channel"): _integer(0, 65535),
     ("common_quant_param", "skip_quant_node"): _skip_names(),
     ("common_quant_param", "debug_info_save_path"): DIR.map(lambda d: (d, d, d)),
+    ("common_quant_param", "target_device"): st.one_of(
+        _spelled("auto", "auto", "CPU", "cpu"),
+        _spelled("x86_vnni", "x86_vnni", "X86_VNNI", "x86vnni"),
+        _spelled("arm64", "arm64", "ARM64"),
+    ),
     ("data_preprocess_param", "calibrate_path"): _calibrate_path(),
     ("data_preprocess_param", "calibrate_size"): _integer(1, 65535),
     ("data_preprocess_param", "input_type"): _spelled("BIN", "BIN", "bin", "Bin"),

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 # Bottom to top; a module may import its own layer and the ones below.
 LAYERS = [
-    ["errors", "values", "qparams"],
+    ["errors", "values", "qparams", "target"],
     ["files", "config", "graph", "calibrate.statistics", "calibrate.observers"],
     ["runtime", "modelio"],
     ["calibrate.ranges", "calibrate.dataset", "calibrate.collector"],

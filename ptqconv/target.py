@@ -1,0 +1,87 @@
+"""The CPU the quantized model will run on, and what that means for its weights.
+
+onnxruntime's U8S8 GEMM kernels saturate int16 with full 8-bit weights on x86 CPUs without
+VNNI; with AVX-512 VNNI, AVX-VNNI or ARM dot-product instructions they are exact
+(docs/reference.md §3). So the weights' width follows the target: 7 bits where the kernels
+saturate, 8 bits elsewhere.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# target_device values: ptqconv's CPU targets; `auto` (and MindSpore's CPU) detect the host.
+TARGETS = ("auto", "x86_avx2", "x86_vnni", "arm64")
+ALIASES = {"cpu": "auto"}
+# MindSpore's other devices, which onnxruntime's CPU provider does not run.
+FOREIGN = ("KIRIN", "NVGPU", "DSP", "ASCEND")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # one of TARGETS but auto
+    saturates: bool  # U8S8 kernels add products in int16: keep GEMM weights at 7 bits
+    why: str  # for the summary
+
+    def describe(self) -> str:
+        weights = "7-bit GEMM weights (reduce_range)" if self.saturates else "8-bit weights"
+        return f"{self.name} ({self.why}): {weights}"
+
+
+def resolve(name: str) -> Target:
+    """The target named `name` (`auto`: this machine's CPU)."""
+    if name == "x86_avx2":
+        return Target(name, True, "given: x86 without VNNI")
+    if name == "x86_vnni":
+        return Target(name, False, "given: x86 with AVX-512 VNNI or AVX-VNNI")
+    if name == "arm64":
+        return Target(name, False, "given: ARM with dot-product instructions")
+    return detect()
+
+
+def detect() -> Target:
+    """This machine's CPU."""
+    flags = _cpu_flags()
+    machine = platform.machine().lower()
+    cpu = _cpu_name()
+    if machine in ("aarch64", "arm64"):
+        dot = "asimddp" in flags or "ASIMDDP" in _numpy_features()
+        return Target("arm64", not dot, f"detected: {cpu}, "
+                      f"{'dot-product' if dot else 'no dot-product'} instructions")
+    vnni = bool({"avx512_vnni", "avx_vnni"} & flags) or bool(
+        {"AVX512VNNI", "AVXVNNI"} & _numpy_features())
+    if vnni:
+        return Target("x86_vnni", False, f"detected: {cpu}, VNNI")
+    return Target("x86_avx2", True, f"detected: {cpu}, no VNNI")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key = line.split(":", 1)[0].strip().lower()
+        if key in ("flags", "features"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith(("model name", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _numpy_features() -> set[str]:
+    import numpy as np
+
+    features = getattr(getattr(np, "_core", None), "_multiarray_umath", None)
+    found = getattr(features, "__cpu_features__", {}) if features is not None else {}
+    return {name for name, present in found.items() if present}

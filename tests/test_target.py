@@ -1,0 +1,63 @@
+"""The target CPU: detected or given, and the weights' width it implies."""
+
+from __future__ import annotations
+
+import pytest
+from models import DIGITS
+
+from ptqconv import target
+from ptqconv.errors import PtqUsageError
+from ptqconv.settings import ConvertSettings
+
+MODEL = DIGITS / "model.onnx"
+CALIB = DIGITS / "calib" / "input"
+
+
+@pytest.mark.parametrize(("flags", "machine", "name", "saturates"), [
+    ({"fpu", "avx2"}, "x86_64", "x86_avx2", True),
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "x86_vnni", False),
+    ({"avx2", "avx_vnni"}, "x86_64", "x86_vnni", False),
+    ({"fp", "asimd", "asimddp"}, "aarch64", "arm64", False),
+    ({"fp", "asimd"}, "aarch64", "arm64", True),
+])
+def test_detection_reads_the_cpu_flags(monkeypatch, flags, machine, name, saturates):
+    monkeypatch.setattr(target, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(target, "_numpy_features", set)
+    monkeypatch.setattr(target.platform, "machine", lambda: machine)
+    found = target.detect()
+    assert (found.name, found.saturates) == (name, saturates)
+    assert found.why.startswith("detected: ")
+
+
+def _settings(tmp_path, extra: str):
+    config = tmp_path / "c.ini"
+    config.write_text(f"[common_quant_param]\n{extra}\n[data_preprocess_param]\n"
+                      f"calibrate_path=input:{CALIB}\n")
+    return ConvertSettings.create(MODEL, tmp_path / "o.onnx", "PostTraining",
+                                  config_file=config).mode
+
+
+@pytest.mark.parametrize(("key", "name", "reduce_range"), [
+    ("target_device=x86_avx2", "x86_avx2", True),
+    ("target_device=x86_vnni", "x86_vnni", False),
+    ("target_device=ARM64", "arm64", False),
+    ("target_device=x86_vnni\n[full_quant_param]\nreduce_range=true", "x86_vnni", True),
+])
+def test_reduce_range_follows_the_target_unless_set(tmp_path, key, name, reduce_range):
+    mode = _settings(tmp_path, key)
+    assert (mode.target.name, mode.reduce_range) == (name, reduce_range)
+
+
+def test_auto_and_cpu_detect_the_host(tmp_path, monkeypatch):
+    monkeypatch.setattr(target, "detect", lambda: target.Target("x86_vnni", False, "test"))
+    for key in ("", "target_device=auto", "target_device=CPU"):
+        mode = _settings(tmp_path, key)
+        assert (mode.target.why, mode.reduce_range) == ("test", False)
+
+
+def test_other_devices_have_no_meaning_here(tmp_path):
+    with pytest.raises(PtqUsageError, match=r"c.ini:2: \[common_quant_param\] target_device: "
+                       r"'KIRIN' has no meaning here"):
+        _settings(tmp_path, "target_device=KIRIN")
+    with pytest.raises(PtqUsageError, match="'x86' is not supported; allowed: auto, x86_avx2"):
+        _settings(tmp_path, "target_device=x86")
