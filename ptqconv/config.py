@@ -77,7 +77,8 @@ from ptqconv.errors import PtqUsageError
 
 FORMATS = ("flat", "ini", "yaml")
 U16_MAX = 65535  # docs/reference.md §1: min_quant_weight_size/channel, calibrate_size ranges
-METHODS = tuple(OBSERVERS)  # docs/reference.md §1 / §2, plus MSE
+# docs/reference.md §1 / §2, plus MSE, and AUTO: measured on the user's data.
+METHODS = (*OBSERVERS, "AUTO")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ from pathlib import Path
 import onnx_ir as ir
 
 from ptqconv import modelio
+from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.evaluate.comparison import compare_models, gate_failures
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import PostTraining
 from ptqconv.report import ConversionReport, GateReport
 from ptqconv.settings import ConvertSettings, DataSource, GateSettings, PostTrainingSettings
+from ptqconv.target import detect
 from ptqconv.weight_only import weight_quant
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -37,6 +39,7 @@ def convert(settings: ConvertSettings,
     eval_data = open_data(model, settings.model_file, settings.gate.data) if settings.gate \
         else None
     mode = settings.mode
+    pt = None
     # The working copy may keep its weights in the temporary directory until saved.
     with tempfile.TemporaryDirectory(prefix="ptqconv-") as workdir:
         if isinstance(mode, PostTrainingSettings):
@@ -45,17 +48,40 @@ def convert(settings: ConvertSettings,
             original_names = value_names(model.graph)
             del model
             simplified = modelio.simplify_with_onnxruntime(settings.model_file, Path(workdir))
-            model, report.post_training = PostTraining(mode, data, progress).run(
-                simplified, original_names)
+            pt = PostTraining(mode, data, progress)
+            model, report.post_training = pt.run(simplified, original_names)
         else:
             model, report.weights = weight_quant(model, mode, settings.model_file.parent,
                                                  progress)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
-    if eval_data is not None and settings.gate is not None:
-        report.gate = accuracy_gate(eval_data, settings, settings.gate)
+        if eval_data is not None and settings.gate is not None:
+            report.gate = accuracy_gate(eval_data, settings, settings.gate)
+            if report.gate.failures and pt is not None:
+                _meet_target(pt, settings, settings.gate, eval_data, report, progress)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings,
+                 data: CalibrationSet, report: ConversionReport,
+                 progress: ProgressFactory | None) -> None:
+    """Keep the most harmful units float until the gate passes; write that model."""
+    assert report.gate is not None
+    repaired, target = meet_target(pt, settings.model_file, data, gate, report.gate, progress)
+    report.target = target
+    if repaired is None:
+        return
+    sample = next(iter(data))
+    target.size_before = report.size_after
+    target.cpu = detect().why.removeprefix("detected: ")
+    target.latency_ms = {
+        "float": latency_ms(settings.model_file, sample, gate.threads),
+        "quantized": latency_ms(settings.output_file, sample, gate.threads),
+        "written": latency_ms(repaired, sample, gate.threads)}
+    report.size_after = modelio.files_size(modelio.save_model(repaired, settings.output_file))
+    target.size_after = report.size_after
+    report.gate = accuracy_gate(data, settings, gate)
 
 
 def open_data(model: ir.Model, model_file: Path, source: DataSource) -> CalibrationSet:

@@ -27,6 +27,15 @@ class Migration:
     left_alone: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One candidate scored on held-out calibration samples."""
+
+    what: str  # the setting tried ("range method KL", "bias correction on", ...)
+    choice: str  # the whole choice scored
+    error: float  # the model outputs' noise-to-signal ratio against the float model
+
+
 @dataclass
 class PostTrainingSummary:
     method: str
@@ -47,6 +56,11 @@ class PostTrainingSummary:
     bias_corrections: list[Correction] | None = None  # None: not asked for
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
+    chosen: str = ""  # the method and the techniques the model was built with
+    measured: list[Measured] = field(default_factory=list)  # in the order they were tried
+    held_out: int = 0  # calibration samples the candidates were scored on
+    cross_validated: bool = False  # each scored with ranges from the other folds
+    open_choices: list[str] = field(default_factory=list)  # what the settings left open
 
 
 @dataclass
@@ -60,6 +74,32 @@ class GateReport:
     @property
     def mean_bias_percent(self) -> float:
         return model_mean_bias_percent(self.comparisons)
+
+
+@dataclass(frozen=True)
+class TargetAttempt:
+    float_units: int  # how many of the most harmful units were kept float
+    passed: bool
+    mean_bias_percent: float
+    min_cosine: float
+
+
+@dataclass
+class TargetReport:
+    """How the accuracy target was met, or why not: what the quantized model missed, what
+    was tried, the units left float and what that costs."""
+
+    missed: list[str]
+    attempts: list[TargetAttempt]
+    float_units: list[str]  # empty: not met
+    size_before: int = 0  # bytes of the fully quantized model
+    size_after: int = 0
+    latency_ms: dict[str, float] = field(default_factory=dict)  # float, quantized, written
+    cpu: str = ""
+
+    @property
+    def met(self) -> bool:
+        return bool(self.float_units)
 
 
 @dataclass
@@ -76,6 +116,7 @@ class ConversionReport:
     weights: list[WeightRecord] = field(default_factory=list)  # WeightQuant
     post_training: PostTrainingSummary | None = None
     gate: GateReport | None = None
+    target: TargetReport | None = None  # the gate failed and units were kept float
 
     @property
     def gate_failures(self) -> list[str]:
@@ -105,6 +146,8 @@ class ConversionReport:
             ]
         if self.post_training is not None:
             lines += post_training_lines(self.post_training)
+        if self.target is not None:
+            lines += target_lines(self.target)
         if self.gate is not None:
             lines += gate_lines(self.gate)
         for w in self.skipped[:max_skipped]:
@@ -130,6 +173,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     lines = [
         f"  target: {s.target.describe()}{given}",
         f"  calibration: {s.method} on {s.samples} samples",
+        *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
         *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
@@ -161,6 +205,20 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     return lines
 
 
+def _measured_lines(s: PostTrainingSummary) -> list[str]:
+    if not s.measured:
+        if s.open_choices:
+            return [f"  chosen without measuring (too few samples to hold any out): "
+                    f"{s.chosen}"]
+        return []
+    how = ("every sample scored once, with ranges from the other folds" if s.cross_validated
+           else "ranges from the other samples")
+    lines = [f"  chosen by measurement: {s.chosen} (output error against float on "
+             f"{s.held_out} held-out samples; {how}):"]
+    lines += [f"    {m.what}: {m.error:.3g}" for m in s.measured]
+    return lines
+
+
 def _left_alone(m: Migration, shown: int = 3) -> list[str]:
     """One line for the candidates a migration left alone for a reason other than its own
     measurement, the commonest reasons first."""
@@ -173,6 +231,25 @@ def _left_alone(m: Migration, shown: int = 3) -> list[str]:
     count = sum(reasons.values())
     return [f"  {m.technique} left alone: {count} candidate{'s' if count > 1 else ''} "
             f"({listed}{more})"]
+
+
+def target_lines(t: TargetReport) -> list[str]:
+    lines = [f"  accuracy target: the quantized model missed it ({'; '.join(t.missed)})"]
+    tried = ", ".join(f"{a.float_units} float: {'pass' if a.passed else 'fail'} "
+                      f"(mean bias {a.mean_bias_percent:.3g}%, min cosine {a.min_cosine:.6f})"
+                      for a in t.attempts)
+    lines.append(f"    tried, most harmful units first: {tried}")
+    if not t.met:
+        lines.append("    not met even with every unit float: the quantized model was written")
+        return lines
+    shown = ", ".join(t.float_units[:10]) + (f" and {len(t.float_units) - 10} more"
+                                               if len(t.float_units) > 10 else "")
+    lines.append(f"    met with {len(t.float_units)} unit{'s' if len(t.float_units) > 1 else ''}"
+                 f" float: {shown}")
+    lines.append(f"    cost: size {_mb(t.size_before)} -> {_mb(t.size_after)}; latency "
+                 + ", ".join(f"{k} {v:.3g} ms" for k, v in t.latency_ms.items())
+                 + f" ({t.cpu})")
+    return lines
 
 
 def gate_lines(gate: GateReport) -> list[str]:

@@ -30,7 +30,8 @@ DEFAULT_BIT_NUM = 8
 DEFAULT_QUANT_WEIGHT_SIZE = 0
 DEFAULT_QUANT_WEIGHT_CHANNEL = 16
 DEFAULT_CALIBRATE_SIZE = 100
-DEFAULT_METHOD = "MAX_MIN"
+# With no method in the config, ptqconv measures which suits the model (post_training).
+AUTO = "AUTO"
 DEFAULT_THREADS = 1
 # Everything, when eval_size is not given.
 ALL_SAMPLES = 2**31
@@ -60,16 +61,17 @@ class WeightQuantSettings:
 class PostTrainingSettings:
     bit_num: int  # weights
     activation_bits: int
-    method: str  # activation range method, one of calibrate.observers.OBSERVERS
+    method: str  # activation range method, one of calibrate.observers.OBSERVERS, or AUTO
     calibration: DataSource
     # The CPU the model will run on; reduce_range follows it unless the config sets it.
     target: Target
-    bias_correction: bool = False
+    # None: measured on the calibration data (post_training); a value forces it.
+    bias_correction: bool | None = None
     per_channel: bool = True
     # 7-bit weights for the GEMM kernels: U8S8 int16 saturation on x86 without VNNI.
     reduce_range: bool = True
-    smooth_quant: bool = True
-    equalize: bool = True
+    smooth_quant: bool | None = None
+    equalize: bool | None = None
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -176,15 +178,15 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
     return PostTrainingSettings(
         bit_num=bits,
         activation_bits=pick.config("activation_bit_num") or bits,
-        method=pick.config("activation_quant_method") or DEFAULT_METHOD,
+        method=pick.config("activation_quant_method") or AUTO,
         calibration=DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
                                shapes),
-        bias_correction=pick.switch("bias_correction", False),
+        bias_correction=pick.config("bias_correction"),
         per_channel=pick.switch("per_channel", True),
         target=device,
         reduce_range=pick.switch("reduce_range", device.saturates),
-        smooth_quant=pick.switch("smooth_quant", True),
-        equalize=pick.switch("equalize", True),
+        smooth_quant=pick.config("smooth_quant"),
+        equalize=pick.config("equalize"),
         threads=threads,
         skip=skip,
         debug_dir=debug,

@@ -281,7 +281,7 @@ ERRORS = [
         "[common_quant_param]\nquant_type=FULL_QUANT\n\n[full_quant_param]\nbias_correction=true\n"
         "# the method\nactivation_quant_method=KLD\n",
         "calib.cfg:7: [full_quant_param] activation_quant_method: 'KLD' is not supported; "
-        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE",
+        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE, AUTO",
         id="ini-bad-choice",
     ),
     pytest.param(
@@ -477,7 +477,7 @@ ERRORS = [
         "calib.cfg",
         "method_x=minmax\n",
         "calib.cfg:1: method_x: 'minmax' is not supported; "
-        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE",
+        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE, AUTO",
         id="flat-bad-method",
     ),
     pytest.param(
@@ -645,7 +645,7 @@ def test_messages_stay_on_one_line_whatever_the_value(here):
     _put("c.yaml", 'full_quant_param:\n  activation_quant_method: "K\\nL\\u2028X"\n')
     assert failure("c.yaml") == (
         "c.yaml:2: [full_quant_param] activation_quant_method: 'K\\nL\\u2028X' is not supported; "
-        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE"
+        "allowed: MAX_MIN, KL, REMOVAL_OUTLIER, MSE, AUTO"
     )
     _put("c.yaml", 'full_quant_param:\n  "bad key\\n": 1\n')
     assert failure("c.yaml") == (

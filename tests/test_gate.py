@@ -10,6 +10,7 @@ import sys
 import pytest
 from models import DIGITS
 
+import ptqconv
 from ptqconv.cli import main
 
 MODEL = str(DIGITS / "model.onnx")
@@ -25,14 +26,15 @@ def config(tmp_path, eval_dir=DIGITS / "eval" / "input") -> str:
 
 
 @pytest.mark.parametrize(
-    ("flags", "status"),
+    ("flags", "repaired"),
     [
-        (["--accuracyThreshold=50", "--cosineDistanceThreshold=0.999"], 0),
-        (["--accuracyThreshold=0.01"], 1),
-        (["--accuracyThreshold=50", "--cosineDistanceThreshold=0.9999999"], 1),
+        (["--accuracyThreshold=50", "--cosineDistanceThreshold=0.999"], False),
+        (["--accuracyThreshold=0.01"], True),
+        (["--accuracyThreshold=50", "--cosineDistanceThreshold=0.9999999"], True),
     ],
 )
-def test_gate_passes_and_fails_with_the_right_status(tmp_path, capsys, flags, status):
+def test_a_missed_target_keeps_the_most_harmful_units_float(tmp_path, capsys, flags,
+                                                            repaired):
     out = tmp_path / "q.onnx"
     assert (
         main(
@@ -44,15 +46,59 @@ def test_gate_passes_and_fails_with_the_right_status(tmp_path, capsys, flags, st
                 *flags,
             ]
         )
-        == status
+        == 0
     )
     captured = capsys.readouterr()
     assert "accuracy gate on 50 eval samples" in captured.out
     assert "logits: mean bias" in captured.out and "top-1" in captured.out
-    assert out.exists()  # the model is complete either way; CI keeps it as an artifact
-    if status:
-        (line,) = captured.err.strip().splitlines()
-        assert line.startswith("ptqconv: error: accuracy gate failed: ")
+    assert ("accuracy target: the quantized model missed it" in captured.out) == repaired
+    if repaired:
+        # The written model passes; the units kept float are named, with what they cost.
+        assert "float: pass" in captured.out and "met with " in captured.out
+        assert "cost: size" in captured.out and captured.err == ""
+        keys = {"--accuracyThreshold": "accuracy_threshold",
+                "--cosineDistanceThreshold": "cosine_threshold"}
+        report = ptqconv.convert(MODEL, tmp_path / "again.onnx", "PostTraining",
+                                 config_file=config(tmp_path),
+                                 **{keys[f.split("=")[0]]: f.split("=")[1] for f in flags})
+        target = report.target
+        assert target.met and report.passed and report.gate.failures == []
+        assert 0 < len(target.float_units) <= report.post_training.units
+        # The fewest units that pass: one fewer failed.
+        counts = {a.float_units: a.passed for a in target.attempts}
+        assert counts[len(target.float_units)] and not counts.get(
+            len(target.float_units) - 1, False)
+
+
+def test_a_target_nothing_can_meet_exits_1(tmp_path, capsys):
+    # Log of negative eval inputs is NaN in the float model too: keeping every unit float
+    # cannot help, so the quantized model is written and the run fails.
+    import numpy as np
+    from models import save, write_samples
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Log", ["c"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [numpy_helper.from_array(w, "w")])
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                 tmp_path / "log.onnx")
+    rng = np.random.default_rng(1)
+    data = write_samples(tmp_path / "x", [rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+                                          for _ in range(8)])
+    ini = tmp_path / "c.ini"
+    ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                   f"[evaluate_param]\neval_path=x:{data}\n")
+    out = tmp_path / "q.onnx"
+    status = main([f"--modelFile={model}", f"--outputFile={out}", "--quantType=PostTraining",
+                   f"--configFile={ini}", "--accuracyThreshold=50"])
+    captured = capsys.readouterr()
+    assert status == 1 and out.exists()
+    assert "not met even with every unit float" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("ptqconv: error: accuracy gate failed: ") and "NaN/Inf" in line
 
 
 def test_gate_needs_eval_data_and_checks_it_before_converting(tmp_path, capsys):

@@ -16,6 +16,7 @@ LAYERS = [
     ["evaluate", "debug"],
     ["report", "settings"],
     ["post_training", "weight_only"],
+    ["accuracy_target"],
     ["conversion"],
     ["__init__", "cli"],
 ]

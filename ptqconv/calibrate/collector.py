@@ -25,8 +25,9 @@ def collect(
 ) -> Statistics:
     """One accumulator per distinct point, fed every sample run through `model`.
 
-    Tensors that turn out not to be float32 (planning cannot always know the types of
-    intermediate values) get no accumulators; `Statistics.not_float` lists them.
+    Tensors whose values no accumulator takes (range statistics take float32 only; planning
+    cannot always know the types of intermediate values) get none; `Statistics.not_float`
+    lists them.
     """
     accumulators: dict[StatisticPoint, Accumulator] = {
         point: point.statistic.create() for point in unique_points(points)}
@@ -38,12 +39,17 @@ def collect(
     fed = [name for name in by_tensor if name in inputs]
     skipped: set[str] = set()
 
+    refused: set[int] = set()  # ids of accumulators given values they do not take
+
     def update(name: str, array: np.ndarray) -> None:
-        if array.dtype != np.float32:
-            skipped.add(name)
-        elif name not in skipped:
-            for accumulator in by_tensor[name]:
+        for accumulator in by_tensor[name]:
+            if id(accumulator) in refused:
+                continue
+            if accumulator.accepts(array.dtype):
                 accumulator.update(array)
+            else:
+                refused.add(id(accumulator))
+                skipped.add(name)
 
     def consume(outputs: dict[str, np.ndarray]) -> None:
         for name, array in outputs.items():
@@ -62,5 +68,5 @@ def collect(
     else:
         with runtime.probe(model, fetched, threads, label="calibration") as session:
             runtime.stream(session, with_inputs(samples), fetched, consume, progress)
-    kept = {point: acc for point, acc in accumulators.items() if point.tensor not in skipped}
+    kept = {point: acc for point, acc in accumulators.items() if id(acc) not in refused}
     return Statistics(kept, frozenset(skipped))

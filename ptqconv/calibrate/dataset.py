@@ -214,6 +214,12 @@ class CalibrationSet:
         return cls(inputs, resolved, {s.name: [p] for s, p in zip(inputs, files, strict=True)},
                    what)
 
+    def subset(self, indices: Sequence[int]) -> CalibrationSet:
+        """The samples at `indices`, in that order (read lazily like every sample)."""
+        return CalibrationSet(self.inputs, self.shapes,
+                              {name: [files[i] for i in indices]
+                               for name, files in self.files.items()}, self._what)
+
     def __len__(self) -> int:
         """The number of samples used."""
         return self._count

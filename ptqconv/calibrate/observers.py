@@ -78,15 +78,19 @@ class HistogramObserver(Observer):
     """
 
     FINE_BINS = 16384
+    method = "KL"  # what compute_range uses; range_for serves MAX_MIN, KL and MSE alike
 
     def __init__(self) -> None:
         super().__init__()
         self.hist = np.zeros(self.FINE_BINS, np.int64)
         self.exponent: int | None = None  # bin width = 2 ** exponent
+        # (method, bits) -> (range, kl_refused): several candidates ask for the same range.
+        self._ranges: dict[tuple[str, int], tuple[Range, bool]] = {}
 
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
+        self._ranges.clear()
         lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         absmax = max(-lo, hi)
@@ -121,6 +125,7 @@ class HistogramObserver(Observer):
 
     def merge(self, other: Observer) -> None:
         assert isinstance(other, HistogramObserver)
+        self._ranges.clear()
         super().merge(other)
         if other.exponent is None:
             return
@@ -147,10 +152,20 @@ class HistogramObserver(Observer):
         return np.diff(at), absmax
 
     def compute_range(self, bits: int = 8) -> Range:
-        if self.exponent is None or max(-self.min, self.max) <= 0.0:
+        return self.range_for(self.method, bits)
+
+    def range_for(self, method: str, bits: int = 8) -> Range:
+        """The range `method` (MAX_MIN, KL or MSE) picks from this one histogram."""
+        if method == "MAX_MIN" or self.exponent is None or max(-self.min, self.max) <= 0.0:
             return self._empty_range() or Range(self.min, self.max)
-        hist, absmax = self.histogram()
-        return self._clip_to(self._threshold(hist, absmax, bits))
+        if (method, bits) not in self._ranges:
+            hist, absmax = self.histogram()
+            self.kl_refused = False
+            threshold = (self._kl_threshold(hist, absmax, bits) if method == "KL"
+                         else self._mse_threshold(hist, absmax, bits))
+            self._ranges[method, bits] = (self._clip_to(threshold), self.kl_refused)
+        found, self.kl_refused = self._ranges[method, bits]
+        return found
 
     def _clip_to(self, threshold: float) -> Range:
         """[-T, T] (or [0, T] for tensors never negative), within the observed range."""
@@ -158,7 +173,7 @@ class HistogramObserver(Observer):
             return Range(0.0, min(threshold, self.max))
         return Range(max(-threshold, self.min), min(threshold, self.max))
 
-    def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
+    def _kl_threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
         unsigned = self.min >= 0
         # docs/reference.md §2: MindSpore merges into 128 bins per side whatever bit_num is (fewer
         # target bins make the search collapse onto its first candidates). Unsigned tensors
@@ -168,6 +183,11 @@ class HistogramObserver(Observer):
         threshold = (threshold_bin + 0.5) * absmax / KL_BINS
         self.kl_refused = self._destroys_tensor(hist, absmax, bits, threshold)
         return absmax if self.kl_refused else threshold
+
+    def _mse_threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
+        thresholds = np.arange(1, KL_BINS + 1) * (absmax / KL_BINS)
+        error = predicted_error(hist, absmax, thresholds, self.min < 0, bits)
+        return float(thresholds[int(np.argmin(error))])
 
     def _destroys_tensor(self, hist: np.ndarray, absmax: float, bits: int,
                          threshold: float) -> bool:
@@ -204,13 +224,17 @@ def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
     last = h[i - 1] + tail
     sum_p_log_p = cs_hlogh[i - 1] + last * np.log(last)
 
-    m = (i // quant_bins)[:, None]
-    g = np.arange(quant_bins)[None, :]
-    starts = g * m
-    ends = np.where(g == quant_bins - 1, i[:, None], (g + 1) * m)
-    group_sum = cs[ends] - cs[starts]
-    log_q = np.log(group_sum / (ends - starts))
-    sum_p_log_q = (group_sum * log_q).sum(1) + tail * log_q[:, -1]
+    # Groups of m = i // quant_bins bins; all but the last depend on m alone, which takes few
+    # values, so their terms are summed once per m rather than once per candidate.
+    m = i // quant_bins
+    widths = np.unique(m)
+    edges = np.arange(quant_bins)[None, :] * widths[:, None]  # [width, group start]
+    full = cs[edges[:, 1:]] - cs[edges[:, :-1]]
+    full_terms = (full * np.log(full / widths[:, None])).sum(1)
+    first_of_last = (quant_bins - 1) * m
+    last_sum = cs[i] - cs[first_of_last]
+    log_last = np.log(last_sum / (i - first_of_last))
+    sum_p_log_q = (full_terms[np.searchsorted(widths, m)] + (last_sum + tail) * log_last)
 
     kl = (sum_p_log_p - sum_p_log_q) / total + np.log(cs[i] / total)
     return int(i[np.argmin(kl)])
@@ -225,10 +249,7 @@ class MSEObserver(HistogramObserver):
     a rare but large outlier is kept when clipping it hurts.
     """
 
-    def _threshold(self, hist: np.ndarray, absmax: float, bits: int) -> float:
-        thresholds = np.arange(1, KL_BINS + 1) * (absmax / KL_BINS)
-        error = predicted_error(hist, absmax, thresholds, self.min < 0, bits)
-        return float(thresholds[int(np.argmin(error))])
+    method = "MSE"
 
 
 def _bin_centres(absmax: float) -> np.ndarray:

@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ptqconv.calibrate.observers import OBSERVERS, MinMaxObserver, Observer
-from ptqconv.calibrate.statistics import Statistic, StatisticPoint, Statistics
+from ptqconv.calibrate.observers import (
+    OBSERVERS,
+    HistogramObserver,
+    MinMaxObserver,
+    Observer,
+)
+from ptqconv.calibrate.statistics import Statistic, StatisticPoint, Statistics, folded
 from ptqconv.qparams import Range
 
 # Activations beyond this magnitude are mask sentinels (e.g. -3.4e38), left in float.
 SENTINEL_RANGE = 1e15
+
+
+# MAX_MIN, KL and MSE read one histogram when several methods are candidates.
+HISTOGRAM_METHODS = ("MAX_MIN", "KL", "MSE")
 
 
 @dataclass(frozen=True)
@@ -18,17 +27,35 @@ class RangeMethod:
     """The range statistic of each tensor: `method`'s observer, except for model inputs,
     which keep their observed min/max (clipping an input throws information away before the
     first layer, and inputs are often discrete, pixels or tokens, which misleads histogram
-    methods)."""
+    methods). With `shared`, MAX_MIN, KL and MSE read one histogram per tensor, so the
+    collection that serves one of them serves all three."""
 
     method: str
     model_inputs: frozenset[str]
+    shared: bool = False
 
     def statistic(self, tensor: str) -> Statistic:
-        kind = MinMaxObserver if tensor in self.model_inputs else OBSERVERS[self.method]
-        return Statistic(kind)
+        if tensor in self.model_inputs:
+            return Statistic(MinMaxObserver)
+        if self.shared and self.method in HISTOGRAM_METHODS:
+            return Statistic(HistogramObserver)
+        return Statistic(OBSERVERS[self.method])
 
     def points(self, tensors: Iterable[str]) -> list[StatisticPoint]:
         return [StatisticPoint(t, self.statistic(t)) for t in tensors]
+
+    def range(self, observer: Observer, bits: int) -> Range:
+        if isinstance(observer, HistogramObserver) and self.method in HISTOGRAM_METHODS:
+            return observer.range_for(self.method, bits)
+        return observer.compute_range(bits)
+
+
+def candidate_points(methods: Iterable[str], model_inputs: frozenset[str],
+                     tensors: Iterable[str], folds: int) -> list[StatisticPoint]:
+    """Statistics over `folds` folds (see `statistics.Folds`) serving every one of
+    `methods`."""
+    return [folded(point, folds) for method in methods
+            for point in RangeMethod(method, model_inputs, shared=True).points(tensors)]
 
 
 @dataclass
@@ -50,7 +77,7 @@ def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iter
         found = statistics.get(tensor, method.statistic(tensor))
         if found is not None:
             observers[tensor] = found
-    ranges = {name: obs.compute_range(bits) for name, obs in observers.items()}
+    ranges = {name: method.range(obs, bits) for name, obs in observers.items()}
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
     # sentinels is not a signal, and quantizing it would erase everything else it carries.
     # Tensors that turned out not to be float32 stay unquantized as well.
@@ -61,5 +88,6 @@ def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iter
         ranges={n: r for n, r in ranges.items() if n not in float_tensors},
         float_tensors=float_tensors,
         sentinels=sentinels,
-        kl_refused=sum(obs.kl_refused for obs in observers.values()),
+        kl_refused=sum(obs.kl_refused for obs in observers.values())
+        if method.method == "KL" else 0,
     )

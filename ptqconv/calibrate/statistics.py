@@ -9,6 +9,7 @@ asking for the same figure cost nothing extra. An accumulator has `update(array)
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,6 +20,10 @@ import numpy as np
 
 class Accumulator(ABC):
     """A running summary of one tensor's values."""
+
+    def accepts(self, dtype: np.dtype) -> bool:
+        """Whether values of `dtype` are for this accumulator (ranges: float32 only)."""
+        return dtype == np.float32
 
     @abstractmethod
     def update(self, x: np.ndarray) -> None:
@@ -63,6 +68,18 @@ class Statistics:
     @property
     def tensors(self) -> list[str]:
         return list(dict.fromkeys(p.tensor for p in self._accumulators))
+
+    def view(self, without: int | None = None) -> Statistics:
+        """These statistics with every `Folds` accumulator merged over its folds, all of them
+        or all but fold `without`, under the statistic it folds."""
+        found: dict[StatisticPoint, Accumulator] = {}
+        for point, accumulator in self._accumulators.items():
+            if isinstance(accumulator, Folds):
+                found[StatisticPoint(point.tensor, point.statistic.args[0])] = (
+                    accumulator.without(without))
+            else:
+                found[point] = accumulator
+        return Statistics(found, self.not_float)
 
 
 def unique_points(points: Iterable[StatisticPoint]) -> list[StatisticPoint]:
@@ -123,3 +140,56 @@ class ChannelMoments(Accumulator):
             return None
         return ChannelStatistics(self.channel_min, self.channel_max,
                                  self.channel_sumsq / max(self.rows, 1))
+
+
+class Folds(Accumulator):
+    """One statistic accumulated `k` times over disjoint folds of the samples (sample i in
+    fold i % k), so that what some folds decide can be checked on a fold that did not set
+    it. Each update is one sample, in order."""
+
+    def __init__(self, inner: Statistic, k: int) -> None:
+        self.parts = [inner.create() for _ in range(k)]
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        self.parts[self.count % len(self.parts)].update(x)
+        self.count += 1
+
+    def merge(self, other: Folds) -> None:
+        for mine, theirs in zip(self.parts, other.parts, strict=True):
+            mine.merge(theirs)
+
+    def without(self, fold: int | None) -> Accumulator:
+        """All folds merged but `fold` (None: all of them), as a new accumulator."""
+        kept = [p for i, p in enumerate(self.parts) if i != fold]
+        merged = copy.deepcopy(kept[0])
+        for part in kept[1:]:
+            merged.merge(part)
+        return merged
+
+
+def folded(point: StatisticPoint, k: int) -> StatisticPoint:
+    """`point` accumulated over `k` folds (see `Folds`)."""
+    return StatisticPoint(point.tensor, Statistic(Folds, (point.statistic, k)))
+
+
+class FoldValues(Accumulator):
+    """The values themselves of the samples in `folds` (sample i is in fold i % k), at most
+    `cap` per fold, by sample index: the reference that choices are checked against."""
+
+    def accepts(self, dtype: np.dtype) -> bool:
+        return np.issubdtype(dtype, np.floating)
+
+    def __init__(self, k: int, folds: tuple[int, ...], cap: int) -> None:
+        self.k, self.folds, self.cap = k, folds, cap
+        self.values: dict[int, np.ndarray] = {}
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        fold = self.count % self.k
+        if fold in self.folds and self.count // self.k < self.cap:
+            self.values[self.count] = np.array(x)
+        self.count += 1
+
+    def merge(self, other: FoldValues) -> None:
+        self.values.update(other.values)

@@ -42,6 +42,7 @@ class UnitSensitivity:
     node: str  # the unit's name (or op type and position)
     op_type: str
     output_sqnr_db: float  # of the model outputs with only this unit quantized
+    key: str = ""  # graph.naming.node_key of the unit
 
 
 def rank_units(
@@ -77,7 +78,7 @@ def rank_units(
                     for o, r in zip(outputs, reference, strict=True))
         sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
         name = unit.name or f"{unit.op_type}#{position[unit]}"
-        results.append(UnitSensitivity(name, unit.op_type, sqnr))
+        results.append(UnitSensitivity(name, unit.op_type, sqnr, node_key(unit)))
         if progress:
             progress(1)
     return sorted(results, key=lambda r: r.output_sqnr_db)

@@ -1,24 +1,32 @@
 """Bias correction (MindSpore's method, docs/reference.md §2) for Conv and Gemm.
 
-The quantized layer computes op(x̂, Ŵ) + b where the float layer computes op(x̂, W) + b on the
-same quantized input x̂. Their per-channel mean difference is the mean of op(x̂, W - Ŵ), which a
-twin node measures in one calibration pass over the QDQ model; the shift is added to the float
-bias (created where there is none) before the model is quantized again.
+The quantized layer computes op(x, Ŵ) + b where the float layer computes op(x, W) + b; their
+per-channel mean difference over the calibration set is E[op(x, W - Ŵ)] = op(E[x], W - Ŵ),
+since the op is linear in x. So the shift needs only the mean of each layer's input, which
+the one streaming collection gathers (`statistic_points`), and no pass of its own: for a Conv
+it is the weight error applied to the mean input map and averaged over output positions
+(padding and strides included), for a Gemm the weight error applied to the mean input row.
+MindSpore measures op(x̂, W - Ŵ) on the quantized input x̂; the two differ by
+op(E[x̂ - x], W - Ŵ), a product of two rounding errors. The shift is added to the float bias
+(created where there is none) before the model is quantized again.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from ptqconv import runtime
+from ptqconv.calibrate.observers import MinMaxObserver
+from ptqconv.calibrate.statistics import Accumulator, Statistic, StatisticPoint, Statistics
 from ptqconv.graph.initializers import add_initializer, set_constant
 from ptqconv.graph.naming import NameAllocator, node_key
-from ptqconv.passes.qdq import WeightError
+from ptqconv.passes.calibrated import Divided
+from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
 
 logger = logging.getLogger(__name__)
 # A mean shift wider than this times the layer's output range over the calibration set is a
@@ -26,8 +34,52 @@ logger = logging.getLogger(__name__)
 MAX_SHIFT_RATIO = 1.0
 
 
+class InputMean(Accumulator):
+    """The element-wise mean of a tensor over the samples (and its leading axis)."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.count = 0
+        self.varying = False  # the shape changed between samples: no single mean
+
+    def update(self, x: np.ndarray) -> None:
+        if x.ndim == 0 or self.varying:
+            return
+        part = x.sum(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
+        if self.total is None:
+            self.total = part
+        elif self.total.shape != part.shape:
+            self.varying = True
+            return
+        else:
+            self.total += part
+        self.count += x.shape[0]
+
+    def merge(self, other: InputMean) -> None:
+        if other.total is None:
+            return
+        if self.total is None:
+            self.total, self.count = other.total.copy(), other.count
+            self.varying = other.varying
+        elif self.total.shape != other.total.shape:
+            self.varying = True
+        else:
+            self.total = self.total + other.total
+            self.count += other.count
+            self.varying |= other.varying
+
+    def mean(self) -> np.ndarray | None:
+        if self.total is None or self.varying or not self.count:
+            return None
+        return self.total.astype(np.float64) / self.count
+
+
+MEAN = Statistic(InputMean)
+OUTPUT_RANGE = Statistic(MinMaxObserver)
+
+
 @dataclass(frozen=True)
-class MeasuredShift:
+class Shift:
     """E[float_out - quant_out] per output channel of one layer, and the width of the layer's
     output range over the calibration set (for the guard)."""
 
@@ -46,62 +98,122 @@ class Correction:
     reason: str = ""
 
 
-def measure_shifts(
-    model: ir.Model,
-    weight_errors: Mapping[str, WeightError],
-    samples: Iterable[Mapping[str, np.ndarray]],
-    threads: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, MeasuredShift]:
-    """The shift of each layer of `weight_errors` (by node key), measured on the QDQ `model`
-    by twin nodes op(x̂, W - Ŵ), which are added for the measurement and removed after."""
-    graph = model.graph
-    names = NameAllocator(graph)
-    added: list[tuple[ir.Node, ir.Value]] = []
-    twins: dict[str, tuple[str, int]] = {}  # twin output -> (node key, channel axis)
-    layer_outputs: dict[str, str] = {}  # the layer's own output -> node key
-    for key, (node, error) in ((k, (e.node, e.error)) for k, e in weight_errors.items()):
-        delta = add_initializer(graph, names.new(f"{node.name or node.op_type}_weight_error"),
-                                error)
-        attributes = {k: v for k, v in node.attributes.items() if k != "beta"}
-        twin = ir.Node(node.domain, node.op_type, [node.inputs[0], delta],
-                       attributes=list(attributes.values()), name=names.new(f"{node.name}_twin"))
-        twin.outputs[0].name = names.new(f"{node.name or node.op_type}_quant_error")
-        graph.insert_after(node, twin)
-        added.append((twin, delta))
-        twins[twin.outputs[0].name] = (key, 1 if node.op_type == "Conv" else -1)
-        layer_outputs[node.outputs[0].name] = key
-    sums: dict[str, np.ndarray] = {}
-    counts = dict.fromkeys(weight_errors, 0)
-    low = dict.fromkeys(weight_errors, np.inf)
-    high = dict.fromkeys(weight_errors, -np.inf)
-
-    def consume(result: dict[str, np.ndarray]) -> None:
-        for name, array in result.items():
-            if name in layer_outputs:
-                key = layer_outputs[name]
-                low[key] = min(low[key], float(array.min()))
-                high[key] = max(high[key], float(array.max()))
-                continue
-            key, axis = twins[name]
-            axis %= array.ndim
-            mean = array.mean(axis=tuple(i for i in range(array.ndim) if i != axis),
-                              dtype=np.float64)
-            sums[key] = sums.get(key, 0.0) + mean
-            counts[key] += 1
-
-    fetched = [*twins, *layer_outputs]
-    try:
-        with runtime.probe(model, fetched, threads, label="bias correction") as session:
-            runtime.stream(session, samples, fetched, consume, progress)
-    finally:
-        for twin, delta in added:
-            graph.remove(twin, safe=True)
-            graph.initializers.pop(delta.name)
-    return {k: MeasuredShift(sums[k] / counts[k], high[k] - low[k]) for k in sums if counts[k]}
+def _corrected(node: ir.Node) -> bool:
+    return (node.op_type in CORRECTED_OPS and len(node.inputs) > 1 and node.inputs[0] is not None
+            and node.inputs[1] is not None and node.inputs[1].const_value is not None)
 
 
-def apply_shifts(graph: ir.Graph, shifts: Mapping[str, MeasuredShift]) -> list[Correction]:
+def statistic_points(graph: ir.Graph) -> list[StatisticPoint]:
+    """What bias correction needs: the mean input and the output range of every layer it may
+    correct."""
+    points = []
+    for node in graph:
+        if _corrected(node):
+            points += [StatisticPoint(node.inputs[0].name, MEAN),
+                       StatisticPoint(node.outputs[0].name, OUTPUT_RANGE)]
+    return points
+
+
+def expected_shifts(weight_errors: Mapping[str, WeightError], statistics: Statistics,
+                    divided: Mapping[str, Divided]) -> dict[str, Shift]:
+    """The shift of each layer of `weight_errors` (by node key), from the mean of its input in
+    `statistics` (collected on the float model; `divided` says which tensors the migrated
+    model holds divided per channel). Layers without the statistics are left out."""
+    shifts = {}
+    for key, found in weight_errors.items():
+        node, error = found.node, found.error
+        mean_stat = statistics.get(found.input_name, MEAN)
+        out_stat = statistics.get(key, OUTPUT_RANGE)
+        mean = mean_stat.mean() if mean_stat is not None else None
+        if mean is None or out_stat is None or not out_stat.seen:
+            continue
+        if found.input_name in divided:
+            d = divided[found.input_name]
+            mean = mean / _along(d.factors, mean.ndim, d.axis)
+        width = out_stat.max - out_stat.min
+        if key in divided:  # the output is scaled too: bound its widest channel
+            width = width * float(np.max(1.0 / divided[key].factors))
+        shift = (_conv_shift(node, error, mean) if node.op_type == "Conv"
+                 else _gemm_shift(node, error, mean))
+        if shift is not None:
+            shifts[key] = Shift(shift, width)
+    return shifts
+
+
+def _along(factors: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return factors.reshape(shape)
+
+
+def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
+    attr = node.attributes.get(name)
+    return default if attr is None else list(attr.as_ints())
+
+
+def _conv_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """Per output channel: the weight error convolved with the mean input, averaged over the
+    output positions."""
+    spatial = mean.shape[2:]
+    kernel = error.shape[2:]
+    rank = len(kernel)
+    if len(spatial) != rank:
+        return None
+    strides = _ints(node, "strides", [1] * rank)
+    dilations = _ints(node, "dilations", [1] * rank)
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    begins, ends = _pads(node, spatial, kernel, strides, dilations)
+    padded = np.pad(mean[0], [(0, 0), *zip(begins, ends, strict=True)])
+    out = [(n + b + e - d * (k - 1) - 1) // s + 1 for n, b, e, d, k, s
+           in zip(spatial, begins, ends, dilations, kernel, strides, strict=True)]
+    if min(out) < 1:
+        return None
+    channels = mean.shape[1]
+    # window[c, *offset]: the mean over output positions of the input each kernel tap reads.
+    window = np.empty((channels, *kernel))
+    axes = tuple(range(1, rank + 1))
+    for offset in itertools.product(*(range(k) for k in kernel)):
+        taps = tuple(slice(o * d, o * d + (n - 1) * s + 1, s)
+                     for o, d, n, s in zip(offset, dilations, out, strides, strict=True))
+        window[(slice(None), *offset)] = padded[(slice(None), *taps)].mean(axis=axes)
+    outputs, per_group = error.shape[0], error.shape[1]
+    w = error.astype(np.float64).reshape(group, outputs // group, per_group, -1)
+    x = window.reshape(group, per_group, -1)
+    return np.einsum("gock,gck->go", w, x).reshape(outputs)
+
+
+def _pads(node: ir.Node, spatial: tuple[int, ...], kernel: tuple[int, ...],
+          strides: list[int], dilations: list[int]) -> tuple[list[int], list[int]]:
+    rank = len(kernel)
+    auto = node.attributes["auto_pad"].as_string() if "auto_pad" in node.attributes else "NOTSET"
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for n, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+            small = total // 2
+            begins.append(small if auto == "SAME_UPPER" else total - small)
+            ends.append(total - begins[-1])
+        return begins, ends
+    if auto == "VALID":
+        return [0] * rank, [0] * rank
+    pads = _ints(node, "pads", [0] * (2 * rank))
+    return pads[:rank], pads[rank:]
+
+
+def _gemm_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """Per output column: alpha x (the mean input row times the weight error)."""
+    attrs = node.attributes
+    if "transA" in attrs and attrs["transA"].as_int():
+        return None  # the mean over the leading axis would average columns, not rows
+    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
+    b = error.T if "transB" in attrs and attrs["transB"].as_int() else error
+    row = mean.reshape(-1)
+    if row.shape[0] != b.shape[0]:
+        return None
+    return alpha * (row @ b.astype(np.float64))
+
+
+def apply_shifts(graph: ir.Graph, shifts: Mapping[str, Shift]) -> list[Correction]:
     """Add each shift to the float bias of the node with that key in `graph` (a fresh float
     copy), creating a bias where there is none. Returns what was done per layer, including
     the layers the guard left alone."""

@@ -13,6 +13,7 @@ from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from ptqconv.calibrate.statistics import (
@@ -35,6 +36,26 @@ class MigrationResult(ir.passes.PassResult):
     ranges: dict[str, Range] = field(default_factory=dict)
     migrated: list[str] = field(default_factory=list)  # activations
     left_alone: dict[str, str] = field(default_factory=dict)  # activation -> reason
+    # Tensors the migrated model holds divided per channel: name -> Divided.
+    divided: dict[str, Divided] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Divided:
+    """A tensor of the migrated model is the float model's divided by `factors` along `axis`."""
+
+    factors: np.ndarray
+    axis: int
+
+
+@dataclass(frozen=True)
+class Migrated:
+    """What one migration did: the tensor now quantized in its group's place, its range, and
+    the tensors it divided."""
+
+    tensor: str
+    range: Range
+    divided: dict[str, Divided]
 
 
 class CalibratedPass(ir.passes.InPlacePass):
@@ -69,10 +90,8 @@ class MigrationPass(CalibratedPass):
         """The groups to migrate, and why each other candidate activation was passed over."""
 
     @abstractmethod
-    def migrate(self, model: ir.Model, group: Any,
-                stats: ChannelStatistics) -> tuple[str, Range] | None:
-        """Migrate `group`: the tensor quantized in its place and its new range, or None when
-        the migration is predicted to gain nothing."""
+    def migrate(self, model: ir.Model, group: Any, stats: ChannelStatistics) -> Migrated | None:
+        """Migrate `group`, or None when the migration is predicted to gain nothing."""
 
     def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
         return [StatisticPoint(g.activation, self.channels) for g in self.find(model.graph)[0]]
@@ -90,7 +109,8 @@ class MigrationPass(CalibratedPass):
             if made is None:
                 result.left_alone[group.activation] = "predicted to gain nothing"
                 continue
-            result.ranges[made[0]] = made[1]
+            result.ranges[made.tensor] = made.range
+            result.divided.update(made.divided)
             result.migrated.append(group.activation)
             result.modified = True
         for name, reason in result.left_alone.items():

@@ -22,7 +22,7 @@ from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Stat
 from ptqconv.graph.initializers import set_constant
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
-from ptqconv.passes.calibrated import MigrationPass
+from ptqconv.passes.calibrated import Divided, Migrated, MigrationPass
 from ptqconv.qparams import Range
 
 # Equalized channels get this much room above their observed maxima (docs/decisions.md,
@@ -148,12 +148,11 @@ class EqualizePass(MigrationPass):
         return search.groups, search.rejected
 
     def migrate(self, model: ir.Model, group: EqualizeGroup,
-                stats: ChannelStatistics) -> tuple[str, Range] | None:
-        new_range = self._equalize(group, stats.minimum, stats.maximum, stats.mean_square)
-        return None if new_range is None else (group.activation, new_range)
+                stats: ChannelStatistics) -> Migrated | None:
+        return self._equalize(group, stats.minimum, stats.maximum, stats.mean_square)
 
     def _equalize(self, group: EqualizeGroup, lo: np.ndarray, hi: np.ndarray,
-                  mean_square: np.ndarray) -> Range | None:
+                  mean_square: np.ndarray) -> Migrated | None:
         # Per-channel maxima from a calibration set are a loose estimate, and an equalized
         # channel is clipped by the per-tensor range at its own estimate: plan for HEADROOM x
         # the observed range (never past the tensor's).
@@ -170,7 +169,9 @@ class EqualizePass(MigrationPass):
         _scale_outputs(group.producer, 1.0 / s)
         for consumer in group.consumers:
             _scale_inputs(consumer, s)
-        return Range(float(np.min(lo / s)), float(np.max(hi / s)))
+        divided = Divided(s, 1)  # the producer's output and, after its Relu/Clip, the input
+        return Migrated(group.activation, Range(float(np.min(lo / s)), float(np.max(hi / s))),
+                        {group.producer.outputs[0].name: divided, group.activation: divided})
 
 
 def _scale_outputs(conv: ir.Node, factors: np.ndarray) -> None:

@@ -51,6 +51,7 @@ class WeightError:
 
     node: ir.Node
     error: np.ndarray
+    input_name: str  # the float activation the node reads (before Q/DQ)
 
 
 @dataclass
@@ -100,6 +101,8 @@ class QDQPass(ir.passes.InPlacePass):
         self.names = NameAllocator(graph)
         # Keys before any rename: a quantized graph output gives its name to the DQ output.
         self.keys = {node: node_key(node) for node in graph}
+        self.input_names = {node: node.inputs[0].name for node in graph
+                            if node.inputs and node.inputs[0] is not None}
         self.result = QDQResult(model, True, self.act_grid,
                                 qparams.fused_weight_grid(self.bits, self.reduce_range))
         self.roots: dict[str, ActivationParams] = {}
@@ -206,7 +209,8 @@ class QDQPass(ir.passes.InPlacePass):
             error = weights - qparams.dequantize(q, scale, zero_point, axis)
             for user, _ in value.uses():
                 if user.op_type in CORRECTED_OPS:
-                    self.result.weight_errors[self.keys[user]] = WeightError(user, error)
+                    self.result.weight_errors[self.keys[user]] = WeightError(
+                        user, error, self.input_names.get(user, ""))
         inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
                   add_initializer(self.graph, self.names.new(f"{name}_scale"), scale),
                   add_initializer(self.graph, self.names.new(f"{name}_zero_point"),

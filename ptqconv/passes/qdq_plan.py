@@ -122,12 +122,13 @@ def _constant_weight_index(node: ir.Node) -> int | None:
 
 
 class _Planner:
-    def __init__(self, graph: ir.Graph, skip: frozenset[str], float_tensors: frozenset[str]):
+    def __init__(self, graph: ir.Graph, skip: frozenset[str], float_tensors: frozenset[str],
+                 float_nodes: frozenset[ir.Node] = frozenset()):
         self.graph = graph
         self.float_tensors = float_tensors
         self.outputs = {v.name for v in graph.outputs}
         self.skipped = {n for n in graph if n.name in skip or n.op_type in skip
-                        or not is_onnx(n)}
+                        or not is_onnx(n) or n in float_nodes}
         self.units = {n for n in graph if n not in self.skipped and self._candidate(n)}
         self._prune_elementwise()
 
@@ -182,12 +183,15 @@ class _Planner:
 def plan_quantization(
     graph: ir.Graph, skip: frozenset[str] = frozenset(),
     float_tensors: frozenset[str] = frozenset(),
+    float_nodes: frozenset[ir.Node] = frozenset(),
 ) -> QuantPlan:
     """Decide the node units and quantized tensors of `graph` (top level; subgraphs stay float).
 
-    `float_tensors` must stay float (calibration found them unquantizable, e.g. masks).
+    `skip` names nodes (or op types) the user keeps float, `float_nodes` are nodes of `graph`
+    kept float by a decision of ptqconv's; `float_tensors` must stay float (calibration found
+    them unquantizable, e.g. masks).
     """
-    planner = _Planner(graph, skip, float_tensors)
+    planner = _Planner(graph, skip, float_tensors, float_nodes)
     plan = QuantPlan(skipped=planner.skipped)
     marked: dict[str, None] = {}  # ordered set of activation tensors to quantize
 
@@ -249,3 +253,19 @@ def plan_quantization(
 
     plan.observe = [name for name in marked if name not in plan.fixed]
     return plan
+
+
+def output_units(graph: ir.Graph) -> frozenset[ir.Node]:
+    """The elementwise nodes (cheap to keep float) that write a model output, directly or
+    through data-movement ops: quantizing there rounds what the user reads."""
+    found = set()
+    for output in graph.outputs:
+        value: ir.Value | None = output
+        while value is not None and (producer := value.producer()) is not None:
+            if producer.op_type in ELEMENTWISE_OPS:
+                found.add(producer)
+                break
+            if producer.op_type not in SHARE_OPS | FOLD_OPS or not producer.inputs:
+                break
+            value = producer.inputs[0]
+    return frozenset(found)

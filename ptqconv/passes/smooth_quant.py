@@ -22,7 +22,7 @@ from ptqconv.graph.initializers import add_initializer, set_constant
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
-from ptqconv.passes.calibrated import MigrationPass
+from ptqconv.passes.calibrated import Divided, Migrated, MigrationPass
 from ptqconv.qparams import Range
 
 # Per-channel statistics along the last axis (MatMul's K).
@@ -99,7 +99,7 @@ class SmoothQuantPass(MigrationPass):
         return search.groups, search.rejected
 
     def migrate(self, model: ir.Model, group: SmoothGroup,
-                stats: ChannelStatistics) -> tuple[str, Range] | None:
+                stats: ChannelStatistics) -> Migrated | None:
         graph = model.graph
         x = next((v for v in (*graph.inputs, *(o for n in graph for o in n.outputs))
                   if v.name == group.activation), None)
@@ -110,7 +110,7 @@ class SmoothQuantPass(MigrationPass):
 
     def _smooth(self, graph: ir.Graph, names: NameAllocator, x: ir.Value, group: SmoothGroup,
                 lo: np.ndarray, hi: np.ndarray, mean_square: np.ndarray,
-                ) -> tuple[str, Range] | None:
+                ) -> Migrated | None:
         weights = [m.inputs[1].const_value.numpy() for m in group.matmuls]
         if any(w.shape[0] != lo.shape[0] for w in weights):
             return None
@@ -129,4 +129,5 @@ class SmoothQuantPass(MigrationPass):
         for matmul, w in zip(group.matmuls, weights, strict=True):
             matmul.replace_input_with(0, out)
             set_constant(matmul.inputs[1], w * s[:, None])
-        return out.name, Range(float(np.min(lo / s)), float(np.max(hi / s)))
+        return Migrated(out.name, Range(float(np.min(lo / s)), float(np.max(hi / s))),
+                        {out.name: Divided(s, -1)})

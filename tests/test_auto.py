@@ -1,0 +1,132 @@
+"""Measured choices: what the config leaves open is decided on held-out calibration samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from models import DIGITS
+
+import ptqconv
+from ptqconv.calibrate.observers import HistogramObserver, RemovalOutlierObserver
+from ptqconv.calibrate.statistics import ChannelMoments, Folds, Statistic
+from ptqconv.post_training import CANDIDATE_METHODS, _fold_samples, _folds, _scored_folds
+
+MODEL = DIGITS / "model.onnx"
+CALIB = DIGITS / "calib" / "input"
+
+
+def config(tmp_path, body: str = "", size: int = 100) -> str:
+    path = tmp_path / "c.ini"
+    path.write_text(f"[data_preprocess_param]\ncalibrate_path=input:{CALIB}\n"
+                    f"calibrate_size={size}\ninput_shape=input:1,1,8,8\n{body}")
+    return str(path)
+
+
+def test_auto_measures_what_the_config_leaves_open_and_keeps_only_what_helps(tmp_path):
+    report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
+                             config_file=config(tmp_path))
+    s = report.post_training
+    assert s.open_choices == ["method", "bias_correction", "equalize", "smooth_quant"]
+    assert s.held_out == 25 and not s.cross_validated  # every 4th of 100
+    methods = [m for m in s.measured if m.what.startswith("range method")]
+    assert [m.what for m in methods] == [
+        f"range method {m}{bc}" for m in CANDIDATE_METHODS
+        for bc in ("", " + bias correction")]
+    best = min(methods, key=lambda m: m.error)
+    assert s.chosen.startswith(s.method) and best.what.split()[2] == s.method
+    assert ("bias correction" in s.chosen) == best.what.endswith("bias correction")
+    # Each technique is kept only when it lowered the error of the best choice so far.
+    error = best.error
+    for m in s.measured[len(methods):]:
+        kept = m.error < error
+        if kept:
+            error = m.error
+        technique = m.what.rsplit(" ", 1)[0]
+        if m.what.endswith(" on"):
+            assert (technique in s.chosen) == kept, m
+        elif m.what.endswith(" off"):
+            assert (technique in s.chosen) != kept, m
+    assert "chosen by measurement" in report.format()
+
+
+def test_explicit_keys_force_their_choice_and_are_not_measured(tmp_path):
+    body = ("[full_quant_param]\nactivation_quant_method=KL\nbias_correction=false\n"
+            "equalize=false\nsmooth_quant=true\n")
+    report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
+                             config_file=config(tmp_path, body))
+    s = report.post_training
+    assert (s.open_choices, s.measured, s.method) == ([], [], "KL")
+    # Only bias correction open: the method is forced, the switch measured.
+    body = "[full_quant_param]\nactivation_quant_method=MSE\nequalize=true\nsmooth_quant=true\n"
+    s = ptqconv.convert(MODEL, tmp_path / "q2.onnx", "PostTraining",
+                        config_file=config(tmp_path, body)).post_training
+    assert s.open_choices == ["bias_correction"] and s.method == "MSE"
+    assert [m.what for m in s.measured][:2] == ["range method MSE",
+                                                "range method MSE + bias correction"]
+
+
+def test_one_sample_leaves_nothing_to_hold_out(tmp_path):
+    report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
+                             config_file=config(tmp_path, size=1))
+    s = report.post_training
+    assert s.measured == [] and s.method == "MSE"
+    assert "chosen without measuring (too few samples to hold any out)" in report.format()
+
+
+def test_small_sets_are_cross_validated_large_ones_hold_out_a_capped_fold():
+    assert _folds(1) == 0
+    for samples in range(2, 400):
+        folds = _folds(samples)
+        scored = _scored_folds(samples, folds)
+        held = [i for f in scored for i in _fold_samples(samples, folds, f)]
+        if samples < 16:  # every sample scored once, with ranges from the other folds
+            assert sorted(held) == list(range(samples))
+        else:
+            assert 1 <= len(held) <= min(64, samples // 4 + 1)
+            assert all(i % folds == folds - 1 for i in held)
+
+
+def test_small_sets_say_they_were_cross_validated(tmp_path):
+    report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
+                             config_file=config(tmp_path, size=6))
+    s = report.post_training
+    assert s.cross_validated and s.held_out == 6
+    assert "every sample scored once, with ranges from the other folds" in report.format()
+
+
+def _same(a, b) -> None:
+    for key, value in b.__dict__.items():
+        got = a.__dict__[key]
+        if isinstance(value, np.ndarray):
+            assert np.allclose(got, value), key
+        elif isinstance(value, float):
+            assert got == pytest.approx(value), key
+        elif key != "_ranges":
+            assert got == value, key
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 5), st.integers(0, 2**31 - 1),
+       st.sampled_from([Statistic(HistogramObserver), Statistic(RemovalOutlierObserver),
+                        Statistic(ChannelMoments, (1,))]))
+def test_folds_merge_into_one_accumulator_of_the_samples_they_hold(samples, k, seed,
+                                                                    statistic):
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal((1, 3, 4, 4)).astype(np.float32) * rng.uniform(0.1, 10)
+              for _ in range(samples)]
+    folds = Folds(statistic, k)
+    whole = statistic.create()
+    for x in arrays:
+        folds.update(x)
+        whole.update(x)
+    _same(folds.without(None), whole)
+    for fold in range(k) if k > 1 else ():
+        rest = statistic.create()
+        for i, x in enumerate(arrays):
+            if i % k != fold:
+                rest.update(x)
+        if any(i % k != fold for i in range(samples)):
+            _same(folds.without(fold), rest)
+    assert folds.without(None) is not folds.parts[0]
