@@ -12,9 +12,10 @@ sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -61,11 +62,15 @@ CANDIDATE_METHODS = ("MAX_MIN", "KL", "MSE", "REMOVAL_OUTLIER")
 # samples leave nothing to measure on (docs/decisions.md, AUTO).
 FALLBACK_METHOD = "MSE"
 # The calibration samples are dealt into this many folds (fewer for fewer samples); with
-# less than CROSS_VALIDATE samples every fold is scored once with ranges from the others,
-# above it the last fold only, at most MAX_HELD_OUT of its samples.
+# less than CROSS_VALIDATE samples two folds are scored, each with ranges from the others
+# (one held-out slice picked badly on small sets: docs/decisions.md, AUTO), above it the
+# last fold only, at most MAX_HELD_OUT of its samples.
 FOLDS = 4
-CROSS_VALIDATE = 16
+CROSS_VALIDATE = 64
 MAX_HELD_OUT = 64
+# A technique worse than the best so far by this factor on the first fold is not scored on
+# the next.
+FLIP_MARGIN = 1.2
 
 
 @dataclass(frozen=True)
@@ -152,17 +157,18 @@ class PostTraining:
                 self.skip, levels, qparams.fused_weight_grid(s.bit_num, s.reduce_range).qmax))
         return found
 
-    def qdq_pass(self, plan: QuantPlan, ranges: dict[str, Range], **keep: bool) -> QDQPass:
+    def qdq_pass(self, plan: QuantPlan, ranges: dict[str, Range], **options: Any) -> QDQPass:
         s = self.settings
         return QDQPass(plan, ranges, s.bit_num, per_channel=s.per_channel,
-                       reduce_range=s.reduce_range, act_bits=s.activation_bits, **keep)
+                       reduce_range=s.reduce_range, act_bits=s.activation_bits, **options)
 
     def build(self, float_model: ir.Model, choice: Choice, statistics: Statistics,
-              tensors: list[str], shared: bool, migrations: dict | None = None) -> Built:
+              tensors: list[str], shared: bool, migrations: dict | None = None,
+              weights: dict | None = None) -> Built:
         """The model `choice` makes from a clone of `float_model`, with the ranges of
         `tensors`, the migrations and the bias shifts drawn from `statistics` (`shared`:
-        collected for several range methods, see `RangeMethod`). `migrations` caches
-        migrated models between builds that share them."""
+        collected for several range methods, see `RangeMethod`). `migrations` and `weights`
+        cache migrated models and quantized weights between builds that share them."""
         s = self.settings
         method = RangeMethod(choice.method, frozenset(v.name for v in float_model.graph.inputs),
                              shared=shared)
@@ -186,7 +192,7 @@ class PostTraining:
                                  choice.float_nodes(model.graph))
         debug = s.debug_dir is not None
         qdq: QDQResult = self.qdq_pass(plan, ranges, keep_weight_errors=choice.bias_correction,
-                                       keep_weights=debug)(model)
+                                       keep_weights=debug, weights=weights)(model)
         corrections = None
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
@@ -196,7 +202,7 @@ class PostTraining:
             corrections = apply_shifts(model.graph, shifts)
             plan = plan_quantization(model.graph, skip, calibration.float_tensors,
                                      choice.float_nodes(model.graph))
-            qdq = self.qdq_pass(plan, ranges, keep_weights=debug)(model)
+            qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights)(model)
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
                      skip, choice.float_nodes(prepared.graph))
 
@@ -290,62 +296,51 @@ class PostTraining:
     def decide(self, float_model: ir.Model, start: Choice, tensors: list[str],
                statistics: Statistics, folds: int) -> tuple[Choice, list[Measured]]:
         """The open settings, each kept where it lowers the output error on samples that
-        did not set the ranges: the range method and bias correction together, then each
-        other technique against the best so far."""
-        s = self.settings
+        did not set the ranges: the range method and bias correction together (successive
+        halving over the folds: each round scores the better half on one more fold), then
+        each other technique against the best so far."""
         scored = _scored_folds(len(self.data), folds)
-        samples = {f: _fold_samples(len(self.data), folds, f) for f in scored}
-        held = {f: self.data.subset(indices) for f, indices in samples.items()}
         kept = Statistic(FoldValues, (folds, scored, MAX_HELD_OUT))
         references = {name: found.values for v in float_model.graph.outputs
                       if (found := statistics.get(name := v.name, kept)) is not None}
         if not references:  # nothing float to compare: keep what the settings say
             return start, []
-        views = {f: statistics.view(without=f) for f in scored}
-        migrations: dict = {}
+        scorer = _Scorer(self, float_model, tensors, statistics, folds, scored, references)
         open_ = self.open_choices()
         methods = CANDIDATE_METHODS if "method" in open_ else (start.method,)
-        corrections = (False, True) if "bias_correction" in open_ else (start.bias_correction,)
-        candidates = [replace(start, method=m, bias_correction=b)
-                      for m in methods for b in corrections]
-        measured: list[Measured] = []
-        step = self._step(len(candidates) + 3, "choosing")
-
-        def score(choice: Choice, what: str) -> float:
-            noise: dict[str, float] = dict.fromkeys(references, 0.0)
-            signal: dict[str, float] = dict.fromkeys(references, 0.0)
-            for fold in scored:
-                built = self.build(float_model, choice, views[fold], tensors, True,
-                                   migrations=migrations)
-                _output_error(_lean(built.model), held[fold], samples[fold], references,
-                              s.threads, noise, signal)
-            error = _mean_ratio(noise, signal)
-            measured.append(Measured(what, choice.label(), error))
-            if step:
-                step(1)
-            return error
-
-        best, best_error = start, math.inf
-        for choice in candidates:
-            what = (f"range method {choice.method}"
-                    + (" + bias correction" if choice.bias_correction else ""))
-            error = score(choice, what)
-            if error < best_error:
-                best, best_error = choice, error
-        for name, what, flipped in (
-                ("equalize", "equalization", replace(best, equalize=False)),
-                ("smooth_quant", "SmoothQuant", replace(best, smooth_quant=False))):
-            if name not in open_ or not self._changes(float_model, best, flipped):
+        correctable = bool(bias_correction.statistic_points(float_model.graph))
+        corrections = ((False, True) if "bias_correction" in open_ and correctable
+                       else (start.bias_correction,))
+        alive = [replace(start, method=m, bias_correction=b)
+                 for m in methods for b in corrections]
+        step = self._step(len(alive) * 2 + 3 * len(scored), "choosing")
+        for fold in scored:
+            for choice in alive:
+                scorer.add(choice, fold)
+                if step:
+                    step(1)
+            if len(alive) > 2:
+                alive = sorted(alive, key=scorer.error)[:max(2, (len(alive) + 1) // 2)]
+        best = min(alive, key=scorer.error)
+        for name, flipped in (("equalize", replace(best, equalize=False)),
+                              ("smooth_quant", replace(best, smooth_quant=False)),
+                              ("float_outputs", replace(best, float_outputs=True))):
+            if name == "float_outputs":
+                if not output_units(float_model.graph):
+                    continue
+            elif name not in open_ or not self._changes(float_model, best, flipped):
                 continue
-            error = score(flipped, f"{what} off")
-            if error < best_error:
-                best, best_error = flipped, error
-        if output_units(float_model.graph):
-            with_floats = replace(best, float_outputs=True)
-            error = score(with_floats, "model outputs float")
-            if error < best_error:
-                best, best_error = with_floats, error
-        return best, measured
+            for count, fold in enumerate(scored, 1):
+                scorer.add(flipped, fold)
+                if step:
+                    step(1)
+                # Clearly worse on the folds so far: not worth another build.
+                if scorer.error(flipped) > FLIP_MARGIN * scorer.error(best, scored[:count]):
+                    break
+            else:
+                if scorer.error(flipped) < scorer.error(best):
+                    best = flipped
+        return best, scorer.measured(start)
 
     def _changes(self, float_model: ir.Model, a: Choice, b: Choice) -> bool:
         """Whether `b` can make a different model from `a` (a technique with no candidate
@@ -384,7 +379,7 @@ class PostTraining:
             measured=measured,
             held_out=(sum(len(_fold_samples(len(self.data), folds, f))
                           for f in _scored_folds(len(self.data), folds)) if measured else 0),
-            cross_validated=bool(measured) and len(self.data) < CROSS_VALIDATE,
+            cross_validated=bool(measured) and len(_scored_folds(len(self.data), folds)) > 1,
             open_choices=self.open_choices(),
         )
 
@@ -402,6 +397,61 @@ class PostTraining:
         return ranking
 
 
+class _Scorer:
+    """Scores choices fold by fold: each is built from the other folds' statistics and its
+    outputs compared with the float model's on the fold's samples; the error is pooled over
+    the folds scored so far."""
+
+    def __init__(self, pt: PostTraining, float_model: ir.Model, tensors: list[str],
+                 statistics: Statistics, folds: int, scored: tuple[int, ...],
+                 references: dict[str, dict[int, np.ndarray]]) -> None:
+        self.pt, self.float_model, self.tensors = pt, float_model, tensors
+        self.references = references
+        self.samples = {f: _fold_samples(len(pt.data), folds, f) for f in scored}
+        self.held = {f: pt.data.subset(indices) for f, indices in self.samples.items()}
+        self.views = {f: statistics.view(without=f) for f in scored}
+        self.migrations: dict = {}
+        self.weights: dict = {}
+        # choice -> fold -> (noise, signal) per output
+        self.sums: dict[Choice, dict[int, tuple[dict[str, float], dict[str, float]]]] = {}
+
+    def add(self, choice: Choice, fold: int) -> None:
+        noise = dict.fromkeys(self.references, 0.0)
+        signal = dict.fromkeys(self.references, 0.0)
+        built = self.pt.build(self.float_model, choice, self.views[fold], self.tensors, True,
+                              migrations=self.migrations, weights=self.weights)
+        _output_error(_lean(built.model), self.held[fold], self.samples[fold],
+                      self.references, self.pt.settings.threads, noise, signal)
+        self.sums.setdefault(choice, {})[fold] = (noise, signal)
+
+    def error(self, choice: Choice, folds: Iterable[int] | None = None) -> float:
+        """The error pooled over `folds` (every fold `choice` was scored on: None)."""
+        scored = self.sums[choice]
+        chosen = [f for f in (scored if folds is None else folds) if f in scored]
+        noise = {n: sum(scored[f][0][n] for f in chosen) for n in self.references}
+        signal = {n: sum(scored[f][1][n] for f in chosen) for n in self.references}
+        return _mean_ratio(noise, signal)
+
+    def measured(self, start: Choice) -> list[Measured]:
+        """Every choice scored, in the order first scored, described by how it differs
+        from `start`."""
+        return [Measured(_difference(start, choice), choice.label(), self.error(choice),
+                         len(folds)) for choice, folds in self.sums.items()]
+
+
+def _difference(start: Choice, choice: Choice) -> str:
+    parts = [f"range method {choice.method}"]
+    if choice.bias_correction:
+        parts.append("bias correction")
+    if choice.equalize != start.equalize:
+        parts.append(f"equalization {'on' if choice.equalize else 'off'}")
+    if choice.smooth_quant != start.smooth_quant:
+        parts.append(f"SmoothQuant {'on' if choice.smooth_quant else 'off'}")
+    if choice.float_outputs:
+        parts.append("model outputs float")
+    return " + ".join(parts)
+
+
 def _folds(samples: int) -> int:
     """How many folds the calibration samples are dealt into; 0 when there are too few to
     hold any out."""
@@ -409,8 +459,10 @@ def _folds(samples: int) -> int:
 
 
 def _scored_folds(samples: int, folds: int) -> tuple[int, ...]:
-    """The folds choices are scored on: all of them (cross-validation) for small sets."""
-    return tuple(range(folds)) if samples < CROSS_VALIDATE else (folds - 1,)
+    """The folds choices are scored on: two for small sets, the last for large ones."""
+    if samples >= CROSS_VALIDATE:
+        return (folds - 1,)
+    return (folds - 1, folds - 3) if folds >= 3 else (folds - 1, 0)
 
 
 def _fold_samples(samples: int, folds: int, fold: int) -> list[int]:

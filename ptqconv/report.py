@@ -31,9 +31,10 @@ class Migration:
 class Measured:
     """One candidate scored on held-out calibration samples."""
 
-    what: str  # the setting tried ("range method KL", "bias correction on", ...)
+    what: str  # how it differs from where the search started ("range method KL + ...")
     choice: str  # the whole choice scored
     error: float  # the model outputs' noise-to-signal ratio against the float model
+    folds: int = 1  # how many folds it was scored on
 
 
 @dataclass
@@ -211,11 +212,14 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
             return [f"  chosen without measuring (too few samples to hold any out): "
                     f"{s.chosen}"]
         return []
-    how = ("every sample scored once, with ranges from the other folds" if s.cross_validated
+    how = ("two folds, each scored with ranges from the other folds" if s.cross_validated
            else "ranges from the other samples")
     lines = [f"  chosen by measurement: {s.chosen} (output error against float on "
              f"{s.held_out} held-out samples; {how}):"]
-    lines += [f"    {m.what}: {m.error:.3g}" for m in s.measured]
+    most = max(m.folds for m in s.measured)
+    lines += [f"    {m.what}: {m.error:.3g}"
+              + (f" (dropped after {m.folds} of {most} folds)" if m.folds < most else "")
+              for m in s.measured]
     return lines
 
 

@@ -156,3 +156,20 @@ def test_mse_keeps_a_saturated_relu6_spike_that_kl_clips():
         return float(np.mean((np.clip(np.round(x / step), 0, 255) * step - x) ** 2))
 
     assert mse(mse_hi) < mse(kl_hi)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 3000), st.integers(0, 2**31 - 1), st.floats(0.1, 10),
+       st.one_of(st.none(), st.tuples(st.floats(-5, 0), st.floats(0, 5))),
+       st.sampled_from(["normal", "relu", "discrete"]))
+def test_tail_quantiles_equal_numpys_whatever_the_hint(size, seed, scale, near, kind):
+    from ptqconv.calibrate.observers import OUTLIER_QUANTILES, tail_quantiles
+
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(size) * scale).astype(np.float32)
+    if kind == "relu":
+        x = np.maximum(x, 0)
+    elif kind == "discrete":
+        x = np.round(x)
+    expected = tuple(float(v) for v in np.quantile(x, OUTLIER_QUANTILES))
+    assert tail_quantiles(x, OUTLIER_QUANTILES, near) == expected

@@ -84,7 +84,7 @@ class QDQPass(ir.passes.InPlacePass):
     def __init__(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], bits: int,
                  per_channel: bool = True, keep_weight_errors: bool = False,
                  keep_weights: bool = False, reduce_range: bool = True,
-                 act_bits: int | None = None):
+                 act_bits: int | None = None, weights: dict | None = None):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
@@ -94,6 +94,9 @@ class QDQPass(ir.passes.InPlacePass):
         self.act_grid = qparams.activation_grid(act_bits or bits)
         self.keep_weights = keep_weights
         self.keep_weight_errors = keep_weight_errors
+        # (tensor, grid, axis) -> (q, scale, zero point): builds that share a weight tensor
+        # (clones share tensors) quantize it once.
+        self.cache = weights if weights is not None else {}
 
     def call(self, model: ir.Model) -> QDQResult:
         graph = model.graph
@@ -197,9 +200,13 @@ class QDQPass(ir.passes.InPlacePass):
         weights = value.const_value.numpy()
         axis = planned.axis if self.per_channel else None
         grid = weight_grid_for(node, self.bits, self.reduce_range)
-        rmin, rmax = qparams.tensor_range(weights, axis)
-        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-        q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+        key = (id(value.const_value), grid, axis)
+        if key not in self.cache:
+            rmin, rmax = qparams.tensor_range(weights, axis)
+            scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+            self.cache[key] = (value.const_value, q, scale, zero_point)
+        _, q, scale, zero_point = self.cache[key]
         self.weight_scales[(node, index)] = scale
         name = value.name
         if self.keep_weights:
