@@ -62,10 +62,11 @@ CANDIDATE_METHODS = ("MAX_MIN", "KL", "MSE", "REMOVAL_OUTLIER")
 # samples leave nothing to measure on (docs/decisions.md, AUTO).
 FALLBACK_METHOD = "MSE"
 # The calibration samples are dealt into this many folds (fewer for fewer samples); with
-# less than CROSS_VALIDATE samples two folds are scored, each with ranges from the others
-# (one held-out slice picked badly on small sets: docs/decisions.md, AUTO), above it the
-# last fold only, at most MAX_HELD_OUT of its samples.
+# less than TINY samples every fold is scored with ranges from the others, with less than
+# CROSS_VALIDATE two folds (one held-out slice picked badly on small sets:
+# docs/decisions.md, AUTO), above it one, at most MAX_HELD_OUT of its samples.
 FOLDS = 4
+TINY = 16
 CROSS_VALIDATE = 64
 MAX_HELD_OUT = 64
 # A technique worse than the best so far by this factor on the first fold is not scored on
@@ -379,7 +380,7 @@ class PostTraining:
             measured=measured,
             held_out=(sum(len(_fold_samples(len(self.data), folds, f))
                           for f in _scored_folds(len(self.data), folds)) if measured else 0),
-            cross_validated=bool(measured) and len(_scored_folds(len(self.data), folds)) > 1,
+            scored_folds=len(_scored_folds(len(self.data), folds)) if measured else 0,
             open_choices=self.open_choices(),
         )
 
@@ -459,10 +460,13 @@ def _folds(samples: int) -> int:
 
 
 def _scored_folds(samples: int, folds: int) -> tuple[int, ...]:
-    """The folds choices are scored on: two for small sets, the last for large ones."""
-    if samples >= CROSS_VALIDATE:
-        return (folds - 1,)
-    return (folds - 1, folds - 3) if folds >= 3 else (folds - 1, 0)
+    """The folds choices are scored on, the largest first: every fold for tiny sets, two
+    for small ones, one for the rest."""
+    if samples < TINY:
+        return tuple(range(folds))
+    if samples < CROSS_VALIDATE:
+        return (0, 2)
+    return (0,)
 
 
 def _fold_samples(samples: int, folds: int, fold: int) -> list[int]:

@@ -60,7 +60,7 @@ class PostTrainingSummary:
     chosen: str = ""  # the method and the techniques the model was built with
     measured: list[Measured] = field(default_factory=list)  # in the order they were tried
     held_out: int = 0  # calibration samples the candidates were scored on
-    cross_validated: bool = False  # each scored with ranges from the other folds
+    scored_folds: int = 0  # folds of the samples scored, each with ranges from the others
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
 
 
@@ -212,8 +212,8 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
             return [f"  chosen without measuring (too few samples to hold any out): "
                     f"{s.chosen}"]
         return []
-    how = ("two folds, each scored with ranges from the other folds" if s.cross_validated
-           else "ranges from the other samples")
+    how = (f"{s.scored_folds} folds, each scored with ranges from the others"
+           if s.scored_folds > 1 else "ranges from the other samples")
     lines = [f"  chosen by measurement: {s.chosen} (output error against float on "
              f"{s.held_out} held-out samples; {how}):"]
     most = max(m.folds for m in s.measured)

@@ -29,7 +29,7 @@ def test_auto_measures_what_the_config_leaves_open_and_keeps_only_what_helps(tmp
                              config_file=config(tmp_path))
     s = report.post_training
     assert s.open_choices == ["method", "bias_correction", "equalize", "smooth_quant"]
-    assert s.held_out == 25 and not s.cross_validated  # every 4th of 100
+    assert s.held_out == 25 and s.scored_folds == 1  # every 4th of 100
     methods = s.measured[:2 * len(CANDIDATE_METHODS)]
     assert [m.what for m in methods] == [
         f"range method {m}{bc}" for m in CANDIDATE_METHODS
@@ -73,26 +73,28 @@ def test_one_sample_leaves_nothing_to_hold_out(tmp_path):
     assert "chosen without measuring (too few samples to hold any out)" in report.format()
 
 
-def test_small_sets_score_two_folds_large_ones_one_capped_fold():
+def test_small_sets_are_cross_validated_large_ones_score_one_capped_fold():
     assert _folds(1) == 0
     for samples in range(2, 400):
         folds = _folds(samples)
         scored = _scored_folds(samples, folds)
         held = [i for f in scored for i in _fold_samples(samples, folds, f)]
         assert len(set(held)) == len(held) and held
-        if samples < 64:  # two folds, each scored with ranges from the others
+        if samples < 16:  # every fold, each scored with ranges from the others
+            assert sorted(held) == list(range(samples))
+        elif samples < 64:  # two folds
             assert len(scored) == 2 and len(held) >= samples // 2 - 1
         else:
-            assert scored == (folds - 1,) and len(held) <= 64
-            assert all(i % folds == folds - 1 for i in held)
+            assert scored == (0,) and len(held) <= 64
+            assert all(i % folds == 0 for i in held)
 
 
 def test_small_sets_say_they_were_cross_validated(tmp_path):
     report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
                              config_file=config(tmp_path, size=6))
     s = report.post_training
-    assert s.cross_validated and s.held_out == 3  # folds of 2, 2, 1, 1: the last and second
-    assert "two folds, each scored with ranges from the other folds" in report.format()
+    assert s.scored_folds == 4 and s.held_out == 6
+    assert "4 folds, each scored with ranges from the others" in report.format()
 
 
 def _same(a, b) -> None:

@@ -86,11 +86,13 @@ def test_example_configs_load_with_their_documented_values(tmp_path, monkeypatch
         assert config.calibrate_size == 100
         assert config.input_shape == (("input", (1, 1, 8, 8)),)
         assert (config.per_channel, config.thread_num) == (True, 1)
-    assert (ini.activation_quant_method, ini.bias_correction) == ("MAX_MIN", True)
+    # The INI example leaves the method and the techniques to measurement (AUTO); the YAML
+    # example forces KL without bias correction.
+    assert (ini.activation_quant_method, ini.bias_correction, ini.equalize) == (None,) * 3
+    assert ini.target_device == "auto" and ini.reduce_range is None
     assert (yml.activation_quant_method, yml.bias_correction) == ("KL", False)
-    # Apart from the method and bias correction the INI and YAML examples say the same.
     same = {**values(ini), "activation_quant_method": "KL", "bias_correction": False,
-            "reduce_range": None, "smooth_quant": None, "equalize": None}
+            "target_device": None}
     assert values(yml) == same
     line = (CONFIGS / "digits.ini").read_text().splitlines().index(
         "calibrate_path=input:../examples/digits/calib/input"
