@@ -205,7 +205,13 @@ def _coarsen(hist: np.ndarray, steps: int) -> np.ndarray:
 
 
 def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
-    """The candidate bin i in [quant_bins, len(hist) - 1] minimising KL(P || Q).
+    """The candidate bin i in [quant_bins, len(hist) - 1] minimising KL(P || Q)."""
+    candidates, kl = kl_divergences(hist, quant_bins)
+    return int(candidates[np.argmin(kl)])
+
+
+def kl_divergences(hist: np.ndarray, quant_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) of every candidate bin i in [quant_bins, len(hist) - 1].
 
     P is hist[:i] with the tail folded into bin i - 1; Q is hist[:i] merged into `quant_bins`
     groups (the last takes the remainder) and spread evenly back. Every bin is non-zero (the
@@ -215,7 +221,7 @@ def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
     h = np.asarray(hist, np.float64)
     n = len(h)
     if quant_bins >= n:
-        return n - 1
+        return np.array([n - 1]), np.zeros(1)
     cs = np.concatenate([[0.0], np.cumsum(h)])
     cs_hlogh = np.concatenate([[0.0], np.cumsum(h * np.log(h))])
     total = cs[-1]
@@ -237,7 +243,7 @@ def kl_threshold_bin(hist: np.ndarray, quant_bins: int) -> int:
     sum_p_log_q = (full_terms[np.searchsorted(widths, m)] + (last_sum + tail) * log_last)
 
     kl = (sum_p_log_p - sum_p_log_q) / total + np.log(cs[i] / total)
-    return int(i[np.argmin(kl)])
+    return i, kl
 
 
 class MSEObserver(HistogramObserver):
