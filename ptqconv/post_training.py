@@ -72,6 +72,9 @@ MAX_HELD_OUT = 64
 # A technique worse than the best so far by this factor on the first fold is not scored on
 # the next.
 FLIP_MARGIN = 1.2
+# Output noise-to-signal ratios closer than this are a tie (output cosines within 5e-6): the
+# held-out samples cannot tell such choices apart (docs/decisions.md, AUTO ties).
+TIE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -312,8 +315,9 @@ class PostTraining:
         correctable = bool(bias_correction.statistic_points(float_model.graph))
         corrections = ((False, True) if "bias_correction" in open_ and correctable
                        else (start.bias_correction,))
-        alive = [replace(start, method=m, bias_correction=b)
-                 for m in methods for b in corrections]
+        candidates = [replace(start, method=m, bias_correction=b)
+                      for m in methods for b in corrections]
+        alive = list(candidates)
         step = self._step(len(alive) * 2 + 3 * len(scored), "choosing")
         for fold in scored:
             for choice in alive:
@@ -322,7 +326,10 @@ class PostTraining:
                     step(1)
             if len(alive) > 2:
                 alive = sorted(alive, key=scorer.error)[:max(2, (len(alive) + 1) // 2)]
-        best = min(alive, key=scorer.error)
+        # Errors this small are equally good: prefer the candidate listed first (the simplest
+        # method, no bias correction) over one that wins by less than TIE.
+        least = min(scorer.error(c) for c in alive)
+        best = next(c for c in candidates if c in alive and scorer.error(c) <= least + TIE)
         for name, flipped in (("equalize", replace(best, equalize=False)),
                               ("smooth_quant", replace(best, smooth_quant=False)),
                               ("float_outputs", replace(best, float_outputs=True))):
@@ -339,7 +346,7 @@ class PostTraining:
                 if scorer.error(flipped) > FLIP_MARGIN * scorer.error(best, scored[:count]):
                     break
             else:
-                if scorer.error(flipped) < scorer.error(best):
+                if scorer.error(flipped) < scorer.error(best) - TIE:
                     best = flipped
         return best, scorer.measured(start)
 
