@@ -142,7 +142,9 @@ def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
         with _loadable(model) as loadable:
             graph.outputs.clear()
             graph.outputs.extend(original)
-            yield Session(loadable, threads, label=label, own_graph=True)
+            session = Session(loadable, threads, label=label, own_graph=True)
+            del loadable  # serialized bytes as big as the weights; a file stays for the session
+            yield session
     finally:
         graph.outputs.clear()
         graph.outputs.extend(original)
