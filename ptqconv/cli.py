@@ -71,8 +71,9 @@ def ptqconv() -> None:
     "--quantType",
     "quant_type",
     metavar="TYPE",
-    help="WeightQuant (weights only, 1-16 bits) or PostTraining (weights and "
-    "activations, 1-8 bits, needs --configFile).",
+    help="WeightQuant (weights only, 1-16 bits), PostTraining (weights and "
+    "activations, 1-8 bits, needs --configFile) or DynamicQuant (int8 weights, activations "
+    "quantized at run time).",
 )
 @click.option(
     "--bitNum",
@@ -108,6 +109,20 @@ def ptqconv() -> None:
     "skip_quant_node",
     metavar="NAMES",
     help="Comma-separated node names or op types to keep in float.",
+)
+@click.option(
+    "--inputDataFormat",
+    "input_data_format",
+    metavar="NHWC|NCHW",
+    help="Layout of 4-D .bin samples (calibration and eval data); they are transposed to "
+    "the model's layout.  [default: the model's layout]",
+)
+@click.option(
+    "--fp16",
+    "fp16",
+    metavar="on|off",
+    help="Store the float32 constants that stay float in float16 (as converter_lite "
+    "does); inputs, outputs and the arithmetic stay float32.  [default: off]",
 )
 @click.option("--debugDir", "debug_dir", metavar="DIR",
               help="PostTraining: write a per-layer report (layer_report.csv/.json) of every "
@@ -175,8 +190,10 @@ file is wrong.
     "--inDataDir",
     "in_data_dir",
     metavar="DIRS",
-    help="Input samples as .bin files, one directory per input: name:dir[,name:dir...] or "
-    "dir[,dir...] in input order (like calibrate_path / image_path). All files are used.",
+    help="Input samples as .bin files (or images, see --configFile), one directory per input: "
+    "name:dir[,name:dir...] or dir[,dir...] in input order (like calibrate_path / "
+    "image_path). All files are used. Without --inDataDir and --inDataFile the inputs are "
+    "random: latency only, no accuracy verdict.",
 )
 @click.option(
     "--inDataFile",
@@ -196,6 +213,25 @@ file is wrong.
     "input_shape",
     metavar="SHAPES",
     help="Shapes of dynamic inputs: name:d0,d1,...[;name2:...].",
+)
+@click.option(
+    "--inputShapes",
+    "input_shapes",
+    metavar="SHAPES",
+    help="MindSpore's spelling: d0,d1,...[:d0,d1,...], one shape per input in input order.",
+)
+@click.option(
+    "--inputDataFormat",
+    "input_data_format",
+    metavar="NHWC|NCHW",
+    help="Layout of 4-D .bin samples; transposed to the model's.  [default: the model's]",
+)
+@click.option(
+    "--configFile",
+    "config_file",
+    metavar="PATH",
+    help="A converter config whose [data_preprocess_param] input_type=IMAGE and image keys "
+    "say how to read --inDataDir / --inDataFile images.",
 )
 @click.option(
     "--accuracyThreshold",

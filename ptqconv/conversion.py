@@ -38,6 +38,7 @@ def convert(settings: ConvertSettings,
     # Checked now, before any long work.
     eval_data = open_data(model, settings.model_file, settings.gate.data) if settings.gate \
         else None
+    report.data = eval_data.format if eval_data is not None else None
     mode = settings.mode
     pt = None
     # The working copy may keep its weights in the temporary directory until saved.
@@ -45,6 +46,7 @@ def convert(settings: ConvertSettings,
         if isinstance(mode, PostTrainingSettings):
             # Checked on the graph already loaded, before the simplification and calibration.
             data = open_data(model, settings.model_file, mode.calibration)
+            report.data = data.format
             original_names = value_names(model.graph)
             del model
             simplified = modelio.simplify_with_onnxruntime(settings.model_file, Path(workdir))
@@ -87,7 +89,8 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
 def open_data(model: ir.Model, model_file: Path, source: DataSource) -> CalibrationSet:
     """The samples of `source` for the inputs of the loaded `model`, all checked."""
     return CalibrationSet.open(graph_inputs(model.graph, model_file), source.paths,
-                               source.size, dict(source.shapes), what=source.what)
+                               source.size, dict(source.shapes), what=source.what,
+                               layout=source.layout, image=source.image)
 
 
 def accuracy_gate(data: CalibrationSet, settings: ConvertSettings,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptqconv import qparams
+from ptqconv.calibrate.dataset import SampleFormat
 from ptqconv.calibrate.observers import KL_SQNR_FLOOR_DB
 from ptqconv.calibrate.ranges import SENTINEL_RANGE
 from ptqconv.debug.layer_report import LayerReport
@@ -118,6 +119,7 @@ class ConversionReport:
     post_training: PostTrainingSummary | None = None
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
+    data: SampleFormat | None = None  # how calibration (or eval) files became inputs
 
     @property
     def gate_failures(self) -> list[str]:
@@ -145,6 +147,8 @@ class ConversionReport:
                 + (f" (stored as {', '.join(storages)})" if storages else ""),
                 f"  weights skipped:   {len(self.skipped)}",
             ]
+        if self.data is not None:
+            lines.append(f"  data: {self.data.describe()}")
         if self.post_training is not None:
             lines += post_training_lines(self.post_training)
         if self.target is not None:
