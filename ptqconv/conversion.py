@@ -12,11 +12,18 @@ import onnx_ir as ir
 from ptqconv import modelio
 from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
+from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.evaluate.comparison import compare_models, gate_failures
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import PostTraining
-from ptqconv.report import ConversionReport, GateReport
-from ptqconv.settings import ConvertSettings, DataSource, GateSettings, PostTrainingSettings
+from ptqconv.report import ConversionReport, DynamicSummary, GateReport
+from ptqconv.settings import (
+    ConvertSettings,
+    DataSource,
+    DynamicQuantSettings,
+    GateSettings,
+    PostTrainingSettings,
+)
 from ptqconv.target import detect
 from ptqconv.weight_only import weight_quant
 
@@ -52,6 +59,9 @@ def convert(settings: ConvertSettings,
             simplified = modelio.simplify_with_onnxruntime(settings.model_file, Path(workdir))
             pt = PostTraining(mode, data, progress)
             model, report.post_training = pt.run(simplified, original_names)
+        elif isinstance(mode, DynamicQuantSettings):
+            model, report.weights = dynamic_quant(model, mode)
+            report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range)
         else:
             model, report.weights = weight_quant(model, mode, settings.model_file.parent,
                                                  progress)

@@ -65,6 +65,13 @@ class PostTrainingSummary:
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
 
 
+@dataclass(frozen=True)
+class DynamicSummary:
+    strategy: str  # ALWC
+    target: Target
+    reduce_range: bool  # 7-bit weights against the U8S8 GEMM's int16 saturation
+
+
 @dataclass
 class GateReport:
     """The accuracy gate: the written model against the float one on held-out samples."""
@@ -120,6 +127,7 @@ class ConversionReport:
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
     data: SampleFormat | None = None  # how calibration (or eval) files became inputs
+    dynamic: DynamicSummary | None = None  # DynamicQuant
 
     @property
     def gate_failures(self) -> list[str]:
@@ -146,6 +154,19 @@ class ConversionReport:
                 f"  weights quantized: {len(self.quantized)}"
                 + (f" (stored as {', '.join(storages)})" if storages else ""),
                 f"  weights skipped:   {len(self.skipped)}",
+            ]
+        if self.dynamic is not None:
+            d = self.dynamic
+            levels = 63 if d.reduce_range else 127
+            given = ("" if d.reduce_range == d.target.saturates
+                     else f"; reduce_range={str(d.reduce_range).lower()} set in the config")
+            lines += [
+                f"  target: {d.target.describe()}{given}",
+                f"  {d.strategy}: MatMul/Gemm weights int8 per output column, levels "
+                f"[-{levels}, {levels}]; activations quantized at run time, per tensor "
+                "(onnxruntime DynamicQuantizeMatMul)",
+                f"  weights quantized: {len(self.quantized)}",
+                f"  weights kept float: {len(self.skipped)}",
             ]
         if self.data is not None:
             lines.append(f"  data: {self.data.describe()}")

@@ -16,7 +16,7 @@ LAYERS = [
     ["passes"],
     ["evaluate", "debug"],
     ["report", "settings"],
-    ["post_training", "weight_only"],
+    ["post_training", "weight_only", "dynamic_quant"],
     ["accuracy_target"],
     ["conversion"],
     ["__init__", "cli"],
