@@ -14,9 +14,10 @@ from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.evaluate.comparison import compare_models, gate_failures
+from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import PostTraining
-from ptqconv.report import ConversionReport, DynamicSummary, GateReport
+from ptqconv.report import ConversionReport, DynamicSummary, Float16Summary, GateReport
 from ptqconv.settings import (
     ConvertSettings,
     DataSource,
@@ -65,6 +66,8 @@ def convert(settings: ConvertSettings,
         else:
             model, report.weights = weight_quant(model, mode, settings.model_file.parent,
                                                  progress)
+        if settings.fp16:
+            report.fp16 = float16(model)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
         if eval_data is not None and settings.gate is not None:
@@ -87,6 +90,8 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     sample = next(iter(data))
     target.size_before = report.size_after
     target.cpu = detect().why.removeprefix("detected: ")
+    if settings.fp16:
+        float16(repaired)
     target.latency_ms = {
         "float": latency_ms(settings.model_file, sample, gate.threads),
         "quantized": latency_ms(settings.output_file, sample, gate.threads),
@@ -94,6 +99,12 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     report.size_after = modelio.files_size(modelio.save_model(repaired, settings.output_file))
     target.size_after = report.size_after
     report.gate = accuracy_gate(data, settings, gate)
+
+
+def float16(model: ir.Model) -> Float16Summary:
+    """--fp16: the float32 constants that stay float stored in float16."""
+    result = Float16ConstantsPass()(model)
+    return Float16Summary(result.converted, result.float32_bytes, result.kept)
 
 
 def open_data(model: ir.Model, model_file: Path, source: DataSource) -> CalibrationSet:

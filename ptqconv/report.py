@@ -72,6 +72,13 @@ class DynamicSummary:
     reduce_range: bool  # 7-bit weights against the U8S8 GEMM's int16 saturation
 
 
+@dataclass(frozen=True)
+class Float16Summary:
+    converted: int  # float32 constants stored in float16
+    float32_bytes: int  # their size before
+    kept: int  # float32 constants float16 cannot hold
+
+
 @dataclass
 class GateReport:
     """The accuracy gate: the written model against the float one on held-out samples."""
@@ -128,6 +135,7 @@ class ConversionReport:
     target: TargetReport | None = None  # the gate failed and units were kept float
     data: SampleFormat | None = None  # how calibration (or eval) files became inputs
     dynamic: DynamicSummary | None = None  # DynamicQuant
+    fp16: Float16Summary | None = None  # --fp16
 
     @property
     def gate_failures(self) -> list[str]:
@@ -180,6 +188,11 @@ class ConversionReport:
             lines.append(f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.reason}")
         if len(self.skipped) > max_skipped:
             lines.append(f"    ... and {len(self.skipped) - max_skipped} more")
+        if self.fp16 is not None:
+            f = self.fp16
+            kept = (f"; {f.kept} kept float32 (beyond float16's range)" if f.kept else "")
+            lines.append(f"  fp16: {f.converted} float32 constants stored in float16 "
+                         f"({_mb(f.float32_bytes)} -> {_mb(f.float32_bytes // 2)}){kept}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
         lines.append(
