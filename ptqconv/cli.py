@@ -37,6 +37,31 @@ the config is wrong.
 
 
 
+# converter_lite and benchmark flags that have no meaning for an ONNX-to-ONNX converter on
+# onnxruntime's CPU provider, and why.
+FOREIGN_FLAGS = {
+    "--weightFile": "it is the weight file of Caffe models; ptqconv reads ONNX",
+    "--saveType": "ptqconv writes ONNX, not MindSpore's model formats",
+    "--optimize": "it picks MindSpore's backend optimizations; onnxruntime optimizes at load",
+    "--decryptKey": "MindIR encryption has no ONNX counterpart",
+    "--decryptMode": "MindIR encryption has no ONNX counterpart",
+    "--encryptKey": "MindIR encryption has no ONNX counterpart",
+    "--encryption": "MindIR encryption has no ONNX counterpart",
+    "--inputDataType": "ptqconv keeps the model's input types",
+    "--outputDataType": "ptqconv keeps the model's output types",
+    "--outputDataFormat": "ptqconv keeps the model's output layout",
+    "--infer": "run ptqconv benchmark on the written model instead",
+    "--cpuBindMode": "onnxruntime does not bind cores",
+    "--device": "ptqconv benchmark runs onnxruntime's CPU provider",
+    "--enableFp16": "onnxruntime's CPU provider has no float16 mode",
+    "--timeProfiling": "use onnxruntime's profiler",
+    "--perfProfiling": "use onnxruntime's profiler",
+    "--perfEvent": "use onnxruntime's profiler",
+    "--benchmarkDataType": "outputs are compared in the model's output types",
+    "--cryptoLibPath": "MindIR encryption has no ONNX counterpart",
+}
+
+
 class _ConvertByDefault(click.Group):
     """`ptqconv FLAGS` is `ptqconv convert FLAGS`, as converter_lite users type it."""
 
@@ -343,6 +368,13 @@ def _run(args: list[str], verbose: bool) -> int:
         return status if isinstance(status, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.NoSuchOption as exc:
+        command = exc.ctx.command.name if exc.ctx is not None else None
+        prog = "ptqconv benchmark" if command == "benchmark" else "ptqconv"
+        why = FOREIGN_FLAGS.get(exc.option_name)
+        if why is None:
+            return _fail(f"{exc.format_message()} (see {prog} --help)", 2, verbose)
+        return _fail(f"{exc.option_name} (MindSpore's) has no meaning here: {why}", 2, verbose)
     except click.UsageError as exc:
         command = exc.ctx.command.name if exc.ctx is not None else None
         prog = "ptqconv benchmark" if command == "benchmark" else "ptqconv"
