@@ -37,6 +37,31 @@ the config is wrong.
 
 
 
+# converter_lite and benchmark flags that have no meaning for an ONNX-to-ONNX converter on
+# onnxruntime's CPU provider, and why.
+FOREIGN_FLAGS = {
+    "--weightFile": "it is the weight file of Caffe models; ptqconv reads ONNX",
+    "--saveType": "ptqconv writes ONNX, not MindSpore's model formats",
+    "--optimize": "it picks MindSpore's backend optimizations; onnxruntime optimizes at load",
+    "--decryptKey": "MindIR encryption has no ONNX counterpart",
+    "--decryptMode": "MindIR encryption has no ONNX counterpart",
+    "--encryptKey": "MindIR encryption has no ONNX counterpart",
+    "--encryption": "MindIR encryption has no ONNX counterpart",
+    "--inputDataType": "ptqconv keeps the model's input types",
+    "--outputDataType": "ptqconv keeps the model's output types",
+    "--outputDataFormat": "ptqconv keeps the model's output layout",
+    "--infer": "run ptqconv benchmark on the written model instead",
+    "--cpuBindMode": "onnxruntime does not bind cores",
+    "--device": "ptqconv benchmark runs onnxruntime's CPU provider",
+    "--enableFp16": "onnxruntime's CPU provider has no float16 mode",
+    "--timeProfiling": "use onnxruntime's profiler",
+    "--perfProfiling": "use onnxruntime's profiler",
+    "--perfEvent": "use onnxruntime's profiler",
+    "--benchmarkDataType": "outputs are compared in the model's output types",
+    "--cryptoLibPath": "MindIR encryption has no ONNX counterpart",
+}
+
+
 class _ConvertByDefault(click.Group):
     """`ptqconv FLAGS` is `ptqconv convert FLAGS`, as converter_lite users type it."""
 
@@ -71,8 +96,9 @@ def ptqconv() -> None:
     "--quantType",
     "quant_type",
     metavar="TYPE",
-    help="WeightQuant (weights only, 1-16 bits) or PostTraining (weights and "
-    "activations, 1-8 bits, needs --configFile).",
+    help="WeightQuant (weights only, 1-16 bits), PostTraining (weights and "
+    "activations, 1-8 bits, needs --configFile) or DynamicQuant (int8 weights, activations "
+    "quantized at run time).",
 )
 @click.option(
     "--bitNum",
@@ -108,6 +134,20 @@ def ptqconv() -> None:
     "skip_quant_node",
     metavar="NAMES",
     help="Comma-separated node names or op types to keep in float.",
+)
+@click.option(
+    "--inputDataFormat",
+    "input_data_format",
+    metavar="NHWC|NCHW",
+    help="Layout of 4-D .bin samples (calibration and eval data); they are transposed to "
+    "the model's layout.  [default: the model's layout]",
+)
+@click.option(
+    "--fp16",
+    "fp16",
+    metavar="on|off",
+    help="Store the float32 constants that stay float in float16 (as converter_lite "
+    "does); inputs, outputs and the arithmetic stay float32.  [default: off]",
 )
 @click.option("--debugDir", "debug_dir", metavar="DIR",
               help="PostTraining: write a per-layer report (layer_report.csv/.json) of every "
@@ -175,8 +215,10 @@ file is wrong.
     "--inDataDir",
     "in_data_dir",
     metavar="DIRS",
-    help="Input samples as .bin files, one directory per input: name:dir[,name:dir...] or "
-    "dir[,dir...] in input order (like calibrate_path / image_path). All files are used.",
+    help="Input samples as .bin files (or images, see --configFile), one directory per input: "
+    "name:dir[,name:dir...] or dir[,dir...] in input order (like calibrate_path / "
+    "image_path). All files are used. Without --inDataDir and --inDataFile the inputs are "
+    "random: latency only, no accuracy verdict.",
 )
 @click.option(
     "--inDataFile",
@@ -196,6 +238,25 @@ file is wrong.
     "input_shape",
     metavar="SHAPES",
     help="Shapes of dynamic inputs: name:d0,d1,...[;name2:...].",
+)
+@click.option(
+    "--inputShapes",
+    "input_shapes",
+    metavar="SHAPES",
+    help="MindSpore's spelling: d0,d1,...[:d0,d1,...], one shape per input in input order.",
+)
+@click.option(
+    "--inputDataFormat",
+    "input_data_format",
+    metavar="NHWC|NCHW",
+    help="Layout of 4-D .bin samples; transposed to the model's.  [default: the model's]",
+)
+@click.option(
+    "--configFile",
+    "config_file",
+    metavar="PATH",
+    help="A converter config whose [data_preprocess_param] input_type=IMAGE and image keys "
+    "say how to read --inDataDir / --inDataFile images.",
 )
 @click.option(
     "--accuracyThreshold",
@@ -307,6 +368,13 @@ def _run(args: list[str], verbose: bool) -> int:
         return status if isinstance(status, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.NoSuchOption as exc:
+        command = exc.ctx.command.name if exc.ctx is not None else None
+        prog = "ptqconv benchmark" if command == "benchmark" else "ptqconv"
+        why = FOREIGN_FLAGS.get(exc.option_name)
+        if why is None:
+            return _fail(f"{exc.format_message()} (see {prog} --help)", 2, verbose)
+        return _fail(f"{exc.option_name} (MindSpore's) has no meaning here: {why}", 2, verbose)
     except click.UsageError as exc:
         command = exc.ctx.command.name if exc.ctx is not None else None
         prog = "ptqconv benchmark" if command == "benchmark" else "ptqconv"

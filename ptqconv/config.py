@@ -21,11 +21,20 @@ The forms:
   flat (r0.7-r1.3)  `key=value` lines: image_path, batch_count, method_x, thread_num,
                     bias_correction, input_shape.
   INI (r1.5+)       [common_quant_param] quant_type, bit_num, min_quant_weight_size,
-                    min_quant_weight_channel, skip_quant_node, debug_info_save_path
-                    [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
+                    min_quant_weight_channel, skip_quant_node, debug_info_save_path,
+                    target_device, enable_encode
+                    [data_preprocess_param] calibrate_path, calibrate_size, input_type,
+                    input_shape, and for input_type=IMAGE image_to_format, normalize_mean,
+                    normalize_std, resize_width, resize_height, resize_method,
+                    center_crop_width, center_crop_height
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     reduce_range, smooth_quant, equalize, activation_bit_num,
-                    thread_num
+                    thread_num, target_device (MindSpore's docs put it here too),
+                    enable_all_ops
+                    [weight_quant_param] per_channel, bias_correction, quant_strategy,
+                    dequant_strategy (Ascend only: refused)
+                    [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
+                    [dynamic_quant_param] quant_strategy
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
                     cosine_threshold (ptqconv's accuracy gate after conversion)
   YAML              the same sections as top-level mappings with the same keys; lists
@@ -51,8 +60,9 @@ Where ptqconv differs from converter_lite, on purpose:
   - Integers are base-10 only. YAML scalars are read from their text, so `010` is 10 and `0x10`
     or `8.0` are errors, exactly as in the INI form.
   - Lines are not continued by indentation (each line stands alone, as in converter_lite).
-  - `quant_type` also accepts ptqconv's spellings WeightQuant / PostTraining; DYNAMIC_QUANT and
-    `input_type=IMAGE` are not supported.
+  - `quant_type` also accepts ptqconv's spellings WeightQuant / PostTraining / DynamicQuant.
+  - Sections of other converter_lite backends ([ascend_context], ...) are errors that say
+    what they configure.
   - `calibrate_path` items `name:dir` split at the LAST `:` (as converter_lite does), so input
     names may contain `:` (`x:0`) but directories may not, nor `,`. In YAML, a mapping
     `{input_name: dir}` or a list avoids both limits.
@@ -64,7 +74,7 @@ import configparser
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn
@@ -91,7 +101,7 @@ class QuantConfig:
     source: Path
     format: str  # "flat" | "ini" | "yaml"
     quant_type: values.QuantType | None = None
-    bit_num: int | None = None  # [1, 16]; settings check [1, 8] for PostTraining
+    bit_num: int | None = None  # [0, 16]; settings narrow it per mode
     min_quant_weight_size: int | None = None  # [0, 65535]
     min_quant_weight_channel: int | None = None  # [0, 65535]
     skip_quant_node: tuple[str, ...] | None = None
@@ -109,6 +119,27 @@ class QuantConfig:
     equalize: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
     thread_num: int | None = None  # [1, 64]
+    enable_encode: bool | None = None
+    # [data_preprocess_param] input_type and MindSpore's image preprocessing keys.
+    input_type: str | None = None  # BIN | IMAGE
+    image_to_format: str | None = None  # RGB | GRAY | BGR
+    normalize_mean: tuple[float, ...] | None = None
+    normalize_std: tuple[float, ...] | None = None
+    resize_width: int | None = None
+    resize_height: int | None = None
+    resize_method: str | None = None  # LINEAR | NEAREST | CUBIC
+    center_crop_width: int | None = None
+    center_crop_height: int | None = None
+    # [weight_quant_param] (keys per_channel, bias_correction, quant_strategy)
+    weight_per_channel: bool | None = None
+    weight_bias_correction: bool | None = None
+    weight_quant_strategy: str | None = None  # MAX_MIN | GPTQ
+    # [mixed_bit_weight_quant_param]
+    init_scale: float | None = None  # (0, 1)
+    auto_tune: bool | None = None
+    max_iterations: int | None = None  # [40, 65535]
+    # [dynamic_quant_param] quant_strategy
+    dynamic_quant_strategy: str | None = None  # ALWC | ACWL
     # [evaluate_param]: the accuracy gate run after the model is written.
     eval_path: tuple[tuple[str, Path], ...] | None = None
     eval_size: int | None = None
@@ -460,6 +491,10 @@ class _Key:
     many: bool = False  # YAML lists / mappings accepted
     empty: Any = None  # the value of an empty setting; None: an empty setting is an error
     kept: bool = True  # False: checked for MindSpore compatibility, with nothing to keep
+    key: str = ""  # the key as written, when it differs from the field (quant_strategy)
+
+    def named(self, key: str) -> _Key:
+        return replace(self, key=key)
 
 
 def _checked(parse: Callable[[Any, _Site], Any]) -> Callable[[Any, _Site], Any]:
@@ -504,15 +539,28 @@ def _target_device(text: str) -> str:
     return values.choice(name, target.TARGETS)
 
 
-def _input_type(text: str) -> str:
-    if text.upper() == "IMAGE":
-        raise values.Invalid(
-            f"{text!r} is not supported; allowed: BIN (ptqconv reads no images: save each "
-            "preprocessed input as a raw little-endian .bin in the input's dtype and shape, "
-            "e.g. numpy x.astype('<f4').tofile(path))")
-    if text.upper() != "BIN":
-        raise values.Invalid(f"{text!r} is not supported; allowed: BIN")
-    return "BIN"
+def _choice_key(name: str, options: tuple[str, ...]) -> _Key:
+    return _Key(name, *_scalar(lambda t: values.choice(t, options), ", ".join(options)))
+
+
+def _no_meaning(why: str) -> Callable[[str], Any]:
+    """A documented MindSpore key whose every value needs a backend ptqconv does not target."""
+
+    def refuse(text: str) -> Any:
+        raise values.Invalid(f"{text!r} has no meaning here: {why}")
+
+    return refuse
+
+
+@_checked
+def _vector(raw: str | list, site: _Site) -> tuple[float, ...]:
+    if isinstance(raw, _Pairs):
+        site.fail(f"a YAML mapping is not allowed; allowed: {_VECTOR_ALLOWED}")
+    return values.reals(raw if isinstance(raw, str) else [site.text(v, _VECTOR_ALLOWED)
+                                                          for v in raw], -1e9, 1e9)
+
+
+_VECTOR_ALLOWED = "[v1, v2, v3] (3 channels) or [v1] (GRAY)"
 
 
 _NAMES_ALLOWED = "node names separated by ',' (YAML: or a list)"
@@ -569,26 +617,51 @@ def _input_shape(raw: str | list, site: _Site) -> tuple[tuple[str, tuple[int, ..
 
 
 def _keys(*keys: _Key) -> dict[str, _Key]:
-    return {key.field: key for key in keys}
+    return {key.key or key.field: key for key in keys}
 
 
 _METHOD_ALLOWED = ", ".join(METHODS)
+_TARGET_DEVICE = _Key("target_device", *_scalar(_target_device, ", ".join(target.TARGETS)))
+# docs/reference.md §1.
+IMAGE_FORMATS = ("RGB", "GRAY", "BGR")
+RESIZE_METHODS = ("LINEAR", "NEAREST", "CUBIC")
+WEIGHT_STRATEGIES = ("MAX_MIN", "GPTQ")
+DYNAMIC_STRATEGIES = ("ALWC", "ACWL")
+# converter_lite sections of other backends, and what they configure.
+_FOREIGN_SECTIONS = {
+    "ascend_context": "MindSpore's Ascend backend",
+    "acl_option_cfg_param": "MindSpore's Ascend backend",
+    "cpu_option_cfg_param": "MindSpore Lite's ARM64 kernels",
+    "micro_param": "MindSpore Micro's code generation",
+    "gpu_context": "MindSpore's GPU backend",
+    "registry": "converter_lite's extension plugins",
+}
 
 _SECTIONED: dict[str | None, dict[str, _Key]] = {
     "common_quant_param": _keys(
         _Key("quant_type", *_scalar(values.quant_type, values.QUANT_TYPE_ALLOWED)),
-        _int_key("bit_num", 1, 16),
+        _int_key("bit_num", 0, 16),  # 0: mixed bit (WEIGHT_QUANT)
         _int_key("min_quant_weight_size", 0, U16_MAX),
         _int_key("min_quant_weight_channel", 0, U16_MAX),
         _Key("skip_quant_node", _names, _NAMES_ALLOWED, many=True, empty=()),
         _Key("debug_info_save_path", _path, "a directory"),
-        _Key("target_device", *_scalar(_target_device, ", ".join(target.TARGETS))),
+        _TARGET_DEVICE,
+        # MindSpore packs integers below 8 bits; ONNX int4/int2 tensors are always packed.
+        _bool_key("enable_encode"),
     ),
     "data_preprocess_param": _keys(
         _Key("calibrate_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),
         _int_key("calibrate_size", 1, U16_MAX),
-        _Key("input_type", *_scalar(_input_type, "BIN"), kept=False),
+        _choice_key("input_type", ("BIN", "IMAGE")),
         _Key("input_shape", _input_shape, values.SHAPES_ALLOWED, many=True),
+        _choice_key("image_to_format", IMAGE_FORMATS),
+        _Key("normalize_mean", _vector, _VECTOR_ALLOWED, many=True),
+        _Key("normalize_std", _vector, _VECTOR_ALLOWED, many=True),
+        _int_key("resize_width", 1, U16_MAX),
+        _int_key("resize_height", 1, U16_MAX),
+        _choice_key("resize_method", RESIZE_METHODS),
+        _int_key("center_crop_width", 1, U16_MAX),
+        _int_key("center_crop_height", 1, U16_MAX),
     ),
     "full_quant_param": _keys(
         _Key("activation_quant_method", *_scalar(lambda t: values.choice(t, METHODS),
@@ -600,6 +673,27 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("equalize"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
+        # MindSpore's docs put target_device here too.
+        _TARGET_DEVICE,
+        # Micro's switch to quantize every supported op, which ptqconv always does.
+        replace(_bool_key("enable_all_ops"), kept=False),
+    ),
+    "weight_quant_param": _keys(
+        _bool_key("weight_per_channel").named("per_channel"),
+        _bool_key("weight_bias_correction").named("bias_correction"),
+        _choice_key("weight_quant_strategy", WEIGHT_STRATEGIES).named("quant_strategy"),
+        _Key("dequant_strategy", *_scalar(_no_meaning(
+            "ON_THE_FLY is dequantization at run time on Ascend; ptqconv's DequantizeLinear "
+            "nodes already dequantize at run time on onnxruntime's CPU provider"), "-")),
+    ),
+    "mixed_bit_weight_quant_param": _keys(
+        _Key("init_scale", *_scalar(lambda t: values.real(t, 0.0, 1.0, open_interval=True),
+                                    "a number in (0, 1)")),
+        _bool_key("auto_tune"),
+        _int_key("max_iterations", 40, U16_MAX),
+    ),
+    "dynamic_quant_param": _keys(
+        _choice_key("dynamic_quant_strategy", DYNAMIC_STRATEGIES).named("quant_strategy"),
     ),
     "evaluate_param": _keys(
         _Key("eval_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),
@@ -621,16 +715,6 @@ _FLAT_KEYS: dict[str, _Key] = {
 }
 
 _HOME = {key: section for section, keys in _SECTIONED.items() for key in keys}
-_IMAGE_KEYS = (
-    "image_to_format",
-    "normalize_mean",
-    "normalize_std",
-    "resize_width",
-    "resize_height",
-    "resize_method",
-    "center_crop_width",
-    "center_crop_height",
-)
 
 
 def _allowed_sections() -> str:
@@ -650,8 +734,6 @@ def _unknown_key_hint(key: str, section: str | None) -> str:
     if key in _FLAT_KEYS:
         target = _FLAT_KEYS[key].field
         return f" ({key} is the flat-form name; use {target} in [{_HOME[target]}])"
-    if key in _IMAGE_KEYS:
-        return " (image preprocessing is not supported, only input_type=BIN)"
     return ""
 
 
@@ -671,9 +753,12 @@ def _build(
     labels: dict[str, str] = {}
     for section in sections:
         if section.name not in schema:
+            foreign = _FOREIGN_SECTIONS.get(str(section.name))
+            why = (f" ({foreign}, which has no meaning here: ptqconv writes ONNX for "
+                   "onnxruntime's CPU provider)" if foreign else "")
             raise _error(
-                f"{_at(source, section.line)}: unknown section [{_show(str(section.name))}]; "
-                f"allowed: {_allowed_sections()}"
+                f"{_at(source, section.line)}: unknown section [{_show(str(section.name))}]"
+                f"{why}; allowed: {_allowed_sections()}"
             )
         known = schema[section.name]
         for key, line, raw in section.entries:
@@ -697,10 +782,15 @@ def _build(
             else:
                 kind = "mapping" if isinstance(value, _Pairs) else "list"
                 site.fail(f"expected one value, got a YAML {kind}; allowed: {spec.allowed}")
+            if spec.field in labels:  # a key two sections accept (target_device)
+                first = lines.get(spec.field)
+                site.fail(f"given twice (first as {labels[spec.field]}"
+                          f"{f' on line {first}' if first else ''})")
             if spec.kept:
                 given[spec.field] = parsed
             if line is not None:
-                lines[spec.field] = lines[key] = line
+                lines.setdefault(key, line)  # a field of the same name wins
+                lines[spec.field] = line
             labels[spec.field] = site.label
     return QuantConfig(
         source=source,

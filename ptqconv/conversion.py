@@ -12,11 +12,19 @@ import onnx_ir as ir
 from ptqconv import modelio
 from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
+from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.evaluate.comparison import compare_models, gate_failures
+from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import PostTraining
-from ptqconv.report import ConversionReport, GateReport
-from ptqconv.settings import ConvertSettings, DataSource, GateSettings, PostTrainingSettings
+from ptqconv.report import ConversionReport, DynamicSummary, Float16Summary, GateReport
+from ptqconv.settings import (
+    ConvertSettings,
+    DataSource,
+    DynamicQuantSettings,
+    GateSettings,
+    PostTrainingSettings,
+)
 from ptqconv.target import detect
 from ptqconv.weight_only import weight_quant
 
@@ -38,6 +46,7 @@ def convert(settings: ConvertSettings,
     # Checked now, before any long work.
     eval_data = open_data(model, settings.model_file, settings.gate.data) if settings.gate \
         else None
+    report.data = eval_data.format if eval_data is not None else None
     mode = settings.mode
     pt = None
     # The working copy may keep its weights in the temporary directory until saved.
@@ -45,14 +54,20 @@ def convert(settings: ConvertSettings,
         if isinstance(mode, PostTrainingSettings):
             # Checked on the graph already loaded, before the simplification and calibration.
             data = open_data(model, settings.model_file, mode.calibration)
+            report.data = data.format
             original_names = value_names(model.graph)
             del model
             simplified = modelio.simplify_with_onnxruntime(settings.model_file, Path(workdir))
             pt = PostTraining(mode, data, progress)
             model, report.post_training = pt.run(simplified, original_names)
+        elif isinstance(mode, DynamicQuantSettings):
+            model, report.weights = dynamic_quant(model, mode)
+            report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range)
         else:
             model, report.weights = weight_quant(model, mode, settings.model_file.parent,
                                                  progress)
+        if settings.fp16:
+            report.fp16 = float16(model)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
         if eval_data is not None and settings.gate is not None:
@@ -75,6 +90,8 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     sample = next(iter(data))
     target.size_before = report.size_after
     target.cpu = detect().why.removeprefix("detected: ")
+    if settings.fp16:
+        float16(repaired)
     target.latency_ms = {
         "float": latency_ms(settings.model_file, sample, gate.threads),
         "quantized": latency_ms(settings.output_file, sample, gate.threads),
@@ -84,10 +101,17 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     report.gate = accuracy_gate(data, settings, gate)
 
 
+def float16(model: ir.Model) -> Float16Summary:
+    """--fp16: the float32 constants that stay float stored in float16."""
+    result = Float16ConstantsPass()(model)
+    return Float16Summary(result.converted, result.float32_bytes, result.kept)
+
+
 def open_data(model: ir.Model, model_file: Path, source: DataSource) -> CalibrationSet:
     """The samples of `source` for the inputs of the loaded `model`, all checked."""
     return CalibrationSet.open(graph_inputs(model.graph, model_file), source.paths,
-                               source.size, dict(source.shapes), what=source.what)
+                               source.size, dict(source.shapes), what=source.what,
+                               layout=source.layout, image=source.image)
 
 
 def accuracy_gate(data: CalibrationSet, settings: ConvertSettings,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptqconv import qparams
+from ptqconv.calibrate.dataset import SampleFormat
 from ptqconv.calibrate.observers import KL_SQNR_FLOOR_DB
 from ptqconv.calibrate.ranges import SENTINEL_RANGE
 from ptqconv.debug.layer_report import LayerReport
@@ -64,6 +65,20 @@ class PostTrainingSummary:
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
 
 
+@dataclass(frozen=True)
+class DynamicSummary:
+    strategy: str  # ALWC
+    target: Target
+    reduce_range: bool  # 7-bit weights against the U8S8 GEMM's int16 saturation
+
+
+@dataclass(frozen=True)
+class Float16Summary:
+    converted: int  # float32 constants stored in float16
+    float32_bytes: int  # their size before
+    kept: int  # float32 constants float16 cannot hold
+
+
 @dataclass
 class GateReport:
     """The accuracy gate: the written model against the float one on held-out samples."""
@@ -118,6 +133,9 @@ class ConversionReport:
     post_training: PostTrainingSummary | None = None
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
+    data: SampleFormat | None = None  # how calibration (or eval) files became inputs
+    dynamic: DynamicSummary | None = None  # DynamicQuant
+    fp16: Float16Summary | None = None  # --fp16
 
     @property
     def gate_failures(self) -> list[str]:
@@ -145,6 +163,21 @@ class ConversionReport:
                 + (f" (stored as {', '.join(storages)})" if storages else ""),
                 f"  weights skipped:   {len(self.skipped)}",
             ]
+        if self.dynamic is not None:
+            d = self.dynamic
+            levels = 63 if d.reduce_range else 127
+            given = ("" if d.reduce_range == d.target.saturates
+                     else f"; reduce_range={str(d.reduce_range).lower()} set in the config")
+            lines += [
+                f"  target: {d.target.describe()}{given}",
+                f"  {d.strategy}: MatMul/Gemm weights int8 per output column, levels "
+                f"[-{levels}, {levels}]; activations quantized at run time, per tensor "
+                "(onnxruntime DynamicQuantizeMatMul)",
+                f"  weights quantized: {len(self.quantized)}",
+                f"  weights kept float: {len(self.skipped)}",
+            ]
+        if self.data is not None:
+            lines.append(f"  data: {self.data.describe()}")
         if self.post_training is not None:
             lines += post_training_lines(self.post_training)
         if self.target is not None:
@@ -155,6 +188,11 @@ class ConversionReport:
             lines.append(f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.reason}")
         if len(self.skipped) > max_skipped:
             lines.append(f"    ... and {len(self.skipped) - max_skipped} more")
+        if self.fp16 is not None:
+            f = self.fp16
+            kept = (f"; {f.kept} kept float32 (beyond float16's range)" if f.kept else "")
+            lines.append(f"  fp16: {f.converted} float32 constants stored in float16 "
+                         f"({_mb(f.float32_bytes)} -> {_mb(f.float32_bytes // 2)}){kept}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
         lines.append(

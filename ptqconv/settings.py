@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from ptqconv import target as target_module
 from ptqconv import values
+from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
 from ptqconv.config import QuantConfig, load_config
 from ptqconv.errors import PtqUsageError, shown
 from ptqconv.files import input_file
@@ -22,8 +23,11 @@ from ptqconv.values import QuantType
 
 T = TypeVar("T")
 
-# docs/reference.md §1: --bitNum ranges.
-BIT_RANGE = {QuantType.WEIGHT_QUANT: (1, 16), QuantType.POST_TRAINING: (1, 8)}
+# docs/reference.md §1: --bitNum ranges; the config's bit_num also takes 0 (mixed bit) for
+# WEIGHT_QUANT, and dynamic quantization is 8-bit only.
+BIT_RANGE = {QuantType.WEIGHT_QUANT: (1, 16), QuantType.POST_TRAINING: (1, 8),
+             QuantType.DYNAMIC_QUANT: (8, 8)}
+CONFIG_BIT_RANGE = {**BIT_RANGE, QuantType.WEIGHT_QUANT: (0, 16)}
 SUPPORTED_FMK = ("ONNX",)
 # MindSpore's defaults (docs/reference.md §1), then ptqconv's own for the keys MindSpore lacks.
 DEFAULT_BIT_NUM = 8
@@ -35,6 +39,10 @@ AUTO = "AUTO"
 DEFAULT_THREADS = 1
 # Everything, when eval_size is not given.
 ALL_SAMPLES = 2**31
+# [mixed_bit_weight_quant_param] and [dynamic_quant_param] defaults (docs/reference.md §1).
+DEFAULT_INIT_SCALE = 0.02
+DEFAULT_MAX_ITERATIONS = 40
+DEFAULT_DYNAMIC_STRATEGY = "ALWC"
 
 
 @dataclass(frozen=True)
@@ -47,14 +55,45 @@ class DataSource:
     size: int
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     what: str = "calibration data"
+    # --inputDataFormat: the layout of 4-D .bin samples; None: the model's own.
+    layout: str | None = None
+    image: ImagePreprocess | None = None  # input_type=IMAGE: decoded and preprocessed
+
+
+@dataclass(frozen=True)
+class MixedBitSettings:
+    """[mixed_bit_weight_quant_param]: bit_num=0 picks each layer's width."""
+
+    init_scale: float = DEFAULT_INIT_SCALE  # target relative error per layer, (0, 1)
+    auto_tune: bool = False  # search init_scale for an output cosine of about 0.995
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
 
 
 @dataclass(frozen=True)
 class WeightQuantSettings:
-    bit_num: int
+    bit_num: int  # 0 with `mixed_bit`
     min_size: int  # quantize a weight only when it has more elements than this
     min_channel: int  # ... and, for convs, more output channels than this
     skip: tuple[str, ...] = ()  # node names or op types kept float
+    per_channel: bool = True  # false: one scale per weight tensor
+    # [weight_quant_param] bias_correction (weight correction). None: not set; MindSpore's
+    # default is true, but the correction is not built yet, so it is off.
+    bias_correction: bool | None = None
+    quant_strategy: str = "MAX_MIN"  # MAX_MIN | GPTQ
+    mixed_bit: MixedBitSettings | None = None
+
+
+@dataclass(frozen=True)
+class DynamicQuantSettings:
+    """int8 weights offline, activations quantized at run time (DYNAMIC_QUANT)."""
+
+    bit_num: int
+    min_size: int
+    min_channel: int
+    target: Target
+    reduce_range: bool  # 7-bit weights: the U8S8 GEMM saturates on x86 without VNNI
+    strategy: str = DEFAULT_DYNAMIC_STRATEGY  # ALWC | ACWL
+    skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,8 +134,9 @@ class ConvertSettings:
     model_file: Path
     output_file: Path
     quant_type: QuantType
-    mode: WeightQuantSettings | PostTrainingSettings
+    mode: WeightQuantSettings | PostTrainingSettings | DynamicQuantSettings
     gate: GateSettings | None = None
+    fp16: bool = False  # --fp16: what stays float is stored in float16
 
     @property
     def bit_num(self) -> int:
@@ -119,6 +159,8 @@ class ConvertSettings:
         accuracy_threshold: float | str | None = None,
         cosine_threshold: float | str | None = None,
         sensitivity: bool = False,
+        input_data_format: str | None = None,
+        fp16: bool | str | None = None,
     ) -> ConvertSettings:
         """Check raw values (strings from the command line, or Python values; None: not
         given) and resolve them against the config file and the defaults."""
@@ -133,35 +175,78 @@ class ConvertSettings:
         model = input_file("--modelFile", model_file)
         output = _output_file(output_file, model)
         low, high = BIT_RANGE[qtype]
-        bits = pick.one("--bitNum", bit_num, "bit_num",
-                        lambda v: values.integer(v, low, high), DEFAULT_BIT_NUM,
-                        f" for {qtype.value}")
+        config_low, config_high = CONFIG_BIT_RANGE[qtype]
+        if bit_num is not None and not (isinstance(bit_num, str) and not bit_num.strip()):
+            bits = _flag("--bitNum", bit_num, lambda v: values.integer(v, low, high),
+                         f" for {qtype.value}")
+        else:
+            bits = pick.one("--bitNum", None, "bit_num",
+                            lambda v: values.integer(v, config_low, config_high),
+                            DEFAULT_BIT_NUM, f" for {qtype.value}")
         shapes = dict(pick.config("input_shape") or ())
         if input_shape:
             shapes.update(_flag("--inputShape", input_shape, values.shapes))
         skip = values.names([*values.names(skip_quant_node or ()),
                              *(pick.config("skip_quant_node") or ())])
         threads = pick.config("thread_num") or DEFAULT_THREADS
-        mode: WeightQuantSettings | PostTrainingSettings
+        layout = (None if input_data_format is None or not str(input_data_format).strip()
+                  else _flag("--inputDataFormat", input_data_format, values.data_format))
+        image = None if config is None else image_preprocess(config)
+        _check_encode(pick, qtype, bits)
+        min_size = pick.one("--quantWeightSize", quant_weight_size, "min_quant_weight_size",
+                            lambda v: values.integer(v, 0), DEFAULT_QUANT_WEIGHT_SIZE)
+        min_channel = pick.one("--quantWeightChannel", quant_weight_channel,
+                               "min_quant_weight_channel", lambda v: values.integer(v, 0),
+                               DEFAULT_QUANT_WEIGHT_CHANNEL)
+        mode: WeightQuantSettings | PostTrainingSettings | DynamicQuantSettings
         if qtype is QuantType.WEIGHT_QUANT:
-            mode = WeightQuantSettings(
-                bits,
-                pick.one("--quantWeightSize", quant_weight_size, "min_quant_weight_size",
-                         lambda v: values.integer(v, 0), DEFAULT_QUANT_WEIGHT_SIZE),
-                pick.one("--quantWeightChannel", quant_weight_channel,
-                         "min_quant_weight_channel", lambda v: values.integer(v, 0),
-                         DEFAULT_QUANT_WEIGHT_CHANNEL),
-                skip)
+            mode = _weight_quant(pick, bits, min_size, min_channel, skip)
+        elif qtype is QuantType.DYNAMIC_QUANT:
+            device = target_module.resolve(pick.config("target_device") or "auto")
+            mode = DynamicQuantSettings(
+                bits, min_size, min_channel, device,
+                reduce_range=pick.switch("reduce_range", device.saturates),
+                strategy=pick.config("dynamic_quant_strategy") or DEFAULT_DYNAMIC_STRATEGY,
+                skip=skip)
         else:
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
-                                  sensitivity)
-        gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads)
-        return cls(model, output, qtype, mode, gate)
+                                  sensitivity, layout, image)
+        gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads,
+                     layout, image)
+        half = False if fp16 is None else _flag("--fp16", fp16, values.boolean)
+        return cls(model, output, qtype, mode, gate, half)
+
+
+def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
+                  skip: tuple[str, ...]) -> WeightQuantSettings:
+    mixed = None
+    if bits == 0:
+        mixed = MixedBitSettings(pick.config("init_scale") or DEFAULT_INIT_SCALE,
+                                 pick.switch("auto_tune", False),
+                                 pick.config("max_iterations") or DEFAULT_MAX_ITERATIONS)
+    return WeightQuantSettings(
+        bits, min_size, min_channel, skip,
+        per_channel=pick.switch("weight_per_channel", True),
+        bias_correction=pick.config("weight_bias_correction"),
+        quant_strategy=pick.config("weight_quant_strategy") or "MAX_MIN",
+        mixed_bit=mixed)
+
+
+def _check_encode(pick: _Picker, qtype: QuantType, bits: int) -> None:
+    """MindSpore refuses enable_encode=false below 8 bits: its packing is the only storage
+    there. ONNX int4/int2 tensors are always packed, so false changes nothing at 8 and 16."""
+    if pick.config("enable_encode") is False and qtype is QuantType.WEIGHT_QUANT \
+            and bits not in (8, 16):
+        assert pick.source is not None
+        raise PtqUsageError(
+            f"{pick.source.where('enable_encode')}: false needs bit_num 8 or 16 (as in "
+            f"converter_lite: {bits}-bit weights exist only packed)")
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
                    shapes: tuple[tuple[str, tuple[int, ...]], ...],
                    debug_dir: str | os.PathLike | None, sensitivity: bool,
+                   layout: str | None, image: ImagePreprocess | None,
                    ) -> PostTrainingSettings:
     config = pick.source
     if config is None:
@@ -180,7 +265,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         activation_bits=pick.config("activation_bit_num") or bits,
         method=pick.config("activation_quant_method") or AUTO,
         calibration=DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
-                               shapes),
+                               shapes, layout=layout, image=image),
         bias_correction=pick.config("bias_correction"),
         per_channel=pick.switch("per_channel", True),
         target=device,
@@ -195,7 +280,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
 
 
 def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | None,
-          shapes: tuple[tuple[str, tuple[int, ...]], ...], threads: int) -> GateSettings | None:
+          shapes: tuple[tuple[str, tuple[int, ...]], ...], threads: int,
+          layout: str | None, image: ImagePreprocess | None) -> GateSettings | None:
     accuracy = pick.one("--accuracyThreshold", accuracy, "accuracy_threshold",
                         lambda v: values.real(v, 0.0, 1e6), None)
     cosine = pick.one("--cosineDistanceThreshold", cosine, "cosine_threshold",
@@ -207,7 +293,8 @@ def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | Non
         raise PtqUsageError(
             "--accuracyThreshold needs held-out data: set eval_path in [evaluate_param] "
             "of the config (name:dir like calibrate_path)")
-    data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data")
+    data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data",
+                      layout, image)
     return GateSettings(data, accuracy, cosine, threads)
 
 

@@ -43,18 +43,43 @@ def integer(value: str | int, low: int, high: int | None = None) -> int:
     return number
 
 
-def real(value: str | float, low: float, high: float) -> float:
-    """A finite number in [low, high]."""
-    allowed = allowed_range(low, high)
+def real(value: str | float, low: float, high: float, open_interval: bool = False) -> float:
+    """A finite number in [low, high], or in (low, high) with `open_interval`."""
+    allowed = f"({low:g}, {high:g})" if open_interval else allowed_range(low, high)
     if isinstance(value, bool):
         raise Invalid(f"{value!r} is not a number; allowed: {allowed}")
     try:
         number = float(str(value).strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise Invalid(f"{value!r} is not a number; allowed: {allowed}") from None
-    if not low <= number <= high:  # also rejects nan
+    if not low <= number <= high or (open_interval and number in (low, high)):  # and nan
         raise Invalid(f"{str(value).strip()} is out of range; allowed: {allowed}")
     return number
+
+
+def reals(value: str | Sequence[str | float], low: float, high: float,
+          counts: tuple[int, ...] = (1, 3)) -> tuple[float, ...]:
+    """MindSpore's vectors: `[127.5, 127.5, 127.5]` (brackets optional, or a list), each in
+    [low, high], as many as one of `counts`."""
+    allowed = f"[v1, ...] with {' or '.join(map(str, counts))} numbers in " \
+              f"{allowed_range(low, high)}"
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        parts: list = items(text, allowed=allowed)
+    else:
+        parts = list(value)
+    if len(parts) not in counts:
+        raise Invalid(f"{len(parts)} numbers given; allowed: {allowed}")
+    found = []
+    for part in parts:
+        try:
+            found.append(real(part, low, high))
+        except Invalid:
+            raise Invalid(f"{str(part).strip()!r} is not a number in "
+                          f"{allowed_range(low, high)}; allowed: {allowed}") from None
+    return tuple(found)
 
 
 BOOLEAN_ALLOWED = "true, false (also 1/0, yes/no, on/off)"
@@ -208,25 +233,48 @@ def shapes(
 class QuantType(str, Enum):
     WEIGHT_QUANT = "WeightQuant"
     POST_TRAINING = "PostTraining"
+    DYNAMIC_QUANT = "DynamicQuant"
 
 
-# MindSpore's config spellings (WEIGHT_QUANT, FULL_QUANT) and the flags' (WeightQuant,
-# PostTraining) are accepted everywhere, in any case, underscores optional.
+# MindSpore's config spellings (WEIGHT_QUANT, FULL_QUANT, DYNAMIC_QUANT) and the flags'
+# (WeightQuant, PostTraining, DynamicQuant) are accepted everywhere, in any case, underscores
+# optional.
 _QUANT_TYPES = {
     "WEIGHTQUANT": QuantType.WEIGHT_QUANT,
     "FULLQUANT": QuantType.POST_TRAINING,
     "POSTTRAINING": QuantType.POST_TRAINING,
+    "DYNAMICQUANT": QuantType.DYNAMIC_QUANT,
 }
-QUANT_TYPE_ALLOWED = "WeightQuant, PostTraining (MindSpore: WEIGHT_QUANT, FULL_QUANT)"
+QUANT_TYPE_ALLOWED = ("WeightQuant, PostTraining, DynamicQuant (MindSpore: WEIGHT_QUANT, "
+                      "FULL_QUANT, DYNAMIC_QUANT)")
 
 
 def quant_type(value: str | QuantType) -> QuantType:
     if isinstance(value, QuantType):
         return value
     key = str(value).strip().upper().replace("_", "")
-    if key == "DYNAMICQUANT":
-        raise Invalid(f"{value!r} is not supported (ptqconv has no dynamic quantization); "
-                      f"allowed: {QUANT_TYPE_ALLOWED}")
     if key not in _QUANT_TYPES:
         raise Invalid(f"{value!r} is not supported; allowed: {QUANT_TYPE_ALLOWED}")
     return _QUANT_TYPES[key]
+
+
+# --- data layout ---------------------------------------------------------------------------------
+
+DATA_FORMATS = ("NHWC", "NCHW")
+
+
+def data_format(value: str) -> str:
+    """MindSpore's `--inputDataFormat`: NHWC or NCHW, any case."""
+    return choice(value, DATA_FORMATS)
+
+
+POSITIONAL_SHAPES_ALLOWED = "d0,d1,...[:d0,d1,...], one shape per model input in input order"
+
+
+def positional_shapes(value: str) -> tuple[tuple[int, ...], ...]:
+    """MindSpore benchmark's `--inputShapes`: `1,3,224,224:1,64`, one shape per model input, by
+    position (its own `:`-separated form, not the converter's named `--inputShape`)."""
+    parts = items(str(value), ":", what="shape", allowed=POSITIONAL_SHAPES_ALLOWED)
+    if not parts:
+        raise Invalid(f"no shape given; allowed: {POSITIONAL_SHAPES_ALLOWED}")
+    return tuple(dims(part, f"#{index}") for index, part in enumerate(parts, 1))

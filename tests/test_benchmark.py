@@ -12,16 +12,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from models import DIGITS, save, write_samples
+from models import DIGITS, mlp, save, write_samples
 from onnx import TensorProto, helper, numpy_helper
 
 import ptqconv
+from ptqconv.calibrate.dataset import InputSpec
 from ptqconv.cli import benchmark_command
 from ptqconv.errors import PtqError, PtqUsageError
 from ptqconv.evaluate import BenchmarkSettings, benchmark
 from ptqconv.evaluate.comparison import compare_models
 from ptqconv.evaluate.data_file import read_benchmark_data
 from ptqconv.evaluate.options import SCHEMA
+from ptqconv.evaluate.run import random_sample
 from ptqconv.modelio import model_size
 
 FLOAT = DIGITS / "model.onnx"
@@ -171,8 +173,8 @@ def test_report_schema_is_stable(quantized, tmp_path, capsys):
     data = strict_json(report)
     assert data["schema"] == SCHEMA == "ptqconv.benchmark/1"
     assert set(data) == {
-        "schema", "model", "reference", "samples", "outputs", "overall", "thresholds",
-        "passed", "failures", "session",
+        "schema", "model", "reference", "samples", "inputs", "outputs", "overall",
+        "thresholds", "passed", "failures", "session",
     }  # fmt: skip
     assert set(data["model"]) == {"path", "size_bytes", "median_latency_ms"}
     assert set(data["reference"]) == {"path", "size_bytes", "median_latency_ms"}
@@ -319,7 +321,11 @@ def test_usage_errors(tmp_path, capsys):
         ((ref, indir), "--modelFile is required"),
         ((model, indir), "no reference: give --referenceModel"),
         ((model, ref, f"--benchmarkDataFile={data}", indir), "both given"),
-        ((model, ref), "no input data: give --inDataDir"),
+        ((model, f"--benchmarkDataFile={data}"), "give that sample with --inDataFile"),
+        ((model, ref, indir, "--inputShapes=1,1,8,8:1,4"), "2 shape(s) for 1 model input"),
+        ((model, ref, indir, "--inputShapes=1,1,8,8", "--inputShape=input:1,1,8,8"),
+         "--inputShape and --inputShapes both given"),
+        ((model, ref, indir, "--inputDataFormat=CHW"), "--inputDataFormat: 'CHW' is not"),
         ((model, ref, indir, f"--inDataFile={SAMPLE0}"), "--inDataDir and --inDataFile both"),
         ((model, f"--benchmarkDataFile={data}", indir), "give that sample with --inDataFile"),
         ((f"--modelFile={tmp_path / 'no.onnx'}", ref, indir), "--modelFile: no such file"),
@@ -522,3 +528,35 @@ def test_registered_in_the_cli(tmp_path, capsys):
     assert "no reference" in capsys.readouterr().err
     args = [f"--modelFile={FLOAT}", f"--referenceModel={FLOAT}", f"--inDataFile={SAMPLE0}"]
     assert cli.main(["benchmark", *args, *FAST]) == 0
+
+
+def test_random_inputs_measure_latency_only_and_give_no_verdict(tmp_path, capsys):
+    report_file = tmp_path / "r.json"
+    status, out, _ = bench(capsys, f"--modelFile={FLOAT}", f"--referenceModel={FLOAT}",
+                           f"--reportFile={report_file}", "--inputShapes=1,1,8,8", *FAST)
+    assert status == 0
+    assert "RANDOM inputs (no data given): latency only, no accuracy verdict" in out
+    assert "mean bias" not in out and "PASS" not in out
+    data = json.loads(report_file.read_text())
+    assert data["passed"] is None and data["samples"] == 0 and data["outputs"] == {}
+    assert data["inputs"].startswith("random") and data["model"]["median_latency_ms"] > 0
+    status, out, _ = bench(capsys, f"--modelFile={FLOAT}", *FAST)  # batch 1, no reference
+    assert status == 0 and "latency: model" in out
+
+
+def test_random_inputs_need_shapes_of_dynamic_dimensions(tmp_path, capsys):
+    model = save(mlp(), tmp_path / "m.onnx")  # x: [n, 256], y: [n, 64]
+    status, _, _ = bench(capsys, f"--modelFile={model}", *FAST)
+    assert status == 0  # a dynamic batch is 1
+    spec = InputSpec("x", np.dtype(np.int64), ("n", "seq"))
+    with pytest.raises(PtqUsageError, match=r"dynamic dimensions \[\?,\?\]; give --inputShapes"):
+        random_sample([spec], {})
+    sample = random_sample([spec], {"x": (2, 5)})
+    assert sample["x"].shape == (2, 5) and set(np.unique(sample["x"])) <= {0, 1}
+
+
+def test_input_shapes_by_position_match_input_shape_by_name(tmp_path, capsys):
+    args = [f"--modelFile={FLOAT}", f"--referenceModel={FLOAT}", f"--inDataFile={SAMPLE0}"]
+    a = bench(capsys, *args, "--inputShapes=1,1,8,8", *FAST)
+    b = bench(capsys, *args, "--inputShape=input:1,1,8,8", *FAST)
+    assert a[0] == b[0] == 0 and "1 sample," in a[1] and "1 sample," in b[1]

@@ -248,3 +248,15 @@ def test_version_and_the_explicit_convert_command(tmp_path, capsys):
     status, _, err = cli(capsys, "--bogus")
     assert status == 2 and err.startswith("ptqconv: error: No such option '--bogus'")
     assert err.endswith("(see ptqconv --help)\n")
+
+
+def test_mindspore_flags_without_meaning_here_say_why(capsys):
+    for args, message in (
+        (["--modelFile=m.onnx", "--weightFile=w.caffemodel"],
+         "--weightFile (MindSpore's) has no meaning here: it is the weight file of Caffe"),
+        (["benchmark", "--modelFile=m.onnx", "--device=GPU"],
+         "--device (MindSpore's) has no meaning here: ptqconv benchmark runs onnxruntime's"),
+    ):
+        status = main(args)
+        err = capsys.readouterr().err
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1

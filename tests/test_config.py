@@ -18,14 +18,16 @@ from ptqconv.values import QuantType
 
 CONFIGS = REPO / "configs"
 META = ("source", "format", "lines", "keys")
-SECTIONS = "[common_quant_param], [data_preprocess_param], [evaluate_param], [full_quant_param]"
+SECTIONS = ("[common_quant_param], [data_preprocess_param], [dynamic_quant_param], "
+            "[evaluate_param], [full_quant_param], [mixed_bit_weight_quant_param], "
+            "[weight_quant_param]")
 COMMON_KEYS = (
-    "bit_num, debug_info_save_path, min_quant_weight_channel, min_quant_weight_size, "
-    "quant_type, skip_quant_node, target_device"
+    "bit_num, debug_info_save_path, enable_encode, min_quant_weight_channel, "
+    "min_quant_weight_size, quant_type, skip_quant_node, target_device"
 )
 FULL_KEYS = (
-    "activation_bit_num, activation_quant_method, bias_correction, equalize, per_channel, "
-    "reduce_range, smooth_quant, thread_num"
+    "activation_bit_num, activation_quant_method, bias_correction, enable_all_ops, equalize, "
+    "per_channel, reduce_range, smooth_quant, target_device, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
@@ -182,6 +184,7 @@ def test_ini_and_yaml_parse_to_the_same_config(here):
         bias_correction=True,
         per_channel=False,
         thread_num=8,
+        input_type="BIN",
     )
     assert values(ini) == values(yml) == values(expected)
     assert dict(ini.lines) == {
@@ -296,13 +299,13 @@ ERRORS = [
     pytest.param(
         "calib.cfg",
         "[common_quant_param]\nbit_num=8.0\n",
-        "calib.cfg:2: [common_quant_param] bit_num: '8.0' is not an integer; allowed: [1, 16]",
+        "calib.cfg:2: [common_quant_param] bit_num: '8.0' is not an integer; allowed: [0, 16]",
         id="ini-not-an-integer",
     ),
     pytest.param(
         "calib.cfg",
         "[common_quant_param]\nbit_num=0x8\n",
-        "calib.cfg:2: [common_quant_param] bit_num: '0x8' is not an integer; allowed: [1, 16]",
+        "calib.cfg:2: [common_quant_param] bit_num: '0x8' is not an integer; allowed: [0, 16]",
         id="ini-hex",
     ),
     pytest.param(
@@ -377,27 +380,55 @@ ERRORS = [
     ),
     pytest.param(
         "calib.cfg",
-        "[common_quant_param]\nquant_type=DYNAMIC_QUANT\n",
-        "calib.cfg:2: [common_quant_param] quant_type: 'DYNAMIC_QUANT' is not supported "
-        "(ptqconv has no dynamic quantization); allowed: WeightQuant, PostTraining "
-        "(MindSpore: WEIGHT_QUANT, FULL_QUANT)",
-        id="ini-dynamic-quant",
+        "[common_quant_param]\nquant_type=STATIC\n",
+        "calib.cfg:2: [common_quant_param] quant_type: 'STATIC' is not supported; allowed: "
+        "WeightQuant, PostTraining, DynamicQuant (MindSpore: WEIGHT_QUANT, FULL_QUANT, "
+        "DYNAMIC_QUANT)",
+        id="ini-unknown-quant-type",
     ),
     pytest.param(
         "calib.cfg",
-        "[data_preprocess_param]\ninput_type=IMAGE\n",
-        "calib.cfg:2: [data_preprocess_param] input_type: 'IMAGE' is not supported; allowed: BIN "
-        "(ptqconv reads no images: save each preprocessed input as a raw little-endian .bin in "
-        "the input's dtype and shape, e.g. numpy x.astype('<f4').tofile(path))",
-        id="ini-image-input",
+        "[data_preprocess_param]\ninput_type=TEXT\n",
+        "calib.cfg:2: [data_preprocess_param] input_type: 'TEXT' is not supported; allowed: "
+        "BIN, IMAGE",
+        id="ini-unknown-input-type",
     ),
     pytest.param(
         "calib.cfg",
-        "[data_preprocess_param]\nnormalize_mean=[127.5]\n",
-        "calib.cfg:2: [data_preprocess_param] normalize_mean is not supported; allowed keys: "
-        "calibrate_path, calibrate_size, input_shape, input_type (image preprocessing is not "
-        "supported, only input_type=BIN)",
-        id="ini-image-preprocessing-key",
+        "[data_preprocess_param]\nnormalize_mean=[127.5, 1]\n",
+        "calib.cfg:2: [data_preprocess_param] normalize_mean: 2 numbers given; allowed: "
+        "[v1, ...] with 1 or 3 numbers in [-1e+09, 1e+09]",
+        id="ini-image-vector-length",
+    ),
+    pytest.param(
+        "calib.cfg",
+        "[weight_quant_param]\ndequant_strategy=ON_THE_FLY\n",
+        "calib.cfg:2: [weight_quant_param] dequant_strategy: 'ON_THE_FLY' has no meaning here: "
+        "ON_THE_FLY is dequantization at run time on Ascend; ptqconv's DequantizeLinear nodes "
+        "already dequantize at run time on onnxruntime's CPU provider",
+        id="ini-ascend-on-the-fly",
+    ),
+    pytest.param(
+        "calib.cfg",
+        "[mixed_bit_weight_quant_param]\ninit_scale=1\n",
+        "calib.cfg:2: [mixed_bit_weight_quant_param] init_scale: 1 is out of range; "
+        "allowed: (0, 1)",
+        id="ini-init-scale-open-interval",
+    ),
+    pytest.param(
+        "calib.cfg",
+        "[common_quant_param]\ntarget_device=auto\n[full_quant_param]\ntarget_device=CPU\n",
+        "calib.cfg:4: [full_quant_param] target_device: given twice (first as "
+        "[common_quant_param] target_device on line 2)",
+        id="ini-target-device-in-two-sections",
+    ),
+    pytest.param(
+        "calib.cfg",
+        "[ascend_context]\nprovider=ge\n",
+        f"calib.cfg:1: unknown section [ascend_context] (MindSpore's Ascend backend, which has "
+        f"no meaning here: ptqconv writes ONNX for onnxruntime's CPU provider); allowed: "
+        f"{SECTIONS}",
+        id="ini-foreign-section",
     ),
     pytest.param(
         "calib.cfg",
@@ -577,14 +608,14 @@ ERRORS = [
     pytest.param(
         "calib.yaml",
         "common_quant_param:\n  bit_num: 0x10\n",
-        "calib.yaml:2: [common_quant_param] bit_num: '0x10' is not an integer; allowed: [1, 16]",
+        "calib.yaml:2: [common_quant_param] bit_num: '0x10' is not an integer; allowed: [0, 16]",
         id="yaml-base-10-only",
     ),
     pytest.param(
         "calib.yaml",
         "common_quant_param:\n  bit_num: [8]\n",
         "calib.yaml:2: [common_quant_param] bit_num: expected one value, got a YAML list; "
-        "allowed: [1, 16]",
+        "allowed: [0, 16]",
         id="yaml-list-for-a-single-value",
     ),
     pytest.param(
@@ -724,7 +755,7 @@ SCHEMA = {
         _spelled("WeightQuant", "WEIGHT_QUANT", "WeightQuant", "weight_quant"),
         _spelled("PostTraining", "FULL_QUANT", "PostTraining", "full_quant"),
     ),
-    ("common_quant_param", "bit_num"): _integer(1, 16),
+    ("common_quant_param", "bit_num"): _integer(0, 16),
     ("common_quant_param", "min_quant_weight_size"): _integer(0, 65535),
     ("common_quant_param", "min_quant_weight_channel"): _integer(0, 65535),
     ("common_quant_param", "skip_quant_node"): _skip_names(),
@@ -736,7 +767,21 @@ SCHEMA = {
     ),
     ("data_preprocess_param", "calibrate_path"): _calibrate_path(),
     ("data_preprocess_param", "calibrate_size"): _integer(1, 65535),
-    ("data_preprocess_param", "input_type"): _spelled("BIN", "BIN", "bin", "Bin"),
+    ("data_preprocess_param", "input_type"): st.one_of(
+        _spelled("BIN", "BIN", "bin", "Bin"), _spelled("IMAGE", "IMAGE", "image")),
+    ("data_preprocess_param", "image_to_format"): _spelled("GRAY", "GRAY", "gray"),
+    ("data_preprocess_param", "normalize_mean"): st.lists(
+        st.integers(-1000, 1000), min_size=3, max_size=3).map(
+        lambda v: (tuple(float(x) for x in v), "[" + ", ".join(map(str, v)) + "]",
+                   [str(x) for x in v])),
+    ("data_preprocess_param", "resize_width"): _integer(1, 65535),
+    ("data_preprocess_param", "resize_method"): _spelled("CUBIC", "CUBIC", "cubic"),
+    ("full_quant_param", "enable_all_ops"): _boolean(),
+    ("weight_quant_param", "per_channel"): _boolean(),
+    ("weight_quant_param", "quant_strategy"): _spelled("GPTQ", "GPTQ", "gptq"),
+    ("mixed_bit_weight_quant_param", "max_iterations"): _integer(40, 65535),
+    ("mixed_bit_weight_quant_param", "auto_tune"): _boolean(),
+    ("dynamic_quant_param", "quant_strategy"): _spelled("ACWL", "ACWL", "acwl"),
     ("data_preprocess_param", "input_shape"): _input_shape(),
     ("full_quant_param", "activation_quant_method"): st.one_of(
         _spelled("MAX_MIN", "MAX_MIN", "max_min", "MaxMin"),
@@ -753,6 +798,13 @@ SCHEMA = {
     ("evaluate_param", "eval_size"): _integer(1, 65535),
 }
 PATHS = {"debug_info_save_path", "calibrate_path"}
+# Keys two sections share are kept in fields of their own.
+FIELDS = {
+    ("weight_quant_param", "per_channel"): "weight_per_channel",
+    ("weight_quant_param", "quant_strategy"): "weight_quant_strategy",
+    ("dynamic_quant_param", "quant_strategy"): "dynamic_quant_strategy",
+}
+NOT_KEPT = {"enable_all_ops"}  # checked, nothing kept
 
 
 def _expected(key, value, base):
@@ -773,6 +825,9 @@ def _render_ini(chosen) -> tuple[str, dict[str, int]]:
         "common_quant_param",
         "data_preprocess_param",
         "full_quant_param",
+        "weight_quant_param",
+        "mixed_bit_weight_quant_param",
+        "dynamic_quant_param",
         "evaluate_param",
     ):
         keys = [(k, v) for (s, k), v in chosen.items() if s == section]
@@ -780,7 +835,7 @@ def _render_ini(chosen) -> tuple[str, dict[str, int]]:
             lines += ["", f"[{section}]", "# keys"]
         for key, (_, text, _) in keys:
             lines.append(f"{key}={text}")
-            where[key] = len(lines)
+            where[FIELDS.get((section, key), key)] = len(lines)
     return "\n".join(lines) + "\n", where
 
 
@@ -797,8 +852,8 @@ def test_round_trip_ini_and_yaml(tmp_path, chosen):
     ini_text, where = _render_ini(chosen)
     ini = load_config(_write(tmp_path / "c.ini", ini_text if chosen else "[full_quant_param]\n"))
     yml = load_config(_write(tmp_path / "c.yaml", _render_yaml(chosen)))
-    expected = {key: _expected(key, v[0], tmp_path) for (_, key), v in chosen.items()
-                if key != "input_type"}  # checked, nothing kept
+    expected = {FIELDS.get((section, key), key): _expected(key, v[0], tmp_path)
+                for (section, key), v in chosen.items() if key not in NOT_KEPT}
     for config in (ini, yml):
         got = values(config)
         assert {key: got[key] for key in expected} == expected
@@ -806,7 +861,8 @@ def test_round_trip_ini_and_yaml(tmp_path, chosen):
         assert {k: v for k, v in got.items() if k not in expected} == {
             k: v for k, v in defaults.items() if k not in expected
         }
-    assert {k: ini.lines[k] for k in where} == where
+    assert {k: ini.lines[k] for k in where if k not in NOT_KEPT} == {
+        k: v for k, v in where.items() if k not in NOT_KEPT}
 
 
 FLAT_SCHEMA = {
@@ -877,7 +933,7 @@ def test_junk_keys_are_rejected_naming_the_key_and_its_line(tmp_path, key, posit
 
 
 INT_KEYS = [
-    ("common_quant_param", "bit_num", 1, 16),
+    ("common_quant_param", "bit_num", 0, 16),
     ("common_quant_param", "min_quant_weight_size", 0, 65535),
     ("common_quant_param", "min_quant_weight_channel", 0, 65535),
     ("data_preprocess_param", "calibrate_size", 1, 65535),

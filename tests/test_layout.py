@@ -9,13 +9,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 # Bottom to top; a module may import its own layer and the ones below.
 LAYERS = [
     ["errors", "values", "qparams", "target"],
-    ["files", "config", "graph", "calibrate.statistics", "calibrate.observers"],
+    ["files", "config", "graph", "calibrate.statistics", "calibrate.observers",
+     "calibrate.images"],
     ["runtime", "modelio"],
     ["calibrate.ranges", "calibrate.dataset", "calibrate.collector"],
     ["passes"],
     ["evaluate", "debug"],
     ["report", "settings"],
-    ["post_training", "weight_only"],
+    ["post_training", "weight_only", "dynamic_quant"],
     ["accuracy_target"],
     ["conversion"],
     ["__init__", "cli"],

@@ -127,6 +127,29 @@ def test_quant_type_spellings(text, expected):
     assert values.quant_type(text) is expected
 
 
-def test_quant_type_says_dynamic_is_missing():
-    with pytest.raises(Invalid, match="no dynamic quantization"):
-        values.quant_type("DYNAMIC_QUANT")
+def test_quant_type_dynamic_spellings():
+    for text in ("DYNAMIC_QUANT", "DynamicQuant", "dynamicquant"):
+        assert values.quant_type(text) is QuantType.DYNAMIC_QUANT
+
+
+@given(st.lists(st.floats(-1e6, 1e6, allow_nan=False).map(lambda v: round(v, 3)),
+                min_size=1, max_size=3).filter(lambda v: len(v) != 2),
+       st.booleans())
+def test_reals_round_trip(numbers, brackets):
+    text = ", ".join(repr(v) for v in numbers)
+    assert values.reals(f"[{text}]" if brackets else text, -1e9, 1e9) == tuple(numbers)
+
+
+@given(st.lists(st.lists(st.integers(1, 4096), min_size=1, max_size=4), min_size=1,
+                max_size=3))
+def test_positional_shapes_round_trip(shapes):
+    text = ":".join(",".join(map(str, s)) for s in shapes)
+    assert values.positional_shapes(text) == tuple(tuple(s) for s in shapes)
+
+
+def test_data_format_and_bad_positional_shape():
+    assert values.data_format("nhwc") == "NHWC"
+    with pytest.raises(Invalid, match="allowed: NHWC, NCHW"):
+        values.data_format("HWC")
+    with pytest.raises(Invalid, match="dimension '0' is not a positive integer"):
+        values.positional_shapes("1,3,0,4")

@@ -234,3 +234,65 @@ def test_float16_weights_are_quantized_with_float16_scales(tmp_path, bits, opset
     assert got.dtype == np.float16
     sqnr = 10 * np.log10(np.sum(ref**2) / np.sum((got.astype(np.float64) - ref) ** 2))
     assert sqnr > min_sqnr_db
+
+
+# --- MindSpore's [weight_quant_param] and friends -------------------------------------------------
+
+def test_config_per_channel_false_gives_one_scale_per_weight_within_half_a_step(tmp_path):
+    config = tmp_path / "w.cfg"
+    config.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=6\n"
+                      "min_quant_weight_size=0\nmin_quant_weight_channel=0\nenable_encode=true\n"
+                      "[weight_quant_param]\nper_channel=False\nbias_correction=False\n"
+                      "quant_strategy=MAX_MIN\n")
+    src = save(conv_net(), tmp_path / "float.onnx")
+    out = tmp_path / "q.onnx"
+    report = ptqconv.convert(src, out, "WeightQuant", config_file=config)
+    assert report.bit_num == 6 and len(report.quantized) == 3
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    float_weights = initializers(src)
+    for node in (n for n in model.graph.node if n.op_type == "DequantizeLinear"):
+        scale, zp = inits[node.input[1]], inits[node.input[2]].astype(np.int64)
+        assert scale.shape == () and not any(a.name == "axis" for a in node.attribute)
+        deq = (inits[node.input[0]].astype(np.int64) - zp) * scale
+        assert np.abs(deq - float_weights[node.output[0]]).max() <= scale / 2 * (1 + 1e-5)
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    assert np.allclose(run_model(out, {"x": x})[0], run_model(src, {"x": x})[0], atol=0.1)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ("[common_quant_param]\nbit_num=0\n[mixed_bit_weight_quant_param]\ninit_scale=0.02\n",
+     "bit_num=0 (mixed bit weight quantization, [mixed_bit_weight_quant_param]) is not "
+     "supported yet"),
+    ("[weight_quant_param]\nquant_strategy=GPTQ\n", "quant_strategy=GPTQ is not supported yet"),
+    ("[weight_quant_param]\nbias_correction=true\n",
+     "bias_correction=true (weight correction of each channel's mean and variance) is not "
+     "supported yet"),
+    ("[common_quant_param]\nbit_num=4\nenable_encode=false\n",
+     "enable_encode: false needs bit_num 8 or 16"),
+])
+def test_weight_algorithms_not_built_yet_fail_in_one_line(tmp_path, capsys, keys, message):
+    from ptqconv.cli import main
+
+    config = tmp_path / "w.cfg"
+    config.write_text(keys)
+    out = tmp_path / "q.onnx"
+    status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                   "--quantType=WeightQuant", f"--configFile={config}"])
+    err = capsys.readouterr().err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and os.listdir(tmp_path) == ["w.cfg"]
+
+
+def test_weight_settings_resolve_mindspore_defaults(tmp_path):
+    from ptqconv.settings import ConvertSettings, MixedBitSettings
+
+    config = tmp_path / "w.cfg"
+    config.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=0\n"
+                      "[mixed_bit_weight_quant_param]\nauto_tune=true\n")
+    settings = ConvertSettings.create(DIGITS / "model.onnx", tmp_path / "o.onnx",
+                                      config_file=config)
+    mode = settings.mode
+    assert (mode.bit_num, mode.per_channel, mode.bias_correction, mode.quant_strategy) == (
+        0, True, None, "MAX_MIN")
+    assert mode.mixed_bit == MixedBitSettings(0.02, True, 40)

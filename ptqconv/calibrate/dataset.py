@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from ptqconv import modelio
+from ptqconv.calibrate.images import ImagePreprocess
 from ptqconv.errors import PtqError, PtqUsageError, one_line, shown
 
 Dim = int | str | None
@@ -49,8 +50,38 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[Dim, ...] | None
+    # Of a 4-D input: NHWC when the model transposes it to NCHW first, else NCHW (ONNX's
+    # Conv layout).
+    layout: str | None = field(default=None, compare=False)
 
 
+# Transpose(perm=[0, 3, 1, 2]) right after the input: the model takes NHWC (tf2onnx exports).
+_NHWC_TO_NCHW = (0, 3, 1, 2)
+_NCHW_TO_NHWC = (0, 2, 3, 1)
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How the samples' files become model inputs, for the summaries."""
+
+    kind: str  # "bin" | "image"
+    model_layouts: tuple[str, ...]  # of the 4-D inputs
+    file_layout: str | None  # --inputDataFormat; None: the model's own
+    image: str = ""  # the preprocessing steps
+
+    def describe(self) -> str:
+        model = "/".join(dict.fromkeys(self.model_layouts))
+        if self.kind == "image":
+            return f"images, {self.image}, into the model's {model or 'layout'}"
+        if not self.model_layouts:
+            return ".bin samples in the inputs' shapes"
+        if self.file_layout is None:
+            return (f".bin samples in the model's {model} layout (MindSpore's NHWC .bin files: "
+                    "--inputDataFormat=NHWC)")
+        if self.file_layout == model:
+            return f".bin samples in {self.file_layout} (--inputDataFormat), the model's layout"
+        return (f".bin samples in {self.file_layout} (--inputDataFormat), transposed to the "
+                f"model's {model}")
 def model_inputs(model_path: Path) -> list[InputSpec]:
     """The graph inputs of the model at `model_path` that are not initializers, in graph order.
 
@@ -79,7 +110,14 @@ def graph_inputs(graph: ir.Graph, source: Path | None = None) -> list[InputSpec]
                            f"{value.dtype}, which numpy cannot hold")
         shape = None if value.shape is None else tuple(
             d if isinstance(d, int) else (d.value if d.value else None) for d in value.shape)
-        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape))
+        layout = None
+        if shape is not None and len(shape) == 4:
+            users = [node for node, _ in value.uses()]
+            nhwc = bool(users) and all(
+                n.op_type == "Transpose" and n.attributes.get("perm") is not None
+                and tuple(n.attributes["perm"].as_ints()) == _NHWC_TO_NCHW for n in users)
+            layout = "NHWC" if nhwc else "NCHW"
+        specs.append(InputSpec(value.name, np.dtype(value.dtype.numpy()), shape, layout))
     return specs
 
 
@@ -101,12 +139,22 @@ class CalibrationSet:
         shapes: dict[str, tuple[int, ...]],
         files: dict[str, list[Path]],
         what: str = "calibration data",
+        layout: str | None = None,
+        image: ImagePreprocess | None = None,
     ) -> None:
         self.inputs = inputs
         self.shapes = shapes
         self.files = files
+        self.layout = layout  # of 4-D .bin files; None: the model's
+        self.image = image
         self._what = what
         self._count = min((len(f) for f in files.values()), default=0)
+
+    @property
+    def format(self) -> SampleFormat:
+        layouts = tuple(s.layout for s in self.inputs if s.layout is not None)
+        return SampleFormat("image" if self.image else "bin", layouts, self.layout,
+                            self.image.describe() if self.image else "")
 
     @classmethod
     def open(
@@ -117,6 +165,8 @@ class CalibrationSet:
         shapes: Mapping[str, tuple[int, ...]] | None = None,
         check_values: bool = True,
         what: str = "calibration data",
+        layout: str | None = None,
+        image: ImagePreprocess | None = None,
     ) -> CalibrationSet:
         """Pair directories with model inputs, resolve shapes and check every used file.
 
@@ -127,7 +177,10 @@ class CalibrationSet:
         `shapes` (from ``--inputShape`` or the config's ``input_shape``) fixes dynamic
         dimensions; a single dimension still dynamic is inferred from the first file's size.
         With `check_values`, float files are read once to reject NaN/Inf (and bool files to
-        reject bytes other than 0 and 1). `what` starts every message.
+        reject bytes other than 0 and 1). `what` starts every message. `layout` is the
+        layout of 4-D `.bin` files (--inputDataFormat; None: the model's). With `image` the
+        files are images, decoded and preprocessed into the model's layout when read; their
+        headers are checked here.
 
         Raise PtqUsageError (one line naming the input, the file or directory, what was found
         and what was expected) for any problem with the data or the shapes, PtqError for a
@@ -154,6 +207,10 @@ class CalibrationSet:
                 )
         n = min(count, len(all_files[first]))
         files = {name: f[:n] for name, f in all_files.items()}
+        if image is not None:
+            resolved = {spec.name: _image_shape(spec, image, user_shapes.get(spec.name),
+                                                files[spec.name], what) for spec in inputs}
+            return cls(inputs, resolved, files, what, layout, image)
 
         resolved: dict[str, tuple[int, ...]] = {}
         inferred: set[str] = set()
@@ -177,7 +234,7 @@ class CalibrationSet:
                 for path in files[spec.name]:
                     _check_values(spec, resolved[spec.name], path, what)
 
-        return cls(inputs, resolved, files, what)
+        return cls(inputs, resolved, files, what, layout)
 
     @classmethod
     def from_files(
@@ -186,9 +243,11 @@ class CalibrationSet:
         files: Sequence[Path],
         shapes: Mapping[str, tuple[int, ...]] | None = None,
         what: str = "--inDataFile",
+        layout: str | None = None,
+        image: ImagePreprocess | None = None,
     ) -> CalibrationSet:
-        """One sample from one `.bin` file per input (paired by position), checked as `open`
-        checks a directory's files (shape resolution, size, NaN/Inf)."""
+        """One sample from one `.bin` file (or image) per input (paired by position),
+        checked as `open` checks a directory's files (shape resolution, size, NaN/Inf)."""
         inputs = tuple(inputs)
         listed = ", ".join(repr(s.name) for s in inputs)
         if not inputs:
@@ -206,19 +265,24 @@ class CalibrationSet:
                 raise PtqUsageError(f"{what}: input {spec.name!r}: no such file: {shown(path)}")
             if not path.is_file():
                 raise PtqUsageError(f"{what}: input {spec.name!r}: not a file: {shown(path)}")
+            if image is not None:
+                resolved[spec.name] = _image_shape(spec, image, user.get(spec.name), [path],
+                                                   what)
+                continue
             shape, inferred = _resolve_shape(spec, user.get(spec.name), path, what)
             _check_size(spec, shape, path, what, ", inferred from the file size" if inferred
                         else "")
             _check_values(spec, shape, path, what)
             resolved[spec.name] = shape
         return cls(inputs, resolved, {s.name: [p] for s, p in zip(inputs, files, strict=True)},
-                   what)
+                   what, layout, image)
 
     def subset(self, indices: Sequence[int]) -> CalibrationSet:
         """The samples at `indices`, in that order (read lazily like every sample)."""
         return CalibrationSet(self.inputs, self.shapes,
                               {name: [files[i] for i in indices]
-                               for name, files in self.files.items()}, self._what)
+                               for name, files in self.files.items()}, self._what,
+                              self.layout, self.image)
 
     def __len__(self) -> int:
         """The number of samples used."""
@@ -227,16 +291,67 @@ class CalibrationSet:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         """Sample k as ``{name: array}``, each array read from disk when the sample is due."""
         for k in range(self._count):
-            yield {
-                spec.name: _read(spec, self.shapes[spec.name], self.files[spec.name][k], self._what)
-                for spec in self.inputs
-            }
+            yield {spec.name: self._sample(spec, self.files[spec.name][k])
+                   for spec in self.inputs}
+
+    def _sample(self, spec: InputSpec, path: Path) -> np.ndarray:
+        shape = self.shapes[spec.name]
+        if self.image is not None:
+            pixels = self.image.load(path, self._what, spec.name)  # height x width x channels
+            if spec.layout == "NCHW":
+                pixels = pixels.transpose(2, 0, 1)
+            if pixels.shape != shape[1:]:
+                raise PtqUsageError(
+                    f"{self._what}: input {spec.name!r}: {shown(path)} gives "
+                    f"{_fmt(pixels.shape)} after preprocessing; expected {_fmt(shape[1:])} "
+                    "like the other images")
+            return pixels.reshape(shape).astype(spec.dtype)
+        if self.layout is None or spec.layout is None or self.layout == spec.layout:
+            return _read(spec, shape, path, self._what)
+        # The file holds the other 4-D layout: read it as such, then transpose.
+        to_file = _NCHW_TO_NHWC if self.layout == "NHWC" else _NHWC_TO_NCHW
+        stored = _read(spec, tuple(shape[i] for i in to_file), path, self._what)
+        return np.ascontiguousarray(stored.transpose(np.argsort(to_file)))
 
     def __repr__(self) -> str:
         shapes = ", ".join(
             f"{s.name}: {s.dtype.name} {_fmt(self.shapes[s.name])}" for s in self.inputs
         )
         return f"CalibrationSet({len(self)} samples; {shapes})"
+
+
+def _image_shape(spec: InputSpec, image: ImagePreprocess, user: tuple[int, ...] | None,
+                 paths: Sequence[Path], what: str) -> tuple[int, ...]:
+    """The sample shape of a 4-D input fed preprocessed images, checked against the model
+    (and --inputShape) from every image's header."""
+    where = f"{what}: input {spec.name!r}"
+    if spec.shape is None or len(spec.shape) != 4 or spec.layout is None:
+        raise PtqUsageError(f"{where}: input_type=IMAGE feeds 4-D image inputs; this input is "
+                            f"{_fmt(spec.shape)} (give it .bin samples)")
+    if not (_is_float(spec.dtype) or (spec.dtype == np.uint8 and image.mean is None)):
+        raise PtqUsageError(f"{where}: input_type=IMAGE feeds float inputs (or uint8 without "
+                            f"normalize_mean/std); this input is {spec.dtype.name}")
+    height, width = image.output_size(paths[0], what, spec.name)
+    for path in paths[1:]:
+        size = image.output_size(path, what, spec.name)
+        if size != (height, width):
+            raise PtqUsageError(
+                f"{where}: {shown(path)} is {size[1]}x{size[0]} after preprocessing but "
+                f"{shown(paths[0])} is {width}x{height}; set resize_width/resize_height or "
+                "center_crop_width/center_crop_height so every image has the model's size")
+    hwc = (height, width, image.channels)
+    shape = (1, image.channels, height, width) if spec.layout == "NCHW" else (1, *hwc)
+    model = user if user is not None else spec.shape
+    if len(model) != 4:
+        raise PtqUsageError(f"{where}: input shape {_fmt(model)} is not 4-D")
+    for i, (got, want) in enumerate(zip(shape, model, strict=True)):
+        if not _is_dynamic(want) and got != want:
+            raise PtqUsageError(
+                f"{where}: images give {_fmt(shape)} ({width}x{height}, {image.channels} "
+                f"channel{'s' if image.channels > 1 else ''}, {spec.layout}) but the model "
+                f"takes {_fmt(model)} (dimension {i}); set resize_width/resize_height, "
+                "center_crop_width/center_crop_height or image_to_format")
+    return shape
 
 
 def _check_storable(inputs: Sequence[InputSpec], what: str) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ptqconv import runtime, values
+from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
+from ptqconv.config import load_config
 from ptqconv.errors import PtqUsageError, shown
 from ptqconv.files import input_file
 
@@ -31,6 +33,9 @@ class BenchmarkSettings:
     in_data_dir: tuple[tuple[str | None, Path], ...] = ()
     in_data_file: tuple[Path, ...] = ()
     input_shape: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    input_shapes: tuple[tuple[int, ...], ...] = ()  # MindSpore's --inputShapes, by position
+    input_data_format: str | None = None  # of 4-D .bin samples; None: the model's layout
+    image: ImagePreprocess | None = None  # --configFile with input_type=IMAGE
     accuracy_threshold: float = DEFAULT_ACCURACY_THRESHOLD
     cosine_distance_threshold: float | None = None
     report_file: Path | None = None
@@ -38,6 +43,11 @@ class BenchmarkSettings:
     num_threads: int = DEFAULT_THREADS
     loop_count: int = DEFAULT_LOOP_COUNT
     warm_up_loop_count: int = DEFAULT_WARM_UP_LOOP_COUNT
+
+    @property
+    def random_inputs(self) -> bool:
+        """No data given: random inputs, latency only, no accuracy verdict."""
+        return not self.in_data_dir and not self.in_data_file
 
     @classmethod
     def create(
@@ -55,28 +65,38 @@ class BenchmarkSettings:
         num_threads: int | str | None = None,
         loop_count: int | str | None = None,
         warm_up_loop_count: int | str | None = None,
+        input_shapes: str | Sequence[Sequence[int]] | None = None,
+        input_data_format: str | None = None,
+        config_file: str | os.PathLike | None = None,
     ) -> BenchmarkSettings:
         """Check raw values (strings from the command line, or Python values; None: the
-        default). Raise PtqUsageError, one line naming the flag, for anything wrong."""
+        default). Raise PtqUsageError, one line naming the flag, for anything wrong.
+
+        Without input data the inputs are random and only latency is measured (MindSpore's
+        benchmark does the same); a reference is then optional."""
         model = input_file("--modelFile", model_file)
-        if _given(reference_model) == _given(benchmark_data_file):
+        random_inputs = not _given(in_data_dir) and not _given(in_data_file)
+        if _given(reference_model) and _given(benchmark_data_file):
             raise PtqUsageError(
                 "--referenceModel and --benchmarkDataFile both given; give one: the float "
-                "model to run on the same inputs, or a file of its saved outputs"
-                if _given(reference_model) else
+                "model to run on the same inputs, or a file of its saved outputs")
+        if not random_inputs and not _given(reference_model) \
+                and not _given(benchmark_data_file):
+            raise PtqUsageError(
                 "no reference: give --referenceModel (the float model) or --benchmarkDataFile "
                 "(its outputs in MindSpore's benchmark data format)")
+        if random_inputs and _given(benchmark_data_file):
+            raise PtqUsageError(
+                "--benchmarkDataFile holds the outputs of one sample; give that sample with "
+                "--inDataFile (one .bin file per input)")
         reference = (input_file("--referenceModel", reference_model)
                      if _given(reference_model) else None)
         data_file = (input_file("--benchmarkDataFile", benchmark_data_file)
                      if _given(benchmark_data_file) else None)
-        if _given(in_data_dir) == _given(in_data_file):
+        if _given(in_data_dir) and _given(in_data_file):
             raise PtqUsageError(
                 "--inDataDir and --inDataFile both given; give one: directories of .bin samples "
-                "(--inDataDir) or one .bin file per input (--inDataFile)"
-                if _given(in_data_dir) else
-                "no input data: give --inDataDir (name:dir,... directories of .bin samples) or "
-                "--inDataFile (one .bin file per model input, comma-separated)")
+                "(--inDataDir) or one .bin file per input (--inDataFile)")
         if data_file is not None and _given(in_data_dir):
             raise PtqUsageError(
                 "--benchmarkDataFile holds the outputs of one sample; give that sample with "
@@ -89,6 +109,19 @@ class BenchmarkSettings:
             shapes = _flag("--inputShape", list(input_shape.items()), values.shapes)
         elif _given(input_shape):
             shapes = _flag("--inputShape", input_shape, values.shapes)
+        positional: tuple[tuple[int, ...], ...] = ()
+        if isinstance(input_shapes, str) and _given(input_shapes):
+            positional = _flag("--inputShapes", input_shapes, values.positional_shapes)
+        elif input_shapes:
+            positional = tuple(tuple(int(d) for d in s) for s in input_shapes)
+        if shapes and positional:
+            raise PtqUsageError("--inputShape and --inputShapes both given; give one: "
+                                "name:d0,d1,...;... or MindSpore's d0,d1,...:... by position")
+        layout = (_flag("--inputDataFormat", input_data_format, values.data_format)
+                  if _given(input_data_format) else None)
+        image = None
+        if _given(config_file):
+            image = image_preprocess(load_config(input_file("--configFile", config_file)))
         level = "all" if graph_optimization_level is None else str(graph_optimization_level)
         level = _flag("--graphOptimizationLevel", level,
                       lambda v: values.choice(v, tuple(runtime.LEVELS)).lower())
@@ -99,6 +132,9 @@ class BenchmarkSettings:
             in_data_dir=dirs,
             in_data_file=files,
             input_shape=shapes,
+            input_shapes=positional,
+            input_data_format=layout,
+            image=image,
             accuracy_threshold=_optional("--accuracyThreshold", accuracy_threshold,
                                          lambda v: values.real(v, 0.0, 1e6),
                                          DEFAULT_ACCURACY_THRESHOLD),

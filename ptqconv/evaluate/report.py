@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ptqconv.calibrate.dataset import SampleFormat
 from ptqconv.errors import PtqError, one_line, shown
 from ptqconv.evaluate.comparison import names
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
@@ -35,6 +36,7 @@ class BenchmarkReport:
     comparisons: dict[str, OutputComparison]
     not_compared: list[str] = field(default_factory=list)  # model outputs not in the data file
     failures: list[str] = field(default_factory=list)
+    data: SampleFormat | None = None  # how the sample files became inputs
 
     @property
     def passed(self) -> bool:
@@ -71,13 +73,16 @@ class BenchmarkReport:
             },
             "reference": reference,
             "samples": self.samples,
+            "inputs": ("random: latency only, no accuracy verdict"
+                       if self.settings.random_inputs
+                       else self.data.describe() if self.data else None),
             "outputs": {name: c.result() for name, c in self.comparisons.items()},
             "overall": self.overall(),
             "thresholds": {
                 "accuracy_threshold_percent": self.settings.accuracy_threshold,
                 "cosine_distance_threshold": self.settings.cosine_distance_threshold,
             },
-            "passed": self.passed,
+            "passed": None if self.settings.random_inputs else self.passed,
             "failures": list(self.failures),
             "session": {
                 "graph_optimization_level": self.settings.graph_optimization_level,
@@ -100,6 +105,8 @@ class BenchmarkReport:
 
     def format(self, max_rows: int = MAX_TABLE_ROWS) -> str:
         """The table printed by the command: one screen whatever the number of outputs."""
+        if self.settings.random_inputs:
+            return self._format_latency()
         if self.settings.reference_model is not None:
             against = shown(self.settings.reference_model)
         else:
@@ -110,6 +117,8 @@ class BenchmarkReport:
             f"{self.settings.graph_optimization_level}, {self.settings.num_threads} thread"
             f"{'s' if self.settings.num_threads != 1 else ''}"
         ]
+        if self.data is not None and (self.data.kind == "image" or self.data.file_layout):
+            lines.append(f"inputs: {self.data.describe()}")
         items = list(self.comparisons.items())
         rows = items
         if len(items) > max_rows:
@@ -176,6 +185,25 @@ class BenchmarkReport:
                 + "; ".join(shown_failures)
                 + (f"; and {more} more (all of them in --reportFile)" if more else "")
             )
+        return "\n".join(lines)
+
+
+    def _format_latency(self) -> str:
+        s = self.settings
+        runs = f"median of {s.loop_count} runs after {s.warm_up_loop_count} warm-up"
+        lines = [f"benchmark: {shown(s.model_file)} on RANDOM inputs (no data given): latency "
+                 f"only, no accuracy verdict; graph optimization {s.graph_optimization_level}, "
+                 f"{s.num_threads} thread{'s' if s.num_threads != 1 else ''}"]
+        if s.reference_model is not None and self.reference_latency_ms is not None:
+            lines.append(f"size:    model {_size(self.model_size)}, reference "
+                         f"{_size(self.reference_size)} "
+                         f"({_ratio(self.model_size, self.reference_size)})")
+            lines.append(f"latency: model {self.model_latency_ms:.3f} ms, reference "
+                         f"{self.reference_latency_ms:.3f} ms "
+                         f"({_ratio(self.model_latency_ms, self.reference_latency_ms)}; {runs})")
+        else:
+            lines.append(f"size:    model {_size(self.model_size)}")
+            lines.append(f"latency: model {self.model_latency_ms:.3f} ms ({runs})")
         return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ class WeightQuantConfig:
     min_size: int = 0  # quantWeightSize: quantize only when element count > this
     min_channel: int = 16  # quantWeightChannel: convs only when output channels > this
     skip: frozenset[str] = field(default_factory=frozenset)  # node names or op types
+    per_channel: bool = True  # False: one scale (and zero point) per weight tensor
 
 
 @dataclass
@@ -136,10 +137,11 @@ class WeightQuantPass(ir.passes.InPlacePass):
             and any(s.node.op_type in _INT2_FUSED_OPS for s in slots)
         ):
             grid = grid.with_storage(ir.DataType.INT4)
-        rmin, rmax = qparams.tensor_range(weights, axis)
+        per = axis if self.config.per_channel else None
+        rmin, rmax = qparams.tensor_range(weights, per)
         scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid, float_type.numpy())
         storage_np = grid.storage.numpy()
-        q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=storage_np)
+        q = qparams.quantize(weights, scale, zero_point, grid, per, dtype=storage_np)
         del weights
 
         name = value.name
@@ -151,7 +153,8 @@ class WeightQuantPass(ir.passes.InPlacePass):
             inputs.append(add_initializer(graph, names.new(f"{name}_zero_point"),
                                           zero_point.astype(storage_np), grid.storage))
         dequant = ir.node(
-            "DequantizeLinear", inputs, {"axis": axis}, name=names.new(f"{name}_DequantizeLinear")
+            "DequantizeLinear", inputs, {"axis": axis} if per is not None else {},
+            name=names.new(f"{name}_DequantizeLinear")
         )
         graph.insert_before(slots[0].node, dequant)
         out = dequant.outputs[0]

@@ -1,0 +1,35 @@
+"""DynamicQuant: int8 weights offline, activations quantized at run time by onnxruntime."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from ptqconv import qparams
+from ptqconv.errors import PtqUsageError
+from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
+from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
+from ptqconv.passes.weight_quant import WeightRecord
+from ptqconv.settings import DynamicQuantSettings
+
+# onnxruntime quantizes activations at run time one scale per tensor (DynamicQuantizeLinear,
+# DynamicQuantizeMatMul); MindSpore's ACWL wants one per activation channel.
+ACWL_UNSUPPORTED = (
+    "[dynamic_quant_param] quant_strategy=ACWL (activations per channel) is not supported: "
+    "onnxruntime quantizes activations at run time per tensor only; use ALWC")
+
+
+def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
+                  ) -> tuple[ir.Model, list[WeightRecord]]:
+    """`model` with its eligible MatMul / Gemm weights in int8 behind DynamicQuantizeMatMul and
+    its embedding tables in int8 before Gather, and what happened to every such weight. Other
+    weights (Conv: onnxruntime's ConvInteger is slower than its float Conv) stay float."""
+    if settings.strategy == "ACWL":
+        raise PtqUsageError(ACWL_UNSUPPORTED)
+    config = DynamicQuantConfig(
+        grid=qparams.fused_weight_grid(settings.bit_num, settings.reduce_range),
+        per_channel=True, min_size=settings.min_size, skip=frozenset(settings.skip))
+    records = DynamicQuantPass(config)(model).records
+    tables = GatherQuantConfig(qparams.weight_only_grid(settings.bit_num), settings.min_size,
+                               frozenset(settings.skip))
+    records += GatherQuantPass(tables)(model).records
+    return model, records

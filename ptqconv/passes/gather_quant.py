@@ -1,0 +1,104 @@
+"""Embedding tables: Gather(float table, ids) -> DequantizeLinear(Gather(int8 table, ids)).
+
+Only the gathered rows are dequantized, at run time, as onnxruntime's quantize_dynamic does:
+dequantizing the whole table before the Gather would cost a pass over it every inference.
+One scale and zero point per table (the rows would need a Gather of their own scales).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqconv import qparams
+from ptqconv.graph.initializers import add_initializer
+from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.ops import is_onnx
+from ptqconv.passes.weight_quant import WeightRecord
+
+STORAGE = "int8 (Gather, then DequantizeLinear)"
+
+
+@dataclass
+class GatherQuantConfig:
+    grid: qparams.Grid  # an affine 8-bit grid: every level of the container
+    min_size: int = 0
+    skip: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass
+class GatherQuantResult(ir.passes.PassResult):
+    records: list[WeightRecord] = field(default_factory=list)
+
+
+class GatherQuantPass(ir.passes.InPlacePass):
+    def __init__(self, config: GatherQuantConfig):
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> GatherQuantResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        result = GatherQuantResult(model, False)
+        for node in list(graph):
+            if not is_onnx(node) or node.op_type != "Gather" or node.inputs[0] is None:
+                continue
+            table = node.inputs[0]
+            tensor = table.const_value
+            if tensor is None:
+                continue
+            record = WeightRecord(name=table.name or "", op_type="Gather",
+                                  nodes=(node.name or "Gather",), shape=tuple(tensor.shape),
+                                  quantized=False, float_bytes=tensor.nbytes)
+            record.reason = self._skip_reason(graph, node, table)
+            if not record.reason:
+                self._replace(graph, names, node, table)
+                record.quantized = result.modified = True
+                record.storage = STORAGE
+            result.records.append(record)
+        return result
+
+    def _skip_reason(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> str:
+        cfg = self.config
+        tensor = table.const_value
+        assert tensor is not None
+        if node.name in cfg.skip or "Gather" in cfg.skip:
+            return f"skip_quant_node ({node.name or 'Gather'})"
+        if tensor.dtype != ir.DataType.FLOAT:
+            return f"dtype {tensor.dtype.name.lower()} (only float32 tables)"
+        if len(tensor.shape) < 2:
+            return f"rank {len(tensor.shape)} < 2"
+        if table.name not in graph.initializers or table.is_graph_output():
+            return "not an initializer of the main graph only"
+        if any(user is not node for user, _ in table.uses()):
+            return "shared with another node"
+        if tensor.size <= cfg.min_size:
+            return f"{tensor.size} elements <= quantWeightSize {cfg.min_size}"
+        return ""
+
+    def _replace(self, graph: ir.Graph, names: NameAllocator, node: ir.Node,
+                 table: ir.Value) -> None:
+        grid = self.config.grid
+        weights = table.const_value.numpy()
+        rmin, rmax = qparams.tensor_range(weights)
+        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+        q = qparams.quantize(weights, scale, zero_point, grid, dtype=np.int8)
+        base = table.name or "table"
+        quantized = add_initializer(graph, names.new(f"{base}_quantized"), q)
+        node.replace_input_with(0, quantized)
+        gathered = node.outputs[0]
+        dequant = ir.node("DequantizeLinear", [
+            None,
+            add_initializer(graph, names.new(f"{base}_scale"), scale),
+            add_initializer(graph, names.new(f"{base}_zero_point"), zero_point.astype(np.int8)),
+        ], name=names.new(f"{node.name or base}_DequantizeLinear"))
+        graph.insert_after(node, dequant)
+        out = dequant.outputs[0]
+        out.type, out.shape = gathered.type, gathered.shape
+        gathered.replace_all_uses_with(out, replace_graph_outputs=True)
+        out.name, gathered.name = gathered.name, names.new(f"{gathered.name or base}_quantized")
+        dequant.replace_input_with(0, gathered)
+        gathered.type = ir.TensorType(ir.DataType.INT8)
+        graph.initializers.pop(table.name)

@@ -1,0 +1,97 @@
+"""DynamicQuant: int8 weights behind onnxruntime's DynamicQuantizeMatMul (bias folded in),
+embedding tables gathered in int8; activations quantized at run time."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_model
+from models import DIGITS, embedding, mlp, save
+from onnx import numpy_helper
+
+import ptqconv
+from ptqconv.cli import main
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel(), b.ravel()
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def fused_ops(path, tmp_path) -> Counter:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ops(tmp_path / "opt.onnx")
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+def test_matmul_and_gemm_become_dynamic_int8_with_the_bias_folded(tmp_path, gemm):
+    src = save(mlp(gemm=gemm), tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert len(report.quantized) == 3 and not report.skipped
+    found = ops(out)
+    assert found["DynamicQuantizeMatMul"] == 3
+    assert found["MatMul"] == found["Gemm"] == found["Add"] == 0  # bias inside the op
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    float_inits = {t.name: numpy_helper.to_array(t)
+                   for t in onnx.load(str(src)).graph.initializer}
+    levels = 63 if report.dynamic.reduce_range else 127
+    for node in onnx.load(str(out)).graph.node:
+        if node.op_type != "DynamicQuantizeMatMul":
+            continue
+        weights, scale = inits[node.input[1]], inits[node.input[2]]
+        assert weights.dtype == np.int8 and scale.shape == (weights.shape[1],)  # per column
+        assert np.abs(weights).max() == levels
+        original = float_inits[node.input[1].removesuffix("_quantized")]
+        original = original.T if gemm else original
+        assert np.abs(weights * scale - original).max() <= scale.max() / 2 * (1 + 1e-5)
+    x = np.random.default_rng(0).standard_normal((5, 256)).astype(np.float32)
+    assert cosine(run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]) > 0.995
+    assert fused_ops(out, tmp_path)["DynamicQuantizeMatMul"] == 3
+
+
+def test_embedding_tables_are_gathered_in_int8(tmp_path):
+    src = save(embedding(), tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert {w.op_type: w.storage for w in report.quantized} == {
+        "MatMul": "int8 (DynamicQuantizeMatMul)",
+        "Gather": "int8 (Gather, then DequantizeLinear)"}
+    graph = onnx.load(str(out)).graph
+    assert [n.op_type for n in graph.node] == ["Gather", "DequantizeLinear",
+                                               "DynamicQuantizeMatMul"]
+    ids = np.arange(8, dtype=np.int64).reshape(1, 8) * 7
+    got, want = run_model(out, {"ids": ids})[0], run_model(src, {"ids": ids})[0]
+    assert got.shape == want.shape and cosine(got, want) > 0.99
+    assert report.size_after < report.size_before / 3
+
+
+def test_skip_and_mindspore_config_and_acwl(tmp_path, capsys):
+    src = save(mlp(), tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant", skip_quant_node="fc1")
+    assert [w.reason for w in report.skipped] == ["skip_quant_node (fc1)"]
+    assert ops(out)["MatMul"] == 1
+    config = tmp_path / "d.cfg"
+    config.write_text("[common_quant_param]\nquant_type=DYNAMIC_QUANT\nbit_num=8\n"
+                      "[dynamic_quant_param]\nquant_strategy=ACWL\n")
+    status = main([f"--modelFile={src}", f"--outputFile={tmp_path / 'a.onnx'}",
+                   f"--configFile={config}"])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "quant_strategy=ACWL (activations per channel) is not supported" in err
+    assert not (tmp_path / "a.onnx").exists()
+    status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                   "--quantType=DynamicQuant", "--bitNum=4"])
+    assert status == 2 and "allowed: [8, 8] for DynamicQuant" in capsys.readouterr().err
