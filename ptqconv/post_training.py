@@ -50,7 +50,7 @@ class PostTraining:
         """The simplified float model at `source`, ready to plan: onnxruntime's generated
         names prefixed (`original_names` are the user's), initializer Casts folded, only
         the opsets used, at least the opset QDQ needs."""
-        model = modelio.load_model(source)
+        model = modelio.load_model(source, check=False)  # onnxruntime's output of a checked one
         ir.passes.Sequential(
             PrefixGeneratedNamesPass(original_names),
             FoldInitializerCastsPass(),
@@ -141,7 +141,7 @@ class PostTraining:
             assert s.debug_dir is not None
             stats = layer_report.activation_report(prepared, qdq, self.data, s.threads)
             stats += layer_report.weight_report(qdq)
-            summary.layer_report = layer_report.write(s.debug_dir, stats)
+            summary.layer_report = layer_report.build(s.debug_dir, stats)
         if s.sensitivity:
             summary.sensitivity = self._sensitivity(prepared, skip, calibration, ranges)
         return model, summary
@@ -153,9 +153,6 @@ class PostTraining:
         plan = plan_quantization(prepared.graph, skip, calibration.float_tensors)
         samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), self.data,
                                                 strict=False)]
-        ranking = sensitivity.rank_units(
+        return sensitivity.rank_units(
             prepared, plan, lambda sub: self.qdq_pass(sub, ranges), samples,
             self.settings.threads, self._step(len(plan.units), "sensitivity"))
-        if self.settings.debug_dir is not None:
-            sensitivity.write(self.settings.debug_dir, ranking)
-        return ranking

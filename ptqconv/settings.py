@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ptqconv import values
+from ptqconv import files, values
 from ptqconv.config import QuantConfig, load_config
 from ptqconv.errors import PtqUsageError, shown
-from ptqconv.files import input_file
 from ptqconv.values import QuantType
 
 T = TypeVar("T")
@@ -32,6 +31,10 @@ DEFAULT_METHOD = "MAX_MIN"
 DEFAULT_THREADS = 1
 # Everything, when eval_size is not given.
 ALL_SAMPLES = 2**31
+# A calibration config is a few dozen lines; reading more than this is a wrong file.
+MAX_CONFIG_BYTES = 1 << 20
+# Beside --outputFile: its weights when it passes protobuf's 2 GB limit.
+DATA_SUFFIX = ".data"
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class DataSource:
     size: int
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     what: str = "calibration data"
+    # Where `size` was asked for (`calib.ini:5: calibrate_size`), when it was: MindSpore
+    # refuses a directory with fewer files than that; None means "up to `size`".
+    size_given: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,14 @@ class ConvertSettings:
     quant_type: QuantType
     mode: WeightQuantSettings | PostTrainingSettings
     gate: GateSettings | None = None
+    config_file: Path | None = None
+    # Where each --skipQuantNode / skip_quant_node name was given, for messages.
+    skip_given: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def data_file(self) -> Path:
+        """Where the output's weights go when it passes protobuf's 2 GB limit."""
+        return self.output_file.with_name(self.output_file.name + DATA_SUFFIX)
 
     @property
     def bit_num(self) -> int:
@@ -118,14 +132,20 @@ class ConvertSettings:
         given) and resolve them against the config file and the defaults."""
         if fmk is not None and str(fmk).strip().upper() not in SUPPORTED_FMK:
             raise PtqUsageError(f"--fmk: {fmk!r} is not supported; allowed: ONNX")
-        config_path = None if config_file is None else input_file("--configFile", config_file)
+        config_path = None if config_file is None else files.input_file(
+            "--configFile", config_file, MAX_CONFIG_BYTES, "calibration config")
         config = None if config_path is None else load_config(config_path)
         pick = _Picker(config)
-        qtype = pick.one("--quantType", quant_type, "quant_type", values.quant_type, None)
-        if qtype is None:
-            raise PtqUsageError(f"--quantType is required; allowed: {values.QUANT_TYPE_ALLOWED}")
-        model = input_file("--modelFile", model_file)
-        output = _output_file(output_file, model)
+        qtype = _quant_type(pick, quant_type)
+        model = files.input_file("--modelFile", model_file)
+        if output_file:  # an input behind a link is named as such, not as a link
+            output = Path(output_file)
+            files.refuse_inputs(
+                [("--outputFile", output),
+                 ("--outputFile's data file", output.with_name(output.name + DATA_SUFFIX))],
+                [("--modelFile", model),
+                 *([("--configFile", config_path)] if config_path else [])])
+        output = files.output_file("--outputFile", output_file, (DATA_SUFFIX,))
         low, high = BIT_RANGE[qtype]
         bits = pick.one("--bitNum", bit_num, "bit_num",
                         lambda v: values.integer(v, low, high), DEFAULT_BIT_NUM,
@@ -133,11 +153,17 @@ class ConvertSettings:
         shapes = dict(pick.config("input_shape") or ())
         if input_shape:
             shapes.update(_flag("--inputShape", input_shape, values.shapes))
-        skip = values.names([*values.names(skip_quant_node or ()),
-                             *(pick.config("skip_quant_node") or ())])
+        flag_skip = values.names(skip_quant_node or ())
+        config_skip = pick.config("skip_quant_node") or ()
+        skip = values.names([*flag_skip, *config_skip])
+        skip_given = {name: "--skipQuantNode" for name in flag_skip}
+        for name in config_skip:
+            assert config is not None
+            skip_given.setdefault(name, config.where("skip_quant_node"))
         threads = pick.config("thread_num") or DEFAULT_THREADS
         mode: WeightQuantSettings | PostTrainingSettings
         if qtype is QuantType.WEIGHT_QUANT:
+            _refuse_debug(pick, debug_dir, sensitivity)
             mode = WeightQuantSettings(
                 bits,
                 pick.one("--quantWeightSize", quant_weight_size, "min_quant_weight_size",
@@ -150,7 +176,37 @@ class ConvertSettings:
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
                                   sensitivity)
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads)
-        return cls(model, output, qtype, mode, gate)
+        return cls(model, output, qtype, mode, gate, config_path, tuple(skip_given.items()))
+
+
+def _quant_type(pick: _Picker, given: str | QuantType | None) -> QuantType:
+    """--quantType, else the config's quant_type; both given, they must agree (a config
+    written for FULL_QUANT run as WeightQuant would silently ignore its calibration)."""
+    config = pick.source
+    found = pick.one("--quantType", given, "quant_type", values.quant_type, None)
+    if found is None:
+        raise PtqUsageError(f"--quantType is required; allowed: {values.QUANT_TYPE_ALLOWED}")
+    written = pick.config("quant_type")
+    if written is not None and written is not found:
+        assert config is not None
+        raise PtqUsageError(
+            f"--quantType={found.value} contradicts {config.where('quant_type')}="
+            f"{written.value}; give one of them, or make them agree")
+    return found
+
+
+def _refuse_debug(pick: _Picker, debug_dir: str | os.PathLike | None,
+                  sensitivity: bool) -> None:
+    """The layer report and the sensitivity ranking measure quantized activations, which
+    WeightQuant does not have: asking for them must not pass in silence."""
+    why = "is for --quantType=PostTraining (WeightQuant leaves activations in float)"
+    if debug_dir:
+        raise PtqUsageError(f"--debugDir {why}")
+    if sensitivity:
+        raise PtqUsageError(f"--sensitivity {why}")
+    if pick.config("debug_info_save_path") is not None:
+        assert pick.source is not None
+        raise PtqUsageError(f"{pick.source.where('debug_info_save_path')} {why}")
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
@@ -173,7 +229,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         activation_bits=pick.config("activation_bit_num") or bits,
         method=pick.config("activation_quant_method") or DEFAULT_METHOD,
         calibration=DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
-                               shapes),
+                               shapes, size_given=_where(pick, "calibrate_size")),
         bias_correction=pick.switch("bias_correction", False),
         per_channel=pick.switch("per_channel", True),
         reduce_range=pick.switch("reduce_range", True),
@@ -199,8 +255,16 @@ def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | Non
         raise PtqUsageError(
             "--accuracyThreshold needs held-out data: set eval_path in [evaluate_param] "
             "of the config (name:dir like calibrate_path)")
-    data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data")
+    data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data",
+                      _where(pick, "eval_size"))
     return GateSettings(data, accuracy, cosine, threads)
+
+
+def _where(pick: _Picker, key: str) -> str | None:
+    """`calib.ini:5: [section] key` when the config sets `key`."""
+    if pick.source is None or pick.config(key) is None:
+        return None
+    return pick.source.where(key)
 
 
 class _Picker:
@@ -235,19 +299,3 @@ def _flag(flag: str, given: Any, parse: Callable[[Any], T], where: str = "") -> 
         return parse(given)
     except values.Invalid as exc:
         raise PtqUsageError(f"{flag}: {exc}{where}") from None
-
-
-def _output_file(value: str | os.PathLike | None, model: Path) -> Path:
-    if value is None or str(value) == "":
-        raise PtqUsageError("--outputFile is required")
-    path = Path(value)
-    parent = path.parent
-    if not parent.is_dir():
-        raise PtqUsageError(f"--outputFile: directory does not exist: {shown(parent)}")
-    if path.is_dir():
-        raise PtqUsageError(f"--outputFile: is a directory: {shown(path)}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PtqUsageError(f"--outputFile: directory is not writable: {shown(parent)}")
-    if path.resolve() == model.resolve():
-        raise PtqUsageError(f"--outputFile: must differ from --modelFile ({shown(path)})")
-    return path

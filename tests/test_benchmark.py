@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -522,3 +523,15 @@ def test_registered_in_the_cli(tmp_path, capsys):
     assert "no reference" in capsys.readouterr().err
     args = [f"--modelFile={FLOAT}", f"--referenceModel={FLOAT}", f"--inDataFile={SAMPLE0}"]
     assert cli.main(["benchmark", *args, *FAST]) == 0
+
+
+def test_the_report_file_never_replaces_an_input(tmp_path, capsys):
+    model, sample = tmp_path / "model.onnx", tmp_path / "000000.bin"
+    shutil.copy(FLOAT, model)
+    shutil.copy(DIGITS / "eval" / "input" / "000000.bin", sample)
+    for report in (model, sample):
+        before = report.read_bytes()
+        status, _, err = bench(capsys, f"--modelFile={model}", f"--referenceModel={model}",
+                               f"--inDataFile={sample}", f"--reportFile={report}")
+        assert status == 2 and "which this run reads" in err and report.name in err
+        assert report.read_bytes() == before

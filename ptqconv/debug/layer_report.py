@@ -32,6 +32,8 @@ QUANTILE_BINS = 4096
 # TFLite's guidance: rmse/scale above this is a candidate to keep in float.
 RMSE_SCALE_SKIP = 0.7
 LOCAL_SQNR_SKIP_DB = 20.0
+CSV_NAME = "layer_report.csv"
+JSON_NAME = "layer_report.json"
 
 
 @dataclass
@@ -206,31 +208,40 @@ def weight_report(qdq: QDQResult) -> list[TensorStats]:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Where the report went, and its worst rows by per-channel SQNR."""
+    """Where the report goes, its rows, and the worst rows by per-channel SQNR."""
 
     path: Path
-    tensors: int
+    rows: list[dict[str, object]]
     worst: list[dict[str, object]]
     suggested_skip: list[str]
 
+    @property
+    def tensors(self) -> int:
+        return len(self.rows)
 
-def write(directory: Path, stats: list[TensorStats], top: int = 10) -> LayerReport:
-    """Write layer_report.csv / .json into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+
+def build(directory: Path, stats: list[TensorStats], top: int = 10) -> LayerReport:
+    """The report of `stats`, to be written into `directory` by `save`."""
     rows = [s.row() for s in stats]
-    with (directory / "layer_report.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["tensor_name"])
-        writer.writeheader()
-        writer.writerows(rows)
     worst = sorted(rows, key=lambda r: (r["channel_sqnr_db"], -r["rmse_over_scale"]))[:top]
     suggestions = sorted({str(r["node_name"]) for r in worst
                           if r["channel_sqnr_db"] < LOCAL_SQNR_SKIP_DB
                           or r["rmse_over_scale"] > RMSE_SCALE_SKIP})
-    (directory / "layer_report.json").write_text(json.dumps(
+    return LayerReport(directory / CSV_NAME, rows, worst, suggestions)
+
+
+def save(report: LayerReport, csv_path: Path, json_path: Path) -> None:
+    """Write the report as CSV and JSON (the caller decides where, then moves them)."""
+    rows = report.rows
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["tensor_name"])
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps(
         {"schema": "ptqconv.layer_report/1", "tensors": [_json(r) for r in rows],
-         "worst": [r["tensor_name"] for r in worst], "suggested_skip_quant_node": suggestions},
+         "worst": [r["tensor_name"] for r in report.worst],
+         "suggested_skip_quant_node": report.suggested_skip},
         indent=1) + "\n")
-    return LayerReport(directory / "layer_report.csv", len(rows), worst, suggestions)
 
 
 def _json(row: dict[str, object]) -> dict[str, object]:

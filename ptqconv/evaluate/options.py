@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ptqconv import runtime, values
-from ptqconv.errors import PtqUsageError, shown
-from ptqconv.files import input_file
+from ptqconv import files, runtime, values
+from ptqconv.errors import PtqUsageError
 
 SCHEMA = "ptqconv.benchmark/1"
 # MindSpore benchmark defaults (benchmark_base.h): accuracyThreshold 0.5, numThreads 2,
@@ -58,7 +57,7 @@ class BenchmarkSettings:
     ) -> BenchmarkSettings:
         """Check raw values (strings from the command line, or Python values; None: the
         default). Raise PtqUsageError, one line naming the flag, for anything wrong."""
-        model = input_file("--modelFile", model_file)
+        model = files.input_file("--modelFile", model_file)
         if _given(reference_model) == _given(benchmark_data_file):
             raise PtqUsageError(
                 "--referenceModel and --benchmarkDataFile both given; give one: the float "
@@ -66,9 +65,9 @@ class BenchmarkSettings:
                 if _given(reference_model) else
                 "no reference: give --referenceModel (the float model) or --benchmarkDataFile "
                 "(its outputs in MindSpore's benchmark data format)")
-        reference = (input_file("--referenceModel", reference_model)
+        reference = (files.input_file("--referenceModel", reference_model)
                      if _given(reference_model) else None)
-        data_file = (input_file("--benchmarkDataFile", benchmark_data_file)
+        data_file = (files.input_file("--benchmarkDataFile", benchmark_data_file)
                      if _given(benchmark_data_file) else None)
         if _given(in_data_dir) == _given(in_data_file):
             raise PtqUsageError(
@@ -82,7 +81,7 @@ class BenchmarkSettings:
                 "--benchmarkDataFile holds the outputs of one sample; give that sample with "
                 "--inDataFile (one .bin file per input), not --inDataDir")
         dirs = _flag("--inDataDir", in_data_dir, _in_data_dir) if _given(in_data_dir) else ()
-        files = (_flag("--inDataFile", in_data_file, _in_data_file)
+        sample_files = (_flag("--inDataFile", in_data_file, _in_data_file)
                  if _given(in_data_file) else ())
         shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
         if isinstance(input_shape, Mapping):
@@ -97,7 +96,7 @@ class BenchmarkSettings:
             reference_model=reference,
             benchmark_data_file=data_file,
             in_data_dir=dirs,
-            in_data_file=files,
+            in_data_file=sample_files,
             input_shape=shapes,
             accuracy_threshold=_optional("--accuracyThreshold", accuracy_threshold,
                                          lambda v: values.real(v, 0.0, 1e6),
@@ -105,7 +104,8 @@ class BenchmarkSettings:
             cosine_distance_threshold=_optional("--cosineDistanceThreshold",
                                                 cosine_distance_threshold,
                                                 lambda v: values.real(v, -1.0, 1.0), None),
-            report_file=_report_file(report_file) if _given(report_file) else None,
+            report_file=_report_file(report_file, [model, reference, data_file, *sample_files])
+            if _given(report_file) else None,
             graph_optimization_level=level,
             num_threads=_optional("--numThreads", num_threads,
                                   lambda v: values.integer(v, 1, 1024), DEFAULT_THREADS),
@@ -152,12 +152,8 @@ def _in_data_file(value: Any) -> tuple[Path, ...]:
     return tuple(Path(item) for item in items)
 
 
-def _report_file(value: str | os.PathLike) -> Path:
-    path = Path(value)
-    if path.is_dir():
-        raise PtqUsageError(f"--reportFile: is a directory: {shown(path)}")
-    if not path.parent.is_dir():
-        raise PtqUsageError(f"--reportFile: directory does not exist: {shown(path.parent)}")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PtqUsageError(f"--reportFile: directory is not writable: {shown(path.parent)}")
-    return path
+def _report_file(value: str | os.PathLike, inputs: Sequence[Path | None]) -> Path:
+    """--reportFile, which must not name a file the benchmark reads."""
+    files.refuse_inputs([("--reportFile", Path(value))],
+                        [("an input of this benchmark", p) for p in inputs if p is not None])
+    return files.output_file("--reportFile", value)
