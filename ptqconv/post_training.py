@@ -139,7 +139,8 @@ class PostTraining:
         )
         if debug:
             assert s.debug_dir is not None
-            stats = layer_report.activation_report(prepared, qdq, self.data, s.threads)
+            stats = layer_report.activation_report(
+                prepared, qdq, self.data, s.threads, self._step(len(self.data), "layer report"))
             stats += layer_report.weight_report(qdq)
             summary.layer_report = layer_report.build(s.debug_dir, stats)
         if s.sensitivity:

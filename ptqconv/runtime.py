@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -174,24 +174,44 @@ def stream(
 ) -> int:
     """Run every sample, hand `consume` the named outputs; inference runs one sample ahead
     (onnxruntime releases the GIL), which hides most of the consumer's cost."""
+    return stream_together([(session, names)], samples,
+                           lambda _, outputs: consume(outputs[0]), progress)
+
+
+def stream_together(
+    runs: Sequence[tuple[Session, Sequence[str]]],
+    samples: Iterable[Mapping[str, np.ndarray]],
+    consume: Callable[[Mapping[str, np.ndarray], list[dict[str, np.ndarray]]], None],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run every sample through every `(session, output names)` of `runs`, each session in its
+    own thread and one sample ahead of `consume`, which gets the sample and the outputs of
+    each session in order. Returns the number of samples."""
     count = 0
-    pool = ThreadPoolExecutor(max_workers=1)
+    pool = ThreadPoolExecutor(max_workers=len(runs))
+
+    def submit(index: int, sample: Mapping[str, np.ndarray]) -> list[Future]:
+        feeds = dict(sample)
+        return [pool.submit(session.run, feeds, names, f"sample {index}")
+                for session, names in runs]
+
+    def finish(sample: Mapping[str, np.ndarray], futures: list[Future]) -> None:
+        nonlocal count
+        consume(sample, [future.result() for future in futures])
+        count += 1
+        if progress:
+            progress(1)
+
     try:
         pending = None
         for index, sample in enumerate(samples):
-            future = pool.submit(session.run, dict(sample), names, f"sample {index}")
+            futures = submit(index, sample)
             if pending is not None:
-                consume(pending.result())
-                count += 1
-                if progress:
-                    progress(1)
-            pending = future
+                finish(*pending)
+            pending = (sample, futures)
         if pending is not None:
-            consume(pending.result())
-            count += 1
-            if progress:
-                progress(1)
+            finish(*pending)
     finally:
-        # Interrupted, the sample queued behind the running one is not started.
+        # Interrupted, the samples queued behind the running ones are not started.
         pool.shutdown(wait=True, cancel_futures=True)
     return count
