@@ -136,6 +136,22 @@ def output_file(flag: str, value: str | os.PathLike | None,
     return path
 
 
+def output_directory(flag: str, path: Path) -> None:
+    """`path` is a directory this run may write in, or one it may create: checked before any
+    work, not after it."""
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    try:
+        mode = existing.stat().st_mode
+    except OSError as exc:
+        raise PtqUsageError(f"{flag}: {os_reason(exc)}: {shown(existing)}") from None
+    if not stat.S_ISDIR(mode):
+        raise PtqUsageError(f"{flag}: not a directory: {shown(existing)}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PtqUsageError(f"{flag}: directory is not writable: {shown(existing)}")
+
+
 class Identity:
     """The files a set of paths name, by resolved path and by device and inode, so that a
     symbolic link, a hard link or another spelling of a path is recognised."""

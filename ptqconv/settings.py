@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from ptqconv import files, values
 from ptqconv.config import QuantConfig, load_config
-from ptqconv.errors import PtqUsageError, shown
+from ptqconv.errors import PtqUsageError
 from ptqconv.values import QuantType
 
 T = TypeVar("T")
@@ -222,8 +222,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
             f"{config.source}: no calibration data: set calibrate_path in "
             "[data_preprocess_param] (or image_path in the flat form)")
     debug = Path(debug_dir) if debug_dir else config.debug_info_save_path
-    if debug is not None and debug.exists() and not debug.is_dir():
-        raise PtqUsageError(f"--debugDir: not a directory: {shown(debug)}")
+    if debug is not None:
+        files.output_directory("--debugDir", debug)
     return PostTrainingSettings(
         bit_num=bits,
         activation_bits=pick.config("activation_bit_num") or bits,
