@@ -12,6 +12,11 @@
 from __future__ import annotations
 
 import os
+
+# onnxruntime's telemetry writes a session file (.ses) into TMPDIR when it is imported; a
+# converter leaves nothing behind. Set before any module imports onnxruntime.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from typing import Any
 
 from ptqconv.errors import PtqError, PtqUsageError

@@ -7,8 +7,12 @@ checks a quantized model against its float model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import click
 
 from ptqconv import __version__
-from ptqconv.errors import PtqError
+from ptqconv.errors import PtqError, escaped, shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EPILOG = """\b
@@ -31,10 +35,37 @@ Examples:
 \b
 Accuracy gate for CI: ptqconv benchmark --help
 Exit status: 0 done, 1 the conversion failed (or missed --accuracyThreshold), 2 a flag or
-the config is wrong.
+the config is wrong, 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
 """
+# Without a terminal (CI logs), one plain progress line at most this often.
+PLAIN_PROGRESS_SECONDS = 5.0
+# Signals that stop a run the way Ctrl-C does: temporary files removed, nothing half-written.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+class Stopped(BaseException):
+    """Raised by the handler of a stop signal (a BaseException, like KeyboardInterrupt, so
+    no `except Exception` swallows it, while every `finally` and `with` still runs)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+
+def _stoppable(command: Callable[..., None]) -> Callable[..., None]:
+    """A KeyboardInterrupt that did not come through the signal handler (raised before it
+    was installed, or by a library) stops the command as Ctrl-C does; click would otherwise
+    print a blank line of its own before the error."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Stopped(signal.SIGINT) from None
+
+    return run
 
 
 # converter_lite and benchmark flags that have no meaning for an ONNX-to-ONNX converter on
@@ -166,13 +197,18 @@ def ptqconv() -> None:
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--verbose", is_flag=True,
               help="Show tracebacks on errors, and each per-node decision as it is made.")
+@_stoppable
 def convert_command(quiet: bool, verbose: bool, **flags: Any) -> None:
     """Quantize a float ONNX model (post-training, no retraining needed)."""
     from ptqconv.conversion import convert
     from ptqconv.settings import ConvertSettings
 
     settings = ConvertSettings.create(**flags)
-    report = convert(settings, progress=_progress if _show(quiet) else None)
+    with _Progress.shown(quiet) as progress:
+        report = convert(settings, progress=progress)
+    for path in report.replaced:
+        click.echo(f"ptqconv: warning: replaced the existing {shown(path)}, which this run did "
+                   "not write (the new model's weights are stored there)", err=True)
     if not quiet:
         click.echo(report.format())
     if report.gate_failures:
@@ -294,52 +330,120 @@ file is wrong.
 )
 @click.option("--quiet", is_flag=True, help="Print nothing but errors; the exit status tells.")
 @click.option("--verbose", is_flag=True, help="Show tracebacks on errors.")
+@_stoppable
 def benchmark_command(quiet: bool, verbose: bool, **flags: Any) -> None:
     """Check a quantized model's accuracy against its float model (MindSpore benchmark flags)."""
     from ptqconv.evaluate import BenchmarkSettings, benchmark
 
     advance: list[Callable[[int], None]] = []
+    with _Progress.shown(quiet) as progress:
 
-    def on_start(total: int) -> None:
-        if _show(quiet) and total > 1:
-            advance.append(_progress(total, "comparing"))
+        def on_start(total: int) -> None:
+            if progress is not None and total > 1:
+                advance.append(progress(total, "comparing"))
 
-    report = benchmark(BenchmarkSettings.create(**flags),
-                       progress=lambda amount: advance and advance[0](amount),
-                       on_start=on_start)
+        report = benchmark(BenchmarkSettings.create(**flags),
+                           progress=lambda amount: advance and advance[0](amount),
+                           on_start=on_start)
     if not quiet:
         click.echo(report.format())
     if not report.passed:
         raise click.exceptions.Exit(1)
 
 
-def _show(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+class _Progress:
+    """Progress on stderr: a bar with rate and ETA on a terminal; otherwise (CI logs) a plain
+    line every PLAIN_PROGRESS_SECONDS, so a long run is never silent for minutes."""
 
+    def __init__(self) -> None:
+        self.interactive = sys.stderr.isatty()
+        self.bars: list[Any] = []
 
-def _progress(total: int, label: str) -> Callable[[int], None]:
-    """A progress bar on stderr with rate and ETA, fed amounts of work done."""
-    bar = click.progressbar(
-        length=max(total, 1), label=label, file=sys.stderr, show_eta=True, show_percent=True
-    )
-    bar.__enter__()
-    done = [0]
+    @classmethod
+    @contextlib.contextmanager
+    def shown(cls, quiet: bool) -> Iterator[Callable[[int, str], Callable[[int], None]] | None]:
+        """A progress factory (None with --quiet); bars left open by an interruption are
+        closed on the way out, which shows the terminal's cursor again."""
+        if quiet:
+            yield None
+            return
+        progress = cls()
+        try:
+            yield progress
+        finally:
+            for bar in progress.bars:
+                bar.render_finish()
 
-    def advance(amount: int) -> None:
-        done[0] += amount
-        bar.update(amount)
-        if done[0] >= total:
-            bar.__exit__(None, None, None)
+    def __call__(self, total: int, label: str) -> Callable[[int], None]:
+        """A callback fed amounts of work done, out of `total`."""
+        return self._bar(total, label) if self.interactive else self._plain(total, label)
 
-    return advance
+    def _bar(self, total: int, label: str) -> Callable[[int], None]:
+        bar = click.progressbar(
+            length=max(total, 1), label=label, file=sys.stderr, show_eta=True,
+            show_percent=True)
+        bar.__enter__()
+        self.bars.append(bar)
+        done = [0]
+
+        def advance(amount: int) -> None:
+            done[0] += amount
+            bar.update(amount)
+            if done[0] >= total:
+                self.bars.remove(bar)
+                bar.__exit__(None, None, None)
+
+        return advance
+
+    @staticmethod
+    def _plain(total: int, label: str) -> Callable[[int], None]:
+        start = last = time.monotonic()
+        done = 0
+
+        def advance(amount: int) -> None:
+            nonlocal done, last
+            done += amount
+            now = time.monotonic()
+            if now - last >= PLAIN_PROGRESS_SECONDS:
+                last = now
+                click.echo(f"ptqconv: {label}: {100 * done / max(total, 1):.0f}% "
+                           f"({done} of {total}), {now - start:.0f} s", err=True)
+
+        return advance
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command and turn every failure into one line and an exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args
-    with _decisions_logged(verbose):
+    with _signals_handled(), _decisions_logged(verbose):
         return _run(args, verbose)
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    # The cleanup this starts must not be cut short by a second signal.
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_handled() -> Iterator[None]:
+    """SIGTERM (a CI cancel) and SIGHUP stop a run exactly as Ctrl-C does; SIGXFSZ is
+    ignored, so passing the file size limit is a write error that names the file instead of
+    a silent kill."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handled = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGXFSZ)}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in handled.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -381,8 +485,12 @@ def _run(args: list[str], verbose: bool) -> int:
         return _fail(f"{exc.format_message()} (see {prog} --help)", 2, verbose)
     except PtqError as exc:
         return _fail(str(exc), exc.exit_code, verbose)
+    except Stopped as exc:
+        name = signal.Signals(exc.signum).name
+        return _fail("interrupted" if exc.signum == signal.SIGINT else f"terminated by {name}",
+                     128 + exc.signum, verbose)
     except (KeyboardInterrupt, click.Abort):
-        return _fail("interrupted", 130, verbose)
+        return _fail("interrupted", 128 + signal.SIGINT, verbose)
     except MemoryError:
         return _fail("out of memory", 1, verbose)
     except Exception as exc:
@@ -396,7 +504,7 @@ def _run(args: list[str], verbose: bool) -> int:
 def _fail(message: str, status: int, verbose: bool) -> int:
     if verbose:
         traceback.print_exc()
-    click.echo(f"ptqconv: error: {message}", err=True)
+    click.echo(f"ptqconv: error: {escaped(message)}", err=True)
     return status
 
 

@@ -1,23 +1,41 @@
-"""The conversion: settings -> load -> WeightQuant or PostTraining -> save -> accuracy gate."""
+"""The conversion: settings -> load -> WeightQuant or PostTraining -> save -> accuracy gate.
+
+Every output (the model, its data file, the debug reports) is written into a staging area
+beside its destination, loaded back in onnxruntime, gated, and only then moved into place:
+a run that fails or is interrupted leaves nothing behind, and an output that onnxruntime
+refuses is never reported as a success.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import modelio
+from ptqconv import files, modelio
 from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
+from ptqconv.debug import layer_report, sensitivity
 from ptqconv.dynamic_quant import dynamic_quant
-from ptqconv.evaluate.comparison import compare_models, gate_failures
+from ptqconv.errors import PtqError, PtqUsageError, shown
+from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import PostTraining
-from ptqconv.report import ConversionReport, DynamicSummary, Float16Summary, GateReport
+from ptqconv.report import (
+    ConversionReport,
+    DynamicSummary,
+    Float16Summary,
+    GateReport,
+    InferredShape,
+    PostTrainingSummary,
+)
+from ptqconv.runtime import Session
 from ptqconv.settings import (
     ConvertSettings,
     DataSource,
@@ -41,64 +59,82 @@ def convert(settings: ConvertSettings,
     report = ConversionReport(settings.model_file, settings.output_file,
                               settings.quant_type.value, settings.bit_num)
     model = modelio.load_model(settings.model_file)
-    report.size_before = modelio.files_size(modelio.model_files(settings.model_file, model))
+    model_files = modelio.model_files(settings.model_file, model)
+    report.size_before = modelio.files_size(model_files)
     report.opset_before = model.opset_imports.get("", 1)
+    check_skip_names(model, settings)
     # Checked now, before any long work.
     eval_data = open_data(model, settings.model_file, settings.gate.data) if settings.gate \
         else None
     report.data = eval_data.format if eval_data is not None else None
     mode = settings.mode
-    pt = None
-    # The working copy may keep its weights in the temporary directory until saved.
-    with tempfile.TemporaryDirectory(prefix="ptqconv-") as workdir:
+    data = open_data(model, settings.model_file, mode.calibration) \
+        if isinstance(mode, PostTrainingSettings) else None
+    for source in (data, eval_data):
+        if source is not None:
+            report.inferred_shapes += inferred_shapes(source)
+    files.refuse_inputs(planned_outputs(settings),
+                        read_files(settings, model_files, data, eval_data))
+    with files.Staging() as staging:
+        pt = None
         if isinstance(mode, PostTrainingSettings):
-            # Checked on the graph already loaded, before the simplification and calibration.
-            data = open_data(model, settings.model_file, mode.calibration)
+            assert data is not None
             report.data = data.format
             original_names = value_names(model.graph)
             del model
-            simplified = modelio.simplify_with_onnxruntime(settings.model_file, Path(workdir))
-            pt = PostTraining(mode, data, progress)
-            model, report.post_training = pt.run(simplified, original_names)
-        elif isinstance(mode, DynamicQuantSettings):
-            model, report.weights = dynamic_quant(model, mode)
-            report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range)
+            with _temporary_directory() as workdir:
+                simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
+                pt = PostTraining(mode, data, progress)
+                model, report.post_training = pt.run(simplified, original_names)
+                saved = _save(model, settings, report, staging)
         else:
-            model, report.weights = weight_quant(model, mode, settings.model_file.parent,
-                                                 progress)
-        if settings.fp16:
-            report.fp16 = float16(model)
-        report.opset_after = model.opset_imports.get("", 1)
-        report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
+            if isinstance(mode, DynamicQuantSettings):
+                model, report.weights = dynamic_quant(model, mode)
+                report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range)
+            else:
+                model, report.weights = weight_quant(model, mode, settings.model_file.parent,
+                                                     progress)
+            saved = _save(model, settings, report, staging)
+        del model
+        session = _loaded(saved, settings)
+        if report.post_training is not None:
+            _stage_debug(report.post_training, mode, staging)
         if eval_data is not None and settings.gate is not None:
-            report.gate = accuracy_gate(eval_data, settings, settings.gate)
+            step = progress(len(eval_data), "accuracy gate") if progress else None
+            report.gate = accuracy_gate(session, eval_data, settings, settings.gate, step)
             if report.gate.failures and pt is not None:
-                _meet_target(pt, settings, settings.gate, eval_data, report, progress)
+                del session
+                session = _meet_target(pt, settings, settings.gate, eval_data, report, saved,
+                                       staging, progress)
+        del session
+        replaced = staging.commit()
+    report.replaced = [p for p in replaced if p == settings.data_file]
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings,
-                 data: CalibrationSet, report: ConversionReport,
-                 progress: ProgressFactory | None) -> None:
-    """Keep the most harmful units float until the gate passes; write that model."""
+                 data: CalibrationSet, report: ConversionReport, saved: modelio.SavedModel,
+                 staging: files.Staging, progress: ProgressFactory | None) -> Session:
+    """Keep the most harmful units float until the gate passes; stage that model instead.
+    Returns the session of the model staged last."""
     assert report.gate is not None
     repaired, target = meet_target(pt, settings.model_file, data, gate, report.gate, progress)
     report.target = target
-    if repaired is None:
-        return
-    sample = next(iter(data))
-    target.size_before = report.size_after
-    target.cpu = detect().why.removeprefix("detected: ")
-    if settings.fp16:
-        float16(repaired)
-    target.latency_ms = {
-        "float": latency_ms(settings.model_file, sample, gate.threads),
-        "quantized": latency_ms(settings.output_file, sample, gate.threads),
-        "written": latency_ms(repaired, sample, gate.threads)}
-    report.size_after = modelio.files_size(modelio.save_model(repaired, settings.output_file))
-    target.size_after = report.size_after
-    report.gate = accuracy_gate(data, settings, gate)
+    if repaired is not None:
+        sample = next(iter(data))
+        target.size_before = report.size_after
+        target.cpu = detect().why.removeprefix("detected: ")
+        latency = {"float": latency_ms(settings.model_file, sample, gate.threads),
+                   "quantized": latency_ms(saved.path, sample, gate.threads)}
+        saved = _save(repaired, settings, report, staging)
+        latency["written"] = latency_ms(saved.path, sample, gate.threads)
+        target.latency_ms = latency
+        target.size_after = report.size_after
+    session = _loaded(saved, settings)
+    if repaired is not None:
+        report.gate = accuracy_gate(session, data, settings, gate)
+    return session
 
 
 def float16(model: ir.Model) -> Float16Summary:
@@ -107,18 +143,136 @@ def float16(model: ir.Model) -> Float16Summary:
     return Float16Summary(result.converted, result.float32_bytes, result.kept)
 
 
+def _save(model: ir.Model, settings: ConvertSettings, report: ConversionReport,
+          staging: files.Staging) -> modelio.SavedModel:
+    if settings.fp16:
+        report.fp16 = float16(model)
+    report.opset_after = model.opset_imports.get("", 1)
+    saved = modelio.save_model(model, settings.output_file, staging)
+    report.size_after = modelio.files_size(saved.files)
+    return saved
+
+
+@contextlib.contextmanager
+def _temporary_directory() -> Iterator[Path]:
+    """A working directory in TMPDIR (removed on the way out, interrupted or not); a
+    failure to create it names TMPDIR."""
+    try:
+        workdir = tempfile.TemporaryDirectory(prefix="ptqconv-")
+    except OSError as exc:
+        raise PtqError(f"cannot create a temporary directory in {shown(tempfile.gettempdir())} "
+                       f"(TMPDIR): {files.os_reason(exc)}") from None
+    with workdir as name:
+        yield Path(name)
+
+
+def _loaded(saved: modelio.SavedModel, settings: ConvertSettings) -> Session:
+    """The written model in an onnxruntime session, or PtqError: onnxruntime is where the
+    output will run, so a model it refuses is a failure, never a success. PostTraining
+    output loads with the default options (the fusions into integer kernels included);
+    WeightQuant output without optimizations (fusing a multi-gigabyte model costs more
+    than it checks)."""
+    level = "all" if isinstance(settings.mode, PostTrainingSettings) or settings.gate \
+        else "disable"
+    threads = settings.gate.threads if settings.gate else 1
+    try:
+        return Session(saved.path, threads, level,
+                       label=f"the quantized model for {shown(settings.output_file)}")
+    except PtqError as exc:
+        raise PtqError(f"{exc}; nothing was written") from None
+
+
+def _stage_debug(summary: PostTrainingSummary, mode: PostTrainingSettings,
+                 staging: files.Staging) -> None:
+    """The layer report and the sensitivity ranking, written beside the model's staging."""
+    directory = mode.debug_dir
+    if directory is None:
+        return
+    try:
+        if summary.layer_report is not None:
+            layer_report.save(summary.layer_report,
+                              staging.path(directory / layer_report.CSV_NAME),
+                              staging.path(directory / layer_report.JSON_NAME))
+        if summary.sensitivity is not None:
+            sensitivity.write(staging.path(directory / sensitivity.CSV_NAME),
+                              summary.sensitivity)
+    except OSError as exc:
+        raise PtqError(f"--debugDir: cannot write in {shown(directory)}: "
+                       f"{files.os_reason(exc)}") from None
+
+
+def planned_outputs(settings: ConvertSettings) -> list[tuple[str, Path]]:
+    """Every file the run may write, with the flag that names it."""
+    outputs = [("--outputFile", settings.output_file),
+               ("--outputFile's data file", settings.data_file)]
+    mode = settings.mode
+    if isinstance(mode, PostTrainingSettings) and mode.debug_dir is not None:
+        names = [layer_report.CSV_NAME, layer_report.JSON_NAME]
+        if mode.sensitivity:
+            names.append(sensitivity.CSV_NAME)
+        outputs += [("--debugDir", mode.debug_dir / name) for name in names]
+    seen = files.Identity()
+    for flag, path in outputs:
+        other = seen.find(path)
+        if other is not None:
+            raise PtqUsageError(f"{flag}: {shown(path)} is also written as {other}; "
+                                "choose another path")
+        seen.add(path, flag)
+    return outputs
+
+
+def read_files(settings: ConvertSettings, model_files: list[Path],
+               *sources: CalibrationSet | None) -> list[tuple[str, Path]]:
+    """Every file the run reads, described for messages."""
+    read = [("--modelFile", model_files[0])]
+    read += [("external data of --modelFile", path) for path in model_files[1:]]
+    if settings.config_file is not None:
+        read.append(("--configFile", settings.config_file))
+    for source in sources:
+        if source is not None:
+            read += [(f"a sample of input {name!r} ({source.what})", path)
+                     for name, paths in source.files.items() for path in paths]
+    return read
+
+
+def check_skip_names(model: ir.Model, settings: ConvertSettings) -> None:
+    """Every --skipQuantNode / skip_quant_node name must match a node name or an op type of
+    the model: a misspelt name would otherwise quantize the node it meant to keep float."""
+    known = {node.name for graph in model.graphs() for node in graph if node.name}
+    known |= {node.op_type for graph in model.graphs() for node in graph}
+    for name, where in settings.skip_given:
+        if name in known:
+            continue
+        near = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
+            "; give node names or op types of the model"
+        raise PtqUsageError(f"{where}: {name!r} matches no node name or op type of "
+                            f"{shown(settings.model_file)}{hint}")
+
+
 def open_data(model: ir.Model, model_file: Path, source: DataSource) -> CalibrationSet:
     """The samples of `source` for the inputs of the loaded `model`, all checked."""
     return CalibrationSet.open(graph_inputs(model.graph, model_file), source.paths,
                                source.size, dict(source.shapes), what=source.what,
-                               layout=source.layout, image=source.image)
+                               layout=source.layout, image=source.image,
+                               count_given=source.size_given)
 
 
-def accuracy_gate(data: CalibrationSet, settings: ConvertSettings,
-                  gate: GateSettings) -> GateReport:
+def inferred_shapes(data: CalibrationSet) -> list[InferredShape]:
+    """The shapes read from a file's size, which the summary states."""
+    return [InferredShape(data.what, spec.name, spec.dtype.name, data.shapes[spec.name],
+                          data.files[spec.name][0])
+            for spec in data.inputs if spec.name in data.inferred]
+
+
+def accuracy_gate(quantized: Session, data: CalibrationSet, settings: ConvertSettings,
+                  gate: GateSettings, progress: Callable[[int], None] | None = None,
+                  ) -> GateReport:
     """Compare the written model with the float one on held-out samples (MindSpore's
     benchmark figures) and say why it misses the thresholds, if it does."""
-    comparisons = compare_models(settings.output_file, settings.model_file, data, "all",
-                                 gate.threads)
+    reference = Session(settings.model_file, gate.threads, "all",
+                        label=f"--modelFile {shown(settings.model_file)}")
+    check_same_io(quantized, reference)
+    comparisons = compare_sessions(quantized, reference, data, progress)
     return GateReport(len(data), comparisons,
                       gate_failures(comparisons, gate.accuracy_threshold, gate.cosine_threshold))

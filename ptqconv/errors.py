@@ -23,3 +23,11 @@ def one_line(text: str) -> str:
 def shown(path: object) -> str:
     """A path or name for a one-line message."""
     return one_line(str(path))
+
+
+def escaped(message: str) -> str:
+    """`message` with every character that is not printable escaped (`\\n`, `\\udcff`), so
+    a file name holding a newline or bytes that are not UTF-8 cannot split or break it."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)

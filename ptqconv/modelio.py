@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
-import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -13,13 +14,16 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from ptqconv.errors import PtqError
+from ptqconv.errors import PtqError, shown
+from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_failure
+from ptqconv.runtime import Session, path_source
 
 # docs/reference.md §3: onnxruntime 1.31 refuses models above opset 26 and IR version 13.
 MAX_ORT_OPSET = 26
 MAX_ORT_IR_VERSION = 13
 # Protobuf refuses messages of 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MAX_PROTO_BYTES = 2**31 - 1
 
 _PLACEHOLDER = "ptqconv-detached-weight"
 # docs/reference.md §3: per-axis DequantizeLinear needs 13, 16-bit and 4-bit types 21, 2-bit 25.
@@ -54,10 +58,15 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes", "1073741824")
     try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(path_source(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
+        if out.exists():
+            # onnxruntime got as far as writing: the temporary directory is the culprit.
+            reason = write_failure(workdir, path.stat().st_size) or "the write failed"
+            raise PtqError(f"cannot write the simplified model to the temporary directory "
+                           f"{shown(workdir)} (TMPDIR): {reason}") from None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PtqError(f"{path}: onnxruntime cannot load the model: {message}") from None
+        raise PtqError(f"{shown(path)}: onnxruntime cannot load the model: {message}") from None
     return out
 
 
@@ -66,28 +75,52 @@ def opset_for(dtypes: set[ir.DataType]) -> int:
     return max((_OPSET_FOR_TYPE[d] for d in dtypes), default=1)
 
 
-def load_model(path: Path) -> ir.Model:
-    """Load a float model; raise PtqError naming the file when it is not a usable ONNX model."""
+def load_model(path: Path, check: bool = True) -> ir.Model:
+    """Load a float model; raise PtqError naming the file when it is not a usable ONNX model.
+
+    With `check`, the model is validated before anything else reads it: every tensor's data
+    must lie in the model's directory and be as long as its shape needs, and the graph must
+    pass onnx's full check (known ops, a graph without cycles, consistent types), so a model
+    onnxruntime would refuse never yields an output that looks like success.
+    """
+    where = shown(path)
+    try:
+        size = regular_file_size(path)
+    except OSError as exc:
+        raise PtqError(f"{where}: cannot read: {os_reason(exc)}") from None
+    if size > MAX_PROTO_BYTES:
+        raise PtqError(f"{where} is {size} bytes, above protobuf's 2 GB limit for one message; "
+                       "store the weights as external data")
     try:
         # External data stays on disk (onnx-ir maps it lazily), so any size loads.
         proto = onnx.load(str(path), load_external_data=False)
     except OSError as exc:
-        raise PtqError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise PtqError(f"{where}: cannot read: {os_reason(exc)}") from None
     except Exception:
         # onnx wraps protobuf's DecodeError in its own class depending on the version.
-        raise PtqError(f"{path}: not an ONNX model (protobuf cannot parse it)") from None
+        raise PtqError(f"{where}: not an ONNX model (protobuf cannot parse it)") from None
     # Protobuf parses many non-ONNX byte strings without complaint; demand the basics.
     if proto.ir_version <= 0 or not proto.opset_import or not proto.graph.node:
-        raise PtqError(f"{path}: not an ONNX model (no IR version, opset or graph nodes)")
+        raise PtqError(f"{where}: not an ONNX model (no IR version, opset or graph nodes)")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise PtqError(f"{where}: IR version {proto.ir_version} is newer than onnx "
+                       f"{onnx.__version__} and onnxruntime know (max {onnx.IR_VERSION})")
     opset = _default_opset(proto)
     if opset > MAX_ORT_OPSET:
         raise PtqError(
-            f"{path}: opset {opset} is newer than onnxruntime can run (max {MAX_ORT_OPSET})"
+            f"{where}: opset {opset} is newer than onnxruntime can run (max {MAX_ORT_OPSET})"
         )
+    if check:
+        external = check_external_data(proto, path)
+        reason = _checker_failure(proto, path, external)
+        # onnx's checker is stricter than onnxruntime in places (a graph input of unknown
+        # rank, for one); onnxruntime, where the output will run, has the last word.
+        if reason is not None and not _onnxruntime_loads(path):
+            raise PtqError(f"{where}: not a valid ONNX model: {reason}")
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
-        raise PtqError(f"{path}: malformed ONNX graph: {exc}") from None
+        raise PtqError(f"{where}: malformed ONNX graph: {exc}") from None
     del proto
     ir.external_data.set_base_dir(model.graph, path.parent)
     # Exported models hold weights both as initializers and as Constant nodes; passes only
@@ -95,6 +128,121 @@ def load_model(path: Path) -> ir.Model:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     common_passes.RemoveInitializersFromInputsPass()(model)
     return model
+
+
+def _checker_failure(proto: onnx.ModelProto, path: Path, external: int) -> str | None:
+    """The first line of onnx's full check of the model (known ops, a graph without cycles,
+    consistent types, tensors as long as their shapes), None when it passes."""
+    try:
+        # By path: the C++ checker reads the file itself (no copy of the proto through
+        # Python) and knows the directory external data lives in. It takes only UTF-8
+        # paths; a model with external data and another name is left to onnxruntime.
+        if is_utf8(path):
+            onnx.checker.check_model(str(path), full_check=True)
+        elif not external:
+            onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        text = str(exc).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
+
+
+def _onnxruntime_loads(path: Path) -> bool:
+    try:
+        Session(path, level="disable", label=shown(path))
+    except PtqError:
+        return False
+    return True
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of `graph` and its subgraphs: initializers, sparse ones, attributes."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's shape and type need, or None for types of no fixed size."""
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except Exception:
+        return None
+    if dtype.kind in "OUS":
+        return None
+    elements = math.prod(tensor.dims)
+    width = _SUB_BYTE_BITS.get(tensor.data_type)
+    if width is not None:
+        return (elements * width + 7) // 8
+    return elements * dtype.itemsize
+
+
+_SUB_BYTE_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
+
+
+def check_external_data(proto: onnx.ModelProto, path: Path) -> int:
+    """Every tensor stored outside the model file must lie in the model's directory (a
+    location with `..`, an absolute one or a symbolic link leading out is refused: a model
+    must not make ptqconv copy other files into its output) and be as long as its shape
+    needs. Raise PtqError naming the tensor, the location and the model; return the number
+    of tensors stored outside."""
+    base = path.parent
+    real_base = os.path.realpath(base)
+    sizes: dict[str, int] = {}
+    count = 0
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        count += 1
+        entries = {e.key: e.value for e in tensor.external_data}
+        where = f"{shown(path)}: tensor {tensor.name!r}"
+        location = entries.get("location", "")
+        if not location or "\0" in location:
+            raise PtqError(f"{where} is stored externally but names no file "
+                           f"(location {shown(location)})")
+        parts = Path(location).parts
+        real = os.path.realpath(base / location)
+        if (os.path.isabs(location) or ".." in parts
+                or os.path.commonpath([real, real_base]) != real_base):
+            raise PtqError(f"{where} has its data outside the model's directory (location "
+                           f"{shown(location)}); refused")
+        if real not in sizes:
+            try:
+                sizes[real] = regular_file_size(base / location)
+            except OSError as exc:
+                raise PtqError(f"{where}: external data file {shown(base / location)}: "
+                               f"{os_reason(exc)}") from None
+        try:
+            offset = int(entries.get("offset", "0"))
+            needed = _tensor_bytes(tensor)
+            length = int(entries["length"]) if "length" in entries else needed
+        except ValueError:
+            raise PtqError(f"{where}: external data offset or length is not an integer"
+                           ) from None
+        if length is None:
+            length = sizes[real] - offset
+        if needed is not None and length != needed:
+            raise PtqError(f"{where}: external data length {length} bytes, but its shape "
+                           f"{list(tensor.dims)} needs {needed}")
+        if offset < 0 or offset + length > sizes[real]:
+            raise PtqError(f"{where}: truncated data: {shown(base / location)} is "
+                           f"{sizes[real]} bytes, the tensor's {length} bytes start at offset "
+                           f"{offset}")
+    return count
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -210,36 +358,57 @@ def files_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_STAGED_MODEL = "model.onnx"
+_STAGED_DATA = "model.onnx.data"
 
 
-def save_model(model: ir.Model, path: Path) -> list[Path]:
-    """Write `model` to `path` atomically; weights go to `<name>.data` above the 2 GB limit.
+@dataclass(frozen=True)
+class SavedModel:
+    """A model written into a staging area: its file there and every file written."""
 
-    The model is written to a temporary file beside `path` and renamed, so a failed or
-    interrupted run never leaves a partial model behind. Returns the files written.
+    path: Path
+    files: list[Path]
+
+
+def save_model(model: ir.Model, path: Path, staging: Staging) -> SavedModel:
+    """Write `model` for `path` into `staging`, which moves it into place when committed;
+    weights go to `<name>.data` beside it above the 2 GB limit.
+
+    Otherwise every tensor is written into the model file: a model whose weights still point
+    into the input's external data (or a temporary directory) would not load anywhere else.
     """
     external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_name = path.name + ".data"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    data = path.with_name(path.name + ".data")
+    if not external:
+        internalize(model)
+    # Staged under short names: onnx-ir writes the data through a temporary file whose name
+    # adds a dozen characters to the data file's, too many beside a 250-character name. The
+    # data file goes first, so it is moved into place before the model that needs it.
+    staged_data = staging.path(data) if external else None
+    tmp = staging.path(path, _STAGED_MODEL)
     try:
-        if external:
-            # The data file name is recorded inside the model, so it must be final already.
-            ir.save(model, tmp, external_data=data_name, size_threshold_bytes=1024)
-        else:
+        if staged_data is None:
             ir.save(model, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if external:
-            with contextlib.suppress(OSError):
-                (path.parent / data_name).unlink()
-        raise
-    return [path, path.parent / data_name] if external else [path]
+            return SavedModel(tmp, [tmp])
+        ir.save(model, tmp, external_data=_STAGED_DATA, size_threshold_bytes=1024)
+        # The data file name is recorded inside the model, so it must be the final one.
+        proto = onnx.load(str(tmp), load_external_data=False)
+        for tensor in _all_tensors(proto.graph):
+            for entry in tensor.external_data:
+                if entry.key == "location" and entry.value == _STAGED_DATA:
+                    entry.value = data.name
+        onnx.save(proto, str(tmp))
+        os.replace(tmp.with_name(_STAGED_DATA), staged_data)
+    except OSError as exc:
+        raise PtqError(f"--outputFile: cannot write {shown(path)}: {os_reason(exc)}") from None
+    return SavedModel(tmp, [tmp, staged_data])
+
+
+def internalize(model: ir.Model) -> None:
+    """Read every tensor stored in an external file into memory, attributes included."""
+    ir.external_data.load_to_model(model)
+    for graph in model.graphs():
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if isinstance(attr.value, ir.ExternalTensor):
+                    node.attributes[name] = ir.AttrTensor(name, ir.Tensor(attr.value.numpy()))

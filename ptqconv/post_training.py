@@ -135,7 +135,7 @@ class PostTraining:
         """The simplified float model at `source`, ready to plan: onnxruntime's generated
         names prefixed (`original_names` are the user's), initializer Casts folded, only
         the opsets used, at least the opset QDQ needs."""
-        model = modelio.load_model(source)
+        model = modelio.load_model(source, check=False)  # onnxruntime's output of a checked one
         ir.passes.Sequential(
             PrefixGeneratedNamesPass(original_names),
             FoldInitializerCastsPass(),
@@ -257,10 +257,11 @@ class PostTraining:
         self._rebuild = (model, choice, statistics, tensors, shared, built)
         summary = self._summary(built, choice, measured, folds)
         if s.debug_dir is not None:
-            stats = layer_report.activation_report(built.prepared, built.qdq, self.data,
-                                                   s.threads)
+            stats = layer_report.activation_report(
+                built.prepared, built.qdq, self.data, s.threads,
+                self._step(len(self.data), "layer report"))
             stats += layer_report.weight_report(built.qdq)
-            summary.layer_report = layer_report.write(s.debug_dir, stats)
+            summary.layer_report = layer_report.build(s.debug_dir, stats)
         if s.sensitivity:
             summary.sensitivity = self._sensitivity(built)
         return built.model, summary
@@ -397,12 +398,9 @@ class PostTraining:
                                  built.calibration.float_tensors, built.float_nodes)
         samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), self.data,
                                                 strict=False)]
-        ranking = sensitivity.rank_units(
+        return sensitivity.rank_units(
             built.prepared, plan, lambda sub: self.qdq_pass(sub, built.ranges), samples,
             self.settings.threads, self._step(len(plan.units), "sensitivity"))
-        if self.settings.debug_dir is not None:
-            sensitivity.write(self.settings.debug_dir, ranking)
-        return ranking
 
 
 class _Scorer:

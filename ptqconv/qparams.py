@@ -175,6 +175,24 @@ def dequantize(
     return ((q.astype(np.int64) - z) * s).astype(np.float32)
 
 
+def fake_quantize(x: np.ndarray, scale: float, zero_point: int, grid: Grid) -> np.ndarray:
+    """Per-tensor quantize-dequantize of `x` as float32, bit for bit what `quantize` then
+    `dequantize` give, without their integer temporaries: the layer report runs it on every
+    activation of every sample."""
+    if grid.binary or grid.qmax - grid.qmin >= 4096:
+        return dequantize(quantize(x, scale, zero_point, grid), scale, zero_point)
+    s, z = np.float32(scale), np.float32(zero_point)
+    # Integers and float32 steps below 4096 levels are exact in float32, and the final product
+    # of two float32 values is rounded once, as DequantizeLinear's is.
+    q = np.asarray(np.divide(x, s, dtype=np.float32))
+    np.rint(q, out=q)
+    q += z
+    np.clip(q, grid.qmin, grid.qmax, out=q)
+    q -= z
+    q *= s
+    return q
+
+
 def activation_grid(bits: int) -> Grid:
     """uint8 asymmetric activations, [0, 2**bits - 1] in the uint8 container (docs/reference.md §3).
 

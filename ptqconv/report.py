@@ -12,6 +12,7 @@ from ptqconv.calibrate.observers import KL_SQNR_FLOOR_DB
 from ptqconv.calibrate.ranges import SENTINEL_RANGE
 from ptqconv.debug.layer_report import LayerReport
 from ptqconv.debug.sensitivity import UnitSensitivity
+from ptqconv.errors import shown
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
 from ptqconv.passes.weight_quant import WeightRecord
@@ -118,6 +119,21 @@ class TargetReport:
         return bool(self.float_units)
 
 
+@dataclass(frozen=True)
+class InferredShape:
+    """An input shape with a dimension read from a sample file's size."""
+
+    what: str  # "calibration data", "eval data"
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    def line(self) -> str:
+        return (f"  {self.what}: input {self.name!r} read as {self.dtype} "
+                f"[{','.join(map(str, self.shape))}] (from the size of {shown(self.file.name)})")
+
+
 @dataclass
 class ConversionReport:
     model_file: Path
@@ -136,6 +152,9 @@ class ConversionReport:
     data: SampleFormat | None = None  # how calibration (or eval) files became inputs
     dynamic: DynamicSummary | None = None  # DynamicQuant
     fp16: Float16Summary | None = None  # --fp16
+    inferred_shapes: list[InferredShape] = field(default_factory=list)
+    # Files this run replaced that it had not written before: an existing <output>.data.
+    replaced: list[Path] = field(default_factory=list)
 
     @property
     def gate_failures(self) -> list[str]:
@@ -156,7 +175,9 @@ class ConversionReport:
     def format(self, max_skipped: int = 20) -> str:
         ratio = self.size_after / self.size_before if self.size_before else 0.0
         storages = sorted({w.storage for w in self.quantized})
-        lines = [f"{self.quant_type} {self.bit_num}-bit: {self.model_file} -> {self.output_file}"]
+        lines = [f"{self.quant_type} {self.bit_num}-bit: {shown(self.model_file)} -> "
+                 f"{shown(self.output_file)}"]
+        lines += [shape.line() for shape in self.inferred_shapes]
         if self.quant_type == "WeightQuant":
             lines += [
                 f"  weights quantized: {len(self.quantized)}"

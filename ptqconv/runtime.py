@@ -9,7 +9,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ptqconv.errors import PtqError, one_line
+from ptqconv.files import is_utf8
 from ptqconv.graph.naming import values_by_name
 
 LEVELS = {
@@ -69,14 +70,30 @@ def _loadable(source: ModelSource) -> Iterator[str | bytes]:
         if initializer_bytes(source) <= EXTERNAL_DATA_THRESHOLD:
             yield ir.to_proto(source).SerializeToString()
             return
-        with tempfile.TemporaryDirectory(prefix="ptqconv-") as tmp:
+        try:
+            workdir = tempfile.TemporaryDirectory(prefix="ptqconv-")
+        except OSError as exc:
+            raise PtqError(f"cannot create a temporary directory in {tempfile.gettempdir()} "
+                           f"(TMPDIR): {exc.strerror or exc}") from None
+        with workdir as tmp:
             path = Path(tmp) / "model.onnx"
-            ir.save(source, path, external_data="model.onnx.data")
+            try:
+                ir.save(source, path, external_data="model.onnx.data")
+            except OSError as exc:
+                raise PtqError(f"cannot write a copy of the model to {tmp} (TMPDIR): "
+                               f"{exc.strerror or exc}") from None
             yield str(path)
     elif isinstance(source, bytes):
         yield source
     else:
-        yield os.fspath(source)
+        yield path_source(Path(source))
+
+
+def path_source(path: Path) -> str | bytes:
+    """What onnxruntime loads for the model file `path`: the path, or the file's bytes when
+    the path is not UTF-8 (external data is then looked up relative to the current
+    directory, so such a model must keep its weights inside)."""
+    return str(path) if is_utf8(path) else path.read_bytes()
 
 
 class Session:
@@ -159,20 +176,44 @@ def stream(
 ) -> int:
     """Run every sample, hand `consume` the named outputs; inference runs one sample ahead
     (onnxruntime releases the GIL), which hides most of the consumer's cost."""
+    return stream_together([(session, names)], samples,
+                           lambda _, outputs: consume(outputs[0]), progress)
+
+
+def stream_together(
+    runs: Sequence[tuple[Session, Sequence[str]]],
+    samples: Iterable[Mapping[str, np.ndarray]],
+    consume: Callable[[Mapping[str, np.ndarray], list[dict[str, np.ndarray]]], None],
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Run every sample through every `(session, output names)` of `runs`, each session in its
+    own thread and one sample ahead of `consume`, which gets the sample and the outputs of
+    each session in order. Returns the number of samples."""
     count = 0
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    pool = ThreadPoolExecutor(max_workers=len(runs))
+
+    def submit(index: int, sample: Mapping[str, np.ndarray]) -> list[Future]:
+        feeds = dict(sample)
+        return [pool.submit(session.run, feeds, names, f"sample {index}")
+                for session, names in runs]
+
+    def finish(sample: Mapping[str, np.ndarray], futures: list[Future]) -> None:
+        nonlocal count
+        consume(sample, [future.result() for future in futures])
+        count += 1
+        if progress:
+            progress(1)
+
+    try:
         pending = None
         for index, sample in enumerate(samples):
-            future = pool.submit(session.run, dict(sample), names, f"sample {index}")
+            futures = submit(index, sample)
             if pending is not None:
-                consume(pending.result())
-                count += 1
-                if progress:
-                    progress(1)
-            pending = future
+                finish(*pending)
+            pending = (sample, futures)
         if pending is not None:
-            consume(pending.result())
-            count += 1
-            if progress:
-                progress(1)
+            finish(*pending)
+    finally:
+        # Interrupted, the samples queued behind the running ones are not started.
+        pool.shutdown(wait=True, cancel_futures=True)
     return count

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ptqconv import files, values
 from ptqconv import target as target_module
-from ptqconv import values
 from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
 from ptqconv.config import QuantConfig, load_config
-from ptqconv.errors import PtqUsageError, shown
-from ptqconv.files import input_file
+from ptqconv.errors import PtqUsageError
 from ptqconv.target import Target
 from ptqconv.values import QuantType
 
@@ -43,6 +42,10 @@ ALL_SAMPLES = 2**31
 DEFAULT_INIT_SCALE = 0.02
 DEFAULT_MAX_ITERATIONS = 40
 DEFAULT_DYNAMIC_STRATEGY = "ALWC"
+# A calibration config is a few dozen lines; reading more than this is a wrong file.
+MAX_CONFIG_BYTES = 1 << 20
+# Beside --outputFile: its weights when it passes protobuf's 2 GB limit.
+DATA_SUFFIX = ".data"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class DataSource:
     # --inputDataFormat: the layout of 4-D .bin samples; None: the model's own.
     layout: str | None = None
     image: ImagePreprocess | None = None  # input_type=IMAGE: decoded and preprocessed
+    # Where `size` was asked for (`calib.ini:5: calibrate_size`), when it was: MindSpore
+    # refuses a directory with fewer files than that; None means "up to `size`".
+    size_given: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,14 @@ class ConvertSettings:
     mode: WeightQuantSettings | PostTrainingSettings | DynamicQuantSettings
     gate: GateSettings | None = None
     fp16: bool = False  # --fp16: what stays float is stored in float16
+    config_file: Path | None = None
+    # Where each --skipQuantNode / skip_quant_node name was given, for messages.
+    skip_given: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def data_file(self) -> Path:
+        """Where the output's weights go when it passes protobuf's 2 GB limit."""
+        return self.output_file.with_name(self.output_file.name + DATA_SUFFIX)
 
     @property
     def bit_num(self) -> int:
@@ -166,14 +180,20 @@ class ConvertSettings:
         given) and resolve them against the config file and the defaults."""
         if fmk is not None and str(fmk).strip().upper() not in SUPPORTED_FMK:
             raise PtqUsageError(f"--fmk: {fmk!r} is not supported; allowed: ONNX")
-        config_path = None if config_file is None else input_file("--configFile", config_file)
+        config_path = None if config_file is None else files.input_file(
+            "--configFile", config_file, MAX_CONFIG_BYTES, "calibration config")
         config = None if config_path is None else load_config(config_path)
         pick = _Picker(config)
-        qtype = pick.one("--quantType", quant_type, "quant_type", values.quant_type, None)
-        if qtype is None:
-            raise PtqUsageError(f"--quantType is required; allowed: {values.QUANT_TYPE_ALLOWED}")
-        model = input_file("--modelFile", model_file)
-        output = _output_file(output_file, model)
+        qtype = _quant_type(pick, quant_type)
+        model = files.input_file("--modelFile", model_file)
+        if output_file:  # an input behind a link is named as such, not as a link
+            output = Path(output_file)
+            files.refuse_inputs(
+                [("--outputFile", output),
+                 ("--outputFile's data file", output.with_name(output.name + DATA_SUFFIX))],
+                [("--modelFile", model),
+                 *([("--configFile", config_path)] if config_path else [])])
+        output = files.output_file("--outputFile", output_file, (DATA_SUFFIX,))
         low, high = BIT_RANGE[qtype]
         config_low, config_high = CONFIG_BIT_RANGE[qtype]
         if bit_num is not None and not (isinstance(bit_num, str) and not bit_num.strip()):
@@ -186,8 +206,13 @@ class ConvertSettings:
         shapes = dict(pick.config("input_shape") or ())
         if input_shape:
             shapes.update(_flag("--inputShape", input_shape, values.shapes))
-        skip = values.names([*values.names(skip_quant_node or ()),
-                             *(pick.config("skip_quant_node") or ())])
+        flag_skip = values.names(skip_quant_node or ())
+        config_skip = pick.config("skip_quant_node") or ()
+        skip = values.names([*flag_skip, *config_skip])
+        skip_given = {name: "--skipQuantNode" for name in flag_skip}
+        for name in config_skip:
+            assert config is not None
+            skip_given.setdefault(name, config.where("skip_quant_node"))
         threads = pick.config("thread_num") or DEFAULT_THREADS
         layout = (None if input_data_format is None or not str(input_data_format).strip()
                   else _flag("--inputDataFormat", input_data_format, values.data_format))
@@ -200,6 +225,7 @@ class ConvertSettings:
                                DEFAULT_QUANT_WEIGHT_CHANNEL)
         mode: WeightQuantSettings | PostTrainingSettings | DynamicQuantSettings
         if qtype is QuantType.WEIGHT_QUANT:
+            _refuse_debug(pick, debug_dir, sensitivity)
             mode = _weight_quant(pick, bits, min_size, min_channel, skip)
         elif qtype is QuantType.DYNAMIC_QUANT:
             device = target_module.resolve(pick.config("target_device") or "auto")
@@ -214,7 +240,8 @@ class ConvertSettings:
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads,
                      layout, image)
         half = False if fp16 is None else _flag("--fp16", fp16, values.boolean)
-        return cls(model, output, qtype, mode, gate, half)
+        return cls(model, output, qtype, mode, gate, half, config_path,
+                   tuple(skip_given.items()))
 
 
 def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
@@ -243,6 +270,35 @@ def _check_encode(pick: _Picker, qtype: QuantType, bits: int) -> None:
             f"converter_lite: {bits}-bit weights exist only packed)")
 
 
+def _quant_type(pick: _Picker, given: str | QuantType | None) -> QuantType:
+    """--quantType, else the config's quant_type; both given, they must agree (a config
+    written for FULL_QUANT run as WeightQuant would silently ignore its calibration)."""
+    config = pick.source
+    found = pick.one("--quantType", given, "quant_type", values.quant_type, None)
+    if found is None:
+        raise PtqUsageError(f"--quantType is required; allowed: {values.QUANT_TYPE_ALLOWED}")
+    written = pick.config("quant_type")
+    if written is not None and written is not found:
+        assert config is not None
+        raise PtqUsageError(
+            f"--quantType={found.value} contradicts {config.where('quant_type')}="
+            f"{written.value}; give one of them, or make them agree")
+    return found
+
+
+def _refuse_debug(pick: _Picker, debug_dir: str | os.PathLike | None,
+                  sensitivity: bool) -> None:
+    """The layer report and the sensitivity ranking measure quantized activations, which
+    WeightQuant does not have: asking for them must not pass in silence. The config's
+    debug_info_save_path is let through: MindSpore's documented weight quantization config
+    carries it (in [common_quant_param], shared by every quant_type)."""
+    why = "is for --quantType=PostTraining (WeightQuant leaves activations in float)"
+    if debug_dir:
+        raise PtqUsageError(f"--debugDir {why}")
+    if sensitivity:
+        raise PtqUsageError(f"--sensitivity {why}")
+
+
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
                    shapes: tuple[tuple[str, tuple[int, ...]], ...],
                    debug_dir: str | os.PathLike | None, sensitivity: bool,
@@ -258,14 +314,15 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
             "[data_preprocess_param] (or image_path in the flat form)")
     device = target_module.resolve(pick.config("target_device") or "auto")
     debug = Path(debug_dir) if debug_dir else config.debug_info_save_path
-    if debug is not None and debug.exists() and not debug.is_dir():
-        raise PtqUsageError(f"--debugDir: not a directory: {shown(debug)}")
+    if debug is not None:
+        files.output_directory("--debugDir", debug)
     return PostTrainingSettings(
         bit_num=bits,
         activation_bits=pick.config("activation_bit_num") or bits,
         method=pick.config("activation_quant_method") or AUTO,
         calibration=DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
-                               shapes, layout=layout, image=image),
+                               shapes, layout=layout, image=image,
+                               size_given=_where(pick, "calibrate_size")),
         bias_correction=pick.config("bias_correction"),
         per_channel=pick.switch("per_channel", True),
         target=device,
@@ -294,8 +351,15 @@ def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | Non
             "--accuracyThreshold needs held-out data: set eval_path in [evaluate_param] "
             "of the config (name:dir like calibrate_path)")
     data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data",
-                      layout, image)
+                      layout, image, _where(pick, "eval_size"))
     return GateSettings(data, accuracy, cosine, threads)
+
+
+def _where(pick: _Picker, key: str) -> str | None:
+    """`calib.ini:5: [section] key` when the config sets `key`."""
+    if pick.source is None or pick.config(key) is None:
+        return None
+    return pick.source.where(key)
 
 
 class _Picker:
@@ -330,19 +394,3 @@ def _flag(flag: str, given: Any, parse: Callable[[Any], T], where: str = "") -> 
         return parse(given)
     except values.Invalid as exc:
         raise PtqUsageError(f"{flag}: {exc}{where}") from None
-
-
-def _output_file(value: str | os.PathLike | None, model: Path) -> Path:
-    if value is None or str(value) == "":
-        raise PtqUsageError("--outputFile is required")
-    path = Path(value)
-    parent = path.parent
-    if not parent.is_dir():
-        raise PtqUsageError(f"--outputFile: directory does not exist: {shown(parent)}")
-    if path.is_dir():
-        raise PtqUsageError(f"--outputFile: is a directory: {shown(path)}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PtqUsageError(f"--outputFile: directory is not writable: {shown(parent)}")
-    if path.resolve() == model.resolve():
-        raise PtqUsageError(f"--outputFile: must differ from --modelFile ({shown(path)})")
-    return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -560,3 +561,15 @@ def test_input_shapes_by_position_match_input_shape_by_name(tmp_path, capsys):
     a = bench(capsys, *args, "--inputShapes=1,1,8,8", *FAST)
     b = bench(capsys, *args, "--inputShape=input:1,1,8,8", *FAST)
     assert a[0] == b[0] == 0 and "1 sample," in a[1] and "1 sample," in b[1]
+
+
+def test_the_report_file_never_replaces_an_input(tmp_path, capsys):
+    model, sample = tmp_path / "model.onnx", tmp_path / "000000.bin"
+    shutil.copy(FLOAT, model)
+    shutil.copy(DIGITS / "eval" / "input" / "000000.bin", sample)
+    for report in (model, sample):
+        before = report.read_bytes()
+        status, _, err = bench(capsys, f"--modelFile={model}", f"--referenceModel={model}",
+                               f"--inDataFile={sample}", f"--reportFile={report}")
+        assert status == 2 and "which this run reads" in err and report.name in err
+        assert report.read_bytes() == before

@@ -99,7 +99,7 @@ def bad_cases(tmp_path):
             2,
             "--outputFile: directory is not writable",
         ),
-        ([*base[::2], f"--outputFile={MODEL}"], 2, "--outputFile: must differ from --modelFile"),
+        ([*base[::2], f"--outputFile={MODEL}"], 2, "is --modelFile, which this run reads"),
         (
             [*base, "--bitNum=17"],
             2,

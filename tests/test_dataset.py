@@ -67,9 +67,8 @@ def test_model_inputs_skips_initializers_and_maps_types(tmp_path):
         helper.make_tensor_value_info("h", TensorProto.FLOAT16, None),
         helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 2]),
     ]
-    outputs = [
-        helper.make_tensor_value_info(f"o{i}", TensorProto.UNDEFINED, None) for i in range(5)
-    ]
+    outputs = [helper.make_tensor_value_info(f"o{i}", v.type.tensor_type.elem_type, None)
+               for i, v in enumerate(inputs)]
     nodes = [helper.make_node("Identity", [v.name], [f"o{i}"]) for i, v in enumerate(inputs)]
     model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, [w]),
                               opset_imports=[helper.make_opsetid("", 17)])

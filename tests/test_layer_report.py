@@ -5,11 +5,17 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import onnx
+import pytest
 from conftest import run_model  # noqa: F401  (sets onnxruntime's log level)
 from models import random_samples, residual_cnn, save
 
+from ptqconv import qparams
 from ptqconv.cli import main
+from ptqconv.conversion import convert
+from ptqconv.debug.layer_report import TensorStats
+from ptqconv.settings import ConvertSettings
 
 
 def outlier_model():
@@ -125,3 +131,58 @@ def test_sensitivity_ranks_the_outlier_unit_first(tmp_path, capsys):
     assert list(sqnr.values()) == sorted(sqnr.values())
     assert sqnr[rows[0]["node_name"]] < sqnr["stem"] - 20
     assert f"--skipQuantNode={rows[0]['node_name']}" in capsys.readouterr().out
+
+
+def test_every_figure_matches_a_float64_computation():
+    """The vectorised float32 statistics against the definitions, computed in float64."""
+    rng = np.random.default_rng(3)
+    scale, zero_point = 0.02, 40
+    grid = qparams.activation_grid(8)
+    lo, hi = (grid.qmin - zero_point) * scale, (grid.qmax - zero_point) * scale
+    stats = TensorStats("t", "activation", "n", 8, scale, zero_point, lo, hi)
+    xs = [(rng.standard_normal((1, 6, 5, 7)) * 1.5).astype(np.float32) for _ in range(4)]
+    outs = [(x + 0.01 * rng.standard_normal(x.shape)).astype(np.float32) for x in xs]
+    for x, out in zip(xs, outs, strict=True):
+        stats.update(x, qparams.fake_quantize(x, scale, zero_point, grid), out)
+    row = stats.row()
+    x = np.concatenate([a.astype(np.float64) for a in xs], axis=0)
+    out = np.concatenate([a.astype(np.float64) for a in outs], axis=0)
+    local = np.concatenate([qparams.dequantize(qparams.quantize(a, scale, zero_point, grid),
+                                               scale, zero_point) for a in xs]).astype(np.float64)
+    err, diff = local - x, out - x
+    signal, noise = (x**2).sum(axis=(0, 2, 3)), (err**2).sum(axis=(0, 2, 3))
+    expected = {
+        "min": x.min(), "max": x.max(), "mean": x.mean(), "var": x.var(),
+        "clip_rate": np.mean((x < lo - scale / 2) | (x > hi + scale / 2)),
+        "rmse_over_scale": np.sqrt(np.mean(err**2)) / scale,
+        "local_sqnr_db": 10 * np.log10((x**2).sum() / (err**2).sum()),
+        "channel_sqnr_db": np.mean(10 * np.log10(signal / noise)),
+        "cos_similarity": (x * out).sum() / np.sqrt((x**2).sum() * (out**2).sum()),
+        "sqnr_db": 10 * np.log10((x**2).sum() / (diff**2).sum()),
+    }
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # Quartiles come from a 4096-bin histogram of the representable range.
+    for key, q in (("q1", 0.25), ("median", 0.5), ("q3", 0.75)):
+        assert abs(row[key] - np.quantile(np.clip(x, lo, hi), q)) <= (hi - lo) / 4096, key
+
+
+def test_the_layer_report_streams_with_its_own_progress(tmp_path):
+    src = save(residual_cnn(seed=8), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 6, seed=1)
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+    steps: dict[str, list[int]] = {}
+
+    def progress(total: int, label: str):
+        steps[label] = [total, 0]
+
+        def advance(amount: int) -> None:
+            steps[label][1] += amount
+
+        return advance
+
+    settings = ConvertSettings.create(src, tmp_path / "q.onnx", "PostTraining",
+                                      config_file=config, debug_dir=tmp_path / "d")
+    convert(settings, progress)
+    assert steps["layer report"] == [6, 6]

@@ -51,7 +51,8 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 @needs_corpus
 def test_full_quant_config_with_images_converts_mobilenet_v2(tmp_path):
-    # The corpus' ImageNet-normalized calibration samples back as RGB images.
+    # The corpus' ImageNet-normalized calibration samples back as RGB images, shifted
+    # copies added up to the example's calibrate_size=100 (fewer files is an error).
     images = tmp_path / "images"
     images.mkdir()
     mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
@@ -59,14 +60,16 @@ def test_full_quant_config_with_images_converts_mobilenet_v2(tmp_path):
     for path in sorted((CORPUS / "mobilenet_v2" / "calib" / "input").iterdir()):
         x = np.fromfile(path, "<f4").reshape(3, 224, 224)
         rgb = np.clip(np.rint((x * std + mean) * 255), 0, 255).astype(np.uint8)
-        Image.fromarray(rgb.transpose(1, 2, 0)).save(images / f"{path.stem}.png")
+        for shift in range(5):
+            Image.fromarray(np.roll(rgb.transpose(1, 2, 0), 16 * shift, axis=1)).save(
+                images / f"{path.stem}_{shift}.png")
     text = (CONFIGS / "full_quant.cfg").read_text()
     assert "calibrate_path=input:images\n" in text
     config = tmp_path / "full_quant.cfg"
     config.write_text(text)  # unchanged: its images directory is now beside it
     model, out = CORPUS / "mobilenet_v2" / "model.onnx", tmp_path / "q.onnx"
     report = ptqconv.convert(model, out, config_file=config)
-    assert report.quant_type == "PostTraining" and report.post_training.samples == 20
+    assert report.quant_type == "PostTraining" and report.post_training.samples == 100
     assert report.post_training.method == "MAX_MIN"
     assert "normalize mean [127.5, 127.5, 127.5] std [127.5, 127.5, 127.5]" in report.format()
     assert optimized_ops(out, tmp_path)["QLinearConv"] == 52
@@ -76,13 +79,29 @@ def test_full_quant_config_with_images_converts_mobilenet_v2(tmp_path):
 
 
 @needs_corpus
-@pytest.mark.parametrize("name", ["weight_quant.cfg", "common_quant_param.cfg"])
-def test_weight_quant_configs_convert_mobilenet_v2(tmp_path, name):
+def test_weight_quant_config_converts_mobilenet_v2(tmp_path):
     model, out = CORPUS / "mobilenet_v2" / "model.onnx", tmp_path / "q.onnx"
-    report = ptqconv.convert(model, out, config_file=CONFIGS / name)
+    report = ptqconv.convert(model, out, config_file=CONFIGS / "weight_quant.cfg")
     assert report.quant_type == "WeightQuant" and len(report.quantized) == 52
     sample = eval_sample("mobilenet_v2")
     assert cosine(run(out, sample), run(model, sample)) > 0.9
+
+
+@needs_corpus
+def test_common_quant_param_example_converts_once_its_placeholder_names_are_real(tmp_path,
+                                                                                  capsys):
+    model, out = CORPUS / "mobilenet_v2" / "model.onnx", tmp_path / "q.onnx"
+    status = main([f"--modelFile={model}", f"--outputFile={out}",
+                   f"--configFile={CONFIGS / 'common_quant_param.cfg'}"])
+    err = capsys.readouterr().err
+    # A name that matches nothing would quantize the node it meant to keep float.
+    assert status == 2 and "'node_name1' matches no node name or op type" in err
+    assert not out.exists()
+    text = (CONFIGS / "common_quant_param.cfg").read_text()
+    config = tmp_path / "common_quant_param.cfg"
+    config.write_text(text.replace("node_name1,node_name2,node_name3", "Conv"))
+    report = ptqconv.convert(model, out, config_file=config)
+    assert report.quant_type == "WeightQuant" and len(report.quantized) == 1  # the Gemm
 
 
 @needs_corpus

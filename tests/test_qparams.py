@@ -109,3 +109,17 @@ def test_float16_scale_is_rounded_up_so_the_range_still_fits(lo, hi, bits):
     back = qparams.dequantize(q, scale16.astype(np.float32), zp)
     # Neither end is clipped: both come back within half a (float16) step.
     assert np.all(np.abs(back - ends) <= float(scale16) / 2 * (1 + 1e-3) + 1e-6 * np.abs(ends))
+
+
+@pytest.mark.parametrize("bits", [8, 5, 2, 1])
+def test_fake_quantize_is_bit_for_bit_quantize_then_dequantize(bits):
+    rng = np.random.default_rng(bits)
+    grid = qparams.activation_grid(bits)
+    for _ in range(10):
+        x = (rng.standard_normal((2, 9, 13)) * rng.uniform(0.01, 100)).astype(np.float32)
+        scale = np.float32(rng.uniform(1e-4, 1))
+        zero_point = int(rng.integers(grid.qmin, grid.qmax + 1))
+        expected = qparams.dequantize(qparams.quantize(x, scale, zero_point, grid), scale,
+                                      zero_point)
+        got = qparams.fake_quantize(x, scale, zero_point, grid)
+        assert got.dtype == np.float32 and np.array_equal(got, expected)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,12 +143,15 @@ class CalibrationSet:
         what: str = "calibration data",
         layout: str | None = None,
         image: ImagePreprocess | None = None,
+        inferred: frozenset[str] = frozenset(),
     ) -> None:
         self.inputs = inputs
         self.shapes = shapes
         self.files = files
         self.layout = layout  # of 4-D .bin files; None: the model's
         self.image = image
+        # Inputs whose shape has a dimension read from the first file's size.
+        self.inferred = inferred
         self._what = what
         self._count = min((len(f) for f in files.values()), default=0)
 
@@ -167,13 +172,16 @@ class CalibrationSet:
         what: str = "calibration data",
         layout: str | None = None,
         image: ImagePreprocess | None = None,
+        count_given: str | None = None,
     ) -> CalibrationSet:
         """Pair directories with model inputs, resolve shapes and check every used file.
 
         `paths` holds ``(input name, directory)`` pairs. With every name None the directories
         pair with `inputs` by position (MindSpore's flat ``image_path``); otherwise every name
         must be given, be a model input, appear once, and every model input needs a directory.
-        At most `count` files per directory are used (fewer is fine, none is an error).
+        At most `count` files per directory are used (fewer is fine, none is an error), unless
+        `count_given` says where `count` was asked for: then fewer files is an error, as in
+        MindSpore.
         `shapes` (from ``--inputShape`` or the config's ``input_shape``) fixes dynamic
         dimensions; a single dimension still dynamic is inferred from the first file's size.
         With `check_values`, float files are read once to reject NaN/Inf (and bool files to
@@ -205,6 +213,10 @@ class CalibrationSet:
                     f"{spec.name!r} has {b} files in {shown(dirs[spec.name])}; sample k is file k "
                     "of every input directory, so the counts must be equal"
                 )
+        if count_given is not None and len(all_files[first]) < count:
+            raise PtqUsageError(
+                f"{count_given}: {count} samples asked for, but input {first!r} has only "
+                f"{len(all_files[first])} files in {shown(dirs[first])}; lower it or add files")
         n = min(count, len(all_files[first]))
         files = {name: f[:n] for name, f in all_files.items()}
         if image is not None:
@@ -228,13 +240,15 @@ class CalibrationSet:
                 origin = f", inferred from {one_line(files[spec.name][0].name)}"
             for path in files[spec.name]:
                 _check_size(spec, resolved[spec.name], path, what, origin)
+            _check_memory(spec, resolved[spec.name], what,
+                          blame_model=spec.name not in user_shapes and spec.name not in inferred)
 
         if check_values:
             for spec in inputs:
                 for path in files[spec.name]:
                     _check_values(spec, resolved[spec.name], path, what)
 
-        return cls(inputs, resolved, files, what, layout)
+        return cls(inputs, resolved, files, what, layout, inferred=frozenset(inferred))
 
     @classmethod
     def from_files(
@@ -272,6 +286,8 @@ class CalibrationSet:
             shape, inferred = _resolve_shape(spec, user.get(spec.name), path, what)
             _check_size(spec, shape, path, what, ", inferred from the file size" if inferred
                         else "")
+            _check_memory(spec, shape, what,
+                          blame_model=spec.name not in user and not inferred)
             _check_values(spec, shape, path, what)
             resolved[spec.name] = shape
         return cls(inputs, resolved, {s.name: [p] for s, p in zip(inputs, files, strict=True)},
@@ -282,7 +298,12 @@ class CalibrationSet:
         return CalibrationSet(self.inputs, self.shapes,
                               {name: [files[i] for i in indices]
                                for name, files in self.files.items()}, self._what,
-                              self.layout, self.image)
+                              self.layout, self.image, self.inferred)
+
+    @property
+    def what(self) -> str:
+        """What the samples are for ("calibration data", "eval data", a flag)."""
+        return self._what
 
     def __len__(self) -> int:
         """The number of samples used."""
@@ -362,14 +383,45 @@ def _check_storable(inputs: Sequence[InputSpec], what: str) -> None:
                 "files cannot hold (only types of whole bytes per value)")
 
 
+def memory_limit() -> int:
+    """Bytes this process may hold at most: the machine's memory, or less under a limit."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        soft, _ = resource.getrlimit(which)
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)
+    return limit
+
+
+def _check_memory(spec: InputSpec, shape: tuple[int, ...], what: str,
+                  blame_model: bool) -> None:
+    """Refuse, before anything is allocated, a sample that could never be held in memory
+    (a huge declared shape with a sparse file of that size would otherwise end as "out of
+    memory" with no culprit). A shape the model declares makes the model the culprit (exit
+    status 1); one given or read from a file makes the data the culprit (2)."""
+    needed = math.prod(shape) * spec.dtype.itemsize
+    limit = memory_limit()
+    if needed > limit:
+        error = PtqError if blame_model else PtqUsageError
+        raise error(
+            f"{what}: input {spec.name!r}: one sample of {spec.dtype.name} {_fmt(shape)} "
+            f"needs {needed} bytes ({needed / 2**30:.1f} GiB), more than the "
+            f"{limit / 2**30:.1f} GiB of memory this process may use")
+
+
 def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
                 origin: str) -> None:
     expected = math.prod(shape) * spec.dtype.itemsize
     size = _size(spec.name, path, what)
     if size != expected:
+        hint = ""
+        if expected and size > expected and size % expected == 0:
+            hint = (f"; it holds {size // expected} samples, but one file is one sample"
+                    + (f" and the model's batch dimension is fixed at {shape[0]}"
+                       if spec.shape and not _is_dynamic(spec.shape[0]) else ""))
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(path)} is {size} bytes; expected {expected} "
-            f"({spec.dtype.name} {_fmt(shape)}{origin})")
+            f"({spec.dtype.name} {_fmt(shape)}{origin}){hint}")
 
 
 def _pair(
@@ -549,14 +601,34 @@ def _list_dir(name: str, directory: Path, what: str) -> list[Path]:
         raise PtqUsageError(f"{where} does not exist")
     if not directory.is_dir():
         raise PtqUsageError(f"{where} is not a directory")
+    names = []
     try:
         with os.scandir(directory) as it:
-            names = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+            for entry in sorted(it, key=lambda e: e.name):
+                if entry.name.startswith(".") or entry.is_dir():
+                    continue
+                if not entry.is_file():
+                    # Reading a FIFO or a device would hang or never end.
+                    raise PtqUsageError(f"{where}: {shown(entry.name)} is {_kind(entry)}, not "
+                                        "a regular file; only .bin files are data")
+                names.append(entry.name)
     except OSError as exc:
         raise PtqUsageError(f"{where} cannot be listed: {exc.strerror or exc}") from None
     if not names:
         raise PtqUsageError(f"{where} has no data files (hidden files are ignored)")
     return [directory / n for n in names]
+
+
+def _kind(entry: os.DirEntry) -> str:
+    try:
+        mode = entry.stat().st_mode
+    except OSError:
+        return "a broken symbolic link"
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def _size(name: str, path: Path, what: str) -> int:

@@ -90,12 +90,12 @@ def _run(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]],
     return [np.concatenate([o.ravel() for o in session.run(s).values()]) for s in samples]
 
 
-def write(directory: Path, ranking: list[UnitSensitivity]) -> Path:
-    """DIR/sensitivity.csv; returns its path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "sensitivity.csv"
+CSV_NAME = "sensitivity.csv"
+
+
+def write(path: Path, ranking: list[UnitSensitivity]) -> None:
+    """The ranking as CSV at `path` (DIR/sensitivity.csv once moved into place)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["node_name", "op_type", "output_sqnr_db_alone"])
         writer.writerows((r.node, r.op_type, r.output_sqnr_db) for r in ranking)
-    return path

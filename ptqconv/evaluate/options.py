@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ptqconv import runtime, values
+from ptqconv import files, runtime, values
 from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
 from ptqconv.config import load_config
-from ptqconv.errors import PtqUsageError, shown
-from ptqconv.files import input_file
+from ptqconv.errors import PtqUsageError
 
 SCHEMA = "ptqconv.benchmark/1"
 # MindSpore benchmark defaults (benchmark_base.h): accuracyThreshold 0.5, numThreads 2,
@@ -74,7 +73,7 @@ class BenchmarkSettings:
 
         Without input data the inputs are random and only latency is measured (MindSpore's
         benchmark does the same); a reference is then optional."""
-        model = input_file("--modelFile", model_file)
+        model = files.input_file("--modelFile", model_file)
         random_inputs = not _given(in_data_dir) and not _given(in_data_file)
         if _given(reference_model) and _given(benchmark_data_file):
             raise PtqUsageError(
@@ -89,9 +88,9 @@ class BenchmarkSettings:
             raise PtqUsageError(
                 "--benchmarkDataFile holds the outputs of one sample; give that sample with "
                 "--inDataFile (one .bin file per input)")
-        reference = (input_file("--referenceModel", reference_model)
+        reference = (files.input_file("--referenceModel", reference_model)
                      if _given(reference_model) else None)
-        data_file = (input_file("--benchmarkDataFile", benchmark_data_file)
+        data_file = (files.input_file("--benchmarkDataFile", benchmark_data_file)
                      if _given(benchmark_data_file) else None)
         if _given(in_data_dir) and _given(in_data_file):
             raise PtqUsageError(
@@ -102,7 +101,7 @@ class BenchmarkSettings:
                 "--benchmarkDataFile holds the outputs of one sample; give that sample with "
                 "--inDataFile (one .bin file per input), not --inDataDir")
         dirs = _flag("--inDataDir", in_data_dir, _in_data_dir) if _given(in_data_dir) else ()
-        files = (_flag("--inDataFile", in_data_file, _in_data_file)
+        sample_files = (_flag("--inDataFile", in_data_file, _in_data_file)
                  if _given(in_data_file) else ())
         shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
         if isinstance(input_shape, Mapping):
@@ -121,7 +120,7 @@ class BenchmarkSettings:
                   if _given(input_data_format) else None)
         image = None
         if _given(config_file):
-            image = image_preprocess(load_config(input_file("--configFile", config_file)))
+            image = image_preprocess(load_config(files.input_file("--configFile", config_file)))
         level = "all" if graph_optimization_level is None else str(graph_optimization_level)
         level = _flag("--graphOptimizationLevel", level,
                       lambda v: values.choice(v, tuple(runtime.LEVELS)).lower())
@@ -130,7 +129,7 @@ class BenchmarkSettings:
             reference_model=reference,
             benchmark_data_file=data_file,
             in_data_dir=dirs,
-            in_data_file=files,
+            in_data_file=sample_files,
             input_shape=shapes,
             input_shapes=positional,
             input_data_format=layout,
@@ -141,7 +140,8 @@ class BenchmarkSettings:
             cosine_distance_threshold=_optional("--cosineDistanceThreshold",
                                                 cosine_distance_threshold,
                                                 lambda v: values.real(v, -1.0, 1.0), None),
-            report_file=_report_file(report_file) if _given(report_file) else None,
+            report_file=_report_file(report_file, [model, reference, data_file, *sample_files])
+            if _given(report_file) else None,
             graph_optimization_level=level,
             num_threads=_optional("--numThreads", num_threads,
                                   lambda v: values.integer(v, 1, 1024), DEFAULT_THREADS),
@@ -188,12 +188,8 @@ def _in_data_file(value: Any) -> tuple[Path, ...]:
     return tuple(Path(item) for item in items)
 
 
-def _report_file(value: str | os.PathLike) -> Path:
-    path = Path(value)
-    if path.is_dir():
-        raise PtqUsageError(f"--reportFile: is a directory: {shown(path)}")
-    if not path.parent.is_dir():
-        raise PtqUsageError(f"--reportFile: directory does not exist: {shown(path.parent)}")
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise PtqUsageError(f"--reportFile: directory is not writable: {shown(path.parent)}")
-    return path
+def _report_file(value: str | os.PathLike, inputs: Sequence[Path | None]) -> Path:
+    """--reportFile, which must not name a file the benchmark reads."""
+    files.refuse_inputs([("--reportFile", Path(value))],
+                        [("an input of this benchmark", p) for p in inputs if p is not None])
+    return files.output_file("--reportFile", value)

@@ -18,6 +18,7 @@ from ptqconv.errors import PtqError, one_line, shown
 from ptqconv.evaluate.comparison import names
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.evaluate.options import SCHEMA, BenchmarkSettings
+from ptqconv.files import Staging
 
 MAX_TABLE_ROWS = 20
 MAX_FAILURES_SHOWN = 3
@@ -95,13 +96,16 @@ class BenchmarkReport:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
     def write(self, path: str | os.PathLike) -> None:
+        """Write the JSON report to `path`, whole or not at all."""
         path = Path(path)
-        try:
-            path.write_text(self.to_json(), encoding="utf-8")
-        except OSError as exc:
-            raise PtqError(
-                f"--reportFile: cannot write {shown(path)}: {exc.strerror or exc}"
-            ) from None
+        with Staging() as staging:
+            try:
+                staging.path(path).write_text(self.to_json(), encoding="utf-8")
+            except OSError as exc:
+                raise PtqError(
+                    f"--reportFile: cannot write {shown(path)}: {exc.strerror or exc}"
+                ) from None
+            staging.commit()
 
     def format(self, max_rows: int = MAX_TABLE_ROWS) -> str:
         """The table printed by the command: one screen whatever the number of outputs."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ptqconv import modelio
+from ptqconv import files, modelio
 from ptqconv.calibrate.dataset import CalibrationSet, InputSpec, model_inputs
 from ptqconv.errors import PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures, names
@@ -49,6 +49,10 @@ def benchmark(
         # Read and check the file before any model runs.
         data_file = read_benchmark_data(settings.benchmark_data_file)
     samples = open_samples(settings)
+    if settings.report_file is not None:
+        files.refuse_inputs([("--reportFile", settings.report_file)],
+                            [("an input sample", path) for paths in samples.files.values()
+                             for path in paths])
     model = Session(settings.model_file, threads, level,
                     f"--modelFile {shown(settings.model_file)}")
     first: list[Mapping[str, np.ndarray]] = []

@@ -1,0 +1,221 @@
+"""Hostile files and invalid models: refused up front with one line naming the culprit, and
+no output that onnxruntime refuses is ever reported as a success."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from harness import cli, digits_workspace, error_line, snapshot
+from models import mlp
+
+from ptqconv import conversion
+
+SECRET = np.arange(16 * 64, dtype=np.float32)
+
+
+def _external_model(root, tensor: str, location: str):
+    """mlp((64, 64, 16)) with its tensors in m.onnx.data and `tensor` pointing at
+    `location` instead."""
+    root.mkdir(exist_ok=True)
+    path = root / "m.onnx"
+    onnx.save(mlp((64, 64, 16)), str(path), save_as_external_data=True,
+              location="m.onnx.data", size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    for t in proto.graph.initializer:
+        if t.name == tensor:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = location
+                elif entry.key == "offset":
+                    entry.value = "0"
+    onnx.save(proto, str(path))
+    return path
+
+
+def _run(capsys, root, args, status: int, *culprits: str) -> str:
+    before = snapshot(root)
+    got, _, err = cli(capsys, *args)
+    line = error_line(err)
+    assert got == status, line
+    for culprit in culprits:
+        assert culprit in line, line
+    assert snapshot(root) == before
+    return line
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("tensor", ["b0", "w0"])  # a bias read as is, a weight quantized
+def test_external_data_outside_the_models_directory_is_refused(tmp_path, capsys, where,
+                                                               tensor):
+    secret = tmp_path / "secret.bin"
+    SECRET.tofile(secret)
+    root = tmp_path / "model"
+    root.mkdir()
+    location = {"dotdot": "../secret.bin", "absolute": str(secret), "symlink": "inside.bin"}
+    if where == "symlink":
+        (root / "inside.bin").symlink_to(secret)
+    model = _external_model(root, tensor, location[where])
+    args = [f"--modelFile={model}", f"--outputFile={root / 'o.onnx'}", "--quantType=WeightQuant"]
+    line = _run(capsys, tmp_path, args, 1, f"tensor {tensor!r}", location[where])
+    assert "outside the model's directory" in line
+
+
+def test_external_data_outside_is_refused_in_post_training_too(tmp_path, capsys):
+    SECRET.tofile(tmp_path / "secret.bin")
+    root = tmp_path / "model"
+    model = _external_model(root, "b1", "../secret.bin")
+    (root / "calib").mkdir()
+    np.zeros((1, 64), np.float32).tofile(root / "calib" / "0.bin")
+    (root / "c.ini").write_text("[data_preprocess_param]\ncalibrate_path=x:calib\n")
+    args = [f"--modelFile={model}", f"--outputFile={root / 'o.onnx'}",
+            "--quantType=PostTraining", f"--configFile={root / 'c.ini'}"]
+    _run(capsys, tmp_path, args, 1, "tensor 'b1'", "../secret.bin")
+
+
+@pytest.mark.parametrize("damage", ["missing", "short"])
+def test_missing_or_truncated_external_data_names_the_tensor_and_the_file(tmp_path, capsys,
+                                                                         damage):
+    model = _external_model(tmp_path, "w1", "w1.bin")
+    if damage == "short":
+        (tmp_path / "w1.bin").write_bytes(b"\0" * 100)
+    args = [f"--modelFile={model}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=WeightQuant"]
+    line = _run(capsys, tmp_path, args, 1, "tensor 'w1'", "w1.bin")
+    assert {"missing": "no such file", "short": "truncated"}[damage] in line
+
+
+def _child(args: list[str]) -> subprocess.CompletedProcess:
+    """The CLI in a child process: reading a FIFO would hang, /dev/zero never ends."""
+    return subprocess.run([sys.executable, "-m", "ptqconv.cli", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_external_data_in_a_fifo_is_refused_without_reading_it(tmp_path):
+    model = _external_model(tmp_path, "w1", "w1.bin")
+    os.mkfifo(tmp_path / "w1.bin")
+    result = _child([f"--modelFile={model}", f"--outputFile={tmp_path / 'o.onnx'}",
+                     "--quantType=WeightQuant"])
+    assert result.returncode == 1
+    assert error_line(result.stderr).endswith(
+        f"tensor 'w1': external data file {tmp_path / 'w1.bin'}: is a FIFO, not a regular file")
+
+
+def test_truncated_embedded_tensor_names_the_tensor_and_the_file(tmp_path, capsys):
+    proto = mlp((64, 64, 16))
+    proto.graph.initializer[2].raw_data = proto.graph.initializer[2].raw_data[:100]
+    onnx.save(proto, str(tmp_path / "m.onnx"))
+    args = [f"--modelFile={tmp_path / 'm.onnx'}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=WeightQuant"]
+    _run(capsys, tmp_path, args, 1, "m.onnx", proto.graph.initializer[2].name, "too small")
+
+
+@pytest.mark.parametrize("flag", ["--modelFile", "--configFile"])
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero"])
+def test_special_files_are_refused_without_reading_them(tmp_path, flag, special):
+    files = digits_workspace(tmp_path)
+    target = tmp_path / "fifo" if special == "fifo" else special
+    if special == "fifo":
+        os.mkfifo(target)
+    paths = {"--modelFile": files["model"], "--configFile": files["config"], flag: target}
+    args = [f"--modelFile={paths['--modelFile']}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=PostTraining", f"--configFile={paths['--configFile']}"]
+    result = _child(args)
+    line = error_line(result.stderr)
+    assert result.returncode == 2
+    kind = "a FIFO" if special == "fifo" else "a character device"
+    assert line == f"ptqconv: error: {flag}: is {kind}, not a regular file: {target}"
+
+
+def test_a_config_of_gigabytes_is_refused_without_reading_it(tmp_path, capsys):
+    files = digits_workspace(tmp_path)
+    with files["config"].open("r+b") as handle:
+        handle.truncate(64 << 20)  # sparse
+    args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=PostTraining", f"--configFile={files['config']}"]
+    _run(capsys, tmp_path, args, 2, "--configFile", "c.ini", "at most 1048576 bytes")
+
+
+def test_special_files_in_a_data_directory_are_refused(tmp_path, capsys):
+    files = digits_workspace(tmp_path)
+    os.mkfifo(files["calib"] / "000005a.bin")
+    (files["calib"] / "000005b.bin").symlink_to(tmp_path / "nowhere")
+    (files["calib"] / "subdirectory").mkdir()  # ignored, as documented
+    args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=PostTraining", f"--configFile={files['config']}"]
+    line = _run(capsys, tmp_path, args, 2, "000005a.bin is a FIFO, not a regular file")
+    os.unlink(files["calib"] / "000005a.bin")
+    line = _run(capsys, tmp_path, args, 2, "000005b.bin is a broken symbolic link")
+    assert line
+
+
+def _cycle() -> onnx.ModelProto:
+    proto = mlp((64, 64, 16))
+    proto.graph.node[0].input[0] = "h1"  # fc0 reads the output of a later node
+    return proto
+
+
+def _unknown_op() -> onnx.ModelProto:
+    proto = mlp((64, 64, 16))
+    proto.graph.node[-1].op_type = "Frobnicate"
+    return proto
+
+
+def _future_ir() -> onnx.ModelProto:
+    proto = mlp((64, 64, 16))
+    proto.ir_version = 99
+    return proto
+
+
+@pytest.mark.parametrize(("build", "culprit"), [
+    (_cycle, "topologically sorted"),
+    (_unknown_op, "Frobnicate"),
+    (_future_ir, "IR version 99"),
+])
+def test_models_onnxruntime_refuses_are_refused_up_front(tmp_path, capsys, build, culprit):
+    onnx.save(build(), str(tmp_path / "m.onnx"))
+    args = [f"--modelFile={tmp_path / 'm.onnx'}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=WeightQuant"]
+    _run(capsys, tmp_path, args, 1, "m.onnx", culprit)
+
+
+def test_an_output_onnxruntime_refuses_is_not_a_success(tmp_path, capsys, monkeypatch):
+    files = digits_workspace(tmp_path)
+    weight_quant = conversion.weight_quant
+
+    def broken(*args, **kwargs):
+        model, records = weight_quant(*args, **kwargs)
+        next(iter(model.graph)).op_type = "Frobnicate"
+        return model, records
+
+    monkeypatch.setattr(conversion, "weight_quant", broken)
+    args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=WeightQuant"]
+    line = _run(capsys, tmp_path, args, 1, "o.onnx", "onnxruntime cannot load")
+    assert line.endswith("nothing was written")
+
+
+@pytest.mark.parametrize("kind", ["WeightQuant", "PostTraining"])
+def test_a_model_with_external_data_converted_elsewhere_loads_from_there(tmp_path, capsys,
+                                                                         kind):
+    files = digits_workspace(tmp_path / "in")
+    proto = onnx.load(str(files["model"]))
+    onnx.save(proto, str(files["model"]), save_as_external_data=True, location="m.onnx.data",
+              size_threshold=0)
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    args = [f"--modelFile={files['model']}", f"--outputFile={out}", f"--quantType={kind}",
+            # Some weights stay float, still in the input's data file.
+            "--quantWeightChannel=32" if kind == "WeightQuant"
+            else f"--configFile={files['config']}"]
+    status, _, err = cli(capsys, *args)
+    assert status == 0, err
+    shutil.rmtree(tmp_path / "in")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx"]
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

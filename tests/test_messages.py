@@ -1,0 +1,211 @@
+"""Messages a user needs: one line whatever a file is called, the culprit of a huge shape,
+misspelt or contradicting settings, the shape read from a file, progress in CI logs."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from harness import cli, digits_workspace, error_line, snapshot, subprocess_cli
+from onnx import TensorProto, helper
+
+from ptqconv import cli as cli_module
+from ptqconv.calibrate.dataset import CalibrationSet
+from ptqconv.cli import Stopped, main
+
+
+def _pt(files, *extra: str) -> list[str]:
+    return [f"--modelFile={files['model']}", f"--outputFile={files['model'].parent / 'o.onnx'}",
+            "--quantType=PostTraining", f"--configFile={files['config']}", *extra]
+
+
+def _wq(files, *extra: str) -> list[str]:
+    return [f"--modelFile={files['model']}", f"--outputFile={files['model'].parent / 'o.onnx'}",
+            "--quantType=WeightQuant", *extra]
+
+
+def _fails(capsys, root, args, status: int, *culprits: str) -> str:
+    before = snapshot(root)
+    got, _, err = cli(capsys, *args)
+    line = error_line(err)
+    assert got == status, line
+    for culprit in culprits:
+        assert culprit in line, line
+    assert snapshot(root) == before
+    return line
+
+
+def _double_samples(files) -> None:
+    for path in files["calib"].iterdir():
+        path.write_bytes(path.read_bytes() * 2)
+
+
+def test_input_shape_flag_wins_over_the_config(tmp_path, capsys):
+    files = digits_workspace(tmp_path)  # the config says input:1,1,8,8
+    _double_samples(files)
+    _fails(capsys, tmp_path, _pt(files), 2, "is 512 bytes; expected 256")
+    status, _, err = cli(capsys, *_pt(files, "--inputShape=input:2,1,8,8"))
+    assert status == 0, err
+    _fails(capsys, tmp_path, _pt(files, "--inputShape=input:4,1,8,8"), 2, "[4,1,8,8]")
+
+
+@pytest.mark.parametrize("name", ["bad\nname.onnx", "bad\rname\x1b.onnx"])
+def test_control_characters_in_a_file_name_stay_on_one_line(tmp_path, capsys, name):
+    files = digits_workspace(tmp_path)
+    bad = tmp_path / name
+    bad.write_bytes(b"not a model")
+    args = _wq(files)
+    args[0] = f"--modelFile={bad}"
+    line = _fails(capsys, tmp_path, args, 1, "not an ONNX model")
+    assert repr(name)[1:-1] in line
+
+
+@pytest.mark.parametrize("kind", ["WeightQuant", "PostTraining"])
+def test_file_names_that_are_not_utf8(tmp_path, capsys, kind):
+    files = digits_workspace(tmp_path)
+    model = tmp_path / os.fsdecode(b"m\xff.onnx")
+    shutil.copy(files["model"], model)
+    args = _wq(files) if kind == "WeightQuant" else _pt(files)
+    args[0] = f"--modelFile={model}"
+    status, out, err = cli(capsys, *args)
+    assert status == 0, err
+    assert "m\\udcff.onnx' ->" in out
+    model.write_bytes(b"junk")
+    _fails(capsys, tmp_path, args, 1, "m\\udcff.onnx': not an ONNX model")
+
+
+def _one_input_model(root, dims) -> dict:
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(root / "m.onnx"))
+    (root / "calib").mkdir()
+    (root / "c.ini").write_text("[data_preprocess_param]\ncalibrate_path=x:calib\n")
+    return {"model": root / "m.onnx", "config": root / "c.ini", "calib": root / "calib"}
+
+
+@pytest.mark.parametrize(("dims", "flag", "status"), [
+    ([1, 3, 100_000, 100_000], None, 1),  # the model declares it: the model is the culprit
+    (["a", "b"], "--inputShape=x:100000,1000000", 2),  # given: the flag is
+    ([1, "n"], None, 2),  # read from the file's size: the file is
+])
+def test_a_sample_too_big_for_memory_is_refused_before_allocating(tmp_path, capsys, dims, flag,
+                                                                  status):
+    files = _one_input_model(tmp_path, dims)
+    size = 4 * (100_000 * 100_000 * 3 if dims[0] == 1 and len(dims) == 4 else 100_000_000_000)
+    with (files["calib"] / "0.bin").open("wb") as handle:
+        handle.truncate(size)  # sparse: the size matches, the memory does not exist
+    args = _pt(files, *([flag] if flag else []))
+    before = {"0.bin": (files["calib"] / "0.bin").stat().st_size}
+    got, _, err = cli(capsys, *args)
+    line = error_line(err)
+    assert got == status, line
+    assert "input 'x': one sample of float32" in line and f"needs {size} bytes" in line
+    assert {p.name: p.stat().st_size for p in files["calib"].iterdir()} == before
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_skip_quant_node_names_matching_nothing_are_refused(tmp_path, capsys):
+    files = digits_workspace(tmp_path, config="[common_quant_param]\nskip_quant_node=Comv\n")
+    line = _fails(capsys, tmp_path, _pt(files), 2, "c.ini:6: [common_quant_param] "
+                  "skip_quant_node: 'Comv' matches no node name or op type", "'Conv'")
+    assert "did you mean" in line
+    files["config"].write_text(files["config"].read_text().replace("Comv", "Conv"))
+    _fails(capsys, tmp_path, _wq(files, "--skipQuantNode=/fc2/Gem"), 2,
+           "--skipQuantNode: '/fc2/Gem' matches no node", "did you mean '/fc2/Gemm'")
+    status, _, err = cli(capsys, *_wq(files, "--skipQuantNode=/fc2/Gemm,Relu"))
+    assert status == 0, err
+
+
+def test_calibrate_size_above_the_files_is_refused(tmp_path, capsys):
+    files = digits_workspace(tmp_path, samples=5)
+    files["config"].write_text(files["config"].read_text().replace("calibrate_size=5",
+                                                                   "calibrate_size=50"))
+    _fails(capsys, tmp_path, _pt(files), 2,
+           "c.ini:3: [data_preprocess_param] calibrate_size: 50 samples asked for, but input "
+           "'input' has only 5 files")
+
+
+@pytest.mark.parametrize("ask", ["--debugDir", "--sensitivity"])
+def test_post_training_debugging_asked_of_weight_quant_is_refused(tmp_path, capsys, ask):
+    files = digits_workspace(tmp_path)
+    args = _wq(files, "--sensitivity" if ask == "--sensitivity" else "--debugDir=dbg")
+    _fails(capsys, tmp_path, args, 2, ask, "is for --quantType=PostTraining")
+
+
+def test_debug_info_save_path_of_a_weight_quant_config_writes_nothing(tmp_path, capsys):
+    # MindSpore's documented weight quantization config sets it; it must convert unchanged.
+    files = digits_workspace(tmp_path)
+    files["config"].write_text("[common_quant_param]\ndebug_info_save_path=dbg\n")
+    status, _, err = cli(capsys, *_wq(files, f"--configFile={files['config']}"))
+    assert status == 0, err
+    assert not (files["config"].parent / "dbg").exists()
+
+
+def test_a_config_quant_type_contradicting_the_flag_is_refused(tmp_path, capsys):
+    files = digits_workspace(tmp_path, config="[common_quant_param]\nquant_type=WEIGHT_QUANT\n")
+    _fails(capsys, tmp_path, _pt(files), 2, "--quantType=PostTraining contradicts",
+           "c.ini:6: [common_quant_param] quant_type=WeightQuant")
+
+
+def test_samples_holding_several_batches(tmp_path, capsys):
+    files = digits_workspace(tmp_path)
+    files["config"].write_text("[data_preprocess_param]\ncalibrate_path=input:calib\n")
+    _double_samples(files)
+    # A dynamic batch is read from the file size, and the summary says so.
+    status, out, err = cli(capsys, *_pt(files))
+    assert status == 0, err
+    assert ("calibration data: input 'input' read as float32 [2,1,8,8] (from the size of "
+            "000000.bin)") in out
+    # A fixed batch is refused, saying what the file holds.
+    proto = onnx.load(str(files["model"]))
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(proto, str(files["model"]))
+    _fails(capsys, tmp_path, _pt(files), 2, "000000.bin is 512 bytes; expected 256",
+           "it holds 2 samples, but one file is one sample and the model's batch dimension is "
+           "fixed at 1")
+
+
+def test_progress_in_ci_logs_is_a_plain_line_every_few_seconds(tmp_path):
+    files = digits_workspace(tmp_path / "w")
+    faster = "import ptqconv.cli\nptqconv.cli.PLAIN_PROGRESS_SECONDS = 0\n"
+    process = subprocess_cli(_pt(files), tmp_path, faster)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "ptqconv: calibrating (AUTO): 100% (10 of 10)," in err
+    assert "\r" not in err and "\x1b" not in err
+    process = subprocess_cli([*_pt(files), "--quiet"], tmp_path, faster)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0 and out == err == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_cursor_is_shown_again_after_an_interruption(tmp_path, monkeypatch):
+    files = digits_workspace(tmp_path)
+    samples = CalibrationSet.__iter__
+
+    def interrupted(self):
+        for index, sample in enumerate(samples(self)):
+            if index == 5:
+                raise Stopped(2)
+            yield sample
+
+    monkeypatch.setattr(CalibrationSet, "__iter__", interrupted)
+    terminal = _Terminal()
+    monkeypatch.setattr(cli_module.sys, "stderr", terminal)
+    assert main(_pt(files)) == 130
+    shown = terminal.getvalue()
+    assert "\x1b[?25l" in shown  # the bar hid the cursor
+    assert shown.rindex("\x1b[?25h") > shown.rindex("\x1b[?25l")
+    assert shown.endswith("ptqconv: error: interrupted\n")
+    assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), ["c.ini", "calib", "m.onnx"])
