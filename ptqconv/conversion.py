@@ -33,7 +33,8 @@ def convert(settings: ConvertSettings,
     report = ConversionReport(settings.model_file, settings.output_file,
                               settings.quant_type.value, settings.bit_num)
     model = modelio.load_model(settings.model_file)
-    report.size_before = modelio.files_size(modelio.model_files(settings.model_file, model))
+    sources = modelio.model_files(settings.model_file, model)
+    report.size_before = modelio.files_size(sources)
     report.opset_before = model.opset_imports.get("", 1)
     # Checked now, before any long work.
     eval_data = open_data(model, settings.model_file, settings.gate.data) if settings.gate \
@@ -55,12 +56,28 @@ def convert(settings: ConvertSettings,
                                                  progress)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
+        _never_grow(settings, report, sources)
         if eval_data is not None and settings.gate is not None:
             report.gate = accuracy_gate(eval_data, settings, settings.gate)
-            if report.gate.failures and pt is not None:
+            if report.gate.failures and pt is not None and not report.kept_input:
                 _meet_target(pt, settings, settings.gate, eval_data, report, progress)
+                _never_grow(settings, report, sources)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _never_grow(settings: ConvertSettings, report: ConversionReport,
+                sources: list[Path]) -> None:
+    """A quantized model bigger than the float one (nothing worth quantizing: a model whose
+    work is in bodies that stay float) is replaced by the float model, unchanged."""
+    if report.size_after <= report.size_before or len(sources) > 1:
+        return
+    report.kept_input = (f"the quantized model took {report.size_after} bytes, more than the "
+                         f"float model's {report.size_before}: the float model was written "
+                         "unchanged")
+    modelio.copy_model(settings.model_file, settings.output_file)
+    report.size_after = report.size_before
+    report.opset_after = report.opset_before
 
 
 def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -243,3 +244,18 @@ def save_model(model: ir.Model, path: Path) -> list[Path]:
                 (path.parent / data_name).unlink()
         raise
     return [path, path.parent / data_name] if external else [path]
+
+
+def copy_model(source: Path, path: Path) -> None:
+    """Copy the single-file model `source` to `path` atomically (see save_model)."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

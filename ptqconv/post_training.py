@@ -12,6 +12,7 @@ sample.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ import onnx_ir.passes.common as common_passes
 from ptqconv import modelio, qparams, runtime
 from ptqconv.calibrate.collector import collect
 from ptqconv.calibrate.dataset import CalibrationSet
+from ptqconv.calibrate.exposure import per_execution
 from ptqconv.calibrate.ranges import (
     ActivationRanges,
     RangeMethod,
@@ -42,15 +44,24 @@ from ptqconv.errors import PtqError
 from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
+from ptqconv.passes.body_plan import (
+    body_macs,
+    every_plan,
+    integer_kernels,
+    plan_model,
+    unfused,
+)
 from ptqconv.passes.calibrated import MigrationPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
+from ptqconv.passes.gemm_sum import SplitGemmSumPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
-from ptqconv.passes.qdq_plan import QuantPlan, output_units, plan_quantization
+from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, output_units, plan_quantization
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
+from ptqconv.passes.unique_names import UniqueNamesPass
 from ptqconv.qparams import Range
-from ptqconv.report import Measured, Migration, PostTrainingSummary
+from ptqconv.report import BodySummary, Measured, Migration, PostTrainingSummary
 from ptqconv.settings import AUTO, PostTrainingSettings
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -72,6 +83,8 @@ MAX_HELD_OUT = 64
 # A technique worse than the best so far by this factor on the first fold is not scored on
 # the next.
 FLIP_MARGIN = 1.2
+# Keeping an unfused body weight op float can leave a neighbour without its integer reader.
+MAX_FUSION_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -124,18 +137,24 @@ class PostTraining:
                  progress: ProgressFactory | None = None) -> None:
         self.settings, self.data, self.progress = settings, data, progress
         self.skip = frozenset(settings.skip)
+        self.min_max: frozenset[str] = frozenset()  # body tensors seen only as [min, max]
+        self.unfused: frozenset[str] = frozenset()  # body weight ops onnxruntime did not fuse
+        self.macs: dict[str, int] = {}  # multiply-adds of body weight ops (the body gate)
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
         return self.progress(total, label) if self.progress else None
 
     def load_float(self, source: Path, original_names: set[str]) -> ir.Model:
         """The simplified float model at `source`, ready to plan: onnxruntime's generated
-        names prefixed (`original_names` are the user's), initializer Casts folded, only
-        the opsets used, at least the opset QDQ needs."""
+        names prefixed (`original_names` are the user's), every value name unique across
+        control-flow bodies, initializer Casts folded, Gemms that add a computed tensor split
+        again, only the opsets used, at least the opset QDQ needs."""
         model = modelio.load_model(source)
         ir.passes.Sequential(
             PrefixGeneratedNamesPass(original_names),
+            UniqueNamesPass(),
             FoldInitializerCastsPass(),
+            SplitGemmSumPass(),
             # onnxruntime's simplification declares every domain it knows; keep the used ones.
             common_passes.RemoveUnusedOpsetsPass(),
         )(model)
@@ -171,8 +190,7 @@ class PostTraining:
         collected for several range methods, see `RangeMethod`). `migrations` and `weights`
         cache migrated models and quantized weights between builds that share them."""
         s = self.settings
-        method = RangeMethod(choice.method, frozenset(v.name for v in float_model.graph.inputs),
-                             shared=shared)
+        method = self._range_method(float_model, choice.method, shared)
         calibration = activation_ranges(statistics, method, tensors, s.activation_bits)
         key = (id(statistics), choice.equalize, choice.smooth_quant, calibration.float_tensors)
         if migrations is not None and key in migrations:
@@ -189,8 +207,8 @@ class PostTraining:
             ranges.update(result.ranges)
         # SmoothQuant's Mul nodes stay float: quantizing their input would undo the smoothing.
         skip = self.skip | smoothing_nodes(model.graph)
-        plan = plan_quantization(model.graph, skip, calibration.float_tensors,
-                                 choice.float_nodes(model.graph))
+        plan = plan_model(model.graph, skip, calibration.float_tensors,
+                          choice.float_nodes(model.graph), self.unfused, self.macs)
         debug = s.debug_dir is not None
         qdq: QDQResult = self.qdq_pass(plan, ranges, keep_weight_errors=choice.bias_correction,
                                        keep_weights=debug, weights=weights)(model)
@@ -201,11 +219,15 @@ class PostTraining:
             # Corrected float biases are then quantized by the same pass as any other bias.
             model = prepared.clone()
             corrections = apply_shifts(model.graph, shifts)
-            plan = plan_quantization(model.graph, skip, calibration.float_tensors,
-                                     choice.float_nodes(model.graph))
+            plan = plan_model(model.graph, skip, calibration.float_tensors,
+                              choice.float_nodes(model.graph), self.unfused, self.macs)
             qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights)(model)
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
                      skip, choice.float_nodes(prepared.graph))
+
+    def _range_method(self, model: ir.Model, method: str, shared: bool = False) -> RangeMethod:
+        return RangeMethod(method, frozenset(v.name for v in model.graph.inputs), shared,
+                           self.min_max)
 
     # --- the run -------------------------------------------------------------------------
 
@@ -229,9 +251,12 @@ class PostTraining:
         """The quantized model and what was done."""
         s = self.settings
         model = self.load_float(source, original_names)
-        plan = plan_quantization(model.graph, self.skip)
+        self.min_max = per_execution(model)
+        self.macs = body_macs(model, self.data.shapes)
+        plan = plan_model(model.graph, self.skip, macs=self.macs)
         # Shared tensors are observed too: the plan after the migrations may need their ranges.
-        tensors = list(dict.fromkeys([*plan.observe, *plan.shared]))
+        tensors = list(dict.fromkeys(t for _, p in every_plan(plan, model.graph)
+                                     for t in (*p.observe, *p.shared)))
         choice = self.start()
         measured: list[Measured] = []
         folds = _folds(len(self.data))
@@ -241,8 +266,7 @@ class PostTraining:
             choice, measured = self.decide(model, choice, tensors, statistics, folds)
             statistics = statistics.view()
         else:
-            method = RangeMethod(choice.method, frozenset(v.name for v in model.graph.inputs))
-            points = method.points(tensors)
+            points = self._range_method(model, choice.method).points(tensors)
             for migration in self.migrations(choice):
                 points += migration.statistic_points(model)
             if choice.bias_correction:
@@ -250,9 +274,14 @@ class PostTraining:
             statistics = collect(model, points, self.data, s.threads,
                                  self._step(len(self.data), f"calibrating ({s.method})"))
         built = self.build(model, choice, statistics, tensors, shared)
+        built, kernels = self._fused_bodies(built, lambda: self.build(
+            model, choice, statistics, tensors, shared))
         # What a later rebuild with some units float (an accuracy target) starts from.
         self._rebuild = (model, choice, statistics, tensors, shared, built)
         summary = self._summary(built, choice, measured, folds)
+        summary.bodies = _body_summaries(built, kernels)
+        summary.unobserved = built.calibration.unobserved
+        summary.min_max_only = len(self.min_max & set(tensors))
         if s.debug_dir is not None:
             stats = layer_report.activation_report(built.prepared, built.qdq, self.data,
                                                    s.threads)
@@ -272,6 +301,24 @@ class PostTraining:
         return self.build(model, replace(choice, float_units=keys), statistics, tensors,
                           shared).model
 
+    def _fused_bodies(self, built: Built, rebuild: Callable[[], Built]
+                      ) -> tuple[Built, dict[tuple[str, str], Counter]]:
+        """`built`, rebuilt with every body weight op onnxruntime did not fuse kept float
+        (its DequantizeLinear would run on every execution of the body), and the integer
+        kernels of each body as onnxruntime optimized it."""
+        for _ in range(MAX_FUSION_ROUNDS):
+            keys = frozenset(node_key(n) for b in built.plan.bodies for n in b.plan.units
+                             if n.op_type in WEIGHT_OPS)
+            if not keys:
+                return built, {}
+            optimized = runtime.optimized(built.model, self.settings.threads)
+            missed = unfused(optimized, built.qdq.weight_inputs, keys)
+            if not missed:
+                break
+            self.unfused |= missed
+            built = rebuild()
+        return built, integer_kernels(optimized, built.qdq.renamed)
+
     # --- measured choices ----------------------------------------------------------------
 
     def _collect_folds(self, model: ir.Model, start: Choice, tensors: list[str],
@@ -282,7 +329,7 @@ class PostTraining:
         s = self.settings
         inputs = frozenset(v.name for v in model.graph.inputs)
         methods = CANDIDATE_METHODS if s.method == AUTO else (s.method,)
-        points = candidate_points(methods, inputs, tensors, folds)
+        points = candidate_points(methods, inputs, tensors, folds, self.min_max)
         for migration in self.migrations(replace(start, equalize=True, smooth_quant=True)):
             points += [folded(point, folds) for point in migration.statistic_points(model)]
         if s.bias_correction is not False:
@@ -438,6 +485,22 @@ class _Scorer:
         from `start`."""
         return [Measured(_difference(start, choice), choice.label(), self.error(choice),
                          len(folds)) for choice, folds in self.sums.items()]
+
+
+def _body_summaries(built: Built, kernels: dict[tuple[str, str], Counter]
+                    ) -> list[BodySummary]:
+    """What each control-flow body got, and why what stayed float did."""
+    found = []
+    for body_plan in built.plan.bodies:
+        body = body_plan.body
+        names = {node_key(n): f"{n.op_type} {n.name or node_key(n)}" for n in body.graph}
+        found.append(BodySummary(
+            body.label, len(body_plan.plan.units),
+            sum(1 for n in body_plan.plan.units if n.op_type in WEIGHT_OPS),
+            dict(sorted(kernels.get((node_key(body.node), body.attribute), Counter()).items())),
+            {names.get(k, k): why for k, why in body_plan.kept_float.items()},
+            body_plan.reason))
+    return found
 
 
 def _difference(start: Choice, choice: Choice) -> str:

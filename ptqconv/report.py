@@ -37,6 +37,18 @@ class Measured:
     folds: int = 1  # how many folds it was scored on
 
 
+@dataclass(frozen=True)
+class BodySummary:
+    """One If / Loop / Scan body: what runs on integers there, and why the rest stays float."""
+
+    body: str  # "Loop time_loop.body"
+    units: int
+    weight_ops: int  # quantized weight ops (Conv, Gemm, MatMul)
+    integer_kernels: dict[str, int]  # after onnxruntime's optimization, by op type
+    kept_float: dict[str, str]  # weight op -> why it stays float
+    reason: str = ""  # why the whole body stays float, when it does
+
+
 @dataclass
 class PostTrainingSummary:
     method: str
@@ -62,6 +74,9 @@ class PostTrainingSummary:
     held_out: int = 0  # calibration samples the candidates were scored on
     scored_folds: int = 0  # folds of the samples scored, each with ranges from the others
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
+    bodies: list[BodySummary] = field(default_factory=list)  # of If / Loop / Scan
+    unobserved: list[str] = field(default_factory=list)  # planned, never ran in calibration
+    min_max_only: int = 0  # body tensors whose range is their min/max whatever the method
 
 
 @dataclass
@@ -118,6 +133,7 @@ class ConversionReport:
     post_training: PostTrainingSummary | None = None
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
+    kept_input: str = ""  # why the float model was written instead, when it was
 
     @property
     def gate_failures(self) -> list[str]:
@@ -155,6 +171,8 @@ class ConversionReport:
             lines.append(f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.reason}")
         if len(self.skipped) > max_skipped:
             lines.append(f"    ... and {len(self.skipped) - max_skipped} more")
+        if self.kept_input:
+            lines.append(f"  written float: {self.kept_input}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
         lines.append(
@@ -194,6 +212,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             f"  weights quantized: {s.weights_quantized} (int8 symmetric"
             f"{' per-channel' if s.per_channel else ''}, levels [{grid.qmin}, {grid.qmax}]"
             f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''})")
+    lines += _body_lines(s, shown)
     if s.bias_corrections is not None:
         applied = [c for c in s.bias_corrections if c.applied]
         lines.append(f"  bias correction: {len(applied)} of {len(s.bias_corrections)} layers")
@@ -203,6 +222,31 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         lines += layer_report_lines(s.layer_report)
     if s.sensitivity is not None:
         lines += sensitivity_lines(s.sensitivity, shown)
+    return lines
+
+
+def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
+    lines = []
+    for b in s.bodies:
+        if b.units:
+            kernels = ", ".join(f"{op} {count}" for op, count in b.integer_kernels.items())
+            lines.append(f"  {b.body}: {b.units} units, {b.weight_ops} weight ops quantized"
+                         f" (onnxruntime: {kernels or 'no integer kernel'})")
+        else:
+            lines.append(f"  {b.body}: stays float ({b.reason})")
+        by_reason: dict[str, list[str]] = {}
+        for op, why in b.kept_float.items():
+            by_reason.setdefault(why, []).append(op)
+        for why, ops in by_reason.items():
+            listed = ", ".join(ops[:3]) + (f" and {len(ops) - 3} more" if len(ops) > 3 else "")
+            lines.append(f"    {len(ops)} weight op{'s' if len(ops) > 1 else ''} float "
+                         f"({listed}): {why}")
+    if s.unobserved:
+        listed = ", ".join(s.unobserved[:shown]) + (" ..." if len(s.unobserved) > shown else "")
+        lines.append(f"  kept float (never ran during calibration): {listed}")
+    if s.min_max_only and s.method != "MAX_MIN":
+        lines.append(f"  ranges of {s.min_max_only} tensors of If bodies inside loops: min/max "
+                     f"(calibration sees one [min, max] per execution there, not the values)")
     return lines
 
 

@@ -11,7 +11,7 @@ LAYERS = [
     ["errors", "values", "qparams", "target"],
     ["files", "config", "graph", "calibrate.statistics", "calibrate.observers"],
     ["runtime", "modelio"],
-    ["calibrate.ranges", "calibrate.dataset", "calibrate.collector"],
+    ["calibrate.ranges", "calibrate.dataset", "calibrate.exposure", "calibrate.collector"],
     ["passes"],
     ["evaluate", "debug"],
     ["report", "settings"],
