@@ -25,7 +25,8 @@ The forms:
                     [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     reduce_range, smooth_quant, equalize, activation_bit_num,
-                    thread_num
+                    thread_num, encodings_path (ptqconv's: AIMET / QNN encodings imported
+                    as fixed grids)
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
                     cosine_threshold (ptqconv's accuracy gate after conversion)
   YAML              the same sections as top-level mappings with the same keys; lists
@@ -42,9 +43,10 @@ Where ptqconv differs from converter_lite, on purpose:
   - Unknown keys and sections, duplicated keys and sections and empty values (`key=`) are errors
     (converter_lite only warns about unknown flat keys: a misspelt key silently ignored gives a
     bad model). An empty `skip_quant_node` means no node.
-  - Relative directories (calibrate_path, image_path, eval_path, debug_info_save_path) resolve
-    against the config file's directory, not the current directory, so a config works from any
-    directory. They are normalized lexically (os.path.abspath) and not checked here.
+  - Relative paths (calibrate_path, image_path, eval_path, debug_info_save_path,
+    encodings_path) resolve against the config file's directory, not the current directory,
+    so a config works from any directory. They are normalized lexically (os.path.abspath)
+    and not checked here.
   - Flat `bias_correction` accepts `true` / `false` in any case and rejects anything else
     (converter_lite takes exactly `true` as true and everything else as false). The INI and YAML
     forms also accept 1/0, yes/no and on/off.
@@ -108,6 +110,7 @@ class QuantConfig:
     smooth_quant: bool | None = None
     equalize: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
+    encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
     thread_num: int | None = None  # [1, 64]
     # [evaluate_param]: the accuracy gate run after the model is written.
     eval_path: tuple[tuple[str, Path], ...] | None = None
@@ -600,6 +603,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("equalize"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
+        _Key("encodings_path", _path, "an encodings file (AIMET / QNN JSON)"),
     ),
     "evaluate_param": _keys(
         _Key("eval_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),

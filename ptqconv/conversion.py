@@ -9,12 +9,12 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import modelio
+from ptqconv import encodings, modelio
 from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.evaluate.comparison import compare_models, gate_failures
 from ptqconv.passes.generated_names import value_names
-from ptqconv.post_training import PostTraining
+from ptqconv.post_training import Built, PostTraining
 from ptqconv.report import ConversionReport, GateReport
 from ptqconv.settings import ConvertSettings, DataSource, GateSettings, PostTrainingSettings
 from ptqconv.target import detect
@@ -50,7 +50,8 @@ def convert(settings: ConvertSettings,
             del model
             simplified = modelio.simplify_with_onnxruntime(settings.model_file, Path(workdir))
             pt = PostTraining(mode, data, progress)
-            model, report.post_training = pt.run(simplified, original_names)
+            built, report.post_training = pt.run(simplified, original_names)
+            model = built.model
         else:
             model, report.weights = weight_quant(model, mode, settings.model_file.parent,
                                                  progress)
@@ -60,8 +61,20 @@ def convert(settings: ConvertSettings,
         if eval_data is not None and settings.gate is not None:
             report.gate = accuracy_gate(eval_data, settings, settings.gate)
             if report.gate.failures and pt is not None and not report.kept_input:
-                _meet_target(pt, settings, settings.gate, eval_data, report, progress)
+                built = _meet_target(pt, settings, settings.gate, eval_data, report,
+                                     progress) or built
                 _never_grow(settings, report, sources)
+        if isinstance(mode, PostTrainingSettings) and mode.encodings_out is not None:
+            assert pt is not None
+            # The model written is float when nothing was worth quantizing: no encodings.
+            doc = (encodings.document({}, {}, [], {}) if report.kept_input
+                   else pt.encodings(built))
+            try:
+                encodings.write(mode.encodings_out, doc)
+            except BaseException:
+                settings.output_file.unlink(missing_ok=True)  # a failed run leaves nothing
+                raise
+            report.encodings_file = mode.encodings_out
     report.seconds = time.perf_counter() - start
     return report
 
@@ -82,13 +95,14 @@ def _never_grow(settings: ConvertSettings, report: ConversionReport,
 
 def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings,
                  data: CalibrationSet, report: ConversionReport,
-                 progress: ProgressFactory | None) -> None:
+                 progress: ProgressFactory | None) -> Built | None:
     """Keep the most harmful units float until the gate passes; write that model."""
     assert report.gate is not None
-    repaired, target = meet_target(pt, settings.model_file, data, gate, report.gate, progress)
+    built, target = meet_target(pt, settings.model_file, data, gate, report.gate, progress)
     report.target = target
-    if repaired is None:
-        return
+    if built is None:
+        return None
+    repaired = built.model
     sample = next(iter(data))
     target.size_before = report.size_after
     target.cpu = detect().why.removeprefix("detected: ")
@@ -99,6 +113,7 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     report.size_after = modelio.files_size(modelio.save_model(repaired, settings.output_file))
     target.size_after = report.size_after
     report.gate = accuracy_gate(data, settings, gate)
+    return built
 
 
 def open_data(model: ir.Model, model_file: Path, source: DataSource) -> CalibrationSet:

@@ -49,6 +49,25 @@ class BodySummary:
     reason: str = ""  # why the whole body stays float, when it does
 
 
+@dataclass(frozen=True)
+class ImportSummary:
+    """Which grids came from an imported encodings file and which were made here."""
+
+    path: Path
+    version: str
+    activations: int  # on the file's grids
+    regridded: int  # the file's range on ptqconv's grid (wider than uint8)
+    weights: int
+    float_tensors: int  # kept float by a float encoding
+    float_ops: int  # weight ops kept float by a float encoding of their weight
+    calibrated: int  # activations the file does not name, calibrated as usual
+    computed: int  # weights the file does not name, from their values
+    unused: dict[str, str]  # entry -> why
+    derived: dict[str, str] = field(default_factory=dict)  # entries that follow from others
+    choices: str = ""  # replayed from a file ptqconv wrote
+    saturating: int = 0  # imported weight grids wider than this CPU's U8S8 kernels take
+
+
 @dataclass
 class PostTrainingSummary:
     method: str
@@ -77,6 +96,7 @@ class PostTrainingSummary:
     bodies: list[BodySummary] = field(default_factory=list)  # of If / Loop / Scan
     unobserved: list[str] = field(default_factory=list)  # planned, never ran in calibration
     min_max_only: int = 0  # body tensors whose range is their min/max whatever the method
+    imported: ImportSummary | None = None  # encodings_path
 
 
 @dataclass
@@ -134,6 +154,7 @@ class ConversionReport:
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
     kept_input: str = ""  # why the float model was written instead, when it was
+    encodings_file: Path | None = None  # where the model's encodings were written
 
     @property
     def gate_failures(self) -> list[str]:
@@ -173,6 +194,8 @@ class ConversionReport:
             lines.append(f"    ... and {len(self.skipped) - max_skipped} more")
         if self.kept_input:
             lines.append(f"  written float: {self.kept_input}")
+        if self.encodings_file is not None:
+            lines.append(f"  encodings: {self.encodings_file}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
         lines.append(
@@ -192,6 +215,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     lines = [
         f"  target: {s.target.describe()}{given}",
         f"  calibration: {s.method} on {s.samples} samples",
+        *(_import_lines(s.imported, s.method) if s.imported else []),
         *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
@@ -225,6 +249,34 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     return lines
 
 
+def _import_lines(i: ImportSummary, method: str) -> list[str]:
+    grids = [f"{i.activations} activations", f"{i.weights} weights"]
+    lines = [f"  encodings imported from {i.path} ({i.version}): {' and '.join(grids)} on the "
+             f"file's grids; {i.calibrated} activations calibrated ({method}), {i.computed} "
+             "weights from their values"]
+    if i.regridded:
+        lines.append(f"    {i.regridded} activations keep the file's range on {8}-bit grids "
+                     "(wider than uint8 in the file)")
+    if i.float_tensors or i.float_ops:
+        lines.append(f"    kept float by float encodings: {i.float_tensors} tensors, "
+                     f"{i.float_ops} weight ops")
+    if i.saturating:
+        lines.append(f"    {i.saturating} imported weight grids are wider than 7 bits: "
+                     "onnxruntime's U8S8 kernels may saturate on this CPU (no VNNI)")
+    if i.derived:
+        reasons = Counter(i.derived.values())
+        listed = "; ".join(f"{why}: {count}" for why, count in reasons.most_common(4))
+        lines.append(f"    made here as usual: {len(i.derived)} entries ({listed})")
+    if i.unused:
+        reasons = Counter(i.unused.values())
+        listed = "; ".join(f"{why}: {count}" for why, count in reasons.most_common(4))
+        names = ", ".join(list(i.unused)[:5]) + (" ..." if len(i.unused) > 5 else "")
+        lines.append(f"    not used: {len(i.unused)} entries ({listed}): {names}")
+    if i.choices:
+        lines.append(f"  chosen by the encodings file (ptqconv wrote it): {i.choices}")
+    return lines
+
+
 def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
     lines = []
     for b in s.bodies:
@@ -252,7 +304,7 @@ def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
 
 def _measured_lines(s: PostTrainingSummary) -> list[str]:
     if not s.measured:
-        if s.open_choices:
+        if s.open_choices and not (s.imported and s.imported.choices):
             return [f"  chosen without measuring (too few samples to hold any out): "
                     f"{s.chosen}"]
         return []

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ptqconv import encodings, values
 from ptqconv import target as target_module
-from ptqconv import values
 from ptqconv.config import QuantConfig, load_config
+from ptqconv.encodings import EncodingsFile
 from ptqconv.errors import PtqUsageError, shown
 from ptqconv.files import input_file
 from ptqconv.target import Target
@@ -76,6 +77,8 @@ class PostTrainingSettings:
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
     sensitivity: bool = False  # rank node units by the error each causes alone
+    encodings_out: Path | None = None  # --encodingsFile: write the model's encodings there
+    encodings_in: EncodingsFile | None = None  # encodings_path: imported as fixed grids
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class ConvertSettings:
         accuracy_threshold: float | str | None = None,
         cosine_threshold: float | str | None = None,
         sensitivity: bool = False,
+        encodings_file: str | os.PathLike | None = None,
     ) -> ConvertSettings:
         """Check raw values (strings from the command line, or Python values; None: not
         given) and resolve them against the config file and the defaults."""
@@ -132,6 +136,14 @@ class ConvertSettings:
             raise PtqUsageError(f"--quantType is required; allowed: {values.QUANT_TYPE_ALLOWED}")
         model = input_file("--modelFile", model_file)
         output = _output_file(output_file, model)
+        encodings_out = None
+        if encodings_file is not None and str(encodings_file) != "":
+            if qtype is not QuantType.POST_TRAINING:
+                raise PtqUsageError("--encodingsFile: only with --quantType=PostTraining")
+            encodings_out = _output_file(encodings_file, model, "--encodingsFile")
+            if encodings_out.resolve() == output.resolve():
+                raise PtqUsageError(f"--encodingsFile: must differ from --outputFile "
+                                    f"({shown(encodings_out)})")
         low, high = BIT_RANGE[qtype]
         bits = pick.one("--bitNum", bit_num, "bit_num",
                         lambda v: values.integer(v, low, high), DEFAULT_BIT_NUM,
@@ -154,7 +166,7 @@ class ConvertSettings:
                 skip)
         else:
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
-                                  sensitivity)
+                                  sensitivity, encodings_out)
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads)
         return cls(model, output, qtype, mode, gate)
 
@@ -162,7 +174,7 @@ class ConvertSettings:
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
                    shapes: tuple[tuple[str, tuple[int, ...]], ...],
                    debug_dir: str | os.PathLike | None, sensitivity: bool,
-                   ) -> PostTrainingSettings:
+                   encodings_out: Path | None = None) -> PostTrainingSettings:
     config = pick.source
     if config is None:
         raise PtqUsageError("--configFile is required for --quantType=PostTraining")
@@ -175,6 +187,13 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
     debug = Path(debug_dir) if debug_dir else config.debug_info_save_path
     if debug is not None and debug.exists() and not debug.is_dir():
         raise PtqUsageError(f"--debugDir: not a directory: {shown(debug)}")
+    if encodings_out is not None and bits == 1:
+        raise PtqUsageError("--encodingsFile: 1-bit weights ({-1, +1}) have no AIMET encoding; "
+                            "allowed: --bitNum in [2, 8]")
+    imported = None
+    if config.encodings_path is not None:
+        imported = encodings.read(input_file(config.where("encodings_path"),
+                                             config.encodings_path))
     return PostTrainingSettings(
         bit_num=bits,
         activation_bits=pick.config("activation_bit_num") or bits,
@@ -191,6 +210,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         skip=skip,
         debug_dir=debug,
         sensitivity=bool(sensitivity),
+        encodings_out=encodings_out,
+        encodings_in=imported,
     )
 
 
@@ -245,17 +266,18 @@ def _flag(flag: str, given: Any, parse: Callable[[Any], T], where: str = "") -> 
         raise PtqUsageError(f"{flag}: {exc}{where}") from None
 
 
-def _output_file(value: str | os.PathLike | None, model: Path) -> Path:
+def _output_file(value: str | os.PathLike | None, model: Path,
+                 flag: str = "--outputFile") -> Path:
     if value is None or str(value) == "":
-        raise PtqUsageError("--outputFile is required")
+        raise PtqUsageError(f"{flag} is required")
     path = Path(value)
     parent = path.parent
     if not parent.is_dir():
-        raise PtqUsageError(f"--outputFile: directory does not exist: {shown(parent)}")
+        raise PtqUsageError(f"{flag}: directory does not exist: {shown(parent)}")
     if path.is_dir():
-        raise PtqUsageError(f"--outputFile: is a directory: {shown(path)}")
+        raise PtqUsageError(f"{flag}: is a directory: {shown(path)}")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PtqUsageError(f"--outputFile: directory is not writable: {shown(parent)}")
+        raise PtqUsageError(f"{flag}: directory is not writable: {shown(parent)}")
     if path.resolve() == model.resolve():
-        raise PtqUsageError(f"--outputFile: must differ from --modelFile ({shown(path)})")
+        raise PtqUsageError(f"{flag}: must differ from --modelFile ({shown(path)})")
     return path

@@ -24,8 +24,8 @@ COMMON_KEYS = (
     "quant_type, skip_quant_node, target_device"
 )
 FULL_KEYS = (
-    "activation_bit_num, activation_quant_method, bias_correction, equalize, per_channel, "
-    "reduce_range, smooth_quant, thread_num"
+    "activation_bit_num, activation_quant_method, bias_correction, encodings_path, equalize, "
+    "per_channel, reduce_range, smooth_quant, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(

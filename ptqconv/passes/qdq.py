@@ -26,6 +26,7 @@ from ptqconv.passes.body_plan import every_plan
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+BIAS_GRID = qparams.Grid(32, INT32_MIN, INT32_MAX, ir.DataType.INT32, symmetric=True)
 # Ops whose weight rounding error bias correction measures.
 CORRECTED_OPS = ("Conv", "Gemm")
 
@@ -82,6 +83,10 @@ class QDQResult(ir.passes.PassResult):
     # node key -> the DequantizeLinear output its weight is read from (fused: gone once
     # onnxruntime optimized the model)
     weight_inputs: dict[str, str] = field(default_factory=dict)
+    # every quantized tensor's grid as its Q/DQ hold it, by float tensor name (encodings)
+    activation_encodings: dict[str, qparams.Encoding] = field(default_factory=dict)
+    param_encodings: dict[str, qparams.Encoding] = field(default_factory=dict)  # weights...
+    imported: set[str] = field(default_factory=set)  # grids taken from `fixed`
 
     @property
     def quantize_nodes(self) -> int:
@@ -92,13 +97,15 @@ class QDQPass(ir.passes.InPlacePass):
     """Insert Q/DQ pairs on planned activations and DQ on quantized weights, biases, constants.
 
     `ranges` maps every observed or fixed tensor of `plan` to its float range; shared tensors
-    reuse their source's scale and zero point (the same initializers).
+    reuse their source's scale and zero point (the same initializers). `fixed` gives the grid
+    of some activations and weights outright (encodings imported from a file).
     """
 
     def __init__(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], bits: int,
                  per_channel: bool = True, keep_weight_errors: bool = False,
                  keep_weights: bool = False, reduce_range: bool = True,
-                 act_bits: int | None = None, weights: dict | None = None):
+                 act_bits: int | None = None, weights: dict | None = None,
+                 fixed: Mapping[str, qparams.Encoding] | None = None):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
@@ -111,6 +118,7 @@ class QDQPass(ir.passes.InPlacePass):
         # (tensor, grid, axis) -> (q, scale, zero point): builds that share a weight tensor
         # (clones share tensors) quantize it once.
         self.cache = weights if weights is not None else {}
+        self.fixed = fixed or {}
 
     def call(self, model: ir.Model) -> QDQResult:
         self.top = model.graph
@@ -122,6 +130,7 @@ class QDQPass(ir.passes.InPlacePass):
         self.result = QDQResult(model, True, self.act_grid,
                                 qparams.fused_weight_grid(self.bits, self.reduce_range))
         self.roots: dict[str, ActivationParams] = {}
+        self.grids: dict[str, qparams.Grid] = {}  # root -> its grid
         self.weight_scales: dict[tuple[ir.Node, int], np.ndarray] = {}
         self.quantized: dict[str, ir.Value] = {}  # activation -> its QuantizeLinear output
         # id(float weight) -> its integer initializers, shared by the graphs that read it
@@ -150,9 +159,14 @@ class QDQPass(ir.passes.InPlacePass):
             return self.roots[root]
         fixed = self.graph_plan.fixed
         bounds = fixed.get(root) or self.ranges.get(root)
-        if bounds is None:
+        imported = self.fixed.get(root) if root not in fixed else None
+        if bounds is None and imported is None:
             return None
-        if root in fixed:
+        grid = self.act_grid
+        if imported is not None:
+            scale, zero_point, grid = imported.scale, imported.zero_point, imported.grid
+            self.result.imported.add(root)
+        elif root in fixed:
             # onnxruntime's QLinearSoftmax wants y_scale = 1/256, zp 0 for uint8.
             scale = np.float32(1.0 / (self.act_grid.qmax + 1))
             zero_point = np.int64(0)
@@ -165,6 +179,7 @@ class QDQPass(ir.passes.InPlacePass):
                                    np.asarray(zero_point, np.uint8))
         self.roots[root] = ActivationParams(float(scale), int(zero_point), scale_value,
                                             zp_value)
+        self.grids[root] = grid
         self.result.activation_ranges += 1
         return self.roots[root]
 
@@ -224,6 +239,9 @@ class QDQPass(ir.passes.InPlacePass):
             out.name = self.names.new(f"{name}_dequantized")
         self.result.dequantized.setdefault(name, out.name)
         self.result.activations[name] = params
+        grid = self.grids[self.graph_plan.shared.get(name, name)]
+        self.result.activation_encodings[name] = qparams.Encoding(
+            np.asarray(params.scale, np.float32), np.asarray(params.zero_point, np.int64), grid)
 
     # --- weights, biases, constants ----------------------------------------------------
 
@@ -233,17 +251,24 @@ class QDQPass(ir.passes.InPlacePass):
         if value.const_value is None:
             return
         weights = value.const_value.numpy()
-        axis = planned.axis if self.per_channel else None
-        grid = weight_grid_for(node, self.bits, self.reduce_range)
-        key = (id(value.const_value), grid, axis)
-        if key not in self.cache:
-            rmin, rmax = qparams.tensor_range(weights, axis)
-            scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
-            self.cache[key] = (value.const_value, q, scale, zero_point)
-        _, q, scale, zero_point = self.cache[key]
-        self.weight_scales[(node, index)] = scale
         name = value.name
+        imported = self.fixed.get(name)
+        if imported is not None:  # 1-d: one grid per channel along the weight's axis
+            grid, scale, zero_point = imported.grid, imported.scale, imported.zero_point
+            axis = planned.axis if scale.ndim == 1 else None
+            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+            self.result.imported.add(name)
+        else:
+            axis = planned.axis if self.per_channel else None
+            grid = weight_grid_for(node, self.bits, self.reduce_range)
+            key = (id(value.const_value), grid, axis)
+            if key not in self.cache:
+                rmin, rmax = qparams.tensor_range(weights, axis)
+                scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+                self.cache[key] = (value.const_value, q, scale, zero_point)
+            _, q, scale, zero_point = self.cache[key]
+        self.weight_scales[(node, index)] = scale
         if self.keep_weights:
             self.result.weights[name] = QuantizedWeight(name, weights, scale, zero_point, axis,
                                                         node.name or node.op_type, grid)
@@ -260,9 +285,10 @@ class QDQPass(ir.passes.InPlacePass):
             inputs = [add_initializer(home, self.names.new(f"{name}_quantized"), q),
                       add_initializer(home, self.names.new(f"{name}_scale"), scale),
                       add_initializer(home, self.names.new(f"{name}_zero_point"),
-                                      np.zeros(scale.shape, np.int8))]
+                                      np.asarray(zero_point, np.int8))]
             self.integer_weights[id(value)] = inputs
             self.result.weights_quantized += 1
+            self.result.param_encodings[name] = qparams.Encoding(scale, zero_point, grid)
         out = self._dequantize(inputs, {"axis": planned.axis} if axis is not None else {}, name,
                                weights.shape)
         for user, i in list(value.uses()):
@@ -294,6 +320,8 @@ class QDQPass(ir.passes.InPlacePass):
                   add_initializer(home, self.names.new(f"{name}_scale"), scale32)]
         out = self._dequantize(inputs, {"axis": 0} if scale32.ndim else {}, name, bias.shape)
         node.replace_input_with(index, out)
+        self.result.param_encodings[name] = qparams.Encoding(
+            scale32, np.zeros(scale32.shape, np.int64), BIAS_GRID)
         if not value.uses() and name in home.initializers:
             home.initializers.pop(name)
 
@@ -325,6 +353,8 @@ class QDQPass(ir.passes.InPlacePass):
         out = self._dequantize(inputs, {}, name, array.shape)
         for user, i in users:
             user.replace_input_with(i, out)
+        self.result.param_encodings[name] = qparams.Encoding(
+            np.asarray(scale, np.float32), np.asarray(zero_point, np.int64), self.act_grid)
         if not value.uses() and name in home.initializers:
             home.initializers.pop(name)
 
