@@ -17,12 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import accuracy, bert, calibration, weightquant
+from . import accuracy, bert, calibration, controlflow, weightquant
 from .common import GB, Context, Section, machine
 from .report import write
 
 SECTIONS = {"calibration": calibration, "bert": bert, "weightquant": weightquant,
-            "accuracy": accuracy}
+            "controlflow": controlflow, "accuracy": accuracy}
 
 
 def _default_cap() -> float:
@@ -37,7 +37,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure ptqconv against onnxruntime's quantizer (calibration cost, BERT, "
-                    "WeightQuant, corpus accuracy) and write <out-dir>/latest.md and .json.")
+                    "WeightQuant, quantized control-flow bodies, corpus accuracy) and write "
+                    "<out-dir>/latest.md and .json.")
     parser.add_argument("--corpus", type=Path, default=os.environ.get("PTQCONV_CORPUS"),
                         help="corpus directory built by ../shared/corpus/build_corpus.sh "
                              "(default: $PTQCONV_CORPUS); the accuracy section skips without it")

@@ -41,7 +41,8 @@ def convert(model_file: str | os.PathLike, output_file: str | os.PathLike,
 
     `flags` are `ConvertSettings.create`'s: bit_num, quant_weight_size, quant_weight_channel,
     config_file, skip_quant_node, input_shape, debug_dir, accuracy_threshold,
-    cosine_threshold, sensitivity. Raise PtqUsageError or PtqError with a one-line message.
+    cosine_threshold, sensitivity, encodings_file. Raise PtqUsageError or PtqError with a
+    one-line message.
     """
     from ptqconv.conversion import convert as run
 

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from ptqconv import runtime
 from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.evaluate.comparison import compare_models, gate_failures
-from ptqconv.post_training import PostTraining
+from ptqconv.post_training import Built, PostTraining
 from ptqconv.report import GateReport, TargetAttempt, TargetReport
 from ptqconv.settings import GateSettings
 
@@ -22,7 +22,7 @@ LATENCY_LOOPS = 10
 def meet_target(pt: PostTraining, model_file: Path, data: CalibrationSet, gate: GateSettings,
                 missed: GateReport,
                 progress: Callable[[int, str], Callable[[int], None]] | None = None,
-                ) -> tuple[ir.Model | None, TargetReport]:
+                ) -> tuple[Built | None, TargetReport]:
     """The model with the fewest units float that passes the gate on `data` (None if even
     every unit float does not), and what was tried. Units leave integer in the order of the
     harm each does alone (`PostTraining.ranking`): 1, 2, 4, ... of them until the gate
@@ -31,17 +31,17 @@ def meet_target(pt: PostTraining, model_file: Path, data: CalibrationSet, gate: 
     keys = [unit.key for unit in ranking]
     names = {unit.key: unit.node for unit in ranking}
     attempts: list[TargetAttempt] = []
-    models: dict[int, ir.Model] = {}
+    models: dict[int, Built] = {}
 
     def passes(count: int) -> bool:
-        model = pt.with_float_units(frozenset(keys[:count]))
-        comparisons = compare_models(model, model_file, data, "all", gate.threads)
+        built = pt.with_float_units(frozenset(keys[:count]))
+        comparisons = compare_models(built.model, model_file, data, "all", gate.threads)
         report = GateReport(len(data), comparisons, gate_failures(
             comparisons, gate.accuracy_threshold, gate.cosine_threshold))
         attempts.append(TargetAttempt(count, not report.failures, report.mean_bias_percent,
                                       min(c.cosine for c in comparisons.values())))
         if not report.failures:
-            models[count] = model
+            models[count] = built
         return not report.failures
 
     low, high = 0, None  # low fails (the full model did), high passes

@@ -188,6 +188,9 @@ def ptqconv() -> None:
               help="PostTraining: also quantize one node unit at a time and rank the units "
                    "by the output error each causes alone (slow: one model per unit); written "
                    "to DIR/sensitivity.csv with --debugDir.")
+@click.option("--encodingsFile", "encodings_file", metavar="PATH",
+              help="PostTraining: also write every quantized tensor's scale, offset, bit width "
+                   "and symmetry to PATH as AIMET / QNN encodings (JSON, version 0.6.1).")
 @click.option("--accuracyThreshold", "accuracy_threshold", metavar="PERCENT",
               help="Gate: after writing the model, compare it with the float model on the "
                    "config's eval_path samples and exit 1 if the mean bias (MindSpore's "

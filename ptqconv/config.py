@@ -31,6 +31,8 @@ The forms:
                     reduce_range, smooth_quant, equalize, activation_bit_num,
                     thread_num, target_device (MindSpore's docs put it here too),
                     enable_all_ops
+                    encodings_path (ptqconv's: AIMET / QNN encodings imported as
+                    fixed grids)
                     [weight_quant_param] per_channel, bias_correction, quant_strategy,
                     dequant_strategy (Ascend only: refused)
                     [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
@@ -51,9 +53,10 @@ Where ptqconv differs from converter_lite, on purpose:
   - Unknown keys and sections, duplicated keys and sections and empty values (`key=`) are errors
     (converter_lite only warns about unknown flat keys: a misspelt key silently ignored gives a
     bad model). An empty `skip_quant_node` means no node.
-  - Relative directories (calibrate_path, image_path, eval_path, debug_info_save_path) resolve
-    against the config file's directory, not the current directory, so a config works from any
-    directory. They are normalized lexically (os.path.abspath) and not checked here.
+  - Relative paths (calibrate_path, image_path, eval_path, debug_info_save_path,
+    encodings_path) resolve against the config file's directory, not the current directory,
+    so a config works from any directory. They are normalized lexically (os.path.abspath)
+    and not checked here.
   - Flat `bias_correction` accepts `true` / `false` in any case and rejects anything else
     (converter_lite takes exactly `true` as true and everything else as false). The INI and YAML
     forms also accept 1/0, yes/no and on/off.
@@ -118,6 +121,7 @@ class QuantConfig:
     smooth_quant: bool | None = None
     equalize: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
+    encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
     thread_num: int | None = None  # [1, 64]
     enable_encode: bool | None = None
     # [data_preprocess_param] input_type and MindSpore's image preprocessing keys.
@@ -677,6 +681,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _TARGET_DEVICE,
         # Micro's switch to quantize every supported op, which ptqconv always does.
         replace(_bool_key("enable_all_ops"), kept=False),
+        _Key("encodings_path", _path, "an encodings file (AIMET / QNN JSON)"),
     ),
     "weight_quant_param": _keys(
         _bool_key("weight_per_channel").named("per_channel"),

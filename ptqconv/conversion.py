@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import files, modelio
+from ptqconv import encodings, files, modelio
 from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.debug import layer_report, sensitivity
@@ -26,7 +26,7 @@ from ptqconv.errors import PtqError, PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
-from ptqconv.post_training import PostTraining
+from ptqconv.post_training import Built, PostTraining
 from ptqconv.report import (
     ConversionReport,
     DynamicSummary,
@@ -76,7 +76,7 @@ def convert(settings: ConvertSettings,
     files.refuse_inputs(planned_outputs(settings),
                         read_files(settings, model_files, data, eval_data))
     with files.Staging() as staging:
-        pt = None
+        pt = built = None
         if isinstance(mode, PostTrainingSettings):
             assert data is not None
             report.data = data.format
@@ -85,7 +85,8 @@ def convert(settings: ConvertSettings,
             with _temporary_directory() as workdir:
                 simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
                 pt = PostTraining(mode, data, progress)
-                model, report.post_training = pt.run(simplified, original_names)
+                built, report.post_training = pt.run(simplified, original_names)
+                model = built.model
                 saved = _save(model, settings, report, staging)
         else:
             if isinstance(mode, DynamicQuantSettings):
@@ -96,45 +97,78 @@ def convert(settings: ConvertSettings,
                                                      progress)
             saved = _save(model, settings, report, staging)
         del model
+        saved = _never_grow(settings, report, model_files, staging) or saved
         session = _loaded(saved, settings)
         if report.post_training is not None:
             _stage_debug(report.post_training, mode, staging)
         if eval_data is not None and settings.gate is not None:
             step = progress(len(eval_data), "accuracy gate") if progress else None
             report.gate = accuracy_gate(session, eval_data, settings, settings.gate, step)
-            if report.gate.failures and pt is not None:
+            if report.gate.failures and pt is not None and not report.kept_input:
                 del session
-                session = _meet_target(pt, settings, settings.gate, eval_data, report, saved,
-                                       staging, progress)
+                session, built = _meet_target(pt, settings, settings.gate, eval_data, report,
+                                              saved, staging, progress, model_files, built)
         del session
+        if isinstance(mode, PostTrainingSettings) and mode.encodings_out is not None:
+            assert pt is not None and built is not None
+            # The model written is float when nothing was worth quantizing: no encodings.
+            doc = (encodings.document({}, {}, [], {}) if report.kept_input
+                   else pt.encodings(built))
+            try:
+                encodings.write(staging.path(mode.encodings_out), doc)
+            except OSError as exc:
+                raise PtqError(f"--encodingsFile: cannot write {shown(mode.encodings_out)}: "
+                               f"{files.os_reason(exc)}") from None
+            report.encodings_file = mode.encodings_out
         replaced = staging.commit()
     report.replaced = [p for p in replaced if p == settings.data_file]
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],
+                staging: files.Staging) -> modelio.SavedModel | None:
+    """A quantized model bigger than the float one (nothing worth quantizing: a model whose
+    work is in bodies that stay float) is replaced by the float model, unchanged."""
+    if report.size_after <= report.size_before or len(sources) > 1:
+        return None
+    report.kept_input = (f"the quantized model took {report.size_after} bytes, more than the "
+                         f"float model's {report.size_before}: the float model was written "
+                         "unchanged")
+    saved = modelio.copy_model(settings.model_file, settings.output_file, staging)
+    report.size_after = report.size_before
+    report.opset_after = report.opset_before
+    report.fp16 = None
+    return saved
+
+
 def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings,
                  data: CalibrationSet, report: ConversionReport, saved: modelio.SavedModel,
-                 staging: files.Staging, progress: ProgressFactory | None) -> Session:
+                 staging: files.Staging, progress: ProgressFactory | None,
+                 sources: list[Path], built: Built | None) -> tuple[Session, Built | None]:
     """Keep the most harmful units float until the gate passes; stage that model instead.
-    Returns the session of the model staged last."""
+    Returns the session of the model staged last and what was built for it."""
     assert report.gate is not None
-    repaired, target = meet_target(pt, settings.model_file, data, gate, report.gate, progress)
+    repaired_built, target = meet_target(pt, settings.model_file, data, gate, report.gate,
+                                         progress)
     report.target = target
+    repaired = repaired_built.model if repaired_built is not None else None
     if repaired is not None:
+        built = repaired_built
         sample = next(iter(data))
         target.size_before = report.size_after
         target.cpu = detect().why.removeprefix("detected: ")
         latency = {"float": latency_ms(settings.model_file, sample, gate.threads),
                    "quantized": latency_ms(saved.path, sample, gate.threads)}
         saved = _save(repaired, settings, report, staging)
+        saved = _never_grow(settings, report, sources, staging) or saved
         latency["written"] = latency_ms(saved.path, sample, gate.threads)
         target.latency_ms = latency
         target.size_after = report.size_after
     session = _loaded(saved, settings)
     if repaired is not None:
         report.gate = accuracy_gate(session, data, settings, gate)
-    return session
+    return session, built
 
 
 def float16(model: ir.Model) -> Float16Summary:
@@ -206,6 +240,8 @@ def planned_outputs(settings: ConvertSettings) -> list[tuple[str, Path]]:
     outputs = [("--outputFile", settings.output_file),
                ("--outputFile's data file", settings.data_file)]
     mode = settings.mode
+    if isinstance(mode, PostTrainingSettings) and mode.encodings_out is not None:
+        outputs.append(("--encodingsFile", mode.encodings_out))
     if isinstance(mode, PostTrainingSettings) and mode.debug_dir is not None:
         names = [layer_report.CSV_NAME, layer_report.JSON_NAME]
         if mode.sensitivity:
@@ -228,6 +264,9 @@ def read_files(settings: ConvertSettings, model_files: list[Path],
     read += [("external data of --modelFile", path) for path in model_files[1:]]
     if settings.config_file is not None:
         read.append(("--configFile", settings.config_file))
+    mode = settings.mode
+    if isinstance(mode, PostTrainingSettings) and mode.encodings_in is not None:
+        read.append(("encodings_path", mode.encodings_in.path))
     for source in sources:
         if source is not None:
             read += [(f"a sample of input {name!r} ({source.what})", path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,3 +413,13 @@ def internalize(model: ir.Model) -> None:
             for name, attr in list(node.attributes.items()):
                 if isinstance(attr.value, ir.ExternalTensor):
                     node.attributes[name] = ir.AttrTensor(name, ir.Tensor(attr.value.numpy()))
+
+
+def copy_model(source: Path, path: Path, staging: Staging) -> SavedModel:
+    """Stage a copy of the single-file model `source` for `path` (see save_model)."""
+    tmp = staging.path(path, _STAGED_MODEL)
+    try:
+        shutil.copyfile(source, tmp)
+    except OSError as exc:
+        raise PtqError(f"--outputFile: cannot write {shown(path)}: {os_reason(exc)}") from None
+    return SavedModel(tmp, [tmp])

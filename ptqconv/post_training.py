@@ -12,6 +12,7 @@ sample.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,9 +22,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from ptqconv import modelio, qparams, runtime
+from ptqconv import encodings, modelio, qparams, runtime
 from ptqconv.calibrate.collector import collect
 from ptqconv.calibrate.dataset import CalibrationSet
+from ptqconv.calibrate.exposure import per_execution
 from ptqconv.calibrate.ranges import (
     ActivationRanges,
     RangeMethod,
@@ -40,17 +42,33 @@ from ptqconv.calibrate.statistics import (
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
 from ptqconv.graph.naming import node_key
+from ptqconv.imported import Imported, resolve, saturating
 from ptqconv.passes import bias_correction
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
+from ptqconv.passes.body_plan import (
+    body_macs,
+    every_plan,
+    integer_kernels,
+    plan_model,
+    unfused,
+)
 from ptqconv.passes.calibrated import MigrationPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
+from ptqconv.passes.gemm_sum import SplitGemmSumPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
-from ptqconv.passes.qdq_plan import QuantPlan, output_units, plan_quantization
+from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, output_units, plan_quantization
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
+from ptqconv.passes.unique_names import UniqueNamesPass
 from ptqconv.qparams import Range
-from ptqconv.report import Measured, Migration, PostTrainingSummary
+from ptqconv.report import (
+    BodySummary,
+    ImportSummary,
+    Measured,
+    Migration,
+    PostTrainingSummary,
+)
 from ptqconv.settings import AUTO, PostTrainingSettings
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -75,6 +93,8 @@ FLIP_MARGIN = 1.2
 # Output noise-to-signal ratios closer than this are a tie (output cosines within 5e-6): the
 # held-out samples cannot tell such choices apart (docs/decisions.md, AUTO ties).
 TIE = 1e-5
+# Keeping an unfused body weight op float can leave a neighbour without its integer reader.
+MAX_FUSION_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,8 @@ class Built:
     prepared: ir.Model  # the float model after the migrations, before QDQ
     skip: frozenset[str]
     float_nodes: frozenset[ir.Node]  # of `prepared`
+    choice: Choice
+    imported: Imported | None = None  # the grids an encodings file fixed
 
 
 class PostTraining:
@@ -127,18 +149,29 @@ class PostTraining:
                  progress: ProgressFactory | None = None) -> None:
         self.settings, self.data, self.progress = settings, data, progress
         self.skip = frozenset(settings.skip)
+        self.min_max: frozenset[str] = frozenset()  # body tensors seen only as [min, max]
+        self.unfused: frozenset[str] = frozenset()  # body weight ops onnxruntime did not fuse
+        self.macs: dict[str, int] = {}  # multiply-adds of body weight ops (the body gate)
+        self.file = settings.encodings_in
+        # What the file fixes in the float model: those tensors are not observed, and scale
+        # migrations leave alone what they would change (not for a file ptqconv wrote, whose
+        # grids were made after the migrations its choices replay).
+        self.fixed: frozenset[str] = frozenset()
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
         return self.progress(total, label) if self.progress else None
 
     def load_float(self, source: Path, original_names: set[str]) -> ir.Model:
         """The simplified float model at `source`, ready to plan: onnxruntime's generated
-        names prefixed (`original_names` are the user's), initializer Casts folded, only
-        the opsets used, at least the opset QDQ needs."""
+        names prefixed (`original_names` are the user's), every value name unique across
+        control-flow bodies, initializer Casts folded, Gemms that add a computed tensor split
+        again, only the opsets used, at least the opset QDQ needs."""
         model = modelio.load_model(source, check=False)  # onnxruntime's output of a checked one
         ir.passes.Sequential(
             PrefixGeneratedNamesPass(original_names),
+            UniqueNamesPass(),
             FoldInitializerCastsPass(),
+            SplitGemmSumPass(),
             # onnxruntime's simplification declares every domain it knows; keep the used ones.
             common_passes.RemoveUnusedOpsetsPass(),
         )(model)
@@ -174,15 +207,14 @@ class PostTraining:
         collected for several range methods, see `RangeMethod`). `migrations` and `weights`
         cache migrated models and quantized weights between builds that share them."""
         s = self.settings
-        method = RangeMethod(choice.method, frozenset(v.name for v in float_model.graph.inputs),
-                             shared=shared)
+        method = self._range_method(float_model, choice.method, shared)
         calibration = activation_ranges(statistics, method, tensors, s.activation_bits)
         key = (id(statistics), choice.equalize, choice.smooth_quant, calibration.float_tensors)
         if migrations is not None and key in migrations:
             prepared, migrated = migrations[key]
         else:
             prepared = float_model.clone()  # what every later step starts again from
-            migrated = [m.calibrated(statistics, calibration.float_tensors)(prepared)
+            migrated = [m.calibrated(statistics, calibration.float_tensors, self.fixed)(prepared)
                         for m in self.migrations(choice)]
             if migrations is not None:
                 migrations[key] = (prepared, migrated)
@@ -190,13 +222,21 @@ class PostTraining:
         ranges = dict(calibration.ranges)
         for result in migrated:
             ranges.update(result.ranges)
+        float_tensors = calibration.float_tensors
+        imported = resolve(self.file, prepared.graph, s.per_channel) if self.file else None
+        fixed: dict[str, qparams.Encoding] = {}
+        if imported is not None:
+            ranges.update(imported.ranges)
+            float_tensors |= imported.float_tensors
+            fixed = imported.grids
+            choice = replace(choice, float_units=choice.float_units | imported.float_ops)
         # SmoothQuant's Mul nodes stay float: quantizing their input would undo the smoothing.
         skip = self.skip | smoothing_nodes(model.graph)
-        plan = plan_quantization(model.graph, skip, calibration.float_tensors,
-                                 choice.float_nodes(model.graph))
+        plan = plan_model(model.graph, skip, float_tensors, choice.float_nodes(model.graph),
+                          self.unfused, self.macs)
         debug = s.debug_dir is not None
         qdq: QDQResult = self.qdq_pass(plan, ranges, keep_weight_errors=choice.bias_correction,
-                                       keep_weights=debug, weights=weights)(model)
+                                       keep_weights=debug, weights=weights, fixed=fixed)(model)
         corrections = None
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
@@ -204,11 +244,16 @@ class PostTraining:
             # Corrected float biases are then quantized by the same pass as any other bias.
             model = prepared.clone()
             corrections = apply_shifts(model.graph, shifts)
-            plan = plan_quantization(model.graph, skip, calibration.float_tensors,
-                                     choice.float_nodes(model.graph))
-            qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights)(model)
+            plan = plan_model(model.graph, skip, float_tensors,
+                              choice.float_nodes(model.graph), self.unfused, self.macs)
+            qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights,
+                                fixed=fixed)(model)
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
-                     skip, choice.float_nodes(prepared.graph))
+                     skip, choice.float_nodes(prepared.graph), choice, imported)
+
+    def _range_method(self, model: ir.Model, method: str, shared: bool = False) -> RangeMethod:
+        return RangeMethod(method, frozenset(v.name for v in model.graph.inputs), shared,
+                           self.min_max)
 
     # --- the run -------------------------------------------------------------------------
 
@@ -228,24 +273,69 @@ class PostTraining:
             equalize=True if s.equalize is None else s.equalize,
             smooth_quant=True if s.smooth_quant is None else s.smooth_quant)
 
-    def run(self, source: Path, original_names: set[str]) -> tuple[ir.Model, PostTrainingSummary]:
-        """The quantized model and what was done."""
+    def replayed(self, model: ir.Model) -> Choice | None:
+        """The choice recorded in an encodings file ptqconv wrote, under what the settings
+        force: its grids were made with those migrations and that bias correction, so they
+        are rebuilt (and not measured again)."""
+        recorded = self.file.choices if self.file is not None else None
+        if recorded is None:
+            return None
+        s, start = self.settings, self.start()
+
+        def pick(name: str, forced: Any, default: Any) -> Any:
+            return forced if forced is not None else recorded.get(name, default)
+
+        keys = resolve(self.file, model.graph).float_units
+        return Choice(
+            method=s.method if s.method != AUTO else str(recorded.get("method", start.method)),
+            bias_correction=bool(pick("bias_correction", s.bias_correction, False)),
+            equalize=bool(pick("equalize", s.equalize, start.equalize)),
+            smooth_quant=bool(pick("smooth_quant", s.smooth_quant, start.smooth_quant)),
+            float_outputs=bool(recorded.get("float_outputs", False)),
+            float_units=keys)
+
+    def encodings(self, built: Built) -> dict[str, Any]:
+        """The encodings document of `built`'s model (--encodingsFile), recording the choice
+        it was built with so that importing it rebuilds the same model."""
+        s, choice = self.settings, built.choice
+        names = {node_key(n): n.name or node_key(n) for n in built.prepared.graph}
+        schemes = {"MAX_MIN": "post_training_tf", "REMOVAL_OUTLIER": "post_training_percentile"}
+        args = {"activation_bitwidth": s.activation_bits, "dtype": "int",
+                "is_symmetric": "True", "param_bitwidth": s.bit_num,
+                "per_channel_quantization": str(s.per_channel),
+                "quant_scheme": schemes.get(choice.method, "post_training_tf_enhanced"),
+                encodings.CHOICES_KEY: {
+                    "method": choice.method, "bias_correction": choice.bias_correction,
+                    "equalize": choice.equalize, "smooth_quant": choice.smooth_quant,
+                    "float_outputs": choice.float_outputs}}
+        return encodings.document(built.qdq.activation_encodings, built.qdq.param_encodings,
+                                  sorted(names.get(k, k) for k in choice.float_units), args)
+
+    def run(self, source: Path, original_names: set[str]) -> tuple[Built, PostTrainingSummary]:
+        """The quantized model, how it was built, and what was done."""
         s = self.settings
         model = self.load_float(source, original_names)
-        plan = plan_quantization(model.graph, self.skip)
+        self.min_max = per_execution(model)
+        self.macs = body_macs(model, self.data.shapes)
+        fixed = (resolve(self.file, model.graph, s.per_channel).names if self.file
+                 else frozenset())
+        replay = self.replayed(model)
+        self.fixed = fixed if replay is None else frozenset()
+        plan = plan_model(model.graph, self.skip, macs=self.macs)
         # Shared tensors are observed too: the plan after the migrations may need their ranges.
-        tensors = list(dict.fromkeys([*plan.observe, *plan.shared]))
-        choice = self.start()
+        tensors = list(dict.fromkeys(t for _, p in every_plan(plan, model.graph)
+                                     for t in (*p.observe, *p.shared) if t not in fixed))
+        choice = replay or self.start()
         measured: list[Measured] = []
         folds = _folds(len(self.data))
         shared = bool(self.open_choices() and folds)
         if shared:
             statistics = self._collect_folds(model, choice, tensors, folds)
-            choice, measured = self.decide(model, choice, tensors, statistics, folds)
+            if replay is None:
+                choice, measured = self.decide(model, choice, tensors, statistics, folds)
             statistics = statistics.view()
         else:
-            method = RangeMethod(choice.method, frozenset(v.name for v in model.graph.inputs))
-            points = method.points(tensors)
+            points = self._range_method(model, choice.method).points(tensors)
             for migration in self.migrations(choice):
                 points += migration.statistic_points(model)
             if choice.bias_correction:
@@ -253,9 +343,16 @@ class PostTraining:
             statistics = collect(model, points, self.data, s.threads,
                                  self._step(len(self.data), f"calibrating ({s.method})"))
         built = self.build(model, choice, statistics, tensors, shared)
+        built, kernels = self._fused_bodies(built, lambda: self.build(
+            model, choice, statistics, tensors, shared))
         # What a later rebuild with some units float (an accuracy target) starts from.
         self._rebuild = (model, choice, statistics, tensors, shared, built)
         summary = self._summary(built, choice, measured, folds)
+        summary.bodies = _body_summaries(built, kernels)
+        summary.unobserved = built.calibration.unobserved
+        summary.min_max_only = len(self.min_max & set(tensors))
+        if self.file is not None and built.imported is not None:
+            summary.imported = self._import_summary(built, replay is not None)
         if s.debug_dir is not None:
             stats = layer_report.activation_report(
                 built.prepared, built.qdq, self.data, s.threads,
@@ -264,17 +361,35 @@ class PostTraining:
             summary.layer_report = layer_report.build(s.debug_dir, stats)
         if s.sensitivity:
             summary.sensitivity = self._sensitivity(built)
-        return built.model, summary
+        return built, summary
 
     def ranking(self) -> list[sensitivity.UnitSensitivity]:
         """The units of the model `run` made, most harmful first (each quantized alone)."""
         return self._sensitivity(self._rebuild[-1])
 
-    def with_float_units(self, keys: frozenset[str]) -> ir.Model:
+    def with_float_units(self, keys: frozenset[str]) -> Built:
         """The model `run` made, rebuilt with the units of node keys `keys` kept float."""
         model, choice, statistics, tensors, shared, _ = self._rebuild
         return self.build(model, replace(choice, float_units=keys), statistics, tensors,
-                          shared).model
+                          shared)
+
+    def _fused_bodies(self, built: Built, rebuild: Callable[[], Built]
+                      ) -> tuple[Built, dict[tuple[str, str], Counter]]:
+        """`built`, rebuilt with every body weight op onnxruntime did not fuse kept float
+        (its DequantizeLinear would run on every execution of the body), and the integer
+        kernels of each body as onnxruntime optimized it."""
+        for _ in range(MAX_FUSION_ROUNDS):
+            keys = frozenset(node_key(n) for b in built.plan.bodies for n in b.plan.units
+                             if n.op_type in WEIGHT_OPS)
+            if not keys:
+                return built, {}
+            optimized = runtime.optimized(built.model, self.settings.threads)
+            missed = unfused(optimized, built.qdq.weight_inputs, keys)
+            if not missed:
+                break
+            self.unfused |= missed
+            built = rebuild()
+        return built, integer_kernels(optimized, built.qdq.renamed)
 
     # --- measured choices ----------------------------------------------------------------
 
@@ -286,7 +401,7 @@ class PostTraining:
         s = self.settings
         inputs = frozenset(v.name for v in model.graph.inputs)
         methods = CANDIDATE_METHODS if s.method == AUTO else (s.method,)
-        points = candidate_points(methods, inputs, tensors, folds)
+        points = candidate_points(methods, inputs, tensors, folds, self.min_max)
         for migration in self.migrations(replace(start, equalize=True, smooth_quant=True)):
             points += [folded(point, folds) for point in migration.statistic_points(model)]
         if s.bias_correction is not False:
@@ -362,6 +477,32 @@ class PostTraining:
         return any(m.find(float_model.graph)[0] for m in changed)
 
     # --- reporting -----------------------------------------------------------------------
+
+    def _import_summary(self, built: Built, replayed: bool) -> ImportSummary:
+        imported, qdq = built.imported, built.qdq
+        assert imported is not None and self.file is not None
+        used = qdq.imported
+        unused, derived = dict(imported.unused), dict(imported.derived)
+        shared = {n: root for _, p in every_plan(built.plan, built.model.graph)
+                  for n, root in p.shared.items()}
+        for name in (*imported.activations, *imported.weights):
+            if name in shared:
+                derived[name] = "shares its input's grid"
+            elif name not in used:
+                unused[name] = "not quantized in this model"
+        activations = set(qdq.activation_encodings)
+        roots = {n for n in activations if n not in shared}
+        return ImportSummary(
+            self.file.path, self.file.version,
+            activations=sum(1 for n in used if n in imported.activations),
+            regridded=sum(1 for n in imported.ranges if n in roots),
+            weights=sum(1 for n in used if n in imported.weights),
+            float_tensors=len(imported.float_tensors), float_ops=len(imported.float_ops),
+            calibrated=len(roots - used - set(imported.ranges) - set(built.plan.fixed)),
+            computed=qdq.weights_quantized - sum(1 for n in used if n in imported.weights),
+            unused=unused, derived=derived, choices=built.choice.label() if replayed else "",
+            saturating=(saturating(imported, built.prepared.graph)
+                        if self.settings.target.saturates else 0))
 
     def _summary(self, built: Built, choice: Choice, measured: list[Measured],
                  folds: int) -> PostTrainingSummary:
@@ -443,6 +584,22 @@ class _Scorer:
         from `start`."""
         return [Measured(_difference(start, choice), choice.label(), self.error(choice),
                          len(folds)) for choice, folds in self.sums.items()]
+
+
+def _body_summaries(built: Built, kernels: dict[tuple[str, str], Counter]
+                    ) -> list[BodySummary]:
+    """What each control-flow body got, and why what stayed float did."""
+    found = []
+    for body_plan in built.plan.bodies:
+        body = body_plan.body
+        names = {node_key(n): f"{n.op_type} {n.name or node_key(n)}" for n in body.graph}
+        found.append(BodySummary(
+            body.label, len(body_plan.plan.units),
+            sum(1 for n in body_plan.plan.units if n.op_type in WEIGHT_OPS),
+            dict(sorted(kernels.get((node_key(body.node), body.attribute), Counter()).items())),
+            {names.get(k, k): why for k, why in body_plan.kept_float.items()},
+            body_plan.reason))
+    return found
 
 
 def _difference(start: Choice, choice: Choice) -> str:

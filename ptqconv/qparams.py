@@ -224,3 +224,86 @@ def fused_weight_grid(bits: int, reduce_range: bool = True) -> Grid:
 
 # 255 * 63 * 2 = 32130 fits int16: the largest weight magnitude without U8S8 saturation.
 U8S8_SAFE_WEIGHT = 63
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The grid one quantized tensor is on: scale and zero point (0-d, or 1-d along its
+    channel axis) mapping to `grid`, as its QuantizeLinear / DequantizeLinear hold them."""
+
+    scale: np.ndarray  # float32
+    zero_point: np.ndarray  # int64
+    grid: Grid
+
+
+# AIMET / QNN encodings describe every grid in an unsigned view: real = (q_u + offset) * scale
+# with q_u in [0, 2**bits - 1] (docs/reference.md §5).
+
+
+def used_bits(grid: Grid) -> int:
+    """The bits a grid spans: 7 for the [-63, 63] weights of `reduce_range`, whatever bit
+    width the setting says."""
+    return grid.qmax.bit_length() + (1 if grid.qmin < 0 else 0)
+
+
+def offsets(encoding: Encoding) -> np.ndarray:
+    """QNN's offset of each channel: -zero point, in the unsigned view of a signed grid."""
+    zero_point = encoding.zero_point.astype(np.int64)
+    if encoding.grid.qmin < 0:
+        return -(zero_point + (1 << (used_bits(encoding.grid) - 1)))
+    return -zero_point
+
+
+def encoded_range(scale: np.ndarray, offset: np.ndarray, bits: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """AIMET's min and max of a grid: offset * scale and (offset + 2**bits - 1) * scale."""
+    low = offset.astype(np.float64) * scale.astype(np.float64)
+    return low, low + ((1 << bits) - 1) * scale.astype(np.float64)
+
+
+def activation_encoding(scale: np.ndarray, offset: np.ndarray, bits: int) -> Encoding | None:
+    """The uint8 grid of an activation's QNN encoding (zero point = -offset); None above 8
+    bits, which uint8 cannot hold, or when the zero point falls off the grid."""
+    grid = Grid(bits, 0, (1 << bits) - 1, ir.DataType.UINT8, symmetric=False)
+    zero_point = -offset.astype(np.int64)
+    if bits > 8 or np.any((zero_point < grid.qmin) | (zero_point > grid.qmax)):
+        return None
+    return Encoding(scale.astype(np.float32), zero_point, grid)
+
+
+def weight_encoding(scale: np.ndarray, offset: np.ndarray, bits: int, symmetric: bool
+                    ) -> Encoding | None:
+    """The int8 grid of a weight's QNN encoding (zero point = -offset - 2**(bits - 1)); None
+    above 8 bits or when the zero point falls off the grid. A symmetric encoding has zero
+    point 0 on [-2**(bits-1), 2**(bits-1) - 1] (AIMET's offset -2**(bits-1)), or on the
+    narrow [-(2**(bits-1) - 1), 2**(bits-1) - 1] (its "strict" offset -2**(bits-1) + 1)."""
+    half = 1 << (bits - 1)
+    offset = offset.astype(np.int64)
+    if bits > 8:
+        return None
+    if symmetric:
+        strict = bool(np.all(offset == -half + 1))
+        if not (strict or np.all(offset == -half)):
+            return None
+        grid = Grid(bits, -half + strict, half - 1, ir.DataType.INT8, symmetric=True)
+        return Encoding(scale.astype(np.float32), np.zeros_like(offset), grid)
+    grid = Grid(bits, -half, half - 1, ir.DataType.INT8, symmetric=False)
+    zero_point = -offset - half
+    if np.any((zero_point < grid.qmin) | (zero_point > grid.qmax)):
+        return None
+    return Encoding(scale.astype(np.float32), zero_point, grid)
+
+
+def range_encoding(low: np.ndarray, high: np.ndarray, bits: int, symmetric: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and QNN offset of a min/max-only encoding, as AIMET computes them
+    (scale = (max - min) / (2**bits - 1), offset = round(min / scale); symmetric:
+    scale = absmax / (2**(bits-1) - 1), offset = -2**(bits-1))."""
+    if symmetric:
+        half = (1 << (bits - 1)) - 1
+        grid = Grid(bits, -half, half, ir.DataType.INT8, symmetric=True)
+        scale, _ = scale_zero_point(low, high, grid)
+        return scale, np.full(np.shape(scale), -(half + 1), np.int64)
+    grid = Grid(bits, 0, (1 << bits) - 1, ir.DataType.UINT8, symmetric=False)
+    scale, zero_point = scale_zero_point(low, high, grid)
+    return scale, -zero_point

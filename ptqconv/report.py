@@ -39,6 +39,37 @@ class Measured:
     folds: int = 1  # how many folds it was scored on
 
 
+@dataclass(frozen=True)
+class BodySummary:
+    """One If / Loop / Scan body: what runs on integers there, and why the rest stays float."""
+
+    body: str  # "Loop time_loop.body"
+    units: int
+    weight_ops: int  # quantized weight ops (Conv, Gemm, MatMul)
+    integer_kernels: dict[str, int]  # after onnxruntime's optimization, by op type
+    kept_float: dict[str, str]  # weight op -> why it stays float
+    reason: str = ""  # why the whole body stays float, when it does
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """Which grids came from an imported encodings file and which were made here."""
+
+    path: Path
+    version: str
+    activations: int  # on the file's grids
+    regridded: int  # the file's range on ptqconv's grid (wider than uint8)
+    weights: int
+    float_tensors: int  # kept float by a float encoding
+    float_ops: int  # weight ops kept float by a float encoding of their weight
+    calibrated: int  # activations the file does not name, calibrated as usual
+    computed: int  # weights the file does not name, from their values
+    unused: dict[str, str]  # entry -> why
+    derived: dict[str, str] = field(default_factory=dict)  # entries that follow from others
+    choices: str = ""  # replayed from a file ptqconv wrote
+    saturating: int = 0  # imported weight grids wider than this CPU's U8S8 kernels take
+
+
 @dataclass
 class PostTrainingSummary:
     method: str
@@ -64,6 +95,10 @@ class PostTrainingSummary:
     held_out: int = 0  # calibration samples the candidates were scored on
     scored_folds: int = 0  # folds of the samples scored, each with ranges from the others
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
+    bodies: list[BodySummary] = field(default_factory=list)  # of If / Loop / Scan
+    unobserved: list[str] = field(default_factory=list)  # planned, never ran in calibration
+    min_max_only: int = 0  # body tensors whose range is their min/max whatever the method
+    imported: ImportSummary | None = None  # encodings_path
 
 
 @dataclass(frozen=True)
@@ -155,6 +190,8 @@ class ConversionReport:
     inferred_shapes: list[InferredShape] = field(default_factory=list)
     # Files this run replaced that it had not written before: an existing <output>.data.
     replaced: list[Path] = field(default_factory=list)
+    kept_input: str = ""  # why the float model was written instead, when it was
+    encodings_file: Path | None = None  # where the model's encodings were written
 
     @property
     def gate_failures(self) -> list[str]:
@@ -214,6 +251,10 @@ class ConversionReport:
             kept = (f"; {f.kept} kept float32 (beyond float16's range)" if f.kept else "")
             lines.append(f"  fp16: {f.converted} float32 constants stored in float16 "
                          f"({_mb(f.float32_bytes)} -> {_mb(f.float32_bytes // 2)}){kept}")
+        if self.kept_input:
+            lines.append(f"  written float: {self.kept_input}")
+        if self.encodings_file is not None:
+            lines.append(f"  encodings: {self.encodings_file}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
         lines.append(
@@ -233,6 +274,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     lines = [
         f"  target: {s.target.describe()}{given}",
         f"  calibration: {s.method} on {s.samples} samples",
+        *(_import_lines(s.imported, s.method) if s.imported else []),
         *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
@@ -253,6 +295,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             f"  weights quantized: {s.weights_quantized} (int8 symmetric"
             f"{' per-channel' if s.per_channel else ''}, levels [{grid.qmin}, {grid.qmax}]"
             f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''})")
+    lines += _body_lines(s, shown)
     if s.bias_corrections is not None:
         applied = [c for c in s.bias_corrections if c.applied]
         lines.append(f"  bias correction: {len(applied)} of {len(s.bias_corrections)} layers")
@@ -265,9 +308,62 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     return lines
 
 
+def _import_lines(i: ImportSummary, method: str) -> list[str]:
+    grids = [f"{i.activations} activations", f"{i.weights} weights"]
+    lines = [f"  encodings imported from {i.path} ({i.version}): {' and '.join(grids)} on the "
+             f"file's grids; {i.calibrated} activations calibrated ({method}), {i.computed} "
+             "weights from their values"]
+    if i.regridded:
+        lines.append(f"    {i.regridded} activations keep the file's range on {8}-bit grids "
+                     "(wider than uint8 in the file)")
+    if i.float_tensors or i.float_ops:
+        lines.append(f"    kept float by float encodings: {i.float_tensors} tensors, "
+                     f"{i.float_ops} weight ops")
+    if i.saturating:
+        lines.append(f"    {i.saturating} imported weight grids are wider than 7 bits: "
+                     "onnxruntime's U8S8 kernels may saturate on this CPU (no VNNI)")
+    if i.derived:
+        reasons = Counter(i.derived.values())
+        listed = "; ".join(f"{why}: {count}" for why, count in reasons.most_common(4))
+        lines.append(f"    made here as usual: {len(i.derived)} entries ({listed})")
+    if i.unused:
+        reasons = Counter(i.unused.values())
+        listed = "; ".join(f"{why}: {count}" for why, count in reasons.most_common(4))
+        names = ", ".join(list(i.unused)[:5]) + (" ..." if len(i.unused) > 5 else "")
+        lines.append(f"    not used: {len(i.unused)} entries ({listed}): {names}")
+    if i.choices:
+        lines.append(f"  chosen by the encodings file (ptqconv wrote it): {i.choices}")
+    return lines
+
+
+def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
+    lines = []
+    for b in s.bodies:
+        if b.units:
+            kernels = ", ".join(f"{op} {count}" for op, count in b.integer_kernels.items())
+            lines.append(f"  {b.body}: {b.units} units, {b.weight_ops} weight ops quantized"
+                         f" (onnxruntime: {kernels or 'no integer kernel'})")
+        else:
+            lines.append(f"  {b.body}: stays float ({b.reason})")
+        by_reason: dict[str, list[str]] = {}
+        for op, why in b.kept_float.items():
+            by_reason.setdefault(why, []).append(op)
+        for why, ops in by_reason.items():
+            listed = ", ".join(ops[:3]) + (f" and {len(ops) - 3} more" if len(ops) > 3 else "")
+            lines.append(f"    {len(ops)} weight op{'s' if len(ops) > 1 else ''} float "
+                         f"({listed}): {why}")
+    if s.unobserved:
+        listed = ", ".join(s.unobserved[:shown]) + (" ..." if len(s.unobserved) > shown else "")
+        lines.append(f"  kept float (never ran during calibration): {listed}")
+    if s.min_max_only and s.method != "MAX_MIN":
+        lines.append(f"  ranges of {s.min_max_only} tensors of If bodies inside loops: min/max "
+                     f"(calibration sees one [min, max] per execution there, not the values)")
+    return lines
+
+
 def _measured_lines(s: PostTrainingSummary) -> list[str]:
     if not s.measured:
-        if s.open_choices:
+        if s.open_choices and not (s.imported and s.imported.choices):
             return [f"  chosen without measuring (too few samples to hold any out): "
                     f"{s.chosen}"]
         return []

@@ -142,6 +142,27 @@ class Session:
         return statistics.median(times) * 1000.0
 
 
+def optimized(source: ModelSource, threads: int = 1) -> ir.Model:
+    """The graph onnxruntime runs for `source` with its default (all) optimizations, as it is
+    deployed: which Q/DQ groups became integer kernels (docs/reference.md §3). Only the
+    structure is for reading; large weights are not loaded."""
+    with tempfile.TemporaryDirectory(prefix="ptqconv-") as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        options = session_options(threads)
+        options.optimized_model_filepath = str(path)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            with _loadable(source) as loadable:
+                ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PtqError(f"optimized model: onnxruntime cannot load the model: "
+                           f"{first_line(exc)}") from None
+        return ir.serde.deserialize_model(onnx.load(str(path), load_external_data=False))
+
+
 @contextlib.contextmanager
 def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
           label: str = "model") -> Iterator[Session]:

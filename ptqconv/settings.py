@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ptqconv import files, values
+from ptqconv import encodings, files, values
 from ptqconv import target as target_module
 from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
 from ptqconv.config import QuantConfig, load_config
+from ptqconv.encodings import EncodingsFile
 from ptqconv.errors import PtqUsageError
 from ptqconv.target import Target
 from ptqconv.values import QuantType
@@ -121,6 +122,8 @@ class PostTrainingSettings:
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
     sensitivity: bool = False  # rank node units by the error each causes alone
+    encodings_out: Path | None = None  # --encodingsFile: write the model's encodings there
+    encodings_in: EncodingsFile | None = None  # encodings_path: imported as fixed grids
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,7 @@ class ConvertSettings:
         sensitivity: bool = False,
         input_data_format: str | None = None,
         fp16: bool | str | None = None,
+        encodings_file: str | os.PathLike | None = None,
     ) -> ConvertSettings:
         """Check raw values (strings from the command line, or Python values; None: not
         given) and resolve them against the config file and the defaults."""
@@ -194,6 +198,11 @@ class ConvertSettings:
                 [("--modelFile", model),
                  *([("--configFile", config_path)] if config_path else [])])
         output = files.output_file("--outputFile", output_file, (DATA_SUFFIX,))
+        encodings_out = None
+        if encodings_file is not None and str(encodings_file) != "":
+            if qtype is not QuantType.POST_TRAINING:
+                raise PtqUsageError("--encodingsFile: only with --quantType=PostTraining")
+            encodings_out = files.output_file("--encodingsFile", encodings_file, ())
         low, high = BIT_RANGE[qtype]
         config_low, config_high = CONFIG_BIT_RANGE[qtype]
         if bit_num is not None and not (isinstance(bit_num, str) and not bit_num.strip()):
@@ -236,7 +245,7 @@ class ConvertSettings:
                 skip=skip)
         else:
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
-                                  sensitivity, layout, image)
+                                  sensitivity, layout, image, encodings_out)
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads,
                      layout, image)
         half = False if fp16 is None else _flag("--fp16", fp16, values.boolean)
@@ -303,7 +312,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
                    shapes: tuple[tuple[str, tuple[int, ...]], ...],
                    debug_dir: str | os.PathLike | None, sensitivity: bool,
                    layout: str | None, image: ImagePreprocess | None,
-                   ) -> PostTrainingSettings:
+                   encodings_out: Path | None = None) -> PostTrainingSettings:
     config = pick.source
     if config is None:
         raise PtqUsageError("--configFile is required for --quantType=PostTraining")
@@ -316,6 +325,13 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
     debug = Path(debug_dir) if debug_dir else config.debug_info_save_path
     if debug is not None:
         files.output_directory("--debugDir", debug)
+    if encodings_out is not None and bits == 1:
+        raise PtqUsageError("--encodingsFile: 1-bit weights ({-1, +1}) have no AIMET encoding; "
+                            "allowed: --bitNum in [2, 8]")
+    imported = None
+    if config.encodings_path is not None:
+        imported = encodings.read(files.input_file(config.where("encodings_path"),
+                                                   config.encodings_path))
     return PostTrainingSettings(
         bit_num=bits,
         activation_bits=pick.config("activation_bit_num") or bits,
@@ -333,6 +349,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         skip=skip,
         debug_dir=debug,
         sensitivity=bool(sensitivity),
+        encodings_out=encodings_out,
+        encodings_in=imported,
     )
 
 

@@ -26,8 +26,9 @@ COMMON_KEYS = (
     "min_quant_weight_size, quant_type, skip_quant_node, target_device"
 )
 FULL_KEYS = (
-    "activation_bit_num, activation_quant_method, bias_correction, enable_all_ops, equalize, "
-    "per_channel, reduce_range, smooth_quant, target_device, thread_num"
+    "activation_bit_num, activation_quant_method, bias_correction, enable_all_ops, "
+    "encodings_path, equalize, per_channel, reduce_range, smooth_quant, target_device, "
+    "thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(

@@ -77,16 +77,17 @@ def test_a_target_nothing_can_meet_exits_1(tmp_path, capsys):
     from models import save, write_samples
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32)
+    # 64 x 64 weights: the quantized model must be smaller, or the float one is written.
+    w = np.random.default_rng(0).standard_normal((64, 64, 1, 1)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Log", ["c"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 4, 4])],
         [numpy_helper.from_array(w, "w")])
     model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
                  tmp_path / "log.onnx")
     rng = np.random.default_rng(1)
-    data = write_samples(tmp_path / "x", [rng.standard_normal((1, 3, 4, 4)).astype(np.float32)
+    data = write_samples(tmp_path / "x", [rng.standard_normal((1, 64, 4, 4)).astype(np.float32)
                                           for _ in range(8)])
     ini = tmp_path / "c.ini"
     ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"

@@ -9,12 +9,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 # Bottom to top; a module may import its own layer and the ones below.
 LAYERS = [
     ["errors", "values", "qparams", "target"],
-    ["files", "config", "graph", "calibrate.statistics", "calibrate.observers",
+    ["files", "config", "encodings", "graph", "calibrate.statistics", "calibrate.observers",
      "calibrate.images"],
     ["runtime", "modelio"],
-    ["calibrate.ranges", "calibrate.dataset", "calibrate.collector"],
+    ["calibrate.ranges", "calibrate.dataset", "calibrate.exposure", "calibrate.collector"],
     ["passes"],
-    ["evaluate", "debug"],
+    ["evaluate", "debug", "imported"],
     ["report", "settings"],
     ["post_training", "weight_only", "dynamic_quant"],
     ["accuracy_target"],

@@ -264,20 +264,21 @@ def test_reduce_range_spares_depthwise_convs(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(9)
+    # 64 channels: the int8 weights must outweigh the Q/DQ nodes, or the float model is kept.
     inits = [
-        numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w0"),
-        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "dw"),
+        numpy_helper.from_array(rng.standard_normal((64, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array(rng.standard_normal((64, 1, 3, 3)).astype(np.float32), "dw"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["a"], name="conv", pads=[1] * 4),
         helper.make_node("Relu", ["a"], ["ar"], name="relu"),
-        helper.make_node("Conv", ["ar", "dw"], ["y"], name="depthwise", group=8, pads=[1] * 4),
+        helper.make_node("Conv", ["ar", "dw"], ["y"], name="depthwise", group=64, pads=[1] * 4),
     ]
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 8, 8])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

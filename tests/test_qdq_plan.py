@@ -106,3 +106,43 @@ def test_elementwise_units_need_quantized_inputs_and_an_integer_reader():
     # float Sub, so Q/DQ there would only add noise.
     assert names == ["conv1", "conv2", "add", "conv3"]
     assert "t" not in plan.observe
+
+
+def test_a_matmul_summed_with_a_computed_tensor_gets_a_quantized_output():
+    # onnxruntime would fuse MatMul + Add(computed) into a float Gemm on dequantized weights;
+    # a quantized output puts Q between them. A constant bias keeps the float output (QGemm).
+    graph = _graph(
+        [helper.make_node("MatMul", ["x", "wa"], ["a"], name="mm_a"),
+         helper.make_node("MatMul", ["h", "wb"], ["b"], name="mm_b"),
+         helper.make_node("Add", ["a", "b"], ["s"], name="sum"),
+         helper.make_node("Tanh", ["s"], ["y"], name="tanh"),
+         helper.make_node("MatMul", ["x", "wc"], ["c"], name="mm_c"),
+         helper.make_node("Add", ["c", "bias"], ["z"], name="bias_add")],
+        {"x": [1, 8], "h": [1, 8]}, ["y", "z"],
+        {"wa": (8, 8), "wb": (8, 8), "wc": (8, 8), "bias": (8,)})
+    plan = plan_quantization(graph)
+    assert {"a", "b"} <= set(plan.observe) and "c" not in plan.observe
+    assert _node(graph, "sum") not in plan.units  # no integer op reads the sum
+    assert PlannedBias(_node(graph, "bias_add"), 1, _node(graph, "mm_c")) in plan.biases
+
+
+def test_body_weight_ops_below_the_gate_stay_float():
+    from cf_models import loop_model
+
+    from ptqconv.passes.body_plan import BODY_MIN_MACS, plan_model
+
+    for hidden, quantized in ((64, False), (256, True)):
+        graph = ir.from_proto(loop_model(hidden)).graph
+        plan = plan_model(graph)
+        assert plan.units == []  # nothing in the main graph
+        (body,) = plan.bodies
+        assert body.body.label == "Loop time_loop.body"
+        weight_ops = [n for n in body.plan.units if n.op_type == "MatMul"]
+        assert len(weight_ops) == (6 if quantized else 0)
+        assert (hidden * hidden >= BODY_MIN_MACS) == quantized
+        if not quantized:
+            assert len(body.kept_float) == 6 and body.reason
+            assert body.plan.observe == []
+        else:
+            # The carried state and the step's input are quantized inside the body.
+            assert {"h_in", "x_t"} <= set(body.plan.observe)

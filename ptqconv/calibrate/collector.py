@@ -1,6 +1,7 @@
 """Streaming collection: samples flow through one onnxruntime session into accumulators.
 
-The float model gets the tensors to observe as extra graph outputs; each sample is run, every
+The float model gets the tensors to observe as extra graph outputs (tensors inside If / Loop /
+Scan bodies are threaded out first, `calibrate.exposure`); each sample is run, every
 accumulator of a tensor is updated with it, and the outputs are dropped, so memory does not
 depend on the number of samples. Inference of sample k+1 overlaps with accumulating sample k.
 """
@@ -13,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import runtime
+from ptqconv.calibrate.exposure import expose
 from ptqconv.calibrate.statistics import Accumulator, StatisticPoint, Statistics, unique_points
 
 
@@ -27,7 +29,8 @@ def collect(
 
     Tensors whose values no accumulator takes (range statistics take float32 only; planning
     cannot always know the types of intermediate values) get none; `Statistics.not_float`
-    lists them.
+    lists them. A body tensor that did not run for a sample (an If took the other branch, a
+    Loop ran no iteration) gives that sample nothing.
     """
     accumulators: dict[StatisticPoint, Accumulator] = {
         point: point.statistic.create() for point in unique_points(points)}
@@ -40,10 +43,11 @@ def collect(
     skipped: set[str] = set()
 
     refused: set[int] = set()  # ids of accumulators given values they do not take
+    arrivals: dict[str, tuple[str, bool]] = {}  # output -> (tensor, per-execution pairs)
 
     def update(name: str, array: np.ndarray) -> None:
         for accumulator in by_tensor[name]:
-            if id(accumulator) in refused:
+            if id(accumulator) in refused or not (array.size or accumulator.per_sample):
                 continue
             if accumulator.accepts(array.dtype):
                 accumulator.update(array)
@@ -52,7 +56,10 @@ def collect(
                 skipped.add(name)
 
     def consume(outputs: dict[str, np.ndarray]) -> None:
-        for name, array in outputs.items():
+        for output, array in outputs.items():
+            name, pairs = arrivals[output]
+            if pairs and array.dtype == np.float32:
+                array = _executed(array)
             update(name, array)
 
     def with_inputs(stream_in: Iterable[Mapping[str, np.ndarray]]):
@@ -66,7 +73,17 @@ def collect(
             if progress:
                 progress(1)
     else:
-        with runtime.probe(model, fetched, threads, label="calibration") as session:
-            runtime.stream(session, with_inputs(samples), fetched, consume, progress)
+        probed, exposed = expose(model, fetched)
+        arrivals.update((e.output, (name, e.per_execution)) for name, e in exposed.items())
+        outputs = list(arrivals)
+        with runtime.probe(probed, outputs, threads, label="calibration") as session:
+            runtime.stream(session, with_inputs(samples), outputs, consume, progress)
     kept = {point: acc for point, acc in accumulators.items() if id(acc) not in refused}
     return Statistics(kept, frozenset(skipped))
+
+
+def _executed(pairs: np.ndarray) -> np.ndarray:
+    """The [min, max] over the executions of per-execution pairs (`calibrate.exposure`);
+    empty when none ran."""
+    low, high = pairs[..., 0].min(initial=np.inf), pairs[..., 1].max(initial=-np.inf)
+    return np.array([low, high], np.float32) if low <= high else np.zeros((0,), np.float32)

@@ -27,15 +27,17 @@ class RangeMethod:
     """The range statistic of each tensor: `method`'s observer, except for model inputs,
     which keep their observed min/max (clipping an input throws information away before the
     first layer, and inputs are often discrete, pixels or tokens, which misleads histogram
-    methods). With `shared`, MAX_MIN, KL and MSE read one histogram per tensor, so the
-    collection that serves one of them serves all three."""
+    methods), and so do the tensors in `min_max`, which calibration can only observe as one
+    [min, max] per execution (`calibrate.exposure`). With `shared`, MAX_MIN, KL and MSE read
+    one histogram per tensor, so the collection that serves one of them serves all three."""
 
     method: str
     model_inputs: frozenset[str]
     shared: bool = False
+    min_max: frozenset[str] = frozenset()
 
     def statistic(self, tensor: str) -> Statistic:
-        if tensor in self.model_inputs:
+        if tensor in self.model_inputs or tensor in self.min_max:
             return Statistic(MinMaxObserver)
         if self.shared and self.method in HISTOGRAM_METHODS:
             return Statistic(HistogramObserver)
@@ -51,11 +53,12 @@ class RangeMethod:
 
 
 def candidate_points(methods: Iterable[str], model_inputs: frozenset[str],
-                     tensors: Iterable[str], folds: int) -> list[StatisticPoint]:
+                     tensors: Iterable[str], folds: int,
+                     min_max: frozenset[str] = frozenset()) -> list[StatisticPoint]:
     """Statistics over `folds` folds (see `statistics.Folds`) serving every one of
     `methods`."""
     return [folded(point, folds) for method in methods
-            for point in RangeMethod(method, model_inputs, shared=True).points(tensors)]
+            for point in RangeMethod(method, model_inputs, True, min_max).points(tensors)]
 
 
 @dataclass
@@ -66,6 +69,7 @@ class ActivationRanges:
     ranges: dict[str, Range]
     float_tensors: frozenset[str]  # observed but left in float
     sentinels: list[str]  # of those, the ones with mask-like ranges
+    unobserved: list[str]  # of those, the ones that never ran
     kl_refused: int  # KL thresholds replaced by the observed range
 
 
@@ -77,17 +81,21 @@ def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iter
         found = statistics.get(tensor, method.statistic(tensor))
         if found is not None:
             observers[tensor] = found
-    ranges = {name: method.range(obs, bits) for name, obs in observers.items()}
+    # A body tensor that never ran (an If branch no sample took) has no range to quantize.
+    unobserved = sorted(n for n, obs in observers.items() if not obs.seen)
+    ranges = {name: method.range(obs, bits) for name, obs in observers.items()
+              if name not in unobserved}
     # Attention masks fill with float32's lowest value; a tensor whose range reaches such
     # sentinels is not a signal, and quantizing it would erase everything else it carries.
     # Tensors that turned out not to be float32 stay unquantized as well.
     sentinels = sorted(n for n, (lo, hi) in ranges.items()
                        if not (abs(lo) < SENTINEL_RANGE and abs(hi) < SENTINEL_RANGE))
-    float_tensors = frozenset(sentinels) | statistics.not_float
+    float_tensors = frozenset(sentinels) | statistics.not_float | frozenset(unobserved)
     return ActivationRanges(
         ranges={n: r for n, r in ranges.items() if n not in float_tensors},
         float_tensors=float_tensors,
         sentinels=sentinels,
+        unobserved=unobserved,
         kl_refused=sum(obs.kl_refused for obs in observers.values())
         if method.method == "KL" else 0,
     )

@@ -21,6 +21,10 @@ import numpy as np
 class Accumulator(ABC):
     """A running summary of one tensor's values."""
 
+    # Whether every sample must reach `update`, even one in which the tensor did not run (an
+    # empty array: a body an If did not take); others are given only values.
+    per_sample = False
+
     def accepts(self, dtype: np.dtype) -> bool:
         """Whether values of `dtype` are for this accumulator (ranges: float32 only)."""
         return dtype == np.float32
@@ -147,12 +151,15 @@ class Folds(Accumulator):
     fold i % k), so that what some folds decide can be checked on a fold that did not set
     it. Each update is one sample, in order."""
 
+    per_sample = True  # sample i belongs to fold i % k, whether its tensor ran or not
+
     def __init__(self, inner: Statistic, k: int) -> None:
         self.parts = [inner.create() for _ in range(k)]
         self.count = 0
 
     def update(self, x: np.ndarray) -> None:
-        self.parts[self.count % len(self.parts)].update(x)
+        if x.size:
+            self.parts[self.count % len(self.parts)].update(x)
         self.count += 1
 
     def merge(self, other: Folds) -> None:
@@ -176,6 +183,8 @@ def folded(point: StatisticPoint, k: int) -> StatisticPoint:
 class FoldValues(Accumulator):
     """The values themselves of the samples in `folds` (sample i is in fold i % k), at most
     `cap` per fold, by sample index: the reference that choices are checked against."""
+
+    per_sample = True
 
     def accepts(self, dtype: np.dtype) -> bool:
         return np.issubdtype(dtype, np.floating)

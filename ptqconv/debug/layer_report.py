@@ -191,13 +191,16 @@ def activation_report(
     progress: Callable[[int], None] | None = None,
 ) -> list[TensorStats]:
     """Stream `samples` through the float model and the QDQ model in lockstep and collect
-    statistics for every activation the QDQ pass quantized. Both models run a sample ahead,
-    each in its own thread, while the statistics of the previous sample are taken."""
+    statistics for every activation the QDQ pass quantized in the main graph. Both models
+    run a sample ahead, each in its own thread, while the statistics of the previous sample
+    are taken."""
     grid = qdq.activation_grid
     owners = {v.name: "(model input)" for v in float_model.graph.inputs}
     owners.update((v.name, n.name or n.op_type) for n in float_model.graph for v in n.outputs)
     stats = {}
     for name, params in qdq.activations.items():
+        if name not in owners:  # inside a control-flow body: not fetched here
+            continue
         lo = (grid.qmin - params.zero_point) * params.scale
         hi = (grid.qmax - params.zero_point) * params.scale
         stats[name] = TensorStats(name, "activation", owners.get(name, ""), grid.bits,

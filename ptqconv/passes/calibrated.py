@@ -65,16 +65,18 @@ class CalibratedPass(ir.passes.InPlacePass):
         super().__init__()
         self.statistics = Statistics({})
         self.excluded: frozenset[str] = frozenset()
+        self.fixed: frozenset[str] = frozenset()
 
     @abstractmethod
     def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
         """The statistics this pass needs on `model`, collected before it is called."""
 
-    def calibrated(self, statistics: Statistics,
-                   excluded: frozenset[str] = frozenset()) -> CalibratedPass:
+    def calibrated(self, statistics: Statistics, excluded: frozenset[str] = frozenset(),
+                   fixed: frozenset[str] = frozenset()) -> CalibratedPass:
         """This pass with the collected `statistics`; tensors in `excluded` stay float and
-        must not be touched."""
-        self.statistics, self.excluded = statistics, excluded
+        must not be touched, nor must the tensors and weights in `fixed`, whose grids are
+        given (an imported encodings file)."""
+        self.statistics, self.excluded, self.fixed = statistics, excluded, fixed
         return self
 
 
@@ -93,6 +95,10 @@ class MigrationPass(CalibratedPass):
     def migrate(self, model: ir.Model, group: Any, stats: ChannelStatistics) -> Migrated | None:
         """Migrate `group`, or None when the migration is predicted to gain nothing."""
 
+    @abstractmethod
+    def touches(self, group: Any) -> set[str]:
+        """The activations and weights migrating `group` would change."""
+
     def statistic_points(self, model: ir.Model) -> list[StatisticPoint]:
         return [StatisticPoint(g.activation, self.channels) for g in self.find(model.graph)[0]]
 
@@ -104,6 +110,9 @@ class MigrationPass(CalibratedPass):
             stats = moments.result() if moments is not None else None
             if stats is None or group.activation in self.excluded:
                 result.left_alone[group.activation] = "not calibrated (stays float)"
+                continue
+            if self.touches(group) & self.fixed:
+                result.left_alone[group.activation] = "its grids come from the encodings file"
                 continue
             made = self.migrate(model, group, stats)
             if made is None:

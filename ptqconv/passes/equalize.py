@@ -147,6 +147,12 @@ class EqualizePass(MigrationPass):
         search = find_groups(graph, self.skip)
         return search.groups, search.rejected
 
+    def touches(self, group: EqualizeGroup) -> set[str]:
+        producer = group.producer
+        return {group.activation, producer.outputs[0].name,
+                *(v.name for v in producer.inputs[1:] if v is not None),
+                *(c.inputs[1].name for c in group.consumers)}
+
     def migrate(self, model: ir.Model, group: EqualizeGroup,
                 stats: ChannelStatistics) -> Migrated | None:
         return self._equalize(group, stats.minimum, stats.maximum, stats.mean_square)

@@ -1,6 +1,13 @@
 """QDQ insertion: rewrite a float graph into the QuantizeLinear/DequantizeLinear layout that
 onnxruntime's CPU provider fuses into integer kernels (uint8 activations, int8 symmetric
-per-channel weights, int32 bias with scale = input scale x weight scale)."""
+per-channel weights, int32 bias with scale = input scale x weight scale).
+
+Inside If / Loop / Scan bodies (`body_plan`) the layout is the same, with one rule
+onnxruntime's fusions need: every DequantizeLinear lives in the graph of the node that reads
+it. An activation is quantized once, in the graph that defines it, and dequantized in each
+graph whose units read it; a weight's integer initializers stay where the float weight was
+(outer-scope initializers fuse), its DequantizeLinear goes into each graph that uses it.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,14 @@ import onnx_ir as ir
 
 from ptqconv import qparams
 from ptqconv.graph.initializers import add_initializer
-from ptqconv.graph.naming import NameAllocator, node_key, values_by_name
+from ptqconv.graph.naming import NameAllocator, node_key
 from ptqconv.graph.ops import is_depthwise
+from ptqconv.graph.subgraphs import all_nodes, all_values, owner
+from ptqconv.passes.body_plan import every_plan
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+BIAS_GRID = qparams.Grid(32, INT32_MIN, INT32_MAX, ir.DataType.INT32, symmetric=True)
 # Ops whose weight rounding error bias correction measures.
 CORRECTED_OPS = ("Conv", "Gemm")
 
@@ -68,23 +78,34 @@ class QDQResult(ir.passes.PassResult):
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # with keep_weights
     # node key (graph.naming.node_key in the float graph) -> error, with keep_weight_errors
     weight_errors: dict[str, WeightError] = field(default_factory=dict)
+    # graph outputs the dequantized value took the name of: new name of the float -> old
+    renamed: dict[str, str] = field(default_factory=dict)
+    # node key -> the DequantizeLinear output its weight is read from (fused: gone once
+    # onnxruntime optimized the model)
+    weight_inputs: dict[str, str] = field(default_factory=dict)
+    # every quantized tensor's grid as its Q/DQ hold it, by float tensor name (encodings)
+    activation_encodings: dict[str, qparams.Encoding] = field(default_factory=dict)
+    param_encodings: dict[str, qparams.Encoding] = field(default_factory=dict)  # weights...
+    imported: set[str] = field(default_factory=set)  # grids taken from `fixed`
 
     @property
     def quantize_nodes(self) -> int:
-        return sum(1 for n in self.model.graph if n.op_type == "QuantizeLinear")
+        return sum(1 for n in all_nodes(self.model.graph) if n.op_type == "QuantizeLinear")
 
 
 class QDQPass(ir.passes.InPlacePass):
     """Insert Q/DQ pairs on planned activations and DQ on quantized weights, biases, constants.
 
     `ranges` maps every observed or fixed tensor of `plan` to its float range; shared tensors
-    reuse their source's scale and zero point (the same initializers).
+    reuse their source's scale and zero point (the same initializers). `fixed` gives the grid
+    of some activations and weights outright (encodings imported from a file).
     """
 
     def __init__(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], bits: int,
                  per_channel: bool = True, keep_weight_errors: bool = False,
                  keep_weights: bool = False, reduce_range: bool = True,
-                 act_bits: int | None = None, weights: dict | None = None):
+                 act_bits: int | None = None, weights: dict | None = None,
+                 fixed: Mapping[str, qparams.Encoding] | None = None):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
@@ -97,98 +118,130 @@ class QDQPass(ir.passes.InPlacePass):
         # (tensor, grid, axis) -> (q, scale, zero point): builds that share a weight tensor
         # (clones share tensors) quantize it once.
         self.cache = weights if weights is not None else {}
+        self.fixed = fixed or {}
 
     def call(self, model: ir.Model) -> QDQResult:
-        graph = model.graph
-        self.graph = graph
-        self.names = NameAllocator(graph)
+        self.top = model.graph
+        self.names = NameAllocator(self.top)
         # Keys before any rename: a quantized graph output gives its name to the DQ output.
-        self.keys = {node: node_key(node) for node in graph}
-        self.input_names = {node: node.inputs[0].name for node in graph
+        self.keys = {node: node_key(node) for node in self.top}
+        self.input_names = {node: node.inputs[0].name for node in self.top
                             if node.inputs and node.inputs[0] is not None}
         self.result = QDQResult(model, True, self.act_grid,
                                 qparams.fused_weight_grid(self.bits, self.reduce_range))
         self.roots: dict[str, ActivationParams] = {}
+        self.grids: dict[str, qparams.Grid] = {}  # root -> its grid
         self.weight_scales: dict[tuple[ir.Node, int], np.ndarray] = {}
-        values = values_by_name(graph)
-        # Roots first (their parameters are created), then the tensors that share them.
-        for name in self.plan.quantized_tensors():
-            if name in values and self._params(name) is not None:
-                self._insert_qdq(values[name])
-        for weight in self.plan.weights:
-            self._quantize_weight(weight)
-        for bias in self.plan.biases:
-            self._quantize_bias(bias)
-        for name in self.plan.constants:
-            if name in values:
-                self._quantize_constant(values[name])
+        self.quantized: dict[str, ir.Value] = {}  # activation -> its QuantizeLinear output
+        # id(float weight) -> its integer initializers, shared by the graphs that read it
+        self.integer_weights: dict[int, list[ir.Value]] = {}
+        values = all_values(self.top)
+        for graph, plan in every_plan(self.plan, self.top):
+            self.graph, self.graph_plan = graph, plan
+            # Roots first (their parameters are created), then the tensors that share them.
+            for name in plan.quantized_tensors():
+                if name in values and self._params(name) is not None:
+                    self._insert_qdq(values[name])
+            for weight in plan.weights:
+                self._quantize_weight(weight)
+            for bias in plan.biases:
+                self._quantize_bias(bias)
+            for name in plan.constants:
+                if name in values:
+                    self._quantize_constant(values[name])
         return self.result
 
     # --- activations -------------------------------------------------------------------
 
     def _params(self, name: str) -> ActivationParams | None:
-        root = self.plan.shared.get(name, name)
+        root = self.graph_plan.shared.get(name, name)
         if root in self.roots:
             return self.roots[root]
-        bounds = self.plan.fixed.get(root) or self.ranges.get(root)
-        if bounds is None:
+        fixed = self.graph_plan.fixed
+        bounds = fixed.get(root) or self.ranges.get(root)
+        imported = self.fixed.get(root) if root not in fixed else None
+        if bounds is None and imported is None:
             return None
-        if root in self.plan.fixed:
+        grid = self.act_grid
+        if imported is not None:
+            scale, zero_point, grid = imported.scale, imported.zero_point, imported.grid
+            self.result.imported.add(root)
+        elif root in fixed:
             # onnxruntime's QLinearSoftmax wants y_scale = 1/256, zp 0 for uint8.
             scale = np.float32(1.0 / (self.act_grid.qmax + 1))
             zero_point = np.int64(0)
         else:
             scale, zero_point = qparams.scale_zero_point(bounds[0], bounds[1], self.act_grid)
-        scale_value = add_initializer(self.graph, self.names.new(f"{root}_scale"),
+        # In the main graph: every body sees it (an outer-scope initializer still fuses).
+        scale_value = add_initializer(self.top, self.names.new(f"{root}_scale"),
                                       np.asarray(scale, np.float32))
-        zp_value = add_initializer(self.graph, self.names.new(f"{root}_zero_point"),
+        zp_value = add_initializer(self.top, self.names.new(f"{root}_zero_point"),
                                    np.asarray(zero_point, np.uint8))
         self.roots[root] = ActivationParams(float(scale), int(zero_point), scale_value,
                                             zp_value)
+        self.grids[root] = grid
         self.result.activation_ranges += 1
         return self.roots[root]
 
     def _insert_qdq(self, value: ir.Value) -> None:
+        """Q after `value` in the graph that defines it (once), DQ in the graph being
+        rewritten, read by that graph's nodes."""
         params = self._params(value.name)
-        uses = list(value.uses())
+        graph, home = self.graph, owner(value)
+        # Nodes of other graphs (bodies, or the graph around one) are rewired by their plans.
+        uses = [(user, index) for user, index in value.uses() if user.graph is graph]
         name = value.name
         grid_inputs = [params.scale_value, params.zero_point_value]
-        quant = ir.node("QuantizeLinear", [value, *grid_inputs],
-                        name=self.names.new(f"{name}_QuantizeLinear"))
-        dequant = ir.node("DequantizeLinear", [quant.outputs[0], *grid_inputs],
+        quant = None
+        quantized = self.quantized.get(name)
+        if quantized is None:
+            quant = ir.node("QuantizeLinear", [value, *grid_inputs],
+                            name=self.names.new(f"{name}_QuantizeLinear"))
+            quantized = quant.outputs[0]
+        dequant = ir.node("DequantizeLinear", [quantized, *grid_inputs],
                           name=self.names.new(f"{name}_DequantizeLinear"))
-        quant.outputs[0].name = self.names.new(f"{name}_quantized")
-        quant.outputs[0].type = ir.TensorType(self.act_grid.storage)
-        quant.outputs[0].shape = value.shape
+        if quant is not None:
+            quantized.name = self.names.new(f"{name}_quantized")
+            quantized.type = ir.TensorType(self.act_grid.storage)
+            quantized.shape = value.shape
         out = dequant.outputs[0]
         out.type = ir.TensorType(ir.DataType.FLOAT)
         out.shape = value.shape
-        producer = value.producer()
-        if producer is None:
-            first = next(iter(self.graph), None)
-            self.graph.insert_before(first, [quant, dequant])
+        if home is graph:  # graphs are rewritten outermost first: Q is new here
+            _insert_after_definition(graph, value, [quant, dequant])
         else:
-            self.graph.insert_after(producer, [quant, dequant])
+            if quant is not None:
+                _insert_after_definition(home or self.top, value, [quant])
+            graph.insert_before(next(iter(graph)), dequant)
         for user, index in uses:
             # Nodes the user keeps in float read the float tensor, so onnxruntime cannot
             # fuse them into a DQ -> op -> Q integer kernel.
-            if user not in self.plan.skipped:
+            if user not in self.graph_plan.skipped:
                 user.replace_input_with(index, out)
-        if not out.uses() and not value.is_graph_output():
-            self.graph.remove([quant, dequant], safe=True)
+        is_output = value in graph.outputs
+        if not out.uses() and not is_output:
+            graph.remove(dequant, safe=True)
+            if quant is not None and not quantized.uses():
+                quant.graph.remove(quant, safe=True)
             return
-        if value.is_graph_output():
+        if quant is not None:
+            self.quantized[name] = quantized
+        if is_output:
             # The graph output keeps its name and becomes the dequantized value, so the
             # producer is followed by Q and can be fused.
-            for i, output in enumerate(self.graph.outputs):
+            for i, output in enumerate(graph.outputs):
                 if output is value:
-                    self.graph.outputs[i] = out
+                    graph.outputs[i] = out
             value.name = self.names.new(f"{name}_float")
             out.name = name
+            self.result.renamed[value.name] = name
         else:
             out.name = self.names.new(f"{name}_dequantized")
-        self.result.dequantized[name] = out.name
+        self.result.dequantized.setdefault(name, out.name)
         self.result.activations[name] = params
+        grid = self.grids[self.graph_plan.shared.get(name, name)]
+        self.result.activation_encodings[name] = qparams.Encoding(
+            np.asarray(params.scale, np.float32), np.asarray(params.zero_point, np.int64), grid)
 
     # --- weights, biases, constants ----------------------------------------------------
 
@@ -198,39 +251,54 @@ class QDQPass(ir.passes.InPlacePass):
         if value.const_value is None:
             return
         weights = value.const_value.numpy()
-        axis = planned.axis if self.per_channel else None
-        grid = weight_grid_for(node, self.bits, self.reduce_range)
-        key = (id(value.const_value), grid, axis)
-        if key not in self.cache:
-            rmin, rmax = qparams.tensor_range(weights, axis)
-            scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
-            self.cache[key] = (value.const_value, q, scale, zero_point)
-        _, q, scale, zero_point = self.cache[key]
-        self.weight_scales[(node, index)] = scale
         name = value.name
+        imported = self.fixed.get(name)
+        if imported is not None:  # 1-d: one grid per channel along the weight's axis
+            grid, scale, zero_point = imported.grid, imported.scale, imported.zero_point
+            axis = planned.axis if scale.ndim == 1 else None
+            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+            self.result.imported.add(name)
+        else:
+            axis = planned.axis if self.per_channel else None
+            grid = weight_grid_for(node, self.bits, self.reduce_range)
+            key = (id(value.const_value), grid, axis)
+            if key not in self.cache:
+                rmin, rmax = qparams.tensor_range(weights, axis)
+                scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+                self.cache[key] = (value.const_value, q, scale, zero_point)
+            _, q, scale, zero_point = self.cache[key]
+        self.weight_scales[(node, index)] = scale
         if self.keep_weights:
             self.result.weights[name] = QuantizedWeight(name, weights, scale, zero_point, axis,
                                                         node.name or node.op_type, grid)
         if self.keep_weight_errors and node.op_type in CORRECTED_OPS:
             error = weights - qparams.dequantize(q, scale, zero_point, axis)
             for user, _ in value.uses():
-                if user.op_type in CORRECTED_OPS:
+                # Bias correction has mean inputs of main-graph layers only.
+                if user.op_type in CORRECTED_OPS and user in self.keys:
                     self.result.weight_errors[self.keys[user]] = WeightError(
                         user, error, self.input_names.get(user, ""))
-        inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
-                  add_initializer(self.graph, self.names.new(f"{name}_scale"), scale),
-                  add_initializer(self.graph, self.names.new(f"{name}_zero_point"),
-                                  np.zeros(scale.shape, np.int8))]
+        home = owner(value) or self.graph
+        inputs = self.integer_weights.get(id(value))
+        if inputs is None:  # beside the float weight: bodies read it from the outer scope
+            inputs = [add_initializer(home, self.names.new(f"{name}_quantized"), q),
+                      add_initializer(home, self.names.new(f"{name}_scale"), scale),
+                      add_initializer(home, self.names.new(f"{name}_zero_point"),
+                                      np.asarray(zero_point, np.int8))]
+            self.integer_weights[id(value)] = inputs
+            self.result.weights_quantized += 1
+            self.result.param_encodings[name] = qparams.Encoding(scale, zero_point, grid)
         out = self._dequantize(inputs, {"axis": planned.axis} if axis is not None else {}, name,
                                weights.shape)
         for user, i in list(value.uses()):
-            if user.op_type in WEIGHT_OPS:
+            if user.op_type in WEIGHT_OPS and user.graph is self.graph:
                 user.replace_input_with(i, out)
                 self.weight_scales[(user, i)] = scale
-        if not value.uses() and name in self.graph.initializers:
-            self.graph.initializers.pop(name)
-        self.result.weights_quantized += 1
+                key = node_key(user)
+                self.result.weight_inputs[self.result.renamed.get(key, key)] = out.name
+        if not value.uses() and name in home.initializers:
+            home.initializers.pop(name)
 
     def _quantize_bias(self, planned: PlannedBias) -> None:
         """The planned input as int32 with the scale of the unit's input x weight."""
@@ -247,12 +315,15 @@ class QDQPass(ir.passes.InPlacePass):
         q = np.clip(np.rint(bias / bias_scale), INT32_MIN, INT32_MAX).astype(np.int32)
         name = value.name
         scale32 = np.asarray(bias_scale, np.float32)
-        inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
-                  add_initializer(self.graph, self.names.new(f"{name}_scale"), scale32)]
+        home = owner(value) or self.graph
+        inputs = [add_initializer(home, self.names.new(f"{name}_quantized"), q),
+                  add_initializer(home, self.names.new(f"{name}_scale"), scale32)]
         out = self._dequantize(inputs, {"axis": 0} if scale32.ndim else {}, name, bias.shape)
         node.replace_input_with(index, out)
-        if not value.uses() and name in self.graph.initializers:
-            self.graph.initializers.pop(name)
+        self.result.param_encodings[name] = qparams.Encoding(
+            scale32, np.zeros(scale32.shape, np.int64), BIAS_GRID)
+        if not value.uses() and name in home.initializers:
+            home.initializers.pop(name)
 
     def _input_params(self, node: ir.Node) -> ActivationParams | None:
         source = node.inputs[0]
@@ -269,20 +340,23 @@ class QDQPass(ir.passes.InPlacePass):
         scale, zero_point = qparams.scale_zero_point(array.min(), array.max(), self.act_grid)
         q = qparams.quantize(array, scale, zero_point, self.act_grid, dtype=np.uint8)
         name = value.name
-        units = set(self.plan.units)
+        units = set(self.graph_plan.units)
         users = [(u, i) for u, i in value.uses() if u in units]
         if not users:
             return
-        inputs = [add_initializer(self.graph, self.names.new(f"{name}_quantized"), q),
-                  add_initializer(self.graph, self.names.new(f"{name}_scale"),
+        home = owner(value) or self.graph
+        inputs = [add_initializer(home, self.names.new(f"{name}_quantized"), q),
+                  add_initializer(home, self.names.new(f"{name}_scale"),
                                   np.asarray(scale, np.float32)),
-                  add_initializer(self.graph, self.names.new(f"{name}_zero_point"),
+                  add_initializer(home, self.names.new(f"{name}_zero_point"),
                                   np.asarray(zero_point, np.uint8))]
         out = self._dequantize(inputs, {}, name, array.shape)
         for user, i in users:
             user.replace_input_with(i, out)
-        if not value.uses() and name in self.graph.initializers:
-            self.graph.initializers.pop(name)
+        self.result.param_encodings[name] = qparams.Encoding(
+            np.asarray(scale, np.float32), np.asarray(zero_point, np.int64), self.act_grid)
+        if not value.uses() and name in home.initializers:
+            home.initializers.pop(name)
 
     def _dequantize(self, inputs: list[ir.Value], attributes: dict, name: str,
                     shape: tuple[int, ...]) -> ir.Value:
@@ -295,6 +369,14 @@ class QDQPass(ir.passes.InPlacePass):
         # Weight DQ nodes depend only on initializers: put them at the top, in a stable order.
         self.graph.insert_before(next(iter(self.graph)), node)
         return out
+
+
+def _insert_after_definition(graph: ir.Graph, value: ir.Value, nodes: list[ir.Node]) -> None:
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(next(iter(graph), None), nodes)
+    else:
+        graph.insert_after(producer, nodes)
 
 
 def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool) -> qparams.Grid:

@@ -12,17 +12,25 @@ Node units follow what onnxruntime's CPU provider runs as integer kernels (docs/
 - Relu/Clip right after a unit are folded: the quantized tensor is their output, whose range
   (zp = qmin for Relu) lets onnxruntime drop them;
 - everything else, and every node in `skip`, stays float.
+
+`plan_quantization` plans one graph; `passes.body_plan` plans the bodies of If / Loop / Scan
+with it, one graph at a time. In a body, values from the enclosing graphs count like graph
+inputs (they are quantized where they are read), and readers in other graphs do not count.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
 from ptqconv.graph.ops import is_onnx
 from ptqconv.graph.weight_slots import weight_slot
+
+if TYPE_CHECKING:
+    from ptqconv.passes.body_plan import BodyPlan
 
 logger = logging.getLogger(__name__)
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -71,6 +79,7 @@ class QuantPlan:
     biases: list[PlannedBias] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)  # constant activations (Add/Mul/Concat)
     skipped: set[ir.Node] = field(default_factory=set)  # skip_quant_node: consume float tensors
+    bodies: list[BodyPlan] = field(default_factory=list)  # passes.body_plan, top level only
 
     def quantized_tensors(self) -> list[str]:
         """Every activation to quantize: roots (observed, fixed) before the tensors sharing them."""
@@ -111,6 +120,20 @@ def _matmul_bias(node: ir.Node, weight_index: int | None,
     return add, 1 - index
 
 
+def _into_sum(node: ir.Node) -> bool:
+    """Whether this MatMul's only reader adds a computed tensor to it. onnxruntime fuses such
+    a MatMul + Add into a Gemm before its QDQ fusions, and no integer kernel takes a Gemm
+    whose C is not a constant: it ran in float on dequantized weights (a recurrent cell's
+    x Wx + h Wh). A quantized output puts Q between them."""
+    users = node.outputs[0].uses()
+    if node.op_type != "MatMul" or len(users) != 1:
+        return False
+    add, index = users[0]
+    other = add.inputs[1 - index] if len(add.inputs) == 2 else None
+    return (add.op_type == "Add" and is_onnx(add) and add.graph is node.graph
+            and other is not None and other.const_value is None)
+
+
 def _constant_weight_index(node: ir.Node) -> int | None:
     slot = weight_slot(node)
     if slot is None:
@@ -144,7 +167,7 @@ class _Planner:
     def readers(self, value: ir.Value) -> bool:
         """Whether an integer unit reads `value`, directly or through SHARE/FOLD ops."""
         for user, _ in value.uses():
-            if user in self.skipped:
+            if user in self.skipped or user.graph is not self.graph:
                 continue
             if user in self.units:
                 return True
@@ -157,8 +180,8 @@ class _Planner:
         """Whether `value` is already quantized upstream (a unit, through SHARE/FOLD ops)."""
         producer = value.producer()
         if producer is None:
-            return value in self.graph.inputs
-        if producer in self.units:
+            return value in self.graph.inputs or value.graph not in (None, self.graph)
+        if producer.graph is not self.graph or producer in self.units:
             return True
         if producer in self.skipped:
             return False
@@ -185,7 +208,7 @@ def plan_quantization(
     float_tensors: frozenset[str] = frozenset(),
     float_nodes: frozenset[ir.Node] = frozenset(),
 ) -> QuantPlan:
-    """Decide the node units and quantized tensors of `graph` (top level; subgraphs stay float).
+    """Decide the node units and quantized tensors of `graph` (its subgraphs: body_plan).
 
     `skip` names nodes (or op types) the user keeps float, `float_nodes` are nodes of `graph`
     kept float by a decision of ptqconv's; `float_tensors` must stay float (calibration found
@@ -220,7 +243,8 @@ def plan_quantization(
                 continue
             mark(value)
         output = node.outputs[0]
-        if node.op_type in FLOAT_OUTPUT_OK and not planner.readers(output):
+        if (node.op_type in FLOAT_OUTPUT_OK and not planner.readers(output)
+                and not _into_sum(node)):
             bias = _matmul_bias(node, weight_index, planner.skipped)
             if bias is not None:
                 plan.biases.append(PlannedBias(*bias, node))

@@ -98,6 +98,9 @@ class SmoothQuantPass(MigrationPass):
         search = find_groups(graph, self.skip)
         return search.groups, search.rejected
 
+    def touches(self, group: SmoothGroup) -> set[str]:
+        return {group.activation, *(m.inputs[1].name for m in group.matmuls)}
+
     def migrate(self, model: ir.Model, group: SmoothGroup,
                 stats: ChannelStatistics) -> Migrated | None:
         graph = model.graph
