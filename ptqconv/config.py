@@ -24,8 +24,8 @@ The forms:
                     min_quant_weight_channel, skip_quant_node, debug_info_save_path
                     [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
-                    reduce_range, smooth_quant, equalize, activation_bit_num,
-                    thread_num
+                    reduce_range, smooth_quant, equalize, latency_aware, measure_latency,
+                    activation_bit_num, thread_num
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
                     cosine_threshold (ptqconv's accuracy gate after conversion)
   YAML              the same sections as top-level mappings with the same keys; lists
@@ -105,6 +105,8 @@ class QuantConfig:
     reduce_range: bool | None = None
     smooth_quant: bool | None = None
     equalize: bool | None = None
+    latency_aware: bool | None = None
+    measure_latency: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
     thread_num: int | None = None  # [1, 64]
     # [evaluate_param]: the accuracy gate run after the model is written.
@@ -584,6 +586,8 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("reduce_range"),
         _bool_key("smooth_quant"),
         _bool_key("equalize"),
+        _bool_key("latency_aware"),
+        _bool_key("measure_latency"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
     ),

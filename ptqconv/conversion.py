@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import modelio
+from ptqconv import modelio, runtime
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.evaluate.comparison import compare_models, gate_failures
 from ptqconv.passes.generated_names import value_names
@@ -52,6 +52,11 @@ def convert(settings: ConvertSettings,
                                                  progress)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
+    if isinstance(mode, PostTrainingSettings) and mode.measure_latency and (
+            report.post_training is not None):
+        # On a calibration sample, the way onnxruntime runs both files for a user.
+        report.post_training.latency = runtime.compare_latency(
+            {"float": settings.model_file, "quantized": settings.output_file}, next(iter(data)))
     if eval_data is not None and settings.gate is not None:
         report.gate = accuracy_gate(eval_data, settings, settings.gate)
     report.seconds = time.perf_counter() - start

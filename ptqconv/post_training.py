@@ -17,12 +17,16 @@ from ptqconv import modelio, qparams
 from ptqconv.calibrate.collector import collect
 from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.calibrate.ranges import ActivationRanges, RangeMethod, activation_ranges
+from ptqconv.calibrate.statistics import Statistic, StatisticPoint, TensorShape
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
 from ptqconv.passes.calibrated import CalibratedPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
+from ptqconv.passes.hard_swish import HardSwishPass
+from ptqconv.passes.integer_activations import IntegerActivationsPass
+from ptqconv.passes.latency_plan import plan_latency
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
 from ptqconv.passes.qdq_plan import QuantPlan, plan_quantization
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
@@ -33,6 +37,7 @@ from ptqconv.settings import PostTrainingSettings
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 # Per-axis DequantizeLinear, which QDQ weights need, arrived in opset 13.
 QDQ_MIN_OPSET = 13
+SHAPE = Statistic(TensorShape)
 
 
 class PostTraining:
@@ -57,7 +62,9 @@ class PostTraining:
             # onnxruntime's simplification declares every domain it knows; keep the used ones.
             common_passes.RemoveUnusedOpsetsPass(),
         )(model)
-        return modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
+        model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
+        HardSwishPass()(model)
+        return model
 
     def migrations(self) -> list[CalibratedPass]:
         """The scale migrations the settings ask for, in the order they are applied."""
@@ -75,33 +82,46 @@ class PostTraining:
         return found
 
     def calibrate(self, model: ir.Model, migrations: list[CalibratedPass],
-                  ) -> tuple[ActivationRanges, list[MigrationResult]]:
+                  ) -> tuple[ActivationRanges, list[MigrationResult], dict[str, tuple[int, ...]]]:
         """Collect what the activation ranges and every migration need, in one pass over the
-        calibration set, then apply the migrations to `model`."""
+        calibration set, then apply the migrations to `model`. Also returns the shapes of
+        the observed tensors, which the latency planner costs kernels by."""
         s = self.settings
         plan = plan_quantization(model.graph, self.skip)
         method = RangeMethod(s.method, frozenset(v.name for v in model.graph.inputs))
         # Shared tensors are observed too: the plan after the migrations may need their ranges.
         tensors = list(dict.fromkeys([*plan.observe, *plan.shared]))
-        points = method.points(tensors)
+        points = method.points(tensors) + [StatisticPoint(t, SHAPE) for t in tensors]
         for migration in migrations:
             points += migration.statistic_points(model)
         statistics = collect(model, points, self.data, s.threads,
                              self._step(len(self.data), f"calibrating ({s.method})"))
         ranges = activation_ranges(statistics, method, tensors, s.activation_bits)
         results = [m.calibrated(statistics, ranges.float_tensors)(model) for m in migrations]
-        return ranges, results
+        shapes = {t: found.shape for t in tensors
+                  if (found := statistics.get(t, SHAPE)) is not None and found.shape is not None}
+        return ranges, results, shapes
 
     def qdq_pass(self, plan: QuantPlan, ranges: dict[str, Range], **keep: bool) -> QDQPass:
         s = self.settings
         return QDQPass(plan, ranges, s.bit_num, per_channel=s.per_channel,
                        reduce_range=s.reduce_range, act_bits=s.activation_bits, **keep)
 
+    def quantize(self, model: ir.Model, plan: QuantPlan, ranges: dict[str, Range],
+                 **keep: bool) -> QDQResult:
+        """Q/DQ by `plan`, then the activations onnxruntime has no integer kernel for in the
+        integer forms it fuses (counted in the result's `integer_activations`)."""
+        qdq: QDQResult = self.qdq_pass(plan, ranges, **keep)(model)
+        activations = IntegerActivationsPass(qparams.activation_grid(
+            self.settings.activation_bits))(model)
+        qdq.integer_activations.update(activations.rewritten)
+        return qdq
+
     def run(self, source: Path, original_names: set[str]) -> tuple[ir.Model, PostTrainingSummary]:
         """The quantized model and what was done."""
         s = self.settings
         model = self.load_float(source, original_names)
-        calibration, migrated = self.calibrate(model, self.migrations())
+        calibration, migrated, shapes = self.calibrate(model, self.migrations())
         ranges = dict(calibration.ranges)
         for result in migrated:
             ranges.update(result.ranges)
@@ -109,9 +129,13 @@ class PostTraining:
         # SmoothQuant's Mul nodes stay float: quantizing their input would undo the smoothing.
         skip = self.skip | smoothing_nodes(model.graph)
         plan = plan_quantization(model.graph, skip, calibration.float_tensors)
+        latency = plan_latency(plan, shapes) if s.latency_aware else None
+        float_units = latency.keys if latency is not None else frozenset()
+        if float_units:
+            plan = plan_quantization(model.graph, skip, calibration.float_tensors, float_units)
         debug = s.debug_dir is not None
-        qdq: QDQResult = self.qdq_pass(plan, ranges, keep_weight_errors=s.bias_correction,
-                                       keep_weights=debug)(model)
+        qdq = self.quantize(model, plan, ranges, keep_weight_errors=s.bias_correction,
+                            keep_weights=debug)
         corrections = None
         if s.bias_correction and qdq.weight_errors:
             shifts = measure_shifts(qdq.model, qdq.weight_errors, self.data, s.threads,
@@ -119,8 +143,8 @@ class PostTraining:
             # Corrected float biases are then quantized by the same pass as any other bias.
             model = prepared.clone()
             corrections = apply_shifts(model.graph, shifts)
-            plan = plan_quantization(model.graph, skip, calibration.float_tensors)
-            qdq = self.qdq_pass(plan, ranges, keep_weights=debug)(model)
+            plan = plan_quantization(model.graph, skip, calibration.float_tensors, float_units)
+            qdq = self.quantize(model, plan, ranges, keep_weights=debug)
         summary = PostTrainingSummary(
             method=s.method,
             samples=len(self.data),
@@ -135,6 +159,8 @@ class PostTraining:
             quantize_nodes=qdq.quantize_nodes,
             weights_quantized=qdq.weights_quantized,
             weight_grid=qdq.weight_grid,
+            integer_activations=dict(qdq.integer_activations),
+            latency_plan=latency,
             bias_corrections=corrections,
         )
         if debug:
@@ -143,14 +169,15 @@ class PostTraining:
             stats += layer_report.weight_report(qdq)
             summary.layer_report = layer_report.write(s.debug_dir, stats)
         if s.sensitivity:
-            summary.sensitivity = self._sensitivity(prepared, skip, calibration, ranges)
+            summary.sensitivity = self._sensitivity(prepared, skip, calibration, ranges,
+                                                    float_units)
         return model, summary
 
     def _sensitivity(self, prepared: ir.Model, skip: frozenset[str],
-                     calibration: ActivationRanges,
-                     ranges: dict[str, Range]) -> list[sensitivity.UnitSensitivity]:
+                     calibration: ActivationRanges, ranges: dict[str, Range],
+                     float_units: frozenset[str]) -> list[sensitivity.UnitSensitivity]:
         """Quantize one node unit at a time and rank the units (--sensitivity)."""
-        plan = plan_quantization(prepared.graph, skip, calibration.float_tensors)
+        plan = plan_quantization(prepared.graph, skip, calibration.float_tensors, float_units)
         samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), self.data,
                                                 strict=False)]
         ranking = sensitivity.rank_units(

@@ -66,6 +66,10 @@ class PostTrainingSettings:
     reduce_range: bool = True
     smooth_quant: bool = True
     equalize: bool = True
+    # Keep float the units onnxruntime runs faster in float (passes/latency_plan.py).
+    latency_aware: bool = True
+    # Time the written model against the float one for the summary.
+    measure_latency: bool = True
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -179,6 +183,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         reduce_range=pick.switch("reduce_range", True),
         smooth_quant=pick.switch("smooth_quant", True),
         equalize=pick.switch("equalize", True),
+        latency_aware=pick.switch("latency_aware", True),
+        measure_latency=pick.switch("measure_latency", True),
         threads=threads,
         skip=skip,
         debug_dir=debug,

@@ -24,8 +24,8 @@ COMMON_KEYS = (
     "quant_type, skip_quant_node"
 )
 FULL_KEYS = (
-    "activation_bit_num, activation_quant_method, bias_correction, equalize, per_channel, "
-    "reduce_range, smooth_quant, thread_num"
+    "activation_bit_num, activation_quant_method, bias_correction, equalize, latency_aware, "
+    "measure_latency, per_channel, reduce_range, smooth_quant, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
@@ -741,6 +741,8 @@ SCHEMA = {
     ("full_quant_param", "reduce_range"): _boolean(),
     ("full_quant_param", "smooth_quant"): _boolean(),
     ("full_quant_param", "equalize"): _boolean(),
+    ("full_quant_param", "latency_aware"): _boolean(),
+    ("full_quant_param", "measure_latency"): _boolean(),
     ("full_quant_param", "activation_bit_num"): _integer(1, 8),
     ("full_quant_param", "thread_num"): _integer(1, 64),
     ("evaluate_param", "eval_size"): _integer(1, 65535),

@@ -61,6 +61,9 @@ def ini(
         f"[data_preprocess_param]\ncalibrate_path={calibrate_path}\n{extra}"
         f"[full_quant_param]\nactivation_quant_method={method}\n"
         f"bias_correction={str(bias).lower()}\n"
+        # The test models are too small for integer kernels to pay (latency_plan.py); these
+        # tests are about the quantized graph, so every unit is quantized.
+        "latency_aware=false\n"
     )
     return str(path)
 

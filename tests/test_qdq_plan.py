@@ -106,3 +106,21 @@ def test_elementwise_units_need_quantized_inputs_and_an_integer_reader():
     # float Sub, so Q/DQ there would only add noise.
     assert names == ["conv1", "conv2", "add", "conv3"]
     assert "t" not in plan.observe
+
+
+def test_activations_between_units_are_units_and_tanh_gets_its_fixed_grid():
+    graph = _graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+         helper.make_node("HardSigmoid", ["a"], ["g"], name="gate", alpha=0.2, beta=0.5),
+         helper.make_node("Mul", ["a", "g"], ["h"], name="swish"),
+         helper.make_node("Conv", ["h", "w2"], ["b"], name="conv2"),
+         helper.make_node("Tanh", ["b"], ["t"], name="tanh"),
+         helper.make_node("Conv", ["t", "w3"], ["c"], name="conv3"),
+         helper.make_node("HardSigmoid", ["c"], ["y"], name="last", alpha=0.2, beta=0.5)],
+        {"x": [1, 2, 4, 4]}, ["y"],
+        {"w1": (2, 2, 1, 1), "w2": (2, 2, 1, 1), "w3": (2, 2, 1, 1)})
+    plan = plan_quantization(graph)
+    # The last HardSigmoid writes a model output: no integer op reads it, so it stays float.
+    assert [n.name for n in plan.units] == ["conv1", "gate", "swish", "conv2", "tanh", "conv3"]
+    assert plan.fixed == {"t": (-1.0, 1.0)}
+    assert "g" in plan.observe and "t" not in plan.observe

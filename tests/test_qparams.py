@@ -109,3 +109,13 @@ def test_float16_scale_is_rounded_up_so_the_range_still_fits(lo, hi, bits):
     back = qparams.dequantize(q, scale16.astype(np.float32), zp)
     # Neither end is clipped: both come back within half a (float16) step.
     assert np.all(np.abs(back - ends) <= float(scale16) / 2 * (1 + 1e-3) + 1e-6 * np.abs(ends))
+
+
+def test_fixed_grids_have_a_step_of_one_over_an_integer():
+    grid = qparams.activation_grid(8)
+    # onnxruntime's QLinearSoftmax wants exactly 1/256 with zp 0.
+    assert qparams.fixed_scale_zero_point(0.0, 1.0, grid) == (np.float32(1 / 256), 0)
+    # Tanh: 1/128 with -1 on the grid, so tanh = 2 sigmoid(2x) - 1 moves the zp by 128.
+    assert qparams.fixed_scale_zero_point(-1.0, 1.0, grid) == (np.float32(1 / 128), 128)
+    assert qparams.fixed_scale_zero_point(-1.0, 1.0, qparams.activation_grid(4)) == (
+        np.float32(1 / 8), 8)

@@ -123,3 +123,19 @@ class ChannelMoments(Accumulator):
             return None
         return ChannelStatistics(self.channel_min, self.channel_max,
                                  self.channel_sumsq / max(self.rows, 1))
+
+
+class TensorShape(Accumulator):
+    """The largest shape (by element count) a tensor took: what the latency planner costs
+    its kernels by."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        if self.shape is None or x.size > int(np.prod(self.shape)):
+            self.shape = tuple(x.shape)
+
+    def merge(self, other: TensorShape) -> None:
+        if other.shape is not None:
+            self.update(np.empty(other.shape, np.uint8))

@@ -4,6 +4,7 @@ per-channel weights, int32 bias with scale = input scale x weight scale)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ class QDQResult(ir.passes.PassResult):
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # with keep_weights
     # node key (graph.naming.node_key in the float graph) -> error, with keep_weight_errors
     weight_errors: dict[str, WeightError] = field(default_factory=dict)
+    # op type -> activations rewritten into integer kernels (passes.integer_activations)
+    integer_activations: Counter[str] = field(default_factory=Counter)
 
     @property
     def quantize_nodes(self) -> int:
@@ -128,9 +131,7 @@ class QDQPass(ir.passes.InPlacePass):
         if bounds is None:
             return None
         if root in self.plan.fixed:
-            # onnxruntime's QLinearSoftmax wants y_scale = 1/256, zp 0 for uint8.
-            scale = np.float32(1.0 / (self.act_grid.qmax + 1))
-            zero_point = np.int64(0)
+            scale, zero_point = qparams.fixed_scale_zero_point(*bounds, self.act_grid)
         else:
             scale, zero_point = qparams.scale_zero_point(bounds[0], bounds[1], self.act_grid)
         scale_value = add_initializer(self.graph, self.names.new(f"{root}_scale"),
