@@ -22,6 +22,7 @@ from ptqconv.debug import layer_report, sensitivity
 from ptqconv.passes.bias_correction import apply_shifts, measure_shifts
 from ptqconv.passes.calibrated import CalibratedPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
+from ptqconv.passes.fold_affine import FoldAffinePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.hard_swish import HardSwishPass
@@ -63,7 +64,7 @@ class PostTraining:
             common_passes.RemoveUnusedOpsetsPass(),
         )(model)
         model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
-        HardSwishPass()(model)
+        ir.passes.Sequential(FoldAffinePass(), HardSwishPass())(model)
         return model
 
     def migrations(self) -> list[CalibratedPass]:

@@ -9,7 +9,8 @@ Node units follow what onnxruntime's CPU provider runs as integer kernels (docs/
   and Tanh, which integer_activations.py turns into QLinearAdd and QLinearSigmoid) only pay
   when their inputs already come from units and an integer consumer reads their output;
   otherwise the Q/DQ pairs would only add noise (transformer residual streams with outlier
-  channels);
+  channels). An Add of a scalar constant is never one: it would only round the tensor again
+  (a Mul by one keeps attention's scaled scores integer between QLinearMatMul and Softmax);
 - SHARE_OPS move data: their output reuses their input's scale, so they run on uint8;
 - Relu/Clip right after a unit are folded: the quantized tensor is their output, whose range
   (zp = qmin for Relu) lets onnxruntime drop them;
@@ -149,6 +150,12 @@ class _Planner:
             return False
         if node.op_type in WEIGHT_OPS and node.op_type != "MatMul":
             return _constant_weight_index(node) is not None
+        if node.op_type == "Add" and any(
+                v is not None and v.const_value is not None and v.const_value.size == 1
+                for v in node.inputs):
+            # A shift of one tensor: QLinearAdd would round it once more (docs/decisions.md,
+            # scalar Add).
+            return False
         if node.op_type == "HardSigmoid":
             # Its integer form adds beta/alpha and rescales by alpha (integer_activations.py).
             alpha = node.attributes.get("alpha")
