@@ -96,7 +96,10 @@ def run(ctx: Context) -> Section:
             else:
                 entry["error"] = conv.error
             row["variants"][label] = entry
-        args = {"models": timed, "sample": m.sample_files("eval", 0), "threads": ctx.threads,
+        # One thread too: on a loaded machine two-thread times are bimodal (a kernel waits
+        # for the second core), one-thread ones stay within a few percent.
+        args = {"models": timed, "sample": m.sample_files("eval", 0),
+                "threads": sorted({ctx.threads, 1}, reverse=True),
                 "runs": 5 if ctx.quick else LATENCY_RUNS}
         lat = guarded(ctx, f"{m.name}, latency", lambda a=args: run_child(
             "latency_vs_float", a, 1, ctx.mem_cap_gb))
@@ -110,7 +113,7 @@ def run(ctx: Context) -> Section:
             f"{k} {_latency_cell(row['latency'], k)}" for k in TIMED))
     runs = 5 if ctx.quick else LATENCY_RUNS
     section.data = {"corpus": str(corpus), "models": rows, "latency_runs": runs}
-    section.markdown = markdown(rows, runs)
+    section.markdown = markdown(rows, runs, tuple(sorted({ctx.threads, 1}, reverse=True)))
     return section
 
 
@@ -123,19 +126,22 @@ def _cell(entry: dict[str, Any], extra: bool = True) -> str:
 
 
 def _latency_cell(latency: dict[str, Any], label: str, share: bool = False) -> str:
+    """x float at each thread count, most threads first ("0.62 / 0.60"), and the share."""
     if "error" in latency:
         return latency["error"]
     entry, floor = latency.get(label), latency.get("float")
     if entry is None or floor is None:
         return "–"
-    text = f"{entry['ms'] / floor['ms']:.2f}"
+    text = " / ".join(f"{entry['ms'][n] / floor['ms'][n]:.2f}" for n in floor["ms"])
     fraction = entry.get("integer_share")
     if share and fraction is not None:
         text += f" ({fraction:.0%} int)"
     return text
 
 
-def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS) -> str:
+def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS,
+             thread_counts: tuple[int, ...] = (2, 1)) -> str:
+    threads = " / ".join(f"{n} thread{'s' if n > 1 else ''}" for n in thread_counts)
     labels = [v[0] for v in VARIANTS]
     metric_rows, time_rows = [], []
     for r in rows:
@@ -146,7 +152,8 @@ def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS) -> str:
                             *[_cell(r["variants"].get(x, {})) for x in labels]])
         time_rows.append([r["model"], r["calib"], *[
             fmt(r["variants"].get(x, {}).get("convert_seconds"), 1) for x in labels]])
-    latency_rows = [[r["model"], fmt(r["latency"].get("float", {}).get("ms"), 2),
+    latency_rows = [[r["model"], " / ".join(
+        fmt(ms, 2) for ms in r["latency"].get("float", {}).get("ms", {}).values()) or "–",
                      *[_latency_cell(r["latency"], x, share=True) for x in TIMED]]
                     for r in rows if "latency" in r]
     return "\n".join([
@@ -166,10 +173,10 @@ def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS) -> str:
         "",
         table(["model", "calib samples", *labels], time_rows),
         "",
-        f"Latency against the float model (x float; median of {runs} runs of the "
-        "first eval sample, every model of a row timed in one process, interleaved, default "
-        "session options: all graph optimizations) and the share of the Conv/MatMul/Gemm "
-        "multiply-accumulates that run in integer kernels:",
+        f"Latency against the float model (x float with {threads}; median of {runs} runs "
+        "of the first eval sample, every model of a row timed in one process, interleaved, "
+        "default session options: all graph optimizations) and the share of the "
+        "Conv/MatMul/Gemm multiply-accumulates that run in integer kernels:",
         "",
         table(["model", "float (ms)", *TIMED], latency_rows),
     ])

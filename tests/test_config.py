@@ -90,7 +90,8 @@ def test_example_configs_load_with_their_documented_values(tmp_path, monkeypatch
     assert (yml.activation_quant_method, yml.bias_correction) == ("KL", False)
     # Apart from the method and bias correction the INI and YAML examples say the same.
     same = {**values(ini), "activation_quant_method": "KL", "bias_correction": False,
-            "reduce_range": None, "smooth_quant": None, "equalize": None}
+            "reduce_range": None, "smooth_quant": None, "equalize": None,
+            "latency_aware": None, "measure_latency": None}
     assert values(yml) == same
     line = (CONFIGS / "digits.ini").read_text().splitlines().index(
         "calibrate_path=input:../examples/digits/calib/input"
