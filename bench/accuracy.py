@@ -1,6 +1,7 @@
 """Accuracy on the real-model corpus: each manifest's metric on eval/ against the float model,
 for onnxruntime's quantize_static and ptqconv's settings, all calibrated on the same calib/
-.bin files. Skips cleanly when there is no corpus."""
+.bin files; and the latency of every W8A8/W4A8 output against the float model, timed
+together in one child. Skips cleanly when there is no corpus."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ VARIANTS: tuple[tuple[str, str, str, bool, int], ...] = (
     ("ptqconv WeightQuant 8-bit", "wq", "", False, 8),
     ("ptqconv WeightQuant 4-bit", "wq", "", False, 4),
 )
+
+
+# The outputs timed against float: full quantization, not WeightQuant.
+TIMED = tuple(v[0] for v in VARIANTS if v[1] != "wq")
+LATENCY_RUNS = 30
 
 
 def _case(m: CorpusModel, variant: tuple[str, str, str, bool, int], out: Path,
@@ -70,6 +76,7 @@ def run(ctx: Context) -> Section:
             row["error"] = f"float model: {type(exc).__name__}: {exc}"[:200]
             rows.append(row)
             continue
+        timed = {"float": str(m.model)}
         for variant in VARIANTS:
             label = variant[0]
             out = tmp / f"{m.name}_{label.replace(' ', '_')}.onnx"
@@ -82,18 +89,31 @@ def run(ctx: Context) -> Section:
                 try:
                     _, value, extra = metric(m, ref, outputs(out, m))
                     entry.update(value=value, extra=extra)
+                    if label in TIMED:
+                        timed[label] = str(out)
                 except Exception as exc:  # the model was written but does not run
                     entry["error"] = f"run: {type(exc).__name__}: {exc}"[:200]
             else:
                 entry["error"] = conv.error
-            for path in out.parent.glob(out.name + "*"):
-                path.unlink()
             row["variants"][label] = entry
+        # One thread too: on a loaded machine two-thread times are bimodal (a kernel waits
+        # for the second core), one-thread ones stay within a few percent.
+        args = {"models": timed, "sample": m.sample_files("eval", 0),
+                "threads": sorted({ctx.threads, 1}, reverse=True),
+                "runs": 5 if ctx.quick else LATENCY_RUNS}
+        lat = guarded(ctx, f"{m.name}, latency", lambda a=args: run_child(
+            "latency_vs_float", a, 1, ctx.mem_cap_gb))
+        row["latency"] = lat.result if lat.ok else {"error": lat.error}
+        for path in tmp.glob(f"{m.name}_*"):
+            path.unlink()
         rows.append(row)
         ctx.log(f"  {m.name}: " + ", ".join(
             f"{k} {_cell(v, False)}" for k, v in row["variants"].items()))
-    section.data = {"corpus": str(corpus), "models": rows}
-    section.markdown = markdown(rows)
+        ctx.log(f"  {m.name} latency x float: " + ", ".join(
+            f"{k} {_latency_cell(row['latency'], k)}" for k in TIMED))
+    runs = 5 if ctx.quick else LATENCY_RUNS
+    section.data = {"corpus": str(corpus), "models": rows, "latency_runs": runs}
+    section.markdown = markdown(rows, runs, tuple(sorted({ctx.threads, 1}, reverse=True)))
     return section
 
 
@@ -105,7 +125,23 @@ def _cell(entry: dict[str, Any], extra: bool = True) -> str:
     return f"{text} ({entry['extra']})" if extra and entry.get("extra") else text
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def _latency_cell(latency: dict[str, Any], label: str, share: bool = False) -> str:
+    """x float at each thread count, most threads first ("0.62 / 0.60"), and the share."""
+    if "error" in latency:
+        return latency["error"]
+    entry, floor = latency.get(label), latency.get("float")
+    if entry is None or floor is None:
+        return "–"
+    text = " / ".join(f"{entry['ms'][n] / floor['ms'][n]:.2f}" for n in floor["ms"])
+    fraction = entry.get("integer_share")
+    if share and fraction is not None:
+        text += f" ({fraction:.0%} int)"
+    return text
+
+
+def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS,
+             thread_counts: tuple[int, ...] = (2, 1)) -> str:
+    threads = " / ".join(f"{n} thread{'s' if n > 1 else ''}" for n in thread_counts)
     labels = [v[0] for v in VARIANTS]
     metric_rows, time_rows = [], []
     for r in rows:
@@ -116,6 +152,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                             *[_cell(r["variants"].get(x, {})) for x in labels]])
         time_rows.append([r["model"], r["calib"], *[
             fmt(r["variants"].get(x, {}).get("convert_seconds"), 1) for x in labels]])
+    latency_rows = [[r["model"], " / ".join(
+        fmt(ms, 2) for ms in r["latency"].get("float", {}).get("ms", {}).values()) or "–",
+                     *[_latency_cell(r["latency"], x, share=True) for x in TIMED]]
+                    for r in rows if "latency" in r]
     return "\n".join([
         "Each manifest's metric on its eval split against the float model's outputs (1.0 is "
         "the float model where the metric compares with float; accuracy-type metrics compare "
@@ -132,4 +172,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Conversion time (s; one run each, in its own process, imports included):",
         "",
         table(["model", "calib samples", *labels], time_rows),
+        "",
+        f"Latency against the float model (x float with {threads}; median of {runs} runs "
+        "of the first eval sample, every model of a row timed in one process, interleaved, "
+        "default session options: all graph optimizations) and the share of the "
+        "Conv/MatMul/Gemm multiply-accumulates that run in integer kernels:",
+        "",
+        table(["model", "float (ms)", *TIMED], latency_rows),
     ])

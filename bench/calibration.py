@@ -78,7 +78,9 @@ def _case(ctx: Context, w: Workload, case: str, count: int) -> tuple[str, dict[s
         config = w.out / f"{method}_{count}.ini"
         config.write_text(f"[data_preprocess_param]\ncalibrate_path={w.input_name}:{w.data}\n"
                           f"calibrate_size={count}\n[full_quant_param]\n"
-                          f"activation_quant_method={method}\nthread_num={ctx.threads}\n")
+                          f"activation_quant_method={method}\nthread_num={ctx.threads}\n"
+                          # The bench times the outputs itself; quantize_static does not.
+                          "measure_latency=false\n")
         return "ptqconv", {"args": [f"--modelFile={w.model}", f"--outputFile={out}",
                                     "--quantType=PostTraining", f"--configFile={config}",
                                     "--quiet"]}

@@ -125,3 +125,48 @@ def latency(model: str, optimized: str, sample: str, name: str, shape: list[int]
     ops = collections.Counter(
         n.op_type for n in onnx.load(optimized, load_external_data=False).graph.node)
     return {"ms": statistics.median(times) * 1000, "ops": dict(ops)}
+
+
+def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
+                     threads: list[int], runs: int, warmup: int = 3) -> dict[str, Any]:
+    """Latency of every model against the first ("float"), interleaved: each of `runs`
+    rounds runs every model once, in a shuffled order, so load from other processes hits all
+    alike; default session options (all graph optimizations), at each thread count of
+    `threads`. Also the share of each model's Conv/MatMul/Gemm work in integer kernels."""
+    import random
+    import statistics
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from ptqconv.evaluate.kernels import kernel_share
+
+    ort.set_default_logger_severity(3)
+    feed = {name: np.fromfile(x["path"], x["dtype"]).reshape(x["shape"])
+            for name, x in sample.items()}
+    result: dict[str, Any] = {label: {"ms": {}} for label in models}
+    for count in threads:
+        sessions = {}
+        for label, path in models.items():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = count
+            sessions[label] = ort.InferenceSession(path, options,
+                                                   providers=["CPUExecutionProvider"])
+            for _ in range(warmup):
+                sessions[label].run(None, feed)
+        times: dict[str, list[float]] = {label: [] for label in sessions}
+        order = list(sessions)
+        shuffle = random.Random(0).shuffle
+        for _ in range(runs):
+            shuffle(order)
+            for label in order:
+                start = time.perf_counter()
+                sessions[label].run(None, feed)
+                times[label].append(time.perf_counter() - start)
+        for label in models:
+            result[label]["ms"][str(count)] = statistics.median(times[label]) * 1000
+    for label, path in models.items():
+        share = kernel_share(path, feed, threads[0])
+        result[label].update(integer_share=share.integer_share, nodes=share.nodes)
+    return result

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,11 @@ class CorpusModel:
             for x in self.inputs
         }
 
+    def sample_files(self, split: str, i: int) -> dict[str, dict[str, Any]]:
+        """Sample `i` of `split` as {input: {path, dtype, shape}}, for a child process."""
+        return {x["name"]: {"path": str(self.dir / split / x["dir"] / f"{i:06d}.bin"),
+                            "dtype": x["dtype"], "shape": x["shape"]} for x in self.inputs}
+
     def samples(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         for i in range(self.count(split)):
             yield self.sample(split, i)
@@ -49,7 +55,8 @@ class CorpusModel:
             f"calibrate_size={self.count('calib')}\ninput_shape={shapes}\n"
             f"[full_quant_param]\nactivation_quant_method={method}\n"
             f"bias_correction={'true' if bias_correction else 'false'}\n"
-            "activation_bit_num=8\n")  # W4A8 at bits=4
+            "activation_bit_num=8\n"  # W4A8 at bits=4
+            "measure_latency=false\n")  # the bench times every output itself
         return path
 
 

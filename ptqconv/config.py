@@ -28,7 +28,8 @@ The forms:
                     normalize_std, resize_width, resize_height, resize_method,
                     center_crop_width, center_crop_height
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
-                    reduce_range, smooth_quant, equalize, activation_bit_num,
+                    reduce_range, smooth_quant, equalize, latency_aware, measure_latency,
+                    activation_bit_num,
                     thread_num, target_device (MindSpore's docs put it here too),
                     enable_all_ops
                     encodings_path (ptqconv's: AIMET / QNN encodings imported as
@@ -120,6 +121,8 @@ class QuantConfig:
     reduce_range: bool | None = None
     smooth_quant: bool | None = None
     equalize: bool | None = None
+    latency_aware: bool | None = None
+    measure_latency: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
     encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
     thread_num: int | None = None  # [1, 64]
@@ -675,6 +678,8 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("reduce_range"),
         _bool_key("smooth_quant"),
         _bool_key("equalize"),
+        _bool_key("latency_aware"),
+        _bool_key("measure_latency"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
         # MindSpore's docs put target_device here too.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from ptqconv import encodings, files, modelio
+from ptqconv import encodings, files, modelio, runtime
 from ptqconv.accuracy_target import latency_ms, meet_target
 from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
 from ptqconv.debug import layer_report, sensitivity
@@ -106,9 +106,15 @@ def convert(settings: ConvertSettings,
             report.gate = accuracy_gate(session, eval_data, settings, settings.gate, step)
             if report.gate.failures and pt is not None and not report.kept_input:
                 del session
-                session, built = _meet_target(pt, settings, settings.gate, eval_data, report,
-                                              saved, staging, progress, model_files, built)
+                session, built, saved = _meet_target(pt, settings, settings.gate, eval_data,
+                                                     report, saved, staging, progress,
+                                                     model_files, built)
         del session
+        if isinstance(mode, PostTrainingSettings) and mode.measure_latency and (
+                report.post_training is not None and data is not None):
+            # On a calibration sample, the way onnxruntime runs both files for a user.
+            report.post_training.latency = runtime.compare_latency(
+                {"float": settings.model_file, "quantized": saved.path}, next(iter(data)))
         if isinstance(mode, PostTrainingSettings) and mode.encodings_out is not None:
             assert pt is not None and built is not None
             # The model written is float when nothing was worth quantizing: no encodings.
@@ -128,9 +134,13 @@ def convert(settings: ConvertSettings,
 
 def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],
                 staging: files.Staging) -> modelio.SavedModel | None:
-    """A quantized model bigger than the float one (nothing worth quantizing: a model whose
-    work is in bodies that stay float) is replaced by the float model, unchanged."""
-    if report.size_after <= report.size_before or len(sources) > 1:
+    """A PostTraining model with nothing quantized (a model whose work is in bodies that stay
+    float) that came out bigger than the float one is replaced by the float model,
+    unchanged. A model with integer kernels is kept, bigger or not: a tiny one pays more
+    for its Q/DQ parameters than its int8 weights save."""
+    summary = report.post_training
+    if report.size_after <= report.size_before or len(sources) > 1 or summary is None \
+            or summary.weights_quantized or summary.quantize_nodes:
         return None
     report.kept_input = (f"the quantized model took {report.size_after} bytes, more than the "
                          f"float model's {report.size_before}: the float model was written "
@@ -145,9 +155,10 @@ def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: li
 def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings,
                  data: CalibrationSet, report: ConversionReport, saved: modelio.SavedModel,
                  staging: files.Staging, progress: ProgressFactory | None,
-                 sources: list[Path], built: Built | None) -> tuple[Session, Built | None]:
+                 sources: list[Path], built: Built | None,
+                 ) -> tuple[Session, Built | None, modelio.SavedModel]:
     """Keep the most harmful units float until the gate passes; stage that model instead.
-    Returns the session of the model staged last and what was built for it."""
+    Returns the session of the model staged last, what was built for it and where it is."""
     assert report.gate is not None
     repaired_built, target = meet_target(pt, settings.model_file, data, gate, report.gate,
                                          progress)
@@ -168,7 +179,7 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     session = _loaded(saved, settings)
     if repaired is not None:
         report.gate = accuracy_gate(session, data, settings, gate)
-    return session, built
+    return session, built, saved
 
 
 def float16(model: ir.Model) -> Float16Summary:

@@ -37,6 +37,7 @@ from ptqconv.calibrate.statistics import (
     Statistic,
     StatisticPoint,
     Statistics,
+    TensorShape,
     folded,
 )
 from ptqconv.debug import layer_report, sensitivity
@@ -54,9 +55,13 @@ from ptqconv.passes.body_plan import (
 )
 from ptqconv.passes.calibrated import MigrationPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
+from ptqconv.passes.fold_affine import FoldAffinePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
 from ptqconv.passes.gemm_sum import SplitGemmSumPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
+from ptqconv.passes.hard_swish import HardSwishPass
+from ptqconv.passes.integer_activations import IntegerActivationsPass
+from ptqconv.passes.latency_plan import LatencyPlan, plan_latency
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, output_units, plan_quantization
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
@@ -95,6 +100,7 @@ FLIP_MARGIN = 1.2
 TIE = 1e-5
 # Keeping an unfused body weight op float can leave a neighbour without its integer reader.
 MAX_FUSION_ROUNDS = 3
+SHAPE = Statistic(TensorShape)
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,10 @@ class PostTraining:
         # migrations leave alone what they would change (not for a file ptqconv wrote, whose
         # grids were made after the migrations its choices replay).
         self.fixed: frozenset[str] = frozenset()
+        # Units kept float for speed (passes/latency_plan.py), planned once from the shapes
+        # calibration saw; None: latency_aware=false.
+        self.latency: LatencyPlan | None = None
+        self.latency_units: frozenset[str] = frozenset()
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
         return self.progress(total, label) if self.progress else None
@@ -175,7 +185,9 @@ class PostTraining:
             # onnxruntime's simplification declares every domain it knows; keep the used ones.
             common_passes.RemoveUnusedOpsetsPass(),
         )(model)
-        return modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
+        model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
+        ir.passes.Sequential(FoldAffinePass(), HardSwishPass())(model)
+        return model
 
     # --- building one choice -----------------------------------------------------------
 
@@ -198,6 +210,16 @@ class PostTraining:
         s = self.settings
         return QDQPass(plan, ranges, s.bit_num, per_channel=s.per_channel,
                        reduce_range=s.reduce_range, act_bits=s.activation_bits, **options)
+
+    def quantize(self, model: ir.Model, plan: QuantPlan, ranges: dict[str, Range],
+                 **options: Any) -> QDQResult:
+        """Q/DQ by `plan`, then the activations onnxruntime has no integer kernel for in the
+        integer forms it fuses (counted in the result's `integer_activations`)."""
+        qdq: QDQResult = self.qdq_pass(plan, ranges, **options)(model)
+        activations = IntegerActivationsPass(qparams.activation_grid(
+            self.settings.activation_bits))(model)
+        qdq.integer_activations.update(activations.rewritten)
+        return qdq
 
     def build(self, float_model: ir.Model, choice: Choice, statistics: Statistics,
               tensors: list[str], shared: bool, migrations: dict | None = None,
@@ -233,10 +255,10 @@ class PostTraining:
         # SmoothQuant's Mul nodes stay float: quantizing their input would undo the smoothing.
         skip = self.skip | smoothing_nodes(model.graph)
         plan = plan_model(model.graph, skip, float_tensors, choice.float_nodes(model.graph),
-                          self.unfused, self.macs)
+                          self.unfused, self.macs, self.latency_units)
         debug = s.debug_dir is not None
-        qdq: QDQResult = self.qdq_pass(plan, ranges, keep_weight_errors=choice.bias_correction,
-                                       keep_weights=debug, weights=weights, fixed=fixed)(model)
+        qdq = self.quantize(model, plan, ranges, keep_weight_errors=choice.bias_correction,
+                            keep_weights=debug, weights=weights, fixed=fixed)
         corrections = None
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
@@ -245,9 +267,10 @@ class PostTraining:
             model = prepared.clone()
             corrections = apply_shifts(model.graph, shifts)
             plan = plan_model(model.graph, skip, float_tensors,
-                              choice.float_nodes(model.graph), self.unfused, self.macs)
-            qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights,
-                                fixed=fixed)(model)
+                              choice.float_nodes(model.graph), self.unfused, self.macs,
+                              self.latency_units)
+            qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
+                                fixed=fixed)
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
                      skip, choice.float_nodes(prepared.graph), choice, imported)
 
@@ -331,6 +354,7 @@ class PostTraining:
         shared = bool(self.open_choices() and folds)
         if shared:
             statistics = self._collect_folds(model, choice, tensors, folds)
+            self._plan_latency(plan, statistics, tensors)
             if replay is None:
                 choice, measured = self.decide(model, choice, tensors, statistics, folds)
             statistics = statistics.view()
@@ -340,8 +364,10 @@ class PostTraining:
                 points += migration.statistic_points(model)
             if choice.bias_correction:
                 points += bias_correction.statistic_points(model.graph)
+            points += self._shape_points(tensors)
             statistics = collect(model, points, self.data, s.threads,
                                  self._step(len(self.data), f"calibrating ({s.method})"))
+            self._plan_latency(plan, statistics, tensors)
         built = self.build(model, choice, statistics, tensors, shared)
         built, kernels = self._fused_bodies(built, lambda: self.build(
             model, choice, statistics, tensors, shared))
@@ -393,6 +419,22 @@ class PostTraining:
 
     # --- measured choices ----------------------------------------------------------------
 
+    def _shape_points(self, tensors: list[str]) -> list[StatisticPoint]:
+        """What the latency planner costs kernels by: the shapes of the observed tensors."""
+        return [StatisticPoint(t, SHAPE) for t in tensors] if self.settings.latency_aware \
+            else []
+
+    def _plan_latency(self, plan: QuantPlan, statistics: Statistics,
+                      tensors: list[str]) -> None:
+        """Plan once which main-graph units stay float for speed; every candidate built
+        after keeps them float."""
+        if not self.settings.latency_aware:
+            return
+        shapes = {t: found.shape for t in tensors
+                  if (found := statistics.get(t, SHAPE)) is not None and found.shape is not None}
+        self.latency = plan_latency(plan, shapes)
+        self.latency_units = self.latency.keys
+
     def _collect_folds(self, model: ir.Model, start: Choice, tensors: list[str],
                        folds: int) -> Statistics:
         """One pass serving every candidate: each range method's statistic and each
@@ -409,6 +451,7 @@ class PostTraining:
         scored = _scored_folds(len(self.data), folds)
         points += [StatisticPoint(v.name, Statistic(FoldValues, (folds, scored, MAX_HELD_OUT)))
                    for v in model.graph.outputs if v.name not in inputs]
+        points += self._shape_points(tensors)
         label = "calibrating (AUTO)" if s.method == AUTO else f"calibrating ({s.method})"
         return collect(model, points, self.data, s.threads,
                        self._step(len(self.data), label))
@@ -525,6 +568,8 @@ class PostTraining:
             weights_quantized=built.qdq.weights_quantized,
             weight_grid=built.qdq.weight_grid,
             bias_corrections=built.corrections,
+            integer_activations=dict(built.qdq.integer_activations),
+            latency_plan=self.latency,
             chosen=choice.label(),
             measured=measured,
             held_out=(sum(len(_fold_samples(len(self.data), folds, f))
@@ -536,7 +581,8 @@ class PostTraining:
     def _sensitivity(self, built: Built) -> list[sensitivity.UnitSensitivity]:
         """Quantize one node unit at a time and rank the units (--sensitivity)."""
         plan = plan_quantization(built.prepared.graph, built.skip,
-                                 built.calibration.float_tensors, built.float_nodes)
+                                 built.calibration.float_tensors, built.float_nodes,
+                                 self.latency_units)
         samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), self.data,
                                                 strict=False)]
         return sensitivity.rank_units(

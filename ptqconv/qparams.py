@@ -127,6 +127,15 @@ def scale_zero_point(
     return scale, zero_point
 
 
+def fixed_scale_zero_point(low: float, high: float, grid: Grid) -> tuple[np.float32, np.int64]:
+    """The grid of an output whose range is known in advance: (high - low) split into as many
+    steps as the grid has levels, so the step is 1/k for the ranges used (Softmax [0, 1]:
+    1/256, which onnxruntime's QLinearSoftmax requires; Tanh [-1, 1]: 1/128, zp 128), and the
+    top value saturates half a step below `high`."""
+    scale = np.float32((high - low) / (grid.qmax - grid.qmin + 1))
+    return scale, np.int64(np.rint(grid.qmin - low / np.float64(scale)))
+
+
 def _representable(scale: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     """`scale` in `dtype`: float32 to nearest; narrower types rounded up to a positive value."""
     if np.dtype(dtype) == np.float32:

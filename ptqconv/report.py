@@ -15,7 +15,9 @@ from ptqconv.debug.sensitivity import UnitSensitivity
 from ptqconv.errors import shown
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
+from ptqconv.passes.latency_plan import LatencyPlan
 from ptqconv.passes.weight_quant import WeightRecord
+from ptqconv.runtime import Latency
 from ptqconv.target import Target
 
 
@@ -87,6 +89,10 @@ class PostTrainingSummary:
     quantize_nodes: int
     weights_quantized: int
     weight_grid: qparams.Grid | None
+    # op type -> activations run as integer kernels they have none of their own
+    integer_activations: dict[str, int] = field(default_factory=dict)
+    latency_plan: LatencyPlan | None = None  # None: latency_aware=false
+    latency: Latency | None = None  # measured "float" and "quantized"; None: not measured
     bias_corrections: list[Correction] | None = None  # None: not asked for
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
@@ -257,6 +263,8 @@ class ConversionReport:
             lines.append(f"  encodings: {self.encodings_file}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
+        if self.post_training is not None and self.post_training.latency is not None:
+            lines.append(latency_line(self.post_training.latency))
         lines.append(
             f"  size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({ratio:.3f} of float)"
         )
@@ -280,6 +288,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
         *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
         f"  node units quantized: {s.units}",
+        *kept_float_lines(s.latency_plan),
         *([f"  equalized: {len(equalized.migrated)} Conv -> Conv activations"]
           if equalized and equalized.migrated else []),
         *([f"  SmoothQuant: {len(smoothed.migrated)} MatMul inputs"]
@@ -289,6 +298,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
            f"{', '.join(s.sentinels)}"] if s.sentinels else []),
         f"  activations quantized: {s.activation_ranges} ranges, "
         f"{s.quantize_nodes} QuantizeLinear nodes",
+        *([f"  integer activations: {_integer_forms(s.integer_activations)}"]
+          if s.integer_activations else []),
     ]
     if grid is not None:
         lines.append(
@@ -376,6 +387,34 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
               + (f" (dropped after {m.folds} of {most} folds)" if m.folds < most else "")
               for m in s.measured]
     return lines
+
+
+INTEGER_FORMS = {"HardSigmoid": "QLinearAdd", "Tanh": "QLinearSigmoid"}
+
+
+def _integer_forms(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {op} as {INTEGER_FORMS.get(op, 'integer ops')}"
+                     for op, count in sorted(counts.items()))
+
+
+def kept_float_lines(plan: LatencyPlan | None, shown: int = 3) -> list[str]:
+    """The units kept float because onnxruntime runs them faster in float."""
+    if plan is None or not plan.kept_float:
+        return []
+    kept = plan.kept_float
+    names = ", ".join(f"{c.name} ({c.op_type})" for c in kept[:shown])
+    more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
+    return [f"  kept float for speed: {len(kept)} unit{'s' if len(kept) > 1 else ''}, "
+            f"{names}{more} (predicted {plan.planned_us / 1e3:.2f} ms as planned, "
+            f"{plan.quantized_us / 1e3:.2f} ms all integer, {plan.float_us / 1e3:.2f} ms all "
+            "float)"]
+
+
+def latency_line(latency: Latency) -> str:
+    quantized, reference = latency.ms["quantized"], latency.ms["float"]
+    return (f"  latency: {quantized:.3f} ms, float {reference:.3f} ms "
+            f"({quantized / reference:.2f}x; median of {latency.runs} interleaved runs, "
+            f"{latency.threads} thread{'s' if latency.threads > 1 else ''}, {latency.cpu})")
 
 
 def _left_alone(m: Migration, shown: int = 3) -> list[str]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -238,3 +241,76 @@ def stream_together(
         # Interrupted, the samples queued behind the running ones are not started.
         pool.shutdown(wait=True, cancel_futures=True)
     return count
+
+
+# Latency comparisons: at least MIN_RUNS runs of each model, then more until BUDGET_SECONDS
+# have passed, at most MAX_RUNS.
+MIN_RUNS, MAX_RUNS, BUDGET_SECONDS, WARM_UP = 10, 50, 2.0, 3
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median latencies of models timed against each other on this CPU."""
+
+    ms: dict[str, float]  # label -> median ms
+    runs: int  # of each model
+    threads: int
+    cpu: str  # cpu_description()
+
+
+def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.ndarray],
+                    threads: int = 0, budget_s: float = BUDGET_SECONDS) -> Latency:
+    """Time `models` the way a user deploys them (onnxruntime's default session options,
+    all graph optimizations), interleaved: every round runs each model once, in a shuffled
+    order, so that load from other processes hits all of them alike. `threads` 0: as many
+    as the CPU has cores."""
+    threads = threads or os.cpu_count() or 1
+    sessions = {}
+    for label, source in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        try:
+            with _loadable(source) as loadable:
+                sessions[label] = ort.InferenceSession(loadable, options,
+                                                       providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
+                           ) from None
+    feeds = dict(feeds)
+    for session in sessions.values():
+        for _ in range(WARM_UP):
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    order = list(sessions)
+    shuffle = random.Random(0).shuffle  # the same order every run of the converter
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < MIN_RUNS or (rounds < MAX_RUNS and time.perf_counter() - start < budget_s):
+        shuffle(order)
+        for label in order:
+            begin = time.perf_counter()
+            sessions[label].run(None, feeds)
+            times[label].append(time.perf_counter() - begin)
+        rounds += 1
+    return Latency({label: statistics.median(t) * 1000.0 for label, t in times.items()},
+                   rounds, threads, cpu_description())
+
+
+def cpu_description() -> str:
+    """The CPU's name and the SIMD features onnxruntime's integer kernels depend on
+    (docs/reference.md §3), e.g. "AMD EPYC (AVX2, no VNNI)"."""
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    from numpy._core._multiarray_umath import __cpu_features__ as features
+
+    if features.get("AVX2"):
+        vnni = "VNNI" if features.get("AVX512VNNI") or features.get("AVXVNNI") else "no VNNI"
+        return f"{name} (AVX2, {vnni})"
+    if features.get("ASIMDDP"):
+        return f"{name} (Arm dot product)"
+    return name

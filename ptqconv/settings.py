@@ -118,6 +118,10 @@ class PostTrainingSettings:
     reduce_range: bool = True
     smooth_quant: bool | None = None
     equalize: bool | None = None
+    # Keep float the units onnxruntime runs faster in float (passes/latency_plan.py).
+    latency_aware: bool = True
+    # Time the written model against the float one for the summary.
+    measure_latency: bool = True
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -345,6 +349,10 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         reduce_range=pick.switch("reduce_range", device.saturates),
         smooth_quant=pick.config("smooth_quant"),
         equalize=pick.config("equalize"),
+        # The cost model was measured on x86 without VNNI (docs/decisions.md): elsewhere
+        # every unit stays integer unless asked.
+        latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
+        measure_latency=pick.switch("measure_latency", True),
         threads=threads,
         skip=skip,
         debug_dir=debug,

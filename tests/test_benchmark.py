@@ -120,6 +120,29 @@ def test_8bit_weights_pass_and_report(quantized, tmp_path, capsys):
     assert data["model"]["size_bytes"] < data["reference"]["size_bytes"] / 3
 
 
+def test_the_share_of_integer_kernels_in_the_conv_matmul_gemm_work(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:{DIGITS / 'calib' / 'input'}"
+                      "\n[full_quant_param]\nlatency_aware=false\nmeasure_latency=false\n")
+    ptqconv.convert(str(FLOAT), str(out), "PostTraining", config_file=str(config))
+    report = tmp_path / "r.json"
+    status, text, _ = bench(capsys, f"--modelFile={out}", f"--referenceModel={FLOAT}",
+                            f"--inDataFile={SAMPLE0}", f"--reportFile={report}",
+                            "--accuracyThreshold=100", *FAST)
+    # digits: 3 convs and 2 Gemms, all integer kernels once quantized, all float before.
+    assert status == 0
+    kernels = strict_json(report)["kernels"]
+    assert kernels["integer_share"] == 1.0
+    assert kernels["nodes"] == {"QLinearConv": 3, "QGemm": 2}
+    assert "kernels: 100.0% of the Conv/MatMul/Gemm multiply-accumulates in integer kernels " \
+           "(integer: QLinearConv 3, QGemm 2)" in text
+    status, text, _ = bench(capsys, f"--modelFile={FLOAT}", f"--referenceModel={FLOAT}",
+                            f"--inDataFile={SAMPLE0}", f"--reportFile={report}", *FAST)
+    kernels = strict_json(report)["kernels"]
+    assert kernels["integer_share"] == 0.0 and "0.0% of the Conv" in text
+
+
 def test_1bit_weights_fail_the_default_threshold(quantized, tmp_path, capsys):
     report = tmp_path / "report.json"
     status, out, _ = bench(
@@ -175,7 +198,7 @@ def test_report_schema_is_stable(quantized, tmp_path, capsys):
     assert data["schema"] == SCHEMA == "ptqconv.benchmark/1"
     assert set(data) == {
         "schema", "model", "reference", "samples", "inputs", "outputs", "overall",
-        "thresholds", "passed", "failures", "session",
+        "thresholds", "passed", "failures", "session", "kernels",
     }  # fmt: skip
     assert set(data["model"]) == {"path", "size_bytes", "median_latency_ms"}
     assert set(data["reference"]) == {"path", "size_bytes", "median_latency_ms"}
@@ -187,6 +210,7 @@ def test_report_schema_is_stable(quantized, tmp_path, capsys):
         "mean_bias_percent", "min_cosine", "min_sqnr_db", "max_abs_error",
     }  # fmt: skip
     assert data["session"] == {"graph_optimization_level": "basic", "num_threads": 1}
+    assert set(data["kernels"]) == {"integer_share", "macs", "nodes"}
     assert data["samples"] == 1
     assert data["model"]["median_latency_ms"] > 0 and data["reference"]["median_latency_ms"] > 0
 

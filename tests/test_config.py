@@ -27,8 +27,8 @@ COMMON_KEYS = (
 )
 FULL_KEYS = (
     "activation_bit_num, activation_quant_method, bias_correction, enable_all_ops, "
-    "encodings_path, equalize, per_channel, reduce_range, smooth_quant, target_device, "
-    "thread_num"
+    "encodings_path, equalize, latency_aware, measure_latency, per_channel, reduce_range, "
+    "smooth_quant, target_device, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
@@ -95,7 +95,7 @@ def test_example_configs_load_with_their_documented_values(tmp_path, monkeypatch
     assert ini.target_device == "auto" and ini.reduce_range is None
     assert (yml.activation_quant_method, yml.bias_correction) == ("KL", False)
     same = {**values(ini), "activation_quant_method": "KL", "bias_correction": False,
-            "target_device": None}
+            "target_device": None, "latency_aware": None, "measure_latency": None}
     assert values(yml) == same
     line = (CONFIGS / "digits.ini").read_text().splitlines().index(
         "calibrate_path=input:../examples/digits/calib/input"
@@ -794,6 +794,8 @@ SCHEMA = {
     ("full_quant_param", "reduce_range"): _boolean(),
     ("full_quant_param", "smooth_quant"): _boolean(),
     ("full_quant_param", "equalize"): _boolean(),
+    ("full_quant_param", "latency_aware"): _boolean(),
+    ("full_quant_param", "measure_latency"): _boolean(),
     ("full_quant_param", "activation_bit_num"): _integer(1, 8),
     ("full_quant_param", "thread_num"): _integer(1, 64),
     ("evaluate_param", "eval_size"): _integer(1, 65535),

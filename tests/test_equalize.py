@@ -131,7 +131,7 @@ def test_equalization_lowers_the_w8a8_error_on_quiet_channels(tmp_path):
     for flag in ("true", "false"):
         config = tmp_path / f"{flag}.ini"
         config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-                          f"[full_quant_param]\nequalize={flag}\n")
+                          f"[full_quant_param]\nequalize={flag}\nlatency_aware=false\n")
         out = tmp_path / f"q_{flag}.onnx"
         assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
                      f"--configFile={config}", "--quiet"]) == 0

@@ -91,6 +91,7 @@ def test_a_target_nothing_can_meet_exits_1(tmp_path, capsys):
                                           for _ in range(8)])
     ini = tmp_path / "c.ini"
     ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                   "[full_quant_param]\nlatency_aware=false\n"
                    f"[evaluate_param]\neval_path=x:{data}\n")
     out = tmp_path / "q.onnx"
     status = main([f"--modelFile={model}", f"--outputFile={out}", "--quantType=PostTraining",

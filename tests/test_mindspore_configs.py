@@ -72,7 +72,9 @@ def test_full_quant_config_with_images_converts_mobilenet_v2(tmp_path):
     assert report.quant_type == "PostTraining" and report.post_training.samples == 100
     assert report.post_training.method == "MAX_MIN"
     assert "normalize mean [127.5, 127.5, 127.5] std [127.5, 127.5, 127.5]" in report.format()
-    assert optimized_ops(out, tmp_path)["QLinearConv"] == 52
+    plan = report.post_training.latency_plan  # x86 without VNNI: a few convs float for speed
+    kept = sum(c.op_type == "Conv" for c in plan.kept_float) if plan is not None else 0
+    assert optimized_ops(out, tmp_path)["QLinearConv"] == 52 - kept and kept <= 8
     sample = eval_sample("mobilenet_v2")
     # The example's normalization is not this model's, so the ranges are approximate.
     assert cosine(run(out, sample), run(model, sample)) > 0.7

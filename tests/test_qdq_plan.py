@@ -146,3 +146,36 @@ def test_body_weight_ops_below_the_gate_stay_float():
         else:
             # The carried state and the step's input are quantized inside the body.
             assert {"h_in", "x_t"} <= set(body.plan.observe)
+
+
+def test_activations_between_units_are_units_and_tanh_gets_its_fixed_grid():
+    graph = _graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+         helper.make_node("HardSigmoid", ["a"], ["g"], name="gate", alpha=0.2, beta=0.5),
+         helper.make_node("Mul", ["a", "g"], ["h"], name="swish"),
+         helper.make_node("Conv", ["h", "w2"], ["b"], name="conv2"),
+         helper.make_node("Tanh", ["b"], ["t"], name="tanh"),
+         helper.make_node("Conv", ["t", "w3"], ["c"], name="conv3"),
+         helper.make_node("HardSigmoid", ["c"], ["y"], name="last", alpha=0.2, beta=0.5)],
+        {"x": [1, 2, 4, 4]}, ["y"],
+        {"w1": (2, 2, 1, 1), "w2": (2, 2, 1, 1), "w3": (2, 2, 1, 1)})
+    plan = plan_quantization(graph)
+    # The last HardSigmoid writes a model output: no integer op reads it, so it stays float.
+    assert [n.name for n in plan.units] == ["conv1", "gate", "swish", "conv2", "tanh", "conv3"]
+    assert plan.fixed == {"t": (-1.0, 1.0)}
+    assert "g" in plan.observe and "t" not in plan.observe
+
+
+def test_an_add_of_a_scalar_is_no_unit_but_a_mul_by_one_is():
+    graph = _graph(
+        [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+         helper.make_node("Add", ["a", "shift"], ["b"], name="shift"),
+         helper.make_node("Conv", ["b", "w2"], ["c"], name="conv2"),
+         helper.make_node("Mul", ["c", "scale"], ["d"], name="scale"),
+         helper.make_node("Conv", ["d", "w3"], ["y"], name="conv3")],
+        {"x": [1, 2, 4, 4]}, ["y"],
+        {"w1": (2, 2, 1, 1), "w2": (2, 2, 1, 1), "w3": (2, 2, 1, 1), "shift": (1,),
+         "scale": (1,)})
+    # QLinearAdd would round b once more; the shift stays float, between DQ and Q.
+    assert [n.name for n in plan_quantization(graph).units] == [
+        "conv1", "conv2", "scale", "conv3"]

@@ -123,3 +123,13 @@ def test_fake_quantize_is_bit_for_bit_quantize_then_dequantize(bits):
                                       zero_point)
         got = qparams.fake_quantize(x, scale, zero_point, grid)
         assert got.dtype == np.float32 and np.array_equal(got, expected)
+
+
+def test_fixed_grids_have_a_step_of_one_over_an_integer():
+    grid = qparams.activation_grid(8)
+    # onnxruntime's QLinearSoftmax wants exactly 1/256 with zp 0.
+    assert qparams.fixed_scale_zero_point(0.0, 1.0, grid) == (np.float32(1 / 256), 0)
+    # Tanh: 1/128 with -1 on the grid, so tanh = 2 sigmoid(2x) - 1 moves the zp by 128.
+    assert qparams.fixed_scale_zero_point(-1.0, 1.0, grid) == (np.float32(1 / 128), 128)
+    assert qparams.fixed_scale_zero_point(-1.0, 1.0, qparams.activation_grid(4)) == (
+        np.float32(1 / 8), 8)

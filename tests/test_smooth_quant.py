@@ -74,7 +74,7 @@ def test_smoothing_lowers_the_w8a8_error_on_outlier_channels(tmp_path):
         config = tmp_path / f"{smooth}.ini"
         config.write_text(
             f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-            f"[full_quant_param]\nsmooth_quant={smooth}\n"
+            f"[full_quant_param]\nsmooth_quant={smooth}\nlatency_aware=false\n"
         )
         out = tmp_path / f"q_{smooth}.onnx"
         assert (

@@ -202,3 +202,19 @@ class FoldValues(Accumulator):
 
     def merge(self, other: FoldValues) -> None:
         self.values.update(other.values)
+
+
+class TensorShape(Accumulator):
+    """The largest shape (by element count) a tensor took: what the latency planner costs
+    its kernels by."""
+
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        if self.shape is None or x.size > int(np.prod(self.shape)):
+            self.shape = tuple(x.shape)
+
+    def merge(self, other: TensorShape) -> None:
+        if other.shape is not None:
+            self.update(np.empty(other.shape, np.uint8))

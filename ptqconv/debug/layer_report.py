@@ -206,6 +206,8 @@ def activation_report(
         stats[name] = TensorStats(name, "activation", owners.get(name, ""), grid.bits,
                                   params.scale, params.zero_point, lo, hi)
     names = list(stats)
+    if not names:  # nothing quantized (a run fetching nothing would fetch everything)
+        return []
     inputs = {v.name for v in float_model.graph.inputs}
     fetched = [n for n in names if n not in inputs]
     dequantized = [qdq.dequantized[n] for n in names]

@@ -16,6 +16,7 @@ import numpy as np
 from ptqconv.calibrate.dataset import SampleFormat
 from ptqconv.errors import PtqError, one_line, shown
 from ptqconv.evaluate.comparison import names
+from ptqconv.evaluate.kernels import INTEGER_CONV, INTEGER_MATMUL, KernelShare
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.evaluate.options import SCHEMA, BenchmarkSettings
 from ptqconv.files import Staging
@@ -38,6 +39,7 @@ class BenchmarkReport:
     not_compared: list[str] = field(default_factory=list)  # model outputs not in the data file
     failures: list[str] = field(default_factory=list)
     data: SampleFormat | None = None  # how the sample files became inputs
+    kernels: KernelShare | None = None  # the model's Conv/MatMul/Gemm work by kernel
 
     @property
     def passed(self) -> bool:
@@ -89,6 +91,7 @@ class BenchmarkReport:
                 "graph_optimization_level": self.settings.graph_optimization_level,
                 "num_threads": self.settings.num_threads,
             },
+            "kernels": self.kernels.to_dict() if self.kernels is not None else None,
         }
         return _json_safe(report)
 
@@ -174,6 +177,8 @@ class BenchmarkReport:
         else:
             lines.append(f"size:    model {_size(self.model_size)}")
             lines.append(f"latency: model {self.model_latency_ms:.3f} ms ({runs})")
+        if self.kernels is not None and self.kernels.total_macs:
+            lines.append(f"kernels: {kernel_line(self.kernels)}")
         limit = self.settings.cosine_distance_threshold
         cosine = "" if limit is None else f", every cosine >= --cosineDistanceThreshold {limit:g}"
         if self.passed:
@@ -209,6 +214,20 @@ class BenchmarkReport:
             lines.append(f"size:    model {_size(self.model_size)}")
             lines.append(f"latency: model {self.model_latency_ms:.3f} ms ({runs})")
         return "\n".join(lines)
+
+
+def kernel_line(share: KernelShare) -> str:
+    """"87.5% of the Conv/MatMul/Gemm work in integer kernels (QLinearConv 47, ...)"."""
+    def listed(ops: set[str]) -> str:
+        return ", ".join(f"{op} {share.nodes[op]}" for op in sorted(share.nodes, key=lambda o: (
+            -share.macs[o], o)) if op in ops)
+
+    integer = INTEGER_CONV | INTEGER_MATMUL
+    parts = [f"integer: {listed(integer)}" if set(share.nodes) & integer else "",
+             f"float: {listed(set(share.nodes) - integer)}" if set(share.nodes) - integer
+             else ""]
+    return (f"{share.integer_share:.1%} of the Conv/MatMul/Gemm multiply-accumulates in "
+            f"integer kernels ({'; '.join(p for p in parts if p)})")
 
 
 def _json_safe(value: Any) -> Any:

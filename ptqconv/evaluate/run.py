@@ -24,6 +24,7 @@ from ptqconv.calibrate.dataset import CalibrationSet, InputSpec, model_inputs
 from ptqconv.errors import PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures, names
 from ptqconv.evaluate.data_file import BenchmarkTensor, read_benchmark_data, shape_text
+from ptqconv.evaluate.kernels import kernel_share
 from ptqconv.evaluate.metrics import OutputComparison
 from ptqconv.evaluate.options import BenchmarkSettings
 from ptqconv.evaluate.report import BenchmarkReport
@@ -75,12 +76,14 @@ def benchmark(
         not_compared = [n for n in model.outputs if n not in comparisons]
         reference_size = settings.benchmark_data_file.stat().st_size
     model_latency = model.latency_ms(first[0], settings.loop_count, settings.warm_up_loop_count)
+    kernels = kernel_share(settings.model_file, first[0], threads, level)
     report = BenchmarkReport(
         settings=settings,
         model_size=modelio.model_size(settings.model_file),
         model_latency_ms=model_latency,
         reference_size=reference_size,
         reference_latency_ms=reference_latency,
+        kernels=kernels,
         samples=len(samples),
         comparisons=comparisons,
         not_compared=not_compared,

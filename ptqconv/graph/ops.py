@@ -1,4 +1,5 @@
-"""Questions about nodes: standard ONNX operator (the only ones the passes rewrite), depthwise."""
+"""Questions about nodes and values: standard ONNX operator (the only ones the passes rewrite),
+depthwise, scalar constants."""
 
 from __future__ import annotations
 
@@ -19,3 +20,13 @@ def is_depthwise(node: ir.Node) -> bool:
     weight = node.inputs[1].const_value if len(node.inputs) > 1 else None
     return (node.attributes["group"].as_int() > 1 and weight is not None
             and weight.shape[1] == 1)
+
+
+def scalar_constant(value: ir.Value | None) -> float | None:
+    """The number a constant value of one element holds (any rank), else None."""
+    if value is None or value.const_value is None:
+        return None
+    array = value.const_value.numpy()
+    if array.size != 1 or array.dtype.kind not in "fiu":
+        return None
+    return float(array.reshape(()))

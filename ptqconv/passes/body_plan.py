@@ -48,12 +48,14 @@ def plan_model(graph: ir.Graph, skip: frozenset[str] = frozenset(),
                float_tensors: frozenset[str] = frozenset(),
                float_nodes: frozenset[ir.Node] = frozenset(),
                unfused: frozenset[str] = frozenset(),
-               macs: Mapping[str, int] | None = None) -> QuantPlan:
+               macs: Mapping[str, int] | None = None,
+               float_units: frozenset[str] = frozenset()) -> QuantPlan:
     """The plan of `graph` (`plan_quantization`), with the plans of the If / Loop / Scan bodies
     under it in `bodies`. `unfused` are node keys of body weight ops onnxruntime did not fuse
     in an earlier build, kept float now; `macs` the multiply-adds of body weight ops by node
-    key (`body_macs`; weight elements where missing)."""
-    plan = plan_quantization(graph, skip, float_tensors, float_nodes)
+    key (`body_macs`; weight elements where missing); `float_units` node keys of the main
+    graph that are not units (kept float for speed, see plan_quantization)."""
+    plan = plan_quantization(graph, skip, float_tensors, float_nodes, float_units)
     for body in bodies(graph):
         if not all(b.quantizable for b in body.path):
             continue  # under a subgraph ptqconv does not quantize: said once, there

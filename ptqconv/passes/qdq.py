@@ -11,6 +11,7 @@ graph whose units read it; a weight's integer initializers stay where the float 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -87,6 +88,8 @@ class QDQResult(ir.passes.PassResult):
     activation_encodings: dict[str, qparams.Encoding] = field(default_factory=dict)
     param_encodings: dict[str, qparams.Encoding] = field(default_factory=dict)  # weights...
     imported: set[str] = field(default_factory=set)  # grids taken from `fixed`
+    # op type -> activations rewritten into integer kernels (passes.integer_activations)
+    integer_activations: Counter[str] = field(default_factory=Counter)
 
     @property
     def quantize_nodes(self) -> int:
@@ -167,9 +170,8 @@ class QDQPass(ir.passes.InPlacePass):
             scale, zero_point, grid = imported.scale, imported.zero_point, imported.grid
             self.result.imported.add(root)
         elif root in fixed:
-            # onnxruntime's QLinearSoftmax wants y_scale = 1/256, zp 0 for uint8.
-            scale = np.float32(1.0 / (self.act_grid.qmax + 1))
-            zero_point = np.int64(0)
+            # Softmax: QLinearSoftmax wants 1/256, zp 0; Tanh: a grid with -1 on it.
+            scale, zero_point = qparams.fixed_scale_zero_point(*fixed[root], self.act_grid)
         else:
             scale, zero_point = qparams.scale_zero_point(bounds[0], bounds[1], self.act_grid)
         # In the main graph: every body sees it (an outer-scope initializer still fuses).

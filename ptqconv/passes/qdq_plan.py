@@ -5,9 +5,12 @@ Node units follow what onnxruntime's CPU provider runs as integer kernels (docs/
   are quantized. A Conv needs Q after it to become QLinearConv, so its output is always
   quantized; MatMul/Gemm also run integer with a float output (MatMulIntegerToFloat, QGemm),
   so theirs is quantized only when an integer consumer reads it;
-- elementwise units (Add, Mul, Concat, pooling, Sigmoid, LeakyRelu, Softmax) only pay when
-  their inputs already come from units and an integer consumer reads their output; otherwise
-  the Q/DQ pairs would only add noise (transformer residual streams with outlier channels);
+- elementwise units (Add, Mul, Concat, pooling, Sigmoid, LeakyRelu, Softmax, and HardSigmoid
+  and Tanh, which integer_activations.py turns into QLinearAdd and QLinearSigmoid) only pay
+  when their inputs already come from units and an integer consumer reads their output;
+  otherwise the Q/DQ pairs would only add noise (transformer residual streams with outlier
+  channels). An Add of a scalar constant is never one: it would only round the tensor again
+  (a Mul by one keeps attention's scaled scores integer between QLinearMatMul and Softmax);
 - SHARE_OPS move data: their output reuses their input's scale, so they run on uint8;
 - Relu/Clip right after a unit are folded: the quantized tensor is their output, whose range
   (zp = qmin for Relu) lets onnxruntime drop them;
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
+from ptqconv.graph.naming import node_key
 from ptqconv.graph.ops import is_onnx
 from ptqconv.graph.weight_slots import weight_slot
 
@@ -36,7 +40,13 @@ logger = logging.getLogger(__name__)
 WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 ELEMENTWISE_OPS = frozenset({
     "Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax",
+    "HardSigmoid", "Tanh",
 })
+# Outputs on a fixed grid: onnxruntime's QLinearSoftmax wants scale 1/256, zp 0; Tanh runs as
+# a QLinearSigmoid only on a grid of step 1/k with -1 on it (integer_activations.py).
+FIXED_RANGES = {"Softmax": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
+# Their output range is not a function of the input's that a folded Relu/Clip could narrow.
+NO_FOLD = frozenset({"Softmax", "Sigmoid", "HardSigmoid", "Tanh"})
 QUANT_OPS = WEIGHT_OPS | ELEMENTWISE_OPS
 SHARE_OPS = frozenset({
     "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
@@ -73,7 +83,7 @@ class QuantPlan:
     units: list[ir.Node] = field(default_factory=list)  # quantized node units
     observe: list[str] = field(default_factory=list)  # activations that need a range
     shared: dict[str, str] = field(default_factory=dict)  # tensor -> tensor whose params it uses
-    fixed: dict[str, tuple[float, float]] = field(default_factory=dict)  # e.g. Softmax [0, 1]
+    fixed: dict[str, tuple[float, float]] = field(default_factory=dict)  # FIXED_RANGES
     folded: dict[str, str] = field(default_factory=dict)  # producer output -> Relu/Clip output
     weights: list[PlannedWeight] = field(default_factory=list)
     biases: list[PlannedBias] = field(default_factory=list)
@@ -146,13 +156,15 @@ def _constant_weight_index(node: ir.Node) -> int | None:
 
 class _Planner:
     def __init__(self, graph: ir.Graph, skip: frozenset[str], float_tensors: frozenset[str],
-                 float_nodes: frozenset[ir.Node] = frozenset()):
+                 float_nodes: frozenset[ir.Node] = frozenset(),
+                 float_units: frozenset[str] = frozenset()):
         self.graph = graph
         self.float_tensors = float_tensors
         self.outputs = {v.name for v in graph.outputs}
         self.skipped = {n for n in graph if n.name in skip or n.op_type in skip
                         or not is_onnx(n) or n in float_nodes}
-        self.units = {n for n in graph if n not in self.skipped and self._candidate(n)}
+        self.units = {n for n in graph if n not in self.skipped and self._candidate(n)
+                      and node_key(n) not in float_units}
         self._prune_elementwise()
 
     def _candidate(self, node: ir.Node) -> bool:
@@ -162,6 +174,16 @@ class _Planner:
             return False
         if node.op_type in WEIGHT_OPS and node.op_type != "MatMul":
             return _constant_weight_index(node) is not None
+        if node.op_type == "Add" and any(
+                v is not None and v.const_value is not None and v.const_value.size == 1
+                for v in node.inputs):
+            # A shift of one tensor: QLinearAdd would round it once more (docs/decisions.md,
+            # scalar Add).
+            return False
+        if node.op_type == "HardSigmoid":
+            # Its integer form adds beta/alpha and rescales by alpha (integer_activations.py).
+            alpha = node.attributes.get("alpha")
+            return alpha is None or alpha.as_float() > 0
         return True
 
     def readers(self, value: ir.Value) -> bool:
@@ -207,14 +229,17 @@ def plan_quantization(
     graph: ir.Graph, skip: frozenset[str] = frozenset(),
     float_tensors: frozenset[str] = frozenset(),
     float_nodes: frozenset[ir.Node] = frozenset(),
+    float_units: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Decide the node units and quantized tensors of `graph` (its subgraphs: body_plan).
 
     `skip` names nodes (or op types) the user keeps float, `float_nodes` are nodes of `graph`
     kept float by a decision of ptqconv's; `float_tensors` must stay float (calibration found
-    them unquantizable, e.g. masks).
+    them unquantizable, e.g. masks). `float_units` (node keys, graph.naming.node_key) are not
+    units, like ops without integer kernels: unlike skipped nodes they read dequantized
+    tensors, so their neighbours still fuse (latency_plan.py keeps them float for speed).
     """
-    planner = _Planner(graph, skip, float_tensors, float_nodes)
+    planner = _Planner(graph, skip, float_tensors, float_nodes, float_units)
     plan = QuantPlan(skipped=planner.skipped)
     marked: dict[str, None] = {}  # ordered set of activation tensors to quantize
 
@@ -252,15 +277,18 @@ def plan_quantization(
         users = output.uses()
         if (len(users) == 1 and output.name not in planner.outputs
                 and users[0][0].op_type in FOLD_OPS and users[0][0] not in planner.skipped
-                and node.op_type not in ("Softmax", "Sigmoid")):
+                and node.op_type not in NO_FOLD):
             plan.folded[output.name] = users[0][0].outputs[0].name
             mark(users[0][0].outputs[0])
         else:
             mark(output)
 
     for node in graph:
-        if node.op_type == "Softmax" and node.outputs and node.outputs[0].name in marked:
-            plan.fixed[node.outputs[0].name] = (0.0, 1.0)
+        fixed = FIXED_RANGES.get(node.op_type)
+        # A probability suits [0, 1] wherever it is quantized; Tanh needs it as a unit only.
+        if (fixed and node.outputs[0].name in marked
+                and (node.op_type == "Softmax" or node in planner.units)):
+            plan.fixed[node.outputs[0].name] = fixed
 
     # Data-movement ops whose input is quantized pass the same scale through.
     for node in graph:

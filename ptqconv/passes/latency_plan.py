@@ -1,0 +1,331 @@
+"""Latency-aware planning: the node units that stay float because onnxruntime runs them faster
+in float on this kind of CPU.
+
+On x86 without VNNI, onnxruntime's integer kernels beat its float ones on large GEMM-like
+work (QLinearConv at 0.45-0.6x the float time) and lose on the rest: image stems with three
+input channels, depthwise convs, and tiny ops where the per-kernel cost dominates. Each
+boundary between integer and float also costs a QuantizeLinear or DequantizeLinear pass over
+the tensor, plus an NHWC <-> NCHW layout change in conv nets. Each unit gets a predicted cost
+as float and as integer kernel from its shapes (seen in calibration), each quantized tensor a
+boundary cost where its producer and a reader disagree, and the cheapest labelling of the
+whole graph is a minimum cut (graph.min_cut): a global optimum, and deterministic, unlike
+timing candidate layouts on a loaded machine. The cost constants come from onnxruntime
+profiles of the corpus models (docs/decisions.md, latency cost model); the measured latency
+of the result is reported beside the prediction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from ptqconv.graph import min_cut
+from ptqconv.graph.naming import node_key
+from ptqconv.graph.ops import is_depthwise
+from ptqconv.graph.weight_slots import weight_slot
+from ptqconv.passes.qdq_plan import FOLD_OPS, SHARE_OPS, WEIGHT_OPS, QuantPlan
+
+logger = logging.getLogger(__name__)
+MILLION = 1e6
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """µs of `kernels` kernel launches: per launch (on top of DISPATCH), per million MACs
+    (or per million weights read, when reading the weights takes longer: GEMV), per million
+    outputs, per million output pixels (the depthwise kernel's per-position overhead)."""
+
+    call: float
+    mac: float = 0.0
+    out: float = 0.0
+    weights: float = 0.0
+    pixels: float = 0.0
+    kernels: int = 1
+
+    def us(self, macs: float = 0.0, outputs: float = 0.0, weights: float = 0.0,
+           pixels: float = 0.0) -> float:
+        work = max(self.mac * macs, self.weights * weights)
+        return (self.kernels * (DISPATCH + self.call)
+                + (work + self.out * outputs + self.pixels * pixels) / MILLION)
+
+
+# Everything below: onnxruntime 1.32, 2 threads, AVX2 without VNNI, from kernel times in
+# onnxruntime profiles of the corpus models (docs/decisions.md, latency cost model).
+# Handing a kernel to the thread pool, on top of its own launch cost; more under load.
+DISPATCH = 8.0
+# (float, integer)
+GEMM = (KernelCost(10, mac=23, out=45, weights=310), KernelCost(11, mac=11.5, out=170, weights=100))
+# Spatial kernels over few input channels (an image stem: 3x3x3 = 27 deep): the integer
+# kernel's im2col costs more than the float conv (STEM_DEPTH).
+STEM = (KernelCost(10, mac=43, out=45), KernelCost(11, mac=72, out=170))
+DEPTHWISE = (KernelCost(8, mac=17, out=400), KernelCost(13.5, mac=58, out=69, pixels=10400))
+ELEMENTWISE = (KernelCost(7, out=300), KernelCost(10, out=300))
+# An activation or a residual Add right after a float Conv runs inside it (NCHWc fusion).
+FUSED = KernelCost(0, out=50, kernels=0)
+FUSED_INTO_CONV = frozenset({"HardSigmoid", "Sigmoid", "Tanh", "LeakyRelu", "Add", "Mul"})
+QUANTIZE, DEQUANTIZE = KernelCost(7, out=430), KernelCost(8, out=280)
+# NHWC <-> NCHW(c) at a boundary of a conv net: a Transpose and a reorder.
+LAYOUT = KernelCost(7, out=690, kernels=2)
+STEM_DEPTH = 32
+# A MaxPool (per input element) on uint8 between integer kernels (NHWC) costs more than in
+# float (NCHWc); between a float producer and an integer reader, onnxruntime moves the Q
+# above it and runs the slow NCHW uint8 MaxPool.
+POOL_INT = KernelCost(0, out=1300, kernels=0)
+POOL_PROPAGATED = KernelCost(0, out=4800, kernels=0)
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    """A unit's predicted time as float and as integer kernel (µs)."""
+
+    name: str
+    op_type: str
+    float_us: float
+    int_us: float
+
+
+@dataclass
+class LatencyPlan:
+    """Units kept float for speed, and the predicted time of the units and boundaries (µs)
+    with every unit float, every unit integer, and as planned."""
+
+    kept_float: list[UnitCost] = field(default_factory=list)
+    float_us: float = 0.0
+    quantized_us: float = 0.0
+    planned_us: float = 0.0
+    keys: frozenset[str] = frozenset()  # node keys (graph.naming.node_key) of kept_float
+
+
+def _elements(shape: tuple[int, ...] | None) -> float | None:
+    return float(math.prod(shape)) if shape is not None else None
+
+
+class _Costs:
+    """Shapes and kernel costs of the units of one plan."""
+
+    def __init__(self, plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]):
+        self.plan = plan
+        self.shapes = shapes
+        self.units = set(plan.units)
+
+    def shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
+        if value is None or not value.name:
+            return None
+        name = self.plan.folded.get(value.name, value.name)
+        return self.shapes.get(name) or self.shapes.get(value.name)
+
+    def elements(self, value: ir.Value | None) -> float | None:
+        return _elements(self.shape(value))
+
+    def output_shape(self, node: ir.Node) -> tuple[int, ...] | None:
+        found = self.shape(node.outputs[0])
+        if found is not None or node.op_type not in ("MatMul", "Gemm"):
+            return found
+        # A MatMul with a float output is not observed: [.., M, K] x [K, N] -> [.., M, N].
+        a, b = self.shape(node.inputs[0]), node.inputs[1]
+        b_shape = self.shape(b) or (tuple(b.const_value.shape) if b.const_value else None)
+        if a is None or b_shape is None:
+            return None
+        transposed = node.op_type == "Gemm" and _attr(node, "transB")
+        return (*a[:-1], b_shape[-2] if transposed else b_shape[-1])
+
+    def unit(self, node: ir.Node) -> UnitCost | None:
+        """Predicted float and integer time of `node`, None when a shape is unknown."""
+        out_shape = self.output_shape(node)
+        if out_shape is None:
+            return None
+        outputs = _elements(out_shape)
+        if node.op_type not in WEIGHT_OPS:
+            fused = _fused_into_conv(node)
+            return self._pair(node, (FUSED if fused else ELEMENTWISE[0], ELEMENTWISE[1]),
+                              outputs=outputs)
+        slot = weight_slot(node)
+        weight = slot.node.inputs[slot.index].const_value if slot else None
+        if node.op_type in ("MatMul", "Gemm"):
+            a = self.shape(node.inputs[0])
+            if a is None:
+                return None
+            transposed = node.op_type == "Gemm" and _attr(node, "transA")
+            depth = a[-2] if transposed else a[-1]
+            weights = float(math.prod(weight.shape)) if weight is not None else 0.0
+            return self._pair(node, GEMM, macs=outputs * depth, outputs=outputs, weights=weights)
+        if weight is None or len(out_shape) < 3:
+            return None
+        kernel = math.prod(weight.shape[2:])
+        if node.op_type == "ConvTranspose":
+            inputs = self.elements(node.inputs[0]) or 0.0
+            return self._pair(node, GEMM, macs=inputs * weight.shape[1] * kernel,
+                              outputs=outputs)
+        macs = outputs * weight.shape[1] * kernel
+        if is_depthwise(node):
+            return self._pair(node, DEPTHWISE, macs=macs, outputs=outputs,
+                              pixels=outputs / out_shape[1])
+        stem = kernel > 1 and weight.shape[1] * kernel < STEM_DEPTH
+        costs = STEM if stem else GEMM
+        return self._pair(node, costs, macs=macs, outputs=outputs)
+
+    @staticmethod
+    def _pair(node: ir.Node, costs: tuple[KernelCost, KernelCost], **work: float) -> UnitCost:
+        return UnitCost(node.name or node.op_type, node.op_type, costs[0].us(**work),
+                        costs[1].us(**work))
+
+    def boundary(self, value: ir.Value, cost: KernelCost, layout: bool = True) -> float:
+        """A Q or DQ pass over `value`, with the layout change between two convs' feature
+        maps (next to float ops, float convs reorder their layout too: it costs the same)."""
+        shape = self.shape(value)
+        outputs = _elements(shape) or 0.0
+        change = LAYOUT.us(outputs=outputs) if layout and shape is not None and len(
+            shape) == 4 else 0.0
+        return cost.us(outputs=outputs) + change
+
+
+def _fused_into_conv(node: ir.Node) -> bool:
+    """Whether onnxruntime runs float `node` inside the float Conv before it: an activation
+    of the Conv's output, the Mul of hard-swish (x * HardSigmoid(x)), a residual Add."""
+    if node.op_type not in FUSED_INTO_CONV:
+        return False
+    producers = [v.producer() if v is not None else None for v in node.inputs]
+    if node.op_type == "Mul":
+        gate = next((p for p in producers if p is not None and p.op_type == "HardSigmoid"),
+                    None)
+        return gate is not None and gate.inputs[0] in node.inputs and _fused_into_conv(gate)
+    return any(p is not None and p.op_type == "Conv" for p in producers)
+
+
+def _attr(node: ir.Node, name: str) -> int:
+    attribute = node.attributes.get(name)
+    return attribute.as_int() if attribute is not None else 0
+
+
+def _pooled(node: ir.Node, costs: _Costs) -> float:
+    """Input elements of a MaxPool (from its output shape and strides), else 0."""
+    if node.op_type != "MaxPool":
+        return 0.0
+    strides = node.attributes.get("strides")
+    return (costs.elements(node.outputs[0]) or 0.0) * math.prod(
+        strides.as_ints() if strides is not None else [1])
+
+
+def _source(value: ir.Value, units: set[ir.Node], costs: _Costs,
+            ) -> tuple[ir.Node | None, float]:
+    """The unit whose output `value` is, through data-movement and folded ops (None if
+    none), and the elements MaxPools on the way read."""
+    producer, pooled = value.producer(), 0.0
+    while producer is not None and producer not in units and (
+            producer.op_type in SHARE_OPS | FOLD_OPS) and producer.inputs:
+        pooled += _pooled(producer, costs)
+        source = producer.inputs[0]
+        producer = source.producer() if source is not None else None
+    return (producer if producer in units else None), pooled
+
+
+def _readers(value: ir.Value, units: set[ir.Node], costs: _Costs, pooled: float = 0.0,
+             ) -> Iterator[tuple[ir.Node | None, float]]:
+    """The units reading `value` through data-movement and folded ops (None for every other
+    reader: a float op or a graph output), each with the elements MaxPools on the way read."""
+    if value.is_graph_output():
+        yield None, pooled
+    for user, _ in value.uses():
+        if user in units:
+            yield user, pooled
+        elif user.op_type in SHARE_OPS | FOLD_OPS and user.outputs:
+            yield from _readers(user.outputs[0], units, costs, pooled + _pooled(user, costs))
+        else:
+            yield None, pooled
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """A unit's quantized output read by costed units: a DQ is due when the producer is
+    integer and a reader float (`dequantize` is 0 when float ops read it anyway), a Q in the
+    other case."""
+
+    producer: ir.Node
+    readers: tuple[ir.Node, ...]
+    quantize: float
+    dequantize: float
+
+    def cost(self, integer: set[ir.Node]) -> float:
+        if self.producer in integer:
+            return self.dequantize if any(r not in integer for r in self.readers) else 0.0
+        return self.quantize if any(r in integer for r in self.readers) else 0.0
+
+
+def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]) -> LatencyPlan:
+    """The units of `plan` to keep float so that the whole runs fastest, by the cost model.
+
+    `shapes` holds the calibration shapes of the plan's tensors; a unit whose work cannot be
+    sized stays integer (it is not costed).
+    """
+    costs = _Costs(plan, shapes)
+    quantized = set(plan.quantized_tensors())
+    all_units = set(plan.units)
+    unit_costs = {node: cost for node in plan.units if (cost := costs.unit(node)) is not None}
+    units = set(unit_costs)
+    # Boundaries with what does not depend on the cut (float ops, model inputs and outputs,
+    # units that cannot be costed and stay integer) go to one label of the unit.
+    int_us = {node: cost.int_us for node, cost in unit_costs.items()}
+    float_us = {node: cost.float_us for node, cost in unit_costs.items()}
+    tensors: list[_Tensor] = []
+    for node in units:
+        for value in {v for v in node.inputs if v is not None and v.name in quantized}:
+            origin, pooled = _source(value, all_units, costs)
+            if origin is None:
+                int_us[node] += costs.boundary(value, QUANTIZE, layout=False) + (
+                    POOL_INT.us(outputs=pooled) + POOL_PROPAGATED.us(outputs=pooled))
+            elif origin not in units:
+                int_us[node] += POOL_INT.us(outputs=pooled)
+                float_us[node] += costs.boundary(value, DEQUANTIZE)
+        out = node.outputs[0]
+        if plan.folded.get(out.name, out.name) not in quantized:
+            continue  # a float output (MatMulIntegerToFloat): no boundary
+        readers: dict[ir.Node | None, float] = {}
+        for reader, pooled in _readers(out, all_units, costs):
+            readers[reader] = max(readers.get(reader, 0.0), pooled)
+        float_read = None in readers
+        if float_read:
+            int_us[node] += costs.boundary(out, DEQUANTIZE, layout=False)
+        if any(r is not None and r not in units for r in readers):
+            float_us[node] += costs.boundary(out, QUANTIZE)
+        known = tuple(r for r in readers if r in units)
+        for reader in known:
+            int_us[reader] += POOL_INT.us(outputs=readers[reader])
+        if known:
+            propagated = POOL_PROPAGATED.us(outputs=max(readers[r] for r in known))
+            tensors.append(_Tensor(
+                node, known, costs.boundary(out, QUANTIZE) + propagated,
+                0.0 if float_read else costs.boundary(out, DEQUANTIZE)))
+    source, sink = "source", "sink"  # integer, float
+    edges: list[tuple[object, object, float]] = []
+    for node in units:
+        edges += [(source, node, float_us[node]), (node, sink, int_us[node])]
+    for index, tensor in enumerate(tensors):
+        quantize, dequantize = ("q", index), ("dq", index)
+        edges.append((quantize, tensor.producer, tensor.quantize))
+        edges += [(reader, quantize, math.inf) for reader in tensor.readers]
+        edges.append((tensor.producer, dequantize, tensor.dequantize))
+        edges += [(dequantize, reader, math.inf) for reader in tensor.readers]
+    finite = sum(c for _, _, c in edges if math.isfinite(c)) + 1.0
+    integer = min_cut.source_side(
+        [(a, b, c if math.isfinite(c) else finite) for a, b, c in edges], source, sink)
+    integer_units = {n for n in units if n in integer}
+
+    def total(labelled: set[ir.Node]) -> float:
+        return (sum(int_us[n] if n in labelled else float_us[n] for n in units)
+                + sum(t.cost(labelled) for t in tensors))
+
+    kept = [unit_costs[n] for n in plan.units if n in units and n not in integer_units]
+    for cost in kept:
+        logger.debug("%s %s kept float for speed: predicted %.1f us float, %.1f us integer",
+                     cost.op_type, cost.name, cost.float_us, cost.int_us)
+    return LatencyPlan(
+        kept_float=kept,
+        float_us=total(set()),
+        quantized_us=total(units),
+        planned_us=total(integer_units),
+        keys=frozenset(node_key(n) for n in units if n not in integer_units),
+    )

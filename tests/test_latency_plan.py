@@ -1,0 +1,126 @@
+"""Latency-aware planning: the minimum cut, the decisions of the cost model on graphs whose
+answer is known, and the plan onnxruntime then runs."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from models import random_samples, save
+from onnx import TensorProto, helper, numpy_helper
+
+from ptqconv.cli import main
+from ptqconv.graph.min_cut import source_side
+from ptqconv.passes.latency_plan import plan_latency
+from ptqconv.passes.qdq_plan import plan_quantization
+
+
+def test_min_cut_finds_the_cheapest_two_labelling():
+    # a and b prefer the source side (cutting them off costs 5 and 4), c the sink (1 vs 6);
+    # keeping b with a is cheaper than paying the 3 between them.
+    edges = [("s", "a", 5), ("a", "t", 1), ("s", "b", 4), ("b", "t", 2), ("s", "c", 1),
+             ("c", "t", 6), ("a", "b", 3), ("b", "c", 1)]
+    assert source_side(edges, "s", "t") == {"s", "a", "b"}
+    # Only ever the cheapest: with a dearer b -> t, b goes too.
+    edges[3] = ("b", "t", 9)
+    assert source_side(edges, "s", "t") == {"s", "a"}
+
+
+# (output channels, kernel, groups) after the input's 3 channels: an image stem, a
+# depthwise conv, a narrowing 1x1 conv, then 1x1 convs over 64 channels (MobileNet-like).
+MOBILE = [(16, 3, 1), (16, 3, 16), (8, 1, 1), (64, 1, 1), (64, 1, 1), (64, 1, 1), (64, 1, 1)]
+
+
+def _conv_net(layers: list[tuple[int, int, int]], size: int) -> onnx.ModelProto:
+    """x [1, 3, size, size] -> (Conv -> Relu) per layer -> y; conv i is named conv{i}."""
+    rng = np.random.default_rng(0)
+    inits, nodes, cin, prev = [], [], 3, "x"
+    for i, (cout, k, group) in enumerate(layers):
+        fan_in = cin // group * k * k
+        inits.append(numpy_helper.from_array(
+            (rng.standard_normal((cout, cin // group, k, k)) / np.sqrt(fan_in)).astype(
+                np.float32), f"w{i}"))
+        nodes += [helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}",
+                                   pads=[k // 2] * 4, group=group),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        cin, prev = cout, f"r{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, cin, size, size])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _shapes(model: ir.Model, size: int) -> dict[str, tuple[int, ...]]:
+    """What calibration would have seen."""
+    shapes = {"x": (1, 3, size, size)}
+    for node in model.graph:
+        channels = node.inputs[1].const_value.shape[0] if node.op_type == "Conv" else None
+        shapes[node.outputs[0].name] = (1, channels or shapes[node.inputs[0].name][1], size,
+                                        size)
+    return shapes
+
+
+def test_a_mobile_net_keeps_its_stem_float_and_the_rest_integer():
+    # An image stem (3x3 over 3 channels) and a depthwise conv over 16 channels run slower as
+    # integer kernels than in float on AVX2; 1x1 convs over 64 channels about twice as fast.
+    # The boundary goes where the tensor is narrowest, after the 8-channel conv.
+    model = ir.from_proto(_conv_net(MOBILE, 112))
+    plan = plan_quantization(model.graph)
+    latency = plan_latency(plan, _shapes(model, 112))
+    assert [c.name for c in latency.kept_float] == ["conv0", "conv1", "conv2"]
+    assert latency.planned_us < latency.quantized_us < latency.float_us
+    # The same answer every time: the plan is a function of the graph and its shapes.
+    assert plan_latency(plan, _shapes(model, 112)).keys == latency.keys
+
+
+def test_a_tiny_net_stays_float():
+    tiny = ir.from_proto(_conv_net(MOBILE, 4))
+    latency = plan_latency(plan_quantization(tiny.graph), _shapes(tiny, 4))
+    assert len(latency.kept_float) == len(MOBILE)
+    assert latency.planned_us == latency.float_us < latency.quantized_us
+
+
+def test_units_kept_float_read_dequantized_tensors_so_their_neighbours_still_fuse(tmp_path):
+    src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 2, seed=0, shape=(1, 3, 112, 112))
+    config = tmp_path / "c.ini"
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nmeasure_latency=false\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}", "--quiet"]) == 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
+                              .graph.node)
+    # Three float convs; their output is quantized once for the four QLinearConvs.
+    assert ops["QLinearConv"] == 4 and ops["QuantizeLinear"] == 1
+    assert ops["Conv"] + ops["FusedConv"] == 3
+
+
+def test_the_summary_names_what_stayed_float_and_the_measured_latency(tmp_path, capsys):
+    src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 2, seed=0, shape=(1, 3, 112, 112))
+    config = tmp_path / "c.ini"
+    # The cost model's CPU, whatever this one is (elsewhere latency_aware defaults to false).
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    out = capsys.readouterr().out
+    assert "kept float for speed: 3 units, conv0 (Conv), conv1 (Conv), conv2 (Conv) (" in out
+    line = next(x for x in out.splitlines() if x.startswith("  latency: "))
+    assert "float" in line and "interleaved runs" in line and "(AVX2" in line
+    # Without latency_aware every unit is quantized; without measure_latency nothing is timed.
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nlatency_aware=false\nmeasure_latency=false\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    out = capsys.readouterr().out
+    assert "kept float" not in out and "latency:" not in out
+    assert f"node units quantized: {len(MOBILE)}" in out
