@@ -25,7 +25,10 @@ The forms:
                     [data_preprocess_param] calibrate_path, calibrate_size, input_type, input_shape
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     reduce_range, smooth_quant, equalize, activation_bit_num,
-                    thread_num
+                    thread_num, quant_strategy
+                    [weight_quant_param] per_channel, bias_correction, quant_strategy,
+                    block_size (ptqconv's)
+                    [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
                     cosine_threshold (ptqconv's accuracy gate after conversion)
   YAML              the same sections as top-level mappings with the same keys; lists
@@ -79,6 +82,9 @@ FORMATS = ("flat", "ini", "yaml")
 U16_MAX = 65535  # docs/reference.md §1: min_quant_weight_size/channel, calibrate_size ranges
 # docs/reference.md §1 / §2, plus MSE, and AUTO: measured on the user's data.
 METHODS = (*OBSERVERS, "AUTO")
+# docs/reference.md §5: how weights are rounded.
+QUANT_STRATEGIES = ("MAX_MIN", "GPTQ")
+MAX_ITERATIONS_MIN = 40  # docs/reference.md §5: max_iterations in [40, 65535]
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,7 @@ class QuantConfig:
     source: Path
     format: str  # "flat" | "ini" | "yaml"
     quant_type: values.QuantType | None = None
-    bit_num: int | None = None  # [1, 16]; settings check [1, 8] for PostTraining
+    bit_num: int | None = None  # [0, 16]; settings check [1, 8] for PostTraining
     min_quant_weight_size: int | None = None  # [0, 65535]
     min_quant_weight_channel: int | None = None  # [0, 65535]
     skip_quant_node: tuple[str, ...] | None = None
@@ -109,6 +115,16 @@ class QuantConfig:
     equalize: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
     thread_num: int | None = None  # [1, 64]
+    quant_strategy: str | None = None  # [full_quant_param], one of QUANT_STRATEGIES
+    # [weight_quant_param]: the same keys as [full_quant_param], for WeightQuant.
+    weight_per_channel: bool | None = None
+    weight_bias_correction: bool | None = None
+    weight_quant_strategy: str | None = None
+    block_size: int | None = None  # 0 or a power of two >= 16
+    # [mixed_bit_weight_quant_param]
+    init_scale: float | None = None  # (0, 1)
+    auto_tune: bool | None = None
+    max_iterations: int | None = None  # [40, 65535]
     # [evaluate_param]: the accuracy gate run after the model is written.
     eval_path: tuple[tuple[str, Path], ...] | None = None
     eval_size: int | None = None
@@ -460,6 +476,7 @@ class _Key:
     many: bool = False  # YAML lists / mappings accepted
     empty: Any = None  # the value of an empty setting; None: an empty setting is an error
     kept: bool = True  # False: checked for MindSpore compatibility, with nothing to keep
+    written: str = ""  # the key in the file, when it differs from the field's name
 
 
 def _checked(parse: Callable[[Any, _Site], Any]) -> Callable[[Any, _Site], Any]:
@@ -569,7 +586,15 @@ def _input_shape(raw: str | list, site: _Site) -> tuple[tuple[str, tuple[int, ..
 
 
 def _keys(*keys: _Key) -> dict[str, _Key]:
-    return {key.field: key for key in keys}
+    return {key.written or key.field: key for key in keys}
+
+
+def _as(written: str, key: _Key) -> _Key:
+    """`key` spelt `written` in the file (a key name two sections share)."""
+    return _Key(key.field, key.parse, key.allowed, key.many, key.empty, key.kept, written)
+
+
+_STRATEGY_ALLOWED = ", ".join(QUANT_STRATEGIES)
 
 
 _METHOD_ALLOWED = ", ".join(METHODS)
@@ -577,7 +602,7 @@ _METHOD_ALLOWED = ", ".join(METHODS)
 _SECTIONED: dict[str | None, dict[str, _Key]] = {
     "common_quant_param": _keys(
         _Key("quant_type", *_scalar(values.quant_type, values.QUANT_TYPE_ALLOWED)),
-        _int_key("bit_num", 1, 16),
+        _int_key("bit_num", 0, 16),
         _int_key("min_quant_weight_size", 0, U16_MAX),
         _int_key("min_quant_weight_channel", 0, U16_MAX),
         _Key("skip_quant_node", _names, _NAMES_ALLOWED, many=True, empty=()),
@@ -600,6 +625,22 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("equalize"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
+        _Key("quant_strategy", *_scalar(lambda t: values.choice(t, QUANT_STRATEGIES),
+                                        _STRATEGY_ALLOWED)),
+    ),
+    "weight_quant_param": _keys(
+        _as("per_channel", _bool_key("weight_per_channel")),
+        _as("bias_correction", _bool_key("weight_bias_correction")),
+        _as("quant_strategy", _Key(
+            "weight_quant_strategy",
+            *_scalar(lambda t: values.choice(t, QUANT_STRATEGIES), _STRATEGY_ALLOWED))),
+        _Key("block_size", *_scalar(values.block_size, values.BLOCK_SIZE_ALLOWED)),
+    ),
+    "mixed_bit_weight_quant_param": _keys(
+        _Key("init_scale", *_scalar(lambda t: values.open_real(t, 0.0, 1.0),
+                                    "a number in (0, 1)")),
+        _bool_key("auto_tune"),
+        _int_key("max_iterations", MAX_ITERATIONS_MIN, U16_MAX),
     ),
     "evaluate_param": _keys(
         _Key("eval_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),
@@ -620,7 +661,10 @@ _FLAT_KEYS: dict[str, _Key] = {
     "input_shape": _Key("input_shape", _input_shape, values.SHAPES_ALLOWED),
 }
 
-_HOME = {key: section for section, keys in _SECTIONED.items() for key in keys}
+_HOME: dict[str, str | None] = {}
+for _section, _section_keys in _SECTIONED.items():
+    for _written in _section_keys:
+        _HOME.setdefault(_written, _section)  # a shared key's home is its first section
 _IMAGE_KEYS = (
     "image_to_format",
     "normalize_mean",
@@ -700,7 +744,8 @@ def _build(
             if spec.kept:
                 given[spec.field] = parsed
             if line is not None:
-                lines[spec.field] = lines[key] = line
+                lines[spec.field] = line
+                lines.setdefault(key, line)  # a field name wins over a key as written
             labels[spec.field] = site.label
     return QuantConfig(
         source=source,

@@ -51,8 +51,10 @@ def convert(settings: ConvertSettings,
             pt = PostTraining(mode, data, progress)
             model, report.post_training = pt.run(simplified, original_names)
         else:
-            model, report.weights = weight_quant(model, mode, settings.model_file.parent,
-                                                 progress)
+            data = (open_data(model, settings.model_file, mode.calibration)
+                    if mode.calibration is not None else None)
+            model, report.weights, report.weight_quant = weight_quant(
+                model, mode, settings.model_file.parent, progress, data)
         report.opset_after = model.opset_imports.get("", 1)
         report.size_after = modelio.files_size(modelio.save_model(model, settings.output_file))
         if eval_data is not None and settings.gate is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,24 @@ class PostTrainingSummary:
 
 
 @dataclass
+class WeightQuantSummary:
+    """What the weight algorithms of a WeightQuant run did."""
+
+    strategy: str  # MAX_MIN (round to nearest) or GPTQ
+    per_channel: bool
+    block_size: int
+    bias_correction: bool
+    gptq_layers: int = 0
+    gptq_passes: int = 0  # streaming passes over the calibration samples
+    gptq_rows_nearest: int = 0  # rows the guard gave back to round-to-nearest
+    gptq_error_ratio: float | None = None  # GPTQ's layer objective / round-to-nearest's
+    weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
+    bias_corrections: list[Correction] | None = None  # None: no calibration data
+    init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
+    auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
+
+
+@dataclass
 class GateReport:
     """The accuracy gate: the written model against the float one on held-out samples."""
 
@@ -115,6 +134,7 @@ class ConversionReport:
     opset_before: int = 0
     opset_after: int = 0
     weights: list[WeightRecord] = field(default_factory=list)  # WeightQuant
+    weight_quant: WeightQuantSummary | None = None
     post_training: PostTrainingSummary | None = None
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
@@ -145,6 +165,8 @@ class ConversionReport:
                 + (f" (stored as {', '.join(storages)})" if storages else ""),
                 f"  weights skipped:   {len(self.skipped)}",
             ]
+            if self.weight_quant is not None:
+                lines += weight_quant_lines(self.weight_quant, self.quantized)
         if self.post_training is not None:
             lines += post_training_lines(self.post_training)
         if self.target is not None:
@@ -162,6 +184,41 @@ class ConversionReport:
         )
         lines.append(f"  time: {self.seconds:.2f} s")
         return "\n".join(lines)
+
+
+def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
+                       shown: int = 10) -> list[str]:
+    layouts = Counter(w.layout for w in quantized)
+    lines = []
+    if layouts and set(layouts) != {"per channel"}:
+        lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
+    if s.strategy == "GPTQ":
+        ratio = ("" if s.gptq_error_ratio is None
+                 else f", layer error {s.gptq_error_ratio:.3f} of round-to-nearest's")
+        passes = f" in {s.gptq_passes} passes" if s.gptq_passes > 1 else ""
+        lines.append(f"  GPTQ: {s.gptq_layers} layers{passes}{ratio}; "
+                     f"{s.gptq_rows_nearest} rows kept round-to-nearest (no better)")
+    if s.bias_correction:
+        lines.append(f"  weight correction (MindSpore var/mean, in scales and zero points): "
+                     f"{s.weight_corrections} weights")
+    if s.bias_corrections is not None:
+        applied = [c for c in s.bias_corrections if c.applied]
+        lines.append(f"  bias correction (expected output shift): {len(applied)} of "
+                     f"{len(s.bias_corrections)} Conv/Gemm layers")
+        lines += [f"    {c.node_name}: skipped, {c.reason}"
+                  for c in s.bias_corrections if not c.applied][:shown]
+    if s.init_scale is not None:
+        tuned = (f", found by auto_tune ({len(s.auto_tune)} tried, output cosine "
+                 f"{dict(s.auto_tune).get(s.init_scale, float('nan')):.4f})"
+                 if s.auto_tune else "")
+        elements = sum(math.prod(w.shape) for w in quantized)
+        average = (sum(w.bits * math.prod(w.shape) for w in quantized) / elements
+                   if elements else 0.0)
+        lines.append(f"  mixed bit: init_scale {s.init_scale:.4g}{tuned}; {average:.2f} bits "
+                     "per weight on average; bits per layer:")
+        lines += [f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.bits} bits "
+                  f"({w.storage})" for w in quantized]
+    return lines
 
 
 def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:

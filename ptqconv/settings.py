@@ -22,8 +22,8 @@ from ptqconv.values import QuantType
 
 T = TypeVar("T")
 
-# docs/reference.md §1: --bitNum ranges.
-BIT_RANGE = {QuantType.WEIGHT_QUANT: (1, 16), QuantType.POST_TRAINING: (1, 8)}
+# docs/reference.md §1: --bitNum ranges (0: mixed bit, docs/reference.md §5).
+BIT_RANGE = {QuantType.WEIGHT_QUANT: (0, 16), QuantType.POST_TRAINING: (1, 8)}
 SUPPORTED_FMK = ("ONNX",)
 # MindSpore's defaults (docs/reference.md §1), then ptqconv's own for the keys MindSpore lacks.
 DEFAULT_BIT_NUM = 8
@@ -32,6 +32,9 @@ DEFAULT_QUANT_WEIGHT_CHANNEL = 16
 DEFAULT_CALIBRATE_SIZE = 100
 # With no method in the config, ptqconv measures which suits the model (post_training).
 AUTO = "AUTO"
+# docs/reference.md §5: MindSpore's mixed-bit defaults.
+DEFAULT_INIT_SCALE = 0.02
+DEFAULT_MAX_ITERATIONS = 40
 DEFAULT_THREADS = 1
 # Everything, when eval_size is not given.
 ALL_SAMPLES = 2**31
@@ -50,11 +53,29 @@ class DataSource:
 
 
 @dataclass(frozen=True)
+class MixedBitSettings:
+    """`--bitNum=0`: each layer's bits from MindSpore's relative-error target."""
+
+    init_scale: float = DEFAULT_INIT_SCALE
+    auto_tune: bool = False  # search init_scale for an output cosine of about 0.995
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+
+
+@dataclass(frozen=True)
 class WeightQuantSettings:
-    bit_num: int
+    bit_num: int  # 0: mixed bit
     min_size: int  # quantize a weight only when it has more elements than this
     min_channel: int  # ... and, for convs, more output channels than this
     skip: tuple[str, ...] = ()  # node names or op types kept float
+    per_channel: bool = True
+    # MindSpore's var/mean weight correction (and, with calibration data, the mean output
+    # shift into Conv/Gemm biases). Off unless asked: MindSpore's default is on.
+    bias_correction: bool = False
+    quant_strategy: str = "MAX_MIN"  # or "GPTQ" (needs calibration)
+    mixed_bit: MixedBitSettings | None = None  # with bit_num 0
+    block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
+    calibration: DataSource | None = None
+    threads: int = DEFAULT_THREADS
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,7 @@ class PostTrainingSettings:
     reduce_range: bool = True
     smooth_quant: bool | None = None
     equalize: bool | None = None
+    quant_strategy: str = "MAX_MIN"  # how weights are rounded: MAX_MIN (nearest) or GPTQ
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -144,19 +166,59 @@ class ConvertSettings:
         threads = pick.config("thread_num") or DEFAULT_THREADS
         mode: WeightQuantSettings | PostTrainingSettings
         if qtype is QuantType.WEIGHT_QUANT:
-            mode = WeightQuantSettings(
-                bits,
+            mode = _weight_quant(
+                pick, bits,
                 pick.one("--quantWeightSize", quant_weight_size, "min_quant_weight_size",
                          lambda v: values.integer(v, 0), DEFAULT_QUANT_WEIGHT_SIZE),
                 pick.one("--quantWeightChannel", quant_weight_channel,
                          "min_quant_weight_channel", lambda v: values.integer(v, 0),
                          DEFAULT_QUANT_WEIGHT_CHANNEL),
-                skip)
+                skip, threads, tuple(shapes.items()))
         else:
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
                                   sensitivity)
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads)
         return cls(model, output, qtype, mode, gate)
+
+
+def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
+                  skip: tuple[str, ...], threads: int,
+                  shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> WeightQuantSettings:
+    config = pick.source
+    mixed_keys = [k for k in ("init_scale", "auto_tune", "max_iterations")
+                  if pick.config(k) is not None]
+    if mixed_keys and bits != 0:
+        assert config is not None
+        raise PtqUsageError(f"{config.where(mixed_keys[0])}: applies only to mixed bit "
+                            f"(bit_num=0), not to {bits} bits")
+    mixed = MixedBitSettings(
+        pick.config("init_scale") or DEFAULT_INIT_SCALE, bool(pick.config("auto_tune")),
+        pick.config("max_iterations") or DEFAULT_MAX_ITERATIONS) if bits == 0 else None
+    per_channel = pick.switch("weight_per_channel", True)
+    block = pick.config("block_size") or 0
+    if block and not per_channel:
+        assert config is not None
+        raise PtqUsageError(f"{config.where('block_size')}: blocks need per_channel=true "
+                            "(per_channel=false asks for one scale per weight)")
+    strategy = pick.config("weight_quant_strategy") or "MAX_MIN"
+    paths = pick.config("calibrate_path")
+    calibration = (DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
+                              shapes) if paths else None)
+    for needs, key in ((strategy == "GPTQ", "weight_quant_strategy"),
+                       (mixed is not None and mixed.auto_tune, "auto_tune")):
+        if needs and calibration is None:
+            assert config is not None
+            raise PtqUsageError(f"{config.where(key)}: needs calibration data: set "
+                                "calibrate_path in [data_preprocess_param]")
+    return WeightQuantSettings(
+        bits, min_size, min_channel, skip,
+        per_channel=per_channel,
+        bias_correction=pick.switch("weight_bias_correction", False),
+        quant_strategy=strategy,
+        mixed_bit=mixed,
+        block_size=block,
+        calibration=calibration,
+        threads=threads)
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
@@ -187,6 +249,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         reduce_range=pick.switch("reduce_range", device.saturates),
         smooth_quant=pick.config("smooth_quant"),
         equalize=pick.config("equalize"),
+        quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
         threads=threads,
         skip=skip,
         debug_dir=debug,

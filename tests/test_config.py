@@ -18,14 +18,15 @@ from ptqconv.values import QuantType
 
 CONFIGS = REPO / "configs"
 META = ("source", "format", "lines", "keys")
-SECTIONS = "[common_quant_param], [data_preprocess_param], [evaluate_param], [full_quant_param]"
+SECTIONS = ("[common_quant_param], [data_preprocess_param], [evaluate_param], [full_quant_param], "
+            "[mixed_bit_weight_quant_param], [weight_quant_param]")
 COMMON_KEYS = (
     "bit_num, debug_info_save_path, min_quant_weight_channel, min_quant_weight_size, "
     "quant_type, skip_quant_node, target_device"
 )
 FULL_KEYS = (
     "activation_bit_num, activation_quant_method, bias_correction, equalize, per_channel, "
-    "reduce_range, smooth_quant, thread_num"
+    "quant_strategy, reduce_range, smooth_quant, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
@@ -296,13 +297,13 @@ ERRORS = [
     pytest.param(
         "calib.cfg",
         "[common_quant_param]\nbit_num=8.0\n",
-        "calib.cfg:2: [common_quant_param] bit_num: '8.0' is not an integer; allowed: [1, 16]",
+        "calib.cfg:2: [common_quant_param] bit_num: '8.0' is not an integer; allowed: [0, 16]",
         id="ini-not-an-integer",
     ),
     pytest.param(
         "calib.cfg",
         "[common_quant_param]\nbit_num=0x8\n",
-        "calib.cfg:2: [common_quant_param] bit_num: '0x8' is not an integer; allowed: [1, 16]",
+        "calib.cfg:2: [common_quant_param] bit_num: '0x8' is not an integer; allowed: [0, 16]",
         id="ini-hex",
     ),
     pytest.param(
@@ -577,14 +578,14 @@ ERRORS = [
     pytest.param(
         "calib.yaml",
         "common_quant_param:\n  bit_num: 0x10\n",
-        "calib.yaml:2: [common_quant_param] bit_num: '0x10' is not an integer; allowed: [1, 16]",
+        "calib.yaml:2: [common_quant_param] bit_num: '0x10' is not an integer; allowed: [0, 16]",
         id="yaml-base-10-only",
     ),
     pytest.param(
         "calib.yaml",
         "common_quant_param:\n  bit_num: [8]\n",
         "calib.yaml:2: [common_quant_param] bit_num: expected one value, got a YAML list; "
-        "allowed: [1, 16]",
+        "allowed: [0, 16]",
         id="yaml-list-for-a-single-value",
     ),
     pytest.param(
@@ -877,11 +878,12 @@ def test_junk_keys_are_rejected_naming_the_key_and_its_line(tmp_path, key, posit
 
 
 INT_KEYS = [
-    ("common_quant_param", "bit_num", 1, 16),
+    ("common_quant_param", "bit_num", 0, 16),
     ("common_quant_param", "min_quant_weight_size", 0, 65535),
     ("common_quant_param", "min_quant_weight_channel", 0, 65535),
     ("data_preprocess_param", "calibrate_size", 1, 65535),
     ("full_quant_param", "thread_num", 1, 64),
+    ("mixed_bit_weight_quant_param", "max_iterations", 40, 65535),
 ]
 
 

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 # Bottom to top; a module may import its own layer and the ones below.
 LAYERS = [
     ["errors", "values", "qparams", "target"],
-    ["files", "config", "graph", "calibrate.statistics", "calibrate.observers"],
+    ["files", "config", "graph", "calibrate.statistics", "calibrate.observers", "weights",
+     "calibrate.moments"],
     ["runtime", "modelio"],
     ["calibrate.ranges", "calibrate.dataset", "calibrate.collector"],
     ["passes"],
