@@ -17,12 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import accuracy, bert, calibration, weightquant
+from . import accuracy, bert, calibration, gptq, weightquant, weights
 from .common import GB, Context, Section, machine
 from .report import write
 
 SECTIONS = {"calibration": calibration, "bert": bert, "weightquant": weightquant,
-            "accuracy": accuracy}
+            "gptq": gptq, "accuracy": accuracy, "weights": weights}
 
 
 def _default_cap() -> float:

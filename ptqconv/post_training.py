@@ -40,7 +40,7 @@ from ptqconv.calibrate.statistics import (
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
 from ptqconv.graph.naming import node_key
-from ptqconv.passes import bias_correction
+from ptqconv.passes import bias_correction, gptq
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
 from ptqconv.passes.calibrated import MigrationPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
@@ -52,6 +52,7 @@ from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
 from ptqconv.qparams import Range
 from ptqconv.report import Measured, Migration, PostTrainingSummary
 from ptqconv.settings import AUTO, PostTrainingSettings
+from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 # Per-axis DequantizeLinear, which QDQ weights need, arrived in opset 13.
@@ -165,11 +166,13 @@ class PostTraining:
 
     def build(self, float_model: ir.Model, choice: Choice, statistics: Statistics,
               tensors: list[str], shared: bool, migrations: dict | None = None,
-              weights: dict | None = None) -> Built:
+              weights: dict | None = None,
+              integers: dict[str, IntegerWeight] | None = None) -> Built:
         """The model `choice` makes from a clone of `float_model`, with the ranges of
         `tensors`, the migrations and the bias shifts drawn from `statistics` (`shared`:
         collected for several range methods, see `RangeMethod`). `migrations` and `weights`
-        cache migrated models and quantized weights between builds that share them."""
+        cache migrated models and quantized weights between builds that share them;
+        `integers` are weights rounded elsewhere (GPTQ), by name."""
         s = self.settings
         method = RangeMethod(choice.method, frozenset(v.name for v in float_model.graph.inputs),
                              shared=shared)
@@ -193,7 +196,8 @@ class PostTraining:
                                  choice.float_nodes(model.graph))
         debug = s.debug_dir is not None
         qdq: QDQResult = self.qdq_pass(plan, ranges, keep_weight_errors=choice.bias_correction,
-                                       keep_weights=debug, weights=weights)(model)
+                                       keep_weights=debug, weights=weights,
+                                       integer_weights=integers)(model)
         corrections = None
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
@@ -203,7 +207,8 @@ class PostTraining:
             corrections = apply_shifts(model.graph, shifts)
             plan = plan_quantization(model.graph, skip, calibration.float_tensors,
                                      choice.float_nodes(model.graph))
-            qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights)(model)
+            qdq = self.qdq_pass(plan, ranges, keep_weights=debug, weights=weights,
+                                integer_weights=integers)(model)
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
                      skip, choice.float_nodes(prepared.graph))
 
@@ -250,9 +255,18 @@ class PostTraining:
             statistics = collect(model, points, self.data, s.threads,
                                  self._step(len(self.data), f"calibrating ({s.method})"))
         built = self.build(model, choice, statistics, tensors, shared)
+        solved = None
+        if s.quant_strategy == "GPTQ":
+            # The choice was measured with nearest weights; GPTQ rounds the chosen model's.
+            solved = self.gptq(built)
+            built = self.build(model, choice, statistics, tensors, shared,
+                               integers=solved.integers)
         # What a later rebuild with some units float (an accuracy target) starts from.
-        self._rebuild = (model, choice, statistics, tensors, shared, built)
+        self._rebuild = (model, choice, statistics, tensors, shared,
+                         solved.integers if solved else None, built)
         summary = self._summary(built, choice, measured, folds)
+        if solved is not None:
+            summary.gptq = solved.summary()
         if s.debug_dir is not None:
             stats = layer_report.activation_report(built.prepared, built.qdq, self.data,
                                                    s.threads)
@@ -268,9 +282,24 @@ class PostTraining:
 
     def with_float_units(self, keys: frozenset[str]) -> ir.Model:
         """The model `run` made, rebuilt with the units of node keys `keys` kept float."""
-        model, choice, statistics, tensors, shared, _ = self._rebuild
+        model, choice, statistics, tensors, shared, integers, _ = self._rebuild
         return self.build(model, replace(choice, float_units=keys), statistics, tensors,
-                          shared).model
+                          shared, integers=integers).model
+
+    def gptq(self, built: Built) -> gptq.Solved:
+        """GPTQ integers for the weights `built` quantizes, on the grids and axes QDQPass
+        gives them, from the second moments of their inputs in the migrated float model."""
+        s = self.settings
+        plan = plan_quantization(built.prepared.graph, built.skip,
+                                 built.calibration.float_tensors, built.float_nodes)
+        targets = {}
+        for planned in plan.weights:
+            value = planned.node.inputs[planned.index]
+            if value is not None and value.name:
+                grid = weight_grid_for(planned.node, s.bit_num, s.reduce_range)
+                targets[value.name] = WeightLayout(grid, planned.axis if s.per_channel
+                                                   else None)
+        return gptq.run(built.prepared, targets, self.data, s.threads, self.progress)
 
     # --- measured choices ----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from ptqconv.debug.layer_report import LayerReport
 from ptqconv.debug.sensitivity import UnitSensitivity
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
+from ptqconv.passes.gptq import GPTQSummary
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.target import Target
 
@@ -63,6 +64,7 @@ class PostTrainingSummary:
     held_out: int = 0  # calibration samples the candidates were scored on
     scored_folds: int = 0  # folds of the samples scored, each with ranges from the others
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
+    gptq: GPTQSummary | None = None  # quant_strategy=GPTQ
 
 
 @dataclass
@@ -73,10 +75,7 @@ class WeightQuantSummary:
     per_channel: bool
     block_size: int
     bias_correction: bool
-    gptq_layers: int = 0
-    gptq_passes: int = 0  # streaming passes over the calibration samples
-    gptq_rows_nearest: int = 0  # rows the guard gave back to round-to-nearest
-    gptq_error_ratio: float | None = None  # GPTQ's layer objective / round-to-nearest's
+    gptq: GPTQSummary | None = None
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
@@ -192,12 +191,8 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     lines = []
     if layouts and set(layouts) != {"per channel"}:
         lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
-    if s.strategy == "GPTQ":
-        ratio = ("" if s.gptq_error_ratio is None
-                 else f", layer error {s.gptq_error_ratio:.3f} of round-to-nearest's")
-        passes = f" in {s.gptq_passes} passes" if s.gptq_passes > 1 else ""
-        lines.append(f"  GPTQ: {s.gptq_layers} layers{passes}{ratio}; "
-                     f"{s.gptq_rows_nearest} rows kept round-to-nearest (no better)")
+    if s.gptq is not None:
+        lines.append(gptq_line(s.gptq))
     if s.bias_correction:
         lines.append(f"  weight correction (MindSpore var/mean, in scales and zero points): "
                      f"{s.weight_corrections} weights")
@@ -219,6 +214,13 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
         lines += [f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.bits} bits "
                   f"({w.storage})" for w in quantized]
     return lines
+
+
+def gptq_line(g: GPTQSummary) -> str:
+    ratio = "" if g.error_ratio is None else f", layer error {g.error_ratio:.3f} of nearest's"
+    passes = f" in {g.passes} passes" if g.passes > 1 else ""
+    return (f"  GPTQ: {g.layers} layers{passes}{ratio}; {g.rows_nearest} rows kept "
+            "round-to-nearest (no better)")
 
 
 def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
@@ -251,6 +253,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             f"  weights quantized: {s.weights_quantized} (int8 symmetric"
             f"{' per-channel' if s.per_channel else ''}, levels [{grid.qmin}, {grid.qmax}]"
             f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''})")
+    if s.gptq is not None:
+        lines.append(gptq_line(s.gptq))
     if s.bias_corrections is not None:
         applied = [c for c in s.bias_corrections if c.applied]
         lines.append(f"  bias correction: {len(applied)} of {len(s.bias_corrections)} layers")

@@ -89,12 +89,7 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         integers.update(solved.integers)
         solved_names = set(solved.integers)
         statistics = solved.statistics
-        summary.gptq_layers = len(solved.results)
-        summary.gptq_passes = solved.passes
-        summary.gptq_rows_nearest = solved.rows_nearest
-        done = sum(float(r.error.sum()) for r in solved.results.values())
-        nearest = sum(float(r.nearest_error.sum()) for r in solved.results.values())
-        summary.gptq_error_ratio = done / nearest if nearest > 0 else None
+        summary.gptq = solved.summary()
     elif shifted:
         assert data is not None
         step = progress(len(data), "calibrating (bias correction)") if progress else None

@@ -176,8 +176,11 @@ def solve(layer: Layer, weight: np.ndarray, start: IntegerWeight,
                   act_order=layer.act_order)
     q = result.q.reshape(shape) if layer.conv else (
         result.q[0] if layer.rows_first else result.q[0].T)
-    return IntegerWeight(np.ascontiguousarray(q), start.scale, start.zero_point,
-                         start.layout), result
+    # Held until the weights are written: the narrowest integer type that holds the grid.
+    grid = start.layout.grid
+    narrow = np.int8 if grid.qmin >= -128 and grid.qmax <= 127 else np.int32
+    return IntegerWeight(np.ascontiguousarray(q, dtype=narrow), start.scale,
+                         start.zero_point, start.layout), result
 
 
 @dataclass
@@ -193,6 +196,22 @@ class Solved:
     @property
     def rows_nearest(self) -> int:
         return sum(r.rows_nearest for r in self.results.values())
+
+    def summary(self) -> GPTQSummary:
+        done = sum(float(r.error.sum()) for r in self.results.values())
+        nearest = sum(float(r.nearest_error.sum()) for r in self.results.values())
+        return GPTQSummary(len(self.results), self.passes, self.rows_nearest,
+                           done / nearest if nearest > 0 else None)
+
+
+@dataclass(frozen=True)
+class GPTQSummary:
+    """What GPTQ did, for the run summary."""
+
+    layers: int
+    passes: int  # streaming passes over the calibration samples
+    rows_nearest: int  # rows the guard gave back to round-to-nearest
+    error_ratio: float | None  # GPTQ's layer objective over round-to-nearest's
 
 
 def run(model: ir.Model, targets: Mapping[str, WeightLayout], samples: Sequence,

@@ -15,6 +15,7 @@ from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator, node_key, values_by_name
 from ptqconv.graph.ops import is_depthwise
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
+from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # Ops whose weight rounding error bias correction measures.
@@ -84,7 +85,8 @@ class QDQPass(ir.passes.InPlacePass):
     def __init__(self, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], bits: int,
                  per_channel: bool = True, keep_weight_errors: bool = False,
                  keep_weights: bool = False, reduce_range: bool = True,
-                 act_bits: int | None = None, weights: dict | None = None):
+                 act_bits: int | None = None, weights: dict | None = None,
+                 integer_weights: Mapping[str, IntegerWeight] | None = None):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
@@ -97,6 +99,9 @@ class QDQPass(ir.passes.InPlacePass):
         # (tensor, grid, axis) -> (q, scale, zero point): builds that share a weight tensor
         # (clones share tensors) quantize it once.
         self.cache = weights if weights is not None else {}
+        # Integers chosen elsewhere (GPTQ), by weight name: used where their layout is the
+        # one this pass would write, so the DequantizeLinear layout never changes.
+        self.integer_weights = integer_weights or {}
 
     def call(self, model: ir.Model) -> QDQResult:
         graph = model.graph
@@ -201,12 +206,17 @@ class QDQPass(ir.passes.InPlacePass):
         axis = planned.axis if self.per_channel else None
         grid = weight_grid_for(node, self.bits, self.reduce_range)
         key = (id(value.const_value), grid, axis)
-        if key not in self.cache:
-            rmin, rmax = qparams.tensor_range(weights, axis)
-            scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
-            self.cache[key] = (value.const_value, q, scale, zero_point)
-        _, q, scale, zero_point = self.cache[key]
+        given = self.integer_weights.get(value.name or "")
+        if (given is not None and given.layout == WeightLayout(grid, axis)
+                and given.q.shape == weights.shape):
+            q, scale, zero_point = given.q.astype(np.int8), given.scale, given.zero_point
+        else:
+            if key not in self.cache:
+                rmin, rmax = qparams.tensor_range(weights, axis)
+                scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+                self.cache[key] = (value.const_value, q, scale, zero_point)
+            _, q, scale, zero_point = self.cache[key]
         self.weight_scales[(node, index)] = scale
         name = value.name
         if self.keep_weights:
