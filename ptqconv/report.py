@@ -78,6 +78,11 @@ class WeightQuantSummary:
     gptq: GPTQSummary | None = None
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
+    equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
+    # 1 - output cosine on the calibration samples without and with equalization (rounded
+    # to nearest); None: no calibration data to measure on.
+    equalize_errors: tuple[float, float] | None = None
+    equalized: int = 0  # chains equalized
     init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
     auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
 
@@ -191,6 +196,15 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     lines = []
     if layouts and set(layouts) != {"per channel"}:
         lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
+    if s.equalize_chains:
+        if s.equalize_errors is None:
+            lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "
+                         "chains (no calibration data to measure it on)")
+        else:
+            without, with_ = s.equalize_errors
+            lines.append(f"  equalization of {s.equalize_chains} Conv -> Relu -> Conv chains: "
+                         f"{'kept' if s.equalized else 'left out'} (1 - output cosine on the "
+                         f"calibration samples: {without:.3g} without, {with_:.3g} with)")
     if s.gptq is not None:
         lines.append(gptq_line(s.gptq))
     if s.bias_correction:

@@ -1,18 +1,21 @@
 """WeightQuant: integer weights behind DequantizeLinear, activations stay float.
 
-Steps: plan every weight's layout (`passes.weight_quant`); with mixed bit, each layer's bits
-(`weights.mixed_bit`, init_scale searched on the calibration samples with auto_tune); raise
-the opset as far as the containers need; with GPTQ, the layers' input second moments in
-budgeted streaming passes and the integers they give (`passes.gptq`); with bias correction,
-MindSpore's weight correction folded into the parameters and, when calibration data is
-given, the expected output shift op(E[x], W - Ŵ) added to Conv/Gemm biases
-(`passes.bias_correction`); then the pass writes the DequantizeLinear nodes.
+Steps: with per-tensor weights and calibration samples, equalize Conv -> Relu -> Conv
+chains where the samples measure a gain (`passes.weight_equalize`); plan every weight's
+layout (`passes.weight_quant`); with mixed bit, each layer's bits (`weights.mixed_bit`,
+init_scale searched on the calibration samples with auto_tune); raise the opset as far as
+the containers need; with GPTQ, the layers' input second moments in budgeted streaming
+passes and the integers they give (`passes.gptq`); with bias correction, MindSpore's weight
+correction folded into the parameters and, when calibration data is given, the expected
+output shift op(E[x], W - Ŵ) added to Conv/Gemm biases (`passes.bias_correction`); then the
+pass writes the DequantizeLinear nodes.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction, gptq
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
 from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
+from ptqconv.passes.weight_equalize import WeightEqualizePass
 from ptqconv.passes.weight_quant import (
     BLOCKED_OPSET,
     FLOAT16_SCALE_OPSET,
@@ -64,6 +68,16 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         min_channel=settings.min_channel, skip=frozenset(settings.skip),
         per_channel=settings.per_channel, block_size=settings.block_size,
         correct=settings.bias_correction)
+    equalize = WeightEqualizePass(frozenset(settings.skip))
+    if not settings.per_channel:  # per channel it never gained (docs/decisions.md)
+        summary.equalize_chains = len(equalize.find(model.graph))
+    if summary.equalize_chains and data is not None:
+        # Per tensor it helped and hurt by turns on the corpus (docs/decisions.md,
+        # WeightQuant equalization): kept only where the calibration samples measure a gain.
+        summary.equalize_errors = _equalize_errors(model, settings, config, equalize, data,
+                                                   base_dir)
+        if summary.equalize_errors[1] < summary.equalize_errors[0]:
+            summary.equalized = equalize(model).chains
     grids: dict[str, qparams.Grid] = {}
     if settings.mixed_bit is not None:
         planner = WeightQuantPass(config)
@@ -226,6 +240,27 @@ def _auto_tune(model: ir.Model, settings: WeightQuantSettings, planner: WeightQu
         else:
             bad = trial
     return good if good is not None else low_bound
+
+
+def _equalize_errors(model: ir.Model, settings: WeightQuantSettings,
+                     config: WeightQuantConfig, equalize: WeightEqualizePass,
+                     data: CalibrationSet, base_dir: Path) -> tuple[float, float]:
+    """1 - output cosine against float on the calibration samples of the model rounded to
+    nearest, without and with equalization."""
+    session = runtime.Session(model, settings.threads, label="float model")
+    references = [session.run(sample, sample=f"calibration sample {i}")
+                  for i, sample in enumerate(data)]
+    errors = []
+    for equalized in (False, True):
+        candidate = model.clone()
+        if equalized:
+            equalize(candidate)
+        quant_pass = WeightQuantPass(replace(config, correct=False))
+        candidate = modelio.ensure_opset(candidate, needed_opset(candidate, quant_pass),
+                                         base_dir)
+        quant_pass(candidate)
+        errors.append(1.0 - _output_cosine(candidate, data, references, settings.threads))
+    return errors[0], errors[1]
 
 
 def _output_cosine(model: ir.Model, data: CalibrationSet, references: list[dict],

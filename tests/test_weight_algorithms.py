@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import initializers, run_model
-from models import DIGITS, _model, digits_eval, embedding, mlp, random_samples, save
+from models import DIGITS, REPO, _model, digits_eval, embedding, mlp, random_samples, save
 from onnx import TensorProto, helper, numpy_helper
 
 import ptqconv
@@ -84,6 +84,17 @@ def test_gptq_lowers_the_output_error_and_changes_only_the_integers(tmp_path):
     for name in scales:
         np.testing.assert_array_equal(a[name], b[name])
     assert any(not np.array_equal(a[n], b[n]) for n in a if n.endswith("_quantized"))
+
+
+def test_shipped_weight_config(tmp_path):
+    out = tmp_path / "w4.onnx"
+    report = ptqconv.convert(str(DIGITS / "model.onnx"), str(out), "WeightQuant",
+                             config_file=str(REPO / "configs" / "digits_weights.ini"))
+    assert report.bit_num == 4 and report.weight_quant.gptq.layers == 5
+    assert len([c for c in report.weight_quant.bias_corrections if c.applied]) == 5
+    x = digits_eval()
+    (ref,), (got,) = run_model(DIGITS / "model.onnx", {"input": x}), run_model(out, {"input": x})
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
 
 
 def test_gptq_in_several_passes_gives_the_same_model(tmp_path, monkeypatch):
@@ -342,3 +353,94 @@ def test_post_training_gptq_keeps_the_integer_kernels_and_lowers_the_error(tmp_p
     assert weights and all(np.abs(b[n]).max() <= 3 for n in weights)  # the W3 grid
     ops = fused(rounded, tmp_path)
     assert ops.count("QLinearConv") == 3 and "DequantizeLinear" not in ops
+
+
+# --- equalization ----------------------------------------------------------------------------
+
+
+def relu_chain(group: int = 1, seed: int = 0) -> onnx.ModelProto:
+    """Conv(16) -> Relu -> Conv with `group` groups: channel c of the first conv is scaled
+    by k_c, from 0.1 to 10, and the second conv's input channel c by 1 / k_c, so every
+    channel matters alike but their ranges lie a hundredfold apart in both weights (what
+    folding a BatchNormalization can leave)."""
+    rng = np.random.default_rng(seed)
+    k = np.logspace(-1, 1, 16, dtype=np.float32)
+    w1 = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * k.reshape(16, 1, 1, 1)
+    b1 = rng.standard_normal(16).astype(np.float32) * k
+    w2 = rng.standard_normal((32, 16 // group, 3, 3)).astype(np.float32) * 0.1
+    w2 = (w2.reshape(group, 32 // group, 16 // group, 9)
+          / k.reshape(group, 1, 16 // group, 1)).reshape(w2.shape)
+    return _model(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="c1", pads=[1] * 4),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+         helper.make_node("Conv", ["r1", "w2"], ["y"], name="c2", pads=[1] * 4, group=group)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 12, 12])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+         numpy_helper.from_array(w2, "w2")])
+
+
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_equalization_keeps_the_float_model_and_evens_the_ranges(group):
+    from ptqconv import modelio
+    from ptqconv.passes.weight_equalize import WeightEqualizePass
+
+    model = ir_model(relu_chain(group))
+    assert WeightEqualizePass()(model).chains == 1
+    w1 = model.graph.initializers["w1"].const_value.numpy()
+    w2 = model.graph.initializers["w2"].const_value.numpy()
+    r1 = np.abs(w1).reshape(16, -1).max(1)
+    r2 = np.abs(w2).reshape(group, 32 // group, 16 // group, -1).max(axis=(1, 3)).reshape(16)
+    np.testing.assert_allclose(r1, r2, rtol=1e-5)
+    x = np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    (want,) = run_model_proto(relu_chain(group), x)
+    (got,) = run_model_proto(modelio.ir.to_proto(model), x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def ir_model(proto: onnx.ModelProto):
+    import onnx_ir as ir
+
+    return ir.serde.deserialize_model(proto)
+
+
+def run_model_proto(proto: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+def test_equalization_is_kept_only_where_the_calibration_samples_measure_a_gain(tmp_path):
+    data = random_samples(tmp_path / "calib", 8, seed=4, shape=(1, 3, 12, 12))
+    src, out, report = convert(tmp_path, relu_chain(), "eq", bits=6, data=f"x:{data}",
+                               weight={"per_channel": "false"})
+    summary = report.weight_quant
+    without, with_ = summary.equalize_errors
+    assert with_ < without and summary.equalized == 1
+    assert "equalization of 1 Conv -> Relu -> Conv chains: kept" in report.format()
+    _, plain, report = convert(tmp_path, relu_chain(), "plain", bits=6,
+                               weight={"per_channel": "false"})
+    assert report.weight_quant.equalize_errors is None and report.weight_quant.equalized == 0
+    assert "equalization left alone: 1 Conv -> Relu -> Conv chains (no calibration" in \
+        report.format()
+    x = np.random.default_rng(2).standard_normal((1, 3, 12, 12)).astype(np.float32)
+    (ref,), (got,), (unequalized,) = (run_model(p, {"x": x}) for p in (src, out, plain))
+    assert sqnr_db(ref, got) > sqnr_db(ref, unequalized) + 6
+    _, _, report = convert(tmp_path, relu_chain(), "pc", bits=6, data=f"x:{data}")
+    summary = report.weight_quant  # per channel: not a candidate, nothing measured
+    assert summary.equalize_chains == 0 and summary.equalize_errors is None
+    assert "Conv -> Relu -> Conv" not in report.format()
+
+
+def test_equalization_is_left_out_where_it_measures_worse(tmp_path, monkeypatch):
+    from ptqconv import weight_only
+
+    monkeypatch.setattr(weight_only, "_equalize_errors", lambda *args: (0.01, 0.02))
+    data = random_samples(tmp_path / "calib", 2, seed=4, shape=(1, 3, 12, 12))
+    _, out, report = convert(tmp_path, relu_chain(), "worse", bits=6, data=f"x:{data}",
+                             weight={"per_channel": "false"})
+    _, plain, _ = convert(tmp_path, relu_chain(), "plain", bits=6,
+                          weight={"per_channel": "false"})
+    assert report.weight_quant.equalized == 0
+    assert "equalization of 1 Conv -> Relu -> Conv chains: left out" in report.format()
+    a, b = initializers(out), initializers(plain)
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
