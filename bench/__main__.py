@@ -17,12 +17,12 @@ import time
 import traceback
 from pathlib import Path
 
-from . import accuracy, bert, calibration, controlflow, weightquant
+from . import accuracy, bert, calibration, controlflow, gptq, weightquant, weights
 from .common import GB, Context, Section, machine
 from .report import write
 
 SECTIONS = {"calibration": calibration, "bert": bert, "weightquant": weightquant,
-            "controlflow": controlflow, "accuracy": accuracy}
+            "controlflow": controlflow, "gptq": gptq, "accuracy": accuracy, "weights": weights}
 
 
 def _default_cap() -> float:

@@ -2,14 +2,16 @@
 function of `bench.cases` or `module:function`.
 
 Times the case (its imports included: every tool pays its own), then prints one line,
-`@@` and JSON: seconds, peak RSS from VmHWM (not ru_maxrss, which Linux carries over fork and
-exec from a parent that may have built a big model just before) and the case's result.
+`@@` and JSON: seconds, CPU seconds of all its threads, peak RSS from VmHWM (not ru_maxrss,
+which Linux carries over fork and exec from a parent that may have built a big model just
+before) and the case's result.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import resource
 import sys
 import time
 
@@ -20,9 +22,11 @@ def main(argv: list[str]) -> None:
     module, _, function = name.rpartition(":")
     result = getattr(importlib.import_module(module or "bench.cases"), function)(**args)
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     with open("/proc/self/status") as status:
         hwm = next(line for line in status if line.startswith("VmHWM"))
     print("@@" + json.dumps({"seconds": seconds, "rss_mb": int(hwm.split()[1]) / 1024,
+                             "cpu_seconds": usage.ru_utime + usage.ru_stime,
                              "result": result}))
 
 

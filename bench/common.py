@@ -73,6 +73,12 @@ class Measure:
     def rss_mb(self) -> float:
         return statistics.median(r["rss_mb"] for r in self.runs) if self.runs else float("nan")
 
+    @property
+    def cpu_seconds(self) -> float:
+        """User + system time of the child's threads (machine load inflates wall time)."""
+        found = [r["cpu_seconds"] for r in self.runs if "cpu_seconds" in r]
+        return statistics.median(found) if found else float("nan")
+
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds if self.runs else None,
                 "rss_mb": self.rss_mb if self.runs else None,

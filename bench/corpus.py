@@ -45,19 +45,29 @@ class CorpusModel:
             yield self.sample(split, i)
 
     def ini_config(self, method: str, path: Path, bias_correction: bool = False,
-                   bits: int = 8) -> Path:
-        calib = ",".join(f"{x['name']}:{self.dir / 'calib' / x['dir']}" for x in self.inputs)
-        shapes = ";".join(f"{x['name']}:{','.join(map(str, x['shape']))}" for x in self.inputs)
+                   bits: int = 8, strategy: str = "MAX_MIN") -> Path:
         path.write_text(
             "[common_quant_param]\nquant_type=FULL_QUANT\n"
-            f"bit_num={bits}\n"
-            f"[data_preprocess_param]\ncalibrate_path={calib}\n"
-            f"calibrate_size={self.count('calib')}\ninput_shape={shapes}\n"
+            f"bit_num={bits}\n{self._data()}"
             f"[full_quant_param]\nactivation_quant_method={method}\n"
             f"bias_correction={'true' if bias_correction else 'false'}\n"
+            f"quant_strategy={strategy}\n"
             "activation_bit_num=8\n"  # W4A8 at bits=4
             "measure_latency=false\n")  # the bench times every output itself
         return path
+
+    def weight_config(self, path: Path, bits: int, keys: dict[str, str]) -> Path:
+        """A WeightQuant config with the calibration data and `[weight_quant_param]` keys."""
+        path.write_text(
+            f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\n{self._data()}"
+            "[weight_quant_param]\n" + "".join(f"{k}={v}\n" for k, v in keys.items()))
+        return path
+
+    def _data(self) -> str:
+        calib = ",".join(f"{x['name']}:{self.dir / 'calib' / x['dir']}" for x in self.inputs)
+        shapes = ";".join(f"{x['name']}:{','.join(map(str, x['shape']))}" for x in self.inputs)
+        return (f"[data_preprocess_param]\ncalibrate_path={calib}\n"
+                f"calibrate_size={self.count('calib')}\ninput_shape={shapes}\n")
 
 
 def models(corpus: Path, only: list[str] | None = None) -> list[CorpusModel]:

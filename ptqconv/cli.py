@@ -135,7 +135,8 @@ def ptqconv() -> None:
     "--bitNum",
     "bit_num",
     metavar="N",
-    help="Bits per weight: WeightQuant [1,16], PostTraining [1,8].  [default: 8]",
+    help="Bits per weight: WeightQuant [0,16] (0: mixed bit, per layer), PostTraining [1,8].  "
+         "[default: 8]",
 )
 @click.option(
     "--quantWeightSize",

@@ -29,13 +29,13 @@ The forms:
                     center_crop_width, center_crop_height
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     reduce_range, smooth_quant, equalize, latency_aware, measure_latency,
-                    activation_bit_num,
+                    activation_bit_num, quant_strategy,
                     thread_num, target_device (MindSpore's docs put it here too),
                     enable_all_ops
                     encodings_path (ptqconv's: AIMET / QNN encodings imported as
                     fixed grids)
                     [weight_quant_param] per_channel, bias_correction, quant_strategy,
-                    dequant_strategy (Ascend only: refused)
+                    dequant_strategy (Ascend only: refused), block_size (ptqconv's)
                     [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
                     [dynamic_quant_param] quant_strategy
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
@@ -93,6 +93,9 @@ FORMATS = ("flat", "ini", "yaml")
 U16_MAX = 65535  # docs/reference.md §1: min_quant_weight_size/channel, calibrate_size ranges
 # docs/reference.md §1 / §2, plus MSE, and AUTO: measured on the user's data.
 METHODS = (*OBSERVERS, "AUTO")
+# docs/reference.md §6: how weights are rounded.
+QUANT_STRATEGIES = ("MAX_MIN", "GPTQ")
+MAX_ITERATIONS_MIN = 40  # docs/reference.md §6: max_iterations in [40, 65535]
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class QuantConfig:
     activation_bit_num: int | None = None  # [1, 8]
     encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
     thread_num: int | None = None  # [1, 64]
+    quant_strategy: str | None = None  # [full_quant_param], one of QUANT_STRATEGIES
     enable_encode: bool | None = None
     # [data_preprocess_param] input_type and MindSpore's image preprocessing keys.
     input_type: str | None = None  # BIN | IMAGE
@@ -141,6 +145,7 @@ class QuantConfig:
     weight_per_channel: bool | None = None
     weight_bias_correction: bool | None = None
     weight_quant_strategy: str | None = None  # MAX_MIN | GPTQ
+    block_size: int | None = None  # 0 or a power of two >= 16
     # [mixed_bit_weight_quant_param]
     init_scale: float | None = None  # (0, 1)
     auto_tune: bool | None = None
@@ -687,6 +692,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         # Micro's switch to quantize every supported op, which ptqconv always does.
         replace(_bool_key("enable_all_ops"), kept=False),
         _Key("encodings_path", _path, "an encodings file (AIMET / QNN JSON)"),
+        _choice_key("quant_strategy", QUANT_STRATEGIES),
     ),
     "weight_quant_param": _keys(
         _bool_key("weight_per_channel").named("per_channel"),
@@ -695,6 +701,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _Key("dequant_strategy", *_scalar(_no_meaning(
             "ON_THE_FLY is dequantization at run time on Ascend; ptqconv's DequantizeLinear "
             "nodes already dequantize at run time on onnxruntime's CPU provider"), "-")),
+        _Key("block_size", *_scalar(values.block_size, values.BLOCK_SIZE_ALLOWED)),
     ),
     "mixed_bit_weight_quant_param": _keys(
         _Key("init_scale", *_scalar(lambda t: values.real(t, 0.0, 1.0, open_interval=True),

@@ -42,6 +42,7 @@ from ptqconv.settings import (
     DynamicQuantSettings,
     GateSettings,
     PostTrainingSettings,
+    WeightQuantSettings,
 )
 from ptqconv.target import detect
 from ptqconv.weight_only import weight_quant
@@ -68,8 +69,10 @@ def convert(settings: ConvertSettings,
         else None
     report.data = eval_data.format if eval_data is not None else None
     mode = settings.mode
-    data = open_data(model, settings.model_file, mode.calibration) \
-        if isinstance(mode, PostTrainingSettings) else None
+    calibration = mode.calibration \
+        if isinstance(mode, (PostTrainingSettings, WeightQuantSettings)) else None
+    data = open_data(model, settings.model_file, calibration) if calibration else None
+    weight_data = data if isinstance(mode, WeightQuantSettings) else None
     for source in (data, eval_data):
         if source is not None:
             report.inferred_shapes += inferred_shapes(source)
@@ -93,8 +96,8 @@ def convert(settings: ConvertSettings,
                 model, report.weights = dynamic_quant(model, mode)
                 report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range)
             else:
-                model, report.weights = weight_quant(model, mode, settings.model_file.parent,
-                                                     progress)
+                model, report.weights, report.weight_quant = weight_quant(
+                    model, mode, settings.model_file.parent, progress, weight_data)
             saved = _save(model, settings, report, staging)
         del model
         saved = _never_grow(settings, report, model_files, staging) or saved

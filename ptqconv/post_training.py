@@ -44,7 +44,7 @@ from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
 from ptqconv.graph.naming import node_key
 from ptqconv.imported import Imported, resolve, saturating
-from ptqconv.passes import bias_correction
+from ptqconv.passes import bias_correction, gptq
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
 from ptqconv.passes.body_plan import (
     body_macs,
@@ -75,6 +75,7 @@ from ptqconv.report import (
     PostTrainingSummary,
 )
 from ptqconv.settings import AUTO, PostTrainingSettings
+from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
 # Per-axis DequantizeLinear, which QDQ weights need, arrived in opset 13.
@@ -167,6 +168,8 @@ class PostTraining:
         # calibration saw; None: latency_aware=false.
         self.latency: LatencyPlan | None = None
         self.latency_units: frozenset[str] = frozenset()
+        # Weights GPTQ rounded for the chosen model, by name: every later build uses them.
+        self.integers: dict[str, IntegerWeight] | None = None
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
         return self.progress(total, label) if self.progress else None
@@ -223,11 +226,13 @@ class PostTraining:
 
     def build(self, float_model: ir.Model, choice: Choice, statistics: Statistics,
               tensors: list[str], shared: bool, migrations: dict | None = None,
-              weights: dict | None = None) -> Built:
+              weights: dict | None = None,
+              integers: dict[str, IntegerWeight] | None = None) -> Built:
         """The model `choice` makes from a clone of `float_model`, with the ranges of
         `tensors`, the migrations and the bias shifts drawn from `statistics` (`shared`:
         collected for several range methods, see `RangeMethod`). `migrations` and `weights`
-        cache migrated models and quantized weights between builds that share them."""
+        cache migrated models and quantized weights between builds that share them;
+        `integers` are weights rounded elsewhere (GPTQ), by name."""
         s = self.settings
         method = self._range_method(float_model, choice.method, shared)
         calibration = activation_ranges(statistics, method, tensors, s.activation_bits)
@@ -258,7 +263,8 @@ class PostTraining:
                           self.unfused, self.macs, self.latency_units)
         debug = s.debug_dir is not None
         qdq = self.quantize(model, plan, ranges, keep_weight_errors=choice.bias_correction,
-                            keep_weights=debug, weights=weights, fixed=fixed)
+                            keep_weights=debug, weights=weights, fixed=fixed,
+                            integer_weights=self.integers)
         corrections = None
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
@@ -270,7 +276,7 @@ class PostTraining:
                               choice.float_nodes(model.graph), self.unfused, self.macs,
                               self.latency_units)
             qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
-                                fixed=fixed)
+                                fixed=fixed, integer_weights=self.integers)
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
                      skip, choice.float_nodes(prepared.graph), choice, imported)
 
@@ -369,11 +375,19 @@ class PostTraining:
                                  self._step(len(self.data), f"calibrating ({s.method})"))
             self._plan_latency(plan, statistics, tensors)
         built = self.build(model, choice, statistics, tensors, shared)
+        solved = None
+        if s.quant_strategy == "GPTQ":
+            # The choice was measured with nearest weights; GPTQ rounds the chosen model's.
+            solved = self.gptq(built)
+            self.integers = solved.integers
+            built = self.build(model, choice, statistics, tensors, shared)
         built, kernels = self._fused_bodies(built, lambda: self.build(
             model, choice, statistics, tensors, shared))
         # What a later rebuild with some units float (an accuracy target) starts from.
         self._rebuild = (model, choice, statistics, tensors, shared, built)
         summary = self._summary(built, choice, measured, folds)
+        if solved is not None:
+            summary.gptq = solved.summary()
         summary.bodies = _body_summaries(built, kernels)
         summary.unobserved = built.calibration.unobserved
         summary.min_max_only = len(self.min_max & set(tensors))
@@ -398,6 +412,22 @@ class PostTraining:
         model, choice, statistics, tensors, shared, _ = self._rebuild
         return self.build(model, replace(choice, float_units=keys), statistics, tensors,
                           shared)
+
+    def gptq(self, built: Built) -> gptq.Solved:
+        """GPTQ integers for the weights `built` quantizes, on the grids and axes QDQPass
+        gives them, from the second moments of their inputs in the migrated float model."""
+        s = self.settings
+        plan = plan_quantization(built.prepared.graph, built.skip,
+                                 built.calibration.float_tensors, built.float_nodes,
+                                 self.latency_units)
+        targets = {}
+        for planned in plan.weights:
+            value = planned.node.inputs[planned.index]
+            if value is not None and value.name:
+                grid = weight_grid_for(planned.node, s.bit_num, s.reduce_range)
+                targets[value.name] = WeightLayout(grid, planned.axis if s.per_channel
+                                                   else None)
+        return gptq.run(built.prepared, targets, self.data, s.threads, self.progress)
 
     def _fused_bodies(self, built: Built, rebuild: Callable[[], Built]
                       ) -> tuple[Built, dict[tuple[str, str], Counter]]:

@@ -202,6 +202,32 @@ def fake_quantize(x: np.ndarray, scale: float, zero_point: int, grid: Grid) -> n
     return q
 
 
+def container_range(storage: ir.DataType) -> tuple[int, int]:
+    """The integers an ONNX integer type holds (a zero point may use all of them)."""
+    for width, dtype in _SIGNED_CONTAINERS:
+        if dtype == storage:
+            return -(1 << (width - 1)), (1 << (width - 1)) - 1
+    for width, dtype in _UNSIGNED_CONTAINERS:
+        if dtype == storage:
+            return 0, (1 << width) - 1
+    raise ValueError(f"{storage} is not an integer container")
+
+
+def fold_correction(scale: np.ndarray, zero_point: np.ndarray, factor: np.ndarray,
+                    shift: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Parameters whose dequantized values are (q - zp) * scale * factor + shift as nearly
+    as integers allow (MindSpore's weight correction, docs/reference.md §6): the factor folds
+    into the scale (kept in its dtype), the shift into the zero point in whole steps, on affine
+    grids and only while the zero point fits the container. All arrays broadcast together."""
+    new_scale = (np.asarray(scale, np.float64) * factor).astype(np.asarray(scale).dtype)
+    zero_point = np.asarray(zero_point, np.int64)
+    if grid.symmetric:
+        return new_scale, np.broadcast_to(zero_point, new_scale.shape).copy()
+    steps = np.rint(np.asarray(shift, np.float64) / new_scale.astype(np.float64))
+    low, high = container_range(grid.storage)
+    return new_scale, np.clip(zero_point - steps, low, high).astype(np.int64)
+
+
 def activation_grid(bits: int) -> Grid:
     """uint8 asymmetric activations, [0, 2**bits - 1] in the uint8 container (docs/reference.md §3).
 

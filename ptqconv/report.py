@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from ptqconv.debug.sensitivity import UnitSensitivity
 from ptqconv.errors import shown
 from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
+from ptqconv.passes.gptq import GPTQSummary
 from ptqconv.passes.latency_plan import LatencyPlan
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.runtime import Latency
@@ -101,6 +103,7 @@ class PostTrainingSummary:
     held_out: int = 0  # calibration samples the candidates were scored on
     scored_folds: int = 0  # folds of the samples scored, each with ranges from the others
     open_choices: list[str] = field(default_factory=list)  # what the settings left open
+    gptq: GPTQSummary | None = None  # quant_strategy=GPTQ
     bodies: list[BodySummary] = field(default_factory=list)  # of If / Loop / Scan
     unobserved: list[str] = field(default_factory=list)  # planned, never ran in calibration
     min_max_only: int = 0  # body tensors whose range is their min/max whatever the method
@@ -119,6 +122,26 @@ class Float16Summary:
     converted: int  # float32 constants stored in float16
     float32_bytes: int  # their size before
     kept: int  # float32 constants float16 cannot hold
+
+
+@dataclass
+class WeightQuantSummary:
+    """What the weight algorithms of a WeightQuant run did."""
+
+    strategy: str  # MAX_MIN (round to nearest) or GPTQ
+    per_channel: bool
+    block_size: int
+    bias_correction: bool
+    gptq: GPTQSummary | None = None
+    weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
+    bias_corrections: list[Correction] | None = None  # None: no calibration data
+    equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
+    # 1 - output cosine on the calibration samples without and with equalization (rounded
+    # to nearest); None: no calibration data to measure on.
+    equalize_errors: tuple[float, float] | None = None
+    equalized: int = 0  # chains equalized
+    init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
+    auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
 
 
 @dataclass
@@ -187,6 +210,7 @@ class ConversionReport:
     opset_before: int = 0
     opset_after: int = 0
     weights: list[WeightRecord] = field(default_factory=list)  # WeightQuant
+    weight_quant: WeightQuantSummary | None = None
     post_training: PostTrainingSummary | None = None
     gate: GateReport | None = None
     target: TargetReport | None = None  # the gate failed and units were kept float
@@ -227,6 +251,8 @@ class ConversionReport:
                 + (f" (stored as {', '.join(storages)})" if storages else ""),
                 f"  weights skipped:   {len(self.skipped)}",
             ]
+            if self.weight_quant is not None:
+                lines += weight_quant_lines(self.weight_quant, self.quantized)
         if self.dynamic is not None:
             d = self.dynamic
             levels = 63 if d.reduce_range else 127
@@ -272,6 +298,53 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
+                       shown: int = 10) -> list[str]:
+    layouts = Counter(w.layout for w in quantized)
+    lines = []
+    if layouts and set(layouts) != {"per channel"}:
+        lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
+    if s.equalize_chains:
+        if s.equalize_errors is None:
+            lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "
+                         "chains (no calibration data to measure it on)")
+        else:
+            without, with_ = s.equalize_errors
+            lines.append(f"  equalization of {s.equalize_chains} Conv -> Relu -> Conv chains: "
+                         f"{'kept' if s.equalized else 'left out'} (1 - output cosine on the "
+                         f"calibration samples: {without:.3g} without, {with_:.3g} with)")
+    if s.gptq is not None:
+        lines.append(gptq_line(s.gptq))
+    if s.bias_correction:
+        lines.append(f"  weight correction (MindSpore var/mean, in scales and zero points): "
+                     f"{s.weight_corrections} weights")
+    if s.bias_corrections is not None:
+        applied = [c for c in s.bias_corrections if c.applied]
+        lines.append(f"  bias correction (expected output shift): {len(applied)} of "
+                     f"{len(s.bias_corrections)} Conv/Gemm layers")
+        lines += [f"    {c.node_name}: skipped, {c.reason}"
+                  for c in s.bias_corrections if not c.applied][:shown]
+    if s.init_scale is not None:
+        tuned = (f", found by auto_tune ({len(s.auto_tune)} tried, output cosine "
+                 f"{dict(s.auto_tune).get(s.init_scale, float('nan')):.4f})"
+                 if s.auto_tune else "")
+        elements = sum(math.prod(w.shape) for w in quantized)
+        average = (sum(w.bits * math.prod(w.shape) for w in quantized) / elements
+                   if elements else 0.0)
+        lines.append(f"  mixed bit: init_scale {s.init_scale:.4g}{tuned}; {average:.2f} bits "
+                     "per weight on average; bits per layer:")
+        lines += [f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.bits} bits "
+                  f"({w.storage})" for w in quantized]
+    return lines
+
+
+def gptq_line(g: GPTQSummary) -> str:
+    ratio = "" if g.error_ratio is None else f", layer error {g.error_ratio:.3f} of nearest's"
+    passes = f" in {g.passes} passes" if g.passes > 1 else ""
+    return (f"  GPTQ: {g.layers} layers{passes}{ratio}; {g.rows_nearest} rows kept "
+            "round-to-nearest (no better)")
+
+
 def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     by_technique = {m.technique: m for m in s.migrations}
     equalized = by_technique.get("equalization")
@@ -306,6 +379,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             f"  weights quantized: {s.weights_quantized} (int8 symmetric"
             f"{' per-channel' if s.per_channel else ''}, levels [{grid.qmin}, {grid.qmax}]"
             f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''})")
+    if s.gptq is not None:
+        lines.append(gptq_line(s.gptq))
     lines += _body_lines(s, shown)
     if s.bias_corrections is not None:
         applied = [c for c in s.bias_corrections if c.applied]

@@ -23,11 +23,11 @@ from ptqconv.values import QuantType
 
 T = TypeVar("T")
 
-# docs/reference.md §1: --bitNum ranges; the config's bit_num also takes 0 (mixed bit) for
-# WEIGHT_QUANT, and dynamic quantization is 8-bit only.
-BIT_RANGE = {QuantType.WEIGHT_QUANT: (1, 16), QuantType.POST_TRAINING: (1, 8),
+# docs/reference.md §1: --bitNum ranges (WeightQuant 0: mixed bit, docs/reference.md §6);
+# dynamic quantization is 8-bit only.
+BIT_RANGE = {QuantType.WEIGHT_QUANT: (0, 16), QuantType.POST_TRAINING: (1, 8),
              QuantType.DYNAMIC_QUANT: (8, 8)}
-CONFIG_BIT_RANGE = {**BIT_RANGE, QuantType.WEIGHT_QUANT: (0, 16)}
+CONFIG_BIT_RANGE = BIT_RANGE
 SUPPORTED_FMK = ("ONNX",)
 # MindSpore's defaults (docs/reference.md §1), then ptqconv's own for the keys MindSpore lacks.
 DEFAULT_BIT_NUM = 8
@@ -78,16 +78,19 @@ class MixedBitSettings:
 
 @dataclass(frozen=True)
 class WeightQuantSettings:
-    bit_num: int  # 0 with `mixed_bit`
+    bit_num: int  # 0: mixed bit
     min_size: int  # quantize a weight only when it has more elements than this
     min_channel: int  # ... and, for convs, more output channels than this
     skip: tuple[str, ...] = ()  # node names or op types kept float
-    per_channel: bool = True  # false: one scale per weight tensor
-    # [weight_quant_param] bias_correction (weight correction). None: not set; MindSpore's
-    # default is true, but the correction is not built yet, so it is off.
-    bias_correction: bool | None = None
-    quant_strategy: str = "MAX_MIN"  # MAX_MIN | GPTQ
-    mixed_bit: MixedBitSettings | None = None
+    per_channel: bool = True
+    # MindSpore's var/mean weight correction (and, with calibration data, the mean output
+    # shift into Conv/Gemm biases). Off unless asked: MindSpore's default is on.
+    bias_correction: bool = False
+    quant_strategy: str = "MAX_MIN"  # or "GPTQ" (needs calibration)
+    mixed_bit: MixedBitSettings | None = None  # with bit_num 0
+    block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
+    calibration: DataSource | None = None
+    threads: int = DEFAULT_THREADS
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class PostTrainingSettings:
     reduce_range: bool = True
     smooth_quant: bool | None = None
     equalize: bool | None = None
+    quant_strategy: str = "MAX_MIN"  # how weights are rounded: MAX_MIN (nearest) or GPTQ
     # Keep float the units onnxruntime runs faster in float (passes/latency_plan.py).
     latency_aware: bool = True
     # Time the written model against the float one for the summary.
@@ -239,7 +243,8 @@ class ConvertSettings:
         mode: WeightQuantSettings | PostTrainingSettings | DynamicQuantSettings
         if qtype is QuantType.WEIGHT_QUANT:
             _refuse_debug(pick, debug_dir, sensitivity)
-            mode = _weight_quant(pick, bits, min_size, min_channel, skip)
+            mode = _weight_quant(pick, bits, min_size, min_channel, skip, threads,
+                                 tuple(shapes.items()), layout, image)
         elif qtype is QuantType.DYNAMIC_QUANT:
             device = target_module.resolve(pick.config("target_device") or "auto")
             mode = DynamicQuantSettings(
@@ -255,21 +260,6 @@ class ConvertSettings:
         half = False if fp16 is None else _flag("--fp16", fp16, values.boolean)
         return cls(model, output, qtype, mode, gate, half, config_path,
                    tuple(skip_given.items()))
-
-
-def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
-                  skip: tuple[str, ...]) -> WeightQuantSettings:
-    mixed = None
-    if bits == 0:
-        mixed = MixedBitSettings(pick.config("init_scale") or DEFAULT_INIT_SCALE,
-                                 pick.switch("auto_tune", False),
-                                 pick.config("max_iterations") or DEFAULT_MAX_ITERATIONS)
-    return WeightQuantSettings(
-        bits, min_size, min_channel, skip,
-        per_channel=pick.switch("weight_per_channel", True),
-        bias_correction=pick.config("weight_bias_correction"),
-        quant_strategy=pick.config("weight_quant_strategy") or "MAX_MIN",
-        mixed_bit=mixed)
 
 
 def _check_encode(pick: _Picker, qtype: QuantType, bits: int) -> None:
@@ -310,6 +300,48 @@ def _refuse_debug(pick: _Picker, debug_dir: str | os.PathLike | None,
         raise PtqUsageError(f"--debugDir {why}")
     if sensitivity:
         raise PtqUsageError(f"--sensitivity {why}")
+
+
+def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
+                  skip: tuple[str, ...], threads: int,
+                  shapes: tuple[tuple[str, tuple[int, ...]], ...], layout: str | None,
+                  image: ImagePreprocess | None) -> WeightQuantSettings:
+    config = pick.source
+    mixed_keys = [k for k in ("init_scale", "auto_tune", "max_iterations")
+                  if pick.config(k) is not None]
+    if mixed_keys and bits != 0:
+        assert config is not None
+        raise PtqUsageError(f"{config.where(mixed_keys[0])}: applies only to mixed bit "
+                            f"(bit_num=0), not to {bits} bits")
+    mixed = MixedBitSettings(
+        pick.config("init_scale") or DEFAULT_INIT_SCALE, bool(pick.config("auto_tune")),
+        pick.config("max_iterations") or DEFAULT_MAX_ITERATIONS) if bits == 0 else None
+    per_channel = pick.switch("weight_per_channel", True)
+    block = pick.config("block_size") or 0
+    if block and not per_channel:
+        assert config is not None
+        raise PtqUsageError(f"{config.where('block_size')}: blocks need per_channel=true "
+                            "(per_channel=false asks for one scale per weight)")
+    strategy = pick.config("weight_quant_strategy") or "MAX_MIN"
+    paths = pick.config("calibrate_path")
+    calibration = (DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
+                              shapes, layout=layout, image=image,
+                              size_given=_where(pick, "calibrate_size")) if paths else None)
+    for needs, key in ((strategy == "GPTQ", "weight_quant_strategy"),
+                       (mixed is not None and mixed.auto_tune, "auto_tune")):
+        if needs and calibration is None:
+            assert config is not None
+            raise PtqUsageError(f"{config.where(key)}: needs calibration data: set "
+                                "calibrate_path in [data_preprocess_param]")
+    return WeightQuantSettings(
+        bits, min_size, min_channel, skip,
+        per_channel=per_channel,
+        bias_correction=pick.switch("weight_bias_correction", False),
+        quant_strategy=strategy,
+        mixed_bit=mixed,
+        block_size=block,
+        calibration=calibration,
+        threads=threads)
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
@@ -353,6 +385,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         # every unit stays integer unless asked.
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
         measure_latency=pick.switch("measure_latency", True),
+        quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
         threads=threads,
         skip=skip,
         debug_dir=debug,

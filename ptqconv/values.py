@@ -82,6 +82,30 @@ def reals(value: str | Sequence[str | float], low: float, high: float,
     return tuple(found)
 
 
+def open_real(value: str | float, low: float, high: float) -> float:
+    """A finite number strictly inside (low, high)."""
+    allowed = f"({low:g}, {high:g}), bounds excluded"
+    try:
+        number = real(value, low, high)
+    except Invalid as exc:
+        raise Invalid(str(exc).rsplit("; allowed: ", 1)[0] + f"; allowed: {allowed}") from None
+    if number in (low, high):
+        raise Invalid(f"{str(value).strip()} is out of range; allowed: {allowed}")
+    return number
+
+
+BLOCK_SIZE_ALLOWED = "0 (per channel) or a power of two >= 16"
+
+
+def block_size(value: str | int) -> int:
+    """0, or a power of two of at least 16 (onnxruntime fuses no other block into
+    MatMulNBits, docs/reference.md §6)."""
+    number = integer(value, 0, 1 << 20)
+    if number and (number < 16 or number & (number - 1)):
+        raise Invalid(f"{number} is not allowed; allowed: {BLOCK_SIZE_ALLOWED}")
+    return number
+
+
 BOOLEAN_ALLOWED = "true, false (also 1/0, yes/no, on/off)"
 
 

@@ -103,10 +103,10 @@ def bad_cases(tmp_path):
         (
             [*base, "--bitNum=17"],
             2,
-            "--bitNum: 17 is out of range; allowed: [1, 16] for WeightQuant",
+            "--bitNum: 17 is out of range; allowed: [0, 16] for WeightQuant",
         ),
-        ([*base, "--bitNum=0"], 2, "--bitNum: 0 is out of range; allowed: [1, 16]"),
-        ([*base, "--bitNum=eight"], 2, "--bitNum: 'eight' is not an integer; allowed: [1, 16]"),
+        ([*base, "--bitNum=-1"], 2, "--bitNum: -1 is out of range; allowed: [0, 16]"),
+        ([*base, "--bitNum=eight"], 2, "--bitNum: 'eight' is not an integer; allowed: [0, 16]"),
         ([*base, "--bitNum=4.5"], 2, "--bitNum: '4.5' is not an integer"),
         (
             [*base, "--quantWeightSize=-1"],

@@ -27,8 +27,8 @@ COMMON_KEYS = (
 )
 FULL_KEYS = (
     "activation_bit_num, activation_quant_method, bias_correction, enable_all_ops, "
-    "encodings_path, equalize, latency_aware, measure_latency, per_channel, reduce_range, "
-    "smooth_quant, target_device, thread_num"
+    "encodings_path, equalize, latency_aware, measure_latency, per_channel, quant_strategy, "
+    "reduce_range, smooth_quant, target_device, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
@@ -941,6 +941,7 @@ INT_KEYS = [
     ("common_quant_param", "min_quant_weight_channel", 0, 65535),
     ("data_preprocess_param", "calibrate_size", 1, 65535),
     ("full_quant_param", "thread_num", 1, 64),
+    ("mixed_bit_weight_quant_param", "max_iterations", 40, 65535),
 ]
 
 

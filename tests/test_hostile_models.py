@@ -190,9 +190,9 @@ def test_an_output_onnxruntime_refuses_is_not_a_success(tmp_path, capsys, monkey
     weight_quant = conversion.weight_quant
 
     def broken(*args, **kwargs):
-        model, records = weight_quant(*args, **kwargs)
+        model, records, summary = weight_quant(*args, **kwargs)
         next(iter(model.graph)).op_type = "Frobnicate"
-        return model, records
+        return model, records, summary
 
     monkeypatch.setattr(conversion, "weight_quant", broken)
     args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",

@@ -117,13 +117,16 @@ def test_dynamic_quant_config_converts_the_transformer(tmp_path):
 
 
 @needs_corpus
-def test_mixed_bit_config_says_it_is_not_built_yet(tmp_path, capsys):
-    out = tmp_path / "q.onnx"
-    status = main([f"--modelFile={CORPUS / 'mobilenet_v2' / 'model.onnx'}",
-                   f"--outputFile={out}", f"--configFile={CONFIGS / 'mixed_bit_weight_quant.cfg'}"])
-    err = capsys.readouterr().err.strip()
-    assert status == 2 and len(err.splitlines()) == 1 and "is not supported yet" in err
-    assert not out.exists()
+def test_mixed_bit_config_converts_mobilenet_v2(tmp_path):
+    model, out = CORPUS / "mobilenet_v2" / "model.onnx", tmp_path / "q.onnx"
+    report = ptqconv.convert(model, out, config_file=CONFIGS / "mixed_bit_weight_quant.cfg")
+    assert report.quant_type == "WeightQuant" and report.weight_quant.init_scale == 0.02
+    # Each layer at the fewest bits its relative error allows: below 8 on average.
+    bits = {w.bits for w in report.quantized}
+    assert report.size_after < report.size_before / 3 and len(bits) > 1 and max(bits) <= 8
+    assert "mixed bit: init_scale 0.02" in report.format()
+    sample = eval_sample("mobilenet_v2")
+    assert cosine(run(out, sample), run(model, sample)) > 0.9
 
 
 def test_every_example_config_parses():

@@ -261,17 +261,14 @@ def test_config_per_channel_false_gives_one_scale_per_weight_within_half_a_step(
 
 
 @pytest.mark.parametrize(("keys", "message"), [
-    ("[common_quant_param]\nbit_num=0\n[mixed_bit_weight_quant_param]\ninit_scale=0.02\n",
-     "bit_num=0 (mixed bit weight quantization, [mixed_bit_weight_quant_param]) is not "
-     "supported yet"),
-    ("[weight_quant_param]\nquant_strategy=GPTQ\n", "quant_strategy=GPTQ is not supported yet"),
-    ("[weight_quant_param]\nbias_correction=true\n",
-     "bias_correction=true (weight correction of each channel's mean and variance) is not "
-     "supported yet"),
+    ("[weight_quant_param]\nquant_strategy=GPTQ\n",
+     "quant_strategy: needs calibration data: set calibrate_path"),
+    ("[common_quant_param]\nbit_num=0\n[mixed_bit_weight_quant_param]\nauto_tune=true\n",
+     "auto_tune: needs calibration data: set calibrate_path"),
     ("[common_quant_param]\nbit_num=4\nenable_encode=false\n",
      "enable_encode: false needs bit_num 8 or 16"),
 ])
-def test_weight_algorithms_not_built_yet_fail_in_one_line(tmp_path, capsys, keys, message):
+def test_weight_settings_that_cannot_apply_fail_in_one_line(tmp_path, capsys, keys, message):
     from ptqconv.cli import main
 
     config = tmp_path / "w.cfg"
@@ -289,10 +286,13 @@ def test_weight_settings_resolve_mindspore_defaults(tmp_path):
 
     config = tmp_path / "w.cfg"
     config.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=0\n"
+                      "[data_preprocess_param]\n"
+                      f"calibrate_path=input:{DIGITS / 'calib' / 'input'}\n"
                       "[mixed_bit_weight_quant_param]\nauto_tune=true\n")
     settings = ConvertSettings.create(DIGITS / "model.onnx", tmp_path / "o.onnx",
                                       config_file=config)
     mode = settings.mode
+    # MindSpore's bias_correction defaults to true; here it is off unless asked.
     assert (mode.bit_num, mode.per_channel, mode.bias_correction, mode.quant_strategy) == (
-        0, True, None, "MAX_MIN")
+        0, True, False, "MAX_MIN")
     assert mode.mixed_bit == MixedBitSettings(0.02, True, 40)

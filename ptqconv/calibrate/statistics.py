@@ -73,6 +73,12 @@ class Statistics:
     def tensors(self) -> list[str]:
         return list(dict.fromkeys(p.tensor for p in self._accumulators))
 
+    def subset(self, points: Iterable[StatisticPoint]) -> Statistics:
+        """These statistics restricted to `points` (the others can then be freed)."""
+        wanted = set(points)
+        return Statistics({p: a for p, a in self._accumulators.items() if p in wanted},
+                          self.not_float)
+
     def view(self, without: int | None = None) -> Statistics:
         """These statistics with every `Folds` accumulator merged over its folds, all of them
         or all but fold `without`, under the statistic it folds."""

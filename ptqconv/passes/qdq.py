@@ -25,6 +25,7 @@ from ptqconv.graph.ops import is_depthwise
 from ptqconv.graph.subgraphs import all_nodes, all_values, owner
 from ptqconv.passes.body_plan import every_plan
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
+from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 BIAS_GRID = qparams.Grid(32, INT32_MIN, INT32_MAX, ir.DataType.INT32, symmetric=True)
@@ -108,7 +109,8 @@ class QDQPass(ir.passes.InPlacePass):
                  per_channel: bool = True, keep_weight_errors: bool = False,
                  keep_weights: bool = False, reduce_range: bool = True,
                  act_bits: int | None = None, weights: dict | None = None,
-                 fixed: Mapping[str, qparams.Encoding] | None = None):
+                 fixed: Mapping[str, qparams.Encoding] | None = None,
+                 integer_weights: Mapping[str, IntegerWeight] | None = None):
         super().__init__()
         self.plan = plan
         self.ranges = ranges
@@ -122,6 +124,9 @@ class QDQPass(ir.passes.InPlacePass):
         # (clones share tensors) quantize it once.
         self.cache = weights if weights is not None else {}
         self.fixed = fixed or {}
+        # Integers chosen elsewhere (GPTQ), by weight name: used where their layout is the
+        # one this pass would write, so the DequantizeLinear layout never changes.
+        self.given_weights = integer_weights or {}
 
     def call(self, model: ir.Model) -> QDQResult:
         self.top = model.graph
@@ -264,12 +269,18 @@ class QDQPass(ir.passes.InPlacePass):
             axis = planned.axis if self.per_channel else None
             grid = weight_grid_for(node, self.bits, self.reduce_range)
             key = (id(value.const_value), grid, axis)
-            if key not in self.cache:
-                rmin, rmax = qparams.tensor_range(weights, axis)
-                scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
-                self.cache[key] = (value.const_value, q, scale, zero_point)
-            _, q, scale, zero_point = self.cache[key]
+            given = self.given_weights.get(name or "")
+            if (given is not None and given.layout == WeightLayout(grid, axis)
+                    and given.q.shape == weights.shape):
+                q, scale, zero_point = given.q.astype(np.int8), given.scale, given.zero_point
+            else:
+                if key not in self.cache:
+                    rmin, rmax = qparams.tensor_range(weights, axis)
+                    scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+                    q = qparams.quantize(weights, scale, zero_point, grid, axis,
+                                         dtype=np.int8)
+                    self.cache[key] = (value.const_value, q, scale, zero_point)
+                _, q, scale, zero_point = self.cache[key]
         self.weight_scales[(node, index)] = scale
         if self.keep_weights:
             self.result.weights[name] = QuantizedWeight(name, weights, scale, zero_point, axis,

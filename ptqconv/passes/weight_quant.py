@@ -1,8 +1,14 @@
-"""Weight-only quantization: float weights -> integer initializer + DequantizeLinear."""
+"""Weight-only quantization: float weights -> integer initializer + DequantizeLinear.
+
+`WeightQuantPass.plan` decides, for every weight, whether it is quantized and its layout
+(per channel, per tensor, or blocked along the reduction axis); the pass writes each planned
+weight from the integers it is given (GPTQ, mixed bits, corrected parameters) or else rounds
+it to nearest.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +18,9 @@ from ptqconv import qparams
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.weight_slots import WeightSlot, weight_slot
+from ptqconv.weights import layout as layouts
+from ptqconv.weights.correction import corrected
+from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 # onnxruntime's MatMulNBits is wrong for int2 weights unless N % 4 == 0: such weights keep the
 # int2 grid in an int4 container (docs/decisions.md, int2 weights).
@@ -19,6 +28,11 @@ _INT2_FUSED_OPS = ("MatMul", "Gemm")
 # float16 weights dequantize through a float16 scale, which DequantizeLinear takes from opset 19.
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 FLOAT16_SCALE_OPSET = 19
+# DequantizeLinear's block_size arrived in opset 21.
+BLOCKED_OPSET = 21
+# Blocks run along the reduction axis of these ops' rank-2 weights (MatMulNBits) and along
+# the rows of Gather tables.
+BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
 
 
 @dataclass
@@ -33,6 +47,9 @@ class WeightRecord:
     reason: str = ""
     storage: str = ""
     float_bytes: int = 0
+    bits: int = 0
+    layout: str = ""  # "per channel", "per tensor", "blocks of 32"
+    method: str = ""  # "nearest" or "GPTQ"
 
 
 @dataclass
@@ -42,6 +59,30 @@ class WeightQuantConfig:
     min_channel: int = 16  # quantWeightChannel: convs only when output channels > this
     skip: frozenset[str] = field(default_factory=frozenset)  # node names or op types
     per_channel: bool = True  # False: one scale (and zero point) per weight tensor
+    block_size: int = 0  # > 0: MatMul/Gemm/Gather weights in blocks of this many
+    correct: bool = False  # MindSpore's weight correction of the weights rounded here
+
+
+@dataclass
+class Target:
+    """One weight met by the pass: its uses, its record and, when it is quantized, its
+    layout. `transposed`: a Gemm B with transB=1 that is stored [K, N] with transB cleared,
+    so that its blocks run along axis 0 as onnxruntime's MatMulNBits fusion wants."""
+
+    value: ir.Value
+    slots: list[WeightSlot]
+    record: WeightRecord
+    layout: WeightLayout | None = None
+    transposed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.value.name or ""
+
+    @property
+    def channel_axis(self) -> int:
+        """The output-channel axis of the weight as it is in the float graph."""
+        return self.slots[0].axis
 
 
 @dataclass
@@ -53,27 +94,66 @@ class WeightQuantPass(ir.passes.InPlacePass):
     """Replace each eligible constant weight by integers, a per-channel scale (and zero point)
     and a DequantizeLinear node; the result records every weight it met."""
 
-    def __init__(self, config: WeightQuantConfig, progress: Callable[[int], None] | None = None):
+    def __init__(self, config: WeightQuantConfig, progress: Callable[[int], None] | None = None,
+                 integers: Mapping[str, IntegerWeight] | None = None,
+                 grids: Mapping[str, qparams.Grid] | None = None):
         super().__init__()
         self.config = config
         self.progress = progress
+        self.integers = integers or {}  # by weight name: written as given
+        self.grids = grids or {}  # by weight name: instead of config.grid (mixed bit)
 
-    def call(self, model: ir.Model) -> WeightQuantResult:
-        graph = model.graph
+    def plan(self, graph: ir.Graph) -> list[Target]:
+        """Every weight of `graph` in order: why it stays float, or its layout."""
         slots: dict[ir.Value, list[WeightSlot]] = {}
         for node in graph:
             slot = weight_slot(node)
             if slot is not None:
                 slots.setdefault(node.inputs[slot.index], []).append(slot)
-        names = NameAllocator(graph)
-        result = WeightQuantResult(model, False)
+        targets = []
         for value, value_slots in slots.items():
-            record = self._record(value, value_slots)
+            target = Target(value, value_slots, self._record(value, value_slots))
             reason = self._skip_reason(graph, value, value_slots)
             if reason:
-                record.reason = reason
+                target.record.reason = reason
             else:
-                record.storage = self._quantize(graph, names, value, value_slots).name.lower()
+                self._layout(target)
+            targets.append(target)
+        return targets
+
+    def _layout(self, target: Target) -> None:
+        target.layout = self.layout_for(target, self.grids.get(target.name, self.config.grid))
+        target.transposed = bool(target.layout.block_size) and target.channel_axis == 0 \
+            and target.slots[0].node.op_type == "Gemm"
+        target.record.bits = target.layout.grid.bits
+        target.record.layout = (f"blocks of {target.layout.block_size}"
+                                if target.layout.block_size else
+                                "per tensor" if target.layout.axis is None else "per channel")
+
+    def layout_for(self, target: Target, grid: qparams.Grid) -> WeightLayout:
+        """The layout of `target` (as the float graph holds it) on `grid`."""
+        cfg = self.config
+        shape = target.record.shape
+        axis = target.channel_axis
+        ops = {s.node.op_type for s in target.slots}
+        if grid.storage == ir.DataType.INT2 and shape[axis] % 4 and ops & set(_INT2_FUSED_OPS):
+            grid = grid.with_storage(ir.DataType.INT4)
+        if cfg.block_size and len(shape) == 2 and len(ops) == 1 and ops <= set(BLOCKED_OPS):
+            # Blocks along the reduction axis (the rows of a Gather table); a Gemm B with
+            # transB=1 is stored transposed, as MatMulNBits fuses only [K, N] blocks.
+            return WeightLayout(grid, 1 - axis, cfg.block_size)
+        if cfg.per_channel:
+            return WeightLayout(grid, axis)
+        return WeightLayout(grid)
+
+    def call(self, model: ir.Model) -> WeightQuantResult:
+        graph = model.graph
+        names = NameAllocator(graph)
+        result = WeightQuantResult(model, False)
+        for target in self.plan(graph):
+            record = target.record
+            if target.layout is not None:
+                record.storage = self._quantize(graph, names, target).name.lower()
                 record.quantized = result.modified = True
             result.records.append(record)
             if self.progress is not None:
@@ -121,45 +201,48 @@ class WeightQuantPass(ir.passes.InPlacePass):
             return f"{channels} output channels <= quantWeightChannel {cfg.min_channel}"
         return ""
 
-    def _quantize(
-        self, graph: ir.Graph, names: NameAllocator, value: ir.Value, slots: list[WeightSlot]
-    ) -> ir.DataType:
-        grid = self.config.grid
-        axis = slots[0].axis
-        weights = value.const_value.numpy()
+    def _quantize(self, graph: ir.Graph, names: NameAllocator, target: Target) -> ir.DataType:
+        value, slots = target.value, target.slots
+        layout = target.layout
+        assert layout is not None
         float_type = value.const_value.dtype  # the dequantized weight's, via the scale's type
-        if weights.dtype != np.float32:
-            weights = weights.astype(np.float32)
-        shape = weights.shape
-        if (
-            grid.storage == ir.DataType.INT2
-            and shape[axis] % 4
-            and any(s.node.op_type in _INT2_FUSED_OPS for s in slots)
-        ):
-            grid = grid.with_storage(ir.DataType.INT4)
-        per = axis if self.config.per_channel else None
-        rmin, rmax = qparams.tensor_range(weights, per)
-        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid, float_type.numpy())
+        integer = self.integers.get(target.name)
+        if integer is None:
+            weights = value.const_value.numpy()
+            if weights.dtype != np.float32:
+                weights = weights.astype(np.float32)
+            integer = layouts.nearest(weights, layout, float_type.numpy())
+            if self.config.correct:
+                integer = corrected(weights, integer,
+                                    None if layout.axis is None else target.channel_axis)
+            del weights
+        target.record.method = "nearest"
+        if target.transposed:
+            integer = integer.transposed()
+            for slot in slots:
+                slot.node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        grid = integer.layout.grid
         storage_np = grid.storage.numpy()
-        q = qparams.quantize(weights, scale, zero_point, grid, per, dtype=storage_np)
-        del weights
-
         name = value.name
         inputs = [
-            add_initializer(graph, names.new(f"{name}_quantized"), q, grid.storage),
-            add_initializer(graph, names.new(f"{name}_scale"), scale, float_type),
+            add_initializer(graph, names.new(f"{name}_quantized"), integer.q.astype(storage_np),
+                            grid.storage),
+            add_initializer(graph, names.new(f"{name}_scale"),
+                            np.asarray(integer.scale, float_type.numpy()), float_type),
         ]
         if not grid.symmetric:
             inputs.append(add_initializer(graph, names.new(f"{name}_zero_point"),
-                                          zero_point.astype(storage_np), grid.storage))
+                                          integer.zero_point.astype(storage_np), grid.storage))
+        attributes = {} if integer.layout.axis is None else {"axis": integer.layout.axis}
+        if integer.layout.block_size:
+            attributes["block_size"] = integer.layout.block_size
         dequant = ir.node(
-            "DequantizeLinear", inputs, {"axis": axis} if per is not None else {},
-            name=names.new(f"{name}_DequantizeLinear")
+            "DequantizeLinear", inputs, attributes, name=names.new(f"{name}_DequantizeLinear")
         )
         graph.insert_before(slots[0].node, dequant)
         out = dequant.outputs[0]
         out.type = ir.TensorType(float_type)
-        out.shape = ir.Shape(shape)
+        out.shape = ir.Shape(integer.q.shape)
         # The dequantized value keeps the weight's name, so consumers and debug tools that
         # refer to it by name still find it.
         graph.initializers.pop(name)
@@ -167,4 +250,3 @@ class WeightQuantPass(ir.passes.InPlacePass):
         value.name = None
         out.name = name
         return grid.storage
-

@@ -1,0 +1,187 @@
+"""Second moments of layer inputs, H = sum of x^T x over every input row a layer's weight
+multiplies, which GPTQ weighs its rounding errors with (`weights.gptq`).
+
+A MatMul/Gemm input [..., K] gives a [K, K] matrix (`DenseMoment`); a Conv input gives one
+[C/g * prod(k)]^2 matrix per group over its im2col patches (`Im2colMoment`), columns in the
+order of the weight reshaped to [M, -1]. Patches are never all materialised: they are copied
+a chunk of output rows at a time from a strided view of the padded input, buffered until a
+BLAS call has enough rows to run at speed, multiplied out in float32 (numpy calls syrk for
+P^T P) and added into a float64 sum. Memory: the sum, plus one buffer of at most
+`MAX_BUFFER` values (twice that while it is joined), whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ptqconv.calibrate.statistics import Accumulator
+
+# Patch values copied at once (16 MB of float32), and the most buffered before a multiply.
+CHUNK = 1 << 22
+MAX_BUFFER = 1 << 23
+# Rows buffered before a multiply: syrk on 2048 rows ran 1.7x faster per row than on 910
+# (K = 4608; docs/decisions.md, second moments).
+MIN_ROWS = 2048
+# Early conv layers have far more patches than their matrix needs: keep every s-th output
+# row and column so about this many patches per matrix column remain (docs/decisions.md).
+ROWS_PER_COLUMN = 32
+
+
+class _Moment(Accumulator):
+    """A float64 sum of P^T P per group over buffered float32 row chunks P [G, rows, cols]."""
+
+    def __init__(self, groups: int, cols: int) -> None:
+        self.groups, self.cols = groups, cols
+        self.total: np.ndarray | None = None
+        self.rows = 0
+        self._buffer: list[np.ndarray] = []
+        self._buffered = 0
+        self._flush_at = min(max(CHUNK, MIN_ROWS * cols * groups), MAX_BUFFER)
+
+    def _add(self, rows: np.ndarray) -> None:
+        if self._buffer and self._buffered + rows.size > self._flush_at:
+            self._flush()
+        self._buffer.append(rows)
+        self._buffered += rows.size
+        if self._buffered >= self._flush_at:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        p = self._buffer[0] if len(self._buffer) == 1 else np.concatenate(self._buffer, axis=1)
+        self._buffer, self._buffered = [], 0
+        if self.total is None:
+            self.total = np.zeros((self.groups, self.cols, self.cols), np.float64)
+        if self.groups == 1:
+            self.total[0] += p[0].T @ p[0]
+        else:
+            self.total += np.matmul(p.transpose(0, 2, 1), p)
+
+    def matrices(self) -> np.ndarray | None:
+        """The sums, [G, cols, cols] float64; None before any update."""
+        self._flush()
+        return self.total
+
+    def merge(self, other: _Moment) -> None:
+        found = other.matrices()
+        if found is None:
+            return
+        self._flush()
+        self.total = found.copy() if self.total is None else self.total + found
+        self.rows += other.rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.groups * self.cols * self.cols * 8
+
+
+class DenseMoment(_Moment):
+    """sum x^T x over every row of a MatMul/Gemm input [..., K]."""
+
+    def __init__(self, cols: int) -> None:
+        super().__init__(1, cols)
+
+    def update(self, x: np.ndarray) -> None:
+        if x.ndim == 0 or x.shape[-1] != self.cols:
+            return
+        flat = x.reshape(-1, self.cols)
+        step = max(1, CHUNK // self.cols)
+        for r0 in range(0, flat.shape[0], step):
+            self._add(np.array(flat[None, r0:r0 + step], np.float32))
+        self.rows += flat.shape[0]
+
+
+def output_size(size: int, k: int, stride: int, begin: int, end: int, dilation: int) -> int:
+    return (size + begin + end - dilation * (k - 1) - 1) // stride + 1
+
+
+def same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int], auto_pad: str) -> tuple[list[int], list[int]]:
+    """ONNX's begin and end pads for auto_pad SAME_UPPER / SAME_LOWER / VALID."""
+    if auto_pad == "VALID":
+        return [0] * len(kernel), [0] * len(kernel)
+    begins, ends = [], []
+    for n, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+        total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+        small = total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins, ends
+
+
+class Im2colMoment(_Moment):
+    """Per-group im2col second moments of one Conv's input (NCHW, or NCW for Conv1d).
+
+    `pads` are ONNX's (begins..., ends...), or resolved from `auto_pad` on the first input.
+    With `samples` given, layers with many more patches than their matrices need keep every
+    s-th output row and column (the offset rotating per update so that samples cover every
+    position): s = floor(sqrt(patches / (ROWS_PER_COLUMN * cols))).
+    """
+
+    def __init__(self, channels: int, kernel: tuple[int, ...], strides: tuple[int, ...],
+                 pads: tuple[int, ...], dilations: tuple[int, ...], group: int = 1,
+                 auto_pad: str = "NOTSET", samples: int = 0) -> None:
+        if channels % group:
+            raise ValueError(f"{channels} channels do not split into {group} groups")
+        super().__init__(group, channels // group * math.prod(kernel))
+        self.channels, self.kernel, self.strides = channels, kernel, strides
+        self.pads, self.dilations, self.auto_pad = pads, dilations, auto_pad
+        self.samples = samples
+        self.stride: int | None = None
+        self._updates = 0
+
+    def update(self, x: np.ndarray) -> None:
+        rank = len(self.kernel)
+        if x.ndim != rank + 2 or rank not in (1, 2) or x.shape[1] != self.channels:
+            return
+        if rank == 1:  # Conv1d as Conv2d of height 1
+            x = x[:, :, None, :]
+        kernel = (1, *self.kernel) if rank == 1 else self.kernel
+        strides = (1, *self.strides) if rank == 1 else self.strides
+        dilations = (1, *self.dilations) if rank == 1 else self.dilations
+        spatial = x.shape[2:]
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+            begins, ends = same_pads(spatial[-rank:], self.kernel, self.strides,
+                                     self.dilations, self.auto_pad)
+        else:
+            begins, ends = list(self.pads[:rank]), list(self.pads[rank:])
+        if rank == 1:
+            begins, ends = [0, *begins], [0, *ends]
+        oh, ow = (output_size(n, k, s, b, e, d) for n, k, s, b, e, d
+                  in zip(spatial, kernel, strides, begins, ends, dilations, strict=True))
+        if oh <= 0 or ow <= 0:
+            return
+        if self.stride is None:
+            patches = x.shape[0] * oh * ow * max(self.samples, 1)
+            self.stride = max(1, math.isqrt(patches // max(ROWS_PER_COLUMN * self.cols, 1)))
+            if not self.samples:
+                self.stride = 1
+        padded = np.pad(x.astype(np.float32, copy=False),
+                        ((0, 0), (0, 0), (begins[0], ends[0]), (begins[1], ends[1])))
+        n = x.shape[0]
+        cg = self.channels // self.groups
+        kh, kw = kernel
+        s_n, s_c, s_h, s_w = padded.strides
+        # [N, G, Cg, OH, OW, kh, kw]: every patch, as a view.
+        view = np.lib.stride_tricks.as_strided(
+            padded, shape=(n, self.groups, cg, oh, ow, kh, kw),
+            strides=(s_n, cg * s_c, s_c, strides[0] * s_h, strides[1] * s_w,
+                     dilations[0] * s_h, dilations[1] * s_w), writeable=False)
+        if self.stride > 1:
+            offset = self._updates % self.stride
+            view = view[:, :, :, min(offset, oh - 1)::self.stride][
+                :, :, :, :, min(offset, ow - 1)::self.stride]
+        self._updates += 1
+        rows_out, cols_out = view.shape[3], view.shape[4]
+        per_row = cols_out * self.groups * self.cols
+        for i in range(n):
+            step = max(1, CHUNK // max(per_row, 1))
+            for r0 in range(0, rows_out, step):
+                part = view[i, :, :, r0:r0 + step]  # [G, Cg, R, OW, kh, kw]
+                rows = np.ascontiguousarray(part.transpose(0, 2, 3, 1, 4, 5))
+                self._add(rows.reshape(self.groups, -1, self.cols))
+        self.rows += n * rows_out * cols_out
