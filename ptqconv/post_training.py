@@ -361,7 +361,7 @@ class PostTraining:
         if shared:
             statistics = self._collect_folds(model, choice, tensors, folds)
             self._plan_latency(plan, statistics, tensors)
-            if replay is None:
+            if replay is None and self._has_units(model):
                 choice, measured = self.decide(model, choice, tensors, statistics, folds)
             statistics = statistics.view()
         else:
@@ -448,6 +448,13 @@ class PostTraining:
         return built, integer_kernels(optimized, built.qdq.renamed)
 
     # --- measured choices ----------------------------------------------------------------
+
+    def _has_units(self, model: ir.Model) -> bool:
+        """Whether anything is left to quantize once the latency plan kept its units float
+        (nothing left: no choice to measure)."""
+        plan = plan_model(model.graph, self.skip, macs=self.macs,
+                          float_units=self.latency_units)
+        return any(p.units for _, p in every_plan(plan, model.graph))
 
     def _shape_points(self, tensors: list[str]) -> list[StatisticPoint]:
         """What the latency planner costs kernels by: the shapes of the observed tensors."""

@@ -362,6 +362,10 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
         f"  node units quantized: {s.units}",
         *kept_float_lines(s.latency_plan),
+        *(["  nothing quantized: onnxruntime runs this model fastest in float on this CPU "
+           "(the cost model's prediction); [full_quant_param] latency_aware=false quantizes "
+           "it anyway"] if not s.units and s.latency_plan and s.latency_plan.kept_float
+          and not s.bodies else []),
         *([f"  equalized: {len(equalized.migrated)} Conv -> Conv activations"]
           if equalized and equalized.migrated else []),
         *([f"  SmoothQuant: {len(smoothed.migrated)} MatMul inputs"]
@@ -449,7 +453,7 @@ def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
 
 def _measured_lines(s: PostTrainingSummary) -> list[str]:
     if not s.measured:
-        if s.open_choices and not (s.imported and s.imported.choices):
+        if s.open_choices and not (s.imported and s.imported.choices) and s.units:
             return [f"  chosen without measuring (too few samples to hold any out): "
                     f"{s.chosen}"]
         return []
@@ -479,10 +483,11 @@ def kept_float_lines(plan: LatencyPlan | None, shown: int = 3) -> list[str]:
     kept = plan.kept_float
     names = ", ".join(f"{c.name} ({c.op_type})" for c in kept[:shown])
     more = f" and {len(kept) - shown} more" if len(kept) > shown else ""
-    return [f"  kept float for speed: {len(kept)} unit{'s' if len(kept) > 1 else ''}, "
-            f"{names}{more} (predicted {plan.planned_us / 1e3:.2f} ms as planned, "
-            f"{plan.quantized_us / 1e3:.2f} ms all integer, {plan.float_us / 1e3:.2f} ms all "
-            "float)"]
+    lines = [f"  kept float for speed: {len(kept)} unit{'s' if len(kept) > 1 else ''}, "
+             f"{names}{more} (predicted {plan.planned_us / 1e3:.2f} ms as planned, "
+             f"{plan.quantized_us / 1e3:.2f} ms all integer, {plan.float_us / 1e3:.2f} ms all "
+             "float)"]
+    return lines
 
 
 def latency_line(latency: Latency) -> str:

@@ -124,3 +124,18 @@ def test_the_summary_names_what_stayed_float_and_the_measured_latency(tmp_path, 
     out = capsys.readouterr().out
     assert "kept float" not in out and "latency:" not in out
     assert f"node units quantized: {len(MOBILE)}" in out
+
+
+def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsys):
+    src = save(_conv_net(MOBILE, 4), tmp_path / "float.onnx")  # tiny: every unit float
+    data = random_samples(tmp_path / "x", 8, seed=0, shape=(1, 3, 4, 4))
+    config = tmp_path / "c.ini"
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nmeasure_latency=false\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    out = capsys.readouterr().out
+    assert "node units quantized: 0" in out
+    assert "latency_aware=false quantizes it anyway" in out
+    assert "chosen" not in out  # nothing left for AUTO to measure
