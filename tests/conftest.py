@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,9 +8,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 ort.set_default_logger_severity(3)
+# CI (the CI environment variable) draws the same examples every run, so that a red build
+# is a change's doing; locally each run explores new ones (HYPOTHESIS_PROFILE=ci to replay).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else
+                                     "default"))
 
 
 def run_model(path, feeds: dict[str, np.ndarray], level=None) -> list[np.ndarray]:
