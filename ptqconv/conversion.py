@@ -116,8 +116,12 @@ def convert(settings: ConvertSettings,
         if isinstance(mode, PostTrainingSettings) and mode.measure_latency and (
                 report.post_training is not None and data is not None):
             # On a calibration sample, the way onnxruntime runs both files for a user.
-            report.post_training.latency = runtime.compare_latency(
-                {"float": settings.model_file, "quantized": saved.path}, next(iter(data)))
+            try:
+                report.post_training.latency = runtime.compare_latency(
+                    {"float": settings.model_file, "quantized": saved.path},
+                    next(iter(data)))
+            except PtqError as exc:  # a figure of the summary, not a reason to fail
+                report.post_training.latency_skipped = str(exc)
         if isinstance(mode, PostTrainingSettings) and mode.encodings_out is not None:
             assert pt is not None and built is not None
             # The model written is float when nothing was worth quantizing: no encodings.

@@ -95,6 +95,7 @@ class PostTrainingSummary:
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
     latency: Latency | None = None  # measured "float" and "quantized"; None: not measured
+    latency_skipped: str = ""  # why the latency could not be measured
     bias_corrections: list[Correction] | None = None  # None: not asked for
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
@@ -291,6 +292,8 @@ class ConversionReport:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
         if self.post_training is not None and self.post_training.latency is not None:
             lines.append(latency_line(self.post_training.latency))
+        elif self.post_training is not None and self.post_training.latency_skipped:
+            lines.append(f"  latency: not measured ({self.post_training.latency_skipped})")
         lines.append(
             f"  size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({ratio:.3f} of float)"
         )

@@ -278,9 +278,13 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
             raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
                            ) from None
     feeds = dict(feeds)
-    for session in sessions.values():
-        for _ in range(WARM_UP):
-            session.run(None, feeds)
+    for label, session in sessions.items():
+        try:
+            for _ in range(WARM_UP):
+                session.run(None, feeds)
+        except Exception as exc:
+            raise PtqError(f"{label}: onnxruntime cannot run it on the sample: "
+                           f"{first_line(exc)}") from None
     times: dict[str, list[float]] = {label: [] for label in sessions}
     order = list(sessions)
     shuffle = random.Random(0).shuffle  # the same order every run of the converter

@@ -139,3 +139,21 @@ def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsy
     assert "node units quantized: 0" in out
     assert "latency_aware=false quantizes it anyway" in out
     assert "chosen" not in out  # nothing left for AUTO to measure
+
+
+def test_a_latency_onnxruntime_cannot_measure_is_said_not_fatal(tmp_path, capsys):
+    # A static 0 dimension: the samples are read as [1, 16] (the file's size), which the float
+    # model file itself refuses to run, so its latency cannot be taken.
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [0, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, 16])])
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+               tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    np.zeros(16, np.float32).tofile(tmp_path / "calib" / "0.bin")
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    out = capsys.readouterr().out
+    assert "latency: not measured (float: onnxruntime cannot run it on the sample" in out
