@@ -170,3 +170,30 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
         share = kernel_share(path, feed, threads[0])
         result[label].update(integer_share=share.integer_share, nodes=share.nodes)
     return result
+
+
+def nncf_quantize(model: str, out: str, inputs: list[dict[str, Any]], count: int,
+                  transformer: bool) -> dict[str, Any]:
+    """NNCF's ONNX backend as its docs run it: `nncf.quantize` with the default preset on
+    `count` calibration samples (`subset_size=count`), `model_type=TRANSFORMER` when
+    `transformer`. A model below opset 13 is raised to 13 first (onnx.version_converter):
+    NNCF's ONNX backend needs per-axis QuantizeLinear. `inputs` as for `ort_static`."""
+    from pathlib import Path
+
+    import nncf
+    import numpy as np
+    import onnx
+    from onnx import version_converter
+
+    proto = onnx.load(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        proto = version_converter.convert_version(proto, 13)
+    files = {x["name"]: sorted(Path(x["dir"]).iterdir())[:count] for x in inputs}
+    samples = [{x["name"]: np.fromfile(files[x["name"]][i], x["dtype"]).reshape(x["shape"])
+                for x in inputs} for i in range(count)]
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    quantized = nncf.quantize(proto, nncf.Dataset(samples), subset_size=count, **kwargs)
+    onnx.save(quantized, out)
+    return {"nncf": nncf.__version__, "opset": max(opset, 13),
+            "model_type": "TRANSFORMER" if transformer else "default"}

@@ -56,6 +56,12 @@ class CorpusModel:
             "measure_latency=false\n")  # the bench times every output itself
         return path
 
+    def auto_config(self, path: Path) -> Path:
+        """ptqconv's default: only the calibration data (paths, count, input shapes); no
+        activation_quant_method, bias_correction, equalize or smooth_quant, so AUTO picks."""
+        path.write_text(self._data())
+        return path
+
     def weight_config(self, path: Path, bits: int, keys: dict[str, str]) -> Path:
         """A WeightQuant config with the calibration data and `[weight_quant_param]` keys."""
         path.write_text(

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import accuracy  # noqa: E402
 from bench.__main__ import parse  # noqa: E402
 from bench.common import Measure, Section, run_child, table  # noqa: E402
 from bench.report import write  # noqa: E402
@@ -79,3 +80,56 @@ def test_unknown_section_is_a_usage_error():
         parse(["--only", "calibration,nope"])
     assert exc.value.code == 2
     assert parse(["--only", "bert"]).sections == ["bert"]
+
+
+def _graph_model(ops: list[str], body: list[str] | None = None):
+    from onnx import helper
+
+    nodes = [helper.make_node(op, ["x"], ["x"]) for op in ops]
+    if body is not None:
+        inner = helper.make_graph([helper.make_node(op, ["x"], ["x"]) for op in body], "b",
+                                  [], [])
+        nodes.append(helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner))
+    return helper.make_model(helper.make_graph(nodes, "g", [], []))
+
+
+def test_transformer_detection_reads_op_types_only():
+    is_transformer = accuracy.is_transformer
+    assert is_transformer(_graph_model(["MatMul", "Add", "Softmax"]))  # matmuls, no conv
+    assert is_transformer(_graph_model(["Conv", "MatMul", "Softmax", "LayerNormalization"]))
+    assert not is_transformer(_graph_model(["Conv", "Gemm", "Softmax"]))  # a CNN
+    assert not is_transformer(_graph_model(["Conv", "MatMul", "Softmax"]))  # CNN + attention
+    assert not is_transformer(_graph_model(["LSTM", "Gemm"]))
+    assert is_transformer(_graph_model(["Add"], body=["MatMul", "Gelu"]))  # inside an If
+
+
+def test_output_cosine_and_auto_verdict():
+    import numpy as np
+
+    ref = [[np.array([1.0, 0.0]), np.array([0.0, 2.0])]]
+    assert accuracy.output_cosine(ref, ref) == pytest.approx(1.0)
+    got = [[np.array([1.0, 0.0]), np.array([2.0, 0.0])]]  # one output right, one orthogonal
+    assert accuracy.output_cosine(ref, got) == pytest.approx(0.5)
+
+    def row(auto, ort, nncf):
+        variants = {accuracy.AUTO: {"cosine": auto}, accuracy.ORT: {"cosine": ort},
+                    accuracy.NNCF: {"cosine": nncf} if nncf else {"error": "not installed"}}
+        return {"variants": variants}
+
+    assert accuracy.auto_verdict(row(0.99991, 0.9, 0.99994)) == "yes"  # a tie at 4 decimals
+    assert accuracy.auto_verdict(row(0.98, 0.9, 0.99)) == "no (-0.0100)"
+    assert accuracy.auto_verdict(row(0.95, 0.9, None)) == "yes"  # NNCF not installed
+
+
+def test_nncf_column_says_not_installed(monkeypatch):
+    monkeypatch.setattr(accuracy.importlib.util, "find_spec", lambda name: None)
+    assert accuracy.nncf_version() is None
+    rows = [{"model": "m", "metric": "output cosine", "float": 1.0, "calib": 4,
+             "transformer": False, "latency": {"error": "skipped"},
+             "variants": {accuracy.NNCF: {"error": accuracy.NOT_INSTALLED},
+                          accuracy.AUTO: {"value": 0.99, "cosine": 0.99,
+                                          "convert_seconds": 3.0}}}]
+    md = accuracy.markdown(rows, cpu="Test CPU (AVX2, no VNNI)")
+    assert "Measured on Test CPU (AVX2, no VNNI); NNCF not installed" in md
+    assert "| not installed |" in md
+    assert md.count("on Test CPU (AVX2, no VNNI)") >= 4  # every table names the CPU
