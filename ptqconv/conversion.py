@@ -100,7 +100,7 @@ def convert(settings: ConvertSettings,
                     model, mode, settings.model_file.parent, progress, weight_data)
             saved = _save(model, settings, report, staging)
         del model
-        saved = _never_grow(settings, report, model_files, staging) or saved
+        saved = _never_grow(settings, report, model_files, staging, saved) or saved
         session = _loaded(saved, settings)
         if report.post_training is not None:
             _stage_debug(report.post_training, mode, staging)
@@ -140,15 +140,22 @@ def convert(settings: ConvertSettings,
 
 
 def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],
-                staging: files.Staging) -> modelio.SavedModel | None:
-    """A PostTraining model with nothing quantized (a model whose work is in bodies that stay
-    float) that came out bigger than the float one is replaced by the float model,
-    unchanged. A model with integer kernels is kept, bigger or not: a tiny one pays more
-    for its Q/DQ parameters than its int8 weights save."""
+                staging: files.Staging, saved: modelio.SavedModel) -> modelio.SavedModel | None:
+    """A PostTraining model with nothing quantized (bodies that stay float, units the latency
+    plan keeps float) must not come out bigger than the float one. The float rewrite is the
+    graph onnxruntime runs fastest (hard-swish as HardSigmoid * x fuses into the Conv), so it
+    is first written without the shapes of its intermediate values, which onnxruntime infers
+    again; if that is still bigger, the float model is written, unchanged. A model with
+    integer kernels is kept, bigger or not: a tiny one pays more for its Q/DQ parameters than
+    its int8 weights save."""
     summary = report.post_training
     if report.size_after <= report.size_before or len(sources) > 1 or summary is None \
             or summary.weights_quantized or summary.quantize_nodes:
         return None
+    lean = modelio.without_value_shapes(saved)
+    if lean is not None and modelio.files_size(lean.files) <= report.size_before:
+        report.size_after = modelio.files_size(lean.files)
+        return lean
     report.kept_input = (f"the quantized model took {report.size_after} bytes, more than the "
                          f"float model's {report.size_before}: the float model was written "
                          "unchanged")
@@ -179,7 +186,7 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
         latency = {"float": latency_ms(settings.model_file, sample, gate.threads),
                    "quantized": latency_ms(saved.path, sample, gate.threads)}
         saved = _save(repaired, settings, report, staging)
-        saved = _never_grow(settings, report, sources, staging) or saved
+        saved = _never_grow(settings, report, sources, staging, saved) or saved
         latency["written"] = latency_ms(saved.path, sample, gate.threads)
         target.latency_ms = latency
         target.size_after = report.size_after

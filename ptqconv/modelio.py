@@ -415,6 +415,32 @@ def internalize(model: ir.Model) -> None:
                     node.attributes[name] = ir.AttrTensor(name, ir.Tensor(attr.value.numpy()))
 
 
+def without_value_shapes(saved: SavedModel) -> SavedModel | None:
+    """The staged single-file model `saved` rewritten without the types and shapes of its
+    intermediate values (graph and subgraphs: onnxruntime infers them again at load), or
+    None for a model with external data."""
+    if len(saved.files) != 1:
+        return None
+    proto = onnx.load(str(saved.path))
+
+    def strip(graph: onnx.GraphProto) -> None:
+        del graph.value_info[:]
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                for sub in attr.graphs:
+                    strip(sub)
+
+    strip(proto.graph)
+    try:
+        onnx.save(proto, str(saved.path))
+    except OSError as exc:
+        raise PtqError(f"--outputFile: cannot write {shown(saved.path)}: "
+                       f"{os_reason(exc)}") from None
+    return SavedModel(saved.path, [saved.path])
+
+
 def copy_model(source: Path, path: Path, staging: Staging) -> SavedModel:
     """Stage a copy of the single-file model `source` for `path` (see save_model)."""
     tmp = staging.path(path, _STAGED_MODEL)

@@ -139,6 +139,9 @@ def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsy
     assert "node units quantized: 0" in out
     assert "latency_aware=false quantizes it anyway" in out
     assert "chosen" not in out  # nothing left for AUTO to measure
+    # Nothing quantized: the user's own float model, so it can be neither bigger nor slower.
+    assert "the float model was written unchanged" in out
+    assert (tmp_path / "q.onnx").read_bytes() == src.read_bytes()
 
 
 def test_a_latency_onnxruntime_cannot_measure_is_said_not_fatal(tmp_path, capsys):
