@@ -17,12 +17,13 @@ import time
 import traceback
 from pathlib import Path
 
-from . import accuracy, bert, calibration, controlflow, gptq, weightquant, weights
+from . import accuracy, bert, calibration, controlflow, gptq, hardswish, weightquant, weights
 from .common import GB, Context, Section, machine
 from .report import write
 
 SECTIONS = {"calibration": calibration, "bert": bert, "weightquant": weightquant,
-            "controlflow": controlflow, "gptq": gptq, "accuracy": accuracy, "weights": weights}
+            "controlflow": controlflow, "hardswish": hardswish, "gptq": gptq,
+            "accuracy": accuracy, "weights": weights}
 
 
 def _default_cap() -> float:
@@ -37,7 +38,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure ptqconv against onnxruntime's quantizer (calibration cost, BERT, "
-                    "WeightQuant, quantized control-flow bodies, corpus accuracy) and write "
+                    "WeightQuant, quantized control-flow bodies, hard-swish spellings, corpus "
+                    "accuracy) and write "
                     "<out-dir>/latest.md and .json.")
     parser.add_argument("--corpus", type=Path, default=os.environ.get("PTQCONV_CORPUS"),
                         help="corpus directory built by ../shared/corpus/build_corpus.sh "

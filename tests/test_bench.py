@@ -133,3 +133,24 @@ def test_nncf_column_says_not_installed(monkeypatch):
     assert "Measured on Test CPU (AVX2, no VNNI); NNCF not installed" in md
     assert "| not installed |" in md
     assert md.count("on Test CPU (AVX2, no VNNI)") >= 4  # every table names the CPU
+
+
+def test_hardswish_spellings_are_one_function():
+    """bench/hardswish.py: the three spellings, same weights, give the same logits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bench.hardswish import SPELLINGS, Builder, image
+
+    feed = {"input": image(np.random.default_rng(0))}
+    found = {}
+    for spelling in SPELLINGS:
+        builder = Builder(spelling)
+        model = builder.build()
+        assert builder.convs == 31
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"])
+        found[spelling] = session.run(None, feed)[0]
+    for spelling in SPELLINGS:
+        np.testing.assert_allclose(found[spelling], found["hardswish"], rtol=1e-3, atol=1e-3)
+    assert parse(["--only", "hardswish"]).sections == ["hardswish"]
