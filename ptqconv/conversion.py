@@ -144,15 +144,15 @@ def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: li
     """A PostTraining model with nothing quantized (bodies that stay float, units the latency
     plan keeps float) must not come out bigger than the float one. The float rewrite is the
     graph onnxruntime runs fastest (hard-swish as HardSigmoid * x fuses into the Conv), so it
-    is first written without the shapes of its intermediate values, which onnxruntime infers
-    again; if that is still bigger, the float model is written, unchanged. A model with
+    is first written in its leanest form (modelio.lean_rewrite); if that is still bigger, the
+    float model is written, unchanged. A model with
     integer kernels is kept, bigger or not: a tiny one pays more for its Q/DQ parameters than
     its int8 weights save."""
     summary = report.post_training
     if report.size_after <= report.size_before or len(sources) > 1 or summary is None \
             or summary.weights_quantized or summary.quantize_nodes:
         return None
-    lean = modelio.without_value_shapes(saved)
+    lean = modelio.lean_rewrite(saved, settings.model_file)
     if lean is not None and modelio.files_size(lean.files) <= report.size_before:
         report.size_after = modelio.files_size(lean.files)
         return lean

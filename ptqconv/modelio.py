@@ -415,30 +415,43 @@ def internalize(model: ir.Model) -> None:
                     node.attributes[name] = ir.AttrTensor(name, ir.Tensor(attr.value.numpy()))
 
 
-def without_value_shapes(saved: SavedModel) -> SavedModel | None:
-    """The staged single-file model `saved` rewritten without the types and shapes of its
-    intermediate values (graph and subgraphs: onnxruntime infers them again at load), or
-    None for a model with external data."""
+def lean_rewrite(saved: SavedModel, source: Path) -> SavedModel | None:
+    """The staged single-file float rewrite `saved` rewritten in its leanest form: without
+    the types and shapes of intermediate values (onnxruntime infers them again at load),
+    without initializers nothing reads, and without the names of nodes the rewrite made
+    (the names of `source`'s nodes stay). None for a model with external data."""
     if len(saved.files) != 1:
         return None
+    given = {n.name for n in _graphs(onnx.load(str(source), load_external_data=False).graph)
+             for n in n.node}
     proto = onnx.load(str(saved.path))
-
-    def strip(graph: onnx.GraphProto) -> None:
+    for graph in _graphs(proto.graph):
         del graph.value_info[:]
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    strip(attr.g)
-                for sub in attr.graphs:
-                    strip(sub)
-
-    strip(proto.graph)
+            if node.name not in given:
+                node.ClearField("name")
+    used = {name for graph in _graphs(proto.graph) for node in graph.node
+            for name in node.input} | {v.name for v in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
     try:
         onnx.save(proto, str(saved.path))
     except OSError as exc:
         raise PtqError(f"--outputFile: cannot write {shown(saved.path)}: "
                        f"{os_reason(exc)}") from None
     return SavedModel(saved.path, [saved.path])
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """`graph` and every subgraph under it."""
+    found = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subgraphs:
+                found += _graphs(sub)
+    return found
 
 
 def copy_model(source: Path, path: Path, staging: Staging) -> SavedModel:

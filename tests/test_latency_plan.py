@@ -160,3 +160,41 @@ def test_a_latency_onnxruntime_cannot_measure_is_said_not_fatal(tmp_path, capsys
                  "--quantType=PostTraining", f"--configFile={config}"]) == 0
     out = capsys.readouterr().out
     assert "latency: not measured (float: onnxruntime cannot run it on the sample" in out
+
+
+def test_a_float_rewrite_that_runs_faster_is_written_lean_not_dropped(tmp_path, capsys):
+    # x * Clip(x + 3, 0, 6) / 6 after a Conv: kept float, but written as HardSigmoid * x,
+    # which onnxruntime fuses into the Conv; the rewrite's own names and shapes would make
+    # the file a few hundred bytes bigger than the input, so they are left out.
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 3, 3, 3)).astype(np.float32), "w"),
+             *(numpy_helper.from_array(np.float32(v), n) for n, v in (("c3", 3), ("c0", 0),
+                                                                       ("c6", 6)))]
+    # Named nodes, as exporters write them.
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+         helper.make_node("Add", ["c", "c3"], ["a"], name="hardswish/add"),
+         helper.make_node("Clip", ["a", "c0", "c6"], ["r"], name="hardswish/clip"),
+         helper.make_node("Mul", ["c", "r"], ["m"], name="hardswish/mul"),
+         helper.make_node("Div", ["m", "c6"], ["y"], name="hardswish/div")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 4, 4])], inits)
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+               tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 4, seed=0, shape=(1, 3, 4, 4))
+    config = tmp_path / "c.ini"
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nmeasure_latency=false\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}"]) == 0
+    assert "node units quantized: 0" in capsys.readouterr().out
+    written = onnx.load(str(out))
+    assert out.stat().st_size <= src.stat().st_size
+    assert collections.Counter(n.op_type for n in written.graph.node) == {
+        "Conv": 1, "HardSigmoid": 1, "Mul": 1}
+    feeds = {"x": rng.standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
