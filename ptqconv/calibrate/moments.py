@@ -13,11 +13,11 @@ P^T P) and added into a float64 sum. Memory: the sum, plus one buffer of at most
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 
 from ptqconv.calibrate.statistics import Accumulator
+from ptqconv.graph.ops import same_pads
 
 # Patch values copied at once (16 MB of float32), and the most buffered before a multiply.
 CHUNK = 1 << 22
@@ -97,20 +97,6 @@ class DenseMoment(_Moment):
 
 def output_size(size: int, k: int, stride: int, begin: int, end: int, dilation: int) -> int:
     return (size + begin + end - dilation * (k - 1) - 1) // stride + 1
-
-
-def same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-              dilations: Sequence[int], auto_pad: str) -> tuple[list[int], list[int]]:
-    """ONNX's begin and end pads for auto_pad SAME_UPPER / SAME_LOWER / VALID."""
-    if auto_pad == "VALID":
-        return [0] * len(kernel), [0] * len(kernel)
-    begins, ends = [], []
-    for n, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
-        total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
-        small = total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
-        ends.append(total - begins[-1])
-    return begins, ends
 
 
 class Im2colMoment(_Moment):

@@ -1,7 +1,9 @@
 """Questions about nodes and values: standard ONNX operator (the only ones the passes rewrite),
-depthwise, scalar constants."""
+depthwise, scalar constants, a Conv's SAME pads."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import onnx_ir as ir
 
@@ -30,3 +32,17 @@ def scalar_constant(value: ir.Value | None) -> float | None:
     if array.size != 1 or array.dtype.kind not in "fiu":
         return None
     return float(array.reshape(()))
+
+
+def same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
+              dilations: Sequence[int], auto_pad: str) -> tuple[list[int], list[int]]:
+    """ONNX's begin and end pads for auto_pad SAME_UPPER / SAME_LOWER / VALID."""
+    if auto_pad == "VALID":
+        return [0] * len(kernel), [0] * len(kernel)
+    begins, ends = [], []
+    for n, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+        total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
+        small = total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else total - small)
+        ends.append(total - begins[-1])
+    return begins, ends

@@ -25,6 +25,7 @@ from ptqconv.calibrate.observers import MinMaxObserver
 from ptqconv.calibrate.statistics import Accumulator, Statistic, StatisticPoint, Statistics
 from ptqconv.graph.initializers import add_initializer, set_constant
 from ptqconv.graph.naming import NameAllocator, node_key
+from ptqconv.graph.ops import same_pads
 from ptqconv.passes.calibrated import Divided
 from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
 
@@ -186,16 +187,8 @@ def _pads(node: ir.Node, spatial: tuple[int, ...], kernel: tuple[int, ...],
           strides: list[int], dilations: list[int]) -> tuple[list[int], list[int]]:
     rank = len(kernel)
     auto = node.attributes["auto_pad"].as_string() if "auto_pad" in node.attributes else "NOTSET"
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for n, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
-            total = max(0, (-(-n // s) - 1) * s + (k - 1) * d + 1 - n)
-            small = total // 2
-            begins.append(small if auto == "SAME_UPPER" else total - small)
-            ends.append(total - begins[-1])
-        return begins, ends
-    if auto == "VALID":
-        return [0] * rank, [0] * rank
+    if auto in ("SAME_UPPER", "SAME_LOWER", "VALID"):
+        return same_pads(spatial, kernel, strides, dilations, auto)
     pads = _ints(node, "pads", [0] * (2 * rank))
     return pads[:rank], pads[rank:]
 
