@@ -10,11 +10,8 @@ median and IQR of the per-round ratios), and size. Writes `<out-dir>/controlflow
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .common import Context, Section, fmt, machine, table
-from .report import write
+from .common import Context, Section, fmt, table
+from .report import standalone
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import cf_models
@@ -182,19 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the IQR needs two ratios)")
-    start = time.perf_counter()
-    info = machine()
-    with tempfile.TemporaryDirectory(prefix="ptqconv-cf-") as tmp:
-        result = section(Path(tmp), args.rounds,
-                         lambda m: print(f"[{time.perf_counter() - start:6.1f} s] {m}",
-                                         flush=True))
-    meta = {"command": shlex.join(["python", "-m", "bench.controlflow",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": info, "quick": False,
-            "wall_seconds": time.perf_counter() - start, "load_average_end": os.getloadavg()}
-    md, _ = write(args.out_dir, "controlflow", meta, [result])
-    print(md.read_text())
-    return 0
+    return standalone("controlflow", argv, args.out_dir,
+                      lambda tmp, log: section(tmp, args.rounds, log))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .common import Context, Section, fmt, run_child, table
-from .report import write
+from .report import standalone
 
 SHAPE = (1, 3, 224, 224)
 SPELLINGS = {"hardswish": "HardSwish op", "hsig_mul": "HardSigmoid + Mul",
@@ -298,21 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="interleaved blocks of rounds per thread count")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from .common import machine
-
-    start = time.perf_counter()
-    info = machine()
-    with tempfile.TemporaryDirectory(prefix="ptqconv-hswish-") as tmp:
-        result = section(Path(tmp), args.calib, (2, 1), args.blocks,
-                         lambda m: print(f"[{time.perf_counter() - start:6.1f} s] {m}",
-                                         flush=True))
-    meta = {"command": shlex.join(["python", "-m", "bench.hardswish",
-                                   *(argv if argv is not None else sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": info, "quick": False,
-            "wall_seconds": time.perf_counter() - start, "load_average_end": os.getloadavg()}
-    md, _ = write(args.out_dir, "hardswish", meta, [result])
-    print(md.read_text())
-    return 0
+    return standalone("hardswish", argv, args.out_dir,
+                      lambda tmp, log: section(tmp, args.calib, (2, 1), args.blocks, log))
 
 
 if __name__ == "__main__":

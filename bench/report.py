@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .common import Section, machine_line
+from .common import Section, machine, machine_line
 
 
 def _clean(value: Any) -> Any:
@@ -61,3 +67,25 @@ def write(out_dir: Path, stem: str, meta: dict[str, Any], sections: list[Section
                                     for s in sections}}
     js.write_text(json.dumps(_clean(payload), indent=1, sort_keys=False) + "\n")
     return md, js
+
+
+def standalone(module: str, argv: Sequence[str] | None, out_dir: Path,
+               build: Callable[[Path, Callable[[str], None]], Section]) -> int:
+    """`python -m bench.<module>` on its own: `build(tmp, log)` makes the one section in a
+    temporary directory; `<out_dir>/<module>.md` and `.json` get it with the run's machine,
+    date and command, and the markdown is printed."""
+    start = time.perf_counter()
+    info = machine()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix=f"ptqconv-{module}-") as tmp:
+        result = build(Path(tmp), log)
+    meta = {"command": shlex.join(["python", "-m", f"bench.{module}",
+                                   *(argv if argv is not None else sys.argv[1:])]),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": info, "quick": False,
+            "wall_seconds": time.perf_counter() - start, "load_average_end": os.getloadavg()}
+    md, _ = write(out_dir, module, meta, [result])
+    print(md.read_text())
+    return 0
