@@ -79,6 +79,9 @@ def _case(ctx: Context, w: Workload, case: str, count: int) -> tuple[str, dict[s
         config.write_text(f"[data_preprocess_param]\ncalibrate_path={w.input_name}:{w.data}\n"
                           f"calibrate_size={count}\n[full_quant_param]\n"
                           f"activation_quant_method={method}\nthread_num={ctx.threads}\n"
+                          # One configuration, as quantize_static runs one: the techniques
+                          # forced (left out, AUTO would build and score candidates).
+                          "bias_correction=false\nequalize=true\nsmooth_quant=true\n"
                           # The bench times the outputs itself; quantize_static does not.
                           "measure_latency=false\n")
         return "ptqconv", {"args": [f"--modelFile={w.model}", f"--outputFile={out}",
