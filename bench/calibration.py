@@ -175,8 +175,8 @@ def run(ctx: Context) -> Section:
     data = image_samples(tmp / "input", max(counts), shape)
     w = Workload(model, data, "input", shape, ctx.scratch("cnn/out"), quick_bins(ctx))
     ctx.log(f"CNN: {model.stat().st_size / 1e6:.1f} MB model, {max(counts)} samples of {shape}")
-    # The whole default run must stay under 15 minutes: above 100 samples only the float
-    # floor and KL, whose ratio is the calibration-cost target, get several runs.
+    # This section stays near 10 minutes of the default run: above 100 samples only the
+    # float floor and KL, whose ratio is the calibration-cost target, get several runs.
     case_repeat = {case: ctx.repeat for case in KL_TARGET_CASES}
     for count in counts:
         repeat = ctx.repeat if count <= 100 or ctx.heavy else 1
@@ -215,7 +215,7 @@ def run(ctx: Context) -> Section:
         "Entropy keeps every augmented output of every sample in memory until the end; "
         f"every case runs under a {ctx.mem_cap_gb:g} GB memory cap (RSS watchdog and "
         f"RLIMIT_AS).{est_text} To keep "
-        "the default run under 15 minutes only the 100-sample cases, and at every count the "
+        "this section near 10 minutes only the 100-sample cases, and at every count the "
         "float floor and ptqconv KL (whose ratio is the calibration-cost target), are run "
         "several times (`runs`); Entropy runs once (its time is mostly a fixed threshold "
         "search).",
