@@ -8,11 +8,9 @@ refuses is never reported as a success.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
@@ -85,7 +83,7 @@ def convert(settings: ConvertSettings,
             report.data = data.format
             original_names = value_names(model.graph)
             del model
-            with _temporary_directory() as workdir:
+            with files.temporary_directory() as workdir:
                 simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
                 pt = PostTraining(mode, data, progress)
                 built, report.post_training = pt.run(simplified, original_names)
@@ -210,19 +208,6 @@ def _save(model: ir.Model, settings: ConvertSettings, report: ConversionReport,
     saved = modelio.save_model(model, settings.output_file, staging)
     report.size_after = modelio.files_size(saved.files)
     return saved
-
-
-@contextlib.contextmanager
-def _temporary_directory() -> Iterator[Path]:
-    """A working directory in TMPDIR (removed on the way out, interrupted or not); a
-    failure to create it names TMPDIR."""
-    try:
-        workdir = tempfile.TemporaryDirectory(prefix="ptqconv-")
-    except OSError as exc:
-        raise PtqError(f"cannot create a temporary directory in {shown(tempfile.gettempdir())} "
-                       f"(TMPDIR): {files.os_reason(exc)}") from None
-    with workdir as name:
-        yield Path(name)
 
 
 def _loaded(saved: modelio.SavedModel, settings: ConvertSettings) -> Session:

@@ -48,6 +48,19 @@ def os_reason(exc: OSError) -> str:
     return reasons.get(exc.errno or 0, exc.strerror or str(exc))
 
 
+@contextlib.contextmanager
+def temporary_directory() -> Iterator[Path]:
+    """A working directory in TMPDIR (removed on the way out, interrupted or not); a
+    failure to create it names TMPDIR."""
+    try:
+        workdir = tempfile.TemporaryDirectory(prefix="ptqconv-")
+    except OSError as exc:
+        raise PtqError(f"cannot create a temporary directory in {shown(tempfile.gettempdir())} "
+                       f"(TMPDIR): {os_reason(exc)}") from None
+    with workdir as name:
+        yield Path(name)
+
+
 def input_file(flag: str, value: str | os.PathLike | None, max_bytes: int | None = None,
                what: str = "file") -> Path:
     """`value` as a readable regular file given with `flag`, or the usage error naming what is

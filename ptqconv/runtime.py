@@ -8,7 +8,6 @@ import os
 import platform
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ptqconv.errors import PtqError, one_line
-from ptqconv.files import is_utf8
+from ptqconv.files import is_utf8, temporary_directory
 from ptqconv.graph.naming import values_by_name
 
 LEVELS = {
@@ -73,13 +72,8 @@ def _loadable(source: ModelSource) -> Iterator[str | bytes]:
         if initializer_bytes(source) <= EXTERNAL_DATA_THRESHOLD:
             yield ir.to_proto(source).SerializeToString()
             return
-        try:
-            workdir = tempfile.TemporaryDirectory(prefix="ptqconv-")
-        except OSError as exc:
-            raise PtqError(f"cannot create a temporary directory in {tempfile.gettempdir()} "
-                           f"(TMPDIR): {exc.strerror or exc}") from None
-        with workdir as tmp:
-            path = Path(tmp) / "model.onnx"
+        with temporary_directory() as tmp:
+            path = tmp / "model.onnx"
             try:
                 ir.save(source, path, external_data="model.onnx.data")
             except OSError as exc:
@@ -149,8 +143,8 @@ def optimized(source: ModelSource, threads: int = 1) -> ir.Model:
     """The graph onnxruntime runs for `source` with its default (all) optimizations, as it is
     deployed: which Q/DQ groups became integer kernels (docs/reference.md §3). Only the
     structure is for reading; large weights are not loaded."""
-    with tempfile.TemporaryDirectory(prefix="ptqconv-") as tmp:
-        path = Path(tmp) / "optimized.onnx"
+    with temporary_directory() as tmp:
+        path = tmp / "optimized.onnx"
         options = session_options(threads)
         options.optimized_model_filepath = str(path)
         options.add_session_config_entry(
