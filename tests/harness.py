@@ -65,6 +65,19 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
+def fails(capsys, root: Path, args: list[str], status: int, *culprits: str) -> str:
+    """Run `ptqconv ARGS`: exit `status`, one error line naming every culprit, and `root`
+    exactly as before. Returns the line."""
+    before = snapshot(root)
+    got, _, err = cli(capsys, *args)
+    line = error_line(err)
+    assert got == status, line
+    for culprit in culprits:
+        assert culprit in line, line
+    assert snapshot(root) == before
+    return line
+
+
 def subprocess_cli(args: list[str], tmpdir: Path, prelude: str = "",
                    preexec: Callable[[], None] | None = None) -> subprocess.Popen:
     """`ptqconv ARGS` in a child process with its own TMPDIR; `prelude` is Python run first

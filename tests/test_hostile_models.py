@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from harness import cli, digits_workspace, error_line, snapshot
+from harness import cli, digits_workspace, error_line, fails
 from models import mlp
 
 from ptqconv import conversion
@@ -39,17 +39,6 @@ def _external_model(root, tensor: str, location: str):
     return path
 
 
-def _run(capsys, root, args, status: int, *culprits: str) -> str:
-    before = snapshot(root)
-    got, _, err = cli(capsys, *args)
-    line = error_line(err)
-    assert got == status, line
-    for culprit in culprits:
-        assert culprit in line, line
-    assert snapshot(root) == before
-    return line
-
-
 @pytest.mark.parametrize("where", ["dotdot", "absolute", "symlink"])
 @pytest.mark.parametrize("tensor", ["b0", "w0"])  # a bias read as is, a weight quantized
 def test_external_data_outside_the_models_directory_is_refused(tmp_path, capsys, where,
@@ -63,7 +52,7 @@ def test_external_data_outside_the_models_directory_is_refused(tmp_path, capsys,
         (root / "inside.bin").symlink_to(secret)
     model = _external_model(root, tensor, location[where])
     args = [f"--modelFile={model}", f"--outputFile={root / 'o.onnx'}", "--quantType=WeightQuant"]
-    line = _run(capsys, tmp_path, args, 1, f"tensor {tensor!r}", location[where])
+    line = fails(capsys, tmp_path, args, 1, f"tensor {tensor!r}", location[where])
     assert "outside the model's directory" in line
 
 
@@ -76,7 +65,7 @@ def test_external_data_outside_is_refused_in_post_training_too(tmp_path, capsys)
     (root / "c.ini").write_text("[data_preprocess_param]\ncalibrate_path=x:calib\n")
     args = [f"--modelFile={model}", f"--outputFile={root / 'o.onnx'}",
             "--quantType=PostTraining", f"--configFile={root / 'c.ini'}"]
-    _run(capsys, tmp_path, args, 1, "tensor 'b1'", "../secret.bin")
+    fails(capsys, tmp_path, args, 1, "tensor 'b1'", "../secret.bin")
 
 
 @pytest.mark.parametrize("damage", ["missing", "short"])
@@ -87,7 +76,7 @@ def test_missing_or_truncated_external_data_names_the_tensor_and_the_file(tmp_pa
         (tmp_path / "w1.bin").write_bytes(b"\0" * 100)
     args = [f"--modelFile={model}", f"--outputFile={tmp_path / 'o.onnx'}",
             "--quantType=WeightQuant"]
-    line = _run(capsys, tmp_path, args, 1, "tensor 'w1'", "w1.bin")
+    line = fails(capsys, tmp_path, args, 1, "tensor 'w1'", "w1.bin")
     assert {"missing": "no such file", "short": "truncated"}[damage] in line
 
 
@@ -113,7 +102,7 @@ def test_truncated_embedded_tensor_names_the_tensor_and_the_file(tmp_path, capsy
     onnx.save(proto, str(tmp_path / "m.onnx"))
     args = [f"--modelFile={tmp_path / 'm.onnx'}", f"--outputFile={tmp_path / 'o.onnx'}",
             "--quantType=WeightQuant"]
-    _run(capsys, tmp_path, args, 1, "m.onnx", proto.graph.initializer[2].name, "too small")
+    fails(capsys, tmp_path, args, 1, "m.onnx", proto.graph.initializer[2].name, "too small")
 
 
 @pytest.mark.parametrize("flag", ["--modelFile", "--configFile"])
@@ -139,7 +128,7 @@ def test_a_config_of_gigabytes_is_refused_without_reading_it(tmp_path, capsys):
         handle.truncate(64 << 20)  # sparse
     args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",
             "--quantType=PostTraining", f"--configFile={files['config']}"]
-    _run(capsys, tmp_path, args, 2, "--configFile", "c.ini", "at most 1048576 bytes")
+    fails(capsys, tmp_path, args, 2, "--configFile", "c.ini", "at most 1048576 bytes")
 
 
 def test_special_files_in_a_data_directory_are_refused(tmp_path, capsys):
@@ -149,9 +138,9 @@ def test_special_files_in_a_data_directory_are_refused(tmp_path, capsys):
     (files["calib"] / "subdirectory").mkdir()  # ignored, as documented
     args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",
             "--quantType=PostTraining", f"--configFile={files['config']}"]
-    line = _run(capsys, tmp_path, args, 2, "000005a.bin is a FIFO, not a regular file")
+    line = fails(capsys, tmp_path, args, 2, "000005a.bin is a FIFO, not a regular file")
     os.unlink(files["calib"] / "000005a.bin")
-    line = _run(capsys, tmp_path, args, 2, "000005b.bin is a broken symbolic link")
+    line = fails(capsys, tmp_path, args, 2, "000005b.bin is a broken symbolic link")
     assert line
 
 
@@ -182,7 +171,7 @@ def test_models_onnxruntime_refuses_are_refused_up_front(tmp_path, capsys, build
     onnx.save(build(), str(tmp_path / "m.onnx"))
     args = [f"--modelFile={tmp_path / 'm.onnx'}", f"--outputFile={tmp_path / 'o.onnx'}",
             "--quantType=WeightQuant"]
-    _run(capsys, tmp_path, args, 1, "m.onnx", culprit)
+    fails(capsys, tmp_path, args, 1, "m.onnx", culprit)
 
 
 def test_an_output_onnxruntime_refuses_is_not_a_success(tmp_path, capsys, monkeypatch):
@@ -197,7 +186,7 @@ def test_an_output_onnxruntime_refuses_is_not_a_success(tmp_path, capsys, monkey
     monkeypatch.setattr(conversion, "weight_quant", broken)
     args = [f"--modelFile={files['model']}", f"--outputFile={tmp_path / 'o.onnx'}",
             "--quantType=WeightQuant"]
-    line = _run(capsys, tmp_path, args, 1, "o.onnx", "onnxruntime cannot load")
+    line = fails(capsys, tmp_path, args, 1, "o.onnx", "onnxruntime cannot load")
     assert line.endswith("nothing was written")
 
 

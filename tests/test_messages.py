@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from harness import cli, digits_workspace, error_line, snapshot, subprocess_cli
+from harness import cli, digits_workspace, error_line, fails, subprocess_cli
 from onnx import TensorProto, helper
 
 from ptqconv import cli as cli_module
@@ -28,17 +28,6 @@ def _wq(files, *extra: str) -> list[str]:
             "--quantType=WeightQuant", *extra]
 
 
-def _fails(capsys, root, args, status: int, *culprits: str) -> str:
-    before = snapshot(root)
-    got, _, err = cli(capsys, *args)
-    line = error_line(err)
-    assert got == status, line
-    for culprit in culprits:
-        assert culprit in line, line
-    assert snapshot(root) == before
-    return line
-
-
 def _double_samples(files) -> None:
     for path in files["calib"].iterdir():
         path.write_bytes(path.read_bytes() * 2)
@@ -47,10 +36,10 @@ def _double_samples(files) -> None:
 def test_input_shape_flag_wins_over_the_config(tmp_path, capsys):
     files = digits_workspace(tmp_path)  # the config says input:1,1,8,8
     _double_samples(files)
-    _fails(capsys, tmp_path, _pt(files), 2, "is 512 bytes; expected 256")
+    fails(capsys, tmp_path, _pt(files), 2, "is 512 bytes; expected 256")
     status, _, err = cli(capsys, *_pt(files, "--inputShape=input:2,1,8,8"))
     assert status == 0, err
-    _fails(capsys, tmp_path, _pt(files, "--inputShape=input:4,1,8,8"), 2, "[4,1,8,8]")
+    fails(capsys, tmp_path, _pt(files, "--inputShape=input:4,1,8,8"), 2, "[4,1,8,8]")
 
 
 @pytest.mark.parametrize("name", ["bad\nname.onnx", "bad\rname\x1b.onnx"])
@@ -60,7 +49,7 @@ def test_control_characters_in_a_file_name_stay_on_one_line(tmp_path, capsys, na
     bad.write_bytes(b"not a model")
     args = _wq(files)
     args[0] = f"--modelFile={bad}"
-    line = _fails(capsys, tmp_path, args, 1, "not an ONNX model")
+    line = fails(capsys, tmp_path, args, 1, "not an ONNX model")
     assert repr(name)[1:-1] in line
 
 
@@ -75,7 +64,7 @@ def test_file_names_that_are_not_utf8(tmp_path, capsys, kind):
     assert status == 0, err
     assert "m\\udcff.onnx' ->" in out
     model.write_bytes(b"junk")
-    _fails(capsys, tmp_path, args, 1, "m\\udcff.onnx': not an ONNX model")
+    fails(capsys, tmp_path, args, 1, "m\\udcff.onnx': not an ONNX model")
 
 
 def _one_input_model(root, dims) -> dict:
@@ -113,11 +102,11 @@ def test_a_sample_too_big_for_memory_is_refused_before_allocating(tmp_path, caps
 
 def test_skip_quant_node_names_matching_nothing_are_refused(tmp_path, capsys):
     files = digits_workspace(tmp_path, config="[common_quant_param]\nskip_quant_node=Comv\n")
-    line = _fails(capsys, tmp_path, _pt(files), 2, "c.ini:6: [common_quant_param] "
+    line = fails(capsys, tmp_path, _pt(files), 2, "c.ini:6: [common_quant_param] "
                   "skip_quant_node: 'Comv' matches no node name or op type", "'Conv'")
     assert "did you mean" in line
     files["config"].write_text(files["config"].read_text().replace("Comv", "Conv"))
-    _fails(capsys, tmp_path, _wq(files, "--skipQuantNode=/fc2/Gem"), 2,
+    fails(capsys, tmp_path, _wq(files, "--skipQuantNode=/fc2/Gem"), 2,
            "--skipQuantNode: '/fc2/Gem' matches no node", "did you mean '/fc2/Gemm'")
     status, _, err = cli(capsys, *_wq(files, "--skipQuantNode=/fc2/Gemm,Relu"))
     assert status == 0, err
@@ -127,7 +116,7 @@ def test_calibrate_size_above_the_files_is_refused(tmp_path, capsys):
     files = digits_workspace(tmp_path, samples=5)
     files["config"].write_text(files["config"].read_text().replace("calibrate_size=5",
                                                                    "calibrate_size=50"))
-    _fails(capsys, tmp_path, _pt(files), 2,
+    fails(capsys, tmp_path, _pt(files), 2,
            "c.ini:3: [data_preprocess_param] calibrate_size: 50 samples asked for, but input "
            "'input' has only 5 files")
 
@@ -136,7 +125,7 @@ def test_calibrate_size_above_the_files_is_refused(tmp_path, capsys):
 def test_post_training_debugging_asked_of_weight_quant_is_refused(tmp_path, capsys, ask):
     files = digits_workspace(tmp_path)
     args = _wq(files, "--sensitivity" if ask == "--sensitivity" else "--debugDir=dbg")
-    _fails(capsys, tmp_path, args, 2, ask, "is for --quantType=PostTraining")
+    fails(capsys, tmp_path, args, 2, ask, "is for --quantType=PostTraining")
 
 
 def test_debug_info_save_path_of_a_weight_quant_config_writes_nothing(tmp_path, capsys):
@@ -150,7 +139,7 @@ def test_debug_info_save_path_of_a_weight_quant_config_writes_nothing(tmp_path, 
 
 def test_a_config_quant_type_contradicting_the_flag_is_refused(tmp_path, capsys):
     files = digits_workspace(tmp_path, config="[common_quant_param]\nquant_type=WEIGHT_QUANT\n")
-    _fails(capsys, tmp_path, _pt(files), 2, "--quantType=PostTraining contradicts",
+    fails(capsys, tmp_path, _pt(files), 2, "--quantType=PostTraining contradicts",
            "c.ini:6: [common_quant_param] quant_type=WeightQuant")
 
 
@@ -167,7 +156,7 @@ def test_samples_holding_several_batches(tmp_path, capsys):
     proto = onnx.load(str(files["model"]))
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     onnx.save(proto, str(files["model"]))
-    _fails(capsys, tmp_path, _pt(files), 2, "000000.bin is 512 bytes; expected 256",
+    fails(capsys, tmp_path, _pt(files), 2, "000000.bin is 512 bytes; expected 256",
            "it holds 2 samples, but one file is one sample and the model's batch dimension is "
            "fixed at 1")
 
