@@ -11,9 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 from models import DIGITS
 
 from ptqconv.cli import main
@@ -63,6 +66,15 @@ def error_line(err: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("ptqconv: error: "), err
     return lines[0]
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> Counter:
+    """The op types of the graph onnxruntime runs for the model file `path` (default
+    options: every optimization, the fusions into integer kernels included)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
 
 
 def fails(capsys, root: Path, args: list[str], status: int, *culprits: str) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run_model
+from harness import optimized_ops
 from models import DIGITS, embedding, mlp, save
 from onnx import numpy_helper
 
@@ -23,15 +24,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def ops(path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-
-
-def fused_ops(path, tmp_path) -> Counter:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return ops(tmp_path / "opt.onnx")
 
 
 @pytest.mark.parametrize("gemm", [False, True])
@@ -58,7 +50,7 @@ def test_matmul_and_gemm_become_dynamic_int8_with_the_bias_folded(tmp_path, gemm
         assert np.abs(weights * scale - original).max() <= scale.max() / 2 * (1 + 1e-5)
     x = np.random.default_rng(0).standard_normal((5, 256)).astype(np.float32)
     assert cosine(run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]) > 0.995
-    assert fused_ops(out, tmp_path)["DynamicQuantizeMatMul"] == 3
+    assert optimized_ops(out, tmp_path)["DynamicQuantizeMatMul"] == 3
 
 
 def test_embedding_tables_are_gathered_in_int8(tmp_path):

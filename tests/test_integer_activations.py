@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from harness import optimized_ops
 from lut_reference import hard_sigmoid, hard_swish, lookup_table, silu
 from models import random_samples, save
 from onnx import TensorProto, helper, numpy_helper
@@ -217,11 +218,7 @@ def test_mobilenet_v3_blocks_run_without_going_back_to_float(tmp_path, capsys):
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
                  f"--configFile={config}"]) == 0
     assert "integer activations: 2 HardSigmoid as QLinearAdd" in capsys.readouterr().out
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
-                              .graph.node)
+    ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == 5 and ops["QLinearGlobalAveragePool"] == 1
     assert ops["QLinearAdd"] == 2 and ops["QLinearMul"] == 2
     # Only the model output goes back to float.

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+from harness import optimized_ops
 from models import random_samples, save
 from onnx import TensorProto, helper, numpy_helper
 
@@ -93,11 +94,7 @@ def test_units_kept_float_read_dequantized_tensors_so_their_neighbours_still_fus
     out = tmp_path / "q.onnx"
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
                  f"--configFile={config}", "--quiet"]) == 0
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
-                              .graph.node)
+    ops = optimized_ops(out, tmp_path)
     # Three float convs; their output is quantized once for the four QLinearConvs.
     assert ops["QLinearConv"] == 4 and ops["QuantizeLinear"] == 1
     assert ops["Conv"] + ops["FusedConv"] == 3

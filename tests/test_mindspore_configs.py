@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
+from harness import optimized_ops
 from models import REPO
 from PIL import Image
 
@@ -36,13 +35,6 @@ def eval_sample(model: str) -> dict[str, np.ndarray]:
 def cosine(a, b) -> float:
     a, b = np.ravel(a), np.ravel(b)
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def optimized_ops(path: Path, tmp_path: Path) -> Counter:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
 
 
 def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import collections
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from conftest import run_model
+from harness import optimized_ops
 from models import (
     DIGITS,
     digits_eval,
@@ -85,15 +84,6 @@ def test_every_method_at_8_and_4_bits_on_real_data(tmp_path, method, bits, min_a
     )
     accuracy, _ = digits_accuracy(out)
     assert accuracy >= min_accuracy
-
-
-def optimized_ops(path, tmp_path) -> collections.Counter:
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return collections.Counter(
-        n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node
-    )
 
 
 def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import initializers, run_model
+from harness import optimized_ops
 from models import DIGITS, REPO, _model, digits_eval, embedding, mlp, random_samples, save
 from onnx import TensorProto, helper, numpy_helper
 
@@ -52,14 +53,6 @@ def sqnr_db(reference: np.ndarray, got: np.ndarray) -> float:
 def dequantize_nodes(path) -> dict[str, onnx.NodeProto]:
     return {n.output[0]: n for n in onnx.load(str(path)).graph.node
             if n.op_type == "DequantizeLinear"}
-
-
-def fused(path, tmp_path) -> list[str]:
-    """The op types onnxruntime runs the model with (default options)."""
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 # --- GPTQ ------------------------------------------------------------------------------
@@ -147,7 +140,7 @@ def test_blocks_are_fused_into_matmulnbits(tmp_path, gemm):
         assert all(a.i == 0 for n in model.graph.node if n.op_type == "Gemm"
                    for a in n.attribute if a.name == "transB")
         assert initializers(out)["w0_quantized"].shape == (256, 512)
-    assert fused(out, tmp_path).count("MatMulNBits") == 3
+    assert optimized_ops(out, tmp_path)["MatMulNBits"] == 3
     x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
     (got,) = run_model(out, {"x": x})
     floats, h = initializers(src), x.astype(np.float64)
@@ -351,8 +344,8 @@ def test_post_training_gptq_keeps_the_integer_kernels_and_lowers_the_error(tmp_p
             np.testing.assert_array_equal(a[name], b[name])
     weights = [n for n in b if n.endswith(".weight_quantized")]
     assert weights and all(np.abs(b[n]).max() <= 3 for n in weights)  # the W3 grid
-    ops = fused(rounded, tmp_path)
-    assert ops.count("QLinearConv") == 3 and "DequantizeLinear" not in ops
+    ops = optimized_ops(rounded, tmp_path)
+    assert ops["QLinearConv"] == 3 and "DequantizeLinear" not in ops
 
 
 # --- equalization ----------------------------------------------------------------------------
