@@ -158,19 +158,16 @@ def _onnxruntime_loads(path: Path) -> bool:
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every tensor of `graph` and its subgraphs: initializers, sparse ones, attributes."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _all_tensors(sub)
+    for each in _graphs(graph):
+        yield from each.initializer
+        for sparse in each.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in each.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int | None:
@@ -448,8 +445,8 @@ def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     found = [graph]
     for node in graph.node:
         for attr in node.attribute:
-            subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subgraphs:
+            subgraphs = [attr.g] if attr.HasField("g") else []
+            for sub in [*subgraphs, *attr.graphs]:
                 found += _graphs(sub)
     return found
 
