@@ -19,6 +19,8 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from typing import Any
 
+# Imported for its effect, before anything imports onnx_ir: sympy loads only when used.
+import ptqconv.lazy  # noqa: F401
 from ptqconv.errors import PtqError, PtqUsageError
 from ptqconv.report import ConversionReport
 from ptqconv.settings import ConvertSettings

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 # Bottom to top; a module may import its own layer and the ones below.
 LAYERS = [
-    ["errors", "values", "qparams", "target"],
+    ["lazy", "errors", "values", "qparams", "target"],
     ["files", "config", "encodings", "graph", "calibrate.statistics", "calibrate.observers",
      "calibrate.images", "weights", "calibrate.moments"],
     ["runtime", "modelio"],

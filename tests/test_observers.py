@@ -173,3 +173,27 @@ def test_tail_quantiles_equal_numpys_whatever_the_hint(size, seed, scale, near, 
         x = np.round(x)
     expected = tuple(float(v) for v in np.quantile(x, OUTLIER_QUANTILES))
     assert tail_quantiles(x, OUTLIER_QUANTILES, near) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 4),
+                          st.integers(1, 4)), min_size=1, max_size=4),
+       st.sampled_from([1, -1]), st.integers(0, 2**31 - 1))
+def test_channel_moments_streamed_equal_a_float64_reference(shapes, axis, seed):
+    """Whatever the layout (one sample, a batch, a MatMul input), per-channel min and max are
+    exact and the mean square is within float32 summation error of a float64 reference."""
+    from ptqconv.calibrate.statistics import ChannelMoments
+
+    rng = np.random.default_rng(seed)
+    channels = shapes[0][1] if axis == 1 else shapes[0][3]
+    arrays = []
+    for n, _, h, w in shapes:
+        shape = (n, channels, h, w) if axis == 1 else (n, h, w, channels)
+        arrays.append((rng.standard_normal(shape) * rng.uniform(0.1, 100)).astype(np.float32))
+    moments = feed(ChannelMoments(axis), arrays)
+    flat = np.concatenate([np.moveaxis(a, axis, -1).reshape(-1, channels) for a in arrays])
+    result = moments.result()
+    np.testing.assert_array_equal(result.minimum, flat.min(axis=0))
+    np.testing.assert_array_equal(result.maximum, flat.max(axis=0))
+    reference = (flat.astype(np.float64) ** 2).mean(axis=0)
+    np.testing.assert_allclose(result.mean_square, reference, rtol=1e-5)

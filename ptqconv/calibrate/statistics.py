@@ -10,6 +10,7 @@ asking for the same figure cost nothing extra. An accumulator has `update(array)
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -120,11 +121,22 @@ class ChannelMoments(Accumulator):
         if x.ndim == 0 or x.size == 0:
             return
         axis = self.axis % x.ndim
-        others = tuple(i for i in range(x.ndim) if i != axis)
-        lo, hi = x.min(axis=others), x.max(axis=others)
-        # [outer, channel, inner] is a view of a contiguous array: no copy per sample.
-        view = x.reshape(int(np.prod(x.shape[:axis])), x.shape[axis], -1)
-        sumsq = np.einsum("ijk,ijk->j", view, view, dtype=np.float64)
+        # [outer, channel, inner] is a view of a contiguous array: no copy per sample. When
+        # outer or inner is 1 (one NCHW sample; a MatMul input), the reductions run over one
+        # contiguous axis of a 2-D view, twice as fast as over two. Squares are summed in
+        # float32 within a sample (relative error ~1e-6) and in float64 across samples.
+        view = x.reshape(math.prod(x.shape[:axis]), x.shape[axis], -1)
+        if view.shape[2] == 1:
+            rows = view[:, :, 0]
+            lo, hi = rows.min(axis=0), rows.max(axis=0)
+            sumsq = np.einsum("ij,ij->j", rows, rows).astype(np.float64)
+        elif view.shape[0] == 1:
+            rows = view[0]
+            lo, hi = rows.min(axis=1), rows.max(axis=1)
+            sumsq = np.einsum("ij,ij->i", rows, rows).astype(np.float64)
+        else:
+            lo, hi = view.min(axis=(0, 2)), view.max(axis=(0, 2))
+            sumsq = np.einsum("ijk,ijk->j", view, view).astype(np.float64)
         self.rows += x.size // x.shape[axis]
         if self.channel_min is None:
             self.channel_min, self.channel_max, self.channel_sumsq = lo, hi, sumsq
@@ -216,10 +228,11 @@ class TensorShape(Accumulator):
 
     def __init__(self) -> None:
         self.shape: tuple[int, ...] | None = None
+        self.size = -1
 
     def update(self, x: np.ndarray) -> None:
-        if self.shape is None or x.size > int(np.prod(self.shape)):
-            self.shape = tuple(x.shape)
+        if x.size > self.size:  # compared on every sample: no per-sample product
+            self.shape, self.size = tuple(x.shape), x.size
 
     def merge(self, other: TensorShape) -> None:
         if other.shape is not None:
