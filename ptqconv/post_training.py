@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ from ptqconv.passes.calibrated import MigrationPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
 from ptqconv.passes.fold_affine import FoldAffinePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
+from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
 from ptqconv.passes.gemm_sum import SplitGemmSumPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.hard_swish import HardSwishPass
@@ -66,6 +67,7 @@ from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, output_units, plan_quantization
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
 from ptqconv.passes.unique_names import UniqueNamesPass
+from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.qparams import Range
 from ptqconv.report import (
     BodySummary,
@@ -147,6 +149,7 @@ class Built:
     float_nodes: frozenset[ir.Node]  # of `prepared`
     choice: Choice
     imported: Imported | None = None  # the grids an encodings file fixed
+    tables: list[WeightRecord] = field(default_factory=list)  # embedding tables
 
 
 class PostTraining:
@@ -277,8 +280,14 @@ class PostTraining:
                               self.latency_units)
             qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
                                 fixed=fixed, integer_weights=self.integers)
+        tables = []
+        if s.embedding_quant:
+            kept = {n.name for n in choice.float_nodes(model.graph) if n.name}
+            tables = GatherQuantPass(GatherQuantConfig(
+                qparams.fused_weight_grid(8, reduce_range=False), skip=self.skip | kept,
+                per_row=True))(model).records
         return Built(model, qdq, plan, ranges, calibration, migrated, corrections, prepared,
-                     skip, choice.float_nodes(prepared.graph), choice, imported)
+                     skip, choice.float_nodes(prepared.graph), choice, imported, tables)
 
     def _range_method(self, model: ir.Model, method: str, shared: bool = False) -> RangeMethod:
         return RangeMethod(method, frozenset(v.name for v in model.graph.inputs), shared,
@@ -604,6 +613,7 @@ class PostTraining:
             quantize_nodes=built.qdq.quantize_nodes,
             weights_quantized=built.qdq.weights_quantized,
             weight_grid=built.qdq.weight_grid,
+            embedding_tables=[r for r in built.tables if r.quantized],
             bias_corrections=built.corrections,
             integer_activations=dict(built.qdq.integer_activations),
             latency_plan=self.latency,

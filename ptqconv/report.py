@@ -91,6 +91,7 @@ class PostTrainingSummary:
     quantize_nodes: int
     weights_quantized: int
     weight_grid: qparams.Grid | None
+    embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -386,6 +387,11 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             f"  weights quantized: {s.weights_quantized} (int8 symmetric"
             f"{' per-channel' if s.per_channel else ''}, levels [{grid.qmin}, {grid.qmax}]"
             f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''})")
+    if s.embedding_tables:
+        before = sum(r.float_bytes for r in s.embedding_tables)
+        after = sum(math.prod(r.shape) + 4 * r.shape[0] for r in s.embedding_tables)
+        lines.append(f"  embedding tables: {len(s.embedding_tables)} in int8 per row "
+                     f"({_mb(before)} -> {_mb(after)}; embedding_quant=false keeps them float)")
     if s.gptq is not None:
         lines.append(gptq_line(s.gptq))
     lines += _body_lines(s, shown)

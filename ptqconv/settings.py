@@ -126,6 +126,8 @@ class PostTrainingSettings:
     latency_aware: bool = True
     # Time the written model against the float one for the summary.
     measure_latency: bool = True
+    # Embedding tables (Gather of a float initializer) in int8 per row (passes/gather_quant.py).
+    embedding_quant: bool = True
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -385,6 +387,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         # every unit stays integer unless asked.
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
         measure_latency=pick.switch("measure_latency", True),
+        embedding_quant=pick.switch("embedding_quant", True),
         quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
         threads=threads,
         skip=skip,

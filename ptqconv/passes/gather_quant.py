@@ -1,8 +1,11 @@
-"""Embedding tables: Gather(float table, ids) -> DequantizeLinear(Gather(int8 table, ids)).
+"""Embedding tables: Gather(float table, ids) -> the same rows from an int8 table.
 
 Only the gathered rows are dequantized, at run time, as onnxruntime's quantize_dynamic does:
 dequantizing the whole table before the Gather would cost a pass over it every inference.
-One scale and zero point per table (the rows would need a Gather of their own scales).
+Per table (DynamicQuant, like quantize_dynamic): DequantizeLinear(Gather(int8 table, ids)).
+Per row (PostTraining): Mul(Cast(Gather(int8 table, ids)), Gather(row scales, ids)), symmetric,
+since a row's scale has to be gathered with it; on all_minilm_l6_v2 per row costs 0.00006 of
+embedding cosine where per table costs 0.0003 (docs/decisions.md, embedding tables).
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from ptqconv.graph.ops import is_onnx
 from ptqconv.passes.weight_quant import WeightRecord
 
 STORAGE = "int8 (Gather, then DequantizeLinear)"
+STORAGE_PER_ROW = "int8 per row (Gather, then Cast and Mul by the gathered row scales)"
 
 
 @dataclass
 class GatherQuantConfig:
-    grid: qparams.Grid  # an affine 8-bit grid: every level of the container
+    grid: qparams.Grid  # per table: any 8-bit grid; per row: a symmetric one
     min_size: int = 0
     skip: frozenset[str] = field(default_factory=frozenset)
+    per_row: bool = False
 
 
 @dataclass
@@ -54,9 +59,12 @@ class GatherQuantPass(ir.passes.InPlacePass):
                                   quantized=False, float_bytes=tensor.nbytes)
             record.reason = self._skip_reason(graph, node, table)
             if not record.reason:
-                self._replace(graph, names, node, table)
+                if self.config.per_row:
+                    self._replace_per_row(graph, names, node, table)
+                else:
+                    self._replace(graph, names, node, table)
                 record.quantized = result.modified = True
-                record.storage = STORAGE
+                record.storage = STORAGE_PER_ROW if self.config.per_row else STORAGE
             result.records.append(record)
         return result
 
@@ -76,6 +84,8 @@ class GatherQuantPass(ir.passes.InPlacePass):
             return "shared with another node"
         if tensor.size <= cfg.min_size:
             return f"{tensor.size} elements <= quantWeightSize {cfg.min_size}"
+        if cfg.per_row and node.attributes.get_int("axis", 0) % len(tensor.shape) != 0:
+            return "gathers along an axis other than the rows"
         return ""
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, node: ir.Node,
@@ -100,5 +110,35 @@ class GatherQuantPass(ir.passes.InPlacePass):
         gathered.replace_all_uses_with(out, replace_graph_outputs=True)
         out.name, gathered.name = gathered.name, names.new(f"{gathered.name or base}_quantized")
         dequant.replace_input_with(0, gathered)
+        gathered.type = ir.TensorType(ir.DataType.INT8)
+        graph.initializers.pop(table.name)
+
+    def _replace_per_row(self, graph: ir.Graph, names: NameAllocator, node: ir.Node,
+                         table: ir.Value) -> None:
+        grid = self.config.grid
+        weights = table.const_value.numpy()
+        rmin, rmax = qparams.tensor_range(weights, axis=0)
+        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+        q = qparams.quantize(weights, scale, zero_point, grid, axis=0, dtype=np.int8)
+        base = table.name or "table"
+        indices = node.inputs[1]
+        node.replace_input_with(0, add_initializer(graph, names.new(f"{base}_quantized"), q))
+        # [rows, 1, ...]: the gathered scales broadcast over the rest of each row.
+        row_scales = scale.reshape(-1, *([1] * (weights.ndim - 1)))
+        gather_scales = ir.node("Gather", [
+            add_initializer(graph, names.new(f"{base}_row_scale"), row_scales), indices,
+        ], attributes={"axis": 0}, name=names.new(f"{node.name or base}_scales"))
+        gathered = node.outputs[0]
+        cast = ir.node("Cast", [gathered], attributes={"to": ir.DataType.FLOAT},
+                       name=names.new(f"{node.name or base}_Cast"))
+        mul = ir.node("Mul", [cast.outputs[0], gather_scales.outputs[0]],
+                      name=names.new(f"{node.name or base}_Mul"))
+        graph.insert_after(node, [gather_scales, cast, mul])
+        out = mul.outputs[0]
+        out.type, out.shape = gathered.type, gathered.shape
+        gathered.replace_all_uses_with(out, replace_graph_outputs=True)
+        # replace_all_uses_with also moved the Cast's input: give it back the gathered rows.
+        cast.replace_input_with(0, gathered)
+        out.name, gathered.name = gathered.name, names.new(f"{gathered.name or base}_quantized")
         gathered.type = ir.TensorType(ir.DataType.INT8)
         graph.initializers.pop(table.name)
