@@ -8,6 +8,7 @@ refuses is never reported as a success.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import time
 from collections.abc import Callable
@@ -76,19 +77,23 @@ def convert(settings: ConvertSettings,
             report.inferred_shapes += inferred_shapes(source)
     files.refuse_inputs(planned_outputs(settings),
                         read_files(settings, model_files, data, eval_data))
-    with files.Staging() as staging:
+    with files.Staging() as staging, contextlib.ExitStack() as scope:
         pt = built = None
         if isinstance(mode, PostTrainingSettings):
             assert data is not None
             report.data = data.format
             original_names = value_names(model.graph)
             del model
-            with files.temporary_directory() as workdir:
-                simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
-                pt = PostTraining(mode, data, progress)
-                built, report.post_training = pt.run(simplified, original_names)
-                model = built.model
-                saved = _save(model, settings, report, staging)
+            runtime.release_memory()
+            # The simplified model's weights stay on disk there (mapped, not copied) for as
+            # long as any model built from it may be read: up to the accuracy-target repair.
+            workdir = scope.enter_context(files.temporary_directory())
+            simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
+            runtime.release_memory()
+            pt = PostTraining(mode, data, progress)
+            built, report.post_training = pt.run(simplified, original_names)
+            model = built.model
+            saved = _save(model, settings, report, staging)
         else:
             if isinstance(mode, DynamicQuantSettings):
                 model, report.weights = dynamic_quant(model, mode)

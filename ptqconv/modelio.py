@@ -17,7 +17,7 @@ import onnx_ir.passes.common as common_passes
 
 from ptqconv.errors import PtqError, shown
 from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_failure
-from ptqconv.runtime import Session, path_source
+from ptqconv.runtime import IN_MEMORY_BYTES, Session, path_source
 
 # docs/reference.md §3: onnxruntime 1.31 refuses models above opset 26 and IR version 13.
 MAX_ORT_OPSET = 26
@@ -40,6 +40,10 @@ _OPSET_FOR_TYPE = {
 }
 
 
+# Tensors of at least this many bytes are written to the simplified model's data file.
+SIMPLIFIED_EXTERNAL_BYTES = 1 << 20
+
+
 def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
     """The float model after onnxruntime's basic (hardware-independent) graph optimizations.
 
@@ -56,8 +60,13 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
     options.log_severity_level = 3
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_file_name", "simplified.onnx.data")
+    # A big model's weights go to a data file that onnx-ir then maps instead of reading:
+    # parsing them into a protobuf first peaked at 1.07 GB for BERT-base, against 0.72 GB
+    # (docs/decisions.md). A small one stays one file, which sessions take as bytes.
+    big = model_size(path) > IN_MEMORY_BYTES
     options.add_session_config_entry(
-        "session.optimized_model_external_initializers_min_size_in_bytes", "1073741824")
+        "session.optimized_model_external_initializers_min_size_in_bytes",
+        str(SIMPLIFIED_EXTERNAL_BYTES if big else 1 << 30))
     try:
         ort.InferenceSession(path_source(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

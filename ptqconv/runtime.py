@@ -4,10 +4,13 @@ probing intermediate tensors, and streaming samples with inference one sample ah
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import platform
 import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,8 +35,12 @@ LEVELS = {
 # The graphs ptqconv runs for itself were already simplified by onnxruntime (modelio), and
 # re-applying this fusion to them fails (docs/decisions.md, MatMulAddFusion).
 REAPPLIED_FUSIONS = ["MatMulAddFusion"]
-# Protobuf refuses messages of 2 GiB; leave room for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Above this many bytes of weights an in-memory model reaches onnxruntime as a temporary file
+# with external data, which it maps, rather than as serialized bytes, which it parses into a
+# copy of its own while the bytes are alive: BERT-base's calibration session peaked at
+# 1.39 GB from bytes and 0.78 GB from a file (docs/decisions.md, sessions from files).
+# Below it, bytes spare the disk. Protobuf's 2 GiB limit is far above it.
+IN_MEMORY_BYTES = 64_000_000
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
@@ -50,6 +57,19 @@ def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     return options
 
 
+def release_memory() -> None:
+    """Free what a finished step left and give it back to the system. onnx-ir's models are
+    reference cycles (nodes and graphs point at each other), which only the cyclic garbage
+    collector frees, and glibc keeps freed heap pages for reuse: without both, a conversion's
+    later steps run on top of its earlier ones (BERT-base: a deleted 0.33 GB model stayed
+    resident through onnxruntime's simplification; docs/decisions.md)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        # Not glibc (musl, say): nothing to trim.
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, safe for a one-line error."""
     text = str(exc).strip()
@@ -64,12 +84,13 @@ def initializer_bytes(model: ir.Model) -> int:
 
 @contextlib.contextmanager
 def _loadable(source: ModelSource) -> Iterator[str | bytes]:
-    """`source` as what onnxruntime loads: a path, or serialized bytes below protobuf's limit
-    (an in-memory model above it goes to a temporary file with external data)."""
+    """`source` as what onnxruntime loads: a path, or serialized bytes for an in-memory model
+    with at most IN_MEMORY_BYTES of weights (a bigger one goes to a temporary file with
+    external data)."""
     if isinstance(source, onnx.ModelProto):
         yield source.SerializeToString()
     elif isinstance(source, ir.Model):
-        if initializer_bytes(source) <= EXTERNAL_DATA_THRESHOLD:
+        if initializer_bytes(source) <= IN_MEMORY_BYTES:
             yield ir.to_proto(source).SerializeToString()
             return
         with temporary_directory() as tmp:

@@ -170,3 +170,35 @@ def test_benchmark_subcommand_gate_from_the_console(tmp_path):
     )
     assert result.returncode == 1
     assert json.loads(report.read_text())["passed"] is False
+
+
+def test_big_model_route_maps_weights_and_still_repairs(tmp_path, capsys, monkeypatch):
+    """Models over IN_MEMORY_BYTES are simplified into a mapped data file and reach
+    onnxruntime as files; lowered to 0 here, the digits model takes that route through
+    calibration, AUTO's candidates and the accuracy-target repair, which reads models built
+    from the mapped weights after the first one is written."""
+    import onnx
+
+    from ptqconv import modelio, runtime
+
+    monkeypatch.setattr(runtime, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(modelio, "IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(modelio, "SIMPLIFIED_EXTERNAL_BYTES", 64)
+    made = []
+    simplify = modelio.simplify_with_onnxruntime
+
+    def spy(path, workdir):
+        out = simplify(path, workdir)
+        made.append(sorted(p.name for p in workdir.iterdir()))
+        return out
+
+    monkeypatch.setattr(modelio, "simplify_with_onnxruntime", spy)
+    out = tmp_path / "q.onnx"
+    args = [f"--modelFile={MODEL}", f"--outputFile={out}", "--quantType=PostTraining",
+            f"--configFile={config(tmp_path)}", "--accuracyThreshold=0.01"]
+    assert main(args) == 0
+    assert made == [["simplified.onnx", "simplified.onnx.data"]]
+    assert "accuracy target: the quantized model missed it" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gate.ini", "q.onnx"]
+    model = onnx.load(str(out))  # one self-contained file
+    assert not any(t.external_data for t in model.graph.initializer)
