@@ -116,15 +116,6 @@ def convert(settings: ConvertSettings,
                                                      report, saved, staging, progress,
                                                      model_files, built)
         del session
-        if isinstance(mode, PostTrainingSettings) and mode.measure_latency and (
-                report.post_training is not None and data is not None):
-            # On a calibration sample, the way onnxruntime runs both files for a user.
-            try:
-                report.post_training.latency = runtime.compare_latency(
-                    {"float": settings.model_file, "quantized": saved.path},
-                    next(iter(data)))
-            except PtqError as exc:  # a figure of the summary, not a reason to fail
-                report.post_training.latency_skipped = str(exc)
         if isinstance(mode, PostTrainingSettings) and mode.encodings_out is not None:
             assert pt is not None and built is not None
             # The model written is float when nothing was worth quantizing: no encodings.
@@ -136,6 +127,19 @@ def convert(settings: ConvertSettings,
                 raise PtqError(f"--encodingsFile: cannot write {shown(mode.encodings_out)}: "
                                f"{files.os_reason(exc)}") from None
             report.encodings_file = mode.encodings_out
+        # The models built are done with: free them (and the float weights they map) before
+        # onnxruntime loads the float model and the written one side by side.
+        pt = built = None
+        runtime.release_memory()
+        if isinstance(mode, PostTrainingSettings) and mode.measure_latency and (
+                report.post_training is not None and data is not None):
+            # On a calibration sample, the way onnxruntime runs both files for a user.
+            try:
+                report.post_training.latency = runtime.compare_latency(
+                    {"float": settings.model_file, "quantized": saved.path},
+                    next(iter(data)))
+            except PtqError as exc:  # a figure of the summary, not a reason to fail
+                report.post_training.latency_skipped = str(exc)
         replaced = staging.commit()
     report.replaced = [p for p in replaced if p == settings.data_file]
     report.seconds = time.perf_counter() - start
