@@ -92,6 +92,9 @@ def convert(settings: ConvertSettings,
             runtime.release_memory()
             pt = PostTraining(mode, data, progress)
             built, report.post_training = pt.run(simplified, original_names)
+            # The float weights were read for quantizing; unmapped, they do not add to the
+            # peak of writing the model (a later rebuild maps them again).
+            modelio.unmap_weights(built.prepared)
             model = built.model
             saved = _save(model, settings, report, staging)
         else:

@@ -246,6 +246,10 @@ class PostTraining:
             prepared = float_model.clone()  # what every later step starts again from
             migrated = [m.calibrated(statistics, calibration.float_tensors, self.fixed)(prepared)
                         for m in self.migrations(choice)]
+            # The migrations read the mapped float weights and made scaled copies of some;
+            # unmapped, the originals stop counting while the copies are quantized.
+            modelio.unmap_weights(float_model)
+            modelio.unmap_weights(prepared)
             if migrations is not None:
                 migrations[key] = (prepared, migrated)
         model = prepared.clone()
