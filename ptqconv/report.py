@@ -18,6 +18,7 @@ from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
 from ptqconv.passes.gptq import GPTQSummary
 from ptqconv.passes.latency_plan import LatencyPlan
+from ptqconv.passes.residual_sum import ResidualSum
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.runtime import Latency
 from ptqconv.target import Target
@@ -92,6 +93,7 @@ class PostTrainingSummary:
     weights_quantized: int
     weight_grid: qparams.Grid | None
     embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
+    residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -392,6 +394,13 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         after = sum(math.prod(r.shape) + 4 * r.shape[0] for r in s.embedding_tables)
         lines.append(f"  embedding tables: {len(s.embedding_tables)} in int8 per row "
                      f"({_mb(before)} -> {_mb(after)}; embedding_quant=false keeps them float)")
+    if s.residual_sum is not None:
+        r = s.residual_sum
+        lines.append(
+            f"  residual Adds before LayerNormalization: {r.adds} "
+            f"{'written as Sum' if r.applied else 'kept'} (onnxruntime's SkipLayerNormalization "
+            f"fusion {r.fused_ms:.3f} ms, unfused {r.unfused_ms:.3f} ms at "
+            f"[{r.shape[0]}, {r.shape[1]}] on {r.cpu})")
     if s.gptq is not None:
         lines.append(gptq_line(s.gptq))
     lines += _body_lines(s, shown)

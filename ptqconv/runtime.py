@@ -261,6 +261,8 @@ def stream_together(
 # Latency comparisons: at least MIN_RUNS runs of each model, then more until BUDGET_SECONDS
 # have passed, at most MAX_RUNS.
 MIN_RUNS, MAX_RUNS, BUDGET_SECONDS, WARM_UP = 10, 50, 2.0, 3
+# The residual-sum measurement is a side question of a conversion: a few tenths of a second.
+SKIP_LAYER_NORM_BUDGET_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -333,3 +335,26 @@ def cpu_description() -> str:
     if features.get("ASIMDDP"):
         return f"{name} (Arm dot product)"
     return name
+
+
+def skip_layer_norm_ms(hidden: int, tokens: int, threads: int = 0) -> Latency:
+    """Add -> LayerNormalization over [1, tokens, hidden] timed as onnxruntime runs it here
+    ("fused": its SkipLayerNormalization) against the same sum spelt Sum ("unfused"), which it
+    leaves as two kernels (passes/residual_sum.py)."""
+    def model(op: str) -> onnx.ModelProto:
+        shape = [1, tokens, hidden]
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node(op, ["x", "r"], ["s"]),
+             onnx.helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1)],
+            "residual", [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, shape)
+                         for n in ("x", "r")],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+            [onnx.numpy_helper.from_array(np.ones(hidden, np.float32), "g"),
+             onnx.numpy_helper.from_array(np.zeros(hidden, np.float32), "b")])
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((1, tokens, hidden)).astype(np.float32) for n in "xr"}
+    return compare_latency({"fused": model("Add"), "unfused": model("Sum")}, feeds, threads,
+                           budget_s=SKIP_LAYER_NORM_BUDGET_S)
+

@@ -1,0 +1,73 @@
+"""Residual Adds before LayerNormalization written as Sum, which onnxruntime does not fuse.
+
+onnxruntime (1.32, CPU) fuses Add -> LayerNormalization into its SkipLayerNormalization
+kernel, which on x86 without VNNI runs 3-6x slower than the two ops it replaces (docs/
+decisions.md, SkipLayerNormalization). Sum of two inputs is the same float addition under
+another name, so the written model computes what the model says, bit for bit as onnxruntime
+runs it unfused (its fused kernel rounds the normalization slightly differently, about
+1e-7 relative). Whether the fusion
+is slower is measured on the CPU at conversion time (`runtime.skip_layer_norm_ms`), not
+assumed: this pass only rewrites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from ptqconv.graph.ops import is_onnx
+
+
+def residual_adds(model: ir.Model) -> list[ir.Node]:
+    """The Adds onnxruntime would fuse into SkipLayerNormalization: two inputs, output read
+    only by a LayerNormalization as its input, not a graph output."""
+    found = []
+    for graph in model.graphs():
+        outputs = set(graph.outputs)
+        for node in graph:
+            if not is_onnx(node) or node.op_type != "Add" or len(node.inputs) != 2:
+                continue
+            out = node.outputs[0]
+            uses = list(out.uses())
+            if out in outputs or len(uses) != 1:
+                continue
+            user, index = uses[0]
+            if is_onnx(user) and user.op_type == "LayerNormalization" and index == 0:
+                found.append(node)
+    return found
+
+
+@dataclass
+class ResidualSumResult(ir.passes.PassResult):
+    rewritten: list[str] = field(default_factory=list)  # node names
+
+
+class ResidualSumPass(ir.passes.InPlacePass):
+    def call(self, model: ir.Model) -> ResidualSumResult:
+        result = ResidualSumResult(model, False)
+        for node in residual_adds(model):
+            node.op_type = "Sum"
+            result.rewritten.append(node.name or "")
+            result.modified = True
+        return result
+
+
+# Written as Sum only when unfused measured at most this fraction of the fused time: timing
+# noise must not flip the choice (the gap measured is 3-6x, docs/decisions.md).
+MARGIN = 0.9
+
+
+@dataclass(frozen=True)
+class ResidualSum:
+    """What was measured for the residual Adds and whether they were written as Sum."""
+
+    adds: int
+    shape: tuple[int, int]  # [tokens, hidden] the fusion was timed at
+    fused_ms: float
+    unfused_ms: float
+    cpu: str
+
+    @property
+    def applied(self) -> bool:
+        return self.unfused_ms <= MARGIN * self.fused_ms
