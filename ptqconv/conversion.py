@@ -99,8 +99,9 @@ def convert(settings: ConvertSettings,
             saved = _save(model, settings, report, staging)
         else:
             if isinstance(mode, DynamicQuantSettings):
-                model, report.weights = dynamic_quant(model, mode)
-                report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range)
+                model, report.weights, residual = dynamic_quant(model, mode)
+                report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range,
+                                                residual)
             else:
                 model, report.weights, report.weight_quant = weight_quant(
                     model, mode, settings.model_file.parent, progress, weight_data)

@@ -6,8 +6,10 @@ import onnx_ir as ir
 
 from ptqconv import qparams
 from ptqconv.errors import PtqUsageError
+from ptqconv.passes import residual_sum
 from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
 from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
+from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.settings import DynamicQuantSettings
 
@@ -19,7 +21,7 @@ ACWL_UNSUPPORTED = (
 
 
 def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
-                  ) -> tuple[ir.Model, list[WeightRecord]]:
+                  ) -> tuple[ir.Model, list[WeightRecord], ResidualSum | None]:
     """`model` with its eligible MatMul / Gemm weights in int8 behind DynamicQuantizeMatMul and
     its embedding tables in int8 before Gather, and what happened to every such weight. Other
     weights (Conv: onnxruntime's ConvInteger is slower than its float Conv) stay float."""
@@ -32,4 +34,8 @@ def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
     tables = GatherQuantConfig(qparams.weight_only_grid(settings.bit_num), settings.min_size,
                                frozenset(settings.skip))
     records += GatherQuantPass(tables)(model).records
-    return model, records
+    # Transformers keep float residual Adds before LayerNormalization here too.
+    residual = residual_sum.measure(model, settings.target)
+    if residual is not None and residual.applied:
+        ResidualSumPass()(model)
+    return model, records, residual

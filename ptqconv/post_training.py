@@ -44,7 +44,7 @@ from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
 from ptqconv.graph.naming import node_key
 from ptqconv.imported import Imported, resolve, saturating
-from ptqconv.passes import bias_correction, gptq
+from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
 from ptqconv.passes.body_plan import (
     body_macs,
@@ -65,7 +65,7 @@ from ptqconv.passes.integer_activations import IntegerActivationsPass
 from ptqconv.passes.latency_plan import LatencyPlan, plan_latency
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, output_units, plan_quantization
-from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass, residual_adds
+from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
 from ptqconv.passes.unique_names import UniqueNamesPass
 from ptqconv.passes.weight_quant import WeightRecord
@@ -78,7 +78,6 @@ from ptqconv.report import (
     PostTrainingSummary,
 )
 from ptqconv.settings import AUTO, PostTrainingSettings
-from ptqconv.target import detect
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -100,8 +99,6 @@ MAX_HELD_OUT = 64
 # A technique worse than the best so far by this factor on the first fold is not scored on
 # the next.
 FLIP_MARGIN = 1.2
-# Tokens the SkipLayerNormalization fusion is timed at when the model's are not static.
-RESIDUAL_SUM_TOKENS = 128
 # Output noise-to-signal ratios closer than this are a tie (output cosines within 5e-6): the
 # held-out samples cannot tell such choices apart (docs/decisions.md, AUTO ties).
 TIE = 1e-5
@@ -177,7 +174,7 @@ class PostTraining:
         self.latency_units: frozenset[str] = frozenset()
         # Weights GPTQ rounded for the chosen model, by name: every later build uses them.
         self.integers: dict[str, IntegerWeight] | None = None
-        # Measured once per run (`measure_residual_sum`); None: nothing to measure.
+        # Measured once per run (`residual_sum.measure`); None: nothing to measure.
         self.residual_sum: ResidualSum | None = None
 
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
@@ -365,7 +362,7 @@ class PostTraining:
         """The quantized model, how it was built, and what was done."""
         s = self.settings
         model = self.load_float(source, original_names)
-        self.residual_sum = self.measure_residual_sum(model)
+        self.residual_sum = residual_sum.measure(model, s.target)
         self.min_max = per_execution(model)
         self.macs = body_macs(model, self.data.shapes)
         fixed = (resolve(self.file, model.graph, s.per_channel).names if self.file
@@ -470,31 +467,6 @@ class PostTraining:
         return built, integer_kernels(optimized, built.qdq.renamed)
 
     # --- measured choices ----------------------------------------------------------------
-
-    def measure_residual_sum(self, model: ir.Model) -> ResidualSum | None:
-        """Time onnxruntime's SkipLayerNormalization fusion against the unfused spelling on
-        this CPU, at the model's hidden size and token count (128 when not static). None
-        when the model has nothing to fuse or runs on another kind of CPU than this one."""
-        adds = residual_adds(model)
-        if not adds or self.settings.target.name != detect().name:
-            return None
-        add = adds[0]
-        norm = next(user for user, _ in add.outputs[0].uses())
-        scale = norm.inputs[1].const_value if len(norm.inputs) > 1 and norm.inputs[1] else None
-        shape = add.outputs[0].shape
-        dims = [d if isinstance(d, int) else None for d in shape] if shape is not None else []
-        hidden = scale.shape[-1] if scale is not None and len(scale.shape) else (
-            dims[-1] if dims else None)
-        if not isinstance(hidden, int):
-            return None
-        known = dims[:-1] and all(d is not None for d in dims[:-1])
-        tokens = math.prod(dims[:-1]) if known else RESIDUAL_SUM_TOKENS
-        try:
-            timed = runtime.skip_layer_norm_ms(hidden, tokens)
-        except PtqError:  # a figure, not a reason to fail: leave the Adds as they are
-            return None
-        return ResidualSum(len(adds), (tokens, hidden), timed.ms["fused"],
-                           timed.ms["unfused"], timed.cpu)
 
     def _has_units(self, model: ir.Model) -> bool:
         """Whether anything is left to quantize once the latency plan kept its units float

@@ -119,6 +119,7 @@ class DynamicSummary:
     strategy: str  # ALWC
     target: Target
     reduce_range: bool  # 7-bit weights against the U8S8 GEMM's int16 saturation
+    residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,8 @@ class ConversionReport:
                 f"  weights quantized: {len(self.quantized)}",
                 f"  weights kept float: {len(self.skipped)}",
             ]
+            if d.residual_sum is not None:
+                lines.append(residual_sum_line(d.residual_sum))
         if self.data is not None:
             lines.append(f"  data: {self.data.describe()}")
         if self.post_training is not None:
@@ -395,12 +398,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         lines.append(f"  embedding tables: {len(s.embedding_tables)} in int8 per row "
                      f"({_mb(before)} -> {_mb(after)}; embedding_quant=false keeps them float)")
     if s.residual_sum is not None:
-        r = s.residual_sum
-        lines.append(
-            f"  residual Adds before LayerNormalization: {r.adds} "
-            f"{'written as Sum' if r.applied else 'kept'} (onnxruntime's SkipLayerNormalization "
-            f"fusion {r.fused_ms:.3f} ms, unfused {r.unfused_ms:.3f} ms at "
-            f"[{r.shape[0]}, {r.shape[1]}] on {r.cpu})")
+        lines.append(residual_sum_line(s.residual_sum))
     if s.gptq is not None:
         lines.append(gptq_line(s.gptq))
     lines += _body_lines(s, shown)
@@ -578,6 +576,13 @@ def sensitivity_lines(ranking: list[UnitSensitivity], top: int = 10) -> list[str
     if ranking:
         lines.append(f"    to keep the worst in float: --skipQuantNode={ranking[0].node}")
     return lines
+
+
+def residual_sum_line(r: ResidualSum) -> str:
+    return (f"  residual Adds before LayerNormalization: {r.adds} "
+            f"{'written as Sum' if r.applied else 'kept'} (onnxruntime's SkipLayerNormalization "
+            f"fusion {r.fused_ms:.3f} ms, unfused {r.unfused_ms:.3f} ms at "
+            f"[{r.shape[0]}, {r.shape[1]}] on {r.cpu})")
 
 
 def _mb(n: int) -> str:

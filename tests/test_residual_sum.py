@@ -15,8 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import ptqconv
 from ptqconv import runtime
-from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
-from ptqconv.post_training import RESIDUAL_SUM_TOKENS
+from ptqconv.passes.residual_sum import DEFAULT_TOKENS, ResidualSum, ResidualSumPass
 from ptqconv.runtime import Latency
 
 TOKENS, HIDDEN = 8, 32
@@ -96,12 +95,26 @@ def test_conversion_measures_and_reports_the_choice(tmp_path, monkeypatch, fused
     report = ptqconv.convert(src, out, "PostTraining", config_file=config)
     # The hidden size comes from the LayerNormalization's scale; onnxruntime's simplified
     # graph carries no intermediate shapes, so the tokens are the default.
-    assert asked == [(RESIDUAL_SUM_TOKENS, HIDDEN)]
+    assert asked == [(DEFAULT_TOKENS, HIDDEN)]
     summary = report.post_training.residual_sum
     assert summary is not None and summary.adds == 1
     verb = "written as Sum" if written == "Sum" else "kept"
     assert (f"residual Adds before LayerNormalization: 1 {verb} (onnxruntime's "
             f"SkipLayerNormalization fusion {fused:.3f} ms, unfused {unfused:.3f} ms at "
-            f"[{RESIDUAL_SUM_TOKENS}, {HIDDEN}] on test CPU)") in report.format()
+            f"[{DEFAULT_TOKENS}, {HIDDEN}] on test CPU)") in report.format()
     ops = {n.name: n.op_type for n in onnx.load(str(out)).graph.node}
     assert ops["residual"] == written
+
+
+def test_dynamic_quant_outputs_get_the_same_measured_rewrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "skip_layer_norm_ms", lambda hidden, tokens, threads=0:
+                        Latency({"fused": 0.6, "unfused": 0.1}, 10, 2, "test CPU"))
+    src = save(block(), tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert report.dynamic.residual_sum is not None and report.dynamic.residual_sum.applied
+    assert "residual Adds before LayerNormalization: 1 written as Sum" in report.format()
+    assert {n.name: n.op_type for n in onnx.load(str(out)).graph.node}["residual"] == "Sum"
+    x = np.random.default_rng(3).standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)
+    got, want = run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()

@@ -12,11 +12,15 @@ assumed: this pass only rewrites.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from ptqconv import runtime
+from ptqconv.errors import PtqError
 from ptqconv.graph.ops import is_onnx
+from ptqconv.target import Target, detect
 
 
 def residual_adds(model: ir.Model) -> list[ir.Node]:
@@ -53,6 +57,9 @@ class ResidualSumPass(ir.passes.InPlacePass):
         return result
 
 
+# Tokens the fusion is timed at when the model's are not static (onnxruntime's simplified
+# graphs carry no intermediate shapes).
+DEFAULT_TOKENS = 128
 # Written as Sum only when unfused measured at most this fraction of the fused time: timing
 # noise must not flip the choice (the gap measured is 3-6x, docs/decisions.md).
 MARGIN = 0.9
@@ -71,3 +78,30 @@ class ResidualSum:
     @property
     def applied(self) -> bool:
         return self.unfused_ms <= MARGIN * self.fused_ms
+
+
+def measure(model: ir.Model, target: Target) -> ResidualSum | None:
+    """Time onnxruntime's SkipLayerNormalization fusion against the unfused spelling on this
+    CPU, at the model's hidden size (its LayerNormalization scale) and token count
+    (DEFAULT_TOKENS when not static). None when the model has nothing to fuse or is
+    converted for another kind of CPU than this one."""
+    adds = residual_adds(model)
+    if not adds or target.name != detect().name:
+        return None
+    add = adds[0]
+    norm = next(user for user, _ in add.outputs[0].uses())
+    scale = norm.inputs[1].const_value if len(norm.inputs) > 1 and norm.inputs[1] else None
+    shape = add.outputs[0].shape
+    dims = [d if isinstance(d, int) else None for d in shape] if shape is not None else []
+    hidden = scale.shape[-1] if scale is not None and len(scale.shape) else (
+        dims[-1] if dims else None)
+    if not isinstance(hidden, int):
+        return None
+    known = dims[:-1] and all(d is not None for d in dims[:-1])
+    tokens = math.prod(dims[:-1]) if known else DEFAULT_TOKENS
+    try:
+        timed = runtime.skip_layer_norm_ms(hidden, tokens)
+    except PtqError:  # a figure, not a reason to fail: the Adds stay as they are
+        return None
+    return ResidualSum(len(adds), (tokens, hidden), timed.ms["fused"], timed.ms["unfused"],
+                       timed.cpu)
