@@ -146,6 +146,7 @@ class WeightQuantSummary:
     equalize_errors: tuple[float, float] | None = None
     equalized: int = 0  # chains equalized
     init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
+    residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
     auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
 
 
@@ -344,6 +345,8 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
                      "per weight on average; bits per layer:")
         lines += [f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.bits} bits "
                   f"({w.storage})" for w in quantized]
+    if s.residual_sum is not None:
+        lines.append(residual_sum_line(s.residual_sum))
     return lines
 
 

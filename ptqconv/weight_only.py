@@ -27,9 +27,10 @@ from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.calibrate.statistics import Statistics
 from ptqconv.evaluate.metrics import OutputComparison
 from ptqconv.graph.naming import node_key
-from ptqconv.passes import bias_correction, gptq
+from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
 from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
+from ptqconv.passes.residual_sum import ResidualSumPass
 from ptqconv.passes.weight_equalize import WeightEqualizePass
 from ptqconv.passes.weight_quant import (
     BLOCKED_OPSET,
@@ -41,6 +42,7 @@ from ptqconv.passes.weight_quant import (
 )
 from ptqconv.report import WeightQuantSummary
 from ptqconv.settings import WeightQuantSettings
+from ptqconv.target import detect
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
 from ptqconv.weights.layout import IntegerWeight
@@ -124,6 +126,11 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
             record.method = "GPTQ"
     summary.weight_corrections = sum(1 for r in result.records
                                      if r.quantized and settings.bias_correction)
+    # Weight-only models compute in float: their residual Adds fuse like the float model's.
+    # WeightQuant names no target: the model runs where it is converted.
+    summary.residual_sum = residual_sum.measure(model, detect())
+    if summary.residual_sum is not None and summary.residual_sum.applied:
+        ResidualSumPass()(model)
     return model, result.records, summary
 
 

@@ -118,3 +118,14 @@ def test_dynamic_quant_outputs_get_the_same_measured_rewrite(tmp_path, monkeypat
     x = np.random.default_rng(3).standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)
     got, want = run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_weight_only_outputs_get_the_same_measured_rewrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "skip_layer_norm_ms", lambda hidden, tokens, threads=0:
+                        Latency({"fused": 0.6, "unfused": 0.1}, 10, 2, "test CPU"))
+    src = save(block(), tmp_path / "float.onnx")
+    out = tmp_path / "w8.onnx"
+    report = ptqconv.convert(src, out, "WeightQuant", bit_num=8, quant_weight_channel=0)
+    assert report.weight_quant.residual_sum is not None
+    assert "residual Adds before LayerNormalization: 1 written as Sum" in report.format()
+    assert {n.name: n.op_type for n in onnx.load(str(out)).graph.node}["residual"] == "Sum"
