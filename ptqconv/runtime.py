@@ -172,6 +172,8 @@ def optimized(source: ModelSource, threads: int = 1) -> ir.Model:
             "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        # Only the graph is wanted: no packed copies of the weights (modelio.simplify...).
+        options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with _loadable(source) as loadable:
                 ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
