@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import os
 import shutil
@@ -19,7 +18,7 @@ import onnx_ir.passes.common as common_passes
 
 from ptqconv.errors import PtqError, shown
 from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_failure
-from ptqconv.runtime import IN_MEMORY_BYTES, Session, path_source
+from ptqconv.runtime import IN_MEMORY_BYTES, Session, path_source, release_memory
 
 # docs/reference.md §3: onnxruntime 1.31 refuses models above opset 26 and IR version 13.
 MAX_ORT_OPSET = 26
@@ -126,7 +125,7 @@ def load_model(path: Path, check: bool = True) -> ir.Model:
             # file (docs/decisions.md). Parsing it again afterwards costs less. (Parsing
             # alone peaks at twice the file: the bytes read and the message built from them.)
             del proto
-            gc.collect()
+            release_memory()
             reason = _checker_failure(None, path, external)
             proto = _parse(path)
         else:

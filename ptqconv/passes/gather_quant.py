@@ -59,10 +59,7 @@ class GatherQuantPass(ir.passes.InPlacePass):
                                   quantized=False, float_bytes=tensor.nbytes)
             record.reason = self._skip_reason(graph, node, table)
             if not record.reason:
-                if self.config.per_row:
-                    self._replace_per_row(graph, names, node, table)
-                else:
-                    self._replace(graph, names, node, table)
+                self._replace(graph, names, node, table)
                 record.quantized = result.modified = True
                 record.storage = STORAGE_PER_ROW if self.config.per_row else STORAGE
             result.records.append(record)
@@ -90,55 +87,42 @@ class GatherQuantPass(ir.passes.InPlacePass):
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, node: ir.Node,
                  table: ir.Value) -> None:
-        grid = self.config.grid
+        grid, per_row = self.config.grid, self.config.per_row
         weights = table.const_value.numpy()
-        rmin, rmax = qparams.tensor_range(weights)
+        axis = 0 if per_row else None
+        rmin, rmax = qparams.tensor_range(weights, axis=axis)
         scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-        q = qparams.quantize(weights, scale, zero_point, grid, dtype=np.int8)
-        base = table.name or "table"
-        quantized = add_initializer(graph, names.new(f"{base}_quantized"), q)
-        node.replace_input_with(0, quantized)
-        gathered = node.outputs[0]
-        dequant = ir.node("DequantizeLinear", [
-            None,
-            add_initializer(graph, names.new(f"{base}_scale"), scale),
-            add_initializer(graph, names.new(f"{base}_zero_point"), zero_point.astype(np.int8)),
-        ], name=names.new(f"{node.name or base}_DequantizeLinear"))
-        graph.insert_after(node, dequant)
-        out = dequant.outputs[0]
-        out.type, out.shape = gathered.type, gathered.shape
-        gathered.replace_all_uses_with(out, replace_graph_outputs=True)
-        out.name, gathered.name = gathered.name, names.new(f"{gathered.name or base}_quantized")
-        dequant.replace_input_with(0, gathered)
-        gathered.type = ir.TensorType(ir.DataType.INT8)
-        graph.initializers.pop(table.name)
-
-    def _replace_per_row(self, graph: ir.Graph, names: NameAllocator, node: ir.Node,
-                         table: ir.Value) -> None:
-        grid = self.config.grid
-        weights = table.const_value.numpy()
-        rmin, rmax = qparams.tensor_range(weights, axis=0)
-        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
-        q = qparams.quantize(weights, scale, zero_point, grid, axis=0, dtype=np.int8)
-        base = table.name or "table"
+        q = qparams.quantize(weights, scale, zero_point, grid, axis=axis, dtype=np.int8)
+        base, prefix = table.name or "table", node.name or table.name or "table"
         indices = node.inputs[1]
         node.replace_input_with(0, add_initializer(graph, names.new(f"{base}_quantized"), q))
-        # [rows, 1, ...]: the gathered scales broadcast over the rest of each row.
-        row_scales = scale.reshape(-1, *([1] * (weights.ndim - 1)))
-        gather_scales = ir.node("Gather", [
-            add_initializer(graph, names.new(f"{base}_row_scale"), row_scales), indices,
-        ], attributes={"axis": 0}, name=names.new(f"{node.name or base}_scales"))
         gathered = node.outputs[0]
-        cast = ir.node("Cast", [gathered], attributes={"to": ir.DataType.FLOAT},
-                       name=names.new(f"{node.name or base}_Cast"))
-        mul = ir.node("Mul", [cast.outputs[0], gather_scales.outputs[0]],
-                      name=names.new(f"{node.name or base}_Mul"))
-        graph.insert_after(node, [gather_scales, cast, mul])
-        out = mul.outputs[0]
+        if per_row:
+            # [rows, 1, ...]: the gathered scales broadcast over the rest of each row.
+            row_scales = scale.reshape(-1, *([1] * (weights.ndim - 1)))
+            gather_scales = ir.node("Gather", [
+                add_initializer(graph, names.new(f"{base}_row_scale"), row_scales), indices,
+            ], attributes={"axis": 0}, name=names.new(f"{prefix}_scales"))
+            first = ir.node("Cast", [None], attributes={"to": ir.DataType.FLOAT},
+                            name=names.new(f"{prefix}_Cast"))
+            last = ir.node("Mul", [first.outputs[0], gather_scales.outputs[0]],
+                           name=names.new(f"{prefix}_Mul"))
+            chain = [gather_scales, first, last]
+        else:
+            first = last = ir.node("DequantizeLinear", [
+                None,
+                add_initializer(graph, names.new(f"{base}_scale"), scale),
+                add_initializer(graph, names.new(f"{base}_zero_point"),
+                                zero_point.astype(np.int8)),
+            ], name=names.new(f"{prefix}_DequantizeLinear"))
+            chain = [first]
+        graph.insert_after(node, chain)
+        # The chain's output takes the gathered value's place (and name); the int8 rows
+        # feed the chain.
+        out = last.outputs[0]
         out.type, out.shape = gathered.type, gathered.shape
         gathered.replace_all_uses_with(out, replace_graph_outputs=True)
-        # replace_all_uses_with also moved the Cast's input: give it back the gathered rows.
-        cast.replace_input_with(0, gathered)
         out.name, gathered.name = gathered.name, names.new(f"{gathered.name or base}_quantized")
+        first.replace_input_with(0, gathered)
         gathered.type = ir.TensorType(ir.DataType.INT8)
         graph.initializers.pop(table.name)
