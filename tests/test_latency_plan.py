@@ -84,16 +84,23 @@ def test_a_tiny_net_stays_float():
     assert latency.planned_us == latency.float_us < latency.quantized_us
 
 
-def test_units_kept_float_read_dequantized_tensors_so_their_neighbours_still_fuse(tmp_path):
-    src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
-    data = random_samples(tmp_path / "x", 2, seed=0, shape=(1, 3, 112, 112))
+def _convert_for_avx2(src, tmp_path, samples: int, shape: tuple[int, ...], *flags: str):
+    """PostTraining of `src` for the cost model's CPU (whatever this one is) on `samples`
+    random samples of `shape`, without timing the result; the output path."""
+    data = random_samples(tmp_path / "x", samples, seed=0, shape=shape)
     config = tmp_path / "c.ini"
     config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
                       f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
                       "[full_quant_param]\nmeasure_latency=false\n")
     out = tmp_path / "q.onnx"
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
-                 f"--configFile={config}", "--quiet"]) == 0
+                 f"--configFile={config}", *flags]) == 0
+    return out
+
+
+def test_units_kept_float_read_dequantized_tensors_so_their_neighbours_still_fuse(tmp_path):
+    src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
+    out = _convert_for_avx2(src, tmp_path, 2, (1, 3, 112, 112), "--quiet")
     ops = optimized_ops(out, tmp_path)
     # Three float convs; their output is quantized once for the four QLinearConvs.
     assert ops["QLinearConv"] == 4 and ops["QuantizeLinear"] == 1
@@ -125,13 +132,7 @@ def test_the_summary_names_what_stayed_float_and_the_measured_latency(tmp_path, 
 
 def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsys):
     src = save(_conv_net(MOBILE, 4), tmp_path / "float.onnx")  # tiny: every unit float
-    data = random_samples(tmp_path / "x", 8, seed=0, shape=(1, 3, 4, 4))
-    config = tmp_path / "c.ini"
-    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
-                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-                      "[full_quant_param]\nmeasure_latency=false\n")
-    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
-                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    _convert_for_avx2(src, tmp_path, 8, (1, 3, 4, 4))
     out = capsys.readouterr().out
     assert "node units quantized: 0" in out
     assert "latency_aware=false quantizes it anyway" in out
@@ -178,14 +179,7 @@ def test_a_float_rewrite_that_runs_faster_is_written_lean_not_dropped(tmp_path, 
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 4, 4])], inits)
     src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
                tmp_path / "float.onnx")
-    data = random_samples(tmp_path / "x", 4, seed=0, shape=(1, 3, 4, 4))
-    config = tmp_path / "c.ini"
-    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
-                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-                      "[full_quant_param]\nmeasure_latency=false\n")
-    out = tmp_path / "q.onnx"
-    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
-                 f"--configFile={config}"]) == 0
+    out = _convert_for_avx2(src, tmp_path, 4, (1, 3, 4, 4))
     assert "node units quantized: 0" in capsys.readouterr().out
     written = onnx.load(str(out))
     assert out.stat().st_size <= src.stat().st_size

@@ -65,6 +65,18 @@ def test_only_the_adds_onnxruntime_would_fuse_become_sum_with_the_same_outputs(t
     assert optimized_ops(out, tmp_path)["SkipLayerNormalization"] == 0
 
 
+def _timed(monkeypatch, fused: float, unfused: float) -> list[tuple[int, int]]:
+    """onnxruntime's fusion 'measured' at these figures; the [tokens, hidden] asked for."""
+    asked = []
+
+    def timing(hidden, tokens, threads=0):
+        asked.append((tokens, hidden))
+        return Latency({"fused": fused, "unfused": unfused}, 10, 2, "test CPU")
+
+    monkeypatch.setattr(runtime, "skip_layer_norm_ms", timing)
+    return asked
+
+
 def test_margin_keeps_noise_from_flipping_the_choice():
     def timed(fused: float, unfused: float) -> bool:
         return ResidualSum(1, (8, 32), fused, unfused, "cpu").applied
@@ -76,13 +88,7 @@ def test_margin_keeps_noise_from_flipping_the_choice():
 @pytest.mark.parametrize(("fused", "unfused", "written"), [(0.6, 0.1, "Sum"), (0.1, 0.1, "Add")])
 def test_conversion_measures_and_reports_the_choice(tmp_path, monkeypatch, fused, unfused,
                                                     written):
-    asked = []
-
-    def timing(hidden, tokens, threads=0):
-        asked.append((tokens, hidden))
-        return Latency({"fused": fused, "unfused": unfused}, 10, 2, "test CPU")
-
-    monkeypatch.setattr(runtime, "skip_layer_norm_ms", timing)
+    asked = _timed(monkeypatch, fused, unfused)
     src = save(block(), tmp_path / "float.onnx")
     rng = np.random.default_rng(2)
     data = write_samples(tmp_path / "x", (rng.standard_normal((1, TOKENS, HIDDEN))
@@ -107,8 +113,7 @@ def test_conversion_measures_and_reports_the_choice(tmp_path, monkeypatch, fused
 
 
 def test_dynamic_quant_outputs_get_the_same_measured_rewrite(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "skip_layer_norm_ms", lambda hidden, tokens, threads=0:
-                        Latency({"fused": 0.6, "unfused": 0.1}, 10, 2, "test CPU"))
+    _timed(monkeypatch, 0.6, 0.1)
     src = save(block(), tmp_path / "float.onnx")
     out = tmp_path / "dyn.onnx"
     report = ptqconv.convert(src, out, "DynamicQuant")
@@ -121,8 +126,7 @@ def test_dynamic_quant_outputs_get_the_same_measured_rewrite(tmp_path, monkeypat
 
 
 def test_weight_only_outputs_get_the_same_measured_rewrite(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "skip_layer_norm_ms", lambda hidden, tokens, threads=0:
-                        Latency({"fused": 0.6, "unfused": 0.1}, 10, 2, "test CPU"))
+    _timed(monkeypatch, 0.6, 0.1)
     src = save(block(), tmp_path / "float.onnx")
     out = tmp_path / "w8.onnx"
     report = ptqconv.convert(src, out, "WeightQuant", bit_num=8, quant_weight_channel=0)
