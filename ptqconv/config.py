@@ -29,7 +29,8 @@ The forms:
                     center_crop_width, center_crop_height
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     reduce_range, smooth_quant, equalize, latency_aware, measure_latency,
-                    embedding_quant, activation_bit_num, quant_strategy,
+                    embedding_quant, histogram_sampling, activation_bit_num,
+                    quant_strategy,
                     thread_num, target_device (MindSpore's docs put it here too),
                     enable_all_ops
                     encodings_path (ptqconv's: AIMET / QNN encodings imported as
@@ -127,6 +128,7 @@ class QuantConfig:
     latency_aware: bool | None = None
     measure_latency: bool | None = None
     embedding_quant: bool | None = None
+    histogram_sampling: bool | None = None
     activation_bit_num: int | None = None  # [1, 8]
     encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
     thread_num: int | None = None  # [1, 64]
@@ -687,6 +689,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("latency_aware"),
         _bool_key("measure_latency"),
         _bool_key("embedding_quant"),
+        _bool_key("histogram_sampling"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
         # MindSpore's docs put target_device here too.

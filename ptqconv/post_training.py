@@ -26,6 +26,7 @@ from ptqconv import encodings, modelio, qparams, runtime
 from ptqconv.calibrate.collector import collect
 from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.calibrate.exposure import per_execution
+from ptqconv.calibrate.observers import histogram_values
 from ptqconv.calibrate.ranges import (
     ActivationRanges,
     RangeMethod,
@@ -300,7 +301,12 @@ class PostTraining:
 
     def _range_method(self, model: ir.Model, method: str, shared: bool = False) -> RangeMethod:
         return RangeMethod(method, frozenset(v.name for v in model.graph.inputs), shared,
-                           self.min_max)
+                           self.min_max, self.histogram_values)
+
+    @property
+    def histogram_values(self) -> int:
+        """What KL / MSE histograms bin of each sample of a tensor (0: every value)."""
+        return histogram_values(len(self.data)) if self.settings.histogram_sampling else 0
 
     # --- the run -------------------------------------------------------------------------
 
@@ -499,7 +505,8 @@ class PostTraining:
         s = self.settings
         inputs = frozenset(v.name for v in model.graph.inputs)
         methods = CANDIDATE_METHODS if s.method == AUTO else (s.method,)
-        points = candidate_points(methods, inputs, tensors, folds, self.min_max)
+        points = candidate_points(methods, inputs, tensors, folds, self.min_max,
+                                  self.histogram_values)
         for migration in self.migrations(replace(start, equalize=True, smooth_quant=True)):
             points += [folded(point, folds) for point in migration.statistic_points(model)]
         if s.bias_correction is not False:
@@ -613,6 +620,8 @@ class PostTraining:
             activation_bits=s.activation_bits,
             per_channel=s.per_channel,
             target=s.target,
+            histogram_values=(self.histogram_values
+                              if s.method in (AUTO, "KL", "MSE") else 0),
             reduce_range=s.reduce_range,
             units=len(built.plan.units),
             kl_refused=built.calibration.kl_refused,

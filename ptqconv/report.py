@@ -83,6 +83,8 @@ class PostTrainingSummary:
     activation_bits: int
     per_channel: bool
     target: Target
+    # Values of each tensor a sample that KL / MSE histograms binned (0: all, or none built).
+    histogram_values: int
     reduce_range: bool
     units: int  # node units quantized
     kl_refused: int
@@ -366,7 +368,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
              else f"; reduce_range={str(s.reduce_range).lower()} set in the config")
     lines = [
         f"  target: {s.target.describe()}{given}",
-        f"  calibration: {s.method} on {s.samples} samples",
+        f"  calibration: {s.method} on {s.samples} samples"
+        + (f" (histograms from at most {s.histogram_values:,} values of each tensor a sample; "
+           f"histogram_sampling=false bins all)" if s.histogram_values else ""),
         *(_import_lines(s.imported, s.method) if s.imported else []),
         *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "

@@ -128,6 +128,8 @@ class PostTrainingSettings:
     measure_latency: bool = True
     # Embedding tables (Gather of a float initializer) in int8 per row (passes/gather_quant.py).
     embedding_quant: bool = True
+    # KL / MSE histograms from a strided sample of each tensor (calibrate/observers.py).
+    histogram_sampling: bool = True
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -388,6 +390,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
         measure_latency=pick.switch("measure_latency", True),
         embedding_quant=pick.switch("embedding_quant", True),
+        histogram_sampling=pick.switch("histogram_sampling", True),
         quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
         threads=threads,
         skip=skip,

@@ -27,8 +27,9 @@ COMMON_KEYS = (
 )
 FULL_KEYS = (
     "activation_bit_num, activation_quant_method, bias_correction, embedding_quant, "
-    "enable_all_ops, encodings_path, equalize, latency_aware, measure_latency, per_channel, "
-    "quant_strategy, reduce_range, smooth_quant, target_device, thread_num"
+    "enable_all_ops, encodings_path, equalize, histogram_sampling, latency_aware, "
+    "measure_latency, per_channel, quant_strategy, reduce_range, smooth_quant, target_device, "
+    "thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(
@@ -797,6 +798,7 @@ SCHEMA = {
     ("full_quant_param", "latency_aware"): _boolean(),
     ("full_quant_param", "measure_latency"): _boolean(),
     ("full_quant_param", "embedding_quant"): _boolean(),
+    ("full_quant_param", "histogram_sampling"): _boolean(),
     ("full_quant_param", "activation_bit_num"): _integer(1, 8),
     ("full_quant_param", "thread_num"): _integer(1, 64),
     ("evaluate_param", "eval_size"): _integer(1, 65535),

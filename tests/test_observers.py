@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,11 +11,18 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ptqconv.calibrate.observers import (
+    KL_BIN_FLOOR,
+    KL_BINS,
+    KL_TARGET_BINS,
     OBSERVERS,
     HistogramObserver,
     MinMaxObserver,
+    MSEObserver,
     RemovalOutlierObserver,
+    histogram_values,
+    kl_divergences,
     kl_threshold_bin,
+    predicted_error,
 )
 
 values = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -120,6 +129,74 @@ def test_kl_is_refused_where_its_clipping_would_leave_mostly_noise():
     guarded = feed(HistogramObserver(), [x])
     guarded.compute_range(8)
     assert guarded.kl_refused
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 5000), st.integers(1, 400), st.integers(0, 2**31 - 1))
+def test_sampled_histogram_reads_every_value_once_in_step_updates(size, cap, seed):
+    """A sampled histogram fed one tensor p times (p its stride) is exactly p times the full
+    histogram of it: the moving offset reads each position once, counted p times."""
+    x = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+    exact = feed(HistogramObserver(), [x])
+    sampled = HistogramObserver(cap)
+    sampled.update(x)
+    step = 1
+    if cap < size:  # the least prime that takes at most `cap` values
+        step = -(-size // cap)
+        while any(step % k == 0 for k in range(2, int(step**0.5) + 1)):
+            step += 1
+    for _ in range(step - 1):
+        sampled.update(x)
+    assert sampled.exponent == exact.exponent
+    assert np.array_equal(sampled.hist, exact.hist * step)
+    assert (sampled.min, sampled.max) == (exact.min, exact.max)
+
+
+def _activations(kind: str, samples: int, shape: tuple[int, ...], seed: int):
+    rng = np.random.default_rng(seed)
+    channel = np.exp(rng.normal(0, 1, shape[1])).astype(np.float32)[None, :, None, None]
+    for _ in range(samples):
+        z = rng.standard_normal(shape).astype(np.float32)
+        if kind == "relu":
+            x = np.maximum(z * channel + 0.3, 0)
+        elif kind == "laplace":
+            x = rng.laplace(size=shape).astype(np.float32) * channel
+        elif kind == "outliers":
+            x = z * channel
+            x.reshape(-1)[rng.integers(0, x.size, 20)] *= 40
+        else:  # spatially smooth
+            x = np.cumsum(z, axis=3) / 8 * channel
+        yield np.ascontiguousarray(x, dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", ["relu", "laplace", "outliers", "smooth"])
+@pytest.mark.parametrize(("samples", "shape", "seed"),
+                         [(300, (1, 64, 28, 28), 2), (40, (1, 32, 112, 112), 1)])
+def test_sampled_histograms_stay_within_the_stated_bound(kind, samples, shape, seed):
+    """docs/decisions.md (histogram sampling): from the sampled histogram, KL's threshold has a
+    divergence on the exact histogram at most 20% above the least, and MSE's a predicted
+    quantization noise at most 5% above the exact histogram's choice."""
+    assert histogram_values(samples) < math.prod(shape)  # the case samples
+    exact, sampled = MSEObserver(), MSEObserver(histogram_values(samples))
+    for x in _activations(kind, samples, shape, seed):
+        exact.update(x)
+        sampled.update(x)
+    hist, absmax = exact.histogram()
+    unsigned = exact.min >= 0
+    kl_at = kl_divergences(hist + KL_BIN_FLOOR, KL_TARGET_BINS * (2 if unsigned else 1))
+
+    def threshold(observer, method):
+        r = observer.range_for(method)
+        return r.high if unsigned else max(-r.low, r.high)
+
+    def divergence(t):
+        candidates, kl = kl_at
+        return kl[min(max(int(t / absmax * KL_BINS) - candidates[0], 0), len(kl) - 1)]
+
+    assert divergence(threshold(sampled, "KL")) <= 1.2 * divergence(threshold(exact, "KL"))
+    noise = predicted_error(hist, absmax, np.array([threshold(o, "MSE") for o in (exact, sampled)]),
+                            not unsigned, 8)
+    assert noise[1] <= 1.05 * noise[0]
 
 
 def test_minmax_and_removal_outlier_ranges():

@@ -10,6 +10,7 @@ from conftest import run_model
 from harness import optimized_ops
 from models import (
     DIGITS,
+    conv_net,
     digits_eval,
     random_samples,
     residual_cnn,
@@ -405,3 +406,30 @@ def test_float16_model_gets_int8_weights(tmp_path):
     got = run_model(out, x)[0]
     assert got.dtype == np.float16
     assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25
+
+
+def test_kl_histograms_sample_big_tensors_unless_told_to_bin_every_value(tmp_path):
+    """200 samples: the 32x32x32 activations go over the per-sample budget and are sampled;
+    histogram_sampling=false bins every value. Both models stay close to float."""
+    import ptqconv
+    from ptqconv.calibrate.observers import histogram_values
+
+    model = save(conv_net(), tmp_path / "m.onnx")
+    calib = random_samples(tmp_path / "calib", 200, seed=1)
+    x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    (ref,) = run_model(model, {"x": x})
+    reports = {}
+    for sampling in ("true", "false"):
+        cfg = tmp_path / f"{sampling}.ini"
+        cfg.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{calib}\ncalibrate_size=200\n"
+                       f"[full_quant_param]\nactivation_quant_method=KL\n"
+                       f"histogram_sampling={sampling}\nmeasure_latency=false\n")
+        out = tmp_path / f"{sampling}.onnx"
+        reports[sampling] = ptqconv.convert(model, out, "PostTraining", config_file=str(cfg))
+        (got,) = run_model(out, {"x": x})
+        assert np.sum((got - ref) ** 2) / np.sum(ref**2) < 1e-3
+    assert histogram_values(200) == 20972 < 32 * 32 * 32
+    assert reports["true"].post_training.histogram_values == 20972
+    assert reports["false"].post_training.histogram_values == 0
+    assert "histograms from at most 20,972 values" in reports["true"].format()
+    assert "histograms from" not in reports["false"].format()

@@ -29,19 +29,23 @@ class RangeMethod:
     first layer, and inputs are often discrete, pixels or tokens, which misleads histogram
     methods), and so do the tensors in `min_max`, which calibration can only observe as one
     [min, max] per execution (`calibrate.exposure`). With `shared`, MAX_MIN, KL and MSE read
-    one histogram per tensor, so the collection that serves one of them serves all three."""
+    one histogram per tensor, so the collection that serves one of them serves all three.
+    `values`: what histograms bin of each sample (`HistogramObserver`; 0: every value)."""
 
     method: str
     model_inputs: frozenset[str]
     shared: bool = False
     min_max: frozenset[str] = frozenset()
+    values: int = 0
 
     def statistic(self, tensor: str) -> Statistic:
         if tensor in self.model_inputs or tensor in self.min_max:
             return Statistic(MinMaxObserver)
-        if self.shared and self.method in HISTOGRAM_METHODS:
-            return Statistic(HistogramObserver)
-        return Statistic(OBSERVERS[self.method])
+        kind = (HistogramObserver if self.shared and self.method in HISTOGRAM_METHODS
+                else OBSERVERS[self.method])
+        if issubclass(kind, HistogramObserver):
+            return Statistic(kind, (self.values,))
+        return Statistic(kind)
 
     def points(self, tensors: Iterable[str]) -> list[StatisticPoint]:
         return [StatisticPoint(t, self.statistic(t)) for t in tensors]
@@ -54,11 +58,13 @@ class RangeMethod:
 
 def candidate_points(methods: Iterable[str], model_inputs: frozenset[str],
                      tensors: Iterable[str], folds: int,
-                     min_max: frozenset[str] = frozenset()) -> list[StatisticPoint]:
+                     min_max: frozenset[str] = frozenset(),
+                     values: int = 0) -> list[StatisticPoint]:
     """Statistics over `folds` folds (see `statistics.Folds`) serving every one of
     `methods`."""
     return [folded(point, folds) for method in methods
-            for point in RangeMethod(method, model_inputs, True, min_max).points(tensors)]
+            for point in RangeMethod(method, model_inputs, True, min_max, values)
+            .points(tensors)]
 
 
 @dataclass
