@@ -45,17 +45,14 @@ IN_MEMORY_BYTES = 64_000_000
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
 
-def session_options(threads: int, level: str = "all", spin: bool = True) -> ort.SessionOptions:
-    """`spin`: idle intra-op threads spin (onnxruntime's default). Calibration's observers
-    overlap inference even so: sleeping threads cost 2-3 ms a sample in wake-ups, more than
-    the spinning takes from the observers (docs/decisions.md, spinning threads). Sessions
-    that run at the same time as each other do not spin."""
+def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Python-side work (observers) overlaps the next inference; spinning onnxruntime threads
+    # would take the cores it needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = LEVELS[level]
     return options
 
@@ -125,13 +122,13 @@ class Session:
     """
 
     def __init__(self, source: ModelSource, threads: int = 1, level: str = "all",
-                 label: str = "model", own_graph: bool = False, spin: bool = True) -> None:
+                 label: str = "model", own_graph: bool = False) -> None:
         self.label = label
         disabled = REAPPLIED_FUSIONS if own_graph else []
         try:
             with _loadable(source) as loadable:
                 self.session = ort.InferenceSession(
-                    loadable, session_options(threads, level, spin),
+                    loadable, session_options(threads, level),
                     providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         except Exception as exc:
             raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
@@ -188,11 +185,11 @@ def optimized(source: ModelSource, threads: int = 1) -> ir.Model:
 
 @contextlib.contextmanager
 def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
-          label: str = "model", spin: bool = True) -> Iterator[Session]:
+          label: str = "model") -> Iterator[Session]:
     """A session over ptqconv's own graph `model` that also returns the values in `outputs`.
 
     The model is not modified: the extra outputs are added to its output list only while it
-    is serialized. `spin`: see `session_options`.
+    is serialized.
     """
     graph = model.graph
     found = values_by_name(graph)
@@ -203,7 +200,7 @@ def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
         with _loadable(model) as loadable:
             graph.outputs.clear()
             graph.outputs.extend(original)
-            session = Session(loadable, threads, label=label, own_graph=True, spin=spin)
+            session = Session(loadable, threads, label=label, own_graph=True)
             del loadable  # serialized bytes as big as the weights; a file stays for the session
             yield session
     finally:

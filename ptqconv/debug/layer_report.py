@@ -220,11 +220,8 @@ def activation_report(
             local = qparams.fake_quantize(x, params.scale, params.zero_point, grid)
             stats[name].update(x, local, quantized[out])
 
-    # The two sessions run at the same time: their idle threads must not spin.
-    with runtime.probe(float_model, fetched, threads, label="layer report",
-                       spin=False) as reference, \
-            runtime.probe(qdq.model, dequantized, threads, label="layer report",
-                          spin=False) as quantized:
+    with runtime.probe(float_model, fetched, threads, label="layer report") as reference, \
+            runtime.probe(qdq.model, dequantized, threads, label="layer report") as quantized:
         runtime.stream_together([(reference, fetched), (quantized, dequantized)], samples,
                                 consume, progress)
     return list(stats.values())
