@@ -9,6 +9,7 @@ README quotes.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shlex
 import sys
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     sections: list[Section] = []
     start = time.perf_counter()
+    # Every case runs in a child process that imports ptqconv afresh. A pip install leaves
+    # bytecode behind; with PYTHONDONTWRITEBYTECODE set (some CI and sandbox shells) an
+    # editable install would be compiled again in every child, 0.2 s a conversion.
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "ptqconv", quiet=1)
     with tempfile.TemporaryDirectory(prefix="ptqconv-bench-") as tmp:
         ctx = Context(tmp=Path(tmp), repeat=1 if args.quick else args.repeat, heavy=args.heavy,
                       quick=args.quick, corpus=args.corpus, threads=args.threads,
