@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from ptqconv import __version__
+from ptqconv import __version__, runtime
 from ptqconv.errors import PtqError, escaped, shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -420,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run the command and turn every failure into one line and an exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args
+    runtime.give_back_big_allocations()  # the process is ptqconv's: its memory policy too
     with _signals_handled(), _decisions_logged(verbose):
         return _run(args, verbose)
 

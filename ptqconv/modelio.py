@@ -16,6 +16,7 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from ptqconv import piecewise_parse
 from ptqconv.errors import PtqError, shown
 from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_failure
 from ptqconv.runtime import IN_MEMORY_BYTES, Session, path_source, release_memory
@@ -64,7 +65,8 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
     # A big model's weights go to a data file that onnx-ir then maps instead of reading:
     # parsing them into a protobuf first peaked at 1.07 GB for BERT-base, against 0.72 GB
     # (docs/decisions.md). A small one stays one file, which sessions take as bytes.
-    big = model_size(path) > IN_MEMORY_BYTES
+    # The file alone can decide, without parsing it for its data files.
+    big = path.stat().st_size > IN_MEMORY_BYTES or model_size(path) > IN_MEMORY_BYTES
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes",
         str(SIMPLIFIED_EXTERNAL_BYTES if big else 1 << 30))
@@ -119,20 +121,24 @@ def load_model(path: Path, check: bool = True) -> ir.Model:
         )
     if check:
         external = check_external_data(proto, path)
+        # onnx's checker is stricter than onnxruntime in places (a graph input of unknown
+        # rank, for one); onnxruntime, where the output will run, has the last word: a
+        # model passes when either accepts it.
         if size > IN_MEMORY_BYTES and is_utf8(path):
-            # The checker parses the file itself and copies the model for shape inference:
-            # with this parse alive too, BERT-base's validation peaked at three times the
-            # file (docs/decisions.md). Parsing it again afterwards costs less. (Parsing
-            # alone peaks at twice the file: the bytes read and the message built from them.)
+            # A big model is offered to onnxruntime first, with this parse freed: onnx's
+            # checker holds the file's bytes and its message at once (BERT-base: 686 MB,
+            # onnxruntime without packed weights 388 MB; docs/decisions.md). Parsing it
+            # again afterwards costs less.
             del proto
             release_memory()
-            reason = _checker_failure(None, path, external)
+            reason = None if _onnxruntime_loads(path) else _checker_failure(None, path,
+                                                                             external)
             proto = _parse(path)
         else:
             reason = _checker_failure(proto, path, external)
-        # onnx's checker is stricter than onnxruntime in places (a graph input of unknown
-        # rank, for one); onnxruntime, where the output will run, has the last word.
-        if reason is not None and not _onnxruntime_loads(path):
+            if reason is not None and _onnxruntime_loads(path):
+                reason = None
+        if reason is not None:
             raise PtqError(f"{where}: not a valid ONNX model: {reason}")
     try:
         model = ir.serde.deserialize_model(proto)
@@ -149,7 +155,11 @@ def load_model(path: Path, check: bool = True) -> ir.Model:
 
 def _parse(path: Path) -> onnx.ModelProto:
     """The model file's protobuf, its external data left on disk (onnx-ir maps it lazily,
-    so any size loads)."""
+    so any size loads). A big file is parsed a field at a time (`piecewise_parse`): read
+    whole, it peaks at twice its size."""
+    if regular_file_size(path) > IN_MEMORY_BYTES:
+        with contextlib.suppress(Exception):  # onnx.load below names what is wrong
+            return piecewise_parse.parse_model(str(path))
     try:
         return onnx.load(str(path), load_external_data=False)
     except OSError as exc:
@@ -180,7 +190,7 @@ def _checker_failure(proto: onnx.ModelProto | None, path: Path, external: int
 
 def _onnxruntime_loads(path: Path) -> bool:
     try:
-        Session(path, level="disable", label=shown(path))
+        Session(path, level="disable", label=shown(path), prepack=False)
     except PtqError:
         return False
     return True
@@ -342,10 +352,7 @@ def model_files(path: Path, model: ir.Model) -> list[Path]:
 def model_size(path: str | os.PathLike) -> int:
     """Bytes on disk of the model file plus the external data files its tensors use."""
     path = Path(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise PtqError(f"{path}: cannot read the model: {exc}") from None
+    proto = _parse(path)  # a big file piecewise: only the locations of data are wanted
     total = path.stat().st_size
     for location in sorted(_external_locations(proto.graph)):
         data = path.parent / location

@@ -70,6 +70,24 @@ def release_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# Allocations of at least this many bytes get pages of their own, given back when freed.
+# glibc's threshold otherwise grows with the largest block freed (up to 32 MB), after which
+# such buffers come from the heap, which keeps what it held. 16 MB: BERT-base conversion
+# peak 682 -> 662 MB at the same time; 4 or 8 MB gave 564 MB but cost ~15% more time in
+# page faults on its 9.4 MB weights (docs/decisions.md, mmap threshold).
+MMAP_THRESHOLD = 16 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def give_back_big_allocations() -> None:
+    """Process-wide (glibc): allocations of MMAP_THRESHOLD bytes or more are mapped and
+    unmapped, so a finished step's big buffers leave the resident set. The command line
+    calls it; a Python caller may."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, safe for a one-line error."""
     text = str(exc).strip()
@@ -122,13 +140,16 @@ class Session:
     """
 
     def __init__(self, source: ModelSource, threads: int = 1, level: str = "all",
-                 label: str = "model", own_graph: bool = False) -> None:
+                 label: str = "model", own_graph: bool = False, prepack: bool = True) -> None:
         self.label = label
         disabled = REAPPLIED_FUSIONS if own_graph else []
+        options = session_options(threads, level)
+        if not prepack:  # a session only loaded, never run, need not copy the weights
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with _loadable(source) as loadable:
                 self.session = ort.InferenceSession(
-                    loadable, session_options(threads, level),
+                    loadable, options,
                     providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         except Exception as exc:
             raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"

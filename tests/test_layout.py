@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 LAYERS = [
     ["lazy", "errors", "values", "qparams", "target"],
     ["files", "config", "encodings", "graph", "calibrate.statistics", "calibrate.observers",
-     "calibrate.images", "weights", "calibrate.moments"],
+     "calibrate.images", "weights", "calibrate.moments", "piecewise_parse"],
     ["runtime", "modelio"],
     ["calibrate.ranges", "calibrate.dataset", "calibrate.exposure", "calibrate.collector"],
     ["passes"],

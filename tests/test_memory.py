@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx_ir as ir
+import pytest
 from models import mlp, save
 
-from ptqconv import modelio
+from ptqconv import modelio, runtime
 
 
 def test_unmapped_weights_read_back_equal_and_views_keep_their_map(tmp_path):
@@ -25,3 +29,31 @@ def test_unmapped_weights_read_back_equal_and_views_keep_their_map(tmp_path):
     assert all(t.raw is None for t in tensors[1:])
     assert all(np.array_equal(t.numpy(), f) for t, f in zip(tensors, first, strict=True))
     assert np.array_equal(held, first[0])
+
+
+_HEAP_PROBE = """
+import re, sys
+from ptqconv import runtime
+def rss():
+    return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+if sys.argv[1] == "give_back":
+    runtime.give_back_big_allocations()
+big = runtime.MMAP_THRESHOLD + (4 << 20)
+first = bytearray(big)  # freeing a mapped block raises glibc's own threshold past it
+del first
+before = rss()
+second = bytearray(big)
+del second
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_big_buffers_leave_the_resident_set_when_freed():
+    """With glibc's default, a big buffer freed after another one stays resident in the heap;
+    give_back_big_allocations maps it, so freeing it gives it back."""
+    kept = {mode: int(subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode],
+                                     capture_output=True, text=True, check=True).stdout)
+            for mode in ("default", "give_back")}
+    mb = (runtime.MMAP_THRESHOLD >> 20) + 4
+    assert kept["give_back"] < 2 and kept["default"] >= mb - 2, kept
