@@ -620,8 +620,8 @@ class PostTraining:
             activation_bits=s.activation_bits,
             per_channel=s.per_channel,
             target=s.target,
-            histogram_values=(self.histogram_values
-                              if s.method in (AUTO, "KL", "MSE") else 0),
+            histogram_values=self.histogram_values,
+            histogram_sampled=built.calibration.sampled,
             reduce_range=s.reduce_range,
             units=len(built.plan.units),
             kl_refused=built.calibration.kl_refused,

@@ -83,8 +83,10 @@ class PostTrainingSummary:
     activation_bits: int
     per_channel: bool
     target: Target
-    # Values of each tensor a sample that KL / MSE histograms binned (0: all, or none built).
+    # Values of each tensor a sample that KL / MSE histograms binned, and the tensors that
+    # had more (0: none sampled).
     histogram_values: int
+    histogram_sampled: int
     reduce_range: bool
     units: int  # node units quantized
     kl_refused: int
@@ -369,8 +371,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     lines = [
         f"  target: {s.target.describe()}{given}",
         f"  calibration: {s.method} on {s.samples} samples"
-        + (f" (histograms from at most {s.histogram_values:,} values of each tensor a sample; "
-           f"histogram_sampling=false bins all)" if s.histogram_values else ""),
+        + (f" (histograms of {s.histogram_sampled} tensors from at most "
+           f"{s.histogram_values:,} of their values a sample; histogram_sampling=false bins "
+           f"all)" if s.histogram_sampled else ""),
         *(_import_lines(s.imported, s.method) if s.imported else []),
         *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "

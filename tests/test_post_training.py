@@ -409,12 +409,12 @@ def test_float16_model_gets_int8_weights(tmp_path):
 
 
 def test_kl_histograms_sample_big_tensors_unless_told_to_bin_every_value(tmp_path):
-    """200 samples: the 32x32x32 activations go over the per-sample budget and are sampled;
-    histogram_sampling=false bins every value. Both models stay close to float."""
+    """200 samples: the 128-channel activations go over the per-sample budget and are
+    sampled; histogram_sampling=false bins every value. Both models stay close to float."""
     import ptqconv
     from ptqconv.calibrate.observers import histogram_values
 
-    model = save(conv_net(), tmp_path / "m.onnx")
+    model = save(conv_net(channels=128), tmp_path / "m.onnx")
     calib = random_samples(tmp_path / "calib", 200, seed=1)
     x = np.random.default_rng(2).standard_normal((1, 3, 16, 16)).astype(np.float32)
     (ref,) = run_model(model, {"x": x})
@@ -426,10 +426,15 @@ def test_kl_histograms_sample_big_tensors_unless_told_to_bin_every_value(tmp_pat
                        f"histogram_sampling={sampling}\nmeasure_latency=false\n")
         out = tmp_path / f"{sampling}.onnx"
         reports[sampling] = ptqconv.convert(model, out, "PostTraining", config_file=str(cfg))
+        assert not reports[sampling].kept_input  # the quantized model was written
         (got,) = run_model(out, {"x": x})
         assert np.sum((got - ref) ** 2) / np.sum(ref**2) < 1e-3
-    assert histogram_values(200) == 20972 < 32 * 32 * 32
+    assert histogram_values(200) == 20972 < 128 * 16 * 16
     assert reports["true"].post_training.histogram_values == 20972
     assert reports["false"].post_training.histogram_values == 0
-    assert "histograms from at most 20,972 values" in reports["true"].format()
-    assert "histograms from" not in reports["false"].format()
+    # relu0's output (128 x 16 x 16) and relu1's (128 x 32 x 32) are over the budget.
+    assert reports["true"].post_training.histogram_sampled == 2
+    assert reports["false"].post_training.histogram_sampled == 0
+    assert "histograms of 2 tensors from at most 20,972 of their values" in (
+        reports["true"].format())
+    assert "histograms of" not in reports["false"].format()

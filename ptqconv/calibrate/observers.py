@@ -101,6 +101,7 @@ class HistogramObserver(Observer):
         super().__init__()
         self.values = values
         self.updates = 0
+        self.sampled = False  # whether some update binned only part of its values
         self.hist = np.zeros(self.FINE_BINS, np.int64)
         self.exponent: int | None = None  # bin width = 2 ** exponent
         # (method, bits) -> (range, kl_refused): several candidates ask for the same range.
@@ -120,6 +121,7 @@ class HistogramObserver(Observer):
         if 0 < self.values < flat.size:
             step = _least_prime(-(-flat.size // self.values))
             flat = flat[self.updates % step::step]
+            self.sampled = True
         self.updates += 1
         a = np.abs(flat, dtype=np.float32)
         # Multiplying by 2**-exponent is exact, so binning does not depend on the history.
@@ -152,6 +154,7 @@ class HistogramObserver(Observer):
         self._ranges.clear()
         super().merge(other)
         self.updates += other.updates
+        self.sampled |= other.sampled
         if other.exponent is None:
             return
         if self.exponent is None:

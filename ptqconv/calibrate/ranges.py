@@ -77,6 +77,7 @@ class ActivationRanges:
     sentinels: list[str]  # of those, the ones with mask-like ranges
     unobserved: list[str]  # of those, the ones that never ran
     kl_refused: int  # KL thresholds replaced by the observed range
+    sampled: int = 0  # tensors whose histograms binned a sample of their values
 
 
 def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iterable[str],
@@ -104,4 +105,5 @@ def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iter
         unobserved=unobserved,
         kl_refused=sum(obs.kl_refused for obs in observers.values())
         if method.method == "KL" else 0,
+        sampled=sum(getattr(obs, "sampled", False) for obs in observers.values()),
     )
