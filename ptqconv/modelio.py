@@ -19,7 +19,13 @@ import onnx_ir.passes.common as common_passes
 from ptqconv import piecewise_parse
 from ptqconv.errors import PtqError, shown
 from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_failure
-from ptqconv.runtime import IN_MEMORY_BYTES, Session, path_source, release_memory
+from ptqconv.runtime import (
+    IN_MEMORY_BYTES,
+    Session,
+    path_source,
+    release_memory,
+    skip_prepacking,
+)
 
 # docs/reference.md §3: onnxruntime 1.31 refuses models above opset 26 and IR version 13.
 MAX_ORT_OPSET = 26
@@ -72,7 +78,7 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
         str(SIMPLIFIED_EXTERNAL_BYTES if big else 1 << 30))
     # This session only writes the graph, it never runs: packing the weights for the GEMM
     # kernels would copy them all (BERT-base: peak 716 MB with, 392 MB without, 2.8 s / 1.3 s).
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    skip_prepacking(options)
     try:
         ort.InferenceSession(path_source(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:

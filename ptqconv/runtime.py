@@ -45,7 +45,10 @@ IN_MEMORY_BYTES = 64_000_000
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
 
-def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
+def session_options(threads: int, level: str = "all",
+                    prepack: bool = True) -> ort.SessionOptions:
+    """`prepack=False` for a session that is only loaded (or only writes its graph), never
+    run: packing the weights for the GEMM kernels would copy them all."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -54,7 +57,13 @@ def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     # would take the cores it needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = LEVELS[level]
+    if not prepack:
+        skip_prepacking(options)
     return options
+
+
+def skip_prepacking(options: ort.SessionOptions) -> None:
+    options.add_session_config_entry("session.disable_prepacking", "1")
 
 
 def release_memory() -> None:
@@ -64,10 +73,8 @@ def release_memory() -> None:
     later steps run on top of its earlier ones (BERT-base: a deleted 0.33 GB model stayed
     resident through onnxruntime's simplification; docs/decisions.md)."""
     gc.collect()
-    if sys.platform.startswith("linux"):
-        # Not glibc (musl, say): nothing to trim.
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 # Allocations of at least this many bytes get pages of their own, given back when freed.
@@ -83,9 +90,19 @@ def give_back_big_allocations() -> None:
     """Process-wide (glibc): allocations of MMAP_THRESHOLD bytes or more are mapped and
     unmapped, so a finished step's big buffers leave the resident set. The command line
     calls it; a Python caller may."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if (libc := _glibc()) is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None where the C library is another (musl, macOS, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 def first_line(exc: BaseException) -> str:
@@ -143,13 +160,10 @@ class Session:
                  label: str = "model", own_graph: bool = False, prepack: bool = True) -> None:
         self.label = label
         disabled = REAPPLIED_FUSIONS if own_graph else []
-        options = session_options(threads, level)
-        if not prepack:  # a session only loaded, never run, need not copy the weights
-            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with _loadable(source) as loadable:
                 self.session = ort.InferenceSession(
-                    loadable, options,
+                    loadable, session_options(threads, level, prepack),
                     providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         except Exception as exc:
             raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
@@ -187,14 +201,12 @@ def optimized(source: ModelSource, threads: int = 1) -> ir.Model:
     structure is for reading; large weights are not loaded."""
     with temporary_directory() as tmp:
         path = tmp / "optimized.onnx"
-        options = session_options(threads)
+        options = session_options(threads, prepack=False)  # only the graph is wanted
         options.optimized_model_filepath = str(path)
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", "optimized.onnx.data")
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        # Only the graph is wanted: no packed copies of the weights (modelio.simplify...).
-        options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             with _loadable(source) as loadable:
                 ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])

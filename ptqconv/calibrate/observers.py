@@ -44,6 +44,8 @@ class Observer(Accumulator):
 
     # Set by compute_range when the method's own choice was refused for the observed range.
     kl_refused = False
+    # Whether some update binned only part of its values (`HistogramObserver`).
+    sampled = False
 
     def __init__(self) -> None:
         self.min = math.inf
@@ -101,7 +103,6 @@ class HistogramObserver(Observer):
         super().__init__()
         self.values = values
         self.updates = 0
-        self.sampled = False  # whether some update binned only part of its values
         self.hist = np.zeros(self.FINE_BINS, np.int64)
         self.exponent: int | None = None  # bin width = 2 ** exponent
         # (method, bits) -> (range, kl_refused): several candidates ask for the same range.

@@ -105,5 +105,5 @@ def activation_ranges(statistics: Statistics, method: RangeMethod, tensors: Iter
         unobserved=unobserved,
         kl_refused=sum(obs.kl_refused for obs in observers.values())
         if method.method == "KL" else 0,
-        sampled=sum(getattr(obs, "sampled", False) for obs in observers.values()),
+        sampled=sum(obs.sampled for obs in observers.values()),
     )

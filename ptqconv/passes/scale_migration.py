@@ -50,10 +50,6 @@ class Reader:
         # Kernel sums of a few squares in float32 (relative error ~1e-7), then float64: 3x
         # faster than converting whole weights, which cost 0.1 s of a ResNet-18 conversion.
         flat = w.reshape(n_out, k_per_group, -1).astype(np.float32, copy=False)
-        if group == 1:
-            square = np.einsum("nkt,nkt->kn", flat, flat).astype(np.float64)
-            absmax = np.abs(flat).max(axis=2).T.astype(np.float64)
-            return cls(square, absmax, np.ones((channels, n_out), bool), flat.shape[2], levels)
         square = np.zeros((channels, n_out))
         absmax = np.zeros((channels, n_out))
         connected = np.zeros((channels, n_out), bool)
