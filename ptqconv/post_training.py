@@ -362,7 +362,10 @@ class PostTraining:
                     "equalize": choice.equalize, "smooth_quant": choice.smooth_quant,
                     "float_outputs": choice.float_outputs}}
         return encodings.document(built.qdq.activation_encodings, built.qdq.param_encodings,
-                                  sorted(names.get(k, k) for k in choice.float_units), args)
+                                  # What the latency plan kept float too: an import that
+                                  # calibrates nothing has no shapes to plan from.
+                                  sorted(names.get(k, k) for k in
+                                         choice.float_units | self.latency_units), args)
 
     def run(self, source: Path, original_names: set[str]) -> tuple[Built, PostTrainingSummary]:
         """The quantized model, how it was built, and what was done."""

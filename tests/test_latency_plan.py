@@ -10,7 +10,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from harness import optimized_ops
-from models import random_samples, save
+from models import random_samples, save, write_samples
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv.cli import main
@@ -189,3 +189,77 @@ def test_a_float_rewrite_that_runs_faster_is_written_lean_not_dropped(tmp_path, 
     want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def _masked_attention(hidden: int = 384, heads: int = 12) -> onnx.ModelProto:
+    """One attention block as exporters write BERT's, with dynamic batch and sequence axes
+    (so the projections stay MatMul + Add, not Gemm): x [b, s, hidden] and an int64 padding
+    mask [b, s] -> Q, K, V projections, Q.K^T, scale, + the mask's -1e4 bias (a Where, so a
+    float op between the scores and Softmax), Softmax, .V, output projection -> y."""
+    rng = np.random.default_rng(0)
+    head = hidden // heads
+    inits = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (
+        ("heads_shape", [0, 0, heads, head]), ("flat_shape", [0, 0, hidden]), ("one", [1]),
+        ("zero_i", 0))]
+    inits += [numpy_helper.from_array(np.float32(v), n) for n, v in (
+        ("scale", head ** -0.5), ("neg", -1e4), ("zero", 0.0))]
+    nodes = [helper.make_node("Unsqueeze", ["mask", "one"], ["mask4"]),
+             helper.make_node("Equal", ["mask4", "zero_i"], ["padded"]),
+             helper.make_node("Where", ["padded", "neg", "zero"], ["bias"])]
+    for name in "qkvo":
+        inits += [numpy_helper.from_array(
+            (rng.standard_normal((hidden, hidden)) * 0.05).astype(np.float32), f"w{name}"),
+            numpy_helper.from_array((rng.standard_normal(hidden) * 0.05).astype(np.float32),
+                                    f"b{name}")]
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}_mm"], name=f"{name}_mm"),
+                  helper.make_node("Add", [f"{name}_mm", f"b{name}"], [f"{name}_b"]),
+                  helper.make_node("Reshape", [f"{name}_b", "heads_shape"], [f"{name}_r"]),
+                  helper.make_node("Transpose", [f"{name}_r"], [f"{name}_t"], perm=perm)]
+    nodes += [helper.make_node("MatMul", ["q_t", "k_t"], ["qk"], name="qk"),
+              helper.make_node("Mul", ["qk", "scale"], ["scaled"]),
+              helper.make_node("Add", ["scaled", "bias"], ["masked"]),
+              helper.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+              helper.make_node("MatMul", ["probs", "v_t"], ["ctx"], name="pv"),
+              helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ctx_t", "flat_shape"], ["ctx_flat"]),
+              helper.make_node("MatMul", ["ctx_flat", "wo"], ["o_mm"], name="o_mm"),
+              helper.make_node("Add", ["o_mm", "bo"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", hidden]),
+                     helper.make_tensor_value_info("mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_integer(
+        tmp_path, capsys):
+    # Q.K^T and probs.V multiply two activations: QLinearMatMul has no packed weights to gain
+    # from and runs about as fast as float MatMul (kernel profile in docs/decisions.md), while
+    # quantizing Softmax's input and output behind the float mask Add costs a Q each. The
+    # projections read weights and run integer; nothing is dequantized between them and the
+    # float attention: MatMulIntegerToFloat writes float.
+    seq = 64
+    src = save(_masked_attention(), tmp_path / "float.onnx")
+    rng = np.random.default_rng(1)
+    x = write_samples(tmp_path / "x", (rng.standard_normal((1, seq, 384)).astype(np.float32)
+                                       for _ in range(2)))
+    mask = write_samples(tmp_path / "mask", (np.ones((1, seq), np.int64) for _ in range(2)))
+    config = tmp_path / "c.ini"
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{x},mask:{mask}\n"
+                      f"input_shape=x:1,{seq},384;mask:1,{seq}\n"
+                      "[full_quant_param]\nactivation_quant_method=MAX_MIN\n"
+                      "measure_latency=false\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}"]) == 0
+    assert "kept float for speed: 5 units" in capsys.readouterr().out  # with the bias Adds
+    ops = optimized_ops(out, tmp_path)
+    assert ops["MatMul"] + ops["FusedMatMul"] == 2 and ops["QLinearMatMul"] == 0, ops
+    assert ops["MatMulIntegerToFloat"] == 4, ops
+    # The only DequantizeLinear left read constant biases, none an activation.
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    constants = {t.name for t in optimized.graph.initializer}
+    assert all(n.input[0] in constants for n in optimized.graph.node
+               if n.op_type == "DequantizeLinear")

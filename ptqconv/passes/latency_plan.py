@@ -16,11 +16,13 @@ of the result is reported beside the prediction.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from ptqconv.graph import min_cut
@@ -31,6 +33,14 @@ from ptqconv.passes.qdq_plan import FOLD_OPS, SHARE_OPS, WEIGHT_OPS, QuantPlan
 
 logger = logging.getLogger(__name__)
 MILLION = 1e6
+# Unobserved shapes are derived through at most this many ops (attention's scores: MatMul,
+# Mul, Add, Softmax).
+SHAPE_DEPTH = 6
+CONV_OPS = frozenset({"Conv", "ConvTranspose"})
+# Ops whose output has the broadcast shape of their inputs.
+SAME_SHAPE_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Where", "Softmax", "Tanh", "Sigmoid", "Relu", "Erf", "Clip",
+    "LeakyRelu", "HardSigmoid", "HardSwish", "Cast", "Sqrt", "Neg", "Exp", "Gelu"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,9 @@ class KernelCost:
 DISPATCH = 8.0
 # (float, integer)
 GEMM = (KernelCost(10, mac=23, out=45, weights=310), KernelCost(11, mac=11.5, out=170, weights=100))
+# A MatMul of two activations (attention's Q x K^T and P x V): no weights to pack ahead, so
+# QLinearMatMul barely beats the float kernel and pays its launch and requantization.
+ACTIVATION_GEMM = (KernelCost(4, mac=14), KernelCost(16, mac=9.7, out=110))
 # Spatial kernels over few input channels (an image stem: 3x3x3 = 27 deep): the integer
 # kernel's im2col costs more than the float conv (STEM_DEPTH).
 STEM = (KernelCost(10, mac=43, out=45), KernelCost(11, mac=72, out=170))
@@ -112,11 +125,30 @@ class _Costs:
         self.shapes = shapes
         self.units = set(plan.units)
 
-    def shape(self, value: ir.Value | None) -> tuple[int, ...] | None:
+    def shape(self, value: ir.Value | None, depth: int = 0) -> tuple[int, ...] | None:
+        """`value`'s calibration shape; for a tensor calibration did not observe (a float
+        MatMul's output, Softmax's), the broadcast of its elementwise producer's known input
+        shapes or a MatMul's product shape, a few ops up."""
         if value is None or not value.name:
             return None
+        if value.const_value is not None:
+            return tuple(value.const_value.shape)
         name = self.plan.folded.get(value.name, value.name)
-        return self.shapes.get(name) or self.shapes.get(value.name)
+        found = self.shapes.get(name) or self.shapes.get(value.name)
+        producer = value.producer()
+        if found is not None or producer is None or depth >= SHAPE_DEPTH:
+            return found
+        if producer.op_type in ("MatMul", "Gemm"):
+            return self._product_shape(producer, depth + 1)
+        if producer.op_type in SAME_SHAPE_OPS:
+            # Constants alone do not size the output (a bias broadcasts to it), activations do.
+            if not any(self.shape(v, depth + 1) is not None for v in producer.inputs
+                       if v is not None and v.const_value is None):
+                return None
+            known = [s for v in producer.inputs if (s := self.shape(v, depth + 1)) is not None]
+            with contextlib.suppress(ValueError):
+                return tuple(np.broadcast_shapes(*known))
+        return None
 
     def elements(self, value: ir.Value | None) -> float | None:
         return _elements(self.shape(value))
@@ -125,13 +157,19 @@ class _Costs:
         found = self.shape(node.outputs[0])
         if found is not None or node.op_type not in ("MatMul", "Gemm"):
             return found
-        # A MatMul with a float output is not observed: [.., M, K] x [K, N] -> [.., M, N].
-        a, b = self.shape(node.inputs[0]), node.inputs[1]
-        b_shape = self.shape(b) or (tuple(b.const_value.shape) if b.const_value else None)
-        if a is None or b_shape is None:
+        return self._product_shape(node)
+
+    def _product_shape(self, node: ir.Node, depth: int = 0) -> tuple[int, ...] | None:
+        """A MatMul's or Gemm's output shape from its inputs': [.., M, K] x [K, N] -> [.., M, N]."""
+        a, b = self.shape(node.inputs[0], depth), self.shape(node.inputs[1], depth)
+        if a is None or b is None or len(b) < 2:
             return None
-        transposed = node.op_type == "Gemm" and _attr(node, "transB")
-        return (*a[:-1], b_shape[-2] if transposed else b_shape[-1])
+        if node.op_type == "Gemm":
+            rows = a[-1] if _attr(node, "transA") else a[-2]
+            return (rows, b[-2] if _attr(node, "transB") else b[-1])
+        with contextlib.suppress(ValueError):
+            return (*np.broadcast_shapes(a[:-2], b[:-2]), a[-2] if len(a) > 1 else 1, b[-1])
+        return None
 
     def unit(self, node: ir.Node) -> UnitCost | None:
         """Predicted float and integer time of `node`, None when a shape is unknown."""
@@ -151,8 +189,10 @@ class _Costs:
                 return None
             transposed = node.op_type == "Gemm" and _attr(node, "transA")
             depth = a[-2] if transposed else a[-1]
-            weights = float(math.prod(weight.shape)) if weight is not None else 0.0
-            return self._pair(node, GEMM, macs=outputs * depth, outputs=outputs, weights=weights)
+            if weight is None:
+                return self._pair(node, ACTIVATION_GEMM, macs=outputs * depth, outputs=outputs)
+            return self._pair(node, GEMM, macs=outputs * depth, outputs=outputs,
+                              weights=float(math.prod(weight.shape)))
         if weight is None or len(out_shape) < 3:
             return None
         kernel = math.prod(weight.shape[2:])
@@ -179,8 +219,29 @@ class _Costs:
         shape = self.shape(value)
         outputs = _elements(shape) or 0.0
         change = LAYOUT.us(outputs=outputs) if layout and shape is not None and len(
-            shape) == 4 else 0.0
+            shape) == 4 and _feature_map(value) else 0.0
         return cost.us(outputs=outputs) + change
+
+
+def _feature_map(value: ir.Value) -> bool:
+    """Whether a conv writes or reads `value` (through data-movement ops): only conv feature
+    maps change layout at a boundary, not attention's 4-D tensors."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in SHARE_OPS | FOLD_OPS and producer.inputs \
+            and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()
+    if producer is not None and producer.op_type in CONV_OPS:
+        return True
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        for user, _ in current.uses():
+            if user.op_type in CONV_OPS:
+                return True
+            if user.op_type in SHARE_OPS | FOLD_OPS and user.outputs and user not in seen:
+                seen.add(user)
+                pending.append(user.outputs[0])
+    return False
 
 
 def _fused_into_conv(node: ir.Node) -> bool:
@@ -287,8 +348,13 @@ def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]) -> Late
         for reader, pooled in _readers(out, all_units, costs):
             readers[reader] = max(readers.get(reader, 0.0), pooled)
         float_read = None in readers
+        # An integer MatMul whose readers are float writes float (MatMulIntegerToFloat): no
+        # DequantizeLinear pass. onnxruntime has no such fusion for Gemm (a float Gemm reads
+        # its weights through a DequantizeLinear then).
+        dequantize = 0.0 if node.op_type == "MatMul" else costs.boundary(
+            out, DEQUANTIZE, layout=False)
         if float_read:
-            int_us[node] += costs.boundary(out, DEQUANTIZE, layout=False)
+            int_us[node] += dequantize
         if any(r is not None and r not in units for r in readers):
             float_us[node] += costs.boundary(out, QUANTIZE)
         known = tuple(r for r in readers if r in units)
@@ -298,7 +364,7 @@ def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]) -> Late
             propagated = POOL_PROPAGATED.us(outputs=max(readers[r] for r in known))
             tensors.append(_Tensor(
                 node, known, costs.boundary(out, QUANTIZE) + propagated,
-                0.0 if float_read else costs.boundary(out, DEQUANTIZE)))
+                0.0 if float_read or not dequantize else costs.boundary(out, DEQUANTIZE)))
     source, sink = "source", "sink"  # integer, float
     edges: list[tuple[object, object, float]] = []
     for node in units:
