@@ -63,9 +63,15 @@ from ptqconv.passes.gemm_sum import SplitGemmSumPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.hard_swish import HardSwishPass
 from ptqconv.passes.integer_activations import IntegerActivationsPass
-from ptqconv.passes.latency_plan import LatencyPlan, plan_latency
+from ptqconv.passes.latency_plan import LatencyPlan, plan_latency, product_share
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
-from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, output_units, plan_quantization
+from ptqconv.passes.qdq_plan import (
+    WEIGHT_OPS,
+    QuantPlan,
+    activation_products,
+    output_units,
+    plan_quantization,
+)
 from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
 from ptqconv.passes.unique_names import UniqueNamesPass
@@ -103,6 +109,9 @@ FLIP_MARGIN = 1.2
 # Output noise-to-signal ratios closer than this are a tie (output cosines within 5e-6): the
 # held-out samples cannot tell such choices apart (docs/decisions.md, AUTO ties).
 TIE = 1e-5
+# AUTO tries attention's MatMuls of two activations in float only where they do at most
+# this share of the GEMM work (docs/decisions.md, activation MatMuls float).
+MAX_PRODUCT_SHARE = 0.15
 # Keeping an unfused body weight op float can leave a neighbour without its integer reader.
 MAX_FUSION_ROUNDS = 3
 SHAPE = Statistic(TensorShape)
@@ -117,13 +126,16 @@ class Choice:
     equalize: bool
     smooth_quant: bool
     float_outputs: bool = False  # the elementwise units that write model outputs stay float
+    float_products: bool = False  # the MatMuls of two activations (attention) stay float
     float_units: frozenset[str] = frozenset()  # node keys kept float to meet an accuracy target
 
     def label(self) -> str:
         switches = [name for name, on in (("bias correction", self.bias_correction),
                                           ("equalization", self.equalize),
                                           ("SmoothQuant", self.smooth_quant),
-                                          ("float outputs", self.float_outputs)) if on]
+                                          ("float outputs", self.float_outputs),
+                                          ("activation MatMuls float", self.float_products))
+                    if on]
         if self.float_units:
             switches.append(f"{len(self.float_units)} units float")
         return " + ".join([self.method, *switches])
@@ -131,6 +143,7 @@ class Choice:
     def float_nodes(self, graph: ir.Graph) -> frozenset[ir.Node]:
         """The nodes of `graph` this choice keeps float."""
         found = set(output_units(graph)) if self.float_outputs else set()
+        found |= activation_products(graph) if self.float_products else set()
         found |= {n for n in graph if node_key(n) in self.float_units}
         return frozenset(found)
 
@@ -345,6 +358,7 @@ class PostTraining:
             equalize=bool(pick("equalize", s.equalize, start.equalize)),
             smooth_quant=bool(pick("smooth_quant", s.smooth_quant, start.smooth_quant)),
             float_outputs=bool(recorded.get("float_outputs", False)),
+            float_products=bool(recorded.get("float_products", False)),
             float_units=keys)
 
     def encodings(self, built: Built) -> dict[str, Any]:
@@ -360,7 +374,8 @@ class PostTraining:
                 encodings.CHOICES_KEY: {
                     "method": choice.method, "bias_correction": choice.bias_correction,
                     "equalize": choice.equalize, "smooth_quant": choice.smooth_quant,
-                    "float_outputs": choice.float_outputs}}
+                    "float_outputs": choice.float_outputs,
+                    "float_products": choice.float_products}}
         return encodings.document(built.qdq.activation_encodings, built.qdq.param_encodings,
                                   # What the latency plan kept float too: an import that
                                   # calibrates nothing has no shapes to plan from.
@@ -486,8 +501,7 @@ class PostTraining:
 
     def _shape_points(self, tensors: list[str]) -> list[StatisticPoint]:
         """What the latency planner costs kernels by: the shapes of the observed tensors."""
-        return [StatisticPoint(t, SHAPE) for t in tensors] if self.settings.latency_aware \
-            else []
+        return [StatisticPoint(t, SHAPE) for t in tensors]
 
     def _plan_latency(self, plan: QuantPlan, statistics: Statistics,
                       tensors: list[str]) -> None:
@@ -557,9 +571,13 @@ class PostTraining:
         best = next(c for c in candidates if c in alive and scorer.error(c) <= least + TIE)
         for name, flipped in (("equalize", replace(best, equalize=False)),
                               ("smooth_quant", replace(best, smooth_quant=False)),
-                              ("float_outputs", replace(best, float_outputs=True))):
+                              ("float_outputs", replace(best, float_outputs=True)),
+                              ("float_products", replace(best, float_products=True))):
             if name == "float_outputs":
                 if not output_units(float_model.graph):
+                    continue
+            elif name == "float_products":
+                if not self._light_products(float_model, statistics, tensors):
                     continue
             elif name not in open_ or not self._changes(float_model, best, flipped):
                 continue
@@ -574,6 +592,20 @@ class PostTraining:
                 if scorer.error(flipped) < scorer.error(best) - TIE:
                     best = flipped
         return best, scorer.measured(start)
+
+    def _light_products(self, float_model: ir.Model, statistics: Statistics,
+                        tensors: list[str]) -> bool:
+        """Whether the model has MatMuls of two activations that are quantized (not kept
+        float for speed already) and light: at most MAX_PRODUCT_SHARE of the GEMM work, so
+        that keeping them float cannot cost much latency."""
+        plan = plan_model(float_model.graph, self.skip, macs=self.macs,
+                          float_units=self.latency_units)
+        products = activation_products(float_model.graph) & set(plan.units)
+        if not products:
+            return False
+        shapes = {t: found.shape for t in tensors
+                  if (found := statistics.get(t, SHAPE)) is not None and found.shape is not None}
+        return product_share(plan, shapes, frozenset(products)) <= MAX_PRODUCT_SHARE
 
     def _changes(self, float_model: ir.Model, a: Choice, b: Choice) -> bool:
         """Whether `b` can make a different model from `a` (a technique with no candidate
@@ -728,6 +760,8 @@ def _difference(start: Choice, choice: Choice) -> str:
         parts.append(f"SmoothQuant {'on' if choice.smooth_quant else 'off'}")
     if choice.float_outputs:
         parts.append("model outputs float")
+    if choice.float_products:
+        parts.append("activation MatMuls float")
     return " + ".join(parts)
 
 

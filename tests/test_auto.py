@@ -133,3 +133,44 @@ def test_folds_merge_into_one_accumulator_of_the_samples_they_hold(samples, k, s
         if any(i % k != fold for i in range(samples)):
             _same(folds.without(fold), rest)
     assert folds.without(None) is not folds.parts[0]
+
+
+@pytest.mark.parametrize("seq, tried", [(32, True), (1024, False)])
+def test_attention_matmuls_are_tried_float_only_where_they_are_light(tmp_path, seq, tried):
+    """MatMuls of two activations (Q.K^T, probs.V) are measured in float where they do at
+    most MAX_PRODUCT_SHARE of the GEMM work: 2s / (2s + 12 * hidden) of a BERT layer, 2.0% at
+    32 tokens and hidden 256, 40% at 1024."""
+    import onnx_ir as ir
+
+    from bench.models import bert, normal_samples
+    from ptqconv.passes.latency_plan import product_share
+    from ptqconv.passes.qdq_plan import activation_products, plan_quantization
+    from ptqconv.post_training import MAX_PRODUCT_SHARE
+
+    hidden = 256
+    src = bert(tmp_path / "bert.onnx", layers=1, hidden=hidden, heads=4, ffn=4 * hidden,
+               seq=seq)
+    model = ir.load(src)
+    products = activation_products(model.graph)
+    assert sorted(n.name for n in products) == ["l0_ctx", "l0_qk"]
+    plan = plan_quantization(model.graph)
+    head = hidden // 4
+    # What calibration observes: the GEMM inputs.
+    shapes = {n.inputs[0].name: (1, seq, hidden) for n in model.graph
+              if n.op_type == "MatMul" and n not in products}
+    shapes.update(l0_qT=(1, 4, seq, head), l0_kT=(1, 4, head, seq), l0_vT=(1, 4, seq, head),
+                  l0_probs=(1, 4, seq, seq), l0_gelu=(1, seq, 4 * hidden))
+    share = product_share(plan, shapes, products)
+    assert share == pytest.approx(2 * seq / (2 * seq + 12 * hidden))
+    assert (share <= MAX_PRODUCT_SHARE) == tried
+    data = normal_samples(tmp_path / "hidden", 8, (1, seq, hidden))
+    config = tmp_path / "c.ini"
+    # latency_aware=false: every unit is a candidate, as on targets without the cost model.
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=hidden:{data}\n"
+                      "[full_quant_param]\nlatency_aware=false\nmeasure_latency=false\n")
+    report = ptqconv.convert(src, tmp_path / "q.onnx", "PostTraining", config_file=str(config))
+    s = report.post_training
+    flips = [m for m in s.measured if m.what.endswith("activation MatMuls float")]
+    assert bool(flips) == tried
+    if flips and s.chosen.endswith("activation MatMuls float"):
+        assert flips[-1].error < min(m.error for m in s.measured if m not in flips) - TIE

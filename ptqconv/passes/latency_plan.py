@@ -181,32 +181,45 @@ class _Costs:
             fused = _fused_into_conv(node)
             return self._pair(node, (FUSED if fused else ELEMENTWISE[0], ELEMENTWISE[1]),
                               outputs=outputs)
-        slot = weight_slot(node)
-        weight = slot.node.inputs[slot.index].const_value if slot else None
+        weight = _weight(node)
+        macs = self.macs(node)
+        if macs is None:
+            return None
+        if node.op_type in ("MatMul", "Gemm"):
+            if weight is None:
+                return self._pair(node, ACTIVATION_GEMM, macs=macs, outputs=outputs)
+            return self._pair(node, GEMM, macs=macs, outputs=outputs,
+                              weights=float(math.prod(weight.shape)))
+        if node.op_type == "ConvTranspose":
+            return self._pair(node, GEMM, macs=macs, outputs=outputs)
+        if is_depthwise(node):
+            return self._pair(node, DEPTHWISE, macs=macs, outputs=outputs,
+                              pixels=outputs / out_shape[1])
+        assert weight is not None
+        kernel = math.prod(weight.shape[2:])
+        stem = kernel > 1 and weight.shape[1] * kernel < STEM_DEPTH
+        costs = STEM if stem else GEMM
+        return self._pair(node, costs, macs=macs, outputs=outputs)
+
+    def macs(self, node: ir.Node) -> float | None:
+        """Multiply-accumulates of a GEMM-like unit (None when a shape is unknown)."""
+        out_shape = self.output_shape(node)
+        if out_shape is None:
+            return None
+        outputs = _elements(out_shape)
+        weight = _weight(node)
         if node.op_type in ("MatMul", "Gemm"):
             a = self.shape(node.inputs[0])
             if a is None:
                 return None
             transposed = node.op_type == "Gemm" and _attr(node, "transA")
-            depth = a[-2] if transposed else a[-1]
-            if weight is None:
-                return self._pair(node, ACTIVATION_GEMM, macs=outputs * depth, outputs=outputs)
-            return self._pair(node, GEMM, macs=outputs * depth, outputs=outputs,
-                              weights=float(math.prod(weight.shape)))
+            return outputs * (a[-2] if transposed else a[-1])
         if weight is None or len(out_shape) < 3:
             return None
         kernel = math.prod(weight.shape[2:])
         if node.op_type == "ConvTranspose":
-            inputs = self.elements(node.inputs[0]) or 0.0
-            return self._pair(node, GEMM, macs=inputs * weight.shape[1] * kernel,
-                              outputs=outputs)
-        macs = outputs * weight.shape[1] * kernel
-        if is_depthwise(node):
-            return self._pair(node, DEPTHWISE, macs=macs, outputs=outputs,
-                              pixels=outputs / out_shape[1])
-        stem = kernel > 1 and weight.shape[1] * kernel < STEM_DEPTH
-        costs = STEM if stem else GEMM
-        return self._pair(node, costs, macs=macs, outputs=outputs)
+            return (self.elements(node.inputs[0]) or 0.0) * weight.shape[1] * kernel
+        return outputs * weight.shape[1] * kernel
 
     @staticmethod
     def _pair(node: ir.Node, costs: tuple[KernelCost, KernelCost], **work: float) -> UnitCost:
@@ -221,6 +234,28 @@ class _Costs:
         change = LAYOUT.us(outputs=outputs) if layout and shape is not None and len(
             shape) == 4 and _feature_map(value) else 0.0
         return cost.us(outputs=outputs) + change
+
+
+def _weight(node: ir.Node) -> ir.TensorProtocol | None:
+    slot = weight_slot(node)
+    return slot.node.inputs[slot.index].const_value if slot else None
+
+
+def product_share(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]],
+                  products: frozenset[ir.Node]) -> float:
+    """The share of the multiply-accumulates of `plan`'s GEMM-like units that `products` (the
+    MatMuls of two activations) do; 1.0 when one of them cannot be sized."""
+    costs = _Costs(plan, shapes)
+    total = theirs = 0.0
+    for node in plan.units:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        macs = costs.macs(node)
+        if macs is None and node in products:
+            return 1.0
+        total += macs or 0.0
+        theirs += (macs or 0.0) if node in products else 0.0
+    return theirs / total if total else 1.0
 
 
 def _feature_map(value: ir.Value) -> bool:

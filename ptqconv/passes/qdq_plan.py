@@ -307,6 +307,12 @@ def plan_quantization(
     return plan
 
 
+def activation_products(graph: ir.Graph) -> frozenset[ir.Node]:
+    """The MatMuls of two activations (attention's Q.K^T and probs.V): no weights."""
+    return frozenset(n for n in graph if n.op_type == "MatMul" and is_onnx(n)
+                     and weight_slot(n) is None and len(_activations(n)) == 2)
+
+
 def output_units(graph: ir.Graph) -> frozenset[ir.Node]:
     """The elementwise nodes (cheap to keep float) that write a model output, directly or
     through data-movement ops: quantizing there rounds what the user reads."""
