@@ -499,8 +499,10 @@ class PostTraining:
                           float_units=self.latency_units)
         return any(p.units for _, p in every_plan(plan, model.graph))
 
-    def _shape_points(self, tensors: list[str]) -> list[StatisticPoint]:
-        """What the latency planner costs kernels by: the shapes of the observed tensors."""
+    @staticmethod
+    def _shape_points(tensors: list[str]) -> list[StatisticPoint]:
+        """The shapes of the observed tensors: what the latency planner costs kernels by and
+        AUTO sizes attention's share of the work by."""
         return [StatisticPoint(t, SHAPE) for t in tensors]
 
     def _plan_latency(self, plan: QuantPlan, statistics: Statistics,
@@ -509,9 +511,7 @@ class PostTraining:
         after keeps them float."""
         if not self.settings.latency_aware:
             return
-        shapes = {t: found.shape for t in tensors
-                  if (found := statistics.get(t, SHAPE)) is not None and found.shape is not None}
-        self.latency = plan_latency(plan, shapes)
+        self.latency = plan_latency(plan, _shapes(statistics, tensors))
         self.latency_units = self.latency.keys
 
     def _collect_folds(self, model: ir.Model, start: Choice, tensors: list[str],
@@ -603,9 +603,8 @@ class PostTraining:
         products = activation_products(float_model.graph) & set(plan.units)
         if not products:
             return False
-        shapes = {t: found.shape for t in tensors
-                  if (found := statistics.get(t, SHAPE)) is not None and found.shape is not None}
-        return product_share(plan, shapes, frozenset(products)) <= MAX_PRODUCT_SHARE
+        return product_share(plan, _shapes(statistics, tensors),
+                             frozenset(products)) <= MAX_PRODUCT_SHARE
 
     def _changes(self, float_model: ir.Model, a: Choice, b: Choice) -> bool:
         """Whether `b` can make a different model from `a` (a technique with no candidate
@@ -748,6 +747,12 @@ def _body_summaries(built: Built, kernels: dict[tuple[str, str], Counter]
             {names.get(k, k): why for k, why in body_plan.kept_float.items()},
             body_plan.reason))
     return found
+
+
+def _shapes(statistics: Statistics, tensors: list[str]) -> dict[str, tuple[int, ...]]:
+    """The largest shape each of `tensors` took in calibration, where seen."""
+    return {t: found.shape for t in tensors
+            if (found := statistics.get(t, SHAPE)) is not None and found.shape is not None}
 
 
 def _difference(start: Choice, choice: Choice) -> str:
