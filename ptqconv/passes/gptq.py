@@ -6,10 +6,12 @@ as many layers per pass as fit `MEMORY_BUDGET`, and each pass's layers are solve
 (`weights.gptq`) before the next pass starts, so memory is bounded by the budget (or the
 largest layer's matrices, when larger), not by the model or the number of samples.
 
-GPTQ keeps the layout, scale and zero point it is given (round-to-nearest's, from the
-weight's own range) and changes only the integers, so its output is written exactly like a
-rounded weight. Weights it cannot handle (ConvTranspose, Gather, batched MatMul weights,
-transA Gemms, weights shared by layers of different kinds) keep the integers they came with.
+GPTQ keeps the layout it is given and starts from round-to-nearest's scale and zero point,
+each output channel's range shrunk where the rounding error weighted by the input's second
+moments is smaller (`weights.clipping`); it changes only the integers on that grid, so its
+output is written exactly like a rounded weight. Weights it cannot handle (ConvTranspose,
+Gather, batched MatMul weights, transA Gemms, weights shared by layers of different kinds)
+keep the integers they came with.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ptqconv.calibrate.moments import DenseMoment, Im2colMoment
 from ptqconv.calibrate.statistics import Statistic, StatisticPoint, Statistics, unique_points
 from ptqconv.graph.ops import is_onnx
 from ptqconv.weights import layout as layouts
+from ptqconv.weights.clipping import shrunk_rows
 from ptqconv.weights.gptq import GPTQResult, conv_rows, gptq
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
@@ -157,6 +160,22 @@ def _rows(array: np.ndarray, layer: Layer) -> np.ndarray:
     return (array if layer.rows_first else array.T)[None]
 
 
+def _shrunk(layer: Layer, weight: np.ndarray, start: IntegerWeight,
+            h: np.ndarray) -> IntegerWeight:
+    """`start` with each output channel's range shrunk where rounding loses less
+    (`weights.clipping`); per-tensor and block-wise layouts keep theirs."""
+    row_axis = 0 if layer.conv or layer.rows_first else 1
+    layout = start.layout
+    if layout.block_size or layout.axis is None or layout.axis % weight.ndim != row_axis:
+        return start
+    rows = _rows(weight, layer)
+    importance = np.diagonal(h, axis1=-2, axis2=-1)[:, None, :]
+    scale, zero_point = shrunk_rows(rows, importance, layout.grid,
+                                    np.asarray(start.scale).dtype)
+    return IntegerWeight(start.q, scale.reshape(np.shape(start.scale)),
+                         zero_point.reshape(np.shape(start.zero_point)), layout)
+
+
 def solve(layer: Layer, weight: np.ndarray, start: IntegerWeight,
           statistics: Statistics) -> tuple[IntegerWeight, GPTQResult] | None:
     """GPTQ integers of `weight` with the parameters of `start`; None when its inputs were
@@ -168,6 +187,7 @@ def solve(layer: Layer, weight: np.ndarray, start: IntegerWeight,
         if matrices is None:
             return None
         total = matrices if total is None else total + matrices
+    start = _shrunk(layer, weight, start, total)
     shape = weight.shape
     scale = layouts.expand(start.scale, start.layout, shape)
     zero_point = layouts.expand(start.zero_point, start.layout, shape)

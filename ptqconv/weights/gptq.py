@@ -6,7 +6,8 @@ Conventions: a problem is W [G, R, C] (G independent groups: a grouped or depthw
 groups, else 1; rows are output channels, columns inputs) against H [G, C, C] = sum of x^T x
 over the inputs x of each group. The scale and zero point are given per weight value,
 broadcast to W's shape, so per-channel, per-tensor and block-wise layouts are all the same
-problem here: GPTQ changes only the integers, never the DequantizeLinear parameters.
+problem here: GPTQ changes only the integers, never the DequantizeLinear parameters (which
+`passes.gptq` may have narrowed first, `weights.clipping`).
 
 The sweep is GPTQ's in its LDL form (QuIP, Chee et al. 2023, Thm. 6, the same algorithm):
 with H = (I + A) D (I + A)^T, A strictly upper triangular, column k is rounded from

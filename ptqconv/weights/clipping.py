@@ -1,0 +1,42 @@
+"""Weight ranges shrunk where rounding then loses less (GPTQ's starting grid).
+
+Each output row's min/max range is scaled by the factor in SHRINK_FACTORS whose nearest
+rounding has the least squared error weighted by the diagonal of the layer's input second
+moments: the part of GPTQ's objective tr(E H E^T) that each weight carries on its own. A
+narrower range clips a few large weights and rounds every other one on a finer grid; at 4
+bits the finer grid usually wins (docs/decisions.md, GPTQ range search). Factor 1 (the
+weight's own range) is a candidate, so a row's weighted error never grows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ptqconv import qparams
+
+# From the weight's own range down to half of it, in steps of 2%.
+SHRINK_FACTORS = np.linspace(1.0, 0.5, 26)
+
+
+def shrunk_rows(w: np.ndarray, importance: np.ndarray, grid: qparams.Grid,
+                scale_dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point [G, R] for the rows of w [G, R, C], each row's range shrunk by the
+    factor with the least `importance`-weighted (broadcast to w: [G, 1, C]) rounding error."""
+    w = np.asarray(w, np.float32)
+    low, high = w.min(axis=-1), w.max(axis=-1)
+    best_scale = best_zero = best_error = None
+    for factor in SHRINK_FACTORS:
+        scale, zero = qparams.scale_zero_point(low * factor, high * factor, grid, scale_dtype)
+        s, z = scale[..., None], zero[..., None]
+        rounded = qparams.dequantize(qparams.quantize(w, s, z, grid), s, z)
+        error = np.einsum("grc,grc->gr", np.square(w - rounded, dtype=np.float64),
+                          np.broadcast_to(importance, w.shape))
+        if best_error is None:
+            best_scale, best_zero, best_error = scale, zero, error
+            continue
+        better = error < best_error
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+        best_error = np.where(better, error, best_error)
+    assert best_scale is not None and best_zero is not None
+    return best_scale.astype(scale_dtype), best_zero
