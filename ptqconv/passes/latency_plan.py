@@ -124,6 +124,7 @@ class _Costs:
         self.plan = plan
         self.shapes = shapes
         self.units = set(plan.units)
+        self._derived: dict[tuple[ir.Value, int], tuple[int, ...] | None] = {}
 
     def shape(self, value: ir.Value | None, depth: int = 0) -> tuple[int, ...] | None:
         """`value`'s calibration shape; for a tensor calibration did not observe (a float
@@ -131,6 +132,12 @@ class _Costs:
         shapes or a MatMul's product shape, a few ops up."""
         if value is None or not value.name:
             return None
+        key = (value, depth)
+        if key not in self._derived:
+            self._derived[key] = self._shape(value, depth)
+        return self._derived[key]
+
+    def _shape(self, value: ir.Value, depth: int) -> tuple[int, ...] | None:
         if value.const_value is not None:
             return tuple(value.const_value.shape)
         name = self.plan.folded.get(value.name, value.name)
@@ -141,13 +148,12 @@ class _Costs:
         if producer.op_type in ("MatMul", "Gemm"):
             return self._product_shape(producer, depth + 1)
         if producer.op_type in SAME_SHAPE_OPS:
+            inputs = [(v, self.shape(v, depth + 1)) for v in producer.inputs if v is not None]
             # Constants alone do not size the output (a bias broadcasts to it), activations do.
-            if not any(self.shape(v, depth + 1) is not None for v in producer.inputs
-                       if v is not None and v.const_value is None):
+            if not any(v.const_value is None and found for v, found in inputs):
                 return None
-            known = [s for v in producer.inputs if (s := self.shape(v, depth + 1)) is not None]
             with contextlib.suppress(ValueError):
-                return tuple(np.broadcast_shapes(*known))
+                return tuple(np.broadcast_shapes(*(found for _, found in inputs if found)))
         return None
 
     def elements(self, value: ir.Value | None) -> float | None:
