@@ -32,6 +32,7 @@ from ptqconv.report import (
     Float16Summary,
     GateReport,
     InferredShape,
+    LatencyCheck,
     PostTrainingSummary,
 )
 from ptqconv.runtime import Session
@@ -108,6 +109,10 @@ def convert(settings: ConvertSettings,
             saved = _save(model, settings, report, staging)
         del model
         saved = _never_grow(settings, report, model_files, staging, saved) or saved
+        if isinstance(mode, PostTrainingSettings) and mode.latency_check and (
+                pt is not None and data is not None and not report.kept_input):
+            saved, built = _check_latency(pt, settings, report, data, staging, saved,
+                                          model_files, built)
         session = _loaded(saved, settings)
         if report.post_training is not None:
             _stage_debug(report.post_training, mode, staging)
@@ -148,6 +153,49 @@ def convert(settings: ConvertSettings,
     report.replaced = [p for p in replaced if p == settings.data_file]
     report.seconds = time.perf_counter() - start
     return report
+
+
+# A timing must beat another by this factor to change the model written: the medians of
+# interleaved runs moved by a few percent between runs on a quiet machine (docs/decisions.md,
+# latency check).
+LATENCY_MARGIN = 1.05
+
+
+def _check_latency(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
+                   data: CalibrationSet, staging: files.Staging, saved: modelio.SavedModel,
+                   sources: list[Path], built: Built | None,
+                   ) -> tuple[modelio.SavedModel, Built | None]:
+    """On a target the latency cost model was not measured on, every unit is quantized. When
+    that model runs slower than float on a calibration sample, the cost model's plan is built
+    and timed beside both, and written instead when it runs faster: never slower than float
+    by a choice nobody measured. A model that cannot be timed stays as it is."""
+    summary = report.post_training
+    assert summary is not None
+    sample = next(iter(data))
+    try:
+        first = runtime.compare_latency(
+            {"float": settings.model_file, "quantized": saved.path}, sample)
+        if first.ms["quantized"] <= first.ms["float"] * LATENCY_MARGIN:
+            summary.latency_check = LatencyCheck(first)
+            return saved, built
+        found = pt.latency_planned()
+        if found is None:
+            summary.latency_check = LatencyCheck(first)
+            return saved, built
+        latency, planned = found
+        second = runtime.compare_latency({"float": settings.model_file,
+                                          "quantized": saved.path, "planned": planned.model},
+                                         sample)
+    except PtqError:
+        return saved, built
+    keep = second.ms["planned"] * LATENCY_MARGIN < second.ms["quantized"]
+    report.post_training = pt.adopt(latency, planned, summary) if keep else summary
+    report.post_training.latency_check = LatencyCheck(first, second, len(latency.kept_float),
+                                                      keep)
+    if not keep:
+        return saved, built
+    saved = _save(planned.model, settings, report, staging)
+    return _never_grow(settings, report, sources, staging, saved) or saved, planned
 
 
 def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],

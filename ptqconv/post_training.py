@@ -644,6 +644,50 @@ class PostTraining:
             saturating=(saturating(imported, built.prepared.graph)
                         if self.settings.target.saturates else 0))
 
+    def latency_planned(self) -> tuple[LatencyPlan, Built] | None:
+        """The model `run` made, rebuilt with the units the latency cost model keeps float
+        (`run` did not plan: latency_aware off); None when the model keeps none float."""
+        model, choice, statistics, tensors, shared, _ = self._rebuild
+        latency = plan_latency(plan_model(model.graph, self.skip, macs=self.macs),
+                               _shapes(statistics, tensors))
+        if not latency.keys:
+            return None
+        kept = self.latency, self.latency_units
+        self.latency, self.latency_units = latency, latency.keys
+        try:
+            built = self.build(model, choice, statistics, tensors, shared)
+            built, _ = self._fused_bodies(built, lambda: self.build(
+                model, choice, statistics, tensors, shared))
+        finally:
+            self.latency, self.latency_units = kept
+        return latency, built
+
+    def adopt(self, latency: LatencyPlan, built: Built,
+              summary: PostTrainingSummary) -> PostTrainingSummary:
+        """Keep `latency_planned`'s model: later rebuilds start from it, and `summary` (of
+        `run`) describes it."""
+        self.latency, self.latency_units = latency, latency.keys
+        self._rebuild = (*self._rebuild[:5], built)
+        return replace(summary, **self._built_fields(built), latency_plan=latency)
+
+    def _built_fields(self, built: Built) -> dict[str, Any]:
+        """The summary's figures that describe one built model."""
+        return dict(
+            histogram_sampled=built.calibration.sampled,
+            units=len(built.plan.units),
+            kl_refused=built.calibration.kl_refused,
+            migrations=[Migration(r.technique, r.migrated, r.left_alone)
+                        for r in built.migrations],
+            sentinels=built.calibration.sentinels,
+            activation_ranges=built.qdq.activation_ranges,
+            quantize_nodes=built.qdq.quantize_nodes,
+            weights_quantized=built.qdq.weights_quantized,
+            weight_grid=built.qdq.weight_grid,
+            embedding_tables=[r for r in built.tables if r.quantized],
+            bias_corrections=built.corrections,
+            integer_activations=dict(built.qdq.integer_activations),
+        )
+
     def _summary(self, built: Built, choice: Choice, measured: list[Measured],
                  folds: int) -> PostTrainingSummary:
         s = self.settings
@@ -655,22 +699,10 @@ class PostTraining:
             per_channel=s.per_channel,
             target=s.target,
             histogram_values=self.histogram_values,
-            histogram_sampled=built.calibration.sampled,
             reduce_range=s.reduce_range,
-            units=len(built.plan.units),
-            kl_refused=built.calibration.kl_refused,
-            migrations=[Migration(r.technique, r.migrated, r.left_alone)
-                        for r in built.migrations],
-            sentinels=built.calibration.sentinels,
-            activation_ranges=built.qdq.activation_ranges,
-            quantize_nodes=built.qdq.quantize_nodes,
-            weights_quantized=built.qdq.weights_quantized,
-            weight_grid=built.qdq.weight_grid,
-            embedding_tables=[r for r in built.tables if r.quantized],
             residual_sum=self.residual_sum,
-            bias_corrections=built.corrections,
-            integer_activations=dict(built.qdq.integer_activations),
             latency_plan=self.latency,
+            **self._built_fields(built),
             chosen=choice.label(),
             measured=measured,
             held_out=(sum(len(_fold_samples(len(self.data), folds, f))

@@ -75,6 +75,18 @@ class ImportSummary:
     saturating: int = 0  # imported weight grids wider than this CPU's U8S8 kernels take
 
 
+@dataclass(frozen=True)
+class LatencyCheck:
+    """Where latency_aware was left to a target the cost model was not measured on: the
+    all-integer model timed against float on a calibration sample, and the cost model's plan
+    timed too when all-integer was slower."""
+
+    integer: Latency  # "float" and "quantized" (all-integer)
+    planned: Latency | None = None  # "float", "quantized", "planned"; None: not needed
+    planned_float_units: int = 0  # units the plan keeps float
+    kept_plan: bool = False
+
+
 @dataclass
 class PostTrainingSummary:
     method: str
@@ -103,6 +115,7 @@ class PostTrainingSummary:
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
     latency: Latency | None = None  # measured "float" and "quantized"; None: not measured
     latency_skipped: str = ""  # why the latency could not be measured
+    latency_check: LatencyCheck | None = None  # all-integer against the cost model's plan
     bias_corrections: list[Correction] | None = None  # None: not asked for
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
@@ -301,6 +314,9 @@ class ConversionReport:
             lines.append(f"  encodings: {self.encodings_file}")
         if self.opset_after != self.opset_before:
             lines.append(f"  opset: {self.opset_before} -> {self.opset_after}")
+        if self.post_training is not None and self.post_training.latency_check is not None:
+            lines.append(latency_check_line(self.post_training.latency_check,
+                                            self.post_training.target.name))
         if self.post_training is not None and self.post_training.latency is not None:
             lines.append(latency_line(self.post_training.latency))
         elif self.post_training is not None and self.post_training.latency_skipped:
@@ -514,6 +530,21 @@ def kept_float_lines(plan: LatencyPlan | None, shown: int = 3) -> list[str]:
              f"{plan.quantized_us / 1e3:.2f} ms all integer, {plan.float_us / 1e3:.2f} ms all "
              "float)"]
     return lines
+
+
+def latency_check_line(check: LatencyCheck, target: str) -> str:
+    first = check.integer.ms
+    line = (f"  latency check (the cost model is for x86_avx2, the target is {target}): "
+            f"all-integer {first['quantized'] / first['float']:.2f}x float")
+    if check.planned is None:
+        return line + ": kept" + ("" if first["quantized"] <= first["float"]
+                                  else " (the cost model keeps no unit float)")
+    ms = check.planned.ms
+    plan = (f"the cost model's plan ({check.planned_float_units} units float) "
+            f"{ms['planned'] / ms['float']:.2f}x, all-integer {ms['quantized'] / ms['float']:.2f}x")
+    kept = "kept the plan" if check.kept_plan else "kept all-integer"
+    return (f"{line}, then {plan} ({check.planned.runs} interleaved runs, "
+            f"{check.planned.cpu}): {kept}")
 
 
 def latency_line(latency: Latency) -> str:

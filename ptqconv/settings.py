@@ -126,6 +126,10 @@ class PostTrainingSettings:
     latency_aware: bool = True
     # Time the written model against the float one for the summary.
     measure_latency: bool = True
+    # latency_aware left to the target and off (the cost model was not measured there):
+    # time the all-integer model against float, and against the cost model's plan when it
+    # is slower (conversion._check_latency).
+    latency_check: bool = False
     # Embedding tables (Gather of a float initializer) in int8 per row (passes/gather_quant.py).
     embedding_quant: bool = True
     # KL / MSE histograms from a strided sample of each tensor (calibrate/observers.py).
@@ -389,6 +393,10 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         # every unit stays integer unless asked.
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
         measure_latency=pick.switch("measure_latency", True),
+        # Timings on this machine say something only when the target is this machine.
+        latency_check=(pick.config("latency_aware") is None and device.name != "x86_avx2"
+                       and pick.switch("measure_latency", True)
+                       and device.name == target_module.detect().name),
         embedding_quant=pick.switch("embedding_quant", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
         quant_strategy=pick.config("quant_strategy") or "MAX_MIN",

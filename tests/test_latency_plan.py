@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 from harness import optimized_ops
 from models import random_samples, save, write_samples
 from onnx import TensorProto, helper, numpy_helper
@@ -263,3 +264,54 @@ def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_in
     constants = {t.name for t in optimized.graph.initializer}
     assert all(n.input[0] in constants for n in optimized.graph.node
                if n.op_type == "DequantizeLinear")
+
+
+@pytest.mark.parametrize("timings, kept_plan", [
+    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 0.9}], True),
+    ([{"quantized": 0.8}], False),
+    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 1.95}], False),
+])
+def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_plan(
+        tmp_path, monkeypatch, capsys, timings, kept_plan):
+    # A VNNI host, for which the cost model was not fitted: every unit is quantized, then
+    # timed against float on a calibration sample (timings faked: never time in a test).
+    import ptqconv.runtime as runtime
+    import ptqconv.target as target
+    from ptqconv.runtime import Latency
+
+    monkeypatch.setattr(target, "detect", lambda: target.resolve("x86_vnni"))
+    calls = []
+
+    def compare(models, feeds, threads=0, budget_s=0.0):
+        ms = {"float": 1.0, **(timings[len(calls)] if len(calls) < len(timings)
+                               else {"quantized": 0.5})}
+        calls.append(sorted(models))
+        return Latency({label: ms[label] for label in models}, 10, 2, "a VNNI CPU")
+
+    monkeypatch.setattr(runtime, "compare_latency", compare)
+    src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 2, seed=0, shape=(1, 3, 112, 112))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nactivation_quant_method=MAX_MIN\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}"]) == 0
+    summary = capsys.readouterr().out
+    check = next(line for line in summary.splitlines() if "latency check" in line)
+    assert check.startswith("  latency check (the cost model is for x86_avx2, the target is "
+                            f"x86_vnni): all-integer {timings[0]['quantized']:.2f}x float")
+    assert check.endswith("kept the plan" if kept_plan else "kept" if len(timings) == 1
+                          else "kept all-integer")
+    # The planned candidate is timed only when all-integer was slower than float.
+    assert calls[:len(timings)] == [["float", "quantized"], ["float", "planned", "quantized"]
+                                    ][:len(timings)]
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == (4 if kept_plan else len(MOBILE))
+    assert ("kept float for speed: 3 units" in summary) == kept_plan
+    # Set by the config, latency_aware is obeyed and nothing is timed against a plan.
+    config.write_text(config.read_text() + "latency_aware=false\n")
+    calls.clear()
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}"]) == 0
+    assert "latency check" not in capsys.readouterr().out and len(calls) == 1
