@@ -175,11 +175,9 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
     try:
         first = runtime.compare_latency(
             {"float": settings.model_file, "quantized": saved.path}, sample)
-        if first.ms["quantized"] <= first.ms["float"] * LATENCY_MARGIN:
-            summary.latency_check = LatencyCheck(first)
-            return saved, built
-        found = pt.latency_planned()
-        if found is None:
+        slower = first.ms["quantized"] > first.ms["float"] * LATENCY_MARGIN
+        found = pt.latency_planned() if slower else None
+        if found is None:  # fast enough, or the cost model keeps no unit float
             summary.latency_check = LatencyCheck(first)
             return saved, built
         latency, planned = found

@@ -417,15 +417,16 @@ class PostTraining:
             statistics = collect(model, points, self.data, s.threads,
                                  self._step(len(self.data), f"calibrating ({s.method})"))
             self._plan_latency(plan, statistics, tensors)
-        built = self.build(model, choice, statistics, tensors, shared)
+
+        def rebuild() -> Built:
+            return self.build(model, choice, statistics, tensors, shared)
+
         solved = None
         if s.quant_strategy == "GPTQ":
             # The choice was measured with nearest weights; GPTQ rounds the chosen model's.
-            solved = self.gptq(built)
+            solved = self.gptq(rebuild())
             self.integers = solved.integers
-            built = self.build(model, choice, statistics, tensors, shared)
-        built, kernels = self._fused_bodies(built, lambda: self.build(
-            model, choice, statistics, tensors, shared))
+        built, kernels = self._fused_build(rebuild)
         # What a later rebuild with some units float (an accuracy target) starts from.
         self._rebuild = (model, choice, statistics, tensors, shared, built)
         summary = self._summary(built, choice, measured, folds)
@@ -472,11 +473,12 @@ class PostTraining:
                                                    else None)
         return gptq.run(built.prepared, targets, self.data, s.threads, self.progress)
 
-    def _fused_bodies(self, built: Built, rebuild: Callable[[], Built]
-                      ) -> tuple[Built, dict[tuple[str, str], Counter]]:
-        """`built`, rebuilt with every body weight op onnxruntime did not fuse kept float
-        (its DequantizeLinear would run on every execution of the body), and the integer
-        kernels of each body as onnxruntime optimized it."""
+    def _fused_build(self, rebuild: Callable[[], Built]
+                     ) -> tuple[Built, dict[tuple[str, str], Counter]]:
+        """What `rebuild` builds, rebuilt with every body weight op onnxruntime did not fuse
+        kept float (its DequantizeLinear would run on every execution of the body), and the
+        integer kernels of each body as onnxruntime optimized it."""
+        built = rebuild()
         for _ in range(MAX_FUSION_ROUNDS):
             keys = frozenset(node_key(n) for b in built.plan.bodies for n in b.plan.units
                              if n.op_type in WEIGHT_OPS)
@@ -655,8 +657,7 @@ class PostTraining:
         kept = self.latency, self.latency_units
         self.latency, self.latency_units = latency, latency.keys
         try:
-            built = self.build(model, choice, statistics, tensors, shared)
-            built, _ = self._fused_bodies(built, lambda: self.build(
+            built, _ = self._fused_build(lambda: self.build(
                 model, choice, statistics, tensors, shared))
         finally:
             self.latency, self.latency_units = kept

@@ -366,6 +366,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
             f"{config.source}: no calibration data: set calibrate_path in "
             "[data_preprocess_param] (or image_path in the flat form)")
     device = target_module.resolve(pick.config("target_device") or "auto")
+    measure_latency = pick.switch("measure_latency", True)
     debug = Path(debug_dir) if debug_dir else config.debug_info_save_path
     if debug is not None:
         files.output_directory("--debugDir", debug)
@@ -392,11 +393,10 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         # The cost model was measured on x86 without VNNI (docs/decisions.md): elsewhere
         # every unit stays integer unless asked.
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
-        measure_latency=pick.switch("measure_latency", True),
+        measure_latency=measure_latency,
         # Timings on this machine say something only when the target is this machine.
         latency_check=(pick.config("latency_aware") is None and device.name != "x86_avx2"
-                       and pick.switch("measure_latency", True)
-                       and device.name == target_module.detect().name),
+                       and measure_latency and device.name == target_module.detect().name),
         embedding_quant=pick.switch("embedding_quant", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
         quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
