@@ -44,6 +44,9 @@ IN_MEMORY_BYTES = 64_000_000
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
+# How long an idle intra-op thread spins before it sleeps (docs/decisions.md, bounded spinning).
+SPIN_US = 200
+
 
 def session_options(threads: int, level: str = "all",
                     prepack: bool = True) -> ort.SessionOptions:
@@ -53,9 +56,11 @@ def session_options(threads: int, level: str = "all",
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Python-side work (observers) overlaps the next inference; spinning onnxruntime threads
-    # would take the cores it needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Idle intra-op threads spin briefly, then sleep: long enough to catch the next op
+    # without a wake-up, short enough to leave the cores to Python-side work (observers)
+    # overlapping the next inference (docs/decisions.md, bounded spinning).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     options.graph_optimization_level = LEVELS[level]
     if not prepack:
         skip_prepacking(options)

@@ -11,6 +11,7 @@ import pytest
 from models import mlp, save
 
 from ptqconv import modelio, runtime
+from ptqconv.graph.initializers import ScaledTensor, mapped, scale_constant
 
 
 def test_unmapped_weights_read_back_equal_and_views_keep_their_map(tmp_path):
@@ -30,6 +31,45 @@ def test_unmapped_weights_read_back_equal_and_views_keep_their_map(tmp_path):
     assert all(np.array_equal(t.numpy(), f) for t, f in zip(tensors, first, strict=True))
     assert np.array_equal(held, first[0])
 
+
+
+def test_scaled_mapped_weights_hold_no_copy_and_read_as_the_eager_product(tmp_path):
+    src = save(mlp(), tmp_path / "float.onnx")
+    path = tmp_path / "ext.onnx"
+    ir.save(ir.load(src), path, external_data="ext.onnx.data", size_threshold_bytes=0)
+    model = modelio.load_model(path)
+    weights = [v for v in model.graph.initializers.values() if len(v.const_value.shape) == 2]
+    original = [np.array(v.const_value.numpy()) for v in weights]
+    rng = np.random.default_rng(0)
+    first = [rng.uniform(0.1, 4.0, (w.shape[0], 1)) for w in original]  # float64, like s
+    second = [rng.uniform(0.1, 4.0, (1, w.shape[1])).astype(np.float32) for w in original]
+    for value, a, b in zip(weights, first, second, strict=True):
+        scale_constant(value, a)
+        scale_constant(value, b)
+    for value, w, a, b in zip(weights, original, first, second, strict=True):
+        tensor = value.const_value
+        assert isinstance(tensor, ScaledTensor)
+        assert isinstance(mapped(tensor), ir.ExternalTensor)
+        eager = np.asarray(np.asarray(w * a, np.float32) * b, np.float32)
+        got = tensor.numpy()
+        assert got.dtype == np.float32 and got.tobytes() == eager.tobytes()
+    modelio.unmap_weights(model)  # reaches the maps under the scalings
+    assert all(mapped(v.const_value).raw is None for v in weights)
+    out = tmp_path / "scaled.onnx"
+    ir.save(model, out)
+    back = ir.load(out)
+    for value, w, a, b in zip(weights, original, first, second, strict=True):
+        eager = np.asarray(np.asarray(w * a, np.float32) * b, np.float32)
+        assert np.array_equal(back.graph.initializers[value.name].const_value.numpy(), eager)
+
+
+def test_scaled_in_memory_weights_are_replaced_at_once():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    value = ir.Value(name="w", const_value=ir.Tensor(w, name="w"))
+    scale_constant(value, np.array([[2.0], [0.5]]))
+    assert not isinstance(value.const_value, ScaledTensor)
+    assert mapped(value.const_value) is None
+    assert np.array_equal(value.const_value.numpy(), w * np.array([[2.0], [0.5]], np.float32))
 
 _HEAP_PROBE = """
 import re, sys

@@ -78,6 +78,7 @@ def collect(
         outputs = list(arrivals)
         with runtime.probe(probed, outputs, threads, label="calibration") as session:
             runtime.stream(session, with_inputs(samples), outputs, consume, progress)
+        del session, probed  # what release_memory is to give back
         runtime.release_memory()
     kept = {point: acc for point, acc in accumulators.items() if id(acc) not in refused}
     return Statistics(kept, frozenset(skipped))

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Statistic
-from ptqconv.graph.initializers import set_constant
+from ptqconv.graph.initializers import scale_constant, set_constant
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
 from ptqconv.passes.calibrated import Divided, Migrated, MigrationPass
@@ -181,8 +181,8 @@ class EqualizePass(MigrationPass):
 
 
 def _scale_outputs(conv: ir.Node, factors: np.ndarray) -> None:
-    w = conv.inputs[1].const_value.numpy()
-    set_constant(conv.inputs[1], w * factors.reshape(-1, *[1] * (w.ndim - 1)))
+    rank = len(conv.inputs[1].const_value.shape)
+    scale_constant(conv.inputs[1], factors.reshape(-1, *[1] * (rank - 1)))
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         set_constant(conv.inputs[2], conv.inputs[2].const_value.numpy() * factors)
 
@@ -190,8 +190,9 @@ def _scale_outputs(conv: ir.Node, factors: np.ndarray) -> None:
 def _scale_inputs(conv: ir.Node, factors: np.ndarray) -> None:
     """Multiply the weights reading input channel k by factors[k]; output n of group g reads
     channels g * K/G ... (g + 1) * K/G - 1 through W[n, 0 ... K/G - 1]."""
-    w = conv.inputs[1].const_value.numpy()
-    n_out, k_per_group = w.shape[:2]
+    shape = conv.inputs[1].const_value.shape
+    n_out, k_per_group = shape[0], shape[1]
     group_of = np.arange(n_out) // (n_out // _group(conv))
     per_weight = factors[group_of[:, None] * k_per_group + np.arange(k_per_group)[None, :]]
-    set_constant(conv.inputs[1], w * per_weight.reshape(n_out, k_per_group, *[1] * (w.ndim - 2)))
+    scale_constant(conv.inputs[1],
+                   per_weight.reshape(n_out, k_per_group, *[1] * (len(shape) - 2)))

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Statistic
-from ptqconv.graph.initializers import add_initializer, set_constant
+from ptqconv.graph.initializers import add_initializer, scale_constant
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes import scale_migration
@@ -129,8 +129,8 @@ class SmoothQuantPass(MigrationPass):
         out.type = ir.TensorType(ir.DataType.FLOAT)
         out.shape = x.shape
         graph.insert_before(group.matmuls[0], mul)
-        for matmul, w in zip(group.matmuls, weights, strict=True):
+        for matmul in group.matmuls:
             matmul.replace_input_with(0, out)
-            set_constant(matmul.inputs[1], w * s[:, None])
+            scale_constant(matmul.inputs[1], s[:, None])
         return Migrated(out.name, Range(float(np.min(lo / s)), float(np.max(hi / s))),
                         {out.name: Divided(s, -1)})
