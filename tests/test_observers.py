@@ -238,8 +238,9 @@ def test_mse_keeps_a_saturated_relu6_spike_that_kl_clips():
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 3000), st.integers(0, 2**31 - 1), st.floats(0.1, 10),
        st.one_of(st.none(), st.tuples(st.floats(-5, 0), st.floats(0, 5))),
-       st.sampled_from(["normal", "relu", "discrete"]))
-def test_tail_quantiles_equal_numpys_whatever_the_hint(size, seed, scale, near, kind):
+       st.sampled_from(["normal", "relu", "discrete", "saturated"]), st.booleans())
+def test_tail_quantiles_equal_numpys_whatever_the_hint(size, seed, scale, near, kind,
+                                                       with_extremes):
     from ptqconv.calibrate.observers import OUTLIER_QUANTILES, tail_quantiles
 
     rng = np.random.default_rng(seed)
@@ -248,8 +249,13 @@ def test_tail_quantiles_equal_numpys_whatever_the_hint(size, seed, scale, near, 
         x = np.maximum(x, 0)
     elif kind == "discrete":
         x = np.round(x)
+    elif kind == "saturated":  # ReLU6-like: ties at both ends
+        x = np.clip(x, 0, scale / 2)
     expected = tuple(float(v) for v in np.quantile(x, OUTLIER_QUANTILES))
-    assert tail_quantiles(x, OUTLIER_QUANTILES, near) == expected
+    extremes = (float(x.min()), float(x.max())) if with_extremes else None
+    if with_extremes and near is not None and rng.random() < 0.5:
+        near = extremes  # the last sample's quantiles sat on this one's extremes
+    assert tail_quantiles(x, OUTLIER_QUANTILES, near, extremes) == expected
 
 
 @settings(max_examples=100, deadline=None)

@@ -26,6 +26,9 @@ KL_TARGET_BINS = 128
 KL_SQNR_FLOOR_DB = 10.0
 # docs/reference.md §2 REMOVAL_OUTLIER: per-sample 0.01% / 99.99% quantiles.
 OUTLIER_QUANTILES = (0.0001, 0.9999)
+# Thresholds of the tail search: the last sample's quantile moved inwards by 1/32, then 1/4,
+# of the distance between its two quantiles (docs/decisions.md, REMOVAL_OUTLIER).
+TAIL_SPREADS = (32, 4)
 # Histogram sampling: about this many values of each tensor over the whole calibration set
 # feed its KL / MSE histogram, and never fewer than HISTOGRAM_MIN_VALUES a sample (min and
 # max stay exact). Binning every value took 12 of 14 ms a sample on a ResNet-18; the tested
@@ -333,8 +336,9 @@ class RemovalOutlierObserver(Observer):
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
-        super().update(x)
-        lo, hi = tail_quantiles(x.ravel(), OUTLIER_QUANTILES, self._last)
+        extremes = float(x.min()), float(x.max())
+        self.min, self.max = min(self.min, extremes[0]), max(self.max, extremes[1])
+        lo, hi = tail_quantiles(x.ravel(), OUTLIER_QUANTILES, self._last, extremes)
         self._last = (lo, hi)
         self.lo_sum += lo
         self.hi_sum += hi
@@ -355,31 +359,42 @@ class RemovalOutlierObserver(Observer):
 
 
 def tail_quantiles(flat: np.ndarray, quantiles: tuple[float, float],
-                   near: tuple[float, float] | None = None) -> tuple[float, float]:
+                   near: tuple[float, float] | None = None,
+                   extremes: tuple[float, float] | None = None) -> tuple[float, float]:
     """np.quantile(flat, quantiles) for a low and a high quantile, exactly, but reading only
     the tails: the order statistics are found among the values beyond a threshold placed
-    from `near` (the last sample's quantiles), falling back to a partition of everything when
-    too few values are beyond it. np.quantile copies and partitions the whole array: 30x
-    slower on a million values."""
+    from `near` (the last sample's quantiles), first close to it, then further in, falling
+    back to a partition of everything when too few values are beyond either. Where the last
+    quantile sat on this sample's min or max (`extremes`; a ReLU output's zeros), counting
+    the values equal to it may settle that side at once. np.quantile copies and partitions
+    the whole array: 30x slower on a million values (docs/decisions.md, REMOVAL_OUTLIER)."""
     n = flat.size
     if near is None and n > 8192:  # no previous sample: place the thresholds from a subsample
         sample = np.sort(flat[:: n // 4096])
         near = (float(sample[0]), float(sample[-1]))
-    spread = 0.0 if near is None else (near[1] - near[0]) / 4
     found = []
     for q, upper in ((quantiles[0], False), (quantiles[1], True)):
         position = q * (n - 1)
         i = math.floor(position)
         j = min(i + 1, n - 1)
+        needed = n - i if upper else j + 1  # values at or beyond both order statistics
         pair = None
-        if near is not None:
-            limit = near[1] - spread if upper else near[0] + spread
-            mask = flat >= limit if upper else flat <= limit
-            kept = int(np.count_nonzero(mask))
-            first = n - kept if upper else 0  # the global order of kept[0] once sorted
-            if (upper and kept >= n - i) or (not upper and kept >= j + 1):
-                tail = np.partition(flat[mask], [i - first, j - first])
-                pair = (tail[i - first], tail[j - first])
+        if near is not None and extremes is not None:
+            edge = extremes[1] if upper else extremes[0]
+            if (near[1] if upper else near[0]) == edge \
+                    and np.count_nonzero(flat == edge) >= needed:
+                pair = (edge, edge)
+        if pair is None and near is not None:
+            width = near[1] - near[0]
+            for spread in (width / TAIL_SPREADS[0], width / TAIL_SPREADS[1]):
+                limit = near[1] - spread if upper else near[0] + spread
+                mask = flat >= limit if upper else flat <= limit
+                kept = int(np.count_nonzero(mask))
+                if kept >= needed:
+                    first = n - kept if upper else 0  # the global order of kept[0] once sorted
+                    tail = np.partition(flat[mask], [i - first, j - first])
+                    pair = (tail[i - first], tail[j - first])
+                    break
         if pair is None:
             whole = np.partition(flat, [i, j])
             pair = (whole[i], whole[j])
