@@ -280,3 +280,24 @@ def test_channel_moments_streamed_equal_a_float64_reference(shapes, axis, seed):
     np.testing.assert_array_equal(result.maximum, flat.max(axis=0))
     reference = (flat.astype(np.float64) ** 2).mean(axis=0)
     np.testing.assert_allclose(result.mean_square, reference, rtol=1e-5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 50), st.integers(0, 3)), min_size=1, max_size=12),
+       st.integers(0, 2**31 - 1))
+def test_extremes_are_each_arrays_own_whatever_came_before(steps, seed):
+    """The shared min/max scan answers for the array it is given, never for an earlier
+    one: arrays freed and new ones allocated (perhaps at the same address), repeats."""
+    from ptqconv.calibrate.observers import extremes
+
+    rng = np.random.default_rng(seed)
+    kept: list[np.ndarray] = []
+    for size, action in steps:
+        if action == 0 and kept:
+            x = kept[int(rng.integers(len(kept)))]  # an array seen before
+        else:
+            x = rng.standard_normal(size).astype(np.float32)
+            if action == 1:
+                kept.append(x)
+        assert extremes(x) == (float(x.min()), float(x.max()))
+        del x

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from abc import abstractmethod
 
 import numpy as np
@@ -42,6 +43,22 @@ def histogram_values(samples: int) -> int:
     return max(HISTOGRAM_MIN_VALUES, -(-HISTOGRAM_BUDGET // max(samples, 1)))
 
 
+# The array whose extremes were found last (weakly held) and them.
+_last_extremes: tuple[weakref.ref | None, float, float] = (None, 0.0, 0.0)
+
+
+def extremes(x: np.ndarray) -> tuple[float, float]:
+    """min and max of a non-empty `x`. The observers of one tensor (a method's own, its folds,
+    the candidates AUTO compares) are handed the same array in turn: it is scanned once."""
+    global _last_extremes
+    ref, lo, hi = _last_extremes  # one tuple: read and replaced whole
+    if ref is not None and ref() is x:
+        return lo, hi
+    lo, hi = float(x.min()), float(x.max())
+    _last_extremes = (weakref.ref(x), lo, hi)
+    return lo, hi
+
+
 class Observer(Accumulator):
     """Running summary of one tensor's values that yields its quantization range."""
 
@@ -61,8 +78,8 @@ class Observer(Accumulator):
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
+        lo, hi = extremes(x)
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
 
     def merge(self, other: Observer) -> None:
         """Fold in another observer of the same tensor, as if it had seen other's data too."""
@@ -115,7 +132,7 @@ class HistogramObserver(Observer):
         if x.size == 0:
             return
         self._ranges.clear()
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = extremes(x)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         absmax = max(-lo, hi)
         if absmax == 0.0:
@@ -336,9 +353,9 @@ class RemovalOutlierObserver(Observer):
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
-        extremes = float(x.min()), float(x.max())
-        self.min, self.max = min(self.min, extremes[0]), max(self.max, extremes[1])
-        lo, hi = tail_quantiles(x.ravel(), OUTLIER_QUANTILES, self._last, extremes)
+        found = extremes(x)
+        self.min, self.max = min(self.min, found[0]), max(self.max, found[1])
+        lo, hi = tail_quantiles(x.ravel(), OUTLIER_QUANTILES, self._last, found)
         self._last = (lo, hi)
         self.lo_sum += lo
         self.hi_sum += hi
