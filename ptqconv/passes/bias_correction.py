@@ -46,9 +46,11 @@ class InputMean(Accumulator):
     def update(self, x: np.ndarray) -> None:
         if x.ndim == 0 or self.varying:
             return
-        part = x.sum(axis=0, keepdims=True, dtype=np.float64).astype(np.float32)
+        # One sample (the usual batch of 1) is its own sum: no float64 pass over it.
+        part = (x if x.shape[0] == 1 and x.dtype == np.float32
+                else x.sum(axis=0, keepdims=True, dtype=np.float64).astype(np.float32))
         if self.total is None:
-            self.total = part
+            self.total = np.array(part)
         elif self.total.shape != part.shape:
             self.varying = True
             return
