@@ -257,31 +257,39 @@ class QDQPass(ir.passes.InPlacePass):
         value = node.inputs[index]
         if value.const_value is None:
             return
-        weights = value.const_value.numpy()
+        tensor = value.const_value
+        # Read only when used: a cached weight needs no read, and a migrated weight mapped
+        # from a file is multiplied out on every read (graph.initializers.ScaledTensor).
+        weights: np.ndarray | None = None
         name = value.name
         imported = self.fixed.get(name)
         if imported is not None:  # 1-d: one grid per channel along the weight's axis
             grid, scale, zero_point = imported.grid, imported.scale, imported.zero_point
             axis = planned.axis if scale.ndim == 1 else None
+            weights = tensor.numpy()
             q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
             self.result.imported.add(name)
         else:
             axis = planned.axis if self.per_channel else None
             grid = weight_grid_for(node, self.bits, self.reduce_range)
-            key = (id(value.const_value), grid, axis)
+            key = (id(tensor), grid, axis)
             given = self.given_weights.get(name or "")
             if (given is not None and given.layout == WeightLayout(grid, axis)
-                    and given.q.shape == weights.shape):
+                    and given.q.shape == tuple(tensor.shape)):
                 q, scale, zero_point = given.q.astype(np.int8), given.scale, given.zero_point
             else:
                 if key not in self.cache:
+                    weights = tensor.numpy()
                     rmin, rmax = qparams.tensor_range(weights, axis)
                     scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
                     q = qparams.quantize(weights, scale, zero_point, grid, axis,
                                          dtype=np.int8)
-                    self.cache[key] = (value.const_value, q, scale, zero_point)
+                    self.cache[key] = (tensor, q, scale, zero_point)
                 _, q, scale, zero_point = self.cache[key]
         self.weight_scales[(node, index)] = scale
+        if weights is None and (self.keep_weights or (self.keep_weight_errors
+                                                      and node.op_type in CORRECTED_OPS)):
+            weights = tensor.numpy()
         if self.keep_weights:
             self.result.weights[name] = QuantizedWeight(name, weights, scale, zero_point, axis,
                                                         node.name or node.op_type, grid)
@@ -303,7 +311,7 @@ class QDQPass(ir.passes.InPlacePass):
             self.result.weights_quantized += 1
             self.result.param_encodings[name] = qparams.Encoding(scale, zero_point, grid)
         out = self._dequantize(inputs, {"axis": planned.axis} if axis is not None else {}, name,
-                               weights.shape)
+                               tuple(tensor.shape))
         for user, i in list(value.uses()):
             if user.op_type in WEIGHT_OPS and user.graph is self.graph:
                 user.replace_input_with(i, out)
