@@ -288,7 +288,7 @@ def test_channel_moments_streamed_equal_a_float64_reference(shapes, axis, seed):
 def test_extremes_are_each_arrays_own_whatever_came_before(steps, seed):
     """The shared min/max scan answers for the array it is given, never for an earlier
     one: arrays freed and new ones allocated (perhaps at the same address), repeats."""
-    from ptqconv.calibrate.observers import extremes
+    from ptqconv.calibrate.statistics import extremes
 
     rng = np.random.default_rng(seed)
     kept: list[np.ndarray] = []
@@ -301,3 +301,23 @@ def test_extremes_are_each_arrays_own_whatever_came_before(steps, seed):
                 kept.append(x)
         assert extremes(x) == (float(x.min()), float(x.max()))
         del x
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4)),
+       st.sampled_from([1, -1]), st.integers(0, 2**31 - 1))
+def test_channel_moments_hand_the_observers_after_them_exact_extremes(shape, axis, seed):
+    """Per-channel extremes found by ChannelMoments serve a MinMax observer of the same array
+    (the collector updates ChannelMoments first); the range is the array's own."""
+    from ptqconv.calibrate.observers import MinMaxObserver
+    from ptqconv.calibrate.statistics import ChannelMoments
+
+    assert ChannelMoments.order < MinMaxObserver.order
+    x = (np.random.default_rng(seed).standard_normal(shape) * 3).astype(np.float32)
+    ChannelMoments(axis).update(x)
+    from ptqconv.calibrate import statistics
+
+    assert statistics._last_extremes[0]() is x  # shared, not scanned again
+    observer = MinMaxObserver()
+    observer.update(x)
+    assert (observer.min, observer.max) == (float(x.min()), float(x.max()))

@@ -37,6 +37,8 @@ def collect(
     by_tensor: dict[str, list[Accumulator]] = {}
     for point, accumulator in accumulators.items():
         by_tensor.setdefault(point.tensor, []).append(accumulator)
+    for found in by_tensor.values():
+        found.sort(key=lambda a: a.order)  # stable: otherwise in the order asked
     inputs = {v.name for v in model.graph.inputs}
     fetched = [name for name in by_tensor if name not in inputs]
     fed = [name for name in by_tensor if name in inputs]

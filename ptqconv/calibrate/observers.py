@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from abc import abstractmethod
 
 import numpy as np
 
-from ptqconv.calibrate.statistics import Accumulator
+from ptqconv.calibrate.statistics import Accumulator, extremes
 from ptqconv.qparams import Range
 
 # docs/reference.md §2 (MindSpore / MNN / TensorRT KL): 2048 bins over |x|, bins start at 1e-7.
@@ -41,22 +40,6 @@ HISTOGRAM_MIN_VALUES = 4096
 def histogram_values(samples: int) -> int:
     """Values of one tensor a sample that histogram methods bin, for `samples` samples."""
     return max(HISTOGRAM_MIN_VALUES, -(-HISTOGRAM_BUDGET // max(samples, 1)))
-
-
-# The array whose extremes were found last (weakly held) and them.
-_last_extremes: tuple[weakref.ref | None, float, float] = (None, 0.0, 0.0)
-
-
-def extremes(x: np.ndarray) -> tuple[float, float]:
-    """min and max of a non-empty `x`. The observers of one tensor (a method's own, its folds,
-    the candidates AUTO compares) are handed the same array in turn: it is scanned once."""
-    global _last_extremes
-    ref, lo, hi = _last_extremes  # one tuple: read and replaced whole
-    if ref is not None and ref() is x:
-        return lo, hi
-    lo, hi = float(x.min()), float(x.max())
-    _last_extremes = (weakref.ref(x), lo, hi)
-    return lo, hi
 
 
 class Observer(Accumulator):

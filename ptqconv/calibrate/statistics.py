@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ class Accumulator(ABC):
     # Whether every sample must reach `update`, even one in which the tensor did not run (an
     # empty array: a body an If did not take); others are given only values.
     per_sample = False
+    # The accumulators of one tensor are updated in increasing order: one that finds the
+    # array's extremes on its way (`remember_extremes`) goes first.
+    order = 0
 
     def accepts(self, dtype: np.dtype) -> bool:
         """Whether values of `dtype` are for this accumulator (ranges: float32 only)."""
@@ -37,6 +41,28 @@ class Accumulator(ABC):
     @abstractmethod
     def merge(self, other: Any) -> None:
         """Fold in another accumulator of the same kind, as if this one had seen its data."""
+
+
+# The array whose extremes were found last (weakly held) and them.
+_last_extremes: tuple[weakref.ref | None, float, float] = (None, 0.0, 0.0)
+
+
+def extremes(x: np.ndarray) -> tuple[float, float]:
+    """min and max of a non-empty `x`. The accumulators of one tensor (a method's observer,
+    its folds, the candidates AUTO compares) are handed the same array in turn: it is
+    scanned once."""
+    ref, lo, hi = _last_extremes  # one tuple: read and replaced whole
+    if ref is not None and ref() is x:
+        return lo, hi
+    lo, hi = float(x.min()), float(x.max())
+    remember_extremes(x, lo, hi)
+    return lo, hi
+
+
+def remember_extremes(x: np.ndarray, lo: float, hi: float) -> None:
+    """Record `x`'s min and max, found some other way, for `extremes`."""
+    global _last_extremes
+    _last_extremes = (weakref.ref(x), lo, hi)
 
 
 @dataclass(frozen=True)
@@ -110,6 +136,8 @@ class ChannelMoments(Accumulator):
     """Per-channel min, max and mean square along `axis` (the last for MatMul inputs, 1 for
     NCHW Conv inputs), which scale migration needs."""
 
+    order = -1  # its per-channel extremes give the tensor's to the observers after it
+
     def __init__(self, axis: int = -1) -> None:
         self.axis = axis
         self.channel_min: np.ndarray | None = None
@@ -138,6 +166,7 @@ class ChannelMoments(Accumulator):
             lo, hi = view.min(axis=(0, 2)), view.max(axis=(0, 2))
             sumsq = np.einsum("ijk,ijk->j", view, view).astype(np.float64)
         self.rows += x.size // x.shape[axis]
+        remember_extremes(x, float(lo.min()), float(hi.max()))
         if self.channel_min is None:
             self.channel_min, self.channel_max, self.channel_sumsq = lo, hi, sumsq
         else:
@@ -174,6 +203,7 @@ class Folds(Accumulator):
     def __init__(self, inner: Statistic, k: int) -> None:
         self.parts = [inner.create() for _ in range(k)]
         self.count = 0
+        self.order = inner.kind.order
 
     def update(self, x: np.ndarray) -> None:
         if x.size:
