@@ -92,7 +92,8 @@ def convert(settings: ConvertSettings,
             simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
             runtime.release_memory()
             pt = PostTraining(mode, data, progress)
-            built, report.post_training = pt.run(simplified, original_names)
+            built, report.post_training = pt.run(simplified, original_names,
+                                                 report.size_before)
             # The float weights were read for quantizing; unmapped, they do not add to the
             # peak of writing the model (a later rebuild maps them again).
             modelio.unmap_weights(built.prepared)

@@ -73,6 +73,7 @@ from ptqconv.passes.qdq_plan import (
     plan_quantization,
 )
 from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
+from ptqconv.passes.shared_body_weights import ShareBodyWeightsPass
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
 from ptqconv.passes.unique_names import UniqueNamesPass
 from ptqconv.passes.weight_quant import WeightRecord
@@ -194,15 +195,21 @@ class PostTraining:
     def _step(self, total: int, label: str) -> Callable[[int], None] | None:
         return self.progress(total, label) if self.progress else None
 
-    def load_float(self, source: Path, original_names: set[str]) -> ir.Model:
+    def load_float(self, source: Path, original_names: set[str],
+                   input_bytes: int | None = None) -> ir.Model:
         """The simplified float model at `source`, ready to plan: onnxruntime's generated
         names prefixed (`original_names` are the user's), every value name unique across
         control-flow bodies, initializer Casts folded, Gemms that add a computed tensor split
-        again, only the opsets used, at least the opset QDQ needs."""
+        again, only the opsets used, at least the opset QDQ needs. Identical body weights
+        are held once when the simplification made the model bigger than the user's
+        `input_bytes` (docs/decisions.md, shared body weights)."""
         model = modelio.load_model(source, check=False)  # onnxruntime's output of a checked one
+        grew = (input_bytes is not None and next(model.graph.subgraphs(), None) is not None
+                and modelio.files_size(modelio.model_files(source, model)) > input_bytes)
         ir.passes.Sequential(
             PrefixGeneratedNamesPass(original_names),
             UniqueNamesPass(),
+            *([ShareBodyWeightsPass()] if grew else []),
             FoldInitializerCastsPass(),
             SplitGemmSumPass(),
             # onnxruntime's simplification declares every domain it knows; keep the used ones.
@@ -382,10 +389,12 @@ class PostTraining:
                                   sorted(names.get(k, k) for k in
                                          choice.float_units | self.latency_units), args)
 
-    def run(self, source: Path, original_names: set[str]) -> tuple[Built, PostTrainingSummary]:
-        """The quantized model, how it was built, and what was done."""
+    def run(self, source: Path, original_names: set[str], input_bytes: int | None = None
+            ) -> tuple[Built, PostTrainingSummary]:
+        """The quantized model, how it was built, and what was done (`input_bytes`: the
+        user's model files, which the float model is not to outgrow)."""
         s = self.settings
-        model = self.load_float(source, original_names)
+        model = self.load_float(source, original_names, input_bytes)
         self.residual_sum = residual_sum.measure(model, s.target)
         self.min_max = per_execution(model)
         self.macs = body_macs(model, self.data.shapes)

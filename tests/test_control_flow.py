@@ -312,3 +312,106 @@ def test_a_gemm_adding_a_computed_tensor_is_split():
                                runtime.Session(proto.SerializeToString()).run({"x": x})["y"],
                                rtol=1e-6, atol=1e-6)
     onnx.checker.check_model(ir.to_proto(model))
+
+
+def _branches_with_one_weight_twice() -> onnx.ModelProto:
+    """y = If(c, x @ W, (x @ W) * 2), each branch holding its own copy of W (as
+    onnxruntime's constant folding leaves an outer weight both branches transform), and a
+    small table both branches hold too."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    small = np.arange(4, dtype=np.float32)
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        nodes = [helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_p"]),
+                 helper.make_node("Mul", [f"{name}_p", f"{name}_k"], [f"{name}_y"])]
+        inits = [numpy_helper.from_array(w, f"{name}_w"),
+                 numpy_helper.from_array(np.array(scale, np.float32), f"{name}_k"),
+                 numpy_helper.from_array(small, f"{name}_small")]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            f"{name}_y", TensorProto.FLOAT, None)], inits)
+
+    node = helper.make_node("If", ["c"], ["y"], then_branch=branch("then", 1.0),
+                            else_branch=branch("else", 2.0))
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                      helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_identical_body_weights_are_held_once_and_compute_the_same(tmp_path):
+    from ptqconv.passes.shared_body_weights import ShareBodyWeightsPass
+
+    proto = _branches_with_one_weight_twice()
+    model = ir.serde.deserialize_model(proto)
+    assert ShareBodyWeightsPass()(model).modified
+    shared = [v for v in model.graph.initializers.values()]
+    assert [tuple(v.const_value.shape) for v in shared] == [(64, 32)]  # small ones stay
+    for body in bodies(model.graph):
+        assert {v.name for v in body.graph.initializers.values()} == {
+            f"{body.graph.name}_k", f"{body.graph.name}_small"}
+        assert any(shared[0] in node.inputs for node in body.graph)
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    for c in (True, False):
+        feeds = {"c": np.array(c), "x": x}
+        before = runtime.Session(proto).run(feeds)["y"]
+        after = runtime.Session(ir.to_proto(model)).run(feeds)["y"]
+        np.testing.assert_array_equal(before, after)
+    assert not ShareBodyWeightsPass()(model).modified  # nothing left to share
+
+
+def test_a_weight_folded_into_both_branches_is_written_once(tmp_path):
+    """onnxruntime's simplification folds Transpose(W) into each branch that reads it: a
+    copy per branch, the simplified model twice the input. The output holds W's integers
+    once, both branches still run integer kernels, and it is smaller than the input."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 256)).astype(np.float32)
+
+    def branch(name: str, scale: float) -> onnx.GraphProto:
+        nodes = [helper.make_node("Transpose", ["w"], [f"{name}_wt"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", f"{name}_wt"], [f"{name}_p"]),
+                 helper.make_node("Mul", [f"{name}_p", f"{name}_k"], [f"{name}_y"])]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(
+            f"{name}_y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.array(scale, np.float32), f"{name}_k")])
+
+    graph = helper.make_graph(
+        [helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=branch("then", 1.0),
+                          else_branch=branch("else", 2.0))], "g",
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(1, np.float32),
+                                                                  "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = save(model, tmp_path / "float.onnx")
+    x_dir = write_samples(tmp_path / "x", rng.standard_normal((12, 1, 256)).astype(np.float32))
+    s_dir = write_samples(tmp_path / "s", [np.array([(-1.0) ** i], np.float32)
+                                           for i in range(12)])
+    ini = tmp_path / "c.ini"
+    ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{x_dir},s:{s_dir}\n"
+                   "[full_quant_param]\nactivation_quant_method=MAX_MIN\nequalize=false\n"
+                   "smooth_quant=false\nbias_correction=false\nlatency_aware=false\n"
+                   "measure_latency=false\n")
+    out = tmp_path / "q.onnx"
+    report = convert(src, out, "PostTraining", config_file=ini)
+    assert report.size_after < 0.3 * report.size_before
+    saved = onnx.load(str(out))
+    int8 = [t for t in saved.graph.initializer if t.data_type == TensorProto.INT8
+            and len(t.dims) == 2]
+    assert len(int8) == 1 and not any(t.data_type == TensorProto.INT8 for body in (
+        a.g for n in saved.graph.node for a in n.attribute if a.g.ByteSize())
+        for t in body.initializer)
+    for body in _optimized_bodies(out).values():
+        assert body["MatMulIntegerToFloat"] == 1 and not body["MatMul"]
+    session = runtime.Session(out)
+    for s in (1.0, -1.0):
+        x = rng.standard_normal((1, 256)).astype(np.float32)
+        got = session.run({"x": x, "s": np.array([s], np.float32)})["y"]
+        expected = x @ w.T * (1.0 if s > 0 else 2.0)
+        assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
