@@ -360,12 +360,12 @@ class RemovalOutlierObserver(Observer):
 
 def tail_quantiles(flat: np.ndarray, quantiles: tuple[float, float],
                    near: tuple[float, float] | None = None,
-                   extremes: tuple[float, float] | None = None) -> tuple[float, float]:
+                   bounds: tuple[float, float] | None = None) -> tuple[float, float]:
     """np.quantile(flat, quantiles) for a low and a high quantile, exactly, but reading only
     the tails: the order statistics are found among the values beyond a threshold placed
     from `near` (the last sample's quantiles), first close to it, then further in, falling
     back to a partition of everything when too few values are beyond either. Where the last
-    quantile sat on this sample's min or max (`extremes`; a ReLU output's zeros), counting
+    quantile sat on this sample's min or max (`bounds`; a ReLU output's zeros), counting
     the values equal to it may settle that side at once. np.quantile copies and partitions
     the whole array: 30x slower on a million values (docs/decisions.md, REMOVAL_OUTLIER)."""
     n = flat.size
@@ -379,8 +379,8 @@ def tail_quantiles(flat: np.ndarray, quantiles: tuple[float, float],
         j = min(i + 1, n - 1)
         needed = n - i if upper else j + 1  # values at or beyond both order statistics
         pair = None
-        if near is not None and extremes is not None:
-            edge = extremes[1] if upper else extremes[0]
+        if near is not None and bounds is not None:
+            edge = bounds[1] if upper else bounds[0]
             if (near[1] if upper else near[0]) == edge \
                     and np.count_nonzero(flat == edge) >= needed:
                 pair = (edge, edge)

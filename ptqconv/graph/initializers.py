@@ -38,8 +38,8 @@ class ScaledTensor(ir.LazyTensor):
 def scale_constant(value: ir.Value, factors: np.ndarray) -> None:
     """Multiply the float32 constant `value` by `factors` (broadcast against it). A weight
     read from external data is multiplied when read: scaled copies of a big model's mapped
-    weights would add its size to the conversion's memory (docs/decisions.md, scaled
-    weights read lazily)."""
+    weights would add its size to the conversion's memory (docs/decisions.md, conversion
+    memory)."""
     tensor = value.const_value
     if isinstance(tensor, ir.ExternalTensor | ScaledTensor):
         value.const_value = ScaledTensor(tensor, factors, value.name)
