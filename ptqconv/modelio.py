@@ -19,7 +19,7 @@ import onnx_ir.passes.common as common_passes
 from ptqconv import piecewise_parse
 from ptqconv.errors import PtqError, shown
 from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_failure
-from ptqconv.graph.initializers import mapped
+from ptqconv.graph.initializers import release_mapping
 from ptqconv.runtime import (
     IN_MEMORY_BYTES,
     Session,
@@ -452,10 +452,7 @@ def unmap_weights(model: ir.Model) -> None:
     again. A weight whose array is still referenced elsewhere stays mapped."""
     for graph in model.graphs():
         for value in graph.initializers.values():
-            tensor = mapped(value.const_value)
-            if tensor is not None and tensor.raw is not None:
-                with contextlib.suppress(BufferError):  # a view is alive: stays mapped
-                    tensor.release()
+            release_mapping(value.const_value)
 
 
 def internalize(model: ir.Model) -> None:

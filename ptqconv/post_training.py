@@ -302,6 +302,7 @@ class PostTraining:
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
             shifts = expected_shifts(qdq.weight_errors, statistics, divided)
+            del qdq, model  # the weight errors are as big as the weights: gone before the rebuild
             # Corrected float biases are then quantized by the same pass as any other bias.
             model = prepared.clone()
             corrections = apply_shifts(model.graph, shifts)
@@ -310,6 +311,9 @@ class PostTraining:
                               self.latency_units)
             qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
                                 fixed=fixed, integer_weights=self.integers)
+        # What quantizing read of the mapped float weights stops counting until read again
+        # (a build that finds its weights quantized already reads none).
+        modelio.unmap_weights(prepared)
         tables = []
         if s.embedding_quant:
             kept = {n.name for n in choice.float_nodes(model.graph) if n.name}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_ir as ir
 
@@ -52,3 +54,12 @@ def mapped(tensor: ir.TensorProtocol | None) -> ir.ExternalTensor | None:
     while isinstance(tensor, ScaledTensor):
         tensor = tensor.base
     return tensor if isinstance(tensor, ir.ExternalTensor) else None
+
+
+def release_mapping(tensor: ir.TensorProtocol | None) -> None:
+    """Close the memory map `tensor` reads from, if any: its pages stop counting against the
+    process, and a later read maps it again. Kept while an array still views it."""
+    source = mapped(tensor)
+    if source is not None and source.raw is not None:
+        with contextlib.suppress(BufferError):
+            source.release()

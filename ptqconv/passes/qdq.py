@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
-from ptqconv.graph.initializers import add_initializer
+from ptqconv.graph.initializers import add_initializer, release_mapping
 from ptqconv.graph.naming import NameAllocator, node_key
 from ptqconv.graph.ops import is_depthwise
 from ptqconv.graph.subgraphs import all_nodes, all_values, owner
@@ -300,6 +300,11 @@ class QDQPass(ir.passes.InPlacePass):
                 if user.op_type in CORRECTED_OPS and user in self.keys:
                     self.result.weight_errors[self.keys[user]] = WeightError(
                         user, error, self.input_names.get(user, ""))
+        if not self.keep_weights:
+            # Read once: with the view gone, a weight mapped from a file stops counting until
+            # read again (the errors of bias correction are arrays of their own).
+            del weights
+            release_mapping(tensor)
         home = owner(value) or self.graph
         inputs = self.integer_weights.get(id(value))
         if inputs is None:  # beside the float weight: bodies read it from the outer scope
