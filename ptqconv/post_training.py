@@ -311,9 +311,6 @@ class PostTraining:
                               self.latency_units)
             qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
                                 fixed=fixed, integer_weights=self.integers)
-        # What quantizing read of the mapped float weights stops counting until read again
-        # (a build that finds its weights quantized already reads none).
-        modelio.unmap_weights(prepared)
         tables = []
         if s.embedding_quant:
             kept = {n.name for n in choice.float_nodes(model.graph) if n.name}
