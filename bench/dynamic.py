@@ -24,6 +24,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import ptqconv
+from ptqconv.runtime import SPIN_US
 
 MODEL = "all_minilm_l6_v2"
 # Rounds over every model in turn, LOOPS runs each: the 2-core VM's load drifts, and a drift
@@ -35,6 +36,8 @@ def _session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
+    # Bounded, as ptqconv's compare_latency: the idle sessions' threads would take the cores.
+    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if optimized is not None:

@@ -20,7 +20,7 @@ def _config(path: Path, data: Path, count: int, threads: int) -> Path:
     path.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=8\n"
                     f"[data_preprocess_param]\ncalibrate_path=input:{data}\n"
                     f"calibrate_size={count}\n[full_quant_param]\nthread_num={threads}\n"
-                    "[weight_quant_param]\nquant_strategy=GPTQ\n")
+                    "[weight_quant_param]\nquant_strategy=GPTQ\nmeasure_latency=false\n")
     return path
 
 
@@ -36,12 +36,15 @@ def run(ctx: Context) -> Section:
     ctx.log(f"GPTQ: {model.stat().st_size / 1e6:.1f} MB model, {count} samples of {shape}")
     base = [f"--modelFile={model}", "--quantType=WeightQuant", "--quiet"]
     config = _config(out / "gptq.ini", data, count, ctx.threads)
+    # Both cases are conversion cost only: neither times its output against float.
+    nearest = out / "nearest.ini"
+    nearest.write_text("[weight_quant_param]\nmeasure_latency=false\n")
     cases: dict[str, tuple[str, dict[str, Any]]] = {
         FLOOR: ("float_inference", {"model": str(model), "data": str(data), "count": count,
                                     "name": "input", "shape": list(shape),
                                     "threads": ctx.threads}),
         NEAREST: ("ptqconv", {"args": [*base, f"--outputFile={out / 'nearest.onnx'}",
-                                       "--bitNum=8"]}),
+                                       "--bitNum=8", f"--configFile={nearest}"]}),
         GPTQ: ("ptqconv", {"args": [*base, f"--outputFile={out / 'gptq.onnx'}",
                                     f"--configFile={config}"]}),
     }

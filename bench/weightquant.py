@@ -34,8 +34,13 @@ CASES = {
 
 
 def _ptqconv(src: str, out: str, bits: int, external: bool) -> tuple[str, dict[str, Any]]:
+    # Timed like onnxruntime's tools, which do not time their outputs against float.
+    config = Path(out).parent / "no_latency.ini"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("[weight_quant_param]\nmeasure_latency=false\n")
     return "ptqconv", {"args": [f"--modelFile={src}", f"--outputFile={out}",
-                                "--quantType=WeightQuant", f"--bitNum={bits}", "--quiet"]}
+                                "--quantType=WeightQuant", f"--bitNum={bits}",
+                                f"--configFile={config}", "--quiet"]}
 PAIRS = (("ptqconv WeightQuant 8-bit", "onnxruntime quantize_dynamic int8 per-channel"),
          ("ptqconv WeightQuant 4-bit", "onnxruntime MatMulNBitsQuantizer 4-bit"))
 

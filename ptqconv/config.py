@@ -36,7 +36,8 @@ The forms:
                     encodings_path (ptqconv's: AIMET / QNN encodings imported as
                     fixed grids)
                     [weight_quant_param] per_channel, bias_correction, quant_strategy,
-                    dequant_strategy (Ascend only: refused), block_size (ptqconv's)
+                    dequant_strategy (Ascend only: refused), block_size and
+                    measure_latency (ptqconv's)
                     [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
                     [dynamic_quant_param] quant_strategy
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
@@ -149,6 +150,7 @@ class QuantConfig:
     weight_bias_correction: bool | None = None
     weight_quant_strategy: str | None = None  # MAX_MIN | GPTQ
     block_size: int | None = None  # 0 or a power of two >= 16
+    weight_measure_latency: bool | None = None
     # [mixed_bit_weight_quant_param]
     init_scale: float | None = None  # (0, 1)
     auto_tune: bool | None = None
@@ -707,6 +709,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
             "ON_THE_FLY is dequantization at run time on Ascend; ptqconv's DequantizeLinear "
             "nodes already dequantize at run time on onnxruntime's CPU provider"), "-")),
         _Key("block_size", *_scalar(values.block_size, values.BLOCK_SIZE_ALLOWED)),
+        _bool_key("weight_measure_latency").named("measure_latency"),
     ),
     "mixed_bit_weight_quant_param": _keys(
         _Key("init_scale", *_scalar(lambda t: values.real(t, 0.0, 1.0, open_interval=True),

@@ -18,11 +18,12 @@ import onnx_ir as ir
 
 from ptqconv import encodings, files, modelio, runtime
 from ptqconv.accuracy_target import latency_ms, meet_target
-from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs
+from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs, model_inputs
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.errors import PtqError, PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
+from ptqconv.evaluate.run import random_sample
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import Built, PostTraining
@@ -33,6 +34,7 @@ from ptqconv.report import (
     GateReport,
     InferredShape,
     LatencyCheck,
+    PlanCheck,
     PostTrainingSummary,
 )
 from ptqconv.runtime import Session
@@ -142,44 +144,80 @@ def convert(settings: ConvertSettings,
         pt = built = None
         runtime.release_memory()
         if isinstance(mode, PostTrainingSettings) and mode.measure_latency and (
-                report.post_training is not None and data is not None):
-            # On a calibration sample, the way onnxruntime runs both files for a user.
-            try:
-                report.post_training.latency = runtime.compare_latency(
-                    {"float": settings.model_file, "quantized": saved.path},
-                    next(iter(data)))
-            except PtqError as exc:  # a figure of the summary, not a reason to fail
-                report.post_training.latency_skipped = str(exc)
+                report.post_training is not None and data is not None) and (
+                report.latency is None or report.target is not None):
+            _measure_latency(settings, report, saved, data)
+        elif isinstance(mode, WeightQuantSettings) and mode.measure_latency and \
+                report.quantized:
+            _measure_latency(settings, report, saved, data, at_load=True)
         replaced = staging.commit()
     report.replaced = [p for p in replaced if p == settings.data_file]
     report.seconds = time.perf_counter() - start
     return report
 
 
-# A timing must beat another by this factor to change the model written: the medians of
-# interleaved runs moved by a few percent between runs on a quiet machine (docs/decisions.md,
-# latency check).
-LATENCY_MARGIN = 1.05
+def _measure_latency(settings: ConvertSettings, report: ConversionReport,
+                     saved: modelio.SavedModel, data: CalibrationSet | None,
+                     at_load: bool = False) -> None:
+    """The written model timed against float, the way onnxruntime runs both files for a user,
+    on a calibration sample (a seeded random one without data). `at_load`: also timed with
+    onnxruntime dequantizing constant weights once at load (runtime.DEQUANTIZE_AT_LOAD), as
+    weight-only DequantizeLinear otherwise runs on every inference. A figure of the summary,
+    never a reason to fail."""
+    models: dict[str, runtime.ModelSource] = {"float": settings.model_file,
+                                              "quantized": saved.path}
+    if at_load:
+        models[runtime.AT_LOAD] = saved.path
+    # Every session holds its weights, float ones for the float model and the one
+    # dequantized at load: leave room for the rest of the machine.
+    need = report.size_before * (2 if at_load else 1) + report.size_after
+    available = runtime.available_memory()
+    if available is not None and need > available // 2:
+        report.latency_skipped = (f"the models side by side need about {need / 1e9:.1f} GB, "
+                                  f"more than half of the {available / 1e9:.1f} GB available")
+        return
+    try:
+        sample = (next(iter(data)) if data is not None
+                  else random_sample(model_inputs(settings.model_file), {}))
+    except PtqUsageError as exc:  # a dynamic dimension or an input type it cannot invent
+        why = str(exc).removeprefix("random inputs: ").split("; give")[0]
+        report.latency_skipped = (f"no sample to time it on: {why}; calibrate_path in "
+                                  "[data_preprocess_param] gives one")
+        return
+    try:
+        report.latency = (runtime.compare_latency(
+            models, sample, session_config={runtime.AT_LOAD: runtime.DEQUANTIZE_AT_LOAD})
+            if at_load else runtime.compare_latency(models, sample))
+    except PtqError as exc:
+        report.latency_skipped = str(exc)
 
 
 def _check_latency(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
                    data: CalibrationSet, staging: files.Staging, saved: modelio.SavedModel,
                    sources: list[Path], built: Built | None,
                    ) -> tuple[modelio.SavedModel, Built | None]:
-    """On a target the latency cost model was not measured on, every unit is quantized. When
-    that model runs slower than float on a calibration sample, the cost model's plan is built
-    and timed beside both, and written instead when it runs faster: never slower than float
-    by a choice nobody measured. A model that cannot be timed stays as it is."""
+    """Timings on the machine converting, for the target it is, decide what the latency cost
+    model predicted. Where the cost model kept units float (x86_avx2), the all-integer model
+    is built and timed beside the plan, and written instead when it runs faster. Elsewhere
+    every unit is quantized; when that model runs slower than float on a calibration sample,
+    the cost model's plan is built and timed beside both, and written instead when it runs
+    faster: never slower than float by a choice nobody measured. A model that cannot be
+    timed stays as it is. The timings of the model written become the summary's latency."""
     summary = report.post_training
     assert summary is not None
     sample = next(iter(data))
+    if summary.latency_plan is not None:
+        if not summary.latency_plan.keys:
+            return saved, built
+        return _check_plan(pt, settings, report, sample, staging, saved, sources, built)
     try:
         first = runtime.compare_latency(
             {"float": settings.model_file, "quantized": saved.path}, sample)
-        slower = first.ms["quantized"] > first.ms["float"] * LATENCY_MARGIN
+        slower = first.faster("float", "quantized")
         found = pt.latency_planned() if slower else None
         if found is None:  # fast enough, or the cost model keeps no unit float
             summary.latency_check = LatencyCheck(first)
+            report.latency = first
             return saved, built
         latency, planned = found
         second = runtime.compare_latency({"float": settings.model_file,
@@ -187,14 +225,47 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
                                          sample)
     except PtqError:
         return saved, built
-    keep = second.ms["planned"] * LATENCY_MARGIN < second.ms["quantized"]
+    keep = second.faster("planned", "quantized")
     report.post_training = pt.adopt(latency, planned, summary) if keep else summary
     report.post_training.latency_check = LatencyCheck(first, second, len(latency.kept_float),
                                                       keep)
+    report.latency = _written(second, "planned" if keep else "quantized")
     if not keep:
         return saved, built
     saved = _save(planned.model, settings, report, staging)
     return _never_grow(settings, report, sources, staging, saved) or saved, planned
+
+
+def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
+                sample: dict, staging: files.Staging, saved: modelio.SavedModel,
+                sources: list[Path], built: Built | None,
+                ) -> tuple[modelio.SavedModel, Built | None]:
+    """The cost model's plan (written) against the all-integer model, timed together with
+    float; all-integer is written when it runs faster by the margin, beyond the noise."""
+    summary = report.post_training
+    assert summary is not None and summary.latency_plan is not None
+    units = len(summary.latency_plan.kept_float)
+    try:
+        latency, integer = pt.all_integer()
+        timed = runtime.compare_latency({"float": settings.model_file, "planned": saved.path,
+                                         "integer": integer.model}, sample)
+    except PtqError:
+        return saved, built
+    keep = timed.faster("integer", "planned")
+    report.post_training = pt.adopt(latency, integer, summary) if keep else summary
+    report.post_training.plan_check = PlanCheck(timed, units, keep)
+    report.latency = _written(timed, "integer" if keep else "planned")
+    if not keep:
+        return saved, built
+    saved = _save(integer.model, settings, report, staging)
+    return _never_grow(settings, report, sources, staging, saved) or saved, integer
+
+
+def _written(timed: runtime.Latency, label: str) -> runtime.Latency:
+    """The float and `label` timings of a check, as the summary's latency of the written
+    model (the same interleaved runs)."""
+    return runtime.Latency({"float": timed.ms["float"], "quantized": timed.ms[label]},
+                           timed.runs, timed.threads, timed.cpu)
 
 
 def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],

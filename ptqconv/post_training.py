@@ -659,11 +659,23 @@ class PostTraining:
     def latency_planned(self) -> tuple[LatencyPlan, Built] | None:
         """The model `run` made, rebuilt with the units the latency cost model keeps float
         (`run` did not plan: latency_aware off); None when the model keeps none float."""
-        model, choice, statistics, tensors, shared, _ = self._rebuild
+        model, _, statistics, tensors, _, _ = self._rebuild
         latency = plan_latency(plan_model(model.graph, self.skip, macs=self.macs),
                                _shapes(statistics, tensors))
         if not latency.keys:
             return None
+        return latency, self._rebuilt(latency)
+
+    def all_integer(self) -> tuple[LatencyPlan, Built]:
+        """The model `run` made, rebuilt with no unit kept float for speed (`run` planned:
+        latency_aware on)."""
+        latency = LatencyPlan()
+        return latency, self._rebuilt(latency)
+
+    def _rebuilt(self, latency: LatencyPlan) -> Built:
+        """`run`'s model and choice built with `latency`'s units float; the plan `run` used
+        stays in force for later rebuilds unless `adopt` replaces it."""
+        model, choice, statistics, tensors, shared, _ = self._rebuild
         kept = self.latency, self.latency_units
         self.latency, self.latency_units = latency, latency.keys
         try:
@@ -671,7 +683,7 @@ class PostTraining:
                 model, choice, statistics, tensors, shared))
         finally:
             self.latency, self.latency_units = kept
-        return latency, built
+        return built
 
     def adopt(self, latency: LatencyPlan, built: Built,
               summary: PostTrainingSummary) -> PostTrainingSummary:

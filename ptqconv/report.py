@@ -20,7 +20,7 @@ from ptqconv.passes.gptq import GPTQSummary
 from ptqconv.passes.latency_plan import LatencyPlan
 from ptqconv.passes.residual_sum import ResidualSum
 from ptqconv.passes.weight_quant import WeightRecord
-from ptqconv.runtime import Latency
+from ptqconv.runtime import AT_LOAD, DEQUANTIZE_AT_LOAD, Latency
 from ptqconv.target import Target
 
 
@@ -87,6 +87,16 @@ class LatencyCheck:
     kept_plan: bool = False
 
 
+@dataclass(frozen=True)
+class PlanCheck:
+    """Where the cost model kept units float for speed and the target is the machine
+    converting: its plan timed against the all-integer model on a calibration sample."""
+
+    timed: Latency  # "float", "planned" and "integer"
+    planned_float_units: int  # units the plan keeps float
+    kept_integer: bool  # all-integer ran faster and was written
+
+
 @dataclass
 class PostTrainingSummary:
     method: str
@@ -113,9 +123,8 @@ class PostTrainingSummary:
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
-    latency: Latency | None = None  # measured "float" and "quantized"; None: not measured
-    latency_skipped: str = ""  # why the latency could not be measured
     latency_check: LatencyCheck | None = None  # all-integer against the cost model's plan
+    plan_check: PlanCheck | None = None  # the cost model's plan against all-integer
     bias_corrections: list[Correction] | None = None  # None: not asked for
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
@@ -245,6 +254,10 @@ class ConversionReport:
     replaced: list[Path] = field(default_factory=list)
     kept_input: str = ""  # why the float model was written instead, when it was
     encodings_file: Path | None = None  # where the model's encodings were written
+    # "float" and "quantized" timed against each other (WeightQuant adds "dequantized at
+    # load", runtime.DEQUANTIZE_AT_LOAD); None: not measured, `latency_skipped` says why.
+    latency: Latency | None = None
+    latency_skipped: str = ""
 
     @property
     def gate_failures(self) -> list[str]:
@@ -317,10 +330,13 @@ class ConversionReport:
         if self.post_training is not None and self.post_training.latency_check is not None:
             lines.append(latency_check_line(self.post_training.latency_check,
                                             self.post_training.target.name))
-        if self.post_training is not None and self.post_training.latency is not None:
-            lines.append(latency_line(self.post_training.latency))
-        elif self.post_training is not None and self.post_training.latency_skipped:
-            lines.append(f"  latency: not measured ({self.post_training.latency_skipped})")
+        if self.post_training is not None and self.post_training.plan_check is not None:
+            lines.append(plan_check_line(self.post_training.plan_check))
+        if self.latency is not None:
+            lines.append(latency_line(self.latency))
+            lines += at_load_lines(self.latency)
+        elif self.latency_skipped:
+            lines.append(f"  latency: not measured ({self.latency_skipped})")
         lines.append(
             f"  size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({ratio:.3f} of float)"
         )
@@ -547,11 +563,35 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
             f"{check.planned.cpu}): {kept}")
 
 
+def plan_check_line(check: PlanCheck) -> str:
+    ms = check.timed.ms
+    kept = ("kept all-integer" if check.kept_integer else "kept the plan")
+    return (f"  latency check (the cost model's plan keeps {check.planned_float_units} "
+            f"unit{'s' if check.planned_float_units != 1 else ''} float): planned "
+            f"{ms['planned'] / ms['float']:.2f}x float, all-integer "
+            f"{ms['integer'] / ms['float']:.2f}x ({check.timed.runs} interleaved runs, "
+            f"{check.timed.cpu}): {kept}")
+
+
 def latency_line(latency: Latency) -> str:
     quantized, reference = latency.ms["quantized"], latency.ms["float"]
     return (f"  latency: {quantized:.3f} ms, float {reference:.3f} ms "
             f"({quantized / reference:.2f}x; median of {latency.runs} interleaved runs, "
             f"{latency.threads} thread{'s' if latency.threads > 1 else ''}, {latency.cpu})")
+
+
+def at_load_lines(latency: Latency) -> list[str]:
+    """Where weight-only DequantizeLinear made the model slower than float and onnxruntime's
+    dequantization at load runs it faster, the session option that does it."""
+    ms = latency.ms
+    at_load = ms.get(AT_LOAD)
+    if at_load is None or not latency.faster("float", "quantized") \
+            or not latency.faster(AT_LOAD, "quantized"):
+        return []
+    option = ", ".join(f"{k}={v}" for k, v in DEQUANTIZE_AT_LOAD.items())
+    return [f"  onnxruntime runs the weights' DequantizeLinear on every inference; with the "
+            f"session option {option} it dequantizes them once at load: {at_load:.3f} ms "
+            f"({at_load / ms['float']:.2f}x float), holding float weights in memory"]
 
 
 def _left_alone(m: Migration, shown: int = 3) -> list[str]:

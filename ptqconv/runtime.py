@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import platform
 import random
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,17 @@ MIN_RUNS, MAX_RUNS, BUDGET_SECONDS, WARM_UP = 10, 50, 2.0, 3
 SKIP_LAYER_NORM_BUDGET_S = 0.3
 
 
+# A timing must beat another by this factor to change the model written or to be called
+# faster: the medians of interleaved runs moved by a few percent between runs on a quiet
+# machine (docs/decisions.md, latency check).
+LATENCY_MARGIN = 1.05
+# A timing decides between two models only when the faster one won by LATENCY_MARGIN in
+# more rounds than chance would give it at this level (a one-sided sign test): on this 2-core
+# VM, mobilenet_v2's two layouts swapped places between runs on medians alone
+# (docs/decisions.md, latency timings).
+SIGN_TEST_LEVEL = 0.01
+
+
 @dataclass(frozen=True)
 class Latency:
     """Median latencies of models timed against each other on this CPU."""
@@ -313,20 +325,50 @@ class Latency:
     runs: int  # of each model
     threads: int
     cpu: str  # cpu_description()
+    # label -> every round's ms, in round order (rounds pair the models); empty: not kept
+    rounds: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def faster(self, a: str, b: str, margin: float = LATENCY_MARGIN) -> bool:
+        """Whether `a` runs faster than `b` by `margin`, beyond the noise: by the medians,
+        and, where the rounds were kept, in significantly more rounds than not."""
+        if self.ms[a] * margin >= self.ms[b]:
+            return False
+        pairs = list(zip(self.rounds.get(a, ()), self.rounds.get(b, ()), strict=False))
+        if not pairs:
+            return True
+        wins = sum(1 for x, y in pairs if x * margin < y)
+        n = len(pairs)
+        tail = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+        return tail < SIGN_TEST_LEVEL
+
+
+# The session option that makes onnxruntime fold a constant weight's DequantizeLinear once,
+# at load, instead of running it on every inference (it also turns off the QDQ fusions).
+DEQUANTIZE_AT_LOAD = {"session.disable_quant_qdq": "1"}
+AT_LOAD = "dequantized at load"  # the label of a model timed with DEQUANTIZE_AT_LOAD
 
 
 def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.ndarray],
-                    threads: int = 0, budget_s: float = BUDGET_SECONDS) -> Latency:
+                    threads: int = 0, budget_s: float = BUDGET_SECONDS,
+                    session_config: Mapping[str, Mapping[str, str]] | None = None) -> Latency:
     """Time `models` the way a user deploys them (onnxruntime's default session options,
-    all graph optimizations), interleaved: every round runs each model once, in a shuffled
-    order, so that load from other processes hits all of them alike. `threads` 0: as many
-    as the CPU has cores."""
+    all graph optimizations, plus the `session_config` entries given for a label),
+    interleaved: every round runs each model once, in a shuffled order, so that load from
+    other processes hits all of them alike. `threads` 0: as many as the CPU has cores.
+
+    One difference from the defaults: idle intra-op threads spin at most SPIN_US. With
+    onnxruntime's unbounded spinning, the threads of the sessions not running kept the cores
+    busy, and on 2 cores a model timed beside two others ran at 1.8x its time alone, with
+    ratios moving by 0.3 between rounds (docs/decisions.md, latency timings)."""
     threads = threads or os.cpu_count() or 1
     sessions = {}
     for label, source in models.items():
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        for key, value in (session_config or {}).get(label, {}).items():
+            options.add_session_config_entry(key, value)
         try:
             with _loadable(source) as loadable:
                 sessions[label] = ort.InferenceSession(loadable, options,
@@ -355,7 +397,18 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
             times[label].append(time.perf_counter() - begin)
         rounds += 1
     return Latency({label: statistics.median(t) * 1000.0 for label, t in times.items()},
-                   rounds, threads, cpu_description())
+                   rounds, threads, cpu_description(),
+                   {label: tuple(x * 1000.0 for x in t) for label, t in times.items()})
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable); None where
+    /proc/meminfo does not say."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def cpu_description() -> str:

@@ -91,6 +91,8 @@ class WeightQuantSettings:
     block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
     calibration: DataSource | None = None
     threads: int = DEFAULT_THREADS
+    # Time the written model against float (on a calibration sample, else a random one).
+    measure_latency: bool = True
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,9 @@ class PostTrainingSettings:
     latency_aware: bool = True
     # Time the written model against the float one for the summary.
     measure_latency: bool = True
-    # latency_aware left to the target and off (the cost model was not measured there):
-    # time the all-integer model against float, and against the cost model's plan when it
-    # is slower (conversion._check_latency).
+    # latency_aware left to the target, which is this machine: time what the cost model
+    # decided (its plan against all-integer on x86_avx2; elsewhere all-integer against
+    # float, then against the plan when slower; conversion._check_latency).
     latency_check: bool = False
     # Embedding tables (Gather of a float initializer) in int8 per row (passes/gather_quant.py).
     embedding_quant: bool = True
@@ -349,7 +351,8 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         mixed_bit=mixed,
         block_size=block,
         calibration=calibration,
-        threads=threads)
+        threads=threads,
+        measure_latency=pick.switch("weight_measure_latency", True))
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,
@@ -395,8 +398,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
         measure_latency=measure_latency,
         # Timings on this machine say something only when the target is this machine.
-        latency_check=(pick.config("latency_aware") is None and device.name != "x86_avx2"
-                       and measure_latency and device.name == target_module.detect().name),
+        latency_check=(pick.config("latency_aware") is None and measure_latency
+                       and device.name == target_module.detect().name),
         embedding_quant=pick.switch("embedding_quant", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
         quant_strategy=pick.config("quant_strategy") or "MAX_MIN",

@@ -781,6 +781,7 @@ SCHEMA = {
     ("full_quant_param", "enable_all_ops"): _boolean(),
     ("weight_quant_param", "per_channel"): _boolean(),
     ("weight_quant_param", "quant_strategy"): _spelled("GPTQ", "GPTQ", "gptq"),
+    ("weight_quant_param", "measure_latency"): _boolean(),
     ("mixed_bit_weight_quant_param", "max_iterations"): _integer(40, 65535),
     ("mixed_bit_weight_quant_param", "auto_tune"): _boolean(),
     ("dynamic_quant_param", "quant_strategy"): _spelled("ACWL", "ACWL", "acwl"),
@@ -808,6 +809,7 @@ PATHS = {"debug_info_save_path", "calibrate_path"}
 FIELDS = {
     ("weight_quant_param", "per_channel"): "weight_per_channel",
     ("weight_quant_param", "quant_strategy"): "weight_quant_strategy",
+    ("weight_quant_param", "measure_latency"): "weight_measure_latency",
     ("dynamic_quant_param", "quant_strategy"): "dynamic_quant_strategy",
 }
 NOT_KEPT = {"enable_all_ops"}  # checked, nothing kept

@@ -112,9 +112,11 @@ def test_the_summary_names_what_stayed_float_and_the_measured_latency(tmp_path, 
     src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
     data = random_samples(tmp_path / "x", 2, seed=0, shape=(1, 3, 112, 112))
     config = tmp_path / "c.ini"
-    # The cost model's CPU, whatever this one is (elsewhere latency_aware defaults to false).
+    # The cost model's CPU, whatever this one is (elsewhere latency_aware defaults to false);
+    # set, latency_aware is obeyed without timing the plan against all-integer.
     config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
-                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n")
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nlatency_aware=true\n")
     assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
                  "--quantType=PostTraining", f"--configFile={config}"]) == 0
     out = capsys.readouterr().out
@@ -266,27 +268,21 @@ def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_in
                if n.op_type == "DequantizeLinear")
 
 
-@pytest.mark.parametrize("timings, kept_plan", [
-    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 0.9}], True),
-    ([{"quantized": 0.8}], False),
-    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 1.95}], False),
-])
-def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_plan(
-        tmp_path, monkeypatch, capsys, timings, kept_plan):
-    # A VNNI host, for which the cost model was not fitted: every unit is quantized, then
-    # timed against float on a calibration sample (timings faked: never time in a test).
+def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings) -> tuple:
+    """MOBILE at 112 converted (MAX_MIN) on a host taken for `detected`, every timing faked
+    by `timings(labels, n)` -> {label: ms} for the n-th timing (never time in a test); the
+    float model, the config, the output and the labels of each timing, in order."""
     import ptqconv.runtime as runtime
     import ptqconv.target as target
     from ptqconv.runtime import Latency
 
-    monkeypatch.setattr(target, "detect", lambda: target.resolve("x86_vnni"))
+    monkeypatch.setattr(target, "detect", lambda: target.resolve(detected))
     calls = []
 
     def compare(models, feeds, threads=0, budget_s=0.0):
-        ms = {"float": 1.0, **(timings[len(calls)] if len(calls) < len(timings)
-                               else {"quantized": 0.5})}
+        ms = timings(sorted(models), len(calls))
         calls.append(sorted(models))
-        return Latency({label: ms[label] for label in models}, 10, 2, "a VNNI CPU")
+        return Latency({label: ms[label] for label in models}, 10, 2, f"a {detected} CPU")
 
     monkeypatch.setattr(runtime, "compare_latency", compare)
     src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
@@ -297,6 +293,22 @@ def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_
     out = tmp_path / "q.onnx"
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
                  f"--configFile={config}"]) == 0
+    return src, config, out, calls
+
+
+@pytest.mark.parametrize("timings, kept_plan", [
+    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 0.9}], True),
+    ([{"quantized": 0.8}], False),
+    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 1.95}], False),
+])
+def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_plan(
+        tmp_path, monkeypatch, capsys, timings, kept_plan):
+    # A VNNI host, for which the cost model was not fitted: every unit is quantized, then
+    # timed against float on a calibration sample.
+    src, config, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_vnni",
+        lambda labels, n: {"float": 1.0, **(timings[n] if n < len(timings)
+                                            else {"quantized": 0.5})})
     summary = capsys.readouterr().out
     check = next(line for line in summary.splitlines() if "latency check" in line)
     assert check.startswith("  latency check (the cost model is for x86_avx2, the target is "
@@ -315,3 +327,47 @@ def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
                  f"--configFile={config}"]) == 0
     assert "latency check" not in capsys.readouterr().out and len(calls) == 1
+
+
+@pytest.mark.parametrize(("integer_ms", "kept_integer"), [(0.5, True), (0.97, False),
+                                                          (1.2, False)])
+def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
+        tmp_path, monkeypatch, capsys, integer_ms, kept_integer):
+    # This machine taken for an AVX2 one: the plan keeps 3 units float, then the plan and the
+    # all-integer model are timed together.
+    _, _, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 2.0, "planned": 1.0, "integer": integer_ms})
+    summary = capsys.readouterr().out
+    check = next(line for line in summary.splitlines() if "latency check" in line)
+    assert check.startswith("  latency check (the cost model's plan keeps 3 units float): "
+                            f"planned 0.50x float, all-integer {integer_ms / 2:.2f}x")
+    assert check.endswith("kept all-integer" if kept_integer else "kept the plan")
+    # One timing serves the check and the summary's latency of the model written.
+    assert calls == [["float", "integer", "planned"]]
+    latency = next(line for line in summary.splitlines() if line.startswith("  latency: "))
+    assert latency.startswith(f"  latency: {integer_ms if kept_integer else 1.0:.3f} ms, "
+                              "float 2.000 ms")
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == (len(MOBILE) if kept_integer else 4)
+    assert ("kept float for speed: 3 units" in summary) == (not kept_integer)
+
+
+def test_a_timing_decides_only_beyond_the_margin_and_the_noise():
+    from ptqconv.runtime import Latency
+
+    def timed(a, b):
+        return Latency({"a": float(np.median(a)), "b": float(np.median(b))}, len(a), 2, "cpu",
+                       {"a": tuple(a), "b": tuple(b)})
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(1.0, 0.1, (2, 50))
+    # 30% faster in every round: decided; 3% faster: within the margin.
+    assert timed(0.7 * noise[0], noise[0]).faster("a", "b")
+    assert not timed(0.97 * noise[0], noise[0]).faster("a", "b")
+    # 8% faster by the medians, but rounds as noisy as that: not decided.
+    assert not timed(0.92 * noise[0], noise[1]).faster("a", "b")
+    assert not timed(noise[0], 0.7 * noise[0]).faster("a", "b")
+    # Without rounds, the medians and the margin decide.
+    assert Latency({"a": 1.0, "b": 1.06}, 10, 2, "cpu").faster("a", "b")
+    assert not Latency({"a": 1.0, "b": 1.04}, 10, 2, "cpu").faster("a", "b")

@@ -296,3 +296,75 @@ def test_weight_settings_resolve_mindspore_defaults(tmp_path):
     assert (mode.bit_num, mode.per_channel, mode.bias_correction, mode.quant_strategy) == (
         0, True, False, "MAX_MIN")
     assert mode.mixed_bit == MixedBitSettings(0.02, True, 40)
+
+
+def test_weight_quant_output_is_timed_against_float_and_dequantized_at_load(tmp_path):
+    from ptqconv.runtime import AT_LOAD
+
+    _, _, report = quantize(tmp_path, conv_net(channels=64), 8)
+    assert report.latency is not None and not report.latency_skipped
+    assert set(report.latency.ms) == {"float", "quantized", AT_LOAD}
+    assert all(ms > 0 for ms in report.latency.ms.values())
+    assert report.latency.runs >= 10
+    assert "latency: " in report.format() and "float" in report.format()
+
+
+def test_dequantize_at_load_option_folds_every_weight_dequantize(tmp_path):
+    # What the summary's advice rests on: with the option, onnxruntime's optimized graph has
+    # no DequantizeLinear left (the weights are float at load), and the outputs are the same.
+    import onnxruntime as ort
+
+    from ptqconv.runtime import DEQUANTIZE_AT_LOAD
+
+    _, out, _ = quantize(tmp_path, conv_net(channels=64), 8)
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(out).graph.node)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    results = []
+    for config in ({}, DEQUANTIZE_AT_LOAD):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"opt{len(config)}.onnx")
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        results.append(session.run(None, x)[0])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        assert ("DequantizeLinear" in ops) == (not config)
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_at_load_advice_only_where_weight_only_is_slower_and_at_load_faster():
+    from ptqconv.report import at_load_lines
+    from ptqconv.runtime import AT_LOAD, Latency
+
+    def lines(quantized, at_load):
+        return at_load_lines(Latency({"float": 10.0, "quantized": quantized, AT_LOAD: at_load},
+                                     20, 2, "a CPU"))
+
+    advice = lines(14.0, 10.1)
+    assert len(advice) == 1 and "session.disable_quant_qdq=1" in advice[0]
+    assert "10.100 ms (1.01x float)" in advice[0]
+    assert lines(10.4, 9.0) == []  # within the margin of float: nothing to fix
+    assert lines(14.0, 13.9) == []  # dequantizing at load would not help
+    assert at_load_lines(Latency({"float": 10.0, "quantized": 14.0}, 20, 2, "a CPU")) == []
+
+
+def test_weight_quant_latency_can_be_switched_off_and_says_why_it_has_no_sample(tmp_path):
+    config = tmp_path / "w.cfg"
+    config.write_text("[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num=8\n"
+                      "[weight_quant_param]\nmeasure_latency=false\n")
+    _, _, report = quantize(tmp_path, mlp(), 8, config_file=str(config))
+    assert report.latency is None and not report.latency_skipped
+    assert "  latency:" not in report.format()
+    # A dynamic dimension other than the batch: no random sample to time it on.
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, "seq", 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "seq", 64])], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    _, _, report = quantize(tmp_path, model, 8, name="seq.onnx")
+    assert report.latency is None
+    assert report.latency_skipped.startswith("no sample to time it on: input 'x' has dynamic "
+                                             "dimensions")
+    assert "calibrate_path in [data_preprocess_param] gives one" in report.format()
