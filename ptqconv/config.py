@@ -39,7 +39,7 @@ The forms:
                     dequant_strategy (Ascend only: refused), block_size and
                     measure_latency (ptqconv's)
                     [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
-                    [dynamic_quant_param] quant_strategy
+                    [dynamic_quant_param] quant_strategy, measure_latency (ptqconv's)
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
                     cosine_threshold (ptqconv's accuracy gate after conversion)
   YAML              the same sections as top-level mappings with the same keys; lists
@@ -157,6 +157,7 @@ class QuantConfig:
     max_iterations: int | None = None  # [40, 65535]
     # [dynamic_quant_param] quant_strategy
     dynamic_quant_strategy: str | None = None  # ALWC | ACWL
+    dynamic_measure_latency: bool | None = None
     # [evaluate_param]: the accuracy gate run after the model is written.
     eval_path: tuple[tuple[str, Path], ...] | None = None
     eval_size: int | None = None
@@ -719,6 +720,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
     ),
     "dynamic_quant_param": _keys(
         _choice_key("dynamic_quant_strategy", DYNAMIC_STRATEGIES).named("quant_strategy"),
+        _bool_key("dynamic_measure_latency").named("measure_latency"),
     ),
     "evaluate_param": _keys(
         _Key("eval_path", _calibrate_path, values.NAME_DIRS_ALLOWED, many=True),

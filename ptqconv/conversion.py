@@ -150,6 +150,9 @@ def convert(settings: ConvertSettings,
         elif isinstance(mode, WeightQuantSettings) and mode.measure_latency and \
                 report.quantized:
             _measure_latency(settings, report, saved, data, at_load=True)
+        elif isinstance(mode, DynamicQuantSettings) and mode.measure_latency and \
+                report.quantized:
+            _measure_latency(settings, report, saved, None)
         replaced = staging.commit()
     report.replaced = [p for p in replaced if p == settings.data_file]
     report.seconds = time.perf_counter() - start
@@ -160,10 +163,10 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
                      saved: modelio.SavedModel, data: CalibrationSet | None,
                      at_load: bool = False) -> None:
     """The written model timed against float, the way onnxruntime runs both files for a user,
-    on a calibration sample (a seeded random one without data). `at_load`: also timed with
-    onnxruntime dequantizing constant weights once at load (runtime.DEQUANTIZE_AT_LOAD), as
-    weight-only DequantizeLinear otherwise runs on every inference. A figure of the summary,
-    never a reason to fail."""
+    on a calibration sample (without data, a seeded random one in the shapes given).
+    `at_load`: also timed with onnxruntime dequantizing constant weights once at load
+    (runtime.DEQUANTIZE_AT_LOAD), as weight-only DequantizeLinear otherwise runs on every
+    inference. A figure of the summary, never a reason to fail."""
     models: dict[str, runtime.ModelSource] = {"float": settings.model_file,
                                               "quantized": saved.path}
     if at_load:
@@ -178,11 +181,12 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
         return
     try:
         sample = (next(iter(data)) if data is not None
-                  else random_sample(model_inputs(settings.model_file), {}))
+                  else random_sample(model_inputs(settings.model_file),
+                                     dict(settings.input_shapes)))
     except PtqUsageError as exc:  # a dynamic dimension or an input type it cannot invent
         why = str(exc).removeprefix("random inputs: ").split("; give")[0]
-        report.latency_skipped = (f"no sample to time it on: {why}; calibrate_path in "
-                                  "[data_preprocess_param] gives one")
+        report.latency_skipped = (f"no sample to time it on: {why}; --inputShape (or "
+                                  "input_shape in [data_preprocess_param]) gives one")
         return
     try:
         report.latency = (runtime.compare_latency(

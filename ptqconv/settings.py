@@ -106,6 +106,7 @@ class DynamicQuantSettings:
     reduce_range: bool  # 7-bit weights: the U8S8 GEMM saturates on x86 without VNNI
     strategy: str = DEFAULT_DYNAMIC_STRATEGY  # ALWC | ACWL
     skip: tuple[str, ...] = ()
+    measure_latency: bool = True  # time the written model against float (a random sample)
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ class ConvertSettings:
     config_file: Path | None = None
     # Where each --skipQuantNode / skip_quant_node name was given, for messages.
     skip_given: tuple[tuple[str, str], ...] = ()
+    # --inputShape / input_shape: what a random sample for timing takes without data.
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @property
     def data_file(self) -> Path:
@@ -261,7 +264,8 @@ class ConvertSettings:
                 bits, min_size, min_channel, device,
                 reduce_range=pick.switch("reduce_range", device.saturates),
                 strategy=pick.config("dynamic_quant_strategy") or DEFAULT_DYNAMIC_STRATEGY,
-                skip=skip)
+                skip=skip,
+                measure_latency=pick.switch("dynamic_measure_latency", True))
         else:
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
                                   sensitivity, layout, image, encodings_out)
@@ -269,7 +273,7 @@ class ConvertSettings:
                      layout, image)
         half = False if fp16 is None else _flag("--fp16", fp16, values.boolean)
         return cls(model, output, qtype, mode, gate, half, config_path,
-                   tuple(skip_given.items()))
+                   tuple(skip_given.items()), tuple(shapes.items()))
 
 
 def _check_encode(pick: _Picker, qtype: QuantType, bits: int) -> None:

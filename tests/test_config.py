@@ -785,6 +785,7 @@ SCHEMA = {
     ("mixed_bit_weight_quant_param", "max_iterations"): _integer(40, 65535),
     ("mixed_bit_weight_quant_param", "auto_tune"): _boolean(),
     ("dynamic_quant_param", "quant_strategy"): _spelled("ACWL", "ACWL", "acwl"),
+    ("dynamic_quant_param", "measure_latency"): _boolean(),
     ("data_preprocess_param", "input_shape"): _input_shape(),
     ("full_quant_param", "activation_quant_method"): st.one_of(
         _spelled("MAX_MIN", "MAX_MIN", "max_min", "MaxMin"),
@@ -811,6 +812,7 @@ FIELDS = {
     ("weight_quant_param", "quant_strategy"): "weight_quant_strategy",
     ("weight_quant_param", "measure_latency"): "weight_measure_latency",
     ("dynamic_quant_param", "quant_strategy"): "dynamic_quant_strategy",
+    ("dynamic_quant_param", "measure_latency"): "dynamic_measure_latency",
 }
 NOT_KEPT = {"enable_all_ops"}  # checked, nothing kept
 

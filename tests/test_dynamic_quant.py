@@ -87,3 +87,15 @@ def test_skip_and_mindspore_config_and_acwl(tmp_path, capsys):
     status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
                    "--quantType=DynamicQuant", "--bitNum=4"])
     assert status == 2 and "allowed: [8, 8] for DynamicQuant" in capsys.readouterr().err
+
+
+def test_dynamic_quant_output_is_timed_against_float_unless_switched_off(tmp_path):
+    src = save(mlp(), tmp_path / "float.onnx")
+    report = ptqconv.convert(src, tmp_path / "dyn.onnx", "DynamicQuant")
+    assert report.latency is not None and set(report.latency.ms) == {"float", "quantized"}
+    assert "  latency: " in report.format()
+    config = tmp_path / "d.cfg"
+    config.write_text("[common_quant_param]\nquant_type=DYNAMIC_QUANT\n"
+                      "[dynamic_quant_param]\nmeasure_latency=false\n")
+    report = ptqconv.convert(src, tmp_path / "dyn.onnx", config_file=config)
+    assert report.latency is None and "  latency" not in report.format()

@@ -367,4 +367,8 @@ def test_weight_quant_latency_can_be_switched_off_and_says_why_it_has_no_sample(
     assert report.latency is None
     assert report.latency_skipped.startswith("no sample to time it on: input 'x' has dynamic "
                                              "dimensions")
-    assert "calibrate_path in [data_preprocess_param] gives one" in report.format()
+    assert "--inputShape (or input_shape in [data_preprocess_param]) gives one" in \
+        report.format()
+    # A shape given, the random sample has one.
+    _, _, report = quantize(tmp_path, model, 8, name="seq.onnx", input_shape="x:1,16,64")
+    assert report.latency is not None and not report.latency_skipped
