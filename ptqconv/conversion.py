@@ -171,13 +171,10 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
                                               "quantized": saved.path}
     if at_load:
         models[runtime.AT_LOAD] = saved.path
-    # Every session holds its weights, float ones for the float model and the one
-    # dequantized at load: leave room for the rest of the machine.
-    need = report.size_before * (2 if at_load else 1) + report.size_after
-    available = runtime.available_memory()
-    if available is not None and need > available // 2:
-        report.latency_skipped = (f"the models side by side need about {need / 1e9:.1f} GB, "
-                                  f"more than half of the {available / 1e9:.1f} GB available")
+    # The one dequantized at load holds float weights, like the float model.
+    crowded = _crowded(report.size_before * (2 if at_load else 1) + report.size_after)
+    if crowded:
+        report.latency_skipped = crowded
         return
     try:
         sample = (next(iter(data)) if data is not None
@@ -196,6 +193,20 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
         report.latency_skipped = str(exc)
 
 
+def _crowded(need: int) -> str:
+    """Why models of `need` bytes in all cannot be loaded side by side for timing: every
+    session holds its weights, and timing must leave room for the rest of the machine
+    (at most half of what the kernel calls available); "" when they can."""
+    available = runtime.available_memory()
+    if available is None or need <= available // 2:
+        return ""
+    def size(n: int) -> str:
+        return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+    return (f"the models side by side need about {size(need)}, more than half of the "
+            f"{size(available)} available")
+
+
 def _check_latency(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
                    data: CalibrationSet, staging: files.Staging, saved: modelio.SavedModel,
                    sources: list[Path], built: Built | None,
@@ -210,6 +221,8 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
     summary = report.post_training
     assert summary is not None
     sample = next(iter(data))
+    if _crowded(report.size_before + 2 * report.size_after):
+        return saved, built
     if summary.latency_plan is not None:
         if not summary.latency_plan.keys:
             return saved, built

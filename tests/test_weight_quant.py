@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import numpy as np
 import onnx
@@ -372,3 +373,15 @@ def test_weight_quant_latency_can_be_switched_off_and_says_why_it_has_no_sample(
     # A shape given, the random sample has one.
     _, _, report = quantize(tmp_path, model, 8, name="seq.onnx", input_shape="x:1,16,64")
     assert report.latency is not None and not report.latency_skipped
+
+
+def test_latency_is_not_measured_where_the_models_side_by_side_would_crowd_memory(
+        tmp_path, monkeypatch):
+    import ptqconv.runtime as runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 1_000_000)
+    _, out, report = quantize(tmp_path, mlp(), 8)
+    assert out.exists() and report.latency is None
+    # Twice the float model (1.7 MB: float, and the output dequantized at load) + the output.
+    assert re.fullmatch(r"the models side by side need about 3\.\d MB, more than half of "
+                        r"the 1\.0 MB available", report.latency_skipped)
