@@ -112,8 +112,11 @@ def convert(settings: ConvertSettings,
             saved = _save(model, settings, report, staging)
         del model
         saved = _never_grow(settings, report, model_files, staging, saved) or saved
+        # A model the plan kept wholly float may be written unchanged: all-integer is still
+        # timed against it. Otherwise a model written unchanged has nothing to check.
         if isinstance(mode, PostTrainingSettings) and mode.latency_check and (
-                pt is not None and data is not None and not report.kept_input):
+                pt is not None and data is not None) and (
+                not report.kept_input or report.post_training.latency_plan is not None):
             saved, built = _check_latency(pt, settings, report, data, staging, saved,
                                           model_files, built)
         session = _loaded(saved, settings)
@@ -237,12 +240,10 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
             report.latency = first
             return saved, built
         latency, planned = found
-        second = runtime.compare_latency({"float": settings.model_file,
-                                          "quantized": saved.path, "planned": planned.model},
-                                         sample)
+        keep, second = _faster_twice({"float": settings.model_file, "quantized": saved.path,
+                                      "planned": planned.model}, sample, "planned", "quantized")
     except PtqError:
         return saved, built
-    keep = second.faster("planned", "quantized")
     report.post_training = pt.adopt(latency, planned, summary) if keep else summary
     report.post_training.latency_check = LatencyCheck(first, second, len(latency.kept_float),
                                                       keep)
@@ -264,11 +265,10 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     units = len(summary.latency_plan.kept_float)
     try:
         latency, integer = pt.all_integer()
-        timed = runtime.compare_latency({"float": settings.model_file, "planned": saved.path,
-                                         "integer": integer.model}, sample)
+        keep, timed = _faster_twice({"float": settings.model_file, "planned": saved.path,
+                                     "integer": integer.model}, sample, "integer", "planned")
     except PtqError:
         return saved, built
-    keep = timed.faster("integer", "planned")
     report.post_training = pt.adopt(latency, integer, summary) if keep else summary
     report.post_training.plan_check = PlanCheck(timed, units, keep)
     report.latency = _written(timed, "integer" if keep else "planned")
@@ -276,6 +276,20 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
         return saved, built
     saved = _save(integer.model, settings, report, staging)
     return _never_grow(settings, report, sources, staging, saved) or saved, integer
+
+
+def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, b: str,
+                  ) -> tuple[bool, runtime.Latency]:
+    """Whether `a` runs faster than `b` (Latency.faster) in two comparisons of fresh
+    sessions, and the last timing: a session can run a few percent slow for the whole of one
+    comparison (mobilenet_v2: one switch in five from one comparison; docs/decisions.md,
+    latency timings), which a second one rarely repeats. The second runs only when the first
+    would change the model."""
+    first = runtime.compare_latency(models, sample)
+    if not first.faster(a, b):
+        return False, first
+    second = runtime.compare_latency(models, sample)
+    return second.faster(a, b), second
 
 
 def _written(timed: runtime.Latency, label: str) -> runtime.Latency:

@@ -11,6 +11,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from harness import optimized_ops
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import random_samples, save, write_samples
 from onnx import TensorProto, helper, numpy_helper
 
@@ -297,7 +299,11 @@ def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings) -> tupl
 
 
 @pytest.mark.parametrize("timings, kept_plan", [
-    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 0.9}], True),
+    # A switch needs two timings that agree; the second disagreeing keeps all-integer.
+    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 0.9},
+      {"quantized": 2.0, "planned": 0.9}], True),
+    ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 0.9},
+      {"quantized": 2.0, "planned": 2.0}], False),
     ([{"quantized": 0.8}], False),
     ([{"quantized": 2.0}, {"quantized": 2.0, "planned": 1.95}], False),
 ])
@@ -315,9 +321,10 @@ def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_
                             f"x86_vnni): all-integer {timings[0]['quantized']:.2f}x float")
     assert check.endswith("kept the plan" if kept_plan else "kept" if len(timings) == 1
                           else "kept all-integer")
-    # The planned candidate is timed only when all-integer was slower than float.
-    assert calls[:len(timings)] == [["float", "quantized"], ["float", "planned", "quantized"]
-                                    ][:len(timings)]
+    # The planned candidate is timed only when all-integer was slower than float, and
+    # again only when it was faster than all-integer.
+    assert calls[:len(timings)] == [["float", "quantized"], ["float", "planned", "quantized"],
+                                    ["float", "planned", "quantized"]][:len(timings)]
     ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == (4 if kept_plan else len(MOBILE))
     assert ("kept float for speed: 3 units" in summary) == kept_plan
@@ -343,8 +350,9 @@ def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
     assert check.startswith("  latency check (the cost model's plan keeps 3 units float): "
                             f"planned 0.50x float, all-integer {integer_ms / 2:.2f}x")
     assert check.endswith("kept all-integer" if kept_integer else "kept the plan")
-    # One timing serves the check and the summary's latency of the model written.
-    assert calls == [["float", "integer", "planned"]]
+    # A switch is timed twice (fresh sessions); the last timing serves as the summary's
+    # latency of the model written.
+    assert calls == [["float", "integer", "planned"]] * (2 if kept_integer else 1)
     latency = next(line for line in summary.splitlines() if line.startswith("  latency: "))
     assert latency.startswith(f"  latency: {integer_ms if kept_integer else 1.0:.3f} ms, "
                               "float 2.000 ms")
@@ -371,3 +379,15 @@ def test_a_timing_decides_only_beyond_the_margin_and_the_noise():
     # Without rounds, the medians and the margin decide.
     assert Latency({"a": 1.0, "b": 1.06}, 10, 2, "cpu").faster("a", "b")
     assert not Latency({"a": 1.0, "b": 1.04}, 10, 2, "cpu").faster("a", "b")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.data())
+def test_the_sign_tests_tail_is_the_binomial_tail(n, data):
+    import math
+
+    from ptqconv.runtime import _binomial_tail
+
+    k = data.draw(st.integers(0, n))
+    exact = sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+    assert math.isclose(_binomial_tail(n, k), exact, rel_tol=1e-9, abs_tol=1e-15)
