@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import IdentityEliminationPass
 
 from ptqconv import modelio, qparams, runtime
 from ptqconv.calibrate.collector import collect
@@ -65,6 +66,10 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     """
     summary = WeightQuantSummary(settings.quant_strategy, settings.per_channel,
                                  settings.block_size, settings.bias_correction)
+    # PyTorch's exporter stores a weight two modules share (tied, or equal as deep-copied
+    # layers are before training) once and reads it again through Identity: without the
+    # Identity the weight is one weight of both nodes, quantized once.
+    IdentityEliminationPass()(model)
     config = WeightQuantConfig(
         grid=qparams.weight_only_grid(settings.bit_num or 8), min_size=settings.min_size,
         min_channel=settings.min_channel, skip=frozenset(settings.skip),

@@ -385,3 +385,28 @@ def test_latency_is_not_measured_where_the_models_side_by_side_would_crowd_memor
     # Twice the float model (1.7 MB: float, and the output dequantized at load) + the output.
     assert re.fullmatch(r"the models side by side need about 3\.\d MB, more than half of "
                         r"the 1\.0 MB available", report.latency_skipped)
+
+
+def test_a_weight_read_again_through_identity_is_quantized_once_for_both_nodes(tmp_path):
+    # PyTorch's exporter writes a weight two modules share once and reads it again through
+    # Identity (tied weights, or deep-copied layers before training).
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+         onnx.helper.make_node("Identity", ["w"], ["w_again"], name="alias"),
+         onnx.helper.make_node("Relu", ["h"], ["r"]),
+         onnx.helper.make_node("MatMul", ["r", "w_again"], ["y"], name="second")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    src, out, report = quantize(tmp_path, model, 8)
+    assert [(r.name, r.nodes) for r in report.quantized] == [("w", ("first", "second"))]
+    assert not report.skipped
+    written = onnx.load(out).graph
+    assert [t.name for t in written.initializer if t.data_type == onnx.TensorProto.FLOAT
+            and len(t.dims) == 2] == []
+    assert sum(n.op_type == "DequantizeLinear" for n in written.node) == 1
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    got, want = run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]
+    assert cosine(got, want).min() > 0.9999
