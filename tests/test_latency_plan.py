@@ -391,3 +391,30 @@ def test_the_sign_tests_tail_is_the_binomial_tail(n, data):
     k = data.draw(st.integers(0, n))
     exact = sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
     assert math.isclose(_binomial_tail(n, k), exact, rel_tol=1e-9, abs_tol=1e-15)
+
+
+def test_an_encodings_file_replays_what_the_timing_chose(tmp_path, monkeypatch, capsys):
+    # All-integer timed faster than the plan is what the encodings file records; imported, the
+    # file decides alone (no plan, no timing) and the model comes out the same.
+    faster = {"integer": 0.5}  # then the plan, should anything time them again
+
+    src, config, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 2.0, "planned": 1.0, "quantized": 0.5,
+                           "integer": faster.get("integer", 1.5)})
+    assert "kept all-integer" in capsys.readouterr().out
+    faster.clear()
+    first = tmp_path / "first.onnx"
+    faster["integer"] = 0.5
+    assert main([f"--modelFile={src}", f"--outputFile={first}", "--quantType=PostTraining",
+                 f"--configFile={config}", f"--encodingsFile={tmp_path / 'e.json'}",
+                 "--quiet"]) == 0
+    faster.clear()
+    replay = tmp_path / "replay.ini"
+    replay.write_text(config.read_text() + f"encodings_path={tmp_path / 'e.json'}\n")
+    calls.clear()
+    second = tmp_path / "second.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={second}", "--quantType=PostTraining",
+                 f"--configFile={replay}", "--quiet"]) == 0
+    assert first.read_bytes() == second.read_bytes() and out.read_bytes() == first.read_bytes()
+    assert calls == [["float", "quantized"]]  # only the summary's latency
