@@ -35,3 +35,12 @@ def initializers(path) -> dict[str, np.ndarray]:
 @pytest.fixture
 def run():
     return run_model
+
+
+@pytest.fixture(autouse=True)
+def _short_latency_timings(monkeypatch):
+    # No test asserts a timing, and a conversion's latency lines need only be there: the
+    # half second a comparison lasts at least (runtime.MIN_SECONDS) is for real decisions.
+    import ptqconv.runtime
+
+    monkeypatch.setattr(ptqconv.runtime, "MIN_SECONDS", 0.0)
