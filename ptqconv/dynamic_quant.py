@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+from onnx_ir.passes.common import IdentityEliminationPass
 
 from ptqconv import qparams
 from ptqconv.errors import PtqUsageError
@@ -30,6 +31,9 @@ def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
     config = DynamicQuantConfig(
         grid=qparams.fused_weight_grid(settings.bit_num, settings.reduce_range),
         per_channel=True, min_size=settings.min_size, skip=frozenset(settings.skip))
+    # A weight PyTorch's exporter reads again through Identity is one weight of both nodes
+    # (as for WeightQuant), whose integers they share.
+    IdentityEliminationPass()(model)
     records = DynamicQuantPass(config)(model).records
     tables = GatherQuantConfig(qparams.weight_only_grid(settings.bit_num), settings.min_size,
                                frozenset(settings.skip))

@@ -99,3 +99,33 @@ def test_dynamic_quant_output_is_timed_against_float_unless_switched_off(tmp_pat
                       "[dynamic_quant_param]\nmeasure_latency=false\n")
     report = ptqconv.convert(src, tmp_path / "dyn.onnx", config_file=config)
     assert report.latency is None and "  latency" not in report.format()
+
+
+def test_nodes_sharing_a_weight_share_its_integers(tmp_path):
+    # PyTorch writes a weight two modules share once, read again through Identity; a weight
+    # also read by anything but a MatMul/Gemm weight input keeps its float values.
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "w")
+    v = numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32), "v")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+         onnx.helper.make_node("Identity", ["w"], ["w_again"]),
+         onnx.helper.make_node("Relu", ["h"], ["r"]),
+         onnx.helper.make_node("Gemm", ["r", "w_again"], ["g"], name="second"),
+         onnx.helper.make_node("MatMul", ["g", "v"], ["m"], name="third"),
+         onnx.helper.make_node("Add", ["m", "v"], ["y"], name="reads_v")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 64])], [w, v])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    src = save(model, tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert [r.nodes for r in report.quantized] == [("first",), ("second",)]
+    assert [(r.name, r.reason) for r in report.skipped] == [("v", "also read by Add reads_v")]
+    written = onnx.load(str(out)).graph
+    fused = [n for n in written.node if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == 2 and fused[0].input[1:4] == fused[1].input[1:4]
+    assert {t.name for t in written.initializer if t.data_type == onnx.TensorProto.FLOAT
+            and len(t.dims) == 2} == {"v"}
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    assert cosine(run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]) > 0.999

@@ -44,6 +44,7 @@ class _Candidate:
     weights: np.ndarray  # [K, N] as the product uses it
     bias: np.ndarray | None
     bias_add: ir.Node | None
+    transposed: bool = False  # Gemm transB: `weights` is the stored weight transposed
 
 
 class DynamicQuantPass(ir.passes.InPlacePass):
@@ -53,6 +54,9 @@ class DynamicQuantPass(ir.passes.InPlacePass):
     def __init__(self, config: DynamicQuantConfig):
         super().__init__()
         self.config = config
+        # (weight, transposed) -> its int8 weights, scale and zero point: nodes that share a
+        # float weight share its integers.
+        self._integers: dict[tuple[int, bool], list[ir.Value]] = {}
 
     def call(self, model: ir.Model) -> DynamicQuantResult:
         graph = model.graph
@@ -94,8 +98,9 @@ class DynamicQuantPass(ir.passes.InPlacePass):
             return f"rank {len(tensor.shape)} (a 2-D weight is needed)"
         if weight.name not in graph.initializers or weight.is_graph_output():
             return "not an initializer of the main graph only"
-        if any(user is not node for user, _ in weight.uses()):
-            return "shared with another node"
+        for user, index in weight.uses():
+            if not (is_onnx(user) and user.op_type in ("MatMul", "Gemm") and index == 1):
+                return f"also read by {user.op_type} {user.name or ''}".rstrip()
         if tensor.size <= cfg.min_size:
             return f"{tensor.size} elements <= quantWeightSize {cfg.min_size}"
         weights = tensor.numpy()
@@ -105,7 +110,8 @@ class DynamicQuantPass(ir.passes.InPlacePass):
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 \
                     or attrs.get("beta", 1.0) != 1.0:
                 return "Gemm with transA, alpha or beta"
-            if attrs.get("transB", 0):
+            transposed = bool(attrs.get("transB", 0))
+            if transposed:
                 weights = weights.T
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 bias = _vector(node.inputs[2], weights.shape[1])
@@ -113,23 +119,27 @@ class DynamicQuantPass(ir.passes.InPlacePass):
                     return "Gemm bias is not a constant vector of the output width"
         else:
             bias_add, bias = _bias_add(node, weights.shape[1])
-        return _Candidate(node, np.ascontiguousarray(weights, np.float32), bias, bias_add)
+        return _Candidate(node, np.ascontiguousarray(weights, np.float32), bias, bias_add,
+                          node.op_type == "Gemm" and transposed)
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, c: _Candidate) -> None:
         cfg = self.config
-        axis = 1 if cfg.per_channel else None
-        rmin, rmax = qparams.tensor_range(c.weights, axis)
-        scale, _ = qparams.scale_zero_point(rmin, rmax, cfg.grid)
-        q = qparams.quantize(c.weights, scale, np.zeros_like(scale, np.int64), cfg.grid, axis,
-                             dtype=np.int8)
         base = c.node.inputs[1].name or "weight"
-        inputs = [
-            c.node.inputs[0],
-            add_initializer(graph, names.new(f"{base}_quantized"), q),
-            add_initializer(graph, names.new(f"{base}_scale"), scale),
-            add_initializer(graph, names.new(f"{base}_zero_point"),
-                            np.zeros(scale.shape, np.int8)),
-        ]
+        key = (id(c.node.inputs[1]), c.transposed)
+        integers = self._integers.get(key)
+        if integers is None:
+            axis = 1 if cfg.per_channel else None
+            rmin, rmax = qparams.tensor_range(c.weights, axis)
+            scale, _ = qparams.scale_zero_point(rmin, rmax, cfg.grid)
+            q = qparams.quantize(c.weights, scale, np.zeros_like(scale, np.int64), cfg.grid,
+                                 axis, dtype=np.int8)
+            integers = self._integers[key] = [
+                add_initializer(graph, names.new(f"{base}_quantized"), q),
+                add_initializer(graph, names.new(f"{base}_scale"), scale),
+                add_initializer(graph, names.new(f"{base}_zero_point"),
+                                np.zeros(scale.shape, np.int8)),
+            ]
+        inputs = [c.node.inputs[0], *integers]
         if c.bias is not None:
             inputs.append(add_initializer(graph, names.new(f"{base}_bias"), c.bias))
         last = c.bias_add if c.bias_add is not None else c.node
