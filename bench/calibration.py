@@ -22,7 +22,7 @@ CASES = ("float inference (floor)", "ptqconv MAX_MIN", "ptqconv KL", "ptqconv MS
 PAIRS = (("ptqconv MAX_MIN", "onnxruntime MinMax"), ("ptqconv KL", "onnxruntime Entropy"))
 # Their ratios are the calibration-cost targets (issue 14: KL and MSE within 1.3x of float
 # inference); onnxruntime has no MSE calibrator to pair ptqconv's MSE with.
-KL_TARGET_CASES = ("float inference (floor)", "ptqconv KL", "ptqconv MSE")
+TARGET_CASES = ("float inference (floor)", "ptqconv KL", "ptqconv MSE")
 
 
 @dataclass
@@ -182,7 +182,7 @@ def run(ctx: Context) -> Section:
     ctx.log(f"CNN: {model.stat().st_size / 1e6:.1f} MB model, {max(counts)} samples of {shape}")
     # This section stays near 12 minutes of the default run: above 100 samples only the
     # float floor, KL and MSE, whose ratios are the calibration-cost target, get several runs.
-    case_repeat = {case: ctx.repeat for case in KL_TARGET_CASES}
+    case_repeat = {case: ctx.repeat for case in TARGET_CASES}
     for count in counts:
         repeat = ctx.repeat if count <= 100 or ctx.heavy else 1
         skip = {}

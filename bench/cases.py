@@ -132,8 +132,8 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
     """Latency of every model against the first ("float"), interleaved: each of `runs`
     rounds runs every model once, in a shuffled order, so load from other processes hits all
     alike; default session options (all graph optimizations) but for idle intra-op threads
-    spinning at most ptqconv's SPIN_US (unbounded, the idle sessions' threads took the cores
-    from the one running; ptqconv.runtime.compare_latency), at each thread count of
+    spinning at most ptqconv's SPIN_US (`runtime.bound_spinning`: unbounded, the idle
+    sessions' threads took the cores from the one running), at each thread count of
     `threads`. Also the share of each model's Conv/MatMul/Gemm work in integer kernels."""
     import random
     import statistics
@@ -143,7 +143,7 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
     import onnxruntime as ort
 
     from ptqconv.evaluate.kernels import kernel_share
-    from ptqconv.runtime import SPIN_US
+    from ptqconv.runtime import bound_spinning
 
     ort.set_default_logger_severity(3)
     feed = {name: np.fromfile(x["path"], x["dtype"]).reshape(x["shape"])
@@ -154,7 +154,7 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
         for label, path in models.items():
             options = ort.SessionOptions()
             options.intra_op_num_threads = count
-            options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+            bound_spinning(options)
             sessions[label] = ort.InferenceSession(path, options,
                                                    providers=["CPUExecutionProvider"])
             for _ in range(warmup):

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import ptqconv
-from ptqconv.runtime import SPIN_US
+from ptqconv.runtime import bound_spinning
 
 MODEL = "all_minilm_l6_v2"
 # Rounds over every model in turn, LOOPS runs each: the 2-core VM's load drifts, and a drift
@@ -37,7 +37,7 @@ def _session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
     options.intra_op_num_threads = 2
     options.inter_op_num_threads = 1
     # Bounded, as ptqconv's compare_latency: the idle sessions' threads would take the cores.
-    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    bound_spinning(options)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if optimized is not None:

@@ -189,9 +189,9 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
                                   "input_shape in [data_preprocess_param]) gives one")
         return
     try:
-        report.latency = (runtime.compare_latency(
-            models, sample, session_config={runtime.AT_LOAD: runtime.DEQUANTIZE_AT_LOAD})
-            if at_load else runtime.compare_latency(models, sample))
+        report.latency = runtime.compare_latency(
+            models, sample,
+            session_config={runtime.AT_LOAD: runtime.DEQUANTIZE_AT_LOAD} if at_load else None)
     except PtqError as exc:
         report.latency_skipped = str(exc)
 

@@ -57,15 +57,20 @@ def session_options(threads: int, level: str = "all",
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Idle intra-op threads spin briefly, then sleep: long enough to catch the next op
-    # without a wake-up, short enough to leave the cores to Python-side work (observers)
-    # overlapping the next inference (docs/decisions.md, bounded spinning).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
-    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    bound_spinning(options)
     options.graph_optimization_level = LEVELS[level]
     if not prepack:
         skip_prepacking(options)
     return options
+
+
+def bound_spinning(options: ort.SessionOptions) -> None:
+    """Idle intra-op threads spin SPIN_US, then sleep: long enough to catch the next op
+    without a wake-up, short enough to leave the cores to Python-side work (observers)
+    overlapping the next inference, or to another session being timed (docs/decisions.md,
+    bounded spinning; latency timings)."""
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
 
 
 def skip_prepacking(options: ort.SessionOptions) -> None:
@@ -374,7 +379,7 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        bound_spinning(options)
         for key, value in (session_config or {}).get(label, {}).items():
             options.add_session_config_entry(key, value)
         try:

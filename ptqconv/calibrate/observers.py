@@ -336,9 +336,8 @@ class RemovalOutlierObserver(Observer):
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
-        found = extremes(x)
-        self.min, self.max = min(self.min, found[0]), max(self.max, found[1])
-        lo, hi = tail_quantiles(x.ravel(), OUTLIER_QUANTILES, self._last, found)
+        super().update(x)
+        lo, hi = tail_quantiles(x.ravel(), OUTLIER_QUANTILES, self._last, extremes(x))
         self._last = (lo, hi)
         self.lo_sum += lo
         self.hi_sum += hi
