@@ -18,7 +18,12 @@ import onnx_ir as ir
 
 from ptqconv import encodings, files, modelio, runtime
 from ptqconv.accuracy_target import latency_ms, meet_target
-from ptqconv.calibrate.dataset import CalibrationSet, graph_inputs, model_inputs
+from ptqconv.calibrate.dataset import (
+    CalibrationSet,
+    check_user_shapes,
+    graph_inputs,
+    model_inputs,
+)
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.errors import PtqError, PtqUsageError, shown
@@ -74,6 +79,9 @@ def convert(settings: ConvertSettings,
     calibration = mode.calibration \
         if isinstance(mode, (PostTrainingSettings, WeightQuantSettings)) else None
     data = open_data(model, settings.model_file, calibration) if calibration else None
+    if data is None and settings.input_shapes:  # only for timing: checked like data's
+        check_user_shapes(graph_inputs(model.graph, settings.model_file),
+                          dict(settings.input_shapes), "--inputShape / input_shape")
     weight_data = data if isinstance(mode, WeightQuantSettings) else None
     for source in (data, eval_data):
         if source is not None:

@@ -410,3 +410,17 @@ def test_a_weight_read_again_through_identity_is_quantized_once_for_both_nodes(t
     x = rng.standard_normal((1, 64)).astype(np.float32)
     got, want = run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]
     assert cosine(got, want).min() > 0.9999
+
+
+def test_an_input_shape_for_timing_is_checked_like_one_for_data(tmp_path):
+    # Without data, --inputShape serves only the latency timing: a misspelt input still fails.
+    from ptqconv.errors import PtqUsageError
+
+    src = save(mlp(), tmp_path / "float.onnx")
+    out = tmp_path / "q.onnx"
+    for kind in ("WeightQuant", "DynamicQuant"):
+        with pytest.raises(PtqUsageError, match=re.escape(
+                "--inputShape / input_shape: an input shape is given for 'nope', which is "
+                "not an input of the model; model inputs: 'x'")):
+            ptqconv.convert(src, out, kind, input_shape="nope:1,64")
+        assert not out.exists()

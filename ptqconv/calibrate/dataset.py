@@ -201,7 +201,7 @@ class CalibrationSet:
             raise PtqUsageError(f"{what}: the model has no inputs to calibrate")
         _check_storable(inputs, what)
         dirs = _pair(inputs, paths, what)
-        user_shapes = _check_user_shapes(inputs, shapes or {}, what)
+        user_shapes = check_user_shapes(inputs, shapes or {}, what)
 
         all_files = {spec.name: _list_dir(spec.name, dirs[spec.name], what) for spec in inputs}
         first = inputs[0].name
@@ -272,7 +272,7 @@ class CalibrationSet:
                 f"({listed}); give one .bin file per input, in the model's input order, "
                 "separated by ','")
         _check_storable(inputs, what)
-        user = _check_user_shapes(inputs, shapes or {}, what)
+        user = check_user_shapes(inputs, shapes or {}, what)
         resolved: dict[str, tuple[int, ...]] = {}
         for spec, path in zip(inputs, files, strict=True):
             if not path.exists():
@@ -467,9 +467,10 @@ def _pair(
     return dirs
 
 
-def _check_user_shapes(
-    inputs: tuple[InputSpec, ...], shapes: Mapping[str, tuple[int, ...]], what: str
+def check_user_shapes(
+    inputs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], what: str
 ) -> dict[str, tuple[int, ...]]:
+    """`shapes` by input name, each for an input of the model and of positive dimensions."""
     names = [s.name for s in inputs]
     result = {}
     for name, shape in shapes.items():
