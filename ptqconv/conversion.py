@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.errors import PtqError, PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
 from ptqconv.evaluate.run import random_sample
+from ptqconv.graph.ops import is_quantized
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.post_training import Built, PostTraining
@@ -70,6 +72,7 @@ def convert(settings: ConvertSettings,
     model_files = modelio.model_files(settings.model_file, model)
     report.size_before = modelio.files_size(model_files)
     report.opset_before = model.opset_imports.get("", 1)
+    refuse_quantized(model, settings.model_file)
     check_skip_names(model, settings)
     # Checked now, before any long work.
     eval_data = open_data(model, settings.model_file, settings.gate.data) if settings.gate \
@@ -452,6 +455,19 @@ def read_files(settings: ConvertSettings, model_files: list[Path],
             read += [(f"a sample of input {name!r} ({source.what})", path)
                      for name, paths in source.files.items() for path in paths]
     return read
+
+
+def refuse_quantized(model: ir.Model, model_file: Path) -> None:
+    """ptqconv quantizes float models: one already quantized (QDQ from another tool or from
+    quantization-aware training, or integer kernels) would be quantized on top of its
+    rounding, or left as it is under a report that says it was converted."""
+    found = Counter(node.op_type for graph in model.graphs() for node in graph
+                    if is_quantized(node))
+    if found:
+        ops = ", ".join(f"{n} {op}" for op, n in sorted(found.items(), key=lambda x: -x[1])[:3])
+        raise PtqError(f"{shown(model_file)} is quantized already ({ops}"
+                       f"{' ...' if len(found) > 3 else ''}): give ptqconv the float model "
+                       "(onnxruntime runs this one as it is)")
 
 
 def check_skip_names(model: ir.Model, settings: ConvertSettings) -> None:

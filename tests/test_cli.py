@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from models import DIGITS, mlp, save
+from models import DIGITS, REPO, mlp, save
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv.cli import main
@@ -260,3 +260,21 @@ def test_mindspore_flags_without_meaning_here_say_why(capsys):
         status = main(args)
         err = capsys.readouterr().err
         assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_already_quantized_model_is_refused_in_every_mode(tmp_path, capsys):
+    quantized = tmp_path / "int8.onnx"
+    config = REPO / "configs" / "digits.ini"
+    status, _, _ = cli(capsys, f"--modelFile={MODEL}", f"--outputFile={quantized}",
+                       "--quantType=PostTraining", f"--configFile={config}", "--quiet")
+    assert status == 0
+    before = set(tmp_path.rglob("*"))
+    for mode in (["--quantType=PostTraining", f"--configFile={config}"],
+                 ["--quantType=WeightQuant", "--bitNum=8"], ["--quantType=DynamicQuant"]):
+        status, _, err = cli(capsys, f"--modelFile={quantized}",
+                             f"--outputFile={tmp_path / 'again.onnx'}", *mode)
+        assert status == 1, err
+        line, = err.strip().splitlines()
+        assert "int8.onnx is quantized already (" in line and "QuantizeLinear" in line
+        assert line.endswith("give ptqconv the float model (onnxruntime runs this one as it is)")
+        assert set(tmp_path.rglob("*")) == before

@@ -1,5 +1,5 @@
 """Questions about nodes and values: standard ONNX operator (the only ones the passes rewrite),
-depthwise, scalar constants, a Conv's SAME pads."""
+depthwise, quantized, scalar constants, a Conv's SAME pads."""
 
 from __future__ import annotations
 
@@ -13,6 +13,21 @@ ONNX_DOMAINS = ("", "ai.onnx")
 
 def is_onnx(node: ir.Node) -> bool:
     return node.domain in ONNX_DOMAINS
+
+
+# Ops that only a quantized model holds: quantization itself and onnxruntime's integer kernels
+# (default and com.microsoft domains), besides every QLinear* and *Integer op.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QGemm", "QAttention",
+    "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
+    "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized",
+    "QOrderedMatMul", "QOrderedAttention", "QOrderedLayerNormalization"})
+
+
+def is_quantized(node: ir.Node) -> bool:
+    """A node of a model that is quantized already (QDQ or integer kernels)."""
+    op = node.op_type
+    return op in QUANTIZED_OPS or op.startswith("QLinear") or op.endswith("Integer")
 
 
 def is_depthwise(node: ir.Node) -> bool:
