@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from conftest import initializers, run_model
 from models import DIGITS, conv_net, digits_eval, embedding, mlp, save
@@ -32,7 +33,9 @@ def dequantized_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear":
             continue
-        axis = next(a.i for a in node.attribute if a.name == "axis")
+        if node.input[0] not in inits:  # rows a Gather picked: the table is read below
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
         q = inits[node.input[0]].astype(np.int64)
         scale = inits[node.input[1]]
         zp = (
@@ -41,10 +44,23 @@ def dequantized_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
             else np.zeros_like(scale, np.int64)
         )
         shape = [1] * q.ndim
-        shape[axis] = -1
+        if axis is not None:
+            shape[axis] = -1
         deq = (q - zp.reshape(shape)) * scale.reshape(shape)
         binary = len(node.input) == 2 and set(np.unique(q)) <= {-1, 1}
         result[node.output[0]] = (deq, scale.reshape(shape), binary)
+    # Tables a Gather reads as integers, each gathered row dequantized after it with the
+    # row scales (and zero points) gathered alongside.
+    for node in model.graph.node:
+        table = node.input[0]
+        if node.op_type == "Gather" and table.endswith("_quantized") and table in inits:
+            name = table.removesuffix("_quantized")
+            q = inits[table].astype(np.int64)
+            per_row = f"{name}_row_scale" in inits
+            scale = inits[f"{name}_row_scale" if per_row else f"{name}_scale"]
+            zp = inits.get(f"{name}_row_zero_point" if per_row else f"{name}_zero_point",
+                           np.zeros_like(scale)).astype(np.float64)
+            result[name] = ((q - zp) * scale, scale, False)
     return result
 
 
@@ -424,3 +440,69 @@ def test_an_input_shape_for_timing_is_checked_like_one_for_data(tmp_path):
                 "not an input of the model; model inputs: 'x'")):
             ptqconv.convert(src, out, kind, input_shape="nope:1,64")
         assert not out.exists()
+
+
+def _consumers(path) -> dict[str, list[str]]:
+    """tensor name -> op types of the nodes that read it."""
+    users: dict[str, list[str]] = {}
+    for node in onnx.load(str(path)).graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node.op_type)
+    return users
+
+
+@pytest.mark.parametrize("bits, per_channel, gathered", [
+    (8, True, True), (6, True, True), (12, True, True), (8, False, True), (4, True, False)])
+def test_table_rows_are_dequantized_after_the_gather_where_gather_reads_the_integers(
+        tmp_path, bits, per_channel, gathered):
+    cfg = tmp_path / "w.ini"
+    cfg.write_text(f"[weight_quant_param]\nper_channel={str(per_channel).lower()}\n")
+    _, out, report = quantize(tmp_path, embedding(), bits, config_file=str(cfg))
+    assert {w.name for w in report.quantized} == {"table", "proj"}
+    inits = initializers(out)
+    users = _consumers(out)
+    table = next(n for n, a in inits.items() if a.shape == (1000, 64))
+    # int8 / int16 tables feed the Gather itself; int4 ones (which Gather cannot read) a
+    # DequantizeLinear of the whole table.
+    assert users[table] == (["Gather"] if gathered else ["DequantizeLinear"])
+    assert inits[table].dtype == (np.int16 if bits > 8 else np.int8 if bits > 4 else
+                                  onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4))
+    deq = dequantized_weights(out)
+    ids = np.array([[0, 5, 999, 5, 17, 400, 3, 1]], np.int64)
+    expected = deq["table"][0][ids[0]] @ deq["proj"][0]
+    # Unoptimized: onnxruntime fuses DequantizeLinear -> MatMul into MatMulNBits, which may
+    # quantize its activations (accuracy level 4) and so departs from the exact product.
+    (got,) = run_model(out, {"ids": ids}, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def tied_embedding(vocab: int = 500, dim: int = 32) -> onnx.ModelProto:
+    """An embedding table read again, transposed, as the output projection (tied weights)."""
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((vocab, dim)).astype(np.float32)
+    nodes = [onnx.helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             onnx.helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0],
+                                   name="head_t"),
+             onnx.helper.make_node("MatMul", ["e", "table_t"], ["logits"], name="head")]
+    graph = onnx.helper.make_graph(
+        nodes, "tied",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 6])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 6, vocab])],
+        [numpy_helper.from_array(table, "table")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_tied_table_read_through_transpose_is_quantized_once_for_both(tmp_path, bits):
+    src, out, report = quantize(tmp_path, tied_embedding(), bits)
+    assert [w.name for w in report.quantized] == ["table"] and not report.skipped
+    inits = initializers(out)
+    # One integer table (int4 values come back from onnx as int8), no float copy left.
+    assert [a.dtype for a in inits.values() if a.size == 500 * 32] == [
+        np.int8 if bits == 8 else onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4)]
+    assert not any(a.dtype == np.float32 and a.size == 500 * 32 for a in inits.values())
+    ids = np.array([[1, 2, 3, 499, 250, 2]], np.int64)
+    (expected,), (got,) = run_model(src, {"ids": ids}), run_model(out, {"ids": ids})
+    cos = (got * expected).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(
+        expected, axis=-1)
+    assert cos.min() > (0.9999 if bits == 8 else 0.98)

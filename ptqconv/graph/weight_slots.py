@@ -50,8 +50,36 @@ def weight_slot(node: ir.Node) -> WeightSlot | None:
         return WeightSlot(node, index, 0, shape[0])
     if op == "ConvTranspose":
         return WeightSlot(node, index, 1, shape[1] * _attr_int(node, "group", 1))
-    if op == "Gemm":
-        return WeightSlot(node, index, 0 if _attr_int(node, "transB", 0) else 1, 0)
     if op == "Gather":
         return WeightSlot(node, index, 0, 0)
-    return WeightSlot(node, index, rank - 1, 0)
+    return WeightSlot(node, index, _dense_axis(node, rank), 0)
+
+
+def _dense_axis(node: ir.Node, rank: int) -> int:
+    """The output-channel axis of a Gemm's or MatMul's B of rank `rank`."""
+    if node.op_type == "Gemm":
+        return 0 if _attr_int(node, "transB", 0) else 1
+    return rank - 1
+
+
+def transposed_weight_slot(node: ir.Node) -> WeightSlot | None:
+    """A 2-D constant that `node`, a Transpose, hands only to MatMul/Gemm as their B: a tied
+    embedding table read again as the output projection (exporters write `x @ E.T` so), whose
+    output channels are the table's rows. None for any other node."""
+    if not is_onnx(node) or node.op_type != "Transpose" or not node.inputs:
+        return None
+    value, out = node.inputs[0], node.outputs[0]
+    if value is None or value.const_value is None or len(value.const_value.shape) != 2:
+        return None
+    perm = node.attributes.get("perm")
+    if perm is not None and list(perm.as_ints()) != [1, 0]:
+        return None
+    uses = list(out.uses())
+    if not uses or out.is_graph_output():
+        return None
+    axes = {_dense_axis(user, 2) for user, index in uses
+            if is_onnx(user) and user.op_type in ("MatMul", "Gemm") and index == 1}
+    if len(axes) != 1 or any(not (is_onnx(u) and u.op_type in ("MatMul", "Gemm") and i == 1)
+                             for u, i in uses):
+        return None
+    return WeightSlot(node, 0, 1 - axes.pop(), 0)

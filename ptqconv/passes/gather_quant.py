@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
+from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
@@ -93,36 +94,9 @@ class GatherQuantPass(ir.passes.InPlacePass):
         rmin, rmax = qparams.tensor_range(weights, axis=axis)
         scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
         q = qparams.quantize(weights, scale, zero_point, grid, axis=axis, dtype=np.int8)
-        base, prefix = table.name or "table", node.name or table.name or "table"
-        indices = node.inputs[1]
-        node.replace_input_with(0, add_initializer(graph, names.new(f"{base}_quantized"), q))
-        gathered = node.outputs[0]
-        if per_row:
-            # [rows, 1, ...]: the gathered scales broadcast over the rest of each row.
-            row_scales = scale.reshape(-1, *([1] * (weights.ndim - 1)))
-            gather_scales = ir.node("Gather", [
-                add_initializer(graph, names.new(f"{base}_row_scale"), row_scales), indices,
-            ], attributes={"axis": 0}, name=names.new(f"{prefix}_scales"))
-            first = ir.node("Cast", [None], attributes={"to": ir.DataType.FLOAT},
-                            name=names.new(f"{prefix}_Cast"))
-            last = ir.node("Mul", [first.outputs[0], gather_scales.outputs[0]],
-                           name=names.new(f"{prefix}_Mul"))
-            chain = [gather_scales, first, last]
-        else:
-            first = last = ir.node("DequantizeLinear", [
-                None,
-                add_initializer(graph, names.new(f"{base}_scale"), scale),
-                add_initializer(graph, names.new(f"{base}_zero_point"),
-                                zero_point.astype(np.int8)),
-            ], name=names.new(f"{prefix}_DequantizeLinear"))
-            chain = [first]
-        graph.insert_after(node, chain)
-        # The chain's output takes the gathered value's place (and name); the int8 rows
-        # feed the chain.
-        out = last.outputs[0]
-        out.type, out.shape = gathered.type, gathered.shape
-        gathered.replace_all_uses_with(out, replace_graph_outputs=True)
-        out.name, gathered.name = gathered.name, names.new(f"{gathered.name or base}_quantized")
-        first.replace_input_with(0, gathered)
-        gathered.type = ir.TensorType(ir.DataType.INT8)
+        base = table.name or "table"
+        integers = add_initializer(graph, names.new(f"{base}_quantized"), q)
+        dequantize_gathered(graph, names, node, integers, scale,
+                            None if per_row else zero_point.astype(np.int8), per_row, base)
         graph.initializers.pop(table.name)
+

@@ -15,9 +15,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
+from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
-from ptqconv.graph.weight_slots import WeightSlot, weight_slot
+from ptqconv.graph.weight_slots import WeightSlot, transposed_weight_slot, weight_slot
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
@@ -90,6 +91,17 @@ class WeightQuantResult(ir.passes.PassResult):
     records: list[WeightRecord] = field(default_factory=list)  # every weight met, in order
 
 
+def _gathers_rows(slot: WeightSlot, integer: IntegerWeight) -> bool:
+    """Whether `slot` is a Gather of whole rows whose integers Gather can read (int8, int16:
+    not int4 or int2), so that only the rows gathered are dequantized: before the Gather, the
+    whole table was dequantized on every inference (docs/decisions.md, weight-only tables)."""
+    layout = integer.layout
+    return (slot.node.op_type == "Gather" and slot.index == 0
+            and slot.node.attributes.get_int("axis", 0) == 0
+            and layout.grid.storage not in (ir.DataType.INT4, ir.DataType.INT2)
+            and not layout.block_size and layout.axis in (None, 0))
+
+
 class WeightQuantPass(ir.passes.InPlacePass):
     """Replace each eligible constant weight by integers, a per-channel scale (and zero point)
     and a DequantizeLinear node; the result records every weight it met."""
@@ -107,7 +119,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         """Every weight of `graph` in order: why it stays float, or its layout."""
         slots: dict[ir.Value, list[WeightSlot]] = {}
         for node in graph:
-            slot = weight_slot(node)
+            slot = weight_slot(node) or transposed_weight_slot(node)
             if slot is not None:
                 slots.setdefault(node.inputs[slot.index], []).append(slot)
         targets = []
@@ -224,9 +236,21 @@ class WeightQuantPass(ir.passes.InPlacePass):
         grid = integer.layout.grid
         storage_np = grid.storage.numpy()
         name = value.name
+        integers = add_initializer(graph, names.new(f"{name}_quantized"),
+                                   integer.q.astype(storage_np), grid.storage)
+        graph.initializers.pop(name)
+        gathers = [s for s in slots if _gathers_rows(s, integer)]
+        for slot in gathers:
+            zero_point = None if grid.symmetric else integer.zero_point
+            dequantize_gathered(graph, names, slot.node, integers, integer.scale,
+                                zero_point if integer.layout.axis is not None
+                                else np.asarray(zero_point, storage_np),
+                                integer.layout.axis is not None, name, float_type)
+        rest = [s for s in slots if s not in gathers]
+        if not rest:
+            return grid.storage
         inputs = [
-            add_initializer(graph, names.new(f"{name}_quantized"), integer.q.astype(storage_np),
-                            grid.storage),
+            integers,
             add_initializer(graph, names.new(f"{name}_scale"),
                             np.asarray(integer.scale, float_type.numpy()), float_type),
         ]
@@ -239,14 +263,14 @@ class WeightQuantPass(ir.passes.InPlacePass):
         dequant = ir.node(
             "DequantizeLinear", inputs, attributes, name=names.new(f"{name}_DequantizeLinear")
         )
-        graph.insert_before(slots[0].node, dequant)
+        graph.insert_before(rest[0].node, dequant)
         out = dequant.outputs[0]
         out.type = ir.TensorType(float_type)
         out.shape = ir.Shape(integer.q.shape)
+        for slot in rest:
+            slot.node.replace_input_with(slot.index, out)
         # The dequantized value keeps the weight's name, so consumers and debug tools that
         # refer to it by name still find it.
-        graph.initializers.pop(name)
-        value.replace_all_uses_with(out)
         value.name = None
         out.name = name
         return grid.storage
