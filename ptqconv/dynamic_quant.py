@@ -9,6 +9,7 @@ from ptqconv import qparams
 from ptqconv.errors import PtqUsageError
 from ptqconv.passes import residual_sum
 from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
+from ptqconv.passes.fold_transposed_weights import FoldTransposedWeightsPass
 from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
 from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
 from ptqconv.passes.weight_quant import WeightRecord
@@ -34,6 +35,7 @@ def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
     # A weight PyTorch's exporter reads again through Identity is one weight of both nodes
     # (as for WeightQuant), whose integers they share.
     IdentityEliminationPass()(model)
+    FoldTransposedWeightsPass()(model)
     records = DynamicQuantPass(config)(model).records
     tables = GatherQuantConfig(qparams.weight_only_grid(settings.bit_num), settings.min_size,
                                frozenset(settings.skip))

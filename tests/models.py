@@ -122,6 +122,21 @@ def embedding(vocab: int = 1000, dim: int = 64, seed: int = 0) -> onnx.ModelProt
     )
 
 
+def tied_embedding(vocab: int = 500, dim: int = 32) -> onnx.ModelProto:
+    """An embedding table read again, transposed, as the output projection (tied weights)."""
+    table = np.random.default_rng(3).standard_normal((vocab, dim)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0], name="head_t"),
+        helper.make_node("MatMul", ["e", "table_t"], ["logits"], name="head"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 6, vocab])],
+        [numpy_helper.from_array(table, "table")],
+    )
+
 def digits_eval(limit: int | None = None) -> np.ndarray:
     files = sorted((DIGITS / "eval" / "input").glob("*.bin"))[:limit]
     return np.stack([np.fromfile(f, np.float32).reshape(1, 8, 8) for f in files])

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from conftest import run_model
 from harness import optimized_ops
-from models import DIGITS, embedding, mlp, save
+from models import DIGITS, embedding, mlp, save, tied_embedding
 from onnx import numpy_helper
 
 import ptqconv
@@ -129,3 +129,20 @@ def test_nodes_sharing_a_weight_share_its_integers(tmp_path):
             and len(t.dims) == 2} == {"v"}
     x = rng.standard_normal((1, 64)).astype(np.float32)
     assert cosine(run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]) > 0.999
+
+
+def test_a_tied_table_is_gathered_and_projected_in_int8(tmp_path):
+    src = save(tied_embedding(), tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    # The transposed read is folded into a weight of its own: both uses run in int8.
+    assert not report.skipped
+    assert {w.op_type for w in report.quantized} == {"MatMul", "Gather"}
+    assert ops(out)["DynamicQuantizeMatMul"] == 1 and "Transpose" not in ops(out)
+    graph = onnx.load(str(out)).graph
+    assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                and np.prod(t.dims) >= 500 * 32]
+    ids = np.array([[1, 2, 3, 499, 250, 2]], np.int64)
+    got, want = run_model(out, {"ids": ids})[0], run_model(src, {"ids": ids})[0]
+    assert cosine(got, want) > 0.999
+    assert report.size_after < report.size_before * 0.6

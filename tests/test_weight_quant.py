@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import initializers, run_model
-from models import DIGITS, conv_net, digits_eval, embedding, mlp, save
+from models import DIGITS, conv_net, digits_eval, embedding, mlp, save, tied_embedding
 from onnx import numpy_helper
 
 import ptqconv
@@ -474,22 +474,6 @@ def test_table_rows_are_dequantized_after_the_gather_where_gather_reads_the_inte
     # quantize its activations (accuracy level 4) and so departs from the exact product.
     (got,) = run_model(out, {"ids": ids}, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-5)
-
-
-def tied_embedding(vocab: int = 500, dim: int = 32) -> onnx.ModelProto:
-    """An embedding table read again, transposed, as the output projection (tied weights)."""
-    rng = np.random.default_rng(3)
-    table = rng.standard_normal((vocab, dim)).astype(np.float32)
-    nodes = [onnx.helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
-             onnx.helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0],
-                                   name="head_t"),
-             onnx.helper.make_node("MatMul", ["e", "table_t"], ["logits"], name="head")]
-    graph = onnx.helper.make_graph(
-        nodes, "tied",
-        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1, 6])],
-        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 6, vocab])],
-        [numpy_helper.from_array(table, "table")])
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
