@@ -164,6 +164,7 @@ class WeightQuantSummary:
     block_size: int
     bias_correction: bool
     gptq: GPTQSummary | None = None
+    low_bit_recipe: bool = False  # block_size left out at 1-4 bits: blocks, 8-bit tables
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -349,7 +350,10 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     layouts = Counter(w.layout for w in quantized)
     lines = []
     if layouts and set(layouts) != {"per channel"}:
-        lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
+        lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items()))
+                     + (" (ptqconv's default at 1-4 bits: MatMul/Gemm weights in blocks, "
+                        "Gather tables in 8 bits; block_size=0 in [weight_quant_param] gives "
+                        "every weight the bits asked per channel)" if s.low_bit_recipe else ""))
     if s.equalize_chains:
         if s.equalize_errors is None:
             lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "

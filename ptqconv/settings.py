@@ -42,6 +42,12 @@ ALL_SAMPLES = 2**31
 # [mixed_bit_weight_quant_param] and [dynamic_quant_param] defaults (docs/reference.md §1).
 DEFAULT_INIT_SCALE = 0.02
 DEFAULT_MAX_ITERATIONS = 40
+# WeightQuant at 1-4 bits with block_size left out: MatMul/Gemm weights in blocks of 32 (the
+# block of llama.cpp's Q4_0; onnxruntime's and NNCF's 4-bit tools block by default too) and
+# Gather tables in 8 bits, as NNCF keeps embeddings (docs/decisions.md, low-bit recipe).
+LOW_BIT_MAX = 4
+LOW_BIT_BLOCK = 32
+LOW_BIT_TABLE_BITS = 8
 DEFAULT_DYNAMIC_STRATEGY = "ALWC"
 # A calibration config is a few dozen lines; reading more than this is a wrong file.
 MAX_CONFIG_BYTES = 1 << 20
@@ -89,6 +95,8 @@ class WeightQuantSettings:
     quant_strategy: str = "MAX_MIN"  # or "GPTQ" (needs calibration)
     mixed_bit: MixedBitSettings | None = None  # with bit_num 0
     block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
+    # block_size left out at 1-4 bits: MatMul/Gemm weights in blocks, Gather tables in 8 bits.
+    low_bit_recipe: bool = False
     calibration: DataSource | None = None
     threads: int = DEFAULT_THREADS
     # Time the written model against float (on a calibration sample, else a random one).
@@ -331,7 +339,9 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         pick.config("init_scale") or DEFAULT_INIT_SCALE, bool(pick.config("auto_tune")),
         pick.config("max_iterations") or DEFAULT_MAX_ITERATIONS) if bits == 0 else None
     per_channel = pick.switch("weight_per_channel", True)
-    block = pick.config("block_size") or 0
+    given = pick.config("block_size")
+    block = given if given is not None else (
+        LOW_BIT_BLOCK if per_channel and 1 <= bits <= LOW_BIT_MAX else 0)
     if block and not per_channel:
         assert config is not None
         raise PtqUsageError(f"{config.where('block_size')}: blocks need per_channel=true "
@@ -354,6 +364,7 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         quant_strategy=strategy,
         mixed_bit=mixed,
         block_size=block,
+        low_bit_recipe=given is None and block > 0,
         calibration=calibration,
         threads=threads,
         measure_latency=pick.switch("weight_measure_latency", True))

@@ -42,7 +42,7 @@ from ptqconv.passes.weight_quant import (
     WeightRecord,
 )
 from ptqconv.report import WeightQuantSummary
-from ptqconv.settings import WeightQuantSettings
+from ptqconv.settings import LOW_BIT_TABLE_BITS, WeightQuantSettings
 from ptqconv.target import detect
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
@@ -65,7 +65,8 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     the weight algorithms did. `data`: the calibration samples, when the settings name some.
     """
     summary = WeightQuantSummary(settings.quant_strategy, settings.per_channel,
-                                 settings.block_size, settings.bias_correction)
+                                 settings.block_size, settings.bias_correction,
+                                 low_bit_recipe=settings.low_bit_recipe)
     # PyTorch's exporter stores a weight two modules share (tied, or equal as deep-copied
     # layers are before training) once and reads it again through Identity: without the
     # Identity the weight is one weight of both nodes, quantized once.
@@ -74,7 +75,9 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         grid=qparams.weight_only_grid(settings.bit_num or 8), min_size=settings.min_size,
         min_channel=settings.min_channel, skip=frozenset(settings.skip),
         per_channel=settings.per_channel, block_size=settings.block_size,
-        correct=settings.bias_correction)
+        correct=settings.bias_correction,
+        table_grid=(qparams.weight_only_grid(LOW_BIT_TABLE_BITS) if settings.low_bit_recipe
+                    else None))
     equalize = WeightEqualizePass(frozenset(settings.skip))
     if not settings.per_channel:  # per channel it never gained (docs/decisions.md)
         summary.equalize_chains = len(equalize.find(model.graph))

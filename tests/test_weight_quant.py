@@ -43,9 +43,16 @@ def dequantized_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
             if len(node.input) > 2
             else np.zeros_like(scale, np.int64)
         )
-        shape = [1] * q.ndim
-        if axis is not None:
-            shape[axis] = -1
+        block = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+        if block:  # one scale per `block` values along `axis`
+            whole = tuple(slice(0, d) for d in q.shape)
+            scale = np.repeat(scale, block, axis=axis)[whole]
+            zp = np.repeat(zp, block, axis=axis)[whole]
+            shape = list(q.shape)
+        else:
+            shape = [1] * q.ndim
+            if axis is not None:
+                shape[axis] = -1
         deq = (q - zp.reshape(shape)) * scale.reshape(shape)
         binary = len(node.input) == 2 and set(np.unique(q)) <= {-1, 1}
         result[node.output[0]] = (deq, scale.reshape(shape), binary)
@@ -118,9 +125,16 @@ def test_8_bit_example_outputs_match_float_on_real_inputs(tmp_path):
     assert len(report.quantized) == 5
 
 
+def per_channel_config(tmp_path) -> str:
+    """A WeightQuant config asking every weight per channel at the bits given (no blocks)."""
+    config = tmp_path / "per_channel.ini"
+    config.write_text("[weight_quant_param]\nblock_size=0\n")
+    return str(config)
+
+
 @pytest.mark.parametrize(("bits", "limit"), [(16, 0.52), (8, 0.27), (4, 0.15), (2, 0.09)])
 def test_size_ratio_of_weight_dominated_model(tmp_path, bits, limit):
-    src, out, report = quantize(tmp_path, mlp(), bits)
+    src, out, report = quantize(tmp_path, mlp(), bits, config_file=per_channel_config(tmp_path))
     ratio = out.stat().st_size / src.stat().st_size
     assert ratio <= limit, ratio
     assert report.size_after == out.stat().st_size
@@ -451,12 +465,14 @@ def _consumers(path) -> dict[str, list[str]]:
     return users
 
 
-@pytest.mark.parametrize("bits, per_channel, gathered", [
-    (8, True, True), (6, True, True), (12, True, True), (8, False, True), (4, True, False)])
+@pytest.mark.parametrize("bits, keys, gathered", [
+    (8, "", True), (6, "", True), (12, "", True), (8, "per_channel=false", True),
+    (4, "block_size=0", False), (4, "", True)])
 def test_table_rows_are_dequantized_after_the_gather_where_gather_reads_the_integers(
-        tmp_path, bits, per_channel, gathered):
+        tmp_path, bits, keys, gathered):
+    # 4 bits with block_size left out: the table takes 8 bits (the low-bit recipe).
     cfg = tmp_path / "w.ini"
-    cfg.write_text(f"[weight_quant_param]\nper_channel={str(per_channel).lower()}\n")
+    cfg.write_text(f"[weight_quant_param]\n{keys}\n")
     _, out, report = quantize(tmp_path, embedding(), bits, config_file=str(cfg))
     assert {w.name for w in report.quantized} == {"table", "proj"}
     inits = initializers(out)
@@ -465,7 +481,7 @@ def test_table_rows_are_dequantized_after_the_gather_where_gather_reads_the_inte
     # int8 / int16 tables feed the Gather itself; int4 ones (which Gather cannot read) a
     # DequantizeLinear of the whole table.
     assert users[table] == (["Gather"] if gathered else ["DequantizeLinear"])
-    assert inits[table].dtype == (np.int16 if bits > 8 else np.int8 if bits > 4 else
+    assert inits[table].dtype == (np.int16 if bits > 8 else np.int8 if gathered else
                                   onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.INT4))
     deq = dequantized_weights(out)
     ids = np.array([[0, 5, 999, 5, 17, 400, 3, 1]], np.int64)
@@ -478,7 +494,8 @@ def test_table_rows_are_dequantized_after_the_gather_where_gather_reads_the_inte
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_tied_table_read_through_transpose_is_quantized_once_for_both(tmp_path, bits):
-    src, out, report = quantize(tmp_path, tied_embedding(), bits)
+    src, out, report = quantize(tmp_path, tied_embedding(), bits,
+                                config_file=per_channel_config(tmp_path))
     assert [w.name for w in report.quantized] == ["table"] and not report.skipped
     inits = initializers(out)
     # One integer table (int4 values come back from onnx as int8), no float copy left.
@@ -490,3 +507,21 @@ def test_a_tied_table_read_through_transpose_is_quantized_once_for_both(tmp_path
     cos = (got * expected).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(
         expected, axis=-1)
     assert cos.min() > (0.9999 if bits == 8 else 0.98)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_low_bits_default_to_blocks_of_32_whose_scales_set_the_size(tmp_path, bits):
+    src, out, report = quantize(tmp_path, mlp(), bits)
+    assert {w.layout for w in report.quantized} == {"blocks of 32"}
+    assert "blocks of 32 (ptqconv's default at 1-4 bits" in report.format()
+    # bits per weight plus, per block of 32, a float32 scale and a zero point of `bits`.
+    storage = 2 if bits == 2 else 4
+    limit = (storage + (32 + storage) / 32) / 32 + 0.005
+    assert out.stat().st_size / src.stat().st_size <= limit
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x})
+    (per_channel,) = run_model(
+        quantize(tmp_path, mlp(), bits, name="pc.onnx",
+                 config_file=per_channel_config(tmp_path))[1], {"x": x})
+    # Blocks along K follow the weights more closely than one scale per output channel.
+    assert np.abs(got - ref).mean() < np.abs(per_channel - ref).mean()

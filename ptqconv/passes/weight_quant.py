@@ -62,6 +62,8 @@ class WeightQuantConfig:
     per_channel: bool = True  # False: one scale (and zero point) per weight tensor
     block_size: int = 0  # > 0: MatMul/Gemm/Gather weights in blocks of this many
     correct: bool = False  # MindSpore's weight correction of the weights rounded here
+    # Weights a Gather reads (tables), per row on this grid instead of `grid` and blocks.
+    table_grid: qparams.Grid | None = None
 
 
 @dataclass
@@ -134,7 +136,12 @@ class WeightQuantPass(ir.passes.InPlacePass):
         return targets
 
     def _layout(self, target: Target) -> None:
-        target.layout = self.layout_for(target, self.grids.get(target.name, self.config.grid))
+        table = (self.config.table_grid is not None and target.name not in self.grids
+                 and any(s.node.op_type == "Gather" for s in target.slots))
+        grid = self.config.table_grid if table else self.grids.get(target.name,
+                                                                   self.config.grid)
+        assert grid is not None
+        target.layout = self.layout_for(target, grid, blocks=not table)
         target.transposed = bool(target.layout.block_size) and target.channel_axis == 0 \
             and target.slots[0].node.op_type == "Gemm"
         target.record.bits = target.layout.grid.bits
@@ -142,15 +149,18 @@ class WeightQuantPass(ir.passes.InPlacePass):
                                 if target.layout.block_size else
                                 "per tensor" if target.layout.axis is None else "per channel")
 
-    def layout_for(self, target: Target, grid: qparams.Grid) -> WeightLayout:
-        """The layout of `target` (as the float graph holds it) on `grid`."""
+    def layout_for(self, target: Target, grid: qparams.Grid, blocks: bool = True
+                   ) -> WeightLayout:
+        """The layout of `target` (as the float graph holds it) on `grid`; `blocks`: as the
+        config's block_size says, else per channel."""
         cfg = self.config
         shape = target.record.shape
         axis = target.channel_axis
         ops = {s.node.op_type for s in target.slots}
         if grid.storage == ir.DataType.INT2 and shape[axis] % 4 and ops & set(_INT2_FUSED_OPS):
             grid = grid.with_storage(ir.DataType.INT4)
-        if cfg.block_size and len(shape) == 2 and len(ops) == 1 and ops <= set(BLOCKED_OPS):
+        if blocks and cfg.block_size and len(shape) == 2 and len(ops) == 1 \
+                and ops <= set(BLOCKED_OPS):
             # Blocks along the reduction axis (the rows of a Gather table); a Gemm B with
             # transB=1 is stored transposed, as MatMulNBits fuses only [K, N] blocks.
             return WeightLayout(grid, 1 - axis, cfg.block_size)
