@@ -37,11 +37,13 @@ VARIANTS: tuple[tuple[str, str, str, bool, int], ...] = (
     ("ptqconv W4A8 MSE+bias corr.", "ptq", "MSE", True, 4),
     ("ptqconv WeightQuant 8-bit", "wq", "", False, 8),
     ("ptqconv WeightQuant 4-bit", "wq", "", False, 4),
+    ("onnxruntime WeightQuant 4-bit (MatMulNBitsQuantizer)", "ortw", "", False, 4),
 )
+WEIGHT_ONLY = ("wq", "ortw")
 
 
 # The outputs timed against float: full quantization, not WeightQuant.
-TIMED = tuple(v[0] for v in VARIANTS if v[1] != "wq")
+TIMED = tuple(v[0] for v in VARIANTS if v[1] not in WEIGHT_ONLY)
 LATENCY_RUNS = 30
 NOT_INSTALLED = "not installed"
 
@@ -93,6 +95,8 @@ def _case(m: CorpusModel, variant: tuple[str, str, str, bool, int], out: Path,
           tmp: Path) -> tuple[str, dict[str, Any]]:
     """The bench.cases function of `variant` on `m` and its arguments."""
     _, kind, method, bias, bits = variant
+    if kind == "ortw":  # its defaults: 4-bit blocks of 128 for MatMul weights
+        return "ort_nbits", {"src": str(m.model), "out": str(out), "external": False}
     if kind in ("ort", "nncf"):
         inputs = [{**x, "dir": str(m.dir / "calib" / x["dir"])} for x in m.inputs]
         common = {"model": str(m.model), "out": str(out), "inputs": inputs,
@@ -240,7 +244,7 @@ def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS,
              nncf: str | None = None) -> str:
     threads = " / ".join(f"{n} thread{'s' if n > 1 else ''}" for n in thread_counts)
     labels = [v[0] for v in VARIANTS]
-    cosine_labels = [v[0] for v in VARIANTS if v[1] != "wq"]
+    cosine_labels = [v[0] for v in VARIANTS if v[1] not in WEIGHT_ONLY]
     metric_rows, time_rows, cosine_rows = [], [], []
     for r in rows:
         if "error" in r:
@@ -274,9 +278,12 @@ def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS,
         "calibration data (no activation_quant_method, bias_correction, equalize or "
         "smooth_quant), so ptqconv measures its candidates and keeps the best. The other "
         "ptqconv columns force one setting each (its defaults otherwise: reduce_range, "
-        "SmoothQuant); W4A8 is `bit_num=4` with `activation_bit_num=8`. WeightQuant models "
-        "run with onnxruntime's default session options (MatMulNBits quantizes activations to "
-        "int8 at accuracy level 4).",
+        "SmoothQuant); W4A8 is `bit_num=4` with `activation_bit_num=8`. WeightQuant is "
+        "`--bitNum` alone (at 4 bits ptqconv's default: MatMul/Gemm weights in blocks of 32, "
+        "tables in 8 bits, convs per channel); onnxruntime's 4-bit weight-only tool is "
+        "`MatMulNBitsQuantizer` with its defaults (MatMul weights in blocks of 128, the rest "
+        "float). Weight-only models run with onnxruntime's default session options "
+        "(MatMulNBits quantizes activations to int8 at accuracy level 4).",
         "",
         f"Manifest metrics ({on}):",
         "",

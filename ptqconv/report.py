@@ -350,10 +350,12 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     layouts = Counter(w.layout for w in quantized)
     lines = []
     if layouts and set(layouts) != {"per channel"}:
-        lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items()))
-                     + (" (ptqconv's default at 1-4 bits: MatMul/Gemm weights in blocks, "
-                        "Gather tables in 8 bits; block_size=0 in [weight_quant_param] gives "
-                        "every weight the bits asked per channel)" if s.low_bit_recipe else ""))
+        lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
+    if s.low_bit_recipe and any(w.layout.startswith("blocks") or w.op_type == "Gather"
+                                for w in quantized):
+        lines.append(f"  low bits: MatMul/Gemm weights in blocks of {s.block_size}, Gather "
+                     "tables in 8 bits per row (ptqconv's default at 1-4 bits; block_size=0 "
+                     "in [weight_quant_param] gives every weight the bits asked, per channel)")
     if s.equalize_chains:
         if s.equalize_errors is None:
             lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "

@@ -513,7 +513,8 @@ def test_a_tied_table_read_through_transpose_is_quantized_once_for_both(tmp_path
 def test_low_bits_default_to_blocks_of_32_whose_scales_set_the_size(tmp_path, bits):
     src, out, report = quantize(tmp_path, mlp(), bits)
     assert {w.layout for w in report.quantized} == {"blocks of 32"}
-    assert "blocks of 32 (ptqconv's default at 1-4 bits" in report.format()
+    assert "  low bits: MatMul/Gemm weights in blocks of 32, Gather tables in 8 bits per row " \
+        "(ptqconv's default at 1-4 bits;" in report.format()
     # bits per weight plus, per block of 32, a float32 scale and a zero point of `bits`.
     storage = 2 if bits == 2 else 4
     limit = (storage + (32 + storage) / 32) / 32 + 0.005

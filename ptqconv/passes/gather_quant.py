@@ -99,4 +99,3 @@ class GatherQuantPass(ir.passes.InPlacePass):
         dequantize_gathered(graph, names, node, integers, scale,
                             None if per_row else zero_point.astype(np.int8), per_row, base)
         graph.initializers.pop(table.name)
-
