@@ -166,6 +166,8 @@ def run(ctx: Context) -> Section:
                     got = outputs(out, m)
                     _, value, extra = metric(m, ref, got)
                     entry.update(value=value, extra=extra, cosine=output_cosine(ref, got))
+                    if variant[1] in WEIGHT_ONLY:  # what a weight-only tool is for
+                        entry["size_ratio"] = _files_size(out) / _files_size(m.model)
                     if isinstance(conv.result, dict):
                         entry["child"] = conv.result
                     if label in TIMED:
@@ -204,7 +206,15 @@ def _cell(entry: dict[str, Any], extra: bool = True) -> str:
         return entry.get("error", "not run")
     value = entry["value"]
     text = "nan" if math.isnan(value) else f"{value:.4f}"
-    return f"{text} ({entry['extra']})" if extra and entry.get("extra") else text
+    notes = [entry["extra"]] if entry.get("extra") else []
+    if "size_ratio" in entry:
+        notes.append(f"{entry['size_ratio']:.3f} of the size")
+    return f"{text} ({'; '.join(notes)})" if extra and notes else text
+
+
+def _files_size(model: Path) -> int:
+    """Bytes of a model file and of its external data beside it."""
+    return sum(p.stat().st_size for p in model.parent.glob(f"{model.name}*"))
 
 
 def _latency_cell(latency: dict[str, Any], label: str, share: bool = False) -> str:
