@@ -66,7 +66,8 @@ class CorpusModel:
         """A WeightQuant config with the calibration data and `[weight_quant_param]` keys."""
         path.write_text(
             f"[common_quant_param]\nquant_type=WEIGHT_QUANT\nbit_num={bits}\n{self._data()}"
-            "[weight_quant_param]\n" + "".join(f"{k}={v}\n" for k, v in keys.items()))
+            "[weight_quant_param]\n" + "".join(f"{k}={v}\n" for k, v in keys.items())
+            + "measure_latency=false\n")  # conversion time is the algorithms' alone
         return path
 
     def _data(self) -> str:

@@ -81,6 +81,9 @@ def run(ctx: Context) -> Section:
         "WeightQuant on each model's calibration samples (GPTQ, bias correction) with the "
         "`[weight_quant_param]` keys named; \"bias corr.\" is MindSpore's var/mean weight "
         "correction plus the expected output shift op(E[x], W - Ŵ) in Conv/Gemm biases. "
+        "4-bit without `block_size` is ptqconv's default there: MatMul/Gemm weights in "
+        "blocks of 32 and tables in 8 bits (convs per channel); the \"blocks of\" columns "
+        "block the tables too. "
         "W4A8 is PostTraining with MSE ranges, bias correction and GPTQ weights. Each "
         "manifest's metric on eval/ against float (extra figure in brackets), onnxruntime's "
         "default session options.",
