@@ -137,6 +137,23 @@ def tied_embedding(vocab: int = 500, dim: int = 32) -> onnx.ModelProto:
         [numpy_helper.from_array(table, "table")],
     )
 
+def lstm(hidden: int = 32, features: int = 16, steps: int = 10) -> onnx.ModelProto:
+    """One LSTM layer (W, R and B constant) over [steps, 1, features], its last hidden state."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((1, 4 * hidden, features)) / np.sqrt(features)).astype(np.float32)
+    r = (rng.standard_normal((1, 4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    b = (rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden,
+                              name="lstm")]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, features])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, hidden])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"),
+         numpy_helper.from_array(b, "B")],
+    )
+
+
 def digits_eval(limit: int | None = None) -> np.ndarray:
     files = sorted((DIGITS / "eval" / "input").glob("*.bin"))[:limit]
     return np.stack([np.fromfile(f, np.float32).reshape(1, 8, 8) for f in files])

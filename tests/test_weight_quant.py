@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import initializers, run_model
-from models import DIGITS, conv_net, digits_eval, embedding, mlp, save, tied_embedding
+from models import DIGITS, conv_net, digits_eval, embedding, lstm, mlp, save, tied_embedding
 from onnx import numpy_helper
 
 import ptqconv
@@ -526,3 +526,19 @@ def test_low_bits_default_to_blocks_of_32_whose_scales_set_the_size(tmp_path, bi
                  config_file=per_channel_config(tmp_path))[1], {"x": x})
     # Blocks along K follow the weights more closely than one scale per output channel.
     assert np.abs(got - ref).mean() < np.abs(per_channel - ref).mean()
+
+
+@pytest.mark.parametrize(("bits", "min_cosine"), [(8, 0.9999), (4, 0.99)])
+def test_recurrent_weights_are_quantized_per_gate_row(tmp_path, bits, min_cosine):
+    src, out, report = quantize(tmp_path, lstm(), bits)
+    assert sorted(w.name for w in report.quantized) == ["R", "W"]
+    assert {w.op_type for w in report.quantized} == {"LSTM"}
+    float_weights = initializers(src)
+    for name, (values, scale, _) in dequantized_weights(out).items():
+        assert scale.shape == (1, 128, 1)  # one step per gate row
+        assert np.all(np.abs(values - float_weights[name]) <= scale / 2 * (1 + 1e-5) + 1e-7)
+    x = np.random.default_rng(5).standard_normal((10, 1, 16)).astype(np.float32)
+    (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x})
+    assert cosine(ref.reshape(1, -1), got.reshape(1, -1))[0] > min_cosine
+    # Weights 24 kB in float; their scales, zero points and the float bias stay.
+    assert report.size_after < report.size_before * (0.4 if bits == 8 else 0.25)

@@ -62,6 +62,21 @@ def _dense_axis(node: ir.Node, rank: int) -> int:
     return rank - 1
 
 
+# Recurrent ops: W [directions, gates x hidden, input] and R [directions, gates x hidden,
+# hidden], each row one gate unit's weights.
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+
+
+def recurrent_weight_slots(node: ir.Node) -> list[WeightSlot]:
+    """The constant W and R of an LSTM, GRU or RNN node, channels along their gate rows."""
+    if not is_onnx(node) or node.op_type not in RECURRENT_OPS:
+        return []
+    return [WeightSlot(node, index, 1, 0) for index in (1, 2)
+            if len(node.inputs) > index and node.inputs[index] is not None
+            and node.inputs[index].const_value is not None
+            and len(node.inputs[index].const_value.shape) == 3]
+
+
 def transposed_weight_slot(node: ir.Node) -> WeightSlot | None:
     """A 2-D constant that `node`, a Transpose, hands only to MatMul/Gemm as their B: a tied
     embedding table read again as the output projection (exporters write `x @ E.T` so), whose

@@ -18,7 +18,12 @@ from ptqconv import qparams
 from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
-from ptqconv.graph.weight_slots import WeightSlot, transposed_weight_slot, weight_slot
+from ptqconv.graph.weight_slots import (
+    WeightSlot,
+    recurrent_weight_slots,
+    transposed_weight_slot,
+    weight_slot,
+)
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
@@ -121,8 +126,8 @@ class WeightQuantPass(ir.passes.InPlacePass):
         """Every weight of `graph` in order: why it stays float, or its layout."""
         slots: dict[ir.Value, list[WeightSlot]] = {}
         for node in graph:
-            slot = weight_slot(node) or transposed_weight_slot(node)
-            if slot is not None:
+            found = weight_slot(node) or transposed_weight_slot(node)
+            for slot in [found] if found is not None else recurrent_weight_slots(node):
                 slots.setdefault(node.inputs[slot.index], []).append(slot)
         targets = []
         for value, value_slots in slots.items():
