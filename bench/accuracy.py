@@ -312,8 +312,9 @@ def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS,
         "",
         table(["model", "calib samples", *labels], time_rows),
         "",
-        f"Latency against the float model ({on}; x float with {threads}; median of {runs} "
-        "runs of the first eval sample, every model of a row timed in one process, "
+        f"Latency against the float model ({on}; x float with {threads}; median of at least "
+        f"{runs} runs of the first eval sample, and of as many as take the float model half "
+        "a second, every model of a row timed in one process, "
         "interleaved, default session options: all graph optimizations) and the share of the "
         "Conv/MatMul/Gemm multiply-accumulates that run in integer kernels:",
         "",

@@ -127,6 +127,9 @@ def latency(model: str, optimized: str, sample: str, name: str, shape: list[int]
     return {"ms": statistics.median(times) * 1000, "ops": dict(ops)}
 
 
+MAX_ROUNDS = 20000
+
+
 def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
                      threads: list[int], runs: int, warmup: int = 3) -> dict[str, Any]:
     """Latency of every model against the first ("float"), interleaved: each of `runs`
@@ -134,7 +137,8 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
     alike; default session options (all graph optimizations) but for idle intra-op threads
     spinning at most ptqconv's SPIN_US (`runtime.bound_spinning`: unbounded, the idle
     sessions' threads took the cores from the one running), at each thread count of
-    `threads`. Also the share of each model's Conv/MatMul/Gemm work in integer kernels."""
+    `threads`, for at least `runs` rounds and half a second of the float model. Also the
+    share of each model's Conv/MatMul/Gemm work in integer kernels."""
     import random
     import statistics
     import time
@@ -143,7 +147,7 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
     import onnxruntime as ort
 
     from ptqconv.evaluate.kernels import kernel_share
-    from ptqconv.runtime import bound_spinning
+    from ptqconv.runtime import MIN_SECONDS, bound_spinning
 
     ort.set_default_logger_severity(3)
     feed = {name: np.fromfile(x["path"], x["dtype"]).reshape(x["shape"])
@@ -162,7 +166,10 @@ def latency_vs_float(models: dict[str, str], sample: dict[str, dict[str, Any]],
         times: dict[str, list[float]] = {label: [] for label in sessions}
         order = list(sessions)
         shuffle = random.Random(0).shuffle
-        for _ in range(runs):
+        # At least `runs` rounds, and as many as take the first model MIN_SECONDS, as the
+        # converter's own timing: 30 runs of a 0.3 ms model are 10 ms, all noise.
+        floor = times[next(iter(models))]
+        while len(floor) < runs or (sum(floor) < MIN_SECONDS and len(floor) < MAX_ROUNDS):
             shuffle(order)
             for label in order:
                 start = time.perf_counter()
