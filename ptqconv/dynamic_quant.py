@@ -8,6 +8,7 @@ from onnx_ir.passes.common import IdentityEliminationPass
 from ptqconv import qparams
 from ptqconv.errors import PtqUsageError
 from ptqconv.passes import residual_sum
+from ptqconv.passes.dynamic_lstm import DynamicLSTMPass
 from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
 from ptqconv.passes.fold_transposed_weights import FoldTransposedWeightsPass
 from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
@@ -37,6 +38,7 @@ def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
     IdentityEliminationPass()(model)
     FoldTransposedWeightsPass()(model)
     records = DynamicQuantPass(config)(model).records
+    records += DynamicLSTMPass(config)(model).records
     tables = GatherQuantConfig(qparams.weight_only_grid(settings.bit_num), settings.min_size,
                                frozenset(settings.skip))
     records += GatherQuantPass(tables)(model).records

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from conftest import run_model
 from harness import optimized_ops
-from models import DIGITS, embedding, mlp, save, tied_embedding
+from models import DIGITS, embedding, lstm, mlp, save, tied_embedding
 from onnx import numpy_helper
 
 import ptqconv
@@ -146,3 +146,17 @@ def test_a_tied_table_is_gathered_and_projected_in_int8(tmp_path):
     got, want = run_model(out, {"ids": ids})[0], run_model(src, {"ids": ids})[0]
     assert cosine(got, want) > 0.999
     assert report.size_after < report.size_before * 0.6
+
+
+def test_lstm_becomes_dynamic_int8_per_gate_row(tmp_path):
+    src = save(lstm(), tmp_path / "float.onnx")
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert {(w.name, w.storage) for w in report.quantized} == {
+        ("W", "int8 (DynamicQuantizeLSTM)"), ("R", "int8 (DynamicQuantizeLSTM)")}
+    assert ops(out)["DynamicQuantizeLSTM"] == 1 and "LSTM" not in ops(out)
+    x = np.random.default_rng(5).standard_normal((10, 1, 16)).astype(np.float32)
+    got, want = run_model(out, {"x": x})[0], run_model(src, {"x": x})[0]
+    assert got.shape == want.shape and cosine(got, want) > 0.999
+    assert report.size_after < report.size_before * 0.45
+

@@ -154,7 +154,7 @@ class DynamicQuantPass(ir.passes.InPlacePass):
         name, old.name = old.name, None
         out.name = name  # consumers and graph outputs keep the name they knew
         graph.remove([n for n in (c.bias_add, c.node) if n is not None], safe=True)
-        _drop_unused(graph, [v for v in replaced if v is not None])
+        drop_unused(graph, [v for v in replaced if v is not None])
 
 
 def _vector(value: ir.Value, width: int) -> np.ndarray | None:
@@ -183,7 +183,7 @@ def _bias_add(node: ir.Node, width: int) -> tuple[ir.Node | None, np.ndarray | N
     return (add, bias) if bias is not None else (None, None)
 
 
-def _drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
+def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
     """Remove the initializers among `values` that nothing reads any more."""
     for value in values:
         if value.name in graph.initializers and graph.initializers[value.name] is value \
