@@ -1,6 +1,8 @@
-"""Dynamic quantization beside onnxruntime's quantize_dynamic on the corpus transformer.
+"""Dynamic quantization beside onnxruntime's quantize_dynamic on a corpus model.
 
-    python -m bench.dynamic --corpus CORPUS_DIR      # writes bench/dynamic.md
+    python -m bench.dynamic --corpus CORPUS_DIR      # all_minilm_l6_v2: bench/dynamic.md
+    python -m bench.dynamic --corpus CORPUS_DIR --model silero_vad_16k_sequence
+                                                     # bench/dynamic-silero_vad_16k_sequence.md
 
 Output cosine of every eval sample against the float model, median latency of the first eval
 sample (2 threads, ORT_ENABLE_ALL, each model in its own session), size, and the nodes of
@@ -64,7 +66,8 @@ def _measure(path: Path, samples, reference) -> dict:
     for _ in range(WARM_UP):
         session.run(None, samples[0])
     keep = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger",
-            "DynamicQuantizeLinear", "MatMul", "FusedMatMul", "Gemm")
+            "DynamicQuantizeLinear", "MatMul", "FusedMatMul", "Gemm", "DynamicQuantizeLSTM",
+            "LSTM", "ConvInteger", "Conv")
     return {"cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),
             "times": [], "session": session, "size_mb": path.stat().st_size / 1e6,
             "ops": {k: ops[k] for k in keep if ops[k]}, "outputs": outputs}
@@ -84,9 +87,12 @@ def _time(results: dict, sample: dict[str, np.ndarray]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=os.environ.get("PTQCONV_CORPUS"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "dynamic.md")
+    parser.add_argument("--model", default=MODEL, help=f"corpus model (default {MODEL})")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    root = args.corpus / MODEL
+    args.out = args.out or Path(__file__).parent / (
+        "dynamic.md" if args.model == MODEL else f"dynamic-{args.model}.md")
+    root = args.corpus / args.model
     src = root / "model.onnx"
     samples = _samples(root)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,11 +123,13 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU")
-    lines = [f"# Dynamic quantization: {MODEL}, {len(samples)} eval samples", "",
-             f"`python -m bench.dynamic`, onnxruntime {ort.__version__}, {cpu}, 2 threads, "
+    command = "python -m bench.dynamic" + (f" --model {args.model}" if args.model != MODEL
+                                            else "")
+    lines = [f"# Dynamic quantization: {args.model}, {len(samples)} eval samples", "",
+             f"`{command}`, onnxruntime {ort.__version__}, {cpu}, 2 threads, "
              f"ORT_ENABLE_ALL; latency: median of {ROUNDS} x {LOOPS} runs of eval sample 0 "
              f"after {WARM_UP} warm-up, the models taking turns.", "",
-             "| model | embedding cosine mean (min) | latency ms | x float | size MB | "
+             "| model | output cosine mean (min) | latency ms | x float | size MB | "
              "onnxruntime's optimized graph |", "|---|---:|---:|---:|---:|---|"]
     base = results["float"]["latency_ms"]
     for name, r in results.items():

@@ -4,7 +4,7 @@ onnxruntime's contrib op runs the LSTM with int8 input and recurrence weights, e
 with its own scale, quantizing the activations at run time as `DynamicQuantizeMatMul` does;
 `quantize_dynamic` makes it of every LSTM. Its weights are stored transposed against the
 standard op's: W [directions, input, 4 x hidden], R [directions, hidden, 4 x hidden]. On a
-2-core AVX2 CPU it ran at 0.88-0.98x the float LSTM (docs/decisions.md, dynamic LSTM). GRU
+2-core AVX2 CPU it ran at 0.88-1.04x the float LSTM (docs/decisions.md, dynamic LSTM). GRU
 and RNN have no such kernel and stay float.
 """
 
