@@ -318,18 +318,24 @@ def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: li
     is first written in its leanest form (modelio.lean_rewrite); if that is still bigger, the
     float model is written, unchanged. A model with
     integer kernels is kept, bigger or not: a tiny one pays more for its Q/DQ parameters than
-    its int8 weights save."""
+    its int8 weights save. WeightQuant and DynamicQuant that quantized no weight write the
+    float model unchanged when their rewrite came out bigger."""
     summary = report.post_training
-    if report.size_after <= report.size_before or len(sources) > 1 or summary is None \
-            or summary.weights_quantized or summary.quantize_nodes:
+    if report.size_after <= report.size_before or len(sources) > 1:
         return None
-    lean = modelio.lean_rewrite(saved, settings.model_file)
-    if lean is not None and modelio.files_size(lean.files) <= report.size_before:
-        report.size_after = modelio.files_size(lean.files)
-        return lean
-    report.kept_input = (f"the quantized model took {report.size_after} bytes, more than the "
-                         f"float model's {report.size_before}: the float model was written "
-                         "unchanged")
+    if summary is None:
+        if report.quantized:
+            return None
+    elif summary.weights_quantized or summary.quantize_nodes:
+        return None
+    else:
+        lean = modelio.lean_rewrite(saved, settings.model_file)
+        if lean is not None and modelio.files_size(lean.files) <= report.size_before:
+            report.size_after = modelio.files_size(lean.files)
+            return lean
+    report.kept_input = (f"the {'quantized' if summary is not None else 'rewritten'} model "
+                         f"took {report.size_after} bytes, more than the float model's "
+                         f"{report.size_before}: the float model was written unchanged")
     saved = modelio.copy_model(settings.model_file, settings.output_file, staging)
     report.size_after = report.size_before
     report.opset_after = report.opset_before

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from conftest import run_model
 from harness import optimized_ops
-from models import DIGITS, embedding, lstm, mlp, save, tied_embedding
+from models import DIGITS, conv_net, embedding, lstm, mlp, save, tied_embedding
 from onnx import numpy_helper
 
 import ptqconv
@@ -160,3 +160,13 @@ def test_lstm_becomes_dynamic_int8_per_gate_row(tmp_path):
     assert got.shape == want.shape and cosine(got, want) > 0.999
     assert report.size_after < report.size_before * 0.45
 
+
+
+def test_a_model_with_nothing_to_quantize_is_written_unchanged_not_bigger(tmp_path):
+    src = save(conv_net(), tmp_path / "float.onnx")  # convs only: they stay float here
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert not report.quantized
+    assert out.read_bytes() == src.read_bytes()
+    assert "written float: the rewritten model took" in report.format()
+    assert "the float model was written unchanged" in report.format()
