@@ -135,8 +135,9 @@ def ptqconv() -> None:
     "--bitNum",
     "bit_num",
     metavar="N",
-    help="Bits per weight: WeightQuant [0,16] (0: mixed bit, per layer), PostTraining [1,8].  "
-         "[default: 8]",
+    help="Bits per weight: WeightQuant [0,16] (0: mixed bit, per layer; 1-4: MatMul/Gemm "
+         "weights in blocks of 32 and embedding tables in 8 bits unless block_size is set), "
+         "PostTraining [1,8].  [default: 8]",
 )
 @click.option(
     "--quantWeightSize",
