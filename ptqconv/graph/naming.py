@@ -34,6 +34,15 @@ def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
     return values
 
 
+def take_place(old: ir.Value, new: ir.Value) -> None:
+    """`new` in place of `old`: its type and shape, every reader, graph output and the name,
+    so consumers and users keep the name they knew."""
+    new.type, new.shape = old.type, old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    name, old.name = old.name, None
+    new.name = name
+
+
 def node_key(node: ir.Node) -> str:
     """A name for `node` that stays the same in every clone of its graph: its first output's
     (unique in SSA form, unlike node names, which ONNX does not require to be)."""

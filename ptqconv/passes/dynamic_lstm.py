@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from ptqconv import qparams
 from ptqconv.graph.initializers import add_initializer
-from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.naming import NameAllocator, take_place
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes.dynamic_quant import MS_DOMAIN, DynamicQuantConfig, drop_unused
 from ptqconv.passes.weight_quant import WeightRecord
@@ -108,9 +108,6 @@ class DynamicLSTMPass(ir.passes.InPlacePass):
                         name=names.new(f"{node.name or 'LSTM'}_dynamic"))
         graph.insert_after(node, fused)
         for old, new in zip(node.outputs, fused.outputs, strict=True):
-            new.type, new.shape = old.type, old.shape
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            name, old.name = old.name, None
-            new.name = name
+            take_place(old, new)
         graph.remove(node, safe=True)
         drop_unused(graph, weights)

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from ptqconv import qparams
 from ptqconv.graph.initializers import add_initializer
-from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.naming import NameAllocator, take_place
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes.weight_quant import WeightRecord
 
@@ -146,13 +146,9 @@ class DynamicQuantPass(ir.passes.InPlacePass):
         fused = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN,
                         name=names.new(f"{c.node.name or base}_dynamic"))
         graph.insert_after(last, fused)
-        out, old = fused.outputs[0], last.outputs[0]
-        out.type, out.shape = old.type, old.shape
         # The float constants the rewrite replaces, dropped once nothing reads them.
         replaced = [c.node.inputs[1], *(c.bias_add.inputs if c.bias_add else c.node.inputs[2:])]
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        name, old.name = old.name, None
-        out.name = name  # consumers and graph outputs keep the name they knew
+        take_place(last.outputs[0], fused.outputs[0])
         graph.remove([n for n in (c.bias_add, c.node) if n is not None], safe=True)
         drop_unused(graph, [v for v in replaced if v is not None])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.naming import NameAllocator, take_place
 from ptqconv.graph.ops import is_onnx, scalar_constant
 
 SIXTH = 1.0 / 6.0
@@ -104,10 +104,6 @@ class HardSwishPass(ir.passes.InPlacePass):
         gate.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
         gate.outputs[0].shape = x.shape
         product = ir.node("Mul", [x, gate.outputs[0]], name=names.new(f"{stem}_Mul"))
-        out = product.outputs[0]
-        out.type, out.shape = y.type, y.shape
         graph.insert_after(nodes[-1], [gate, product])
-        y.replace_all_uses_with(out, replace_graph_outputs=True)
+        take_place(y, product.outputs[0])  # the user's name for the activation stays
         graph.remove(nodes, safe=True)
-        name, y.name = y.name, None
-        out.name = name  # the user's name for the activation stays
