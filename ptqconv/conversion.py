@@ -321,14 +321,11 @@ def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: li
     its int8 weights save. WeightQuant and DynamicQuant that quantized no weight write the
     float model unchanged when their rewrite came out bigger."""
     summary = report.post_training
-    if report.size_after <= report.size_before or len(sources) > 1:
+    quantized = (report.quantized if summary is None
+                 else summary.weights_quantized or summary.quantize_nodes)
+    if report.size_after <= report.size_before or len(sources) > 1 or quantized:
         return None
-    if summary is None:
-        if report.quantized:
-            return None
-    elif summary.weights_quantized or summary.quantize_nodes:
-        return None
-    else:
+    if summary is not None:
         lean = modelio.lean_rewrite(saved, settings.model_file)
         if lean is not None and modelio.files_size(lean.files) <= report.size_before:
             report.size_after = modelio.files_size(lean.files)

@@ -90,11 +90,9 @@ def transposed_weight_slot(node: ir.Node) -> WeightSlot | None:
     if perm is not None and list(perm.as_ints()) != [1, 0]:
         return None
     uses = list(out.uses())
-    if not uses or out.is_graph_output():
+    if not uses or out.is_graph_output() or any(
+            not (is_onnx(user) and user.op_type in ("MatMul", "Gemm") and index == 1)
+            for user, index in uses):
         return None
-    axes = {_dense_axis(user, 2) for user, index in uses
-            if is_onnx(user) and user.op_type in ("MatMul", "Gemm") and index == 1}
-    if len(axes) != 1 or any(not (is_onnx(u) and u.op_type in ("MatMul", "Gemm") and i == 1)
-                             for u, i in uses):
-        return None
-    return WeightSlot(node, 0, 1 - axes.pop(), 0)
+    axes = {_dense_axis(user, 2) for user, _ in uses}
+    return WeightSlot(node, 0, 1 - axes.pop(), 0) if len(axes) == 1 else None

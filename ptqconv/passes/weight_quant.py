@@ -255,12 +255,14 @@ class WeightQuantPass(ir.passes.InPlacePass):
                                    integer.q.astype(storage_np), grid.storage)
         graph.initializers.pop(name)
         gathers = [s for s in slots if _gathers_rows(s, integer)]
+        per_row = integer.layout.axis is not None
+        # Per row the zero points are gathered as floats; per table DequantizeLinear takes
+        # one in the integers' type.
+        zero_point = None if grid.symmetric else (
+            integer.zero_point if per_row else np.asarray(integer.zero_point, storage_np))
         for slot in gathers:
-            zero_point = None if grid.symmetric else integer.zero_point
-            dequantize_gathered(graph, names, slot.node, integers, integer.scale,
-                                zero_point if integer.layout.axis is not None
-                                else np.asarray(zero_point, storage_np),
-                                integer.layout.axis is not None, name, float_type)
+            dequantize_gathered(graph, names, slot.node, integers, integer.scale, zero_point,
+                                per_row, name, float_type)
         rest = [s for s in slots if s not in gathers]
         if not rest:
             return grid.storage
