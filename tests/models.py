@@ -221,6 +221,28 @@ def residual_cnn(seed: int = 0, opset: int = 17, constant_nodes: bool = False) -
     )
 
 
+def split_concat_cnn(seed: int = 0) -> onnx.ModelProto:
+    """YOLOv8's C2f pattern: Conv-Relu, Split in two halves, one half through Conv-Relu, all
+    three concatenated, then a Conv."""
+    rng = np.random.default_rng(seed)
+    weights = {"w0": rng.standard_normal((8, 3, 3, 3)) * 0.3, "b0": rng.standard_normal(8) * 0.1,
+               "w1": rng.standard_normal((4, 4, 3, 3)) * 0.3, "b1": rng.standard_normal(4) * 0.1,
+               "w2": rng.standard_normal((4, 12, 1, 1)) * 0.3, "halves": np.array([4, 4])}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="stem", pads=[1] * 4),
+        helper.make_node("Relu", ["c0"], ["r0"], name="stem_relu"),
+        helper.make_node("Split", ["r0", "halves"], ["h0", "h1"], name="split", axis=1),
+        helper.make_node("Conv", ["h1", "w1", "b1"], ["c1"], name="inner", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="inner_relu"),
+        helper.make_node("Concat", ["h0", "h1", "r1"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["y"], name="head"),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.int64 if k == "halves" else np.float32), k)
+             for k, a in weights.items()]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+
+
 def two_input_text_model(
     vocab: int = 50, dim: int = 32, seq: int = 8, seed: int = 0
 ) -> onnx.ModelProto:

@@ -15,6 +15,7 @@ from models import (
     random_samples,
     residual_cnn,
     save,
+    split_concat_cnn,
     two_input_text_model,
     write_samples,
 )
@@ -115,6 +116,23 @@ def test_residual_cnn_runs_as_integer_kernels_in_onnxruntime(tmp_path):
         (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x}, level)
         cos = (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)
         assert cos >= 0.99, level
+
+
+def test_split_halves_run_on_uint8_into_an_integer_concat(tmp_path):
+    src = save(split_concat_cnn(), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 16, seed=0)
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    ops = optimized_ops(out, tmp_path)
+    # The Split reads and writes uint8 (onnxruntime drops the Q/DQ around it when its
+    # outputs share its input's scale) and the Concat of its halves is a QLinearConcat:
+    # before, the Split stayed float and the Concat with it, between DQ and Q.
+    assert ops["QLinearConv"] == 3 and ops["QLinearConcat"] == 1 and ops["Concat"] == 0
+    assert ops["Split"] == 1 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1
+    x = np.random.default_rng(100).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x})
+    assert (ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got) >= 0.99
 
 
 def test_constant_node_weights_at_opset_11(tmp_path):

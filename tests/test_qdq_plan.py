@@ -179,3 +179,18 @@ def test_an_add_of_a_scalar_is_no_unit_but_a_mul_by_one_is():
     # QLinearAdd would round b once more; the shift stays float, between DQ and Q.
     assert [n.name for n in plan_quantization(graph).units] == [
         "conv1", "conv2", "scale", "conv3"]
+
+
+def test_every_part_of_a_split_shares_its_input_grid():
+    graph = _graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+         helper.make_node("Split", ["c1"], ["h0", "h1"], name="split", axis=1),
+         helper.make_node("Conv", ["h1", "w2"], ["c2"], name="conv2"),
+         helper.make_node("Concat", ["h0", "c2"], ["cat"], name="concat", axis=1),
+         helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3")],
+        {"x": [1, 3, 8, 8]}, ["y"], {"w1": (4, 3, 1, 1), "w2": (2, 2, 1, 1), "w3": (2, 4, 1, 1)})
+    plan = plan_quantization(graph)
+    # A Split read only by units: conv1's output is quantized and both halves reuse its grid.
+    assert [n.name for n in plan.units] == ["conv1", "conv2", "concat", "conv3"]
+    assert plan.shared == {"h0": "c1", "h1": "c1"}
+    assert plan.observe == ["x", "c1", "c2", "cat", "y"]

@@ -279,9 +279,9 @@ def _feature_map(value: ir.Value) -> bool:
         for user, _ in current.uses():
             if user.op_type in CONV_OPS:
                 return True
-            if user.op_type in SHARE_OPS | FOLD_OPS and user.outputs and user not in seen:
+            if user.op_type in SHARE_OPS | FOLD_OPS and user not in seen:
                 seen.add(user)
-                pending.append(user.outputs[0])
+                pending.extend(user.outputs)
     return False
 
 
@@ -335,7 +335,8 @@ def _readers(value: ir.Value, units: set[ir.Node], costs: _Costs, pooled: float 
         if user in units:
             yield user, pooled
         elif user.op_type in SHARE_OPS | FOLD_OPS and user.outputs:
-            yield from _readers(user.outputs[0], units, costs, pooled + _pooled(user, costs))
+            for out in user.outputs:  # every part of a Split
+                yield from _readers(out, units, costs, pooled + _pooled(user, costs))
         else:
             yield None, pooled
 

@@ -11,7 +11,8 @@ Node units follow what onnxruntime's CPU provider runs as integer kernels (docs/
   otherwise the Q/DQ pairs would only add noise (transformer residual streams with outlier
   channels). An Add of a scalar constant is never one: it would only round the tensor again
   (a Mul by one keeps attention's scaled scores integer between QLinearMatMul and Softmax);
-- SHARE_OPS move data: their output reuses their input's scale, so they run on uint8;
+- SHARE_OPS move data: their outputs (every part of a Split) reuse their input's scale, so
+  they run on uint8;
 - Relu/Clip right after a unit are folded: the quantized tensor is their output, whose range
   (zp = qmin for Relu) lets onnxruntime drop them;
 - everything else, and every node in `skip`, stays float.
@@ -50,7 +51,7 @@ NO_FOLD = frozenset({"Softmax", "Sigmoid", "HardSigmoid", "Tanh"})
 QUANT_OPS = WEIGHT_OPS | ELEMENTWISE_OPS
 SHARE_OPS = frozenset({
     "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
-    "Resize", "Identity",
+    "Resize", "Identity", "Split",
 })
 FOLD_OPS = frozenset({"Relu", "Clip"})
 FLOAT_OUTPUT_OK = frozenset({"Gemm", "MatMul"})
@@ -193,8 +194,8 @@ class _Planner:
                 continue
             if user in self.units:
                 return True
-            if user.op_type in SHARE_OPS | FOLD_OPS and user.outputs and self.readers(
-                    user.outputs[0]):
+            if user.op_type in SHARE_OPS | FOLD_OPS and any(
+                    self.readers(out) for out in user.outputs):
                 return True
         return False
 
@@ -297,11 +298,12 @@ def plan_quantization(
         source = node.inputs[0]
         if source is None or source.const_value is not None or not node.outputs:
             continue
-        out = node.outputs[0]
-        if (source.name in marked or source.name in plan.shared) and _is_float(out) and (
-                out.name not in float_tensors):
-            plan.shared[out.name] = plan.shared.get(source.name, source.name)
-            marked.pop(out.name, None)
+        if source.name not in marked and source.name not in plan.shared:
+            continue
+        for out in node.outputs:  # every part of a Split
+            if _is_float(out) and out.name not in float_tensors:
+                plan.shared[out.name] = plan.shared.get(source.name, source.name)
+                marked.pop(out.name, None)
 
     plan.observe = [name for name in marked if name not in plan.fixed]
     return plan
