@@ -200,9 +200,9 @@ class PostTraining:
         """The simplified float model at `source`, ready to plan: onnxruntime's generated
         names prefixed (`original_names` are the user's), every value name unique across
         control-flow bodies, initializer Casts folded, Gemms that add a computed tensor split
-        again, only the opsets used, at least the opset QDQ needs. Identical body weights
-        are held once when the simplification made the model bigger than the user's
-        `input_bytes` (docs/decisions.md, shared body weights)."""
+        again, only the opsets used, at least the opset QDQ needs, nothing unread. Identical
+        body weights are held once when the simplification made the model bigger than the
+        user's `input_bytes` (docs/decisions.md, shared body weights)."""
         model = modelio.load_model(source, check=False)  # onnxruntime's output of a checked one
         grew = (input_bytes is not None and next(model.graph.subgraphs(), None) is not None
                 and modelio.files_size(modelio.model_files(source, model)) > input_bytes)
@@ -216,7 +216,10 @@ class PostTraining:
             common_passes.RemoveUnusedOpsetsPass(),
         )(model)
         model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
-        ir.passes.Sequential(FoldAffinePass(), HardSwishPass())(model)
+        # Constants the folds (and onnxruntime's simplification) left unread: onnxruntime
+        # warns about each one on every load of the output.
+        ir.passes.Sequential(FoldAffinePass(), HardSwishPass(),
+                             common_passes.RemoveUnusedNodesPass())(model)
         return model
 
     # --- building one choice -----------------------------------------------------------

@@ -194,3 +194,19 @@ def test_every_part_of_a_split_shares_its_input_grid():
     assert [n.name for n in plan.units] == ["conv1", "conv2", "concat", "conv3"]
     assert plan.shared == {"h0": "c1", "h1": "c1"}
     assert plan.observe == ["x", "c1", "c2", "cat", "y"]
+
+
+def test_a_unit_kept_float_for_speed_still_feeds_integer_units():
+    from ptqconv.graph.naming import node_key
+
+    graph = _graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+         helper.make_node("Conv", ["x", "w2"], ["c2"], name="conv2"),
+         helper.make_node("Concat", ["c1", "c2"], ["cat"], name="concat", axis=1),
+         helper.make_node("Conv", ["cat", "w3"], ["y"], name="conv3")],
+        {"x": [1, 3, 8, 8]}, ["y"], {"w1": (2, 3, 1, 1), "w2": (2, 3, 1, 1), "w3": (2, 4, 1, 1)})
+    plan = plan_quantization(graph, float_units=frozenset({node_key(_node(graph, "conv1"))}))
+    # The latency plan costed conv1 float with its output quantized for the Concat: the
+    # Concat stays integer (before, it went float with it, and the Concat's other input too).
+    assert [n.name for n in plan.units] == ["conv2", "concat", "conv3"]
+    assert plan.observe == ["x", "c2", "c1", "cat", "y"]

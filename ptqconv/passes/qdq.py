@@ -157,7 +157,18 @@ class QDQPass(ir.passes.InPlacePass):
             for name in plan.constants:
                 if name in values:
                     self._quantize_constant(values[name])
+        self._drop_unused_grids()
         return self.result
+
+    def _drop_unused_grids(self) -> None:
+        """Scales and zero points whose every Q/DQ pair was dropped (the tensors' readers all
+        stay float): onnxruntime warns about each unused initializer on every load."""
+        for params in self.roots.values():
+            if params.scale_value.uses() or params.zero_point_value.uses():
+                continue
+            for value in (params.scale_value, params.zero_point_value):
+                self.top.initializers.pop(value.name, None)
+            self.result.activation_ranges -= 1
 
     # --- activations -------------------------------------------------------------------
 

@@ -164,8 +164,11 @@ class _Planner:
         self.outputs = {v.name for v in graph.outputs}
         self.skipped = {n for n in graph if n.name in skip or n.op_type in skip
                         or not is_onnx(n) or n in float_nodes}
-        self.units = {n for n in graph if n not in self.skipped and self._candidate(n)
-                      and node_key(n) not in float_units}
+        candidates = {n for n in graph if n not in self.skipped and self._candidate(n)}
+        # Kept float for speed, their outputs still feed integer units (quantized where those
+        # read them), as the latency plan costed them.
+        self.kept_float = {n for n in candidates if node_key(n) in float_units}
+        self.units = candidates - self.kept_float
         self._prune_elementwise()
 
     def _candidate(self, node: ir.Node) -> bool:
@@ -204,7 +207,7 @@ class _Planner:
         producer = value.producer()
         if producer is None:
             return value in self.graph.inputs or value.graph not in (None, self.graph)
-        if producer.graph is not self.graph or producer in self.units:
+        if producer.graph is not self.graph or producer in self.units | self.kept_float:
             return True
         if producer in self.skipped:
             return False
@@ -238,7 +241,8 @@ def plan_quantization(
     kept float by a decision of ptqconv's; `float_tensors` must stay float (calibration found
     them unquantizable, e.g. masks). `float_units` (node keys, graph.naming.node_key) are not
     units, like ops without integer kernels: unlike skipped nodes they read dequantized
-    tensors, so their neighbours still fuse (latency_plan.py keeps them float for speed).
+    tensors, so their neighbours still fuse, and their outputs are quantized where units read
+    them (latency_plan.py keeps them float for speed, and costs them so).
     """
     planner = _Planner(graph, skip, float_tensors, float_nodes, float_units)
     plan = QuantPlan(skipped=planner.skipped)
