@@ -23,6 +23,13 @@ ACWL_UNSUPPORTED = (
     "onnxruntime quantizes activations at run time per tensor only; use ALWC")
 
 
+def conv_weights(model: ir.Model) -> int:
+    """Constant Conv / ConvTranspose weights, which DynamicQuant leaves float."""
+    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph)
+               if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 1
+               and node.inputs[1] is not None and node.inputs[1].const_value is not None)
+
+
 def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
                   ) -> tuple[ir.Model, list[WeightRecord], ResidualSum | None]:
     """`model` with its eligible MatMul / Gemm weights in int8 behind DynamicQuantizeMatMul and

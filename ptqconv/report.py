@@ -120,6 +120,7 @@ class PostTrainingSummary:
     weight_grid: qparams.Grid | None
     embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
+    conv_weights: int = 0  # constant Conv / ConvTranspose weights, which stay float
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -146,6 +147,7 @@ class DynamicSummary:
     target: Target
     reduce_range: bool  # 7-bit weights against the U8S8 GEMM's int16 saturation
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
+    conv_weights: int = 0  # constant Conv / ConvTranspose weights, which stay float
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class WeightQuantSummary:
     equalized: int = 0  # chains equalized
     init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
+    conv_weights: int = 0  # constant Conv / ConvTranspose weights, which stay float
     auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
 
 
@@ -303,6 +306,11 @@ class ConversionReport:
                 f"  weights quantized: {len(self.quantized)}",
                 f"  weights kept float: {len(self.skipped)}",
             ]
+            if d.conv_weights:
+                lines.append(
+                    f"  Conv weights kept float: {d.conv_weights} (onnxruntime's dynamic "
+                    "ConvInteger runs slower than its float Conv; PostTraining runs them as "
+                    "QLinearConv, WeightQuant stores them in fewer bits)")
             if d.residual_sum is not None:
                 lines.append(residual_sum_line(d.residual_sum))
         if self.data is not None:

@@ -170,3 +170,7 @@ def test_a_model_with_nothing_to_quantize_is_written_unchanged_not_bigger(tmp_pa
     assert out.read_bytes() == src.read_bytes()
     assert "written float: the rewritten model took" in report.format()
     assert "the float model was written unchanged" in report.format()
+    # Why nothing was quantized: the convs, which DynamicQuant leaves float, are counted.
+    convs = sum(1 for n in onnx.load(str(src)).graph.node if n.op_type.startswith("Conv"))
+    assert report.dynamic.conv_weights == convs > 0
+    assert f"Conv weights kept float: {convs} (" in report.format()
