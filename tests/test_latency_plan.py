@@ -418,3 +418,39 @@ def test_an_encodings_file_replays_what_the_timing_chose(tmp_path, monkeypatch, 
                  f"--configFile={replay}", "--quiet"]) == 0
     assert first.read_bytes() == second.read_bytes() and out.read_bytes() == first.read_bytes()
     assert calls == [["float", "quantized"]]  # only the summary's latency
+
+
+def _dfl_head(opset: int) -> tuple[ir.Model, dict[str, tuple[int, ...]]]:
+    """YOLOv8's distribution-focal-loss head: box logits [1, 64, 2100] viewed as [1, 4, 16,
+    2100], transposed to [1, 16, 4, 2100], Softmax over the 16 bins (axis 1), then the 1x1
+    Conv that takes the expectation."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 64, 1, 1)).astype(np.float32), "w0"),
+             numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1), "w1"),
+             numpy_helper.from_array(np.array([1, 4, 16, 2100], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="box"),
+             helper.make_node("Reshape", ["c0", "shape"], ["v"], name="view"),
+             helper.make_node("Transpose", ["v"], ["t"], name="transpose", perm=[0, 2, 1, 3]),
+             helper.make_node("Softmax", ["t"], ["p"], name="softmax", axis=1),
+             helper.make_node("Conv", ["p", "w1"], ["y"], name="dfl")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 1, 2100])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 2100])], inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    shapes = {"x": (1, 64, 1, 2100), "c0": (1, 64, 1, 2100), "v": (1, 4, 16, 2100),
+              "t": (1, 16, 4, 2100), "p": (1, 16, 4, 2100), "y": (1, 1, 4, 2100)}
+    return model, shapes
+
+
+def test_a_softmax_over_a_leading_axis_is_costed_with_its_transposes():
+    # From opset 13 onnxruntime's float Softmax moves axis 1 last and back with its generic
+    # transpose (1.8 ms on this head against 0.36 ms for QLinearSoftmax before a QLinearConv,
+    # whose NHWC layout change absorbs the transposes): the plan keeps the head integer.
+    model, shapes = _dfl_head(17)
+    kept = [c.name for c in plan_latency(plan_quantization(model.graph), shapes).kept_float]
+    assert "softmax" not in kept and "dfl" not in kept
+    # Softmax-11 flattens the trailing axes instead: an elementwise cost either way, and the
+    # head stays float, where it is a little cheaper.
+    model, shapes = _dfl_head(12)
+    kept = [c.name for c in plan_latency(plan_quantization(model.graph), shapes).kept_float]
+    assert "softmax" in kept

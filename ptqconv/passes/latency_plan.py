@@ -77,6 +77,11 @@ ACTIVATION_GEMM = (KernelCost(4, mac=14), KernelCost(16, mac=9.7, out=110))
 STEM = (KernelCost(10, mac=43, out=45), KernelCost(11, mac=72, out=170))
 DEPTHWISE = (KernelCost(8, mac=17, out=400), KernelCost(13.5, mac=58, out=69, pixels=10400))
 ELEMENTWISE = (KernelCost(7, out=300), KernelCost(10, out=300))
+# Softmax (opset 13+) over an axis before the last two: onnxruntime's kernel transposes the
+# axis last and back with its generic transpose. Integer, the same unless a QLinearConv reads
+# it: the NHWC layout change then absorbs the transposes (YOLOv8's DFL head;
+# docs/decisions.md, softmax over a leading axis).
+SOFTMAX_TRANSPOSED = KernelCost(0, out=12000, kernels=0)
 # An activation or a residual Add right after a float Conv runs inside it (NCHWc fusion).
 FUSED = KernelCost(0, out=50, kernels=0)
 FUSED_INTO_CONV = frozenset({"HardSigmoid", "Sigmoid", "Tanh", "LeakyRelu", "Add", "Mul"})
@@ -185,8 +190,14 @@ class _Costs:
         outputs = _elements(out_shape)
         if node.op_type not in WEIGHT_OPS:
             fused = _fused_into_conv(node)
-            return self._pair(node, (FUSED if fused else ELEMENTWISE[0], ELEMENTWISE[1]),
+            pair = self._pair(node, (FUSED if fused else ELEMENTWISE[0], ELEMENTWISE[1]),
                               outputs=outputs)
+            if not _transposing_softmax(node, len(out_shape)):
+                return pair
+            extra = SOFTMAX_TRANSPOSED.us(outputs=outputs)
+            conv_read = [u.op_type for u, _ in node.outputs[0].uses()] == ["Conv"]
+            return UnitCost(pair.name, pair.op_type, pair.float_us + extra,
+                            pair.int_us + (0.0 if conv_read else extra))
         weight = _weight(node)
         macs = self.macs(node)
         if macs is None:
@@ -283,6 +294,16 @@ def _feature_map(value: ir.Value) -> bool:
                 seen.add(user)
                 pending.extend(user.outputs)
     return False
+
+
+def _transposing_softmax(node: ir.Node, rank: int) -> bool:
+    """Whether onnxruntime runs this Softmax by transposing its axis last (opset 13+, an
+    axis before the last two; older Softmax flattens the trailing axes instead)."""
+    if node.op_type != "Softmax" or node.graph is None:
+        return False
+    opset = node.version or node.graph.opset_imports.get("", 0)
+    axis = _attr(node, "axis") if "axis" in node.attributes else -1
+    return opset >= 13 and axis % max(rank, 1) < rank - 2
 
 
 def _fused_into_conv(node: ir.Node) -> bool:
