@@ -252,13 +252,14 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
             report.latency = first
             return saved, built
         latency, planned = found
-        keep, second = _faster_twice({"float": settings.model_file, "quantized": saved.path,
-                                      "planned": planned.model}, sample, "planned", "quantized")
+        keep, second, why = _faster_twice(
+            {"float": settings.model_file, "quantized": saved.path, "planned": planned.model},
+            sample, "planned", "quantized")
     except PtqError:
         return saved, built
     report.post_training = pt.adopt(latency, planned, summary) if keep else summary
     report.post_training.latency_check = LatencyCheck(first, second, len(latency.kept_float),
-                                                      keep)
+                                                      keep, why)
     report.latency = _written(second, "planned" if keep else "quantized")
     if not keep:
         return saved, built
@@ -277,12 +278,13 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     units = len(summary.latency_plan.kept_float)
     try:
         latency, integer = pt.all_integer()
-        keep, timed = _faster_twice({"float": settings.model_file, "planned": saved.path,
-                                     "integer": integer.model}, sample, "integer", "planned")
+        keep, timed, why = _faster_twice(
+            {"float": settings.model_file, "planned": saved.path, "integer": integer.model},
+            sample, "integer", "planned")
     except PtqError:
         return saved, built
     report.post_training = pt.adopt(latency, integer, summary) if keep else summary
-    report.post_training.plan_check = PlanCheck(timed, units, keep)
+    report.post_training.plan_check = PlanCheck(timed, units, keep, why)
     report.latency = _written(timed, "integer" if keep else "planned")
     if not keep:
         return saved, built
@@ -291,17 +293,19 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
 
 
 def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, b: str,
-                  ) -> tuple[bool, runtime.Latency]:
+                  ) -> tuple[bool, runtime.Latency, str]:
     """Whether `a` runs faster than `b` (Latency.faster) in two comparisons of fresh
-    sessions, and the last timing: a session can run a few percent slow for the whole of one
-    comparison (mobilenet_v2: one switch in five from one comparison; docs/decisions.md,
-    latency timings), which a second one rarely repeats. The second runs only when the first
-    would change the model."""
+    sessions, the last timing, and why not: a session can run a few percent slow for the
+    whole of one comparison (mobilenet_v2: one switch in five from one comparison;
+    docs/decisions.md, latency timings), which a second one rarely repeats. The second runs
+    only when the first would change the model."""
     first = runtime.compare_latency(models, sample)
-    if not first.faster(a, b):
-        return False, first
+    why = first.not_faster(a, b)
+    if why:
+        return False, first, why
     second = runtime.compare_latency(models, sample)
-    return second.faster(a, b), second
+    why = second.not_faster(a, b)
+    return not why, second, f"a second timing: {why}" if why else ""
 
 
 def _written(timed: runtime.Latency, label: str) -> runtime.Latency:

@@ -85,6 +85,7 @@ class LatencyCheck:
     planned: Latency | None = None  # "float", "quantized", "planned"; None: not needed
     planned_float_units: int = 0  # units the plan keeps float
     kept_plan: bool = False
+    why_kept: str = ""  # why the faster-looking model was not written (runtime.not_faster)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class PlanCheck:
     timed: Latency  # "float", "planned" and "integer"
     planned_float_units: int  # units the plan keeps float
     kept_integer: bool  # all-integer ran faster and was written
+    why_kept: str = ""  # why the plan was kept (runtime.Latency.not_faster)
 
 
 @dataclass
@@ -573,6 +575,8 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
     plan = (f"the cost model's plan ({check.planned_float_units} units float) "
             f"{ms['planned'] / ms['float']:.2f}x, all-integer {ms['quantized'] / ms['float']:.2f}x")
     kept = "kept the plan" if check.kept_plan else "kept all-integer"
+    if not check.kept_plan and ms["planned"] < ms["quantized"] and check.why_kept:
+        kept += f" (the plan: {check.why_kept})"
     return (f"{line}, then {plan} ({check.planned.runs} interleaved runs, "
             f"{check.planned.cpu}): {kept}")
 
@@ -580,6 +584,8 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
 def plan_check_line(check: PlanCheck) -> str:
     ms = check.timed.ms
     kept = ("kept all-integer" if check.kept_integer else "kept the plan")
+    if not check.kept_integer and ms["integer"] < ms["planned"] and check.why_kept:
+        kept += f" (all-integer: {check.why_kept})"
     return (f"  latency check (the cost model's plan keeps {check.planned_float_units} "
             f"unit{'s' if check.planned_float_units != 1 else ''} float): planned "
             f"{ms['planned'] / ms['float']:.2f}x float, all-integer "

@@ -339,13 +339,21 @@ class Latency:
     def faster(self, a: str, b: str, margin: float = LATENCY_MARGIN) -> bool:
         """Whether `a` runs faster than `b` by `margin`, beyond the noise: by the medians,
         and, where the rounds were kept, in significantly more rounds than not."""
+        return not self.not_faster(a, b, margin)
+
+    def not_faster(self, a: str, b: str, margin: float = LATENCY_MARGIN) -> str:
+        """Why `a` does not count as faster than `b` ("" when it does, see `faster`)."""
+        percent = round((margin - 1) * 100)
         if self.ms[a] * margin >= self.ms[b]:
-            return False
+            return f"not faster by {percent}% on the medians"
         pairs = list(zip(self.rounds.get(a, ()), self.rounds.get(b, ()), strict=False))
         if not pairs:
-            return True
+            return ""
         wins = sum(1 for x, y in pairs if x * margin < y)
-        return _binomial_tail(len(pairs), wins) < SIGN_TEST_LEVEL
+        if _binomial_tail(len(pairs), wins) < SIGN_TEST_LEVEL:
+            return ""
+        return (f"faster by {percent}% in {wins} of {len(pairs)} rounds only, within the "
+                "noise")
 
 
 # The session option that makes onnxruntime fold a constant weight's DequantizeLinear once,

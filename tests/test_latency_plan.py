@@ -4,6 +4,7 @@ answer is known, and the plan onnxruntime then runs."""
 from __future__ import annotations
 
 import collections
+import re
 
 import numpy as np
 import onnx
@@ -319,8 +320,11 @@ def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_
     check = next(line for line in summary.splitlines() if "latency check" in line)
     assert check.startswith("  latency check (the cost model is for x86_avx2, the target is "
                             f"x86_vnni): all-integer {timings[0]['quantized']:.2f}x float")
-    assert check.endswith("kept the plan" if kept_plan else "kept" if len(timings) == 1
-                          else "kept all-integer")
+    last = timings[-1]
+    assert check.endswith(
+        "kept the plan" if kept_plan else "kept" if len(timings) == 1
+        else "kept all-integer (the plan: not faster by 5% on the medians)"
+        if last["planned"] < last["quantized"] else "kept all-integer")
     # The planned candidate is timed only when all-integer was slower than float, and
     # again only when it was faster than all-integer.
     assert calls[:len(timings)] == [["float", "quantized"], ["float", "planned", "quantized"],
@@ -349,7 +353,9 @@ def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
     check = next(line for line in summary.splitlines() if "latency check" in line)
     assert check.startswith("  latency check (the cost model's plan keeps 3 units float): "
                             f"planned 0.50x float, all-integer {integer_ms / 2:.2f}x")
-    assert check.endswith("kept all-integer" if kept_integer else "kept the plan")
+    assert check.endswith("kept all-integer" if kept_integer else
+                          "kept the plan (all-integer: not faster by 5% on the medians)"
+                          if integer_ms < 1.0 else "kept the plan")
     # A switch is timed twice (fresh sessions); the last timing serves as the summary's
     # latency of the model written.
     assert calls == [["float", "integer", "planned"]] * (2 if kept_integer else 1)
@@ -374,7 +380,14 @@ def test_a_timing_decides_only_beyond_the_margin_and_the_noise():
     assert timed(0.7 * noise[0], noise[0]).faster("a", "b")
     assert not timed(0.97 * noise[0], noise[0]).faster("a", "b")
     # 8% faster by the medians, but rounds as noisy as that: not decided.
-    assert not timed(0.92 * noise[0], noise[1]).faster("a", "b")
+    noisy = timed(0.92 * noise[0], noise[1])
+    assert not noisy.faster("a", "b")
+    # The summary says why a faster-looking model was not written.
+    assert timed(0.97 * noise[0], noise[0]).not_faster("a", "b") == (
+        "not faster by 5% on the medians")
+    assert re.fullmatch(r"faster by 5% in \d+ of 50 rounds only, within the noise",
+                        noisy.not_faster("a", "b"))
+    assert timed(0.7 * noise[0], noise[0]).not_faster("a", "b") == ""
     assert not timed(noise[0], 0.7 * noise[0]).faster("a", "b")
     # Without rounds, the medians and the margin decide.
     assert Latency({"a": 1.0, "b": 1.06}, 10, 2, "cpu").faster("a", "b")
