@@ -26,7 +26,7 @@ from ptqconv.calibrate.dataset import (
     model_inputs,
 )
 from ptqconv.debug import layer_report, sensitivity
-from ptqconv.dynamic_quant import conv_weights, dynamic_quant
+from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.errors import PtqError, PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
 from ptqconv.evaluate.run import random_sample
@@ -114,10 +114,9 @@ def convert(settings: ConvertSettings,
             saved = _save(model, settings, report, staging)
         else:
             if isinstance(mode, DynamicQuantSettings):
-                convs = conv_weights(model)
-                model, report.weights, residual = dynamic_quant(model, mode)
+                model, report.weights, residual, kept = dynamic_quant(model, mode)
                 report.dynamic = DynamicSummary(mode.strategy, mode.target, mode.reduce_range,
-                                                residual, convs)
+                                                residual, kept)
             else:
                 model, report.weights, report.weight_quant = weight_quant(
                     model, mode, settings.model_file.parent, progress, weight_data)

@@ -10,6 +10,7 @@ from ptqconv.errors import PtqUsageError
 from ptqconv.passes import residual_sum
 from ptqconv.passes.dynamic_lstm import DynamicLSTMPass
 from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
+from ptqconv.passes.fold_recurrent_weights import FoldRecurrentWeightsPass
 from ptqconv.passes.fold_transposed_weights import FoldTransposedWeightsPass
 from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
 from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
@@ -23,18 +24,30 @@ ACWL_UNSUPPORTED = (
     "onnxruntime quantizes activations at run time per tensor only; use ALWC")
 
 
-def conv_weights(model: ir.Model) -> int:
-    """Constant Conv / ConvTranspose weights, which DynamicQuant leaves float."""
-    return sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph)
-               if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) > 1
-               and node.inputs[1] is not None and node.inputs[1].const_value is not None)
+# Weights of these ops stay float here, by the summary's label: onnxruntime's ConvInteger
+# runs slower than its float Conv, and it has no dynamic int8 GRU or RNN.
+FLOAT_KINDS = {"Conv": "Conv", "ConvTranspose": "Conv", "GRU": "GRU/RNN", "RNN": "GRU/RNN"}
+
+
+def float_weights(model: ir.Model) -> dict[str, int]:
+    """Constant weights of the ops DynamicQuant leaves float (W and R of a GRU or RNN), by
+    FLOAT_KINDS label."""
+    found: dict[str, int] = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        kind = FLOAT_KINDS.get(node.op_type)
+        slots = (1, 2) if kind == "GRU/RNN" else (1,)
+        count = sum(1 for i in slots if len(node.inputs) > i and node.inputs[i] is not None
+                    and node.inputs[i].const_value is not None)
+        if kind and count:
+            found[kind] = found.get(kind, 0) + count
+    return found
 
 
 def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
-                  ) -> tuple[ir.Model, list[WeightRecord], ResidualSum | None]:
+                  ) -> tuple[ir.Model, list[WeightRecord], ResidualSum | None, dict[str, int]]:
     """`model` with its eligible MatMul / Gemm weights in int8 behind DynamicQuantizeMatMul and
-    its embedding tables in int8 before Gather, and what happened to every such weight. Other
-    weights (Conv: onnxruntime's ConvInteger is slower than its float Conv) stay float."""
+    its embedding tables in int8 before Gather, what happened to every such weight, and the
+    weights left float by kind (FLOAT_KINDS)."""
     if settings.strategy == "ACWL":
         raise PtqUsageError(ACWL_UNSUPPORTED)
     config = DynamicQuantConfig(
@@ -43,6 +56,8 @@ def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
     # A weight PyTorch's exporter reads again through Identity is one weight of both nodes
     # (as for WeightQuant), whose integers they share.
     IdentityEliminationPass()(model)
+    FoldRecurrentWeightsPass()(model)
+    kept = float_weights(model)
     FoldTransposedWeightsPass()(model)
     records = DynamicQuantPass(config)(model).records
     records += DynamicLSTMPass(config)(model).records
@@ -53,4 +68,4 @@ def dynamic_quant(model: ir.Model, settings: DynamicQuantSettings,
     residual = residual_sum.measure(model, settings.target)
     if residual is not None and residual.applied:
         ResidualSumPass()(model)
-    return model, records, residual
+    return model, records, residual, kept

@@ -122,7 +122,8 @@ class PostTrainingSummary:
     weight_grid: qparams.Grid | None
     embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
-    conv_weights: int = 0  # constant Conv / ConvTranspose weights, which stay float
+    # constant weights of ops that stay float, by kind ("Conv", "GRU/RNN")
+    float_weights: dict[str, int] = field(default_factory=dict)
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -149,7 +150,8 @@ class DynamicSummary:
     target: Target
     reduce_range: bool  # 7-bit weights against the U8S8 GEMM's int16 saturation
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
-    conv_weights: int = 0  # constant Conv / ConvTranspose weights, which stay float
+    # constant weights of ops that stay float, by kind ("Conv", "GRU/RNN")
+    float_weights: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,8 @@ class WeightQuantSummary:
     equalized: int = 0  # chains equalized
     init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
-    conv_weights: int = 0  # constant Conv / ConvTranspose weights, which stay float
+    # constant weights of ops that stay float, by kind ("Conv", "GRU/RNN")
+    float_weights: dict[str, int] = field(default_factory=dict)
     auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
 
 
@@ -308,11 +311,13 @@ class ConversionReport:
                 f"  weights quantized: {len(self.quantized)}",
                 f"  weights kept float: {len(self.skipped)}",
             ]
-            if d.conv_weights:
-                lines.append(
-                    f"  Conv weights kept float: {d.conv_weights} (onnxruntime's dynamic "
-                    "ConvInteger runs slower than its float Conv; PostTraining runs them as "
-                    "QLinearConv, WeightQuant stores them in fewer bits)")
+            why = {"Conv": "onnxruntime's dynamic ConvInteger runs slower than its float "
+                           "Conv; PostTraining runs them as QLinearConv, WeightQuant stores "
+                           "them in fewer bits",
+                   "GRU/RNN": "onnxruntime has no dynamic int8 GRU or RNN; WeightQuant stores "
+                              "them in fewer bits"}
+            for kind, count in d.float_weights.items():
+                lines.append(f"  {kind} weights kept float: {count} ({why[kind]})")
             if d.residual_sum is not None:
                 lines.append(residual_sum_line(d.residual_sum))
         if self.data is not None:

@@ -30,6 +30,7 @@ from ptqconv.evaluate.metrics import OutputComparison
 from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
+from ptqconv.passes.fold_recurrent_weights import FoldRecurrentWeightsPass
 from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
 from ptqconv.passes.residual_sum import ResidualSumPass
 from ptqconv.passes.weight_equalize import WeightEqualizePass
@@ -71,6 +72,7 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     # layers are before training) once and reads it again through Identity: without the
     # Identity the weight is one weight of both nodes, quantized once.
     IdentityEliminationPass()(model)
+    FoldRecurrentWeightsPass()(model)
     config = WeightQuantConfig(
         grid=qparams.weight_only_grid(settings.bit_num or 8), min_size=settings.min_size,
         min_channel=settings.min_channel, skip=frozenset(settings.skip),

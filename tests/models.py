@@ -137,20 +137,41 @@ def tied_embedding(vocab: int = 500, dim: int = 32) -> onnx.ModelProto:
         [numpy_helper.from_array(table, "table")],
     )
 
-def lstm(hidden: int = 32, features: int = 16, steps: int = 10) -> onnx.ModelProto:
-    """One LSTM layer (W, R and B constant) over [steps, 1, features], its last hidden state."""
+def lstm(hidden: int = 32, features: int = 16, steps: int = 10,
+         gates_sliced: bool = False) -> onnx.ModelProto:
+    """One LSTM layer (W, R and B constant) over [steps, 1, features], its last hidden state.
+    `gates_sliced`: W and R computed as torch.onnx's dynamo exporter writes them, from
+    PyTorch-ordered parameters (gates i, f, g, o) by Slice, Concat into ONNX's order (i, o,
+    f, c) and Unsqueeze; the same function."""
     rng = np.random.default_rng(4)
     w = (rng.standard_normal((1, 4 * hidden, features)) / np.sqrt(features)).astype(np.float32)
     r = (rng.standard_normal((1, 4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
     b = (rng.standard_normal((1, 8 * hidden)) * 0.1).astype(np.float32)
     nodes = [helper.make_node("LSTM", ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden,
                               name="lstm")]
+    inits = {"W": w, "R": r, "B": b}
+    if gates_sliced:
+        torch_order = (0, 2, 3, 1)  # i, f, g (ONNX's c), o as blocks of ONNX's i, o, f, c
+        for name in ("W", "R"):
+            blocks = np.split(inits.pop(name)[0], 4)
+            inits[f"{name}_param"] = np.concatenate([blocks[k] for k in torch_order])
+            parts = []
+            for k in range(4):  # ONNX gate k sits at block torch_order.index(k) in PyTorch's
+                at = torch_order.index(k) * hidden
+                inits[f"{name}_{k}_from"] = np.array([at])
+                inits[f"{name}_{k}_to"] = np.array([at + hidden])
+                nodes.insert(0, helper.make_node(
+                    "Slice", [f"{name}_param", f"{name}_{k}_from", f"{name}_{k}_to"],
+                    [f"{name}_{k}"]))
+                parts.append(f"{name}_{k}")
+            inits["zero"] = np.array([0])
+            nodes[4:4] = [helper.make_node("Concat", parts, [f"{name}_2d"], axis=0),
+                          helper.make_node("Unsqueeze", [f"{name}_2d", "zero"], [name])]
     return _model(
         nodes,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [steps, 1, features])],
         [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, hidden])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R"),
-         numpy_helper.from_array(b, "B")],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
 
 

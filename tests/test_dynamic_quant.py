@@ -172,5 +172,41 @@ def test_a_model_with_nothing_to_quantize_is_written_unchanged_not_bigger(tmp_pa
     assert "the float model was written unchanged" in report.format()
     # Why nothing was quantized: the convs, which DynamicQuant leaves float, are counted.
     convs = sum(1 for n in onnx.load(str(src)).graph.node if n.op_type.startswith("Conv"))
-    assert report.dynamic.conv_weights == convs > 0
+    assert report.dynamic.float_weights == {"Conv": convs} and convs > 0
     assert f"Conv weights kept float: {convs} (" in report.format()
+
+
+def test_recurrent_weights_an_exporter_computes_from_constants_are_quantized(tmp_path):
+    # torch.onnx's dynamo exporter reorders the gates with Slice / Concat / Unsqueeze: W and R
+    # are not initializers, and stayed float (the summary listed nothing skipped).
+    src = save(lstm(gates_sliced=True), tmp_path / "float.onnx")
+    x = np.random.default_rng(5).standard_normal((10, 1, 16)).astype(np.float32)
+    want = run_model(src, {"x": x})[0]
+    out = tmp_path / "dyn.onnx"
+    report = ptqconv.convert(src, out, "DynamicQuant")
+    assert len(report.quantized) == 2 and ops(out)["DynamicQuantizeLSTM"] == 1
+    assert "Slice" not in ops(out) and cosine(run_model(out, {"x": x})[0], want) > 0.999
+    out = tmp_path / "w8.onnx"
+    report = ptqconv.convert(src, out, "WeightQuant", bit_num=8)
+    assert sorted(w.op_type for w in report.quantized) == ["LSTM", "LSTM"]
+    assert "Slice" not in ops(out) and cosine(run_model(out, {"x": x})[0], want) > 0.999
+    assert report.size_after < report.size_before * 0.45
+
+
+def test_gru_weights_left_float_are_counted(tmp_path):
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W", (1, 48, 8)), ("R", (1, 48, 16)))]
+    graph = helper.make_graph(
+        [helper.make_node("GRU", ["x", "W", "R"], ["", "h"], hidden_size=16)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 8])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, 16])], inits)
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+               tmp_path / "gru.onnx")
+    report = ptqconv.convert(src, tmp_path / "dyn.onnx", "DynamicQuant")
+    # onnxruntime has no dynamic int8 GRU: its W and R stay float, and the summary says so.
+    assert not report.quantized and report.dynamic.float_weights == {"GRU/RNN": 2}
+    assert "GRU/RNN weights kept float: 2 (onnxruntime has no dynamic int8 GRU" in (
+        report.format())
