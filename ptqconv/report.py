@@ -530,6 +530,11 @@ def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
     return lines
 
 
+# An output error (noise over signal power) from which a warning says the model is not
+# usable as it is: 10 dB, an output cosine of about 0.95.
+POOR_OUTPUT_ERROR = 0.1
+
+
 def _measured_lines(s: PostTrainingSummary) -> list[str]:
     if not s.measured:
         if s.open_choices and not (s.imported and s.imported.choices) and s.units:
@@ -544,6 +549,13 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     lines += [f"    {m.what}: {m.error:.3g}"
               + (f" (dropped after {m.folds} of {most} folds)" if m.folds < most else "")
               for m in s.measured]
+    chosen = next((m.error for m in s.measured if m.choice == s.chosen), None)
+    if chosen is not None and chosen >= POOR_OUTPUT_ERROR:
+        hint = (f"{s.activation_bits}-bit activations cost most: activation_bit_num=8 keeps "
+                "8-bit ones" if s.activation_bits < 8 else
+                "--accuracyThreshold checks it, and keeps its most harmful units float")
+        lines.append(f"  warning: the chosen model's output error is {chosen:.3g} of the "
+                     f"float outputs' power (above {POOR_OUTPUT_ERROR}, about 10 dB): {hint}")
     return lines
 
 
