@@ -122,8 +122,6 @@ class PostTrainingSummary:
     weight_grid: qparams.Grid | None
     embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
-    # constant weights of ops that stay float, by kind ("Conv", "GRU/RNN")
-    float_weights: dict[str, int] = field(default_factory=dict)
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -180,8 +178,6 @@ class WeightQuantSummary:
     equalized: int = 0  # chains equalized
     init_scale: float | None = None  # mixed bit: the target used (auto_tune: found)
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
-    # constant weights of ops that stay float, by kind ("Conv", "GRU/RNN")
-    float_weights: dict[str, int] = field(default_factory=dict)
     auto_tune: list[tuple[float, float]] = field(default_factory=list)  # (init_scale, cosine)
 
 
