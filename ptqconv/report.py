@@ -543,7 +543,9 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
              f"{s.held_out} held-out samples; {how}):"]
     most = max(m.folds for m in s.measured)
     lines += [f"    {m.what}: {m.error:.3g}"
-              + (f" (dropped after {m.folds} of {most} folds)" if m.folds < most else "")
+              # Its error over fewer folds than the others': not comparable with theirs.
+              + (f" (dropped after {m.folds} of {most} folds, on which the kept ones scored "
+                 "lower)" if m.folds < most else "")
               for m in s.measured]
     chosen = next((m.error for m in s.measured if m.choice == s.chosen), None)
     if chosen is not None and chosen >= POOR_OUTPUT_ERROR:

@@ -110,6 +110,12 @@ def test_small_sets_say_they_were_cross_validated(tmp_path):
     s = report.post_training
     assert s.scored_folds == 4 and s.held_out == 6
     assert "4 folds, each scored with ranges from the others" in report.format()
+    # Candidates halved away were scored on fewer folds: their errors say so, as they are
+    # not comparable with the others' (one can look lower than a kept one's).
+    dropped = [m for m in s.measured if m.folds < 4]
+    assert dropped and all(
+        f"{m.what}: {m.error:.3g} (dropped after {m.folds} of 4 folds, on which the kept ones "
+        "scored lower)" in report.format() for m in dropped)
 
 
 def _same(a, b) -> None:
