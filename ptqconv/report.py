@@ -430,9 +430,10 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
         f"  node units quantized: {s.units}",
         *kept_float_lines(s.latency_plan),
-        *(["  nothing quantized: onnxruntime runs this model fastest in float on this CPU "
-           "(the cost model's prediction); [full_quant_param] latency_aware=false quantizes "
-           "it anyway"] if not s.units and s.latency_plan and s.latency_plan.kept_float
+        *([f"  {_nothing(s)}: onnxruntime runs the units above fastest in float on this "
+           "CPU (the cost model's prediction); [full_quant_param] latency_aware=false "
+           "quantizes them anyway"]
+          if not s.units and s.latency_plan and s.latency_plan.kept_float
           and not s.bodies else []),
         *([f"  equalized: {len(equalized.migrated)} Conv -> Conv activations"]
           if equalized and equalized.migrated else []),
@@ -529,6 +530,12 @@ def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
 # An output error (noise over signal power) from which a warning says the model is not
 # usable as it is: 10 dB, an output cosine of about 0.95.
 POOR_OUTPUT_ERROR = 0.1
+
+
+def _nothing(s: PostTrainingSummary) -> str:
+    """What a model with no integer unit still got quantized."""
+    return ("no node unit quantized (embedding tables only)" if s.embedding_tables
+            else "nothing quantized")
 
 
 def _measured_lines(s: PostTrainingSummary) -> list[str]:

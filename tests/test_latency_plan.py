@@ -141,7 +141,8 @@ def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsy
     _convert_for_avx2(src, tmp_path, 8, (1, 3, 4, 4))
     out = capsys.readouterr().out
     assert "node units quantized: 0" in out
-    assert "latency_aware=false quantizes it anyway" in out
+    assert "nothing quantized: onnxruntime runs the units above fastest in float" in out
+    assert "latency_aware=false quantizes them anyway" in out
     assert "chosen" not in out  # nothing left for AUTO to measure
     # Nothing quantized: the user's own float model, so it can be neither bigger nor slower.
     assert "the float model was written unchanged" in out
@@ -467,3 +468,23 @@ def test_a_softmax_over_a_leading_axis_is_costed_with_its_transposes():
     model, shapes = _dfl_head(12)
     kept = [c.name for c in plan_latency(plan_quantization(model.graph), shapes).kept_float]
     assert "softmax" in kept
+
+
+def test_a_model_with_only_its_table_quantized_does_not_say_nothing_was(tmp_path, capsys):
+    from models import embedding
+
+    # The 8-token projection is too small for an integer kernel to pay; the table is still
+    # stored int8 per row, so "nothing quantized" would be wrong.
+    src = save(embedding(), tmp_path / "float.onnx")
+    ids = tmp_path / "ids"
+    write_samples(ids, [np.arange(8, dtype=np.int64).reshape(1, 8) + k for k in range(4)])
+    config = tmp_path / "c.ini"
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+                      f"[data_preprocess_param]\ncalibrate_path=ids:{ids}\n"
+                      "[full_quant_param]\nmeasure_latency=false\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    out = capsys.readouterr().out
+    assert "node units quantized: 0" in out and "embedding tables: 1 in int8" in out
+    assert "no node unit quantized (embedding tables only): onnxruntime runs the units" in out
+    assert "nothing quantized" not in out
