@@ -7,6 +7,7 @@ from onnx_ir.passes.common import IdentityEliminationPass
 
 from ptqconv import qparams
 from ptqconv.errors import PtqUsageError
+from ptqconv.graph.weight_slots import recurrent_weight_slots, weight_slot
 from ptqconv.passes import residual_sum
 from ptqconv.passes.dynamic_lstm import DynamicLSTMPass
 from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
@@ -31,14 +32,15 @@ FLOAT_KINDS = {"Conv": "Conv", "ConvTranspose": "Conv", "GRU": "GRU/RNN", "RNN":
 
 def float_weights(model: ir.Model) -> dict[str, int]:
     """Constant weights of the ops DynamicQuant leaves float (W and R of a GRU or RNN), by
-    FLOAT_KINDS label."""
+    FLOAT_KINDS label: the weights WeightQuant would find there."""
     found: dict[str, int] = {}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         kind = FLOAT_KINDS.get(node.op_type)
-        slots = (1, 2) if kind == "GRU/RNN" else (1,)
-        count = sum(1 for i in slots if len(node.inputs) > i and node.inputs[i] is not None
-                    and node.inputs[i].const_value is not None)
-        if kind and count:
+        if kind is None:
+            continue
+        count = (len(recurrent_weight_slots(node)) if kind == "GRU/RNN"
+                 else int(weight_slot(node) is not None))
+        if count:
             found[kind] = found.get(kind, 0) + count
     return found
 

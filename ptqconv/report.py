@@ -307,13 +307,8 @@ class ConversionReport:
                 f"  weights quantized: {len(self.quantized)}",
                 f"  weights kept float: {len(self.skipped)}",
             ]
-            why = {"Conv": "onnxruntime's dynamic ConvInteger runs slower than its float "
-                           "Conv; PostTraining runs them as QLinearConv, WeightQuant stores "
-                           "them in fewer bits",
-                   "GRU/RNN": "onnxruntime has no dynamic int8 GRU or RNN; WeightQuant stores "
-                              "them in fewer bits"}
             for kind, count in d.float_weights.items():
-                lines.append(f"  {kind} weights kept float: {count} ({why[kind]})")
+                lines.append(f"  {kind} weights kept float: {count} ({DYNAMIC_FLOAT_WHY[kind]})")
             if d.residual_sum is not None:
                 lines.append(residual_sum_line(d.residual_sum))
         if self.data is not None:
@@ -526,6 +521,13 @@ def _body_lines(s: PostTrainingSummary, shown: int) -> list[str]:
                      f"(calibration sees one [min, max] per execution there, not the values)")
     return lines
 
+
+# Why DynamicQuant leaves these weights float, by dynamic_quant.FLOAT_KINDS label.
+DYNAMIC_FLOAT_WHY = {
+    "Conv": "onnxruntime's dynamic ConvInteger runs slower than its float Conv; PostTraining "
+            "runs them as QLinearConv, WeightQuant stores them in fewer bits",
+    "GRU/RNN": "onnxruntime has no dynamic int8 GRU or RNN; WeightQuant stores them in fewer "
+               "bits"}
 
 # An output error (noise over signal power) from which a warning says the model is not
 # usable as it is: 10 dB, an output cosine of about 0.95.

@@ -88,13 +88,16 @@ def test_a_tiny_net_stays_float():
     assert latency.planned_us == latency.float_us < latency.quantized_us
 
 
-def _convert_for_avx2(src, tmp_path, samples: int, shape: tuple[int, ...], *flags: str):
+def _convert_for_avx2(src, tmp_path, samples: int = 0, shape: tuple[int, ...] = (),
+                      *flags: str, calibrate_path: str = ""):
     """PostTraining of `src` for the cost model's CPU (whatever this one is) on `samples`
-    random samples of `shape`, without timing the result; the output path."""
-    data = random_samples(tmp_path / "x", samples, seed=0, shape=shape)
+    random samples of `shape` for input x (or the given `calibrate_path`), without timing
+    the result; the output path."""
+    if not calibrate_path:
+        calibrate_path = f"x:{random_samples(tmp_path / 'x', samples, seed=0, shape=shape)}"
     config = tmp_path / "c.ini"
     config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
-                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      f"[data_preprocess_param]\ncalibrate_path={calibrate_path}\n"
                       "[full_quant_param]\nmeasure_latency=false\n")
     out = tmp_path / "q.onnx"
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
@@ -478,12 +481,7 @@ def test_a_model_with_only_its_table_quantized_does_not_say_nothing_was(tmp_path
     src = save(embedding(), tmp_path / "float.onnx")
     ids = tmp_path / "ids"
     write_samples(ids, [np.arange(8, dtype=np.int64).reshape(1, 8) + k for k in range(4)])
-    config = tmp_path / "c.ini"
-    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
-                      f"[data_preprocess_param]\ncalibrate_path=ids:{ids}\n"
-                      "[full_quant_param]\nmeasure_latency=false\n")
-    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
-                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    _convert_for_avx2(src, tmp_path, calibrate_path=f"ids:{ids}")
     out = capsys.readouterr().out
     assert "node units quantized: 0" in out and "embedding tables: 1 in int8" in out
     assert "no node unit quantized (embedding tables only): onnxruntime runs the units" in out

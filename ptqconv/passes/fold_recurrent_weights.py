@@ -19,8 +19,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
+from ptqconv.graph.weight_slots import RECURRENT_OPS
 
-RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 # Ops that only move or convert data: what an exporter puts between a parameter and W.
 DATA_OPS = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
                       "Identity", "Split", "Gather", "Cast", "Constant"})
