@@ -210,3 +210,20 @@ def test_gru_weights_left_float_are_counted(tmp_path):
     assert not report.quantized and report.dynamic.float_weights == {"GRU/RNN": 2}
     assert "GRU/RNN weights kept float: 2 (onnxruntime has no dynamic int8 GRU" in (
         report.format())
+
+
+def test_recurrent_weights_that_cannot_be_folded_stay_float_without_failing(
+        tmp_path, monkeypatch):
+    import ptqconv.passes.fold_recurrent_weights as fold
+
+    def broken(*args):
+        raise ValueError("no reference implementation")
+
+    # An exporter's gate shuffle onnx's evaluator cannot run: the weights stay as they were
+    # (float, listed), and the conversion goes on, as before the fold existed.
+    monkeypatch.setattr(fold, "_evaluate", broken)
+    src = save(lstm(gates_sliced=True), tmp_path / "float.onnx")
+    out = tmp_path / "w8.onnx"
+    report = ptqconv.convert(src, out, "WeightQuant", bit_num=8)
+    assert not any(w.op_type == "LSTM" for w in report.quantized)
+    assert ops(out)["Slice"] == 8 and ops(out)["LSTM"] == 1

@@ -10,6 +10,8 @@ an initializer; the parameters it was sliced from go when nothing else reads the
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -21,6 +23,7 @@ from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
 from ptqconv.graph.weight_slots import RECURRENT_OPS
 
+logger = logging.getLogger(__name__)
 # Ops that only move or convert data: what an exporter puts between a parameter and W.
 DATA_OPS = frozenset({"Slice", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Transpose",
                       "Identity", "Split", "Gather", "Cast", "Constant"})
@@ -80,7 +83,14 @@ class FoldRecurrentWeightsPass(ir.passes.InPlacePass):
                 nodes = _producers(value)
                 if not nodes:
                     continue
-                folded = _evaluate(value, nodes, opset)
+                try:
+                    folded = _evaluate(value, nodes, opset)
+                except Exception as error:  # onnx's reference evaluator raises any kind
+                    # Left as it was (a float weight), as before this pass: onnxruntime
+                    # evaluates it at load, or reports what is wrong with it.
+                    logger.debug("%s %s of %s not folded: %s", node.op_type, label, node.name,
+                                 error)
+                    continue
                 constant = add_initializer(
                     graph, names.new(f"{node.name or node.op_type}_{label}"), folded)
                 node.replace_input_with(index, constant)
