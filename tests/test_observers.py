@@ -321,3 +321,21 @@ def test_channel_moments_hand_the_observers_after_them_exact_extremes(shape, axi
     observer = MinMaxObserver()
     observer.update(x)
     assert (observer.min, observer.max) == (float(x.min()), float(x.max()))
+
+
+@settings(max_examples=100, deadline=None)
+@given(chunks, st.sampled_from(["KL", "MSE"]), st.integers(1, 300))
+def test_pending_values_binned_later_give_the_histogram_of_binning_each_update(
+        arrays, method, cap):
+    """Buffered |x| are binned at the width reached by then: the same counts as binning
+    each update at its own width and coarsening."""
+    eager = OBSERVERS[method](cap)
+    eager.PENDING_VALUES = 1  # every update binned at once
+    buffered = OBSERVERS[method](cap)
+    buffered.PENDING_VALUES = 1 << 30  # nothing binned before the histogram is read
+    for a in arrays:
+        eager.update(a)
+        buffered.update(a)
+    assert buffered.exponent == eager.exponent
+    assert np.array_equal(buffered.hist, eager.hist)
+    assert buffered.compute_range(8) == eager.compute_range(8)

@@ -97,17 +97,28 @@ class HistogramObserver(Observer):
     prime that brings the count under `values`, so that it does not fall in step with a
     tensor's dimensions), from an offset that moves on with every update so that successive
     samples read different positions, each counted p times. min and max stay exact.
+
+    The |x| of updates wait in a buffer of at most PENDING_VALUES and are binned together, at
+    the bin width of that moment: binning at a wider power-of-two width gives what binning at
+    the narrower one and coarsening would, and one binning's fixed cost (a FINE_BINS-long
+    count and sum) is paid once for several samples instead of each (docs/decisions.md,
+    calibration cost).
     """
 
     FINE_BINS = 16384
+    PENDING_VALUES = 1 << 15
     method = "KL"  # what compute_range uses; range_for serves MAX_MIN, KL and MSE alike
 
     def __init__(self, values: int = 0) -> None:
         super().__init__()
         self.values = values
         self.updates = 0
-        self.hist = np.zeros(self.FINE_BINS, np.int64)
+        self._hist = np.zeros(self.FINE_BINS, np.int64)
         self.exponent: int | None = None  # bin width = 2 ** exponent
+        # |x| not binned yet, all from updates that read every `_pending_step`-th value.
+        self._pending: list[np.ndarray] = []
+        self._pending_values = 0
+        self._pending_step = 1
         # (method, bits) -> (range, kl_refused): several candidates ask for the same range.
         self._ranges: dict[tuple[str, int], tuple[Range, bool]] = {}
 
@@ -127,7 +138,28 @@ class HistogramObserver(Observer):
             flat = flat[self.updates % step::step]
             self.sampled = True
         self.updates += 1
-        a = np.abs(flat, dtype=np.float32)
+        if step != self._pending_step:
+            self._bin_pending()
+        self._pending.append(np.abs(flat, dtype=np.float32))
+        self._pending_values += self._pending[-1].size
+        self._pending_step = step
+        if self._pending_values >= self.PENDING_VALUES:
+            self._bin_pending()
+
+    @property
+    def hist(self) -> np.ndarray:
+        """Counts of the FINE_BINS bins of width 2 ** exponent (bin k: (k-1)w < |x| <= kw)."""
+        self._bin_pending()
+        return self._hist
+
+    def _bin_pending(self) -> None:
+        if not self._pending:
+            return
+        assert self.exponent is not None
+        a = (self._pending[0] if len(self._pending) == 1
+             else np.concatenate(self._pending))
+        step = self._pending_step
+        self._pending, self._pending_values = [], 0
         # Multiplying by 2**-exponent is exact, so binning does not depend on the history.
         # Fine bin k >= 1 holds (k-1)w < |x| <= kw: exact zeros, which docs/reference.md §2 skips,
         # land alone in index 0 and are dropped without a separate pass.
@@ -135,7 +167,7 @@ class HistogramObserver(Observer):
         np.ceil(a, out=a)
         # intp indices: bincount would otherwise convert them in another full pass.
         counts = np.bincount(a.astype(np.intp), minlength=self.FINE_BINS + 1)[1:]
-        self.hist += counts if step == 1 else counts * step
+        self._hist += counts if step == 1 else counts * step
 
     def _exponent_for(self, absmax: float) -> int:
         # Floor: 2**-exponent must stay finite in float32; such tiny ranges are below the
@@ -150,7 +182,8 @@ class HistogramObserver(Observer):
         if self.exponent is None:
             self.exponent = needed
         elif needed > self.exponent:
-            self.hist = _coarsen(self.hist, needed - self.exponent)
+            # Pending values are binned later, at the new width directly.
+            self._hist = _coarsen(self._hist, needed - self.exponent)
             self.exponent = needed
 
     def merge(self, other: Observer) -> None:
@@ -162,11 +195,11 @@ class HistogramObserver(Observer):
         if other.exponent is None:
             return
         if self.exponent is None:
-            self.exponent, self.hist = other.exponent, other.hist.copy()
+            self.exponent, self._hist = other.exponent, other.hist.copy()
             return
         exponent = max(self.exponent, other.exponent)
-        self.hist = (_coarsen(self.hist, exponent - self.exponent)
-                     + _coarsen(other.hist, exponent - other.exponent))
+        self._hist = (_coarsen(self.hist, exponent - self.exponent)
+                      + _coarsen(other.hist, exponent - other.exponent))
         self.exponent = exponent
 
     def histogram(self) -> tuple[np.ndarray, float]:
