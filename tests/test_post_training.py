@@ -460,3 +460,62 @@ def test_kl_histograms_sample_big_tensors_unless_told_to_bin_every_value(tmp_pat
     assert "histograms of 2 tensors from at most 20,972 of their values" in (
         reports["true"].format())
     assert "histograms of" not in reports["false"].format()
+
+
+def _causal_attention(mask_value: float, tokens: int = 16, width: int = 32) -> onnx.ModelProto:
+    """x [1, T, D] -> one attention head whose scores get a causal mask constant (`mask_value`
+    above the diagonal: -inf in CLIP's and Hugging Face's exports, float32's min in others)
+    -> Softmax -> output projection."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(
+        (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), name)
+        for name in ("wq", "wk", "wv", "wo")]
+    mask = np.triu(np.full((tokens, tokens), mask_value, np.float32), 1)
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"]),
+             helper.make_node("MatMul", ["x", "wk"], ["k"]),
+             helper.make_node("MatMul", ["x", "wv"], ["v"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+             helper.make_node("Add", ["scores", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["a"]),
+             helper.make_node("MatMul", ["a", "wo"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, tokens, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, tokens, width])],
+        [*weights, numpy_helper.from_array(mask, "mask")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("mask_value", [-np.inf, float(np.finfo(np.float32).min)])
+@pytest.mark.parametrize("method", ["", "MAX_MIN", "KL", "MSE", "REMOVAL_OUTLIER"])
+def test_a_causal_mask_of_infinities_stays_float_and_the_rest_is_quantized(
+        tmp_path, capsys, mask_value, method):
+    """The masked scores hold -inf (or float32's min) above the diagonal: every method
+    (AUTO among them) keeps that tensor float, as a mask, and quantizes the rest, with no
+    warning on the way."""
+    import warnings
+
+    model = save(_causal_attention(mask_value), tmp_path / "m.onnx")
+    random_samples(tmp_path / "calib", 8, 0, (1, 16, 32))
+    (tmp_path / "c.ini").write_text(
+        f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\ncalibrate_size=8\n"
+        "[full_quant_param]\nlatency_aware=false\n"
+        + (f"activation_quant_method={method}\n" if method else ""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        status = main([f"--modelFile={model}", f"--outputFile={tmp_path / 'q.onnx'}",
+                       "--quantType=PostTraining", f"--configFile={tmp_path / 'c.ini'}"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "Warning" not in err
+    assert "kept float (mask-like range beyond 1e+15): masked" in out
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert "masked" not in quantized and "x" in quantized
+    x = np.random.default_rng(1).standard_normal((1, 16, 32)).astype(np.float32)
+    (ref,), (got,) = run_model(model, {"x": x}), run_model(tmp_path / "q.onnx", {"x": x})
+    assert np.isfinite(got).all()
+    assert float(ref.ravel() @ got.ravel() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99

@@ -129,7 +129,9 @@ class HistogramObserver(Observer):
         lo, hi = extremes(x)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         absmax = max(-lo, hi)
-        if absmax == 0.0:
+        if absmax == 0.0 or not math.isfinite(absmax):
+            # An infinite value (a causal mask's -inf) puts the range beyond
+            # ranges.SENTINEL_RANGE: the tensor stays float and its histogram is never read.
             return
         self._grow_to(absmax)
         flat, step = x.reshape(-1), 1
@@ -221,7 +223,8 @@ class HistogramObserver(Observer):
 
     def range_for(self, method: str, bits: int = 8) -> Range:
         """The range `method` (MAX_MIN, KL or MSE) picks from this one histogram."""
-        if method == "MAX_MIN" or self.exponent is None or max(-self.min, self.max) <= 0.0:
+        absmax = max(-self.min, self.max)
+        if method == "MAX_MIN" or self.exponent is None or not 0.0 < absmax < math.inf:
             return self._empty_range() or Range(self.min, self.max)
         if (method, bits) not in self._ranges:
             hist, absmax = self.histogram()
@@ -437,6 +440,8 @@ def tail_quantiles(flat: np.ndarray, quantiles: tuple[float, float],
 def _lerp(a: np.floating, b: np.floating, t: float) -> float:
     """np.quantile's linear interpolation, to the bit: the difference in the array's dtype,
     the rest in float64, from the nearer end."""
+    if a == b:  # also two infinities of a mask, which np.quantile would turn into NaN
+        return float(a)
     diff = float(b - a)
     return float(b) - diff * (1 - t) if t >= 0.5 else float(a) + diff * t
 
