@@ -43,6 +43,7 @@ from ptqconv.calibrate.statistics import (
 )
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
+from ptqconv.evaluate.metrics import squared_error
 from ptqconv.graph.naming import node_key
 from ptqconv.imported import Imported, resolve, saturating
 from ptqconv.passes import bias_correction, gptq, residual_sum
@@ -882,5 +883,5 @@ def _output_error(model: ir.Model, samples: CalibrationSet, indices: list[int],
         got = session.run(sample, list(references), f"held-out sample {index}")
         for name, values in references.items():
             reference = values[index].astype(np.float64)
-            noise[name] += float(np.square(got[name].astype(np.float64) - reference).sum())
+            noise[name] += squared_error(reference, got[name])
             signal[name] += float(np.square(reference).sum())

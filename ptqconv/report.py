@@ -677,8 +677,10 @@ def gate_lines(gate: GateReport) -> list[str]:
     for name, comparison in gate.comparisons.items():
         r = comparison.result()
         top1 = "" if r["top1_agreement"] is None else f", top-1 {r['top1_agreement']:.3f}"
+        changed = (f"; shape differs from float's on {r['shape_changes']} of {r['samples']} "
+                   "samples (compared as unrelated values)" if r["shape_changes"] else "")
         lines.append(f"    {name}: mean bias {r['mean_bias_percent']:.3f}%, cosine "
-                     f"{r['cosine']:.5f}, SQNR {r['sqnr_db']:.1f} dB{top1}")
+                     f"{r['cosine']:.5f}, SQNR {r['sqnr_db']:.1f} dB{top1}{changed}")
     return lines
 
 

@@ -19,6 +19,7 @@ from ptqconv.evaluate.metrics import (
     OutputComparison,
     mean_bias,
     model_mean_bias_percent,
+    squared_error,
 )
 
 
@@ -186,10 +187,21 @@ def test_identical_and_zero_edge_cases():
     assert c.sqnr_db == -math.inf
 
 
-def test_shape_mismatch_names_the_output_and_both_shapes():
-    c = OutputComparison("logits")
-    with pytest.raises(PtqError, match=r"'logits'.*\[1,10\].*\[1,5\]"):
-        c.update(np.zeros((1, 10)), np.zeros((1, 5)))
+def test_outputs_of_another_shape_count_as_unrelated_values():
+    """A data-dependent output (NonMaxSuppression's boxes) can differ in shape from the
+    reference: that sample is compared as unrelated values, every element 100% off."""
+    c = OutputComparison("boxes")
+    same = np.array([[1.0, 2.0, 3.0, 4.0]])
+    c.update(same, same)
+    c.update(np.ones((3, 4)), np.full((2, 4), 2.0))
+    assert c.shape_changes == 1 and c.samples == 2
+    assert c.error_sq == pytest.approx(12 * 1.0 + 8 * 4.0)
+    assert c.cosine == pytest.approx(30 / math.sqrt((30 + 12) * (30 + 32)))
+    assert c.mean_bias_percent == pytest.approx(100.0)  # equal elements are not counted
+    assert c.max_abs_error == 2.0
+    assert c.result()["shape_changes"] == 1
+    assert squared_error(np.ones((3, 4)), np.full((2, 4), 2.0)) == pytest.approx(44.0)
+    assert squared_error(np.ones(3), np.full(3, 2.0)) == pytest.approx(3.0)
 
 
 def test_string_outputs_are_rejected():

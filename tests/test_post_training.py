@@ -519,3 +519,64 @@ def test_a_causal_mask_of_infinities_stays_float_and_the_rest_is_quantized(
     (ref,), (got,) = run_model(model, {"x": x}), run_model(tmp_path / "q.onnx", {"x": x})
     assert np.isfinite(got).all()
     assert float(ref.ravel() @ got.ravel() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.99
+
+
+def _detector_with_nms(size: int = 16) -> onnx.ModelProto:
+    """x [1, 3, S, S] -> Conv -> Sigmoid: one score per position of a grid of disjoint anchor
+    boxes -> NonMaxSuppression (score threshold 0.5) -> the kept boxes, [K, 4]: K depends on
+    the data, and on the rounding of scores near 0.5."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    count = size * size
+    row, col = np.divmod(np.arange(count, dtype=np.float32), size)
+    anchors = np.stack([row, col, row + 0.5, col + 0.5], axis=-1)
+    inits = [numpy_helper.from_array((rng.standard_normal((1, 3, 3, 3)) / 3).astype(np.float32),
+                                     "w"),
+             numpy_helper.from_array(anchors[None], "anchors"),
+             numpy_helper.from_array(anchors, "anchor_rows"),
+             numpy_helper.from_array(np.array([1, 1, count], np.int64), "score_shape"),
+             numpy_helper.from_array(np.array([count], np.int64), "max_out"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+             numpy_helper.from_array(np.array([0.5], np.float32), "threshold"),
+             numpy_helper.from_array(np.array([2], np.int64), "box_column")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["logits"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["logits"], ["prob"]),
+             helper.make_node("Reshape", ["prob", "score_shape"], ["scores"]),
+             helper.make_node("NonMaxSuppression",
+                              ["anchors", "scores", "max_out", "iou", "threshold"], ["selected"]),
+             helper.make_node("Gather", ["selected", "box_column"], ["which"], axis=1),
+             helper.make_node("Squeeze", ["which", "box_column_axis"], ["index"]),
+             helper.make_node("Gather", ["anchor_rows", "index"], ["boxes"], axis=0)]
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "box_column_axis"))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, count]),
+         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["K", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_detector_whose_kept_boxes_change_in_number_is_scored_and_gated(tmp_path, capsys):
+    """AUTO scores its candidates, and the accuracy gate compares, outputs whose shape
+    depends on the data: a sample where quantization kept another number of boxes counts
+    as unrelated values, and the gate says on how many samples that happened."""
+    model = save(_detector_with_nms(), tmp_path / "m.onnx")
+    random_samples(tmp_path / "calib", 16, 0, (1, 3, 16, 16))
+    random_samples(tmp_path / "eval", 8, 1, (1, 3, 16, 16))
+    (tmp_path / "c.ini").write_text(
+        f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\ncalibrate_size=16\n"
+        f"[full_quant_param]\nlatency_aware=false\n"
+        f"[evaluate_param]\neval_path=x:{tmp_path / 'eval'}\n")
+    status = main([f"--modelFile={model}", f"--outputFile={tmp_path / 'q.onnx'}",
+                   "--quantType=PostTraining", f"--configFile={tmp_path / 'c.ini'}",
+                   "--accuracyThreshold=100"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "chosen by measurement" in out
+    x = [np.fromfile(p, np.float32).reshape(1, 3, 16, 16)
+         for p in sorted((tmp_path / "eval").iterdir())]
+    changed = sum(run_model(model, {"x": s})[1].shape != run_model(tmp_path / "q.onnx",
+                                                                     {"x": s})[1].shape
+                  for s in x)
+    assert changed, "the test needs a sample whose number of kept boxes changes"
+    assert f"shape differs from float's on {changed} of 8 samples" in out

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import runtime
+from ptqconv.evaluate.metrics import squared_error
 from ptqconv.graph.naming import node_key
 from ptqconv.passes.qdq import QDQPass
 from ptqconv.passes.qdq_plan import PlannedBias, PlannedWeight, QuantPlan
@@ -57,7 +58,7 @@ def rank_units(
     a fresh clone of `float_model`."""
     position = {node: i for i, node in enumerate(float_model.graph)}
     reference = _run(float_model, samples, threads)
-    signal = sum(float(np.square(r, dtype=np.float64).sum()) for r in reference)
+    signal = sum(float(np.square(r, dtype=np.float64).sum()) for one in reference for r in one)
     results = []
     for unit in plan.units:
         trial = float_model.clone()
@@ -74,8 +75,8 @@ def rank_units(
             skipped={mine(n) for n in plan.skipped})
         make_pass(sub)(trial)
         outputs = _run(trial, samples, threads)
-        noise = sum(float(np.square(o.astype(np.float64) - r).sum())
-                    for o, r in zip(outputs, reference, strict=True))
+        noise = sum(squared_error(r, o) for got, want in zip(outputs, reference, strict=True)
+                    for o, r in zip(got, want, strict=True))
         sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal else -math.inf
         name = unit.name or f"{unit.op_type}#{position[unit]}"
         results.append(UnitSensitivity(name, unit.op_type, sqnr, node_key(unit)))
@@ -85,9 +86,10 @@ def rank_units(
 
 
 def _run(model: ir.Model, samples: Sequence[Mapping[str, np.ndarray]],
-         threads: int) -> list[np.ndarray]:
+         threads: int) -> list[list[np.ndarray]]:
+    """The outputs of every sample, in output order."""
     session = runtime.Session(model, threads, label="sensitivity", own_graph=True)
-    return [np.concatenate([o.ravel() for o in session.run(s).values()]) for s in samples]
+    return [list(session.run(s).values()) for s in samples]
 
 
 CSV_NAME = "sensitivity.csv"

@@ -53,6 +53,7 @@ RESULT_KEYS = (
     "non_finite",
     "samples",
     "elements",
+    "shape_changes",
 )
 
 
@@ -97,6 +98,17 @@ def cosine_similarity(dot: float, reference_sq: float, output_sq: float) -> floa
     return cosine if math.isnan(cosine) else min(1.0, max(-1.0, cosine))
 
 
+def squared_error(reference: np.ndarray, output: np.ndarray) -> float:
+    """Sum of the squared differences (float64). Outputs of different shapes (data-dependent:
+    the boxes a NonMaxSuppression kept) count as unrelated, |r|^2 + |o|^2: a change in what
+    was detected costs as much as the detections themselves."""
+    r = reference.astype(np.float64, copy=False)
+    o = output.astype(np.float64, copy=False)
+    if r.shape != o.shape:
+        return float(np.square(r).sum() + np.square(o).sum())
+    return float(np.square(o - r).sum())
+
+
 def sqnr_db(signal_sq: float, noise_sq: float) -> float:
     """10 log10(signal / noise): +inf without noise, -inf for noise on a zero signal."""
     if math.isnan(signal_sq) or math.isnan(noise_sq):
@@ -112,7 +124,10 @@ class OutputComparison:
     """Streaming comparison of one output tensor, reference vs output, over many samples.
 
     Only running sums are kept, so memory does not depend on the number of samples. Shapes
-    may change between samples (dynamic axes) but must agree within each update.
+    may change between samples (dynamic axes). Where the two sides of one sample differ in
+    shape (a data-dependent output: the boxes NonMaxSuppression kept), they are compared as
+    unrelated values (`squared_error`), every element 100% off, and counted in
+    `shape_changes`.
     """
 
     def __init__(self, name: str = "output") -> None:
@@ -130,25 +145,24 @@ class OutputComparison:
         self.top1_hits = 0
         self.top1_rows = 0
         self._top1 = True  # every update so far looked like a batch of score vectors
+        self.shape_changes = 0
 
     def update(self, reference: np.ndarray, output: np.ndarray) -> None:
         """Add one sample (or a batch of samples stacked along axis 0).
 
-        Raise PtqError naming the output when the shapes differ or a side is not numeric.
+        Raise PtqError naming the output when a side is not numeric.
         """
         reference = np.asarray(reference)
         output = np.asarray(output)
-        if reference.shape != output.shape:
-            raise PtqError(
-                f"output {self.name!r}: the reference has shape {_shape(reference.shape)} but "
-                f"the model gives {_shape(output.shape)}"
-            )
         for which, array in (("reference", reference), ("model", output)):
             if array.dtype.kind not in "biuf":
                 raise PtqError(
                     f"output {self.name!r}: the {which} gives {array.dtype.name} values; only "
                     "numeric outputs can be compared"
                 )
+        if reference.shape != output.shape:
+            self._unrelated(reference, output)
+            return
         r = reference.astype(np.float64, copy=False)
         o = output.astype(np.float64, copy=False)
         total, count = mean_bias(r, o)
@@ -176,6 +190,28 @@ class OutputComparison:
                 rows_o = np.argmax(output.reshape(-1, output.shape[-1]), axis=-1)
                 self.top1_hits += int(np.count_nonzero(rows_r == rows_o))
                 self.top1_rows += rows_r.size
+        else:
+            self._top1 = False
+
+    def _unrelated(self, reference: np.ndarray, output: np.ndarray) -> None:
+        r = reference.astype(np.float64, copy=False).ravel()
+        o = output.astype(np.float64, copy=False).ravel()
+        self.shape_changes += 1
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.reference_sq += float(np.dot(r, r))
+            self.output_sq += float(np.dot(o, o))
+            self.error_sq += squared_error(r, o)
+            largest = float(max(np.max(np.abs(r), initial=0.0), np.max(np.abs(o), initial=0.0)))
+        self.max_abs_error = (math.nan if math.isnan(largest) or math.isnan(self.max_abs_error)
+                              else max(self.max_abs_error, largest))
+        self.bias_sum += max(r.size, o.size)  # each element 100% off
+        self.bias_count += max(r.size, o.size)
+        if output.dtype.kind == "f":
+            self.non_finite += int(output.size - np.count_nonzero(np.isfinite(output)))
+        self.samples += 1
+        self.elements += output.size
+        if self._top1 and _is_scores(reference, output):
+            self.top1_rows += reference.size // reference.shape[-1]  # none agrees
         else:
             self._top1 = False
 
@@ -214,6 +250,7 @@ class OutputComparison:
             "non_finite": self.non_finite,
             "samples": self.samples,
             "elements": self.elements,
+            "shape_changes": self.shape_changes,
         }
 
     def __repr__(self) -> str:
@@ -241,7 +278,3 @@ def _is_scores(reference: np.ndarray, output: np.ndarray) -> bool:
         and reference.dtype.kind == "f"
         and output.dtype.kind == "f"
     )
-
-
-def _shape(shape: tuple[int, ...]) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"

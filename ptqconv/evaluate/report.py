@@ -157,6 +157,11 @@ class BenchmarkReport:
             f"{_num(o['max_abs_error'], '.4g'):>11}"
         )
         lines.append("  (overall: mean bias averaged over outputs; worst cosine, SQNR, error)")
+        for name, c in items:
+            if c.shape_changes:
+                lines.append(f"output {name!r}: shape differs from the reference's on "
+                             f"{c.shape_changes} of {c.samples} samples (compared as "
+                             "unrelated values, every element 100% off)")
         if self.not_compared:
             lines.append(
                 f"not in the benchmark data file, not compared: {names(self.not_compared)}"
