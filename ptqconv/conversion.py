@@ -310,8 +310,10 @@ def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, 
 def _written(timed: runtime.Latency, label: str) -> runtime.Latency:
     """The float and `label` timings of a check, as the summary's latency of the written
     model (the same interleaved runs)."""
+    rounds = ({"float": timed.rounds["float"], "quantized": timed.rounds[label]}
+              if "float" in timed.rounds and label in timed.rounds else {})
     return runtime.Latency({"float": timed.ms["float"], "quantized": timed.ms[label]},
-                           timed.runs, timed.threads, timed.cpu)
+                           timed.runs, timed.threads, timed.cpu, rounds)
 
 
 def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],

@@ -273,6 +273,12 @@ class ConversionReport:
         return not self.gate_failures
 
     @property
+    def slower_than_float(self) -> bool:
+        """Whether the float model ran faster than the written one by the latency margin,
+        beyond the noise (runtime.Latency.faster)."""
+        return self.latency is not None and self.latency.faster("float", "quantized")
+
+    @property
     def quantized(self) -> list[WeightRecord]:
         return [w for w in self.weights if w.quantized]
 
@@ -342,6 +348,8 @@ class ConversionReport:
         if self.latency is not None:
             lines.append(latency_line(self.latency))
             lines += at_load_lines(self.latency)
+            if self.post_training is not None and self.slower_than_float:
+                lines.append(slower_line(self.latency, ratio))
         elif self.latency_skipped:
             lines.append(f"  latency: not measured ({self.latency_skipped})")
         lines.append(
@@ -615,6 +623,14 @@ def plan_check_line(check: PlanCheck) -> str:
             f"{ms['planned'] / ms['float']:.2f}x float, all-integer "
             f"{ms['integer'] / ms['float']:.2f}x ({check.timed.runs} interleaved runs, "
             f"{check.timed.cpu}): {kept}")
+
+
+def slower_line(latency: Latency, size_ratio: float) -> str:
+    ms = latency.ms
+    return (f"  warning: the written model runs slower than float on this CPU "
+            f"({ms['quantized'] / ms['float']:.2f}x, beyond the noise): its integer kernels "
+            f"do not pay for the quantize, dequantize and layout changes around them here; it "
+            f"is smaller ({size_ratio:.3f} of float), the float model is faster")
 
 
 def latency_line(latency: Latency) -> str:

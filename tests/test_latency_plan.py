@@ -486,3 +486,38 @@ def test_a_model_with_only_its_table_quantized_does_not_say_nothing_was(tmp_path
     assert "node units quantized: 0" in out and "embedding tables: 1 in int8" in out
     assert "no node unit quantized (embedding tables only): onnxruntime runs the units" in out
     assert "nothing quantized" not in out
+
+
+@pytest.mark.parametrize("detected, timings, warned", [
+    ("x86_avx2", {"planned": 1.2, "integer": 1.3}, "1.20x"),
+    ("x86_avx2", {"planned": 0.8, "integer": 0.9}, ""),
+    ("x86_avx2", {"planned": 1.03, "integer": 1.3}, ""),  # within the margin
+    ("x86_vnni", {"quantized": 2.0, "planned": 1.95}, "2.00x"),
+])
+def test_a_written_model_slower_than_float_is_said_to_be(tmp_path, monkeypatch, capsys,
+                                                          detected, timings, warned):
+    _convert_with_timings(tmp_path, monkeypatch, detected,
+                          lambda labels, n: {"float": 1.0, **timings})
+    summary = capsys.readouterr().out
+    line = next((line for line in summary.splitlines() if "slower than float" in line), "")
+    if warned:
+        assert line.startswith("  warning: the written model runs slower than float on this "
+                               f"CPU ({warned}, beyond the noise)"), summary
+        assert "the float model is faster" in line
+    else:
+        assert not line, summary
+
+
+def test_the_written_models_latency_keeps_the_rounds_of_its_check():
+    """The summary's latency of a checked model is that check's timing of float and the model
+    written, rounds included, so that 'slower than float' is a sign test, not medians."""
+    from ptqconv.conversion import _written
+    from ptqconv.runtime import Latency
+
+    rounds = {"float": (1.0, 1.0, 1.0), "planned": (1.2, 0.9, 1.2), "integer": (2.0,) * 3}
+    timed = Latency({"float": 1.0, "planned": 1.2, "integer": 2.0}, 3, 2, "cpu", rounds)
+    written = _written(timed, "planned")
+    assert written.ms == {"float": 1.0, "quantized": 1.2}
+    assert written.rounds == {"float": rounds["float"], "quantized": rounds["planned"]}
+    # Faster on the medians, but in 2 of 3 rounds only: not beyond the noise.
+    assert not written.faster("float", "quantized")
