@@ -102,7 +102,7 @@ class HistogramObserver(Observer):
     the bin width of that moment: binning at a wider power-of-two width gives what binning at
     the narrower one and coarsening would, and one binning's fixed cost (a FINE_BINS-long
     count and sum) is paid once for several samples instead of each (docs/decisions.md,
-    calibration cost).
+    histogram sampling).
     """
 
     FINE_BINS = 16384

@@ -211,7 +211,10 @@ class OutputComparison:
         self.samples += 1
         self.elements += output.size
         if self._top1 and _is_scores(reference, output):
-            self.top1_rows += reference.size // reference.shape[-1]  # none agrees
+            # None agrees; a reference of another rank still has its rows counted.
+            rows = reference.size // reference.shape[-1] if reference.ndim and \
+                reference.shape[-1] else 0
+            self.top1_rows += rows
         else:
             self._top1 = False
 
