@@ -438,11 +438,13 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
            "quantizes them anyway"]
           if not s.units and s.latency_plan and s.latency_plan.kept_float
           and not s.bodies else []),
+        # Migrations only prepare units for quantization: with none quantized, the model
+        # written is the float one, without them.
         *([f"  equalized: {len(equalized.migrated)} Conv -> Conv activations"]
-          if equalized and equalized.migrated else []),
+          if (s.units or s.bodies) and equalized and equalized.migrated else []),
         *([f"  SmoothQuant: {len(smoothed.migrated)} MatMul inputs"]
-          if smoothed and smoothed.migrated else []),
-        *[line for m in s.migrations for line in _left_alone(m)],
+          if (s.units or s.bodies) and smoothed and smoothed.migrated else []),
+        *[line for m in s.migrations for line in _left_alone(m) if s.units or s.bodies],
         *([f"  kept float (mask-like range beyond {SENTINEL_RANGE:g}): "
            f"{', '.join(s.sentinels)}"] if s.sentinels else []),
         f"  activations quantized: {s.activation_ranges} ranges, "
