@@ -45,6 +45,7 @@ from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
 from ptqconv.evaluate.metrics import squared_error
 from ptqconv.graph.naming import node_key
+from ptqconv.graph.ops import data_dependent_outputs
 from ptqconv.imported import Imported, resolve, saturating
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
@@ -131,10 +132,16 @@ class Choice:
     float_products: bool = False  # the MatMuls of two activations (attention) stay float
     float_units: frozenset[str] = frozenset()  # node keys kept float to meet an accuracy target
 
-    def label(self) -> str:
+    def label(self, applied: frozenset[str] | None = None) -> str:
+        """The method and the techniques on; with `applied`, the migrations among them only
+        where they changed the model (by `MigrationPass.technique`)."""
+        def shown(technique: str, flag: bool) -> bool:
+            return flag and (applied is None or technique in applied)
+
         switches = [name for name, on in (("bias correction", self.bias_correction),
-                                          ("equalization", self.equalize),
-                                          ("SmoothQuant", self.smooth_quant),
+                                          ("equalization", shown("equalization", self.equalize)),
+                                          ("SmoothQuant",
+                                           shown("SmoothQuant", self.smooth_quant)),
                                           ("float outputs", self.float_outputs),
                                           ("activation MatMuls float", self.float_products))
                     if on]
@@ -562,6 +569,11 @@ class PostTraining:
         kept = Statistic(FoldValues, (folds, scored, MAX_HELD_OUT))
         references = {name: found.values for v in float_model.graph.outputs
                       if (found := statistics.get(name := v.name, kept)) is not None}
+        # What a NonMaxSuppression kept changes order and number with any rounding: scored
+        # on the outputs before it where the model has any.
+        dependent = data_dependent_outputs(float_model.graph)
+        references = ({n: v for n, v in references.items() if n not in dependent}
+                      or references)
         if not references:  # nothing float to compare: keep what the settings say
             return start, []
         scorer = _Scorer(self, float_model, tensors, statistics, folds, scored, references)
@@ -585,10 +597,12 @@ class PostTraining:
         # method, no bias correction) over one that wins by less than TIE.
         least = min(scorer.error(c) for c in alive)
         best = next(c for c in candidates if c in alive and scorer.error(c) <= least + TIE)
-        for name, flipped in (("equalize", replace(best, equalize=False)),
-                              ("smooth_quant", replace(best, smooth_quant=False)),
-                              ("float_outputs", replace(best, float_outputs=True)),
-                              ("float_products", replace(best, float_products=True))):
+        # Each technique flips the best so far, earlier flips kept included.
+        flips = (("equalize", {"equalize": False}), ("smooth_quant", {"smooth_quant": False}),
+                 ("float_outputs", {"float_outputs": True}),
+                 ("float_products", {"float_products": True}))
+        for name, change in flips:
+            flipped = replace(best, **change)
             if name == "float_outputs":
                 if not output_units(float_model.graph):
                     continue
@@ -731,6 +745,8 @@ class PostTraining:
             latency_plan=self.latency,
             **self._built_fields(built),
             chosen=choice.label(),
+            chosen_shown=choice.label(frozenset(r.technique for r in built.migrations
+                                                if r.migrated)),
             measured=measured,
             held_out=(sum(len(_fold_samples(len(self.data), folds, f))
                           for f in _scored_folds(len(self.data), folds)) if measured else 0),

@@ -131,6 +131,8 @@ class PostTrainingSummary:
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
     chosen: str = ""  # the method and the techniques the model was built with
+    # `chosen` without the migrations that found nothing to change in this model.
+    chosen_shown: str = ""
     measured: list[Measured] = field(default_factory=list)  # in the order they were tried
     held_out: int = 0  # calibration samples the candidates were scored on
     scored_folds: int = 0  # folds of the samples scored, each with ranges from the others
@@ -554,12 +556,12 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     if not s.measured:
         if s.open_choices and not (s.imported and s.imported.choices) and s.units:
             return [f"  chosen without measuring (too few samples to hold any out): "
-                    f"{s.chosen}"]
+                    f"{s.chosen_shown or s.chosen}"]
         return []
     how = (f"{s.scored_folds} folds, each scored with ranges from the others"
            if s.scored_folds > 1 else "ranges from the other samples")
-    lines = [f"  chosen by measurement: {s.chosen} (output error against float on "
-             f"{s.held_out} held-out samples; {how}):"]
+    lines = [f"  chosen by measurement: {s.chosen_shown or s.chosen} (output error against "
+             f"float on {s.held_out} held-out samples; {how}):"]
     most = max(m.folds for m in s.measured)
     lines += [f"    {m.what}: {m.error:.3g}"
               # Its error over fewer folds than the others': not comparable with theirs.

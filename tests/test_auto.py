@@ -50,6 +50,11 @@ def test_auto_measures_what_the_config_leaves_open_and_keeps_only_what_helps(tmp
     full = max(m.folds for m in s.measured)
     assert min(m.error for m in s.measured if m.folds == full) >= error - TIE
     assert "chosen by measurement" in report.format()
+    # The summary names a migration only where it changed the model.
+    migrated = {m.technique for m in s.migrations if m.migrated}
+    for technique in ("equalization", "SmoothQuant"):
+        assert (technique in s.chosen_shown) == (technique in s.chosen and technique in migrated)
+    assert f"chosen by measurement: {s.chosen_shown} (" in report.format()
     # A usable model: no warning. One whose chosen error is past 10 dB gets one, with what
     # to try (the W4A4 outputs of five CNNs in a sweep scored 0.8-1.4, silently).
     assert "warning:" not in report.format()
@@ -197,3 +202,26 @@ def test_attention_matmuls_are_tried_float_only_where_they_are_light(tmp_path, s
     assert bool(flips) == tried
     if flips and s.chosen.endswith("activation MatMuls float"):
         assert flips[-1].error < min(m.error for m in s.measured if m not in flips) - TIE
+
+
+def test_each_technique_is_scored_against_the_best_so_far_earlier_flips_included(
+        tmp_path, monkeypatch):
+    """Turning SmoothQuant off is scored on top of an accepted 'equalization off', and its
+    acceptance keeps equalization off (errors faked: each flip lowers the error)."""
+    from ptqconv import post_training
+
+    def add(self, choice, fold):
+        self.sums.setdefault(choice, {})[fold] = None
+
+    def error(self, choice, folds=None):
+        return 1.0 - 0.1 * (not choice.equalize) - 0.2 * (not choice.smooth_quant)
+
+    monkeypatch.setattr(post_training._Scorer, "add", add)
+    monkeypatch.setattr(post_training._Scorer, "error", error)
+    monkeypatch.setattr(post_training.PostTraining, "_changes", lambda self, m, a, b: True)
+    report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
+                             config_file=config(tmp_path, size=40))
+    s = report.post_training
+    assert "SmoothQuant" not in s.chosen and "equalization" not in s.chosen, s.chosen
+    whats = [m.what for m in s.measured]
+    assert any(w.endswith("equalization off + SmoothQuant off") for w in whats), whats

@@ -573,6 +573,9 @@ def test_a_detector_whose_kept_boxes_change_in_number_is_scored_and_gated(tmp_pa
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "chosen by measurement" in out
+    # Scored on the scores before NonMaxSuppression, not on what it kept: a few boxes more
+    # or fewer do not make the chosen model look unusable.
+    assert "warning: the chosen model's output error" not in out, out
     x = [np.fromfile(p, np.float32).reshape(1, 3, 16, 16)
          for p in sorted((tmp_path / "eval").iterdir())]
     changed = sum(run_model(model, {"x": s})[1].shape != run_model(tmp_path / "q.onnx",

@@ -61,3 +61,23 @@ def same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
         begins.append(small if auto_pad == "SAME_UPPER" else total - small)
         ends.append(total - begins[-1])
     return begins, ends
+
+
+# Ops whose output shape, or order, depends on the values they read: what follows them can
+# differ in shape or order between a float model and its quantized copy.
+DATA_DEPENDENT_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})
+
+
+def data_dependent_outputs(graph: ir.Graph) -> frozenset[str]:
+    """Names of the graph outputs computed from a data-dependent op's output (DATA_DEPENDENT_OPS,
+    in this graph: the boxes a NonMaxSuppression kept)."""
+    pending = [v for n in graph if n.op_type in DATA_DEPENDENT_OPS and is_onnx(n)
+               for v in n.outputs]
+    seen: set[ir.Value] = set()
+    while pending:
+        value = pending.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        pending.extend(out for user, _ in value.uses() for out in user.outputs)
+    return frozenset(v.name for v in graph.outputs if v in seen)
