@@ -633,8 +633,8 @@ def slower_line(latency: Latency, size_ratio: float) -> str:
     ms = latency.ms
     return (f"  warning: the written model runs slower than float on this CPU "
             f"({ms['quantized'] / ms['float']:.2f}x, beyond the noise): its integer kernels "
-            f"do not pay for the quantize, dequantize and layout changes around them here; it "
-            f"is smaller ({size_ratio:.3f} of float), the float model is faster")
+            f"do not pay for the quantize, dequantize and layout changes around them here; at "
+            f"{size_ratio:.3f} of float's size, the float model is faster")
 
 
 def latency_line(latency: Latency) -> str:
