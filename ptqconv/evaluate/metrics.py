@@ -160,24 +160,28 @@ class OutputComparison:
                     f"output {self.name!r}: the {which} gives {array.dtype.name} values; only "
                     "numeric outputs can be compared"
                 )
-        if reference.shape != output.shape:
-            self._unrelated(reference, output)
-            return
-        r = reference.astype(np.float64, copy=False)
-        o = output.astype(np.float64, copy=False)
-        total, count = mean_bias(r, o)
+        related = reference.shape == output.shape
+        r = reference.astype(np.float64, copy=False).ravel()
+        o = output.astype(np.float64, copy=False).ravel()
         with np.errstate(invalid="ignore", over="ignore"):
-            diff = o - r
-            self.dot += float(np.dot(r.ravel(), o.ravel()))
-            self.reference_sq += float(np.dot(r.ravel(), r.ravel()))
-            self.output_sq += float(np.dot(o.ravel(), o.ravel()))
-            self.error_sq += float(np.dot(diff.ravel(), diff.ravel()))
-            if diff.size:
-                worst = float(np.max(np.abs(diff)))  # NaN propagates
-                if math.isnan(worst) or math.isnan(self.max_abs_error):
-                    self.max_abs_error = math.nan
-                else:
-                    self.max_abs_error = max(self.max_abs_error, worst)
+            reference_sq, output_sq = float(np.dot(r, r)), float(np.dot(o, o))
+            if related:
+                diff = o - r
+                dot, error_sq = float(np.dot(r, o)), float(np.dot(diff, diff))
+                worst = float(np.max(np.abs(diff), initial=0.0))  # NaN propagates
+                total, count = mean_bias(r, o)
+            else:  # unrelated values: squared_error's |r|^2 + |o|^2, every element 100% off
+                self.shape_changes += 1
+                dot, error_sq = 0.0, reference_sq + output_sq
+                worst = float(max(np.max(np.abs(r), initial=0.0),
+                                  np.max(np.abs(o), initial=0.0)))
+                total = count = max(r.size, o.size)
+        self.dot += dot
+        self.reference_sq += reference_sq
+        self.output_sq += output_sq
+        self.error_sq += error_sq
+        self.max_abs_error = (math.nan if math.isnan(worst) or math.isnan(self.max_abs_error)
+                              else max(self.max_abs_error, worst))
         self.bias_sum += total
         self.bias_count += count
         if output.dtype.kind == "f":
@@ -185,36 +189,14 @@ class OutputComparison:
         self.samples += 1
         self.elements += output.size
         if self._top1 and _is_scores(reference, output):
-            if output.size:
+            if related and output.size:
                 rows_r = np.argmax(reference.reshape(-1, reference.shape[-1]), axis=-1)
                 rows_o = np.argmax(output.reshape(-1, output.shape[-1]), axis=-1)
                 self.top1_hits += int(np.count_nonzero(rows_r == rows_o))
                 self.top1_rows += rows_r.size
-        else:
-            self._top1 = False
-
-    def _unrelated(self, reference: np.ndarray, output: np.ndarray) -> None:
-        r = reference.astype(np.float64, copy=False).ravel()
-        o = output.astype(np.float64, copy=False).ravel()
-        self.shape_changes += 1
-        with np.errstate(invalid="ignore", over="ignore"):
-            self.reference_sq += float(np.dot(r, r))
-            self.output_sq += float(np.dot(o, o))
-            self.error_sq += squared_error(r, o)
-            largest = float(max(np.max(np.abs(r), initial=0.0), np.max(np.abs(o), initial=0.0)))
-        self.max_abs_error = (math.nan if math.isnan(largest) or math.isnan(self.max_abs_error)
-                              else max(self.max_abs_error, largest))
-        self.bias_sum += max(r.size, o.size)  # each element 100% off
-        self.bias_count += max(r.size, o.size)
-        if output.dtype.kind == "f":
-            self.non_finite += int(output.size - np.count_nonzero(np.isfinite(output)))
-        self.samples += 1
-        self.elements += output.size
-        if self._top1 and _is_scores(reference, output):
-            # None agrees; a reference of another rank still has its rows counted.
-            rows = reference.size // reference.shape[-1] if reference.ndim and \
-                reference.shape[-1] else 0
-            self.top1_rows += rows
+            elif not related and reference.ndim and reference.shape[-1]:
+                # None agrees; a reference of another rank still has its rows counted.
+                self.top1_rows += reference.size // reference.shape[-1]
         else:
             self._top1 = False
 
