@@ -416,7 +416,9 @@ def gptq_line(g: GPTQSummary) -> str:
 
 
 def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
-    by_technique = {m.technique: m for m in s.migrations}
+    # Migrations only prepare units for quantization: with none quantized, the model
+    # written is the float one, without them.
+    by_technique = {m.technique: m for m in s.migrations} if s.units or s.bodies else {}
     equalized = by_technique.get("equalization")
     smoothed = by_technique.get("SmoothQuant")
     grid = s.weight_grid
@@ -440,13 +442,11 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
            "quantizes them anyway"]
           if not s.units and s.latency_plan and s.latency_plan.kept_float
           and not s.bodies else []),
-        # Migrations only prepare units for quantization: with none quantized, the model
-        # written is the float one, without them.
         *([f"  equalized: {len(equalized.migrated)} Conv -> Conv activations"]
-          if (s.units or s.bodies) and equalized and equalized.migrated else []),
+          if equalized and equalized.migrated else []),
         *([f"  SmoothQuant: {len(smoothed.migrated)} MatMul inputs"]
-          if (s.units or s.bodies) and smoothed and smoothed.migrated else []),
-        *[line for m in s.migrations for line in _left_alone(m) if s.units or s.bodies],
+          if smoothed and smoothed.migrated else []),
+        *[line for m in by_technique.values() for line in _left_alone(m)],
         *([f"  kept float (mask-like range beyond {SENTINEL_RANGE:g}): "
            f"{', '.join(s.sentinels)}"] if s.sentinels else []),
         f"  activations quantized: {s.activation_ranges} ranges, "
