@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import signal
 import sys
@@ -422,8 +423,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in args
     runtime.give_back_big_allocations()  # the process is ptqconv's: its memory policy too
-    with _signals_handled(), _decisions_logged(verbose):
-        return _run(args, verbose)
+    # The modules imported so far live as long as the process: frozen, the full collections
+    # that free each step's model skip them (docs/decisions.md, start-up cost).
+    gc.freeze()
+    try:
+        with _signals_handled(), _decisions_logged(verbose):
+            return _run(args, verbose)
+    finally:
+        gc.unfreeze()
 
 
 def _on_stop_signal(signum: int, frame: object) -> None:

@@ -65,10 +65,45 @@ def convert(settings: ConvertSettings,
 
     `progress(total, label)` may return a callback that is fed amounts of work done.
     """
+    with contextlib.ExitStack() as scope:
+        return _convert(settings, progress, scope)
+
+
+class _Simplification:
+    """PostTraining's simplification, run as load_model's onnxruntime check: the model is
+    loaded in onnxruntime once, for both."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.path: Path | None = None
+        self.refused: modelio.OnnxRuntimeRefused | None = None
+
+    def __call__(self, path: Path, size: int) -> bool:
+        try:
+            self.path = modelio.simplify_with_onnxruntime(path, self.workdir, size)
+        except modelio.OnnxRuntimeRefused as exc:
+            self.refused = exc
+            return False
+        return True
+
+    def result(self) -> Path:
+        if self.path is None:  # onnx's checker passed the model onnxruntime refused
+            assert self.refused is not None
+            raise self.refused
+        return self.path
+
+
+def _convert(settings: ConvertSettings, progress: ProgressFactory | None,
+             scope: contextlib.ExitStack) -> ConversionReport:
     start = time.perf_counter()
     report = ConversionReport(settings.model_file, settings.output_file,
                               settings.quant_type.value, settings.bit_num)
-    model = modelio.load_model(settings.model_file)
+    simplification = None
+    if isinstance(settings.mode, PostTrainingSettings):
+        # The simplified model's weights stay on disk there (mapped, not copied) for as long
+        # as any model built from it may be read: up to the accuracy-target repair.
+        simplification = _Simplification(scope.enter_context(files.temporary_directory()))
+    model = modelio.load_model(settings.model_file, onnxruntime_check=simplification)
     model_files = modelio.model_files(settings.model_file, model)
     report.size_before = modelio.files_size(model_files)
     report.opset_before = model.opset_imports.get("", 1)
@@ -91,21 +126,16 @@ def convert(settings: ConvertSettings,
             report.inferred_shapes += inferred_shapes(source)
     files.refuse_inputs(planned_outputs(settings),
                         read_files(settings, model_files, data, eval_data))
-    with files.Staging() as staging, contextlib.ExitStack() as scope:
+    with files.Staging() as staging:
         pt = built = None
         if isinstance(mode, PostTrainingSettings):
-            assert data is not None
+            assert data is not None and simplification is not None
             report.data = data.format
             original_names = value_names(model.graph)
             del model
             runtime.release_memory()
-            # The simplified model's weights stay on disk there (mapped, not copied) for as
-            # long as any model built from it may be read: up to the accuracy-target repair.
-            workdir = scope.enter_context(files.temporary_directory())
-            simplified = modelio.simplify_with_onnxruntime(settings.model_file, workdir)
-            runtime.release_memory()
             pt = PostTraining(mode, data, progress)
-            built, report.post_training = pt.run(simplified, original_names,
+            built, report.post_training = pt.run(simplification.result(), original_names,
                                                  report.size_before)
             # The float weights were read for quantizing; unmapped, they do not add to the
             # peak of writing the model (a later rebuild maps them again).
@@ -192,7 +222,7 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
         return
     try:
         sample = (next(iter(data)) if data is not None
-                  else random_sample(model_inputs(settings.model_file),
+                  else random_sample(model_inputs(settings.model_file, check=False),
                                      dict(settings.input_shapes)))
     except PtqUsageError as exc:  # a dynamic dimension or an input type it cannot invent
         why = str(exc).removeprefix("random inputs: ").split("; give")[0]

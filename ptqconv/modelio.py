@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +53,17 @@ _OPSET_FOR_TYPE = {
 SIMPLIFIED_EXTERNAL_BYTES = 1 << 20
 
 
-def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
+class OnnxRuntimeRefused(PtqError):
+    """onnxruntime cannot load the model (as opposed to failing to write its output)."""
+
+
+def simplify_with_onnxruntime(path: Path, workdir: Path, size: int | None = None) -> Path:
     """The float model after onnxruntime's basic (hardware-independent) graph optimizations.
 
     They fold BatchNormalization and constant Mul/Add into Conv and fold constants, as
     onnxruntime's quant_pre_process does; quantizing a conv output before a per-channel
     rescale amplifies the noise of small channels. The result has only standard ONNX ops.
+    `size` is the model's bytes with its data files, when the caller knows them.
     """
     import onnxruntime as ort
 
@@ -73,7 +78,10 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
     # parsing them into a protobuf first peaked at 1.07 GB for BERT-base, against 0.72 GB
     # (docs/decisions.md). A small one stays one file, which sessions take as bytes.
     # The file alone can decide, without parsing it for its data files.
-    big = path.stat().st_size > IN_MEMORY_BYTES or model_size(path) > IN_MEMORY_BYTES
+    if size is None:
+        size = path.stat().st_size
+        size = size if size > IN_MEMORY_BYTES else model_size(path)
+    big = size > IN_MEMORY_BYTES
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_min_size_in_bytes",
         str(SIMPLIFIED_EXTERNAL_BYTES if big else 1 << 30))
@@ -89,7 +97,8 @@ def simplify_with_onnxruntime(path: Path, workdir: Path) -> Path:
             raise PtqError(f"cannot write the simplified model to the temporary directory "
                            f"{shown(workdir)} (TMPDIR): {reason}") from None
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PtqError(f"{shown(path)}: onnxruntime cannot load the model: {message}") from None
+        raise OnnxRuntimeRefused(f"{shown(path)}: onnxruntime cannot load the model: {message}"
+                                  ) from None
     return out
 
 
@@ -98,13 +107,17 @@ def opset_for(dtypes: set[ir.DataType]) -> int:
     return max((_OPSET_FOR_TYPE[d] for d in dtypes), default=1)
 
 
-def load_model(path: Path, check: bool = True) -> ir.Model:
+def load_model(path: Path, check: bool = True,
+               onnxruntime_check: Callable[[Path, int], bool] | None = None) -> ir.Model:
     """Load a float model; raise PtqError naming the file when it is not a usable ONNX model.
 
     With `check`, the model is validated before anything else reads it: every tensor's data
     must lie in the model's directory and be as long as its shape needs, and the graph must
     pass onnx's full check (known ops, a graph without cycles, consistent types), so a model
     onnxruntime would refuse never yields an output that looks like success.
+    `onnxruntime_check(path, bytes with data files)` stands in for the plain onnxruntime load
+    of that check where loading the model in onnxruntime does useful work too (PostTraining's
+    simplification): it runs first, and onnx's checker only when it returns False.
     """
     where = shown(path)
     try:
@@ -127,7 +140,8 @@ def load_model(path: Path, check: bool = True) -> ir.Model:
             f"{where}: opset {opset} is newer than onnxruntime can run (max {MAX_ORT_OPSET})"
         )
     if check:
-        external = check_external_data(proto, path)
+        external, data_bytes = check_external_data(proto, path)
+        loads = onnxruntime_check or (lambda p, _: _onnxruntime_loads(p))
         # onnx's checker is stricter than onnxruntime in places (a graph input of unknown
         # rank, for one); onnxruntime, where the output will run, has the last word: a
         # model passes when either accepts it.
@@ -138,9 +152,13 @@ def load_model(path: Path, check: bool = True) -> ir.Model:
             # again afterwards costs less.
             del proto
             release_memory()
-            reason = None if _onnxruntime_loads(path) else _checker_failure(None, path,
-                                                                             external)
+            reason = None if loads(path, size + data_bytes) else _checker_failure(
+                None, path, external)
             proto = _parse(path)
+        elif onnxruntime_check is not None:
+            # Its verdict makes the checker's redundant (docs/decisions.md, start-up cost).
+            reason = None if loads(path, size + data_bytes) else _checker_failure(
+                proto, path, external)
         else:
             reason = _checker_failure(proto, path, external)
             if reason is not None and _onnxruntime_loads(path):
@@ -239,12 +257,12 @@ _SUB_BYTE_BITS = {
 }
 
 
-def check_external_data(proto: onnx.ModelProto, path: Path) -> int:
+def check_external_data(proto: onnx.ModelProto, path: Path) -> tuple[int, int]:
     """Every tensor stored outside the model file must lie in the model's directory (a
     location with `..`, an absolute one or a symbolic link leading out is refused: a model
     must not make ptqconv copy other files into its output) and be as long as its shape
     needs. Raise PtqError naming the tensor, the location and the model; return the number
-    of tensors stored outside."""
+    of tensors stored outside and the bytes of the files that hold them."""
     base = path.parent
     real_base = os.path.realpath(base)
     sizes: dict[str, int] = {}
@@ -287,7 +305,7 @@ def check_external_data(proto: onnx.ModelProto, path: Path) -> int:
             raise PtqError(f"{where}: truncated data: {shown(base / location)} is "
                            f"{sizes[real]} bytes, the tensor's {length} bytes start at offset "
                            f"{offset}")
-    return count
+    return count, sum(sizes.values())
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

@@ -187,8 +187,8 @@ def test_big_model_route_maps_weights_and_still_repairs(tmp_path, capsys, monkey
     made = []
     simplify = modelio.simplify_with_onnxruntime
 
-    def spy(path, workdir):
-        out = simplify(path, workdir)
+    def spy(path, workdir, size=None):
+        out = simplify(path, workdir, size)
         made.append(sorted(p.name for p in workdir.iterdir()))
         return out
 

@@ -167,11 +167,66 @@ def _future_ir() -> onnx.ModelProto:
     (_unknown_op, "Frobnicate"),
     (_future_ir, "IR version 99"),
 ])
-def test_models_onnxruntime_refuses_are_refused_up_front(tmp_path, capsys, build, culprit):
+@pytest.mark.parametrize("quant_type", ["WeightQuant", "PostTraining"])
+def test_models_onnxruntime_refuses_are_refused_up_front(tmp_path, capsys, build, culprit,
+                                                         quant_type):
     onnx.save(build(), str(tmp_path / "m.onnx"))
     args = [f"--modelFile={tmp_path / 'm.onnx'}", f"--outputFile={tmp_path / 'o.onnx'}",
-            "--quantType=WeightQuant"]
+            f"--quantType={quant_type}", *_mlp_calibration(tmp_path, quant_type)]
     fails(capsys, tmp_path, args, 1, "m.onnx", culprit)
+
+
+def _mlp_calibration(root, quant_type: str) -> list[str]:
+    """The --configFile flag of a PostTraining run of mlp((64, 64, 16)); none otherwise."""
+    if quant_type != "PostTraining":
+        return []
+    (root / "calib").mkdir()
+    np.zeros((1, 64), np.float32).tofile(root / "calib" / "0.bin")
+    (root / "c.ini").write_text("[data_preprocess_param]\ncalibrate_path=x:calib\n")
+    return [f"--configFile={root / 'c.ini'}"]
+
+
+def _shape_disagrees() -> onnx.ModelProto:
+    proto = mlp((64, 64, 16))
+    proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 17  # the graph gives 16
+    return proto
+
+
+@pytest.mark.parametrize("quant_type", ["WeightQuant", "PostTraining"])
+def test_a_model_onnxs_checker_refuses_but_onnxruntime_loads_is_converted(
+        tmp_path, capsys, monkeypatch, quant_type):
+    """onnxruntime, where the output runs, has the last word. PostTraining loads the model
+    in onnxruntime first (its simplification), so onnx's checker is not even run."""
+    onnx.save(_shape_disagrees(), str(tmp_path / "m.onnx"))
+    with pytest.raises(Exception, match="existing shape"):
+        onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+    checked = []
+    check = onnx.checker.check_model
+    monkeypatch.setattr(onnx.checker, "check_model", lambda *a, **k: (checked.append(a),
+                                                                      check(*a, **k)))
+    status, _, err = cli(capsys, f"--modelFile={tmp_path / 'm.onnx'}",
+                         f"--outputFile={tmp_path / 'o.onnx'}", f"--quantType={quant_type}",
+                         *_mlp_calibration(tmp_path, quant_type))
+    assert status == 0, err
+    assert bool(checked) == (quant_type == "WeightQuant")
+    ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_a_model_only_onnxruntime_refuses_is_refused_by_post_training(tmp_path, capsys):
+    """onnx's checker passes an ImageDecoder; onnxruntime's CPU provider has no kernel."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ImageDecoder", ["b"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("b", onnx.TensorProto.UINT8, [100])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, ["h", "w", 3])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)]),
+              str(tmp_path / "m.onnx"))
+    (tmp_path / "calib").mkdir()
+    np.zeros(100, np.uint8).tofile(tmp_path / "calib" / "0.bin")
+    (tmp_path / "c.ini").write_text("[data_preprocess_param]\ncalibrate_path=b:calib\n")
+    args = [f"--modelFile={tmp_path / 'm.onnx'}", f"--outputFile={tmp_path / 'o.onnx'}",
+            "--quantType=PostTraining", f"--configFile={tmp_path / 'c.ini'}"]
+    fails(capsys, tmp_path, args, 1, "m.onnx", "onnxruntime cannot load the model",
+          "ImageDecoder")
 
 
 def test_an_output_onnxruntime_refuses_is_not_a_success(tmp_path, capsys, monkeypatch):

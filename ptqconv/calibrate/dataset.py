@@ -84,14 +84,15 @@ class SampleFormat:
             return f".bin samples in {self.file_layout} (--inputDataFormat), the model's layout"
         return (f".bin samples in {self.file_layout} (--inputDataFormat), transposed to the "
                 f"model's {model}")
-def model_inputs(model_path: Path) -> list[InputSpec]:
+def model_inputs(model_path: Path, check: bool = True) -> list[InputSpec]:
     """The graph inputs of the model at `model_path` that are not initializers, in graph order.
 
-    Raise PtqError naming the file when it is not a usable model (modelio.load_model), and
-    naming the input when an input is not a tensor of a numpy type.
+    Raise PtqError naming the file when it is not a usable model (modelio.load_model, whose
+    full check `check` False skips for a model checked before), and naming the input when an
+    input is not a tensor of a numpy type.
     """
     model_path = Path(model_path)
-    return graph_inputs(modelio.load_model(model_path).graph, model_path)
+    return graph_inputs(modelio.load_model(model_path, check=check).graph, model_path)
 
 
 def graph_inputs(graph: ir.Graph, source: Path | None = None) -> list[InputSpec]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ptqconv.config import QuantConfig
 from ptqconv.errors import PtqUsageError, shown
@@ -23,11 +23,11 @@ DEFAULT_RESIZE_METHOD = "LINEAR"
 KEYS = ("image_to_format", "normalize_mean", "normalize_std", "resize_width", "resize_height",
         "resize_method", "center_crop_width", "center_crop_height")
 
-_RESAMPLING = {
-    "LINEAR": Image.Resampling.BILINEAR,
-    "NEAREST": Image.Resampling.NEAREST,
-    "CUBIC": Image.Resampling.BICUBIC,
-}
+# Pillow loads on the first image: most runs read raw .bin samples (start-up, see
+# docs/decisions.md, start-up cost).
+if TYPE_CHECKING:
+    from PIL import Image
+RESAMPLING = {"LINEAR": "BILINEAR", "NEAREST": "NEAREST", "CUBIC": "BICUBIC"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ImagePreprocess:
                 raise PtqUsageError(f"{what}: input {name!r}: cannot decode {shown(path)}: "
                                     f"{exc}") from None
             if self.resize:
-                image = image.resize(self.resize, _RESAMPLING[self.resize_method])
+                image = image.resize(self.resize, _resampling(self.resize_method))
             if self.center_crop:
                 # OpenCV's offsets: (size - crop) / 2, rounded down.
                 crop_w, crop_h = self.center_crop
@@ -137,7 +137,15 @@ def image_preprocess(config: QuantConfig) -> ImagePreprocess | None:
                            mean=mean, std=std)
 
 
+def _resampling(method: str) -> Image.Resampling:
+    from PIL import Image
+
+    return Image.Resampling[RESAMPLING[method]]
+
+
 def _open(path: Path, what: str, name: str) -> Image.Image:
+    from PIL import Image, UnidentifiedImageError
+
     try:
         return Image.open(path)
     except UnidentifiedImageError:

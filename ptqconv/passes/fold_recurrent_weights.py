@@ -15,7 +15,6 @@ import logging
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx.reference import ReferenceEvaluator
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ptqconv.graph.initializers import add_initializer
@@ -61,6 +60,9 @@ def _evaluate(value: ir.Value, nodes: list[ir.Node], opset: int) -> np.ndarray:
         [onnx.numpy_helper.from_array(v.const_value.numpy(), name)
          for name, v in constants.items()])
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    # Imported here: onnx's reference runtime costs 25 ms of every start-up otherwise.
+    from onnx.reference import ReferenceEvaluator
+
     return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
 
 
