@@ -535,8 +535,8 @@ def open_data(model: ir.Model, model_file: Path, source: DataSource) -> Calibrat
 def inferred_shapes(data: CalibrationSet) -> list[InferredShape]:
     """The shapes read from a file's size, which the summary states."""
     return [InferredShape(data.what, spec.name, spec.dtype.name, data.shapes[spec.name],
-                          data.files[spec.name][0])
-            for spec in data.inputs if spec.name in data.inferred]
+                          data.files[spec.name][0], axis, data.shortest.get(spec.name))
+            for spec in data.inputs if (axis := data.axes.get(spec.name)) is not None]
 
 
 def accuracy_gate(quantized: Session, data: CalibrationSet, settings: ConvertSettings,

@@ -46,6 +46,7 @@ from ptqconv.errors import PtqError
 from ptqconv.evaluate.metrics import squared_error
 from ptqconv.graph.naming import node_key
 from ptqconv.graph.ops import data_dependent_outputs
+from ptqconv.graph.weight_slots import recurrent_weight_slots
 from ptqconv.imported import Imported, resolve, saturating
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
@@ -727,6 +728,8 @@ class PostTraining:
             embedding_tables=[r for r in built.tables if r.quantized],
             bias_corrections=built.corrections,
             integer_activations=dict(built.qdq.integer_activations),
+            recurrent_float=sum(len(recurrent_weight_slots(node)) for node
+                                in ir.traversal.RecursiveGraphIterator(built.model.graph)),
         )
 
     def _summary(self, built: Built, choice: Choice, measured: list[Measured],

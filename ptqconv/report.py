@@ -124,6 +124,8 @@ class PostTrainingSummary:
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
+    # Constant W and R of LSTM / GRU / RNN nodes, which stay float (no static int8 kernel).
+    recurrent_float: int = 0
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
     latency_check: LatencyCheck | None = None  # all-integer against the cost model's plan
     plan_check: PlanCheck | None = None  # the cost model's plan against all-integer
@@ -224,17 +226,25 @@ class TargetReport:
 
 @dataclass(frozen=True)
 class InferredShape:
-    """An input shape with a dimension read from a sample file's size."""
+    """An input shape with a dimension read from the sample files' sizes."""
 
     what: str  # "calibration data", "eval data"
     name: str
     dtype: str
-    shape: tuple[int, ...]
-    file: Path
+    shape: tuple[int, ...]  # the longest sample's
+    file: Path  # the first sample's
+    axis: int = 0  # the dimension read
+    shortest: int | None = None  # the shortest length there (None: all alike)
 
     def line(self) -> str:
-        return (f"  {self.what}: input {self.name!r} read as {self.dtype} "
-                f"[{','.join(map(str, self.shape))}] (from the size of {shown(self.file.name)})")
+        dims = [str(d) for d in self.shape]
+        if self.shortest is None or self.shortest == self.shape[self.axis]:
+            source = f"from the size of {shown(self.file.name)}"
+        else:
+            dims[self.axis] = f"{self.shortest}..{self.shape[self.axis]}"
+            source = "from each file's size"
+        return f"  {self.what}: input {self.name!r} read as {self.dtype} [{','.join(dims)}] " \
+               f"({source})"
 
 
 @dataclass
@@ -436,6 +446,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
         *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
         f"  node units quantized: {s.units}",
+        *([f"  LSTM/GRU/RNN weights kept float: {s.recurrent_float} (onnxruntime has no "
+           "static int8 recurrent kernel; DynamicQuant runs LSTMs in int8, WeightQuant stores "
+           "them in fewer bits)"] if s.recurrent_float else []),
         *kept_float_lines(s.latency_plan),
         *([f"  {_nothing(s)}: onnxruntime runs the units above fastest in float on this "
            "CPU (the cost model's prediction); [full_quant_param] latency_aware=false "

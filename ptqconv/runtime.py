@@ -132,11 +132,12 @@ def initializer_bytes(model: ir.Model) -> int:
 def _loadable(source: ModelSource) -> Iterator[str | bytes]:
     """`source` as what onnxruntime loads: a path, or serialized bytes for an in-memory model
     with at most IN_MEMORY_BYTES of weights (a bigger one goes to a temporary file with
-    external data)."""
+    external data, and so does one that still reads weights from its files: bytes would
+    name them relative to the current directory)."""
     if isinstance(source, onnx.ModelProto):
         yield source.SerializeToString()
     elif isinstance(source, ir.Model):
-        if initializer_bytes(source) <= IN_MEMORY_BYTES:
+        if initializer_bytes(source) <= IN_MEMORY_BYTES and not _reads_files(source):
             yield ir.to_proto(source).SerializeToString()
             return
         with temporary_directory() as tmp:
@@ -151,6 +152,12 @@ def _loadable(source: ModelSource) -> Iterator[str | bytes]:
         yield source
     else:
         yield path_source(Path(source))
+
+
+def _reads_files(model: ir.Model) -> bool:
+    """Whether some initializer of `model` is still data in a file (not read into memory)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor)
+               for graph in model.graphs() for v in graph.initializers.values())
 
 
 def path_source(path: Path) -> str | bytes:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ptqconv.calibrate.dataset import (
     CalibrationSet,
     InputSpec,
+    SampleFormat,
     model_inputs,
 )
 from ptqconv.errors import PtqError, PtqUsageError
@@ -305,13 +306,29 @@ def test_wrong_file_size_names_file_and_sizes(tmp_path):
     )
     # Only the files used are checked.
     assert len(CalibrationSet.open([s], [(None, d)], count=3)) == 3
-    # An inferred shape says where it came from; `what` prefixes the message.
+    # A dimension read from the files' sizes says so; `what` prefixes the message.
     dyn = spec("x", F32, (None, 16, 16))
     msg = usage_error([dyn], [(None, d)], count=10, what="eval data")
     assert msg == (
-        f"eval data: input 'x': {d / '000003.bin'} is 1000 bytes; "
-        "expected 1024 (float32 [1,16,16], inferred from 000000.bin)"
+        f"eval data: input 'x': {d / '000003.bin'} is 1000 bytes, not a positive multiple of "
+        "1024 (float32 [?,16,16], dimension 0 read from each file's size); pass "
+        "--inputShape=x:d0,16,16 or input_shape in the config if the files are of another shape"
     )
+
+
+def test_samples_of_different_lengths_are_read_each_at_its_own(tmp_path):
+    """A sequence model's one dynamic dimension is read from each file's size: its samples
+    may differ in length; `shapes` holds the longest (what latency planning costs)."""
+    s = spec("x", F32, (1, None, 4))
+    lengths = [5, 3, 9, 1]
+    arrays = [np.arange(n * 4, dtype=np.float32).reshape(1, n, 4) for n in lengths]
+    data = CalibrationSet.open([s], [(None, write(tmp_path / "x", arrays))], count=4)
+    got = [sample["x"] for sample in data]
+    assert [a.shape for a in got] == [(1, n, 4) for n in lengths]
+    assert all((a == b).all() for a, b in zip(got, arrays, strict=True))
+    assert data.shapes == {"x": (1, 9, 4)} and data.shortest == {"x": 1}
+    assert data.axes == {"x": 1} and data.inferred == {"x"}
+    assert [sample["x"].shape for sample in data.subset([2, 1])] == [(1, 9, 4), (1, 3, 4)]
 
 
 @pytest.mark.parametrize(
@@ -396,3 +413,10 @@ def test_dynamic_batch_is_one_when_another_dim_is_inferred(tmp_path):
     cs = CalibrationSet.open([s], [(None, d)], count=1)
     assert cs.shapes == {"ids": (1, 64)}
     assert next(iter(cs))["ids"].tolist() == [list(range(64))]
+
+
+def test_a_file_layout_for_a_model_without_4d_inputs_is_said_to_do_nothing():
+    assert SampleFormat("bin", (), "NHWC").describe() == (
+        ".bin samples in the inputs' shapes (--inputDataFormat=NHWC applies to 4-D inputs "
+        "only; the model has none)")
+    assert SampleFormat("bin", (), None).describe() == ".bin samples in the inputs' shapes"

@@ -99,3 +99,63 @@ def test_skip_quant_node_keeps_a_table_float(tmp_path, skip):
     report, (_, out) = convert_embedding(tmp_path, extra)
     assert report.post_training.embedding_tables == []
     assert "table" in {t.name for t in onnx.load(str(out)).graph.initializer}
+
+
+def bag_model(table: np.ndarray, bags: int) -> onnx.ModelProto:
+    """An EmbeddingBag as TorchScript exports it: a Loop whose body gathers one bag's rows
+    of the main graph's table (one row per bag here) and reduces them (negates it)."""
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["ids", "i"], ["id"]),
+         helper.make_node("Gather", ["table", "id"], ["row"], name="bag_rows"),
+         helper.make_node("Neg", ["row"], ["bag"]),
+         helper.make_node("Identity", ["cond"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("bag", TensorProto.FLOAT, [table.shape[1]])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "yes"], ["bags"], body=body)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [bags])],
+        [helper.make_tensor_value_info("bags", TensorProto.FLOAT, [bags, table.shape[1]])],
+        [numpy_helper.from_array(table, "table"),
+         numpy_helper.from_array(np.array(bags, np.int64), "trips"),
+         numpy_helper.from_array(np.array(True), "yes")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_table_gathered_inside_a_loop_body_is_quantized(tmp_path):
+    """The rows a Loop body gathers from the main graph's table are read as integers there
+    and dequantized per row, like a main-graph Gather's."""
+    table = np.random.default_rng(0).standard_normal((100, 16)).astype(np.float32)
+    model = ir.serde.deserialize_model(bag_model(table, 5))
+    (record,) = GatherQuantPass(PER_ROW)(model).records
+    assert record.quantized and record.nodes == ("bag_rows",)
+    assert "table" not in model.graph.initializers
+    # Unnamed values get names per graph when saved, which could repeat across graphs.
+    assert all(v.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
+               for v in node.outputs)
+    path = tmp_path / "q.onnx"
+    ir.save(model, path)
+    ids = np.array([3, 97, 0, 41, 3])
+    (got,) = run_model(path, {"ids": ids})
+    step = np.abs(table).max(axis=1) / 127
+    assert np.all(np.abs(-got - table[ids]) <= step[ids][:, None] / 2 * 1.00001)
+
+
+@pytest.mark.parametrize(("bits", "config"), [(8, ""), (4, "block_size=0\n")])
+def test_weight_quant_quantizes_a_table_a_loop_body_gathers(tmp_path, bits, config):
+    """At 8 bits the body gathers integer rows; in an int4 table (which Gather cannot read)
+    the main graph dequantizes the table once, before the Loop."""
+    table = np.random.default_rng(1).standard_normal((100, 16)).astype(np.float32)
+    src = save(bag_model(table, 5), tmp_path / "m.onnx")
+    (tmp_path / "c.ini").write_text(f"[weight_quant_param]\nmeasure_latency=false\n{config}")
+    out = tmp_path / "q.onnx"
+    report = ptqconv.convert(src, out, "WeightQuant", bit_num=bits,
+                             config_file=tmp_path / "c.ini")
+    (record,) = report.weights
+    assert record.quantized and record.nodes == ("bag_rows",)
+    ids = np.array([3, 97, 0, 41, 3])
+    (got,) = run_model(out, {"ids": ids})
+    levels = 2 ** bits - 1
+    step = (table.max(axis=1) - table.min(axis=1)) / levels
+    assert np.all(np.abs(-got - table[ids]) <= step[ids][:, None] * 0.5001)

@@ -143,6 +143,18 @@ def test_a_config_quant_type_contradicting_the_flag_is_refused(tmp_path, capsys)
            "c.ini:6: [common_quant_param] quant_type=WeightQuant")
 
 
+def test_samples_of_different_batches_or_lengths(tmp_path, capsys):
+    """Each file's size gives its own sample's length along the one dynamic dimension."""
+    files = digits_workspace(tmp_path)
+    files["config"].write_text("[data_preprocess_param]\ncalibrate_path=input:calib\n")
+    for path in sorted(files["calib"].iterdir())[::3]:
+        path.write_bytes(path.read_bytes() * 3)
+    status, out, err = cli(capsys, *_pt(files))
+    assert status == 0, err
+    assert ("calibration data: input 'input' read as float32 [1..3,1,8,8] (from each file's "
+            "size)") in out
+
+
 def test_samples_holding_several_batches(tmp_path, capsys):
     files = digits_workspace(tmp_path)
     files["config"].write_text("[data_preprocess_param]\ncalibrate_path=input:calib\n")

@@ -12,6 +12,7 @@ from models import (
     DIGITS,
     conv_net,
     digits_eval,
+    lstm,
     random_samples,
     residual_cnn,
     save,
@@ -556,6 +557,51 @@ def _detector_with_nms(size: int = 16) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _detector_with_top_k(size: int = 16) -> onnx.ModelProto:
+    """_detector_with_nms's scores, ranked by TopK: the best scores (values), their indices
+    and their boxes (gathered by index). Scores rounded to 8 bits tie where float's differ,
+    so indices and boxes change order."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    proto = _detector_with_nms(size)
+    count = size * size
+    graph = proto.graph
+    del graph.node[3:]  # from NonMaxSuppression on
+    del graph.output[1:]
+    graph.node.extend([
+        helper.make_node("Reshape", ["scores", "flat"], ["flat_scores"]),
+        helper.make_node("TopK", ["flat_scores", "k"], ["best", "index"]),
+        helper.make_node("Gather", ["anchor_rows", "index"], ["boxes"], axis=0)])
+    graph.initializer.extend([numpy_helper.from_array(np.array([count], np.int64), "flat"),
+                              numpy_helper.from_array(np.array([count], np.int64), "k")])
+    del graph.output[0]
+    graph.output.extend([helper.make_tensor_value_info("best", TensorProto.FLOAT, [count]),
+                         helper.make_tensor_value_info("index", TensorProto.INT64, [count]),
+                         helper.make_tensor_value_info("boxes", TensorProto.FLOAT,
+                                                       [count, 4])])
+    return proto
+
+
+def test_outputs_picked_by_top_k_indices_are_not_scored(tmp_path, capsys):
+    """AUTO scores a model whose outputs include TopK's indices and what they gather on its
+    other outputs: indices that swap between near-equal scores are no measure of error."""
+    model = save(_detector_with_top_k(), tmp_path / "m.onnx")
+    random_samples(tmp_path / "calib", 16, 0, (1, 3, 16, 16))
+    (tmp_path / "c.ini").write_text(
+        f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\ncalibrate_size=16\n"
+        f"[full_quant_param]\nlatency_aware=false\n")
+    status = main([f"--modelFile={model}", f"--outputFile={tmp_path / 'q.onnx'}",
+                   "--quantType=PostTraining", f"--configFile={tmp_path / 'c.ini'}"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "chosen by measurement" in out
+    assert "warning: the chosen model's output error" not in out, out
+    x = np.fromfile(sorted((tmp_path / "calib").iterdir())[0], np.float32).reshape(1, 3, 16, 16)
+    ref, got = run_model(model, {"x": x}), run_model(tmp_path / "q.onnx", {"x": x})
+    assert (ref[1] != got[1]).any(), "the test needs indices that change"
+    assert np.abs(ref[0] - got[0]).max() < 0.05
+
+
 def test_a_detector_whose_kept_boxes_change_in_number_is_scored_and_gated(tmp_path, capsys):
     """AUTO scores its candidates, and the accuracy gate compares, outputs whose shape
     depends on the data: a sample where quantization kept another number of boxes counts
@@ -583,3 +629,18 @@ def test_a_detector_whose_kept_boxes_change_in_number_is_scored_and_gated(tmp_pa
                   for s in x)
     assert changed, "the test needs a sample whose number of kept boxes changes"
     assert f"shape differs from float's on {changed} of 8 samples" in out
+
+
+def test_the_summary_counts_recurrent_weights_left_float(tmp_path, capsys):
+    """onnxruntime has no static int8 LSTM: its W and R stay float, and the summary says
+    so instead of only counting the units it quantized."""
+    model = save(lstm(), tmp_path / "m.onnx")
+    random_samples(tmp_path / "calib", 8, 0, (10, 1, 16))
+    (tmp_path / "c.ini").write_text(
+        f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\n"
+        "[full_quant_param]\nactivation_quant_method=MAX_MIN\nmeasure_latency=false\n")
+    status = main([f"--modelFile={model}", f"--outputFile={tmp_path / 'q.onnx'}",
+                   "--quantType=PostTraining", f"--configFile={tmp_path / 'c.ini'}"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "  LSTM/GRU/RNN weights kept float: 2 (onnxruntime has no static int8" in out, out

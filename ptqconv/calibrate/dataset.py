@@ -76,7 +76,9 @@ class SampleFormat:
         if self.kind == "image":
             return f"images, {self.image}, into the model's {model or 'layout'}"
         if not self.model_layouts:
-            return ".bin samples in the inputs' shapes"
+            ignored = (f" (--inputDataFormat={self.file_layout} applies to 4-D inputs only; "
+                       "the model has none)" if self.file_layout else "")
+            return f".bin samples in the inputs' shapes{ignored}"
         if self.file_layout is None:
             return (f".bin samples in the model's {model} layout (MindSpore's NHWC .bin files: "
                     "--inputDataFormat=NHWC)")
@@ -84,6 +86,8 @@ class SampleFormat:
             return f".bin samples in {self.file_layout} (--inputDataFormat), the model's layout"
         return (f".bin samples in {self.file_layout} (--inputDataFormat), transposed to the "
                 f"model's {model}")
+
+
 def model_inputs(model_path: Path, check: bool = True) -> list[InputSpec]:
     """The graph inputs of the model at `model_path` that are not initializers, in graph order.
 
@@ -144,17 +148,25 @@ class CalibrationSet:
         what: str = "calibration data",
         layout: str | None = None,
         image: ImagePreprocess | None = None,
-        inferred: frozenset[str] = frozenset(),
+        axes: Mapping[str, int] | None = None,
+        shortest: Mapping[str, int] | None = None,
     ) -> None:
         self.inputs = inputs
-        self.shapes = shapes
+        self.shapes = shapes  # the largest sample's where lengths vary
         self.files = files
         self.layout = layout  # of 4-D .bin files; None: the model's
         self.image = image
-        # Inputs whose shape has a dimension read from the first file's size.
-        self.inferred = inferred
+        # Inputs with a dimension read from each file's size (input -> axis), and the
+        # shortest length read there (`shapes` holds the longest).
+        self.axes = dict(axes or {})
+        self.shortest = dict(shortest or {})
         self._what = what
         self._count = min((len(f) for f in files.values()), default=0)
+
+    @property
+    def inferred(self) -> frozenset[str]:
+        """Inputs whose shape has a dimension read from the files' sizes."""
+        return frozenset(self.axes)
 
     @property
     def format(self) -> SampleFormat:
@@ -184,7 +196,8 @@ class CalibrationSet:
         `count_given` says where `count` was asked for: then fewer files is an error, as in
         MindSpore.
         `shapes` (from ``--inputShape`` or the config's ``input_shape``) fixes dynamic
-        dimensions; a single dimension still dynamic is inferred from the first file's size.
+        dimensions; a single dimension still dynamic is read from each file's size, so the
+        samples of a sequence model may differ in length.
         With `check_values`, float files are read once to reject NaN/Inf (and bool files to
         reject bytes other than 0 and 1). `what` starts every message. `layout` is the
         layout of 4-D `.bin` files (--inputDataFormat; None: the model's). With `image` the
@@ -226,30 +239,33 @@ class CalibrationSet:
             return cls(inputs, resolved, files, what, layout, image)
 
         resolved: dict[str, tuple[int, ...]] = {}
-        inferred: set[str] = set()
+        axes: dict[str, int] = {}
+        shortest: dict[str, int] = {}
         for spec in inputs:
-            shape, was_inferred = _resolve_shape(
-                spec, user_shapes.get(spec.name), files[spec.name][0], what
-            )
+            shape, axis = _resolve_shape(spec, user_shapes.get(spec.name),
+                                         files[spec.name][0], what)
             resolved[spec.name] = shape
-            if was_inferred:
-                inferred.add(spec.name)
+            if axis is not None:
+                axes[spec.name] = axis
 
         for spec in inputs:
-            origin = ""
-            if spec.name in inferred:
-                origin = f", inferred from {one_line(files[spec.name][0].name)}"
-            for path in files[spec.name]:
-                _check_size(spec, resolved[spec.name], path, what, origin)
+            shape, axis = resolved[spec.name], axes.get(spec.name)
+            if axis is None:
+                for path in files[spec.name]:
+                    _check_size(spec, shape, path, what, "")
+            else:
+                lengths = [_length(spec, shape, axis, path, what) for path in files[spec.name]]
+                resolved[spec.name] = _with(shape, axis, max(lengths))
+                shortest[spec.name] = min(lengths)
             _check_memory(spec, resolved[spec.name], what,
-                          blame_model=spec.name not in user_shapes and spec.name not in inferred)
+                          blame_model=spec.name not in user_shapes and axis is None)
 
+        data = cls(inputs, resolved, files, what, layout, axes=axes, shortest=shortest)
         if check_values:
             for spec in inputs:
                 for path in files[spec.name]:
-                    _check_values(spec, resolved[spec.name], path, what)
-
-        return cls(inputs, resolved, files, what, layout, inferred=frozenset(inferred))
+                    _check_values(spec, data.sample_shape(spec, path), path, what)
+        return data
 
     @classmethod
     def from_files(
@@ -284,11 +300,11 @@ class CalibrationSet:
                 resolved[spec.name] = _image_shape(spec, image, user.get(spec.name), [path],
                                                    what)
                 continue
-            shape, inferred = _resolve_shape(spec, user.get(spec.name), path, what)
-            _check_size(spec, shape, path, what, ", inferred from the file size" if inferred
-                        else "")
+            shape, axis = _resolve_shape(spec, user.get(spec.name), path, what)
+            _check_size(spec, shape, path, what, ", inferred from the file size"
+                        if axis is not None else "")
             _check_memory(spec, shape, what,
-                          blame_model=spec.name not in user and not inferred)
+                          blame_model=spec.name not in user and axis is None)
             _check_values(spec, shape, path, what)
             resolved[spec.name] = shape
         return cls(inputs, resolved, {s.name: [p] for s, p in zip(inputs, files, strict=True)},
@@ -299,7 +315,7 @@ class CalibrationSet:
         return CalibrationSet(self.inputs, self.shapes,
                               {name: [files[i] for i in indices]
                                for name, files in self.files.items()}, self._what,
-                              self.layout, self.image, self.inferred)
+                              self.layout, self.image, self.axes, self.shortest)
 
     @property
     def what(self) -> str:
@@ -316,6 +332,13 @@ class CalibrationSet:
             yield {spec.name: self._sample(spec, self.files[spec.name][k])
                    for spec in self.inputs}
 
+    def sample_shape(self, spec: InputSpec, path: Path) -> tuple[int, ...]:
+        """The shape of `spec`'s sample in the file `path` (checked by `open`)."""
+        shape, axis = self.shapes[spec.name], self.axes.get(spec.name)
+        if axis is None:
+            return shape
+        return _with(shape, axis, _length(spec, shape, axis, path, self._what))
+
     def _sample(self, spec: InputSpec, path: Path) -> np.ndarray:
         shape = self.shapes[spec.name]
         if self.image is not None:
@@ -328,6 +351,7 @@ class CalibrationSet:
                     f"{_fmt(pixels.shape)} after preprocessing; expected {_fmt(shape[1:])} "
                     "like the other images")
             return pixels.reshape(shape).astype(spec.dtype)
+        shape = self.sample_shape(spec, path)
         if self.layout is None or spec.layout is None or self.layout == spec.layout:
             return _read(spec, shape, path, self._what)
         # The file holds the other 4-D layout: read it as such, then transpose.
@@ -491,8 +515,9 @@ def check_user_shapes(
 
 def _resolve_shape(
     spec: InputSpec, user: tuple[int, ...] | None, first_file: Path, what: str
-) -> tuple[tuple[int, ...], bool]:
-    """The concrete shape of one sample of `spec`, and whether a dimension was inferred."""
+) -> tuple[tuple[int, ...], int | None]:
+    """The concrete shape of one sample of `spec` (in `first_file`), and the axis of the
+    dimension read from the file's size (None: none was)."""
     model = spec.shape
     if user is not None:
         if model is not None:
@@ -507,7 +532,7 @@ def _resolve_shape(
                         f"{what}: input {spec.name!r}: input shape {_fmt(user)} disagrees with "
                         f"the model's shape {_fmt(model)} at dimension {i} ({u} vs {m})"
                     )
-        return user, False
+        return user, None
     if model is None:
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: the model declares no shape (unknown rank), so the "
@@ -515,7 +540,7 @@ def _resolve_shape(
         )
     unknown = [i for i, d in enumerate(model) if _is_dynamic(d)]
     if not unknown:
-        return tuple(int(d) for d in model), False
+        return tuple(int(d) for d in model), None
     if len(unknown) > 1 and unknown[0] == 0:
         # One file holds one sample: a dynamic leading (batch) dimension is 1.
         model = (1, *model[1:])
@@ -536,7 +561,24 @@ def _resolve_shape(
             f"{unknown[0]}), so dimension {unknown[0]} cannot be inferred; pass {_hint(spec)}"
         )
     shape = tuple(size // unit if i == unknown[0] else int(d) for i, d in enumerate(model))
-    return shape, True
+    return shape, unknown[0]
+
+
+def _with(shape: tuple[int, ...], axis: int, length: int) -> tuple[int, ...]:
+    return (*shape[:axis], length, *shape[axis + 1:])
+
+
+def _length(spec: InputSpec, shape: tuple[int, ...], axis: int, path: Path, what: str) -> int:
+    """The length along `axis` of the sample in `path`, read from the file's size."""
+    unit = math.prod(_with(shape, axis, 1)) * spec.dtype.itemsize
+    size = _size(spec.name, path, what)
+    if size == 0 or size % unit:
+        dims = ",".join("?" if i == axis else str(d) for i, d in enumerate(shape))
+        raise PtqUsageError(
+            f"{what}: input {spec.name!r}: {shown(path)} is {size} bytes, not a positive "
+            f"multiple of {unit} ({spec.dtype.name} [{dims}], dimension {axis} read from "
+            f"each file's size); pass {_hint(spec)} if the files are of another shape")
+    return size // unit
 
 
 def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str) -> None:

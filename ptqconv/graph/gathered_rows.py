@@ -22,7 +22,8 @@ def dequantize_gathered(graph: ir.Graph, names: NameAllocator, node: ir.Node,
     zero_point). Per row: (Cast(rows) - zero_points) * scales, each row's scale (and zero
     point, unless `zero_point` is None) gathered with it; exact like DequantizeLinear, since
     the difference of two small integers is exact in float. The last node's output takes the
-    gathered value's name and place; new names start with `base`, the float table's."""
+    gathered value's name and place; new names start with `base`, the float table's. New
+    constants go to `graph` (the table's), new nodes beside `node` (in a body, perhaps)."""
     prefix = node.name or base
     indices = node.inputs[1]
     node.replace_input_with(0, integers)
@@ -58,7 +59,13 @@ def dequantize_gathered(graph: ir.Graph, names: NameAllocator, node: ir.Node,
         first = last = ir.node("DequantizeLinear", inputs,
                                name=names.new(f"{prefix}_DequantizeLinear"))
         chain = [first]
-    graph.insert_after(node, chain)
+    assert node.graph is not None
+    # Named here: values left unnamed are named per graph when saved, and a Loop body's
+    # names would repeat the main graph's.
+    for step in chain:
+        for value in step.outputs:
+            value.name = value.name or names.new(f"{step.name}_output")
+    node.graph.insert_after(node, chain)
     # The chain's output takes the gathered value's place (and name); the integer rows
     # feed the chain.
     out = last.outputs[0]

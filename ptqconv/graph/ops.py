@@ -66,13 +66,18 @@ def same_pads(spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[i
 # Ops whose output shape, or order, depends on the values they read: what follows them can
 # differ in shape or order between a float model and its quantized copy.
 DATA_DEPENDENT_OPS = frozenset({"NonMaxSuppression", "NonZero", "Unique", "Compress"})
+# Outputs that pick elements by comparing values (op: output indices): rounding two close
+# values differently picks another element, so what is computed from them jumps. TopK's
+# values (output 0) are its input's largest values whatever their order: they stay close.
+SELECTING_OUTPUTS = {"TopK": (1,), "ArgMax": (0,), "ArgMin": (0,)}
 
 
 def data_dependent_outputs(graph: ir.Graph) -> frozenset[str]:
     """Names of the graph outputs computed from a data-dependent op's output (DATA_DEPENDENT_OPS,
-    in this graph: the boxes a NonMaxSuppression kept)."""
-    pending = [v for n in graph if n.op_type in DATA_DEPENDENT_OPS and is_onnx(n)
-               for v in n.outputs]
+    in this graph: the boxes a NonMaxSuppression kept) or from indices chosen by comparing
+    values (SELECTING_OUTPUTS: the boxes of TopK's best scores)."""
+    pending = [v for n in graph if is_onnx(n) for i, v in enumerate(n.outputs)
+               if n.op_type in DATA_DEPENDENT_OPS or i in SELECTING_OUTPUTS.get(n.op_type, ())]
     seen: set[ir.Value] = set()
     while pending:
         value = pending.pop()

@@ -48,7 +48,9 @@ class GatherQuantPass(ir.passes.InPlacePass):
         graph = model.graph
         names = NameAllocator(graph)
         result = GatherQuantResult(model, False)
-        for node in list(graph):
+        # Gathers inside Loop or If bodies too: an EmbeddingBag exported by TorchScript
+        # gathers each bag's rows of the main graph's table in a Loop.
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if not is_onnx(node) or node.op_type != "Gather" or node.inputs[0] is None:
                 continue
             table = node.inputs[0]

@@ -125,7 +125,14 @@ class WeightQuantPass(ir.passes.InPlacePass):
     def plan(self, graph: ir.Graph) -> list[Target]:
         """Every weight of `graph` in order: why it stays float, or its layout."""
         slots: dict[ir.Value, list[WeightSlot]] = {}
-        for node in graph:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.graph is not graph:
+                # In a Loop or If body only tables: an EmbeddingBag exported by TorchScript
+                # gathers each bag's rows of the main graph's table in a Loop.
+                found = weight_slot(node) if node.op_type == "Gather" else None
+                if found is not None:
+                    slots.setdefault(node.inputs[found.index], []).append(found)
+                continue
             found = weight_slot(node) or transposed_weight_slot(node)
             for slot in [found] if found is not None else recurrent_weight_slots(node):
                 slots.setdefault(node.inputs[slot.index], []).append(slot)
@@ -280,7 +287,9 @@ class WeightQuantPass(ir.passes.InPlacePass):
         dequant = ir.node(
             "DequantizeLinear", inputs, attributes, name=names.new(f"{name}_DequantizeLinear")
         )
-        graph.insert_before(rest[0].node, dequant)
+        # Before its first reader, or first of all where that is in a body.
+        graph.insert_before(rest[0].node if rest[0].node.graph is graph else next(iter(graph)),
+                            dequant)
         out = dequant.outputs[0]
         out.type = ir.TensorType(float_type)
         out.shape = ir.Shape(integer.q.shape)
