@@ -671,7 +671,8 @@ class PostTraining:
             float_tensors=len(imported.float_tensors), float_ops=len(imported.float_ops),
             calibrated=len(roots - used - set(imported.ranges) - set(built.plan.fixed)),
             computed=qdq.weights_quantized - sum(1 for n in used if n in imported.weights),
-            unused=unused, derived=derived, choices=built.choice.label() if replayed else "",
+            unused=unused, derived=derived,
+            choices=built.choice.label(_applied(built)) if replayed else "",
             saturating=(saturating(imported, built.prepared.graph)
                         if self.settings.target.saturates else 0))
 
@@ -748,8 +749,7 @@ class PostTraining:
             latency_plan=self.latency,
             **self._built_fields(built),
             chosen=choice.label(),
-            chosen_shown=choice.label(frozenset(r.technique for r in built.migrations
-                                                if r.migrated)),
+            chosen_shown=choice.label(_applied(built)),
             measured=measured,
             held_out=(sum(len(_fold_samples(len(self.data), folds, f))
                           for f in _scored_folds(len(self.data), folds)) if measured else 0),
@@ -809,6 +809,11 @@ class _Scorer:
         from `start`."""
         return [Measured(_difference(start, choice), choice.label(), self.error(choice),
                          len(folds)) for choice, folds in self.sums.items()]
+
+
+def _applied(built: Built) -> frozenset[str]:
+    """The migrations that changed `built`'s model (the others are left out of labels)."""
+    return frozenset(r.technique for r in built.migrations if r.migrated)
 
 
 def _body_summaries(built: Built, kernels: dict[tuple[str, str], Counter]
