@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from ptqconv import encodings, files, modelio, runtime
@@ -29,6 +30,7 @@ from ptqconv.debug import layer_report, sensitivity
 from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.errors import PtqError, PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
+from ptqconv.evaluate.metrics import output_error
 from ptqconv.evaluate.run import random_sample
 from ptqconv.graph.ops import is_quantized
 from ptqconv.passes.float16 import Float16ConstantsPass
@@ -43,6 +45,7 @@ from ptqconv.report import (
     LatencyCheck,
     PlanCheck,
     PostTrainingSummary,
+    SampleError,
 )
 from ptqconv.runtime import Session
 from ptqconv.settings import (
@@ -229,12 +232,21 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
         report.latency_skipped = (f"no sample to time it on: {why}; --inputShape (or "
                                   "input_shape in [data_preprocess_param]) gives one")
         return
+    outputs: dict[str, list[np.ndarray]] = {}
     try:
         report.latency = runtime.compare_latency(
             models, sample,
-            session_config={runtime.AT_LOAD: runtime.DEQUANTIZE_AT_LOAD} if at_load else None)
+            session_config={runtime.AT_LOAD: runtime.DEQUANTIZE_AT_LOAD} if at_load else None,
+            outputs=outputs)
     except PtqError as exc:
         report.latency_skipped = str(exc)
+        return
+    # Weights alone have no held-out figure: the sample timed gives one, for free.
+    if not isinstance(settings.mode, PostTrainingSettings):
+        error = output_error(outputs["float"], outputs["quantized"])
+        if error is not None:
+            report.sample_error = SampleError(
+                error, "a calibration sample" if data is not None else "a seeded random input")
 
 
 def _crowded(need: int) -> str:

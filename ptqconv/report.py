@@ -225,6 +225,24 @@ class TargetReport:
 
 
 @dataclass(frozen=True)
+class SampleError:
+    """The written model's output error against float's on the one sample it was timed on
+    (evaluate.metrics.output_error: noise over the float outputs' power)."""
+
+    error: float
+    on: str  # "a calibration sample", "a seeded random input"
+
+    def lines(self) -> list[str]:
+        lines = [f"  output error against float on {self.on}: {self.error:.3g} of the float "
+                 "outputs' power"]
+        if self.error >= POOR_OUTPUT_ERROR:
+            lines.append(f"  warning: above {POOR_OUTPUT_ERROR} (about 10 dB) on this one "
+                         "sample: check the model on your data (--accuracyThreshold with "
+                         "[evaluate_param] eval data); more bits keep more")
+        return lines
+
+
+@dataclass(frozen=True)
 class InferredShape:
     """An input shape with a dimension read from the sample files' sizes."""
 
@@ -275,6 +293,9 @@ class ConversionReport:
     # load", runtime.DEQUANTIZE_AT_LOAD); None: not measured, `latency_skipped` says why.
     latency: Latency | None = None
     latency_skipped: str = ""
+    # WeightQuant and DynamicQuant: the output error on the sample timed (PostTraining
+    # measures its own on held-out samples).
+    sample_error: SampleError | None = None
 
     @property
     def gate_failures(self) -> list[str]:
@@ -360,6 +381,7 @@ class ConversionReport:
         if self.latency is not None:
             lines.append(latency_line(self.latency))
             lines += at_load_lines(self.latency)
+            lines += self.sample_error.lines() if self.sample_error is not None else []
             if self.post_training is not None and self.slower_than_float:
                 lines.append(slower_line(self.latency, ratio))
         elif self.latency_skipped:

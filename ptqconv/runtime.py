@@ -378,7 +378,8 @@ def _binomial_tail(n: int, k: int) -> float:
 
 def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.ndarray],
                     threads: int = 0, budget_s: float = BUDGET_SECONDS,
-                    session_config: Mapping[str, Mapping[str, str]] | None = None) -> Latency:
+                    session_config: Mapping[str, Mapping[str, str]] | None = None,
+                    outputs: dict[str, list[np.ndarray]] | None = None) -> Latency:
     """Time `models` the way a user deploys them (onnxruntime's default session options,
     all graph optimizations, plus the `session_config` entries given for a label),
     interleaved: every round runs each model once, in a shuffled order, so that load from
@@ -387,7 +388,8 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
     One difference from the defaults: idle intra-op threads spin at most SPIN_US. With
     onnxruntime's unbounded spinning, the threads of the sessions not running kept the cores
     busy, and on 2 cores a model timed beside two others ran at 1.8x its time alone, with
-    ratios moving by 0.3 between rounds (docs/decisions.md, latency timings)."""
+    ratios moving by 0.3 between rounds (docs/decisions.md, latency timings). `outputs`, when
+    given, receives each model's outputs on the sample (from its first warm-up run)."""
     threads = threads or os.cpu_count() or 1
     sessions = {}
     for label, source in models.items():
@@ -407,8 +409,10 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
     feeds = dict(feeds)
     for label, session in sessions.items():
         try:
-            for _ in range(WARM_UP):
-                session.run(None, feeds)
+            for run in range(WARM_UP):
+                got = session.run(None, feeds)
+                if outputs is not None and run == 0:
+                    outputs[label] = got
         except Exception as exc:
             raise PtqError(f"{label}: onnxruntime cannot run it on the sample: "
                            f"{first_line(exc)}") from None

@@ -288,7 +288,7 @@ def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings) -> tupl
     monkeypatch.setattr(target, "detect", lambda: target.resolve(detected))
     calls = []
 
-    def compare(models, feeds, threads=0, budget_s=0.0, session_config=None):
+    def compare(models, feeds, threads=0, budget_s=0.0, session_config=None, outputs=None):
         ms = timings(sorted(models), len(calls))
         calls.append(sorted(models))
         return Latency({label: ms[label] for label in models}, 10, 2, f"a {detected} CPU")

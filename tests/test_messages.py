@@ -210,3 +210,18 @@ def test_the_cursor_is_shown_again_after_an_interruption(tmp_path, monkeypatch):
     assert shown.rindex("\x1b[?25h") > shown.rindex("\x1b[?25l")
     assert shown.endswith("ptqconv: error: interrupted\n")
     assert np.array_equal(sorted(p.name for p in tmp_path.iterdir()), ["c.ini", "calib", "m.onnx"])
+
+
+@pytest.mark.parametrize(("bits", "warned"), [(8, False), (1, True)])
+def test_weight_quant_states_its_output_error_on_the_sample_it_timed(tmp_path, capsys, bits,
+                                                                     warned):
+    """WeightQuant has no held-out samples: the sample it times both models on gives the
+    output error, and a warning where it is above 10 dB."""
+    files = digits_workspace(tmp_path)
+    status, out, err = cli(capsys, *_wq(files, f"--bitNum={bits}"))
+    assert status == 0, err
+    line = next(x for x in out.splitlines() if "output error against float" in x)
+    assert line.startswith("  output error against float on a seeded random input: ")
+    error = float(line.split(": ")[1].split()[0])
+    assert (error >= 0.1) == warned
+    assert ("  warning: above 0.1 (about 10 dB) on this one sample" in out) == warned

@@ -19,6 +19,7 @@ from ptqconv.evaluate.metrics import (
     OutputComparison,
     mean_bias,
     model_mean_bias_percent,
+    output_error,
     squared_error,
 )
 
@@ -287,3 +288,25 @@ def test_streaming_over_chunks_equals_one_update(case):
     for key in ("mean_bias_percent", "cosine", "sqnr_db"):
         assert many[key] == pytest.approx(one[key], rel=1e-9, abs=1e-12), key
     assert many["samples"] == len(bounds) - 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(reference=hnp.arrays(np.float32, st.integers(1, 40),
+                            elements=st.floats(-100, 100, width=32)),
+       noise=st.floats(0.0, 10.0), seed=st.integers(0, 2**31 - 1))
+def test_output_error_is_the_mean_noise_to_signal_ratio_of_float_outputs(reference, noise,
+                                                                         seed):
+    rng = np.random.default_rng(seed)
+    output = reference + noise * rng.standard_normal(reference.shape).astype(np.float32)
+    ids = np.arange(3)
+    power = float(np.square(reference.astype(np.float64)).sum())
+    got = output_error([reference, ids, reference], [output, ids[::-1], reference])
+    want = (squared_error(reference, output) / power if power
+            else (0.0 if not squared_error(reference, output) else math.inf))
+    # Integer outputs (indices) are no measure; the exact second float output adds 0.
+    assert got == pytest.approx(want / 2, rel=1e-12)
+
+
+def test_output_error_of_outputs_that_are_not_float_is_none():
+    assert output_error([np.arange(3)], [np.arange(3)]) is None
+    assert output_error([], []) is None

@@ -29,7 +29,7 @@ Where we differ from MindSpore, on purpose:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -107,6 +107,20 @@ def squared_error(reference: np.ndarray, output: np.ndarray) -> float:
     if r.shape != o.shape:
         return float(np.square(r).sum() + np.square(o).sum())
     return float(np.square(o - r).sum())
+
+
+def output_error(references: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
+                 ) -> float | None:
+    """Mean over the float outputs of squared_error over the reference's power (the
+    noise-to-signal ratio PostTraining's held-out scoring reports); None without any."""
+    ratios = []
+    for reference, output in zip(references, outputs, strict=True):
+        if not np.issubdtype(reference.dtype, np.floating):
+            continue
+        signal = float(np.square(reference.astype(np.float64)).sum())
+        noise = squared_error(reference, np.asarray(output))
+        ratios.append(noise / signal if signal else (0.0 if not noise else math.inf))
+    return float(np.mean(ratios)) if ratios else None
 
 
 def sqnr_db(signal_sq: float, noise_sq: float) -> float:
