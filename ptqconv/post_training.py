@@ -553,8 +553,8 @@ class PostTraining:
         if s.bias_correction is not False:
             points += [folded(p, folds) for p in bias_correction.statistic_points(model.graph)]
         scored = _scored_folds(len(self.data), folds)
-        points += [StatisticPoint(v.name, Statistic(FoldValues, (folds, scored, MAX_HELD_OUT)))
-                   for v in model.graph.outputs if v.name not in inputs]
+        points += [StatisticPoint(name, Statistic(FoldValues, (folds, scored, MAX_HELD_OUT)))
+                   for name in _scored_outputs(model.graph, inputs)]
         points += self._shape_points(tensors)
         label = "calibrating (AUTO)" if s.method == AUTO else f"calibrating ({s.method})"
         return collect(model, points, self.data, s.threads,
@@ -570,11 +570,6 @@ class PostTraining:
         kept = Statistic(FoldValues, (folds, scored, MAX_HELD_OUT))
         references = {name: found.values for v in float_model.graph.outputs
                       if (found := statistics.get(name := v.name, kept)) is not None}
-        # What a NonMaxSuppression kept changes order and number with any rounding: scored
-        # on the outputs before it where the model has any.
-        dependent = data_dependent_outputs(float_model.graph)
-        references = ({n: v for n, v in references.items() if n not in dependent}
-                      or references)
         if not references:  # nothing float to compare: keep what the settings say
             return start, []
         scorer = _Scorer(self, float_model, tensors, statistics, folds, scored, references)
@@ -809,6 +804,15 @@ class _Scorer:
         from `start`."""
         return [Measured(_difference(start, choice), choice.label(), self.error(choice),
                          len(folds)) for choice, folds in self.sums.items()]
+
+
+def _scored_outputs(graph: ir.Graph, inputs: frozenset[str]) -> list[str]:
+    """The outputs AUTO scores candidates on: what a NonMaxSuppression kept (or TopK picked)
+    changes order and number with any rounding, so the outputs before such an op where the
+    model has any, else all of them."""
+    outputs = [v.name for v in graph.outputs if v.name not in inputs]
+    dependent = data_dependent_outputs(graph)
+    return [n for n in outputs if n not in dependent] or outputs
 
 
 def _applied(built: Built) -> frozenset[str]:
