@@ -322,7 +322,8 @@ class ConversionReport:
     def format(self, max_skipped: int = 20) -> str:
         ratio = self.size_after / self.size_before if self.size_before else 0.0
         storages = sorted({w.storage for w in self.quantized})
-        lines = [f"{self.quant_type} {self.bit_num}-bit: {shown(self.model_file)} -> "
+        bits = f"{self.bit_num}-bit" if self.bit_num else "mixed bit"  # --bitNum=0
+        lines = [f"{self.quant_type} {bits}: {shown(self.model_file)} -> "
                  f"{shown(self.output_file)}"]
         lines += [shape.line() for shape in self.inferred_shapes]
         if self.quant_type == "WeightQuant":
@@ -490,10 +491,15 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
           if s.integer_activations else []),
     ]
     if grid is not None:
-        lines.append(
-            f"  weights quantized: {s.weights_quantized} (int8 symmetric"
-            f"{' per-channel' if s.per_channel else ''}, levels [{grid.qmin}, {grid.qmax}]"
-            f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''})")
+        own = (f"int8 symmetric{' per-channel' if s.per_channel else ''}, levels "
+               f"[{grid.qmin}, {grid.qmax}]"
+               f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''}")
+        # Imported weights keep the file's grids, whatever bit_num says.
+        imported = s.imported.weights if s.imported else 0
+        if imported:
+            own = ("on the encodings file's grids" if imported >= s.weights_quantized
+                   else f"{imported} on the encodings file's grids, the others {own}")
+        lines.append(f"  weights quantized: {s.weights_quantized} ({own})")
     if s.embedding_tables:
         before = sum(r.float_bytes for r in s.embedding_tables)
         after = sum(math.prod(r.shape) + 4 * r.shape[0] for r in s.embedding_tables)

@@ -438,8 +438,9 @@ def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | Non
         return None
     paths = pick.config("eval_path")
     if not paths:
+        flag = "--accuracyThreshold" if accuracy is not None else "--cosineDistanceThreshold"
         raise PtqUsageError(
-            "--accuracyThreshold needs held-out data: set eval_path in [evaluate_param] "
+            f"{flag} needs held-out data: set eval_path in [evaluate_param] "
             "of the config (name:dir like calibrate_path)")
     data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data",
                       layout, image, _where(pick, "eval_size"))

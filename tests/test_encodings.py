@@ -386,3 +386,41 @@ def test_the_encodings_file_written_never_replaces_the_one_imported(tmp_path, ca
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and "which this run reads" in line and "a.json" in line
     assert (tmp_path / "a.json").read_bytes() == before and not (tmp_path / "b.onnx").exists()
+
+
+def test_a_gptq_model_round_trips_to_the_same_bytes(tmp_path, capsys):
+    """GPTQ's integers are not the nearest ones on the grid the file records: replaying the
+    file with GPTQ on writes them again, not the weights rounded to nearest."""
+    config = tmp_path / "g.ini"
+    config.write_text((CONFIGS / "digits.ini").read_text().replace(
+        "calibrate_path=input:../", f"calibrate_path=input:{CONFIGS.parent}/").replace(
+        "[full_quant_param]", "[full_quant_param]\nquant_strategy=GPTQ\nmeasure_latency=false",
+        1))
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    model = DIGITS / "model.onnx"
+    assert main([f"--modelFile={model}", f"--outputFile={first}", "--quantType=PostTraining",
+                 f"--configFile={config}", f"--encodingsFile={tmp_path / 'a.json'}"]) == 0
+    replay = _import_config(config, tmp_path / "a.json", tmp_path / "b.ini")
+    assert main([f"--modelFile={model}", f"--outputFile={second}", "--quantType=PostTraining",
+                 f"--configFile={replay}"]) == 0
+    text = capsys.readouterr().out
+    assert first.read_bytes() == second.read_bytes()
+    assert "  weights quantized: 5 (on the encodings file's grids)\n" in text
+
+
+def test_an_8_bit_run_replaying_4_bit_weights_says_whose_grids_they_are(tmp_path, capsys):
+    """The weights line states the file's grids, not the 8-bit ones bit_num would give."""
+    config = tmp_path / "c.ini"
+    config.write_text((CONFIGS / "digits.ini").read_text().replace(
+        "calibrate_path=input:../", f"calibrate_path=input:{CONFIGS.parent}/"))
+    model = DIGITS / "model.onnx"
+    assert main([f"--modelFile={model}", f"--outputFile={tmp_path / 'a.onnx'}",
+                 "--quantType=PostTraining", "--bitNum=4", f"--configFile={config}",
+                 f"--encodingsFile={tmp_path / 'a.json'}"]) == 0
+    replay = _import_config(config, tmp_path / "a.json", tmp_path / "b.ini")
+    capsys.readouterr()
+    assert main([f"--modelFile={model}", f"--outputFile={tmp_path / 'b.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={replay}"]) == 0
+    text = capsys.readouterr().out
+    assert "  weights quantized: 5 (on the encodings file's grids)\n" in text, text
+    assert "levels [-63, 63]" not in text

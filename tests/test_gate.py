@@ -63,7 +63,12 @@ def test_a_missed_target_keeps_the_most_harmful_units_float(tmp_path, capsys, fl
                                  **{keys[f.split("=")[0]]: f.split("=")[1] for f in flags})
         target = report.target
         assert target.met and report.passed and report.gate.failures == []
-        assert 0 < len(target.float_units) <= report.post_training.units
+        # The summary describes the model written: the units kept float are not counted.
+        plain = ptqconv.convert(MODEL, tmp_path / "plain.onnx", "PostTraining",
+                                config_file=config(tmp_path))
+        assert 0 < len(target.float_units) <= plain.post_training.units
+        assert report.post_training.units == plain.post_training.units - len(
+            target.float_units)
         # The fewest units that pass: one fewer failed.
         counts = {a.float_units: a.passed for a in target.attempts}
         assert counts[len(target.float_units)] and not counts.get(
@@ -121,7 +126,11 @@ def test_gate_needs_eval_data_and_checks_it_before_converting(tmp_path, capsys):
         )
         == 2
     )
-    assert "needs held-out data: set eval_path" in capsys.readouterr().err
+    assert "--accuracyThreshold needs held-out data: set eval_path" in capsys.readouterr().err
+    # The flag given is the one named.
+    assert main([f"--modelFile={MODEL}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={plain}", "--cosineDistanceThreshold=0.99"]) == 2
+    assert "--cosineDistanceThreshold needs held-out data" in capsys.readouterr().err
     assert (
         main(
             [
@@ -202,3 +211,43 @@ def test_big_model_route_maps_weights_and_still_repairs(tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gate.ini", "q.onnx"]
     model = onnx.load(str(out))  # one self-contained file
     assert not any(t.external_data for t in model.graph.initializer)
+
+
+def test_a_repair_that_keeps_every_unit_float_writes_no_bigger_model(tmp_path, capsys):
+    """Conv -> Tanh -> Conv, nothing for simplification to fold: with every unit float the
+    repaired model computes float's outputs exactly and meets a cosine of 1, and the
+    summary then describes that model (no unit quantized), which is never written bigger
+    than the float model."""
+    import numpy as np
+    import onnx
+    from models import random_samples, save
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+         helper.make_node("Tanh", ["c1"], ["t"]),
+         helper.make_node("Conv", ["t", "w2"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 12, 12])],
+        [numpy_helper.from_array((rng.standard_normal((16, 4, 3, 3)) / 6).astype(np.float32),
+                                 "w1"),
+         numpy_helper.from_array((rng.standard_normal((8, 16, 3, 3)) / 12).astype(np.float32),
+                                 "w2")])
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                 tmp_path / "m.onnx")
+    random_samples(tmp_path / "calib", 8, 0, (1, 4, 12, 12))
+    random_samples(tmp_path / "eval", 4, 1, (1, 4, 12, 12))
+    (tmp_path / "c.ini").write_text(
+        f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\n"
+        "[full_quant_param]\nlatency_aware=false\nmeasure_latency=false\n"
+        f"[evaluate_param]\neval_path=x:{tmp_path / 'eval'}\n")
+    out = tmp_path / "q.onnx"
+    status = main([f"--modelFile={model}", f"--outputFile={out}", "--quantType=PostTraining",
+                   f"--configFile={tmp_path / 'c.ini'}", "--cosineDistanceThreshold=1"])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    assert "units float: " in text and "  node units quantized: 0\n" in text
+    assert out.stat().st_size <= model.stat().st_size
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   for n in onnx.load(str(out)).graph.node)

@@ -542,3 +542,14 @@ def test_recurrent_weights_are_quantized_per_gate_row(tmp_path, bits, min_cosine
     assert cosine(ref.reshape(1, -1), got.reshape(1, -1))[0] > min_cosine
     # Weights 24 kB in float; their scales, zero points and the float bias stay.
     assert report.size_after < report.size_before * (0.4 if bits == 8 else 0.25)
+
+
+def test_mixed_bit_is_named_so_in_the_summary_heading(tmp_path, capsys):
+    from ptqconv.cli import main
+
+    out = tmp_path / "q.onnx"
+    status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                   "--quantType=WeightQuant", "--bitNum=0"])
+    text = capsys.readouterr().out
+    assert status == 0
+    assert text.startswith(f"WeightQuant mixed bit: {DIGITS / 'model.onnx'} -> {out}"), text

@@ -277,8 +277,13 @@ class QDQPass(ir.passes.InPlacePass):
         if imported is not None:  # 1-d: one grid per channel along the weight's axis
             grid, scale, zero_point = imported.grid, imported.scale, imported.zero_point
             axis = planned.axis if scale.ndim == 1 else None
-            weights = tensor.numpy()
-            q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+            given = self.given_weights.get(name or "")
+            if given is not None and _same_grid(given, tensor, scale, zero_point):
+                # GPTQ's integers: the file holds the grid it chose for them (a replay).
+                q = given.q.astype(np.int8)
+            else:
+                weights = tensor.numpy()
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
             self.result.imported.add(name)
         else:
             axis = planned.axis if self.per_channel else None
@@ -421,3 +426,13 @@ def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool) -> qparams.Gri
     products in int32, so it cannot saturate like the GEMM kernels: depthwise weights keep the
     full 8-bit grid (docs/decisions.md, depthwise weights)."""
     return qparams.fused_weight_grid(bits, reduce_range and not is_depthwise(node))
+
+
+def _same_grid(given: IntegerWeight, tensor: ir.TensorProtocol, scale: np.ndarray,
+               zero_point: np.ndarray) -> bool:
+    """Whether integers rounded elsewhere (GPTQ) lie on this weight's imported scale and zero
+    point, so that they can be written as they are."""
+    return (given.q.shape == tuple(tensor.shape)
+            and np.array_equal(np.ravel(given.scale).astype(np.float32),
+                               np.ravel(scale).astype(np.float32))
+            and np.array_equal(np.ravel(given.zero_point), np.ravel(zero_point)))
