@@ -405,15 +405,17 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
         sample = next(iter(data))
         target.size_before = report.size_after
         target.cpu = detect().why.removeprefix("detected: ")
+        timed = pt.settings.measure_latency
         latency = {"float": latency_ms(settings.model_file, sample, gate.threads),
-                   "quantized": latency_ms(saved.path, sample, gate.threads)}
+                   "quantized": latency_ms(saved.path, sample, gate.threads)} if timed else {}
         saved = _save(repaired, settings, report, staging)
         # The summary describes the model written: with every unit float, never bigger than
         # the float model (_never_grow reads it).
         assert report.post_training is not None and repaired_built is not None
         report.post_training = pt.describe(repaired_built, report.post_training)
         saved = _never_grow(settings, report, sources, staging, saved) or saved
-        latency["written"] = latency_ms(saved.path, sample, gate.threads)
+        if timed:
+            latency["written"] = latency_ms(saved.path, sample, gate.threads)
         target.latency_ms = latency
         target.size_after = report.size_after
     session = _loaded(saved, settings)

@@ -726,9 +726,9 @@ def target_lines(t: TargetReport) -> list[str]:
                                                if len(t.float_units) > 10 else "")
     lines.append(f"    met with {len(t.float_units)} unit{'s' if len(t.float_units) > 1 else ''}"
                  f" float: {shown}")
-    lines.append(f"    cost: size {_mb(t.size_before)} -> {_mb(t.size_after)}; latency "
-                 + ", ".join(f"{k} {v:.3g} ms" for k, v in t.latency_ms.items())
-                 + f" ({t.cpu})")
+    timed = (("; latency " + ", ".join(f"{k} {v:.3g} ms" for k, v in t.latency_ms.items())
+              + f" ({t.cpu})") if t.latency_ms else " (measure_latency=false: not timed)")
+    lines.append(f"    cost: size {_mb(t.size_before)} -> {_mb(t.size_after)}{timed}")
     return lines
 
 

@@ -248,6 +248,7 @@ def test_a_repair_that_keeps_every_unit_float_writes_no_bigger_model(tmp_path, c
     text = capsys.readouterr().out
     assert status == 0, text
     assert "units float: " in text and "  node units quantized: 0\n" in text
+    assert " (measure_latency=false: not timed)\n" in text  # nothing timed when asked not to
     assert out.stat().st_size <= model.stat().st_size
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
                    for n in onnx.load(str(out)).graph.node)
