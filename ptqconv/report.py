@@ -458,7 +458,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     given = ("" if s.reduce_range == s.target.saturates
              else f"; reduce_range={str(s.reduce_range).lower()} set in the config")
     lines = [
-        f"  target: {s.target.describe()}{given}",
+        f"  target: {s.target.describe(s.bit_num)}{given}",
         f"  calibration: {s.method} on {s.samples} samples"
         + (f" (histograms of {s.histogram_sampled} tensors from at most "
            f"{s.histogram_values:,} of their values a sample; histogram_sampling=false bins "
@@ -491,8 +491,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
           if s.integer_activations else []),
     ]
     if grid is not None:
-        own = (f"int8 symmetric{' per-channel' if s.per_channel else ''}, levels "
-               f"[{grid.qmin}, {grid.qmax}]"
+        levels = ("binary levels {-1, +1}" if grid.binary
+                  else f"levels [{grid.qmin}, {grid.qmax}]")
+        own = (f"int8 symmetric{' per-channel' if s.per_channel else ''}, {levels}"
                f"{', reduce_range' if grid.qmax < 2 ** (s.bit_num - 1) - 1 else ''}")
         # Imported weights keep the file's grids, whatever bit_num says.
         imported = s.imported.weights if s.imported else 0

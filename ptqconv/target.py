@@ -25,8 +25,10 @@ class Target:
     saturates: bool  # U8S8 kernels add products in int16: keep GEMM weights at 7 bits
     why: str  # for the summary
 
-    def describe(self) -> str:
-        weights = "7-bit GEMM weights (reduce_range)" if self.saturates else "8-bit weights"
+    def describe(self, bits: int = 8) -> str:
+        """The target and the weights it gets at `bits` bits (reduce_range caps only 8)."""
+        weights = ("7-bit GEMM weights (reduce_range)" if self.saturates and bits >= 8
+                   else f"{min(bits, 8)}-bit weights")
         return f"{self.name} ({self.why}): {weights}"
 
 

@@ -225,3 +225,17 @@ def test_weight_quant_states_its_output_error_on_the_sample_it_timed(tmp_path, c
     error = float(line.split(": ")[1].split()[0])
     assert (error >= 0.1) == warned
     assert ("  warning: above 0.1 (about 10 dB) on this one sample" in out) == warned
+
+
+@pytest.mark.parametrize(("bits", "target", "levels"), [
+    (8, "7-bit GEMM weights (reduce_range)", "levels [-63, 63], reduce_range"),
+    (4, "4-bit weights", "levels [-7, 7]"),
+    (1, "1-bit weights", "binary levels {-1, +1}")])
+def test_the_weight_lines_state_the_bits_written(tmp_path, capsys, bits, target, levels):
+    """reduce_range caps only 8-bit weights; 1 bit is the binary grid, not [-1, 1]."""
+    files = digits_workspace(tmp_path, config="[full_quant_param]\nmeasure_latency=false\n"
+                                              "target_device=x86_avx2\n")
+    status, out, err = cli(capsys, *_pt(files, f"--bitNum={bits}"))
+    assert status == 0, err
+    assert f"x86_avx2 (given: x86 without VNNI): {target}\n" in out, out
+    assert f"(int8 symmetric per-channel, {levels})\n" in out, out
