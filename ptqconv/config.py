@@ -30,7 +30,7 @@ The forms:
                     [full_quant_param] activation_quant_method, bias_correction, per_channel,
                     reduce_range, smooth_quant, equalize, latency_aware, measure_latency,
                     embedding_quant, histogram_sampling, activation_bit_num,
-                    quant_strategy,
+                    quant_strategy, dynamic_candidate,
                     thread_num, target_device (MindSpore's docs put it here too),
                     enable_all_ops
                     encodings_path (ptqconv's: AIMET / QNN encodings imported as
@@ -130,6 +130,7 @@ class QuantConfig:
     measure_latency: bool | None = None
     embedding_quant: bool | None = None
     histogram_sampling: bool | None = None
+    dynamic_candidate: bool | None = None  # AUTO may write DynamicQuant's model
     activation_bit_num: int | None = None  # [1, 8]
     encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
     thread_num: int | None = None  # [1, 64]
@@ -693,6 +694,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("measure_latency"),
         _bool_key("embedding_quant"),
         _bool_key("histogram_sampling"),
+        _bool_key("dynamic_candidate"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),
         # MindSpore's docs put target_device here too.

@@ -33,11 +33,13 @@ from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_fa
 from ptqconv.evaluate.metrics import output_error
 from ptqconv.evaluate.run import random_sample
 from ptqconv.graph.ops import is_quantized
+from ptqconv.graph.weight_slots import weight_slot
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
-from ptqconv.post_training import Built, PostTraining
+from ptqconv.post_training import TIE, Built, PostTraining
 from ptqconv.report import (
     ConversionReport,
+    DynamicCheck,
     DynamicSummary,
     Float16Summary,
     GateReport,
@@ -49,6 +51,9 @@ from ptqconv.report import (
 )
 from ptqconv.runtime import Session
 from ptqconv.settings import (
+    AUTO,
+    DEFAULT_QUANT_WEIGHT_CHANNEL,
+    DEFAULT_QUANT_WEIGHT_SIZE,
     ConvertSettings,
     DataSource,
     DynamicQuantSettings,
@@ -163,6 +168,9 @@ def _convert(settings: ConvertSettings, progress: ProgressFactory | None,
                 not report.kept_input or report.post_training.latency_plan is not None):
             saved, built = _check_latency(pt, settings, report, data, staging, saved,
                                           model_files, built)
+            if _dynamic_worth_trying(settings, mode, pt, report):
+                assert built is not None
+                saved = _check_dynamic(pt, settings, report, data, staging, saved, built)
         session = _loaded(saved, settings)
         if report.post_training is not None:
             _stage_debug(report.post_training, mode, staging)
@@ -331,6 +339,78 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
         return saved, built
     saved = _save(integer.model, settings, report, staging)
     return _never_grow(settings, report, sources, staging, saved) or saved, integer
+
+
+def _dynamic_worth_trying(settings: ConvertSettings, mode: PostTrainingSettings,
+                          pt: PostTraining, report: ConversionReport) -> bool:
+    """AUTO at 8 bits, free to write any model (no accuracy target to repair against, no
+    encodings to export or replay, no per-layer report), with candidates scored."""
+    return (mode.dynamic_candidate and mode.method == AUTO and mode.bit_num == 8
+            and mode.activation_bits == 8
+            and mode.quant_strategy != "GPTQ" and settings.gate is None
+            and mode.encodings_out is None and mode.encodings_in is None
+            and mode.debug_dir is None and not mode.sensitivity and not report.kept_input
+            and pt.scoring is not None)
+
+
+def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
+                   data: CalibrationSet, staging: files.Staging, saved: modelio.SavedModel,
+                   built: Built) -> modelio.SavedModel:
+    """Where MatMul/Gemm weights outweigh conv weights, DynamicQuant's model is AUTO's last
+    candidate: scored on the held-out samples like the static model written, and timed
+    against it. Written instead when it is more accurate (beyond TIE) and not slower than
+    the static model or float, or as accurate and faster (runtime.Latency.faster, twice).
+    Convolutional models are not tried: DynamicQuant leaves convs float."""
+    summary = report.post_training
+    assert summary is not None
+    model = modelio.load_model(settings.model_file, check=False)
+    gemm = sum(v.const_value.nbytes for node in model.graph
+               if node.op_type in ("MatMul", "Gemm") and (slot := weight_slot(node))
+               and (v := node.inputs[slot.index]).const_value is not None)
+    conv = sum(v.const_value.nbytes for node in model.graph
+               if node.op_type in ("Conv", "ConvTranspose") and (slot := weight_slot(node))
+               and (v := node.inputs[slot.index]).const_value is not None)
+    if gemm <= conv:
+        return saved
+    mode = settings.mode
+    assert isinstance(mode, PostTrainingSettings)
+    dynamic, records, _, _ = dynamic_quant(model, DynamicQuantSettings(
+        8, DEFAULT_QUANT_WEIGHT_SIZE, DEFAULT_QUANT_WEIGHT_CHANNEL, mode.target,
+        mode.reduce_range, skip=mode.skip))
+    if not any(r.quantized for r in records):
+        return saved
+    try:
+        static_error = pt.held_out_error(built.model)
+        dynamic_error = pt.held_out_error(dynamic)
+    except PtqError:
+        return saved
+    assert static_error is not None and dynamic_error is not None
+    if dynamic_error > static_error + TIE:
+        summary.dynamic_check = DynamicCheck(static_error, dynamic_error, None,
+                                             why="more held-out error")
+        return saved
+    models = {"float": settings.model_file, "written": saved.path, "dynamic": dynamic}
+    sample = next(iter(data))
+    try:
+        if dynamic_error < static_error - TIE:
+            # More accurate, as AUTO picks among the static candidates: kept unless it runs
+            # slower than the static model, or than float, beyond the noise.
+            timed = runtime.compare_latency(models, sample)
+            slower = ("written" if timed.faster("written", "dynamic")
+                      else "float" if timed.faster("float", "dynamic") else "")
+            keep = not slower
+            why = (f"slower than the {'static' if slower == 'written' else 'float'} model"
+                   if slower else "")
+        else:  # as accurate: it has to be faster
+            keep, timed, why = _faster_twice(models, sample, "dynamic", "written")
+            why = f"not faster: {why}" if not keep else ""
+    except PtqError:
+        return saved
+    summary.dynamic_check = DynamicCheck(static_error, dynamic_error, timed, keep, why)
+    if not keep:
+        return saved
+    report.latency = _written(timed, "dynamic")
+    return _save(dynamic, settings, report, staging)
 
 
 def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, b: str,

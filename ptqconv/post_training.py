@@ -198,6 +198,9 @@ class PostTraining:
         self.latency_units: frozenset[str] = frozenset()
         # Weights GPTQ rounded for the chosen model, by name: every later build uses them.
         self.integers: dict[str, IntegerWeight] | None = None
+        # AUTO's held-out samples and float outputs, kept to score a later candidate alike:
+        # (references by output and sample, sample indices by fold, the folds' samples).
+        self.scoring: tuple[dict, dict, dict] | None = None
         # Measured once per run (`residual_sum.measure`); None: nothing to measure.
         self.residual_sum: ResidualSum | None = None
 
@@ -573,6 +576,7 @@ class PostTraining:
         if not references:  # nothing float to compare: keep what the settings say
             return start, []
         scorer = _Scorer(self, float_model, tensors, statistics, folds, scored, references)
+        self.scoring = (references, scorer.samples, scorer.held)
         open_ = self.open_choices()
         methods = CANDIDATE_METHODS if "method" in open_ else (start.method,)
         correctable = bool(bias_correction.statistic_points(float_model.graph))
@@ -707,6 +711,20 @@ class PostTraining:
         self.latency, self.latency_units = latency, latency.keys
         self._rebuild = (*self._rebuild[:5], built)
         return replace(summary, **self._built_fields(built), latency_plan=latency)
+
+    def held_out_error(self, model: ir.Model) -> float | None:
+        """`model`'s output error on the samples AUTO scored its candidates on, pooled the
+        same way (None: AUTO scored nothing). The model written was calibrated on them too,
+        so its own figure is, if anything, flattering."""
+        if self.scoring is None:
+            return None
+        references, samples, held = self.scoring
+        noise = dict.fromkeys(references, 0.0)
+        signal = dict.fromkeys(references, 0.0)
+        for fold, indices in samples.items():
+            _output_error(model, held[fold], indices, references, self.settings.threads,
+                          noise, signal)
+        return _mean_ratio(noise, signal)
 
     def describe(self, built: Built, summary: PostTrainingSummary) -> PostTrainingSummary:
         """`summary` (of `run`) with the figures of `built` (a rebuild: the accuracy-target

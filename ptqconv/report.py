@@ -89,6 +89,35 @@ class LatencyCheck:
 
 
 @dataclass(frozen=True)
+class DynamicCheck:
+    """AUTO's last candidate, where MatMul/Gemm weights dominate: DynamicQuant's model (int8
+    weights, activations quantized by onnxruntime at run time), scored on the held-out
+    samples like the static one and timed against it; written when it is faster at no more
+    error."""
+
+    static_error: float
+    dynamic_error: float
+    timed: Latency | None  # "float", "written" (static), "dynamic"; None: not timed
+    written: bool = False
+    why: str = ""  # why it was not written
+
+    def line(self) -> str:
+        errors = (f"held-out error {self.dynamic_error:.3g} against the static model's "
+                  f"{self.static_error:.3g}")
+        timed = ""
+        if self.timed is not None:
+            ms = self.timed.ms
+            timed = (f", {ms['dynamic'] / ms['float']:.2f}x float against "
+                     f"{ms['written'] / ms['float']:.2f}x ({self.timed.runs} interleaved runs, "
+                     f"{self.timed.cpu})")
+        if self.written:
+            return (f"  dynamic quantization (MatMul/Gemm weights int8, activations quantized "
+                    f"at run time) written instead: {errors}{timed}; the lines above describe "
+                    "the static model it replaced (dynamic_candidate=false keeps it)")
+        return f"  dynamic quantization tried: {errors}{timed}: kept the static model ({self.why})"
+
+
+@dataclass(frozen=True)
 class PlanCheck:
     """Where the cost model kept units float for speed and the target is the machine
     converting: its plan timed against the all-integer model on a calibration sample."""
@@ -129,6 +158,7 @@ class PostTrainingSummary:
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
     latency_check: LatencyCheck | None = None  # all-integer against the cost model's plan
     plan_check: PlanCheck | None = None  # the cost model's plan against all-integer
+    dynamic_check: DynamicCheck | None = None  # AUTO: DynamicQuant's model against it
     bias_corrections: list[Correction] | None = None  # None: not asked for
     layer_report: LayerReport | None = None
     sensitivity: list[UnitSensitivity] | None = None
@@ -379,6 +409,8 @@ class ConversionReport:
                                             self.post_training.target.name))
         if self.post_training is not None and self.post_training.plan_check is not None:
             lines.append(plan_check_line(self.post_training.plan_check))
+        if self.post_training is not None and self.post_training.dynamic_check is not None:
+            lines.append(self.post_training.dynamic_check.line())
         if self.latency is not None:
             lines.append(latency_line(self.latency))
             lines += at_load_lines(self.latency)

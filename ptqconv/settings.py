@@ -143,6 +143,8 @@ class PostTrainingSettings:
     latency_check: bool = False
     # Embedding tables (Gather of a float initializer) in int8 per row (passes/gather_quant.py).
     embedding_quant: bool = True
+    # AUTO scores and times DynamicQuant's model too, and may write it (conversion).
+    dynamic_candidate: bool = True
     # KL / MSE histograms from a strided sample of each tensor (calibrate/observers.py).
     histogram_sampling: bool = True
     threads: int = DEFAULT_THREADS
@@ -416,6 +418,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         latency_check=(pick.config("latency_aware") is None and measure_latency
                        and device.name == target_module.detect().name),
         embedding_quant=pick.switch("embedding_quant", True),
+        dynamic_candidate=pick.switch("dynamic_candidate", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
         quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
         threads=threads,

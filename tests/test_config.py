@@ -26,8 +26,8 @@ COMMON_KEYS = (
     "min_quant_weight_size, quant_type, skip_quant_node, target_device"
 )
 FULL_KEYS = (
-    "activation_bit_num, activation_quant_method, bias_correction, embedding_quant, "
-    "enable_all_ops, encodings_path, equalize, histogram_sampling, latency_aware, "
+    "activation_bit_num, activation_quant_method, bias_correction, dynamic_candidate, "
+    "embedding_quant, enable_all_ops, encodings_path, equalize, histogram_sampling, latency_aware, "
     "measure_latency, per_channel, quant_strategy, reduce_range, smooth_quant, target_device, "
     "thread_num"
 )

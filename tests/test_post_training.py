@@ -13,6 +13,7 @@ from models import (
     conv_net,
     digits_eval,
     lstm,
+    mlp,
     random_samples,
     residual_cnn,
     save,
@@ -644,3 +645,83 @@ def test_the_summary_counts_recurrent_weights_left_float(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "  LSTM/GRU/RNN weights kept float: 2 (onnxruntime has no static int8" in out, out
+
+
+def _auto_with_dynamic_timed(tmp_path, monkeypatch, model, shape, dynamic_ms: float,
+                             extra: str = ""):
+    """AUTO on `model`, every timing faked (never time in a test): float 10 ms, the static
+    model 8 ms, DynamicQuant's `dynamic_ms`. The summary and the written model."""
+    from ptqconv import runtime
+    from ptqconv.runtime import Latency
+
+    def compare(models, feeds, threads=0, budget_s=0.0, session_config=None, outputs=None):
+        ms = {"float": 10.0, "dynamic": dynamic_ms}
+        return Latency({label: ms.get(label, 8.0) for label in models}, 40, 2, "a test CPU",
+                       {label: (ms.get(label, 8.0),) * 40 for label in models})
+
+    monkeypatch.setattr(runtime, "compare_latency", compare)
+    src = save(model, tmp_path / "m.onnx")
+    # Samples of scales 1/30 to 30: a static range spans them all, run-time ones fit each.
+    rng = np.random.default_rng(0)
+    write_samples(tmp_path / "calib", (
+        (rng.standard_normal(shape) * 30.0 ** rng.uniform(-1, 1)).astype(np.float32)
+        for _ in range(16)))
+    (tmp_path / "c.ini").write_text(
+        f"[data_preprocess_param]\ncalibrate_path=x:{tmp_path / 'calib'}\n"
+        f"[full_quant_param]\n{extra}")
+    out = tmp_path / "q.onnx"
+    status = main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                   f"--configFile={tmp_path / 'c.ini'}"])
+    return status, out
+
+
+@pytest.mark.parametrize(("dynamic_ms", "tie", "why"), [
+    (5.0, False, ""), (9.0, False, "slower than the static model"),
+    (5.0, True, ""), (7.9, True, "not faster: not faster by 5% on the medians")])
+def test_auto_writes_dynamic_quantization_where_it_measures_better(tmp_path, capsys,
+                                                                   monkeypatch, dynamic_ms,
+                                                                   tie, why):
+    """A model of MatMul weights: DynamicQuant's model is scored on AUTO's held-out samples
+    and timed against the static one. More accurate (run-time ranges fit each sample of
+    scales 1/30 to 30), it is written unless slower; as accurate, only when faster."""
+    from ptqconv.post_training import PostTraining
+
+    if tie:
+        monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 0.001)
+    # 128 rows a sample: GEMMs the cost model quantizes.
+    status, out = _auto_with_dynamic_timed(tmp_path, monkeypatch, mlp((64, 256, 256, 16)),
+                                           (128, 64), dynamic_ms)
+    text = capsys.readouterr().out
+    assert status == 0, text
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert ("DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops) == (not why), ops
+    line = next(x for x in text.splitlines() if x.startswith("  dynamic quantization"))
+    errors = line.split("held-out error ")[1].split(",")[0].split(" against the static "
+                                                                  "model's ")
+    assert (float(errors[0]) < float(errors[1])) == (not tie), line
+    ratios = f"{dynamic_ms / 10:.2f}x float against 0.80x"
+    if not why:
+        assert " written instead: held-out error " in line and ratios in line
+        assert f"latency: {dynamic_ms:.3f} ms" in text
+    else:
+        assert line.startswith("  dynamic quantization tried: held-out error ")
+        assert line.endswith(f": kept the static model ({why})"), line
+        assert "QuantizeLinear" in ops
+
+
+def test_dynamic_candidate_false_keeps_the_static_model(tmp_path, capsys, monkeypatch):
+    status, out = _auto_with_dynamic_timed(tmp_path, monkeypatch, mlp((64, 256, 256, 16)),
+                                           (128, 64), 5.0, "dynamic_candidate=false\n")
+    text = capsys.readouterr().out
+    assert status == 0, text
+    assert "dynamic quantization" not in text
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def test_auto_does_not_try_dynamic_quantization_on_a_convolutional_model(tmp_path, capsys,
+                                                                         monkeypatch):
+    status, _ = _auto_with_dynamic_timed(tmp_path, monkeypatch, conv_net(),
+                                         (1, 3, 16, 16), 1.0)
+    text = capsys.readouterr().out
+    assert status == 0, text
+    assert "dynamic quantization" not in text
