@@ -92,8 +92,8 @@ class LatencyCheck:
 class DynamicCheck:
     """AUTO's last candidate, where MatMul/Gemm weights dominate: DynamicQuant's model (int8
     weights, activations quantized by onnxruntime at run time), scored on the held-out
-    samples like the static one and timed against it; written when it is faster at no more
-    error."""
+    samples like the static one and timed against it; written when it is more accurate and
+    not slower, or as accurate and faster (conversion._check_dynamic)."""
 
     static_error: float
     dynamic_error: float
