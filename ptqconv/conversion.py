@@ -33,9 +33,9 @@ from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_fa
 from ptqconv.evaluate.metrics import output_error
 from ptqconv.evaluate.run import random_sample
 from ptqconv.graph.ops import is_quantized
-from ptqconv.graph.weight_slots import weight_slot
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
+from ptqconv.passes.latency_plan import CONV_OPS
 from ptqconv.post_training import TIE, Built, PostTraining
 from ptqconv.report import (
     ConversionReport,
@@ -341,6 +341,9 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     return _never_grow(settings, report, sources, staging, saved) or saved, integer
 
 
+GEMM_OPS = frozenset({"MatMul", "Gemm"})  # what DynamicQuant quantizes (convs stay float)
+
+
 def _dynamic_worth_trying(settings: ConvertSettings, mode: PostTrainingSettings,
                           pt: PostTraining, report: ConversionReport) -> bool:
     """AUTO at 8 bits, free to write any model (no accuracy target to repair against, no
@@ -350,28 +353,22 @@ def _dynamic_worth_trying(settings: ConvertSettings, mode: PostTrainingSettings,
             and mode.quant_strategy != "GPTQ" and settings.gate is None
             and mode.encodings_out is None and mode.encodings_in is None
             and mode.debug_dir is None and not mode.sensitivity and not report.kept_input
-            and pt.scoring is not None)
+            and pt.scoring is not None
+            # DynamicQuant leaves convs float: where their weights weigh as much, it is no
+            # candidate (and the float model is not loaded again for it).
+            and pt.float_weight_bytes(GEMM_OPS) > pt.float_weight_bytes(CONV_OPS))
 
 
 def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
                    data: CalibrationSet, staging: files.Staging, saved: modelio.SavedModel,
                    built: Built) -> modelio.SavedModel:
-    """Where MatMul/Gemm weights outweigh conv weights, DynamicQuant's model is AUTO's last
-    candidate: scored on the held-out samples like the static model written, and timed
-    against it. Written instead when it is more accurate (beyond TIE) and not slower than
-    the static model or float, or as accurate and faster (runtime.Latency.faster, twice).
-    Convolutional models are not tried: DynamicQuant leaves convs float."""
+    """DynamicQuant's model as AUTO's last candidate (_dynamic_worth_trying says where):
+    scored on the held-out samples like the static model written, and timed against it.
+    Written instead when it is more accurate (beyond TIE) and not slower than the static
+    model or float, or as accurate and faster (runtime.Latency.faster, twice)."""
     summary = report.post_training
     assert summary is not None
     model = modelio.load_model(settings.model_file, check=False)
-    gemm = sum(v.const_value.nbytes for node in model.graph
-               if node.op_type in ("MatMul", "Gemm") and (slot := weight_slot(node))
-               and (v := node.inputs[slot.index]).const_value is not None)
-    conv = sum(v.const_value.nbytes for node in model.graph
-               if node.op_type in ("Conv", "ConvTranspose") and (slot := weight_slot(node))
-               and (v := node.inputs[slot.index]).const_value is not None)
-    if gemm <= conv:
-        return saved
     mode = settings.mode
     assert isinstance(mode, PostTrainingSettings)
     dynamic, records, _, _ = dynamic_quant(model, DynamicQuantSettings(

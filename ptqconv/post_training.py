@@ -11,7 +11,6 @@ sample.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -43,10 +42,10 @@ from ptqconv.calibrate.statistics import (
 )
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
-from ptqconv.evaluate.metrics import squared_error
+from ptqconv.evaluate.metrics import mean_noise_to_signal, squared_error
 from ptqconv.graph.naming import node_key
 from ptqconv.graph.ops import data_dependent_outputs
-from ptqconv.graph.weight_slots import recurrent_weight_slots
+from ptqconv.graph.weight_slots import recurrent_weight_slots, weight_slot
 from ptqconv.imported import Imported, resolve, saturating
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import Correction, apply_shifts, expected_shifts
@@ -712,6 +711,13 @@ class PostTraining:
         self._rebuild = (*self._rebuild[:5], built)
         return replace(summary, **self._built_fields(built), latency_plan=latency)
 
+    def float_weight_bytes(self, op_types: frozenset[str]) -> int:
+        """Bytes of the constant weights of the float model's `op_types` nodes (main graph)."""
+        model = self._rebuild[0]
+        return sum(v.const_value.nbytes for node in model.graph
+                   if node.op_type in op_types and (slot := weight_slot(node)) is not None
+                   and (v := node.inputs[slot.index]).const_value is not None)
+
     def held_out_error(self, model: ir.Model) -> float | None:
         """`model`'s output error on the samples AUTO scored its candidates on, pooled the
         same way (None: AUTO scored nothing). The model written was calibrated on them too,
@@ -724,7 +730,7 @@ class PostTraining:
         for fold, indices in samples.items():
             _output_error(model, held[fold], indices, references, self.settings.threads,
                           noise, signal)
-        return _mean_ratio(noise, signal)
+        return mean_noise_to_signal(noise, signal)
 
     def describe(self, built: Built, summary: PostTrainingSummary) -> PostTrainingSummary:
         """`summary` (of `run`) with the figures of `built` (a rebuild: the accuracy-target
@@ -820,7 +826,7 @@ class _Scorer:
         chosen = [f for f in (scored if folds is None else folds) if f in scored]
         noise = {n: sum(scored[f][0][n] for f in chosen) for n in self.references}
         signal = {n: sum(scored[f][1][n] for f in chosen) for n in self.references}
-        return _mean_ratio(noise, signal)
+        return mean_noise_to_signal(noise, signal)
 
     def measured(self, start: Choice) -> list[Measured]:
         """Every choice scored, in the order first scored, described by how it differs
@@ -899,14 +905,6 @@ def _scored_folds(samples: int, folds: int) -> tuple[int, ...]:
 def _fold_samples(samples: int, folds: int, fold: int) -> list[int]:
     """The indices of the samples of `fold` that are scored (at most MAX_HELD_OUT)."""
     return [i for i in range(samples) if i % folds == fold][:MAX_HELD_OUT]
-
-
-def _mean_ratio(noise: dict[str, float], signal: dict[str, float]) -> float:
-    """Mean over outputs of their pooled noise-to-signal ratio."""
-    ratios = [noise[n] / signal[n] if signal[n] else (0.0 if not noise[n] else math.inf)
-              for n in noise]
-    error = float(np.mean(ratios)) if ratios else 0.0
-    return error if math.isfinite(error) else math.inf
 
 
 def _lean(model: ir.Model) -> ir.Model:

@@ -113,14 +113,22 @@ def output_error(references: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
                  ) -> float | None:
     """Mean over the float outputs of squared_error over the reference's power (the
     noise-to-signal ratio PostTraining's held-out scoring reports); None without any."""
-    ratios = []
-    for reference, output in zip(references, outputs, strict=True):
-        if not np.issubdtype(reference.dtype, np.floating):
-            continue
-        signal = float(np.square(reference.astype(np.float64)).sum())
-        noise = squared_error(reference, np.asarray(output))
-        ratios.append(noise / signal if signal else (0.0 if not noise else math.inf))
-    return float(np.mean(ratios)) if ratios else None
+    noise: dict[int, float] = {}
+    signal: dict[int, float] = {}
+    for k, (reference, output) in enumerate(zip(references, outputs, strict=True)):
+        if np.issubdtype(reference.dtype, np.floating):
+            signal[k] = float(np.square(reference.astype(np.float64)).sum())
+            noise[k] = squared_error(reference, np.asarray(output))
+    return mean_noise_to_signal(noise, signal) if noise else None
+
+
+def mean_noise_to_signal(noise: Mapping[Any, float], signal: Mapping[Any, float]) -> float:
+    """Mean over outputs of their (pooled) noise-to-signal ratio: 0 for an exact output of
+    no power, inf for noise on none; 0 without outputs."""
+    ratios = [noise[n] / signal[n] if signal[n] else (0.0 if not noise[n] else math.inf)
+              for n in noise]
+    error = float(np.mean(ratios)) if ratios else 0.0
+    return error if math.isfinite(error) else math.inf
 
 
 def sqnr_db(signal_sq: float, noise_sq: float) -> float:

@@ -126,15 +126,15 @@ class WeightQuantPass(ir.passes.InPlacePass):
         """Every weight of `graph` in order: why it stays float, or its layout."""
         slots: dict[ir.Value, list[WeightSlot]] = {}
         for node in ir.traversal.RecursiveGraphIterator(graph):
-            if node.graph is not graph:
+            if node.graph is graph:
+                found = weight_slot(node) or transposed_weight_slot(node)
+                found_slots = [found] if found is not None else recurrent_weight_slots(node)
+            else:
                 # In a Loop or If body only tables: an EmbeddingBag exported by TorchScript
                 # gathers each bag's rows of the main graph's table in a Loop.
                 found = weight_slot(node) if node.op_type == "Gather" else None
-                if found is not None:
-                    slots.setdefault(node.inputs[found.index], []).append(found)
-                continue
-            found = weight_slot(node) or transposed_weight_slot(node)
-            for slot in [found] if found is not None else recurrent_weight_slots(node):
+                found_slots = [found] if found is not None else []
+            for slot in found_slots:
                 slots.setdefault(node.inputs[slot.index], []).append(slot)
         targets = []
         for value, value_slots in slots.items():
