@@ -321,19 +321,31 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
                 sources: list[Path], built: Built | None,
                 ) -> tuple[modelio.SavedModel, Built | None]:
     """The cost model's plan (written) against the all-integer model, timed together with
-    float; all-integer is written when it runs faster by the margin, beyond the noise."""
+    float; all-integer is written when it runs faster by the margin, beyond the noise, and,
+    where AUTO scored candidates, is as accurate on its held-out samples (within TIE): it
+    quantizes what the plan keeps float, and speed is not bought with accuracy, as among
+    AUTO's other candidates (docs/decisions.md, latency check)."""
     summary = report.post_training
     assert summary is not None and summary.latency_plan is not None
     units = len(summary.latency_plan.kept_float)
+    errors: tuple[float, float] | None = None
     try:
         latency, integer = pt.all_integer()
         keep, timed, why = _faster_twice(
             {"float": settings.model_file, "planned": saved.path, "integer": integer.model},
             sample, "integer", "planned")
+        if keep and pt.scoring is not None:
+            assert built is not None
+            planned_error = pt.held_out_error(built.model)
+            integer_error = pt.held_out_error(integer.model)
+            assert planned_error is not None and integer_error is not None
+            errors = (planned_error, integer_error)
+            if integer_error > planned_error + TIE:
+                keep, why = False, "more held-out error"
     except PtqError:
         return saved, built
     report.post_training = pt.adopt(latency, integer, summary) if keep else summary
-    report.post_training.plan_check = PlanCheck(timed, units, keep, why)
+    report.post_training.plan_check = PlanCheck(timed, units, keep, why, errors)
     report.latency = _written(timed, "integer" if keep else "planned")
     if not keep:
         return saved, built

@@ -125,7 +125,10 @@ class PlanCheck:
     timed: Latency  # "float", "planned" and "integer"
     planned_float_units: int  # units the plan keeps float
     kept_integer: bool  # all-integer ran faster and was written
-    why_kept: str = ""  # why the plan was kept (runtime.Latency.not_faster)
+    why_kept: str = ""  # why the plan was kept (runtime.Latency.not_faster, or accuracy)
+    # Held-out output error of the plan and of all-integer, where it was faster and AUTO
+    # scored candidates (None: not scored).
+    errors: tuple[float, float] | None = None
 
 
 @dataclass
@@ -694,7 +697,12 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
 def plan_check_line(check: PlanCheck) -> str:
     ms = check.timed.ms
     kept = ("kept all-integer" if check.kept_integer else "kept the plan")
-    if not check.kept_integer and ms["integer"] < ms["planned"] and check.why_kept:
+    if check.errors is not None:
+        planned, integer = check.errors
+        errors = f"held-out error {integer:.3g} against the plan's {planned:.3g}"
+        kept += (f" (as accurate: {errors})" if check.kept_integer
+                 else f" (all-integer faster, less accurate: {errors})")
+    elif not check.kept_integer and ms["integer"] < ms["planned"] and check.why_kept:
         kept += f" (all-integer: {check.why_kept})"
     return (f"  latency check (the cost model's plan keeps {check.planned_float_units} "
             f"unit{'s' if check.planned_float_units != 1 else ''} float): planned "

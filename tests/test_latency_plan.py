@@ -277,8 +277,9 @@ def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_in
                if n.op_type == "DequantizeLinear")
 
 
-def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings) -> tuple:
-    """MOBILE at 112 converted (MAX_MIN) on a host taken for `detected`, every timing faked
+def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
+                          method: str = "MAX_MIN", samples: int = 2) -> tuple:
+    """MOBILE at 112 converted (`method`) on a host taken for `detected`, every timing faked
     by `timings(labels, n)` -> {label: ms} for the n-th timing (never time in a test); the
     float model, the config, the output and the labels of each timing, in order."""
     import ptqconv.runtime as runtime
@@ -295,10 +296,10 @@ def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings) -> tupl
 
     monkeypatch.setattr(runtime, "compare_latency", compare)
     src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
-    data = random_samples(tmp_path / "x", 2, seed=0, shape=(1, 3, 112, 112))
+    data = random_samples(tmp_path / "x", samples, seed=0, shape=(1, 3, 112, 112))
     config = tmp_path / "c.ini"
     config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-                      "[full_quant_param]\nactivation_quant_method=MAX_MIN\n")
+                      f"[full_quant_param]\nactivation_quant_method={method}\n")
     out = tmp_path / "q.onnx"
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
                  f"--configFile={config}"]) == 0
@@ -351,7 +352,10 @@ def test_on_an_unmeasured_target_a_model_slower_than_float_gets_the_cost_models_
 def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
         tmp_path, monkeypatch, capsys, integer_ms, kept_integer):
     # This machine taken for an AVX2 one: the plan keeps 3 units float, then the plan and the
-    # all-integer model are timed together.
+    # all-integer model are timed together (scored as accurate: timings decide).
+    from ptqconv.post_training import PostTraining
+
+    monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 0.001)
     _, _, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_avx2",
         lambda labels, n: {"float": 2.0, "planned": 1.0, "integer": integer_ms})
@@ -359,7 +363,8 @@ def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
     check = next(line for line in summary.splitlines() if "latency check" in line)
     assert check.startswith("  latency check (the cost model's plan keeps 3 units float): "
                             f"planned 0.50x float, all-integer {integer_ms / 2:.2f}x")
-    assert check.endswith("kept all-integer" if kept_integer else
+    assert check.endswith("kept all-integer (as accurate: held-out error 0.001 against the "
+                          "plan's 0.001)" if kept_integer else
                           "kept the plan (all-integer: not faster by 5% on the medians)"
                           if integer_ms < 1.0 else "kept the plan")
     # A switch is timed twice (fresh sessions); the last timing serves as the summary's
@@ -371,6 +376,47 @@ def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
     ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == (len(MOBILE) if kept_integer else 4)
     assert ("kept float for speed: 3 units" in summary) == (not kept_integer)
+
+
+@pytest.mark.parametrize("as_accurate", [True, False])
+def test_auto_writes_a_faster_all_integer_model_only_when_it_is_as_accurate(
+        tmp_path, monkeypatch, capsys, as_accurate):
+    # All-integer runs twice as fast as the plan; AUTO scored its candidates on held-out
+    # samples, and the model that quantizes more is written only when it loses no accuracy.
+    from ptqconv.post_training import PostTraining
+
+    scored = PostTraining.held_out_error
+    errors = []
+
+    def held_out_error(self, model):
+        error = scored(self, model)
+        quantized = sum(n.op_type == "QuantizeLinear" for n in model.graph)
+        if errors and as_accurate:  # all-integer scored as the plan, a tie
+            error = errors[0][1]
+        errors.append((quantized, error))
+        return error
+
+    monkeypatch.setattr(PostTraining, "held_out_error", held_out_error)
+    _, _, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 2.0, "planned": 1.0, "integer": 0.5},
+        method="AUTO", samples=8)
+    summary = capsys.readouterr().out
+    check = next(line for line in summary.splitlines() if "latency check" in line)
+    # Scored after the two timings: the plan first, then all-integer, which quantizes more
+    # (and, on these random weights, loses accuracy).
+    assert calls == [["float", "integer", "planned"]] * 2
+    assert len(errors) == 2 and errors[1][0] > errors[0][0], errors
+    (_, planned), (_, integer) = errors
+    assert as_accurate or integer > planned + 1e-5
+    assert check.endswith(
+        f"kept all-integer (as accurate: held-out error {integer:.3g} against the plan's "
+        f"{planned:.3g})" if as_accurate else
+        f"kept the plan (all-integer faster, less accurate: held-out error {integer:.3g} "
+        f"against the plan's {planned:.3g})"), check
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QLinearConv"] == (len(MOBILE) if as_accurate else 4)
+    assert ("kept float for speed: 3 units" in summary) == (not as_accurate)
 
 
 def test_a_timing_decides_only_beyond_the_margin_and_the_noise():
@@ -415,8 +461,10 @@ def test_the_sign_tests_tail_is_the_binomial_tail(n, data):
 def test_an_encodings_file_replays_what_the_timing_chose(tmp_path, monkeypatch, capsys):
     # All-integer timed faster than the plan is what the encodings file records; imported, the
     # file decides alone (no plan, no timing) and the model comes out the same.
-    faster = {"integer": 0.5}  # then the plan, should anything time them again
+    from ptqconv.post_training import PostTraining
 
+    faster = {"integer": 0.5}  # then the plan, should anything time them again
+    monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 0.001)
     src, config, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_avx2",
         lambda labels, n: {"float": 2.0, "planned": 1.0, "quantized": 0.5,
