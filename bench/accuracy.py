@@ -290,7 +290,8 @@ def markdown(rows: list[dict[str, Any]], runs: int = LATENCY_RUNS,
         "ptqconv columns force one setting each (its defaults otherwise: reduce_range, "
         "SmoothQuant); W4A8 is `bit_num=4` with `activation_bit_num=8`. WeightQuant is "
         "`--bitNum` alone (at 4 bits ptqconv's default: MatMul/Gemm weights in blocks of 32, "
-        "tables in 8 bits, convs per channel); onnxruntime's 4-bit weight-only tool is "
+        "convs of 32 input channels or more blocked along them, depthwise convs and tables "
+        "in 8 bits); onnxruntime's 4-bit weight-only tool is "
         "`MatMulNBitsQuantizer` with its defaults (MatMul weights in blocks of 128, the rest "
         "float). Weight-only models run with onnxruntime's default session options "
         "(MatMulNBits quantizes activations to int8 at accuracy level 4).",

@@ -23,6 +23,8 @@ VARIANTS: tuple[tuple[str, int, dict[str, str] | None], ...] = (
     ("4-bit GPTQ + bias corr.", 4, {"quant_strategy": "GPTQ", "bias_correction": "true"}),
     ("4-bit blocks of 32, GPTQ", 4, {"quant_strategy": "GPTQ", "block_size": "32"}),
     ("4-bit blocks of 16, GPTQ", 4, {"quant_strategy": "GPTQ", "block_size": "16"}),
+    ("4-bit blocks of 16, GPTQ + bias corr.", 4,
+     {"quant_strategy": "GPTQ", "bias_correction": "true", "block_size": "16"}),
     ("W4A8 MSE + bias corr., GPTQ", 4, None),
 )
 
@@ -82,8 +84,9 @@ def run(ctx: Context) -> Section:
         "`[weight_quant_param]` keys named; \"bias corr.\" is MindSpore's var/mean weight "
         "correction plus the expected output shift op(E[x], W - Ŵ) in Conv/Gemm biases. "
         "4-bit without `block_size` is ptqconv's default there: MatMul/Gemm weights in "
-        "blocks of 32 and tables in 8 bits (convs per channel); the \"blocks of\" columns "
-        "block the tables too. "
+        "blocks of 32, conv weights of 32 input channels or more in blocks of 32 along "
+        "them, depthwise convs and tables in 8 bits; the \"blocks of\" columns block the "
+        "tables too (depthwise convs in 8 bits there as well). "
         "W4A8 is PostTraining with MSE ranges, bias correction and GPTQ weights. Each "
         "manifest's metric on eval/ against float (extra figure in brackets), onnxruntime's "
         "default session options.",

@@ -206,6 +206,7 @@ class WeightQuantSummary:
     bias_correction: bool
     gptq: GPTQSummary | None = None
     low_bit_recipe: bool = False  # block_size left out at 1-4 bits: blocks, 8-bit tables
+    depthwise_8bit: int = 0  # depthwise conv weights kept in 8 bits beside blocks
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -437,9 +438,14 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
         lines.append("  layout: " + ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())))
     if s.low_bit_recipe and any(w.layout.startswith("blocks") or w.op_type == "Gather"
                                 for w in quantized):
-        lines.append(f"  low bits: MatMul/Gemm weights in blocks of {s.block_size}, Gather "
-                     "tables in 8 bits per row (ptqconv's default at 1-4 bits; block_size=0 "
-                     "in [weight_quant_param] gives every weight the bits asked, per channel)")
+        lines.append(f"  low bits: MatMul/Gemm weights, and Conv weights of {s.block_size} input "
+                     f"channels or more, in blocks of {s.block_size} along their inputs; "
+                     "depthwise convs and Gather tables in 8 bits (ptqconv's default at 1-4 "
+                     "bits; block_size=0 in [weight_quant_param] gives every weight the bits "
+                     "asked, per channel)")
+    elif s.depthwise_8bit:
+        lines.append(f"  depthwise convs in 8 bits: {s.depthwise_8bit} (one input channel per "
+                     "group, no block to form; block_size=0 keeps them at the bits asked)")
     if s.equalize_chains:
         if s.equalize_errors is None:
             lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "

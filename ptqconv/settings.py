@@ -48,6 +48,9 @@ DEFAULT_MAX_ITERATIONS = 40
 LOW_BIT_MAX = 4
 LOW_BIT_BLOCK = 32
 LOW_BIT_TABLE_BITS = 8
+# With blocks, depthwise conv weights (one input channel per group: no block to form) are
+# kept in 8 bits, as PostTraining keeps them (docs/decisions.md, blocked convs).
+DEPTHWISE_BITS = 8
 DEFAULT_DYNAMIC_STRATEGY = "ALWC"
 # A calibration config is a few dozen lines; reading more than this is a wrong file.
 MAX_CONFIG_BYTES = 1 << 20

@@ -43,7 +43,7 @@ from ptqconv.passes.weight_quant import (
     WeightRecord,
 )
 from ptqconv.report import WeightQuantSummary
-from ptqconv.settings import LOW_BIT_TABLE_BITS, WeightQuantSettings
+from ptqconv.settings import DEPTHWISE_BITS, LOW_BIT_TABLE_BITS, WeightQuantSettings
 from ptqconv.target import detect
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
@@ -79,7 +79,12 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         per_channel=settings.per_channel, block_size=settings.block_size,
         correct=settings.bias_correction,
         table_grid=(qparams.weight_only_grid(LOW_BIT_TABLE_BITS) if settings.low_bit_recipe
-                    else None))
+                    else None),
+        # Blocks, given or the recipe's, at fewer bits: a depthwise weight cannot be blocked
+        # (docs/decisions.md, blocked convs).
+        depthwise_grid=(qparams.weight_only_grid(DEPTHWISE_BITS)
+                        if settings.block_size and 0 < settings.bit_num < DEPTHWISE_BITS
+                        else None))
     equalize = WeightEqualizePass(frozenset(settings.skip))
     if not settings.per_channel:  # per channel it never gained (docs/decisions.md)
         summary.equalize_chains = len(equalize.find(model.graph))
@@ -136,6 +141,9 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
             record.method = "GPTQ"
     summary.weight_corrections = sum(1 for r in result.records
                                      if r.quantized and settings.bias_correction)
+    if config.depthwise_grid is not None:  # below 8 bits, the Conv weights in 8 are these
+        summary.depthwise_8bit = sum(1 for r in result.records if r.quantized
+                                     and r.op_type == "Conv" and r.bits == DEPTHWISE_BITS)
     # Weight-only models compute in float: their residual Adds fuse like the float model's.
     # WeightQuant names no target: the model runs where it is converted.
     summary.residual_sum = residual_sum.measure(model, detect())

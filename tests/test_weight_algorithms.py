@@ -498,3 +498,56 @@ def test_at_4_bits_heavy_tailed_rows_get_narrower_ranges_and_less_weighted_error
     assert np.all(scale < 0.95 * own_scale)
     assert (_weighted_error(w, scale, zero, importance, grid).sum()
             < 0.92 * _weighted_error(w, own_scale, own_zero, importance, grid).sum())
+
+
+# --- blocked convs, block ranges ---------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([2, 4]), st.sampled_from([0, 1]),
+       st.sampled_from([8, 16, 32]))
+def test_shrunk_blocks_never_round_worse_than_their_own_ranges(seed, bits, axis, block):
+    from ptqconv.weights.clipping import shrunk_blocks
+
+    rng = np.random.default_rng(seed)
+    w = rng.laplace(size=(12, 40, 3)).astype(np.float32)
+    importance = rng.uniform(0, 5, w.shape)
+    layout = WeightLayout(qparams.weight_only_grid(bits), axis, block)
+    scale, zero = shrunk_blocks(w, importance, layout)
+    own = layouts.parameters(w, layout)
+    assert scale.shape == own[0].shape and zero.shape == own[1].shape
+
+    def weighted(s, z):
+        rounded = layouts.IntegerWeight(layouts.quantize(w, layout, s, z), s, z,
+                                        layout).dequantized()
+        per_value = np.square(w - rounded, dtype=np.float64) * importance
+        return layouts.blocked(per_value, axis, block).sum(axis=axis + 1)
+
+    # Block by block, never worse than the block's own range (factor 1 is a candidate).
+    assert np.all(weighted(scale, zero) <= weighted(*own) * (1 + 1e-9))
+
+
+def test_gptq_shrinks_conv_blocks_and_keeps_matmul_blocks_ranges(tmp_path):
+    # At 4 bits convs are blocked along their inputs; GPTQ's range search shrinks conv blocks
+    # (measured to gain) and leaves MatMul blocks their own ranges (measured to lose).
+    from test_weight_quant import separable_net
+
+    data = f"x:{random_samples(tmp_path / 'x', 4, seed=0)}"
+    scales = {}
+    for name, strategy in (("n", "MAX_MIN"), ("g", "GPTQ")):
+        _, out, _ = convert(tmp_path, separable_net(), name, bits=4, data=data,
+                            weight={"quant_strategy": strategy})
+        scales[name] = initializers(out)
+    blocked = [k for k in ("pw_w_scale", "conv_w_scale") if k in scales["n"]]
+    assert len(blocked) == 2 and all(scales["n"][k].ndim == 4 for k in blocked)
+    for k in blocked:
+        assert np.all(scales["g"][k] <= scales["n"][k] * (1 + 1e-6))
+        assert np.any(scales["g"][k] < 0.99 * scales["n"][k])
+    samples = random_samples(tmp_path / "m", 4, seed=0, shape=(1, 256))
+    found = {}
+    for name, strategy in (("mn", "MAX_MIN"), ("mg", "GPTQ")):
+        _, out, _ = convert(tmp_path, mlp(), name, bits=4, data=f"x:{samples}",
+                            weight={"quant_strategy": strategy})
+        found[name] = {k: v for k, v in initializers(out).items() if k.endswith("_scale")}
+    assert found["mn"] and all(np.array_equal(found["mn"][k], found["mg"][k])
+                               for k in found["mn"])

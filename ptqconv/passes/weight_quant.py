@@ -18,6 +18,7 @@ from ptqconv import qparams
 from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
+from ptqconv.graph.ops import is_depthwise
 from ptqconv.graph.weight_slots import (
     WeightSlot,
     recurrent_weight_slots,
@@ -37,8 +38,11 @@ FLOAT16_SCALE_OPSET = 19
 # DequantizeLinear's block_size arrived in opset 21.
 BLOCKED_OPSET = 21
 # Blocks run along the reduction axis of these ops' rank-2 weights (MatMulNBits) and along
-# the rows of Gather tables.
+# the rows of Gather tables. A Conv's weight [M, C/group, k...] is blocked along its input
+# channels (axis 1), where it has at least a block of them; a depthwise conv's, one input
+# channel per group, cannot be (docs/decisions.md, blocked convs).
 BLOCKED_OPS = ("MatMul", "Gemm", "Gather")
+BLOCKED_CONV_AXIS = 1
 
 
 @dataclass
@@ -65,10 +69,12 @@ class WeightQuantConfig:
     min_channel: int = 16  # quantWeightChannel: convs only when output channels > this
     skip: frozenset[str] = field(default_factory=frozenset)  # node names or op types
     per_channel: bool = True  # False: one scale (and zero point) per weight tensor
-    block_size: int = 0  # > 0: MatMul/Gemm/Gather weights in blocks of this many
+    block_size: int = 0  # > 0: MatMul/Gemm/Gather/Conv weights in blocks of this many
     correct: bool = False  # MindSpore's weight correction of the weights rounded here
     # Weights a Gather reads (tables), per row on this grid instead of `grid` and blocks.
     table_grid: qparams.Grid | None = None
+    # Depthwise conv weights (9 values a channel for 3x3) on this grid instead of `grid`.
+    depthwise_grid: qparams.Grid | None = None
 
 
 @dataclass
@@ -150,8 +156,10 @@ class WeightQuantPass(ir.passes.InPlacePass):
     def _layout(self, target: Target) -> None:
         table = (self.config.table_grid is not None and target.name not in self.grids
                  and any(s.node.op_type == "Gather" for s in target.slots))
-        grid = self.config.table_grid if table else self.grids.get(target.name,
-                                                                   self.config.grid)
+        depthwise = (self.config.depthwise_grid is not None and target.name not in self.grids
+                     and all(is_depthwise(s.node) for s in target.slots))
+        grid = (self.config.table_grid if table else self.config.depthwise_grid if depthwise
+                else self.grids.get(target.name, self.config.grid))
         assert grid is not None
         target.layout = self.layout_for(target, grid, blocks=not table)
         target.transposed = bool(target.layout.block_size) and target.channel_axis == 0 \
@@ -176,6 +184,9 @@ class WeightQuantPass(ir.passes.InPlacePass):
             # Blocks along the reduction axis (the rows of a Gather table); a Gemm B with
             # transB=1 is stored transposed, as MatMulNBits fuses only [K, N] blocks.
             return WeightLayout(grid, 1 - axis, cfg.block_size)
+        if blocks and cfg.block_size and ops == {"Conv"} and len(shape) >= 3 \
+                and shape[BLOCKED_CONV_AXIS] >= cfg.block_size:
+            return WeightLayout(grid, BLOCKED_CONV_AXIS, cfg.block_size)
         if cfg.per_channel:
             return WeightLayout(grid, axis)
         return WeightLayout(grid)

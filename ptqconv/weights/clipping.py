@@ -1,8 +1,8 @@
 """Weight ranges shrunk where rounding then loses less (GPTQ's starting grid).
 
-Each output row's min/max range is scaled by the factor in SHRINK_FACTORS whose nearest
-rounding has the least squared error weighted by the diagonal of the layer's input second
-moments: the part of GPTQ's objective tr(E H E^T) that each weight carries on its own. A
+Each output row's (or block's) min/max range is scaled by the factor in SHRINK_FACTORS whose
+nearest rounding has the least squared error weighted by the diagonal of the layer's input
+second moments: the part of GPTQ's objective tr(E H E^T) that each weight carries on its own. A
 narrower range clips a few large weights and rounds every other one on a finer grid; at 4
 bits the finer grid usually wins (docs/decisions.md, GPTQ range search). Factor 1 (the
 weight's own range) is a candidate, so a row's weighted error never grows.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ptqconv import qparams
+from ptqconv.weights import layout as layouts
 
 # From the weight's own range down to half of it, in steps of 2%.
 SHRINK_FACTORS = np.linspace(1.0, 0.5, 26)
@@ -40,3 +41,22 @@ def shrunk_rows(w: np.ndarray, importance: np.ndarray, grid: qparams.Grid,
         best_error = np.where(better, error, best_error)
     assert best_scale is not None and best_zero is not None
     return best_scale.astype(scale_dtype), best_zero
+
+
+def shrunk_blocks(w: np.ndarray, importance: np.ndarray, layout: layouts.WeightLayout,
+                  scale_dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point, in `layout`'s blocked parameter shape, of w with each block's
+    range shrunk as `shrunk_rows` shrinks a row's (`importance` in w's shape). The last
+    block's padding is zeros of no importance: it moves no range."""
+    assert layout.axis is not None and layout.block_size
+    axis = layout.axis % w.ndim
+
+    def as_rows(a: np.ndarray) -> np.ndarray:  # every block a row of [1, blocks, block_size]
+        blocked = np.moveaxis(layouts.blocked(a, axis, layout.block_size), axis + 1, -1)
+        return blocked.reshape(1, -1, layout.block_size)
+
+    params = np.moveaxis(layouts.blocked(w, axis, layout.block_size), axis + 1, -1).shape[:-1]
+    scale, zero = shrunk_rows(as_rows(np.asarray(w, np.float32)),
+                              as_rows(np.asarray(importance, np.float64)), layout.grid,
+                              scale_dtype)
+    return scale.reshape(params), zero.reshape(params)

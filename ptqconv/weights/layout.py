@@ -57,7 +57,7 @@ class IntegerWeight:
                              np.ascontiguousarray(zero_point), layout)
 
 
-def _blocked(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+def blocked(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
     """w with `axis` split into [blocks, block_size] (the last block padded with zeros: a
     range always contains 0, so padding changes no range)."""
     n = w.shape[axis]
@@ -73,8 +73,8 @@ def _blocked(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
 def ranges(w: np.ndarray, layout: WeightLayout) -> tuple[np.ndarray, np.ndarray]:
     """Min and max of every slice that gets its own scale, in the parameter shape."""
     if layout.block_size:
-        blocked = _blocked(w, layout.axis, layout.block_size)
-        return blocked.min(axis=layout.axis + 1), blocked.max(axis=layout.axis + 1)
+        blocked_w = blocked(w, layout.axis, layout.block_size)
+        return blocked_w.min(axis=layout.axis + 1), blocked_w.max(axis=layout.axis + 1)
     return qparams.tensor_range(w, layout.axis)
 
 
