@@ -39,7 +39,7 @@ def meet_target(pt: PostTraining, model_file: Path, data: CalibrationSet, gate: 
         report = GateReport(len(data), comparisons, gate_failures(
             comparisons, gate.accuracy_threshold, gate.cosine_threshold))
         attempts.append(TargetAttempt(count, not report.failures, report.mean_bias_percent,
-                                      min(c.cosine for c in comparisons.values())))
+                                      min(c.similarity for c in comparisons.values())))
         if not report.failures:
             models[count] = built
         return not report.failures

@@ -237,7 +237,7 @@ class TargetAttempt:
     float_units: int  # how many of the most harmful units were kept float
     passed: bool
     mean_bias_percent: float
-    min_cosine: float
+    min_cosine: float  # an integer output counts its agreement (OutputComparison.similarity)
 
 
 @dataclass
@@ -787,8 +787,11 @@ def gate_lines(gate: GateReport) -> list[str]:
         top1 = "" if r["top1_agreement"] is None else f", top-1 {r['top1_agreement']:.3f}"
         changed = (f"; shape differs from float's on {r['shape_changes']} of {r['samples']} "
                    "samples (compared as unrelated values)" if r["shape_changes"] else "")
-        lines.append(f"    {name}: mean bias {r['mean_bias_percent']:.3f}%, cosine "
-                     f"{r['cosine']:.5f}, SQNR {r['sqnr_db']:.1f} dB{top1}{changed}")
+        similar = (f"cosine {r['cosine']:.5f}, SQNR {r['sqnr_db']:.1f} dB"
+                   if r["agreement"] is None else
+                   f"integer values, {r['agreement']:.4f} equal to float's")
+        lines.append(f"    {name}: mean bias {r['mean_bias_percent']:.3f}%, "
+                     f"{similar}{top1}{changed}")
     return lines
 
 

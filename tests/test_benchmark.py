@@ -204,7 +204,7 @@ def test_report_schema_is_stable(quantized, tmp_path, capsys):
     assert set(data["reference"]) == {"path", "size_bytes", "median_latency_ms"}
     assert set(data["outputs"]["logits"]) == {
         "mean_bias_percent", "cosine", "sqnr_db", "max_abs_error", "top1_agreement",
-        "non_finite", "samples", "elements", "shape_changes",
+        "agreement", "non_finite", "samples", "elements", "shape_changes",
     }  # fmt: skip
     assert set(data["overall"]) == {
         "mean_bias_percent", "min_cosine", "min_sqnr_db", "max_abs_error",

@@ -310,3 +310,29 @@ def test_output_error_is_the_mean_noise_to_signal_ratio_of_float_outputs(referen
 def test_output_error_of_outputs_that_are_not_float_is_none():
     assert output_error([np.arange(3)], [np.arange(3)]) is None
     assert output_error([], []) is None
+
+
+def test_integer_outputs_are_held_to_a_cosine_threshold_by_agreement():
+    from ptqconv.evaluate.comparison import gate_failures
+
+    # Class indices of an ArgMax, one per sample: the cosine of the pooled indices stays
+    # near 1 when one class in five changes; the agreement is what a threshold can hold.
+    classes = OutputComparison("label")
+    for reference, output in [(3, 3), (5, 6), (7, 7), (2, 2), (9, 9)]:
+        classes.update(np.array([reference], np.int64), np.array([output], np.int64))
+    assert classes.cosine > 0.99 and classes.agreement == pytest.approx(0.8)
+    assert classes.similarity == classes.agreement
+    assert classes.result()["agreement"] == pytest.approx(0.8)
+    scores = OutputComparison("scores")
+    scores.update(np.ones((1, 4), np.float32), np.ones((1, 4), np.float32))
+    assert scores.agreement is None and scores.similarity == scores.cosine
+    failures = gate_failures({"label": classes, "scores": scores}, None, 0.99)
+    assert failures == ["output 'label': 0.8000 of its integer values equal the reference's, "
+                        "below --cosineDistanceThreshold 0.99"]
+    assert gate_failures({"label": classes}, None, 0.8) == []
+    # A sample whose shapes differ agrees nowhere; a float update ends the integer view.
+    boxes = OutputComparison("kept")
+    boxes.update(np.array([1, 2], np.int64), np.array([1, 2, 3], np.int64))
+    assert boxes.agreement == 0.0
+    boxes.update(np.array([1.0]), np.array([1.0]))
+    assert boxes.agreement is None

@@ -106,7 +106,8 @@ def gate_failures(
 
     Fails on NaN/Inf in the model's outputs, on a model mean bias (mean over outputs of their
     mean bias, percent) above `accuracy_threshold` or not a number, and on an output whose
-    cosine is below `cosine_threshold` or not a number. None disables a threshold. `flags`
+    cosine is below `cosine_threshold` or not a number (an integer output: the share of its
+    values that equal the reference's). None disables a threshold. `flags`
     name the thresholds in the messages.
     """
     failures = []
@@ -122,6 +123,13 @@ def gate_failures(
             failures.append(f"mean bias {bias:.4g}% is above {flags[0]} {accuracy_threshold:g}%")
     if cosine_threshold is not None:
         for name, c in comparisons.items():
+            agreement = c.agreement
+            if agreement is not None:  # indices or counts: held to the threshold by agreement
+                if not agreement >= cosine_threshold:
+                    failures.append(
+                        f"output {name!r}: {agreement:.4f} of its integer values equal the "
+                        f"reference's, below {flags[1]} {cosine_threshold:g}")
+                continue
             cosine = c.cosine
             if math.isnan(cosine):
                 failures.append(

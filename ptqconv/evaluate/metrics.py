@@ -50,6 +50,7 @@ RESULT_KEYS = (
     "sqnr_db",
     "max_abs_error",
     "top1_agreement",
+    "agreement",
     "non_finite",
     "samples",
     "elements",
@@ -168,6 +169,11 @@ class OutputComparison:
         self.top1_rows = 0
         self._top1 = True  # every update so far looked like a batch of score vectors
         self.shape_changes = 0
+        # Integer outputs (class indices of an ArgMax or TopK, counts): how many values equal
+        # the reference's, of how many compared. A cosine of indices says nothing.
+        self._integer = True
+        self.equal = 0
+        self.compared = 0
 
     def update(self, reference: np.ndarray, output: np.ndarray) -> None:
         """Add one sample (or a batch of samples stacked along axis 0).
@@ -210,6 +216,11 @@ class OutputComparison:
             self.non_finite += int(output.size - np.count_nonzero(np.isfinite(output)))
         self.samples += 1
         self.elements += output.size
+        if self._integer and reference.dtype.kind in "biu" and output.dtype.kind in "biu":
+            self.equal += int(np.count_nonzero(r == o)) if related else 0
+            self.compared += max(r.size, o.size)
+        else:
+            self._integer = False
         if self._top1 and _is_scores(reference, output):
             if related and output.size:
                 rows_r = np.argmax(reference.reshape(-1, reference.shape[-1]), axis=-1)
@@ -246,6 +257,22 @@ class OutputComparison:
             return None
         return self.top1_hits / self.top1_rows
 
+    @property
+    def agreement(self) -> float | None:
+        """Share of the values that equal the reference's, for an integer output (every
+        update integer on both sides; a sample whose shapes differ agrees nowhere); None
+        for others."""
+        if not self._integer or self.compared == 0:
+            return None
+        return self.equal / self.compared
+
+    @property
+    def similarity(self) -> float:
+        """What a cosine threshold holds this output to: its agreement when it is an integer
+        output, else its cosine."""
+        agreement = self.agreement
+        return self.cosine if agreement is None else agreement
+
     def result(self) -> dict[str, Any]:
         """The figures, keyed by `RESULT_KEYS` (NaN/Inf stay floats here)."""
         return {
@@ -254,6 +281,7 @@ class OutputComparison:
             "sqnr_db": self.sqnr_db,
             "max_abs_error": self.max_abs_error,
             "top1_agreement": self.top1_agreement,
+            "agreement": self.agreement,
             "non_finite": self.non_finite,
             "samples": self.samples,
             "elements": self.elements,

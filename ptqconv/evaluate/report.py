@@ -158,6 +158,9 @@ class BenchmarkReport:
         )
         lines.append("  (overall: mean bias averaged over outputs; worst cosine, SQNR, error)")
         for name, c in items:
+            if c.agreement is not None:
+                lines.append(f"output {name!r}: integer values, {c.agreement:.2%} equal to the "
+                             "reference's (what --cosineDistanceThreshold holds it to)")
             if c.shape_changes:
                 lines.append(f"output {name!r}: shape differs from the reference's on "
                              f"{c.shape_changes} of {c.samples} samples (compared as "
