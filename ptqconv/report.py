@@ -500,7 +500,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
              else f"; reduce_range={str(s.reduce_range).lower()} set in the config")
     lines = [
         f"  target: {s.target.describe(s.bit_num)}{given}",
-        f"  calibration: {s.method} on {s.samples} samples"
+        (f"  calibration: {s.method} on {s.samples} samples" if s.units or s.bodies else
+         f"  calibration: {s.samples} samples (tensor shapes for the latency plan; no range "
+         "used)")
         + (f" (histograms of {s.histogram_sampled} tensors from at most "
            f"{s.histogram_values:,} of their values a sample; histogram_sampling=false bins "
            f"all)" if s.histogram_sampled else ""),

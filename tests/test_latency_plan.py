@@ -144,6 +144,8 @@ def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsy
     _convert_for_avx2(src, tmp_path, 8, (1, 3, 4, 4))
     out = capsys.readouterr().out
     assert "node units quantized: 0" in out
+    # Calibration ran for the tensor shapes the plan costs; no method's range was used.
+    assert "  calibration: 8 samples (tensor shapes for the latency plan; no range used)" in out
     assert "nothing quantized: onnxruntime runs the units above fastest in float" in out
     assert "latency_aware=false quantizes them anyway" in out
     assert "chosen" not in out  # nothing left for AUTO to measure
