@@ -451,11 +451,25 @@ class PostTraining:
             solved = self.gptq(rebuild())
             self.integers = solved.integers
         built, kernels = self._fused_build(rebuild)
+        # ptqconv's choice of GPTQ, not the config's, is kept where the held-out samples
+        # score it below the chosen candidate's nearest weights. Its own figure is in-sample
+        # (GPTQ saw those samples), so it is refused only when plainly worse (docs/decisions.md,
+        # GPTQ below 8 bits).
+        nearest_error = next((m.error for m in measured if m.choice == choice.label()), None)
+        errors: tuple[float, float] | None = None
+        if solved is not None and s.strategy_default and nearest_error is not None:
+            gptq_error = self.held_out_error(built.model)
+            assert gptq_error is not None
+            errors = (gptq_error, nearest_error)
+            if gptq_error > nearest_error:
+                self.integers = None
+                built, kernels = self._fused_build(rebuild)
         # What a later rebuild with some units float (an accuracy target) starts from.
         self._rebuild = (model, choice, statistics, tensors, shared, built)
         summary = self._summary(built, choice, measured, folds)
         if solved is not None:
-            summary.gptq = solved.summary()
+            summary.gptq = replace(solved.summary(), by_default=s.strategy_default,
+                                   errors=errors, kept=self.integers is not None)
         summary.bodies = _body_summaries(built, kernels)
         summary.unobserved = built.calibration.unobserved
         summary.min_max_only = len(self.min_max & set(tensors))

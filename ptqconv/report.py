@@ -485,8 +485,15 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
 def gptq_line(g: GPTQSummary) -> str:
     ratio = "" if g.error_ratio is None else f", layer error {g.error_ratio:.3f} of nearest's"
     passes = f" in {g.passes} passes" if g.passes > 1 else ""
+    default = (" (ptqconv's default below 8 bits with calibration data; quant_strategy=MAX_MIN "
+               "rounds to nearest)" if g.by_default else "")
+    measured = ("" if g.errors is None else
+                f"; held-out output error {g.errors[0]:.3g} against nearest weights' "
+                f"{g.errors[1]:.3g}")
+    if not g.kept:
+        return (f"  GPTQ left out{measured}: nearest weights written{default}")
     return (f"  GPTQ: {g.layers} layers{passes}{ratio}; {g.rows_nearest} rows kept "
-            "round-to-nearest (no better)")
+            f"round-to-nearest (no better){measured}{default}")
 
 
 def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
@@ -654,11 +661,15 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
                  "lower)" if m.folds < most else "")
               for m in s.measured]
     chosen = next((m.error for m in s.measured if m.choice == s.chosen), None)
+    which = "chosen"
+    if s.gptq is not None and s.gptq.errors is not None and s.gptq.kept:
+        # Scored with nearest weights; GPTQ's were written, with their own figure.
+        chosen, which = s.gptq.errors[0], "written"
     if chosen is not None and chosen >= POOR_OUTPUT_ERROR:
         hint = (f"{s.activation_bits}-bit activations cost most: activation_bit_num=8 keeps "
                 "8-bit ones" if s.activation_bits < 8 else
                 "--accuracyThreshold checks it, and keeps its most harmful units float")
-        lines.append(f"  warning: the chosen model's output error is {chosen:.3g} of the "
+        lines.append(f"  warning: the {which} model's output error is {chosen:.3g} of the "
                      f"float outputs' power (above {POOR_OUTPUT_ERROR}, about 10 dB): {hint}")
     return lines
 

@@ -52,6 +52,9 @@ LOW_BIT_TABLE_BITS = 8
 # kept in 8 bits, as PostTraining keeps them (docs/decisions.md, blocked convs).
 DEPTHWISE_BITS = 8
 DEFAULT_DYNAMIC_STRATEGY = "ALWC"
+# Weights of fewer bits than this are rounded by GPTQ where calibration data is given and the
+# config names no quant_strategy (docs/decisions.md, GPTQ below 8 bits).
+GPTQ_BELOW = 8
 # A calibration config is a few dozen lines; reading more than this is a wrong file.
 MAX_CONFIG_BYTES = 1 << 20
 # Beside --outputFile: its weights when it passes protobuf's 2 GB limit.
@@ -96,6 +99,7 @@ class WeightQuantSettings:
     # shift into Conv/Gemm biases). Off unless asked: MindSpore's default is on.
     bias_correction: bool = False
     quant_strategy: str = "MAX_MIN"  # or "GPTQ" (needs calibration)
+    strategy_default: bool = False  # GPTQ because the config left it to ptqconv (below 8 bits)
     mixed_bit: MixedBitSettings | None = None  # with bit_num 0
     block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
     # block_size left out at 1-4 bits: MatMul/Gemm weights in blocks, Gather tables in 8 bits.
@@ -136,6 +140,7 @@ class PostTrainingSettings:
     smooth_quant: bool | None = None
     equalize: bool | None = None
     quant_strategy: str = "MAX_MIN"  # how weights are rounded: MAX_MIN (nearest) or GPTQ
+    strategy_default: bool = False  # GPTQ because the config left it to ptqconv (below 8 bits)
     # Keep float the units onnxruntime runs faster in float (passes/latency_plan.py).
     latency_aware: bool = True
     # Time the written model against the float one for the summary.
@@ -351,12 +356,15 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         assert config is not None
         raise PtqUsageError(f"{config.where('block_size')}: blocks need per_channel=true "
                             "(per_channel=false asks for one scale per weight)")
-    strategy = pick.config("weight_quant_strategy") or "MAX_MIN"
     paths = pick.config("calibrate_path")
+    strategy_given = pick.config("weight_quant_strategy")
+    # Below 8 bits with calibration data, GPTQ (docs/decisions.md, GPTQ below 8 bits).
+    strategy_default = strategy_given is None and bool(paths) and 0 < bits < GPTQ_BELOW
+    strategy = strategy_given or ("GPTQ" if strategy_default else "MAX_MIN")
     calibration = (DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
                               shapes, layout=layout, image=image,
                               size_given=_where(pick, "calibrate_size")) if paths else None)
-    for needs, key in ((strategy == "GPTQ", "weight_quant_strategy"),
+    for needs, key in ((strategy_given == "GPTQ", "weight_quant_strategy"),
                        (mixed is not None and mixed.auto_tune, "auto_tune")):
         if needs and calibration is None:
             assert config is not None
@@ -367,6 +375,7 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         per_channel=per_channel,
         bias_correction=pick.switch("weight_bias_correction", False),
         quant_strategy=strategy,
+        strategy_default=strategy_default,
         mixed_bit=mixed,
         block_size=block,
         low_bit_recipe=given is None and block > 0,
@@ -423,7 +432,9 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         embedding_quant=pick.switch("embedding_quant", True),
         dynamic_candidate=pick.switch("dynamic_candidate", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
-        quant_strategy=pick.config("quant_strategy") or "MAX_MIN",
+        quant_strategy=pick.config("quant_strategy") or (
+            "GPTQ" if bits < GPTQ_BELOW else "MAX_MIN"),
+        strategy_default=pick.config("quant_strategy") is None and bits < GPTQ_BELOW,
         threads=threads,
         skip=skip,
         debug_dir=debug,

@@ -120,7 +120,7 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         integers.update(solved.integers)
         solved_names = set(solved.integers)
         statistics = solved.statistics
-        summary.gptq = solved.summary()
+        summary.gptq = replace(solved.summary(), by_default=settings.strategy_default)
     elif shifted:
         assert data is not None
         step = progress(len(data), "calibrating (bias correction)") if progress else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -70,6 +72,13 @@ def ini(
         "latency_aware=false\n"
     )
     return str(path)
+
+
+def nearest(config: str) -> str:
+    """`config` (from `ini`) with weights rounded to nearest at every width."""
+    path = Path(config)
+    path.write_text(path.read_text() + "quant_strategy=MAX_MIN\n")
+    return config
 
 
 @pytest.mark.parametrize("method", ["MAX_MIN", "KL", "REMOVAL_OUTLIER"])
@@ -241,7 +250,8 @@ def test_bias_correction_removes_a_systematic_shift(tmp_path):
                 f"--modelFile={src}",
                 f"--outputFile={out}",
                 "--bitNum=3",
-                f"--configFile={ini(tmp_path, f'x:{data}', bias=bias)}",
+                # Nearest weights: below 8 bits ptqconv would round them by GPTQ.
+                f"--configFile={nearest(ini(tmp_path, f'x:{data}', bias=bias))}",
             )
             == 0
         )
@@ -725,3 +735,44 @@ def test_auto_does_not_try_dynamic_quantization_on_a_convolutional_model(tmp_pat
     text = capsys.readouterr().out
     assert status == 0, text
     assert "dynamic quantization" not in text
+
+
+@pytest.mark.parametrize("gptq_worse", [False, True])
+def test_w4a8_rounds_weights_by_gptq_where_the_held_out_samples_score_it_better(
+        tmp_path, monkeypatch, gptq_worse):
+    from conftest import initializers
+
+    import ptqconv
+    from ptqconv.post_training import PostTraining
+
+    if gptq_worse:  # GPTQ's model scored worse than the chosen candidate's nearest weights
+        monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 1e9)
+    data = f"input:{DIGITS / 'calib' / 'input'}"
+
+    def config(name: str, extra: str = "") -> str:
+        path = tmp_path / f"{name}.ini"
+        path.write_text(f"[common_quant_param]\nbit_num=4\n[data_preprocess_param]\n"
+                        f"calibrate_path={data}\n[full_quant_param]\nactivation_bit_num=8\n"
+                        f"measure_latency=false\n{extra}")
+        return str(path)
+
+    out = tmp_path / "auto.onnx"
+    report = ptqconv.convert(str(DIGITS / "model.onnx"), str(out), "PostTraining",
+                             config_file=config("auto"))
+    gptq = report.post_training.gptq
+    assert gptq.by_default and gptq.errors is not None and gptq.kept == (not gptq_worse)
+    chosen = next(m.error for m in report.post_training.measured
+                  if m.choice == report.post_training.chosen)
+    assert gptq.errors[1] == chosen
+    line = next(x for x in report.format().splitlines() if "GPTQ" in x)
+    assert line.startswith("  GPTQ left out" if gptq_worse else "  GPTQ: 5 layers")
+    assert "against nearest weights'" in line and "default below 8 bits" in line
+    # Nearest weights written where GPTQ lost: the model of quant_strategy=MAX_MIN.
+    plain = tmp_path / "nearest.onnx"
+    ptqconv.convert(str(DIGITS / "model.onnx"), str(plain), "PostTraining",
+                    config_file=config("nearest", "quant_strategy=MAX_MIN\n"))
+    a, b = initializers(out), initializers(plain)
+    same = a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert same == gptq_worse
+    if not gptq_worse:  # both agree with float on every eval digit (held-out 3.3e-4 / 1.2e-3)
+        assert digits_accuracy(out)[1] >= digits_accuracy(plain)[1]

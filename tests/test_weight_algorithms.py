@@ -62,7 +62,8 @@ def dequantize_nodes(path) -> dict[str, onnx.NodeProto]:
 
 def test_gptq_lowers_the_output_error_on_a_grid_no_wider_than_nearests(tmp_path):
     data = f"input:{CALIB}"
-    src, nearest, _ = convert(tmp_path, DIGITS / "model.onnx", "n", bits=3, data=data)
+    src, nearest, _ = convert(tmp_path, DIGITS / "model.onnx", "n", bits=3, data=data,
+                              weight={"quant_strategy": "MAX_MIN"})
     _, rounded, report = convert(tmp_path, DIGITS / "model.onnx", "g", bits=3, data=data,
                                  weight={"quant_strategy": "GPTQ"})
     summary = report.weight_quant
@@ -442,7 +443,7 @@ def test_equalization_is_left_out_where_it_measures_worse(tmp_path, monkeypatch)
     monkeypatch.setattr(weight_only, "_equalize_errors", lambda *args: (0.01, 0.02))
     data = random_samples(tmp_path / "calib", 2, seed=4, shape=(1, 3, 12, 12))
     _, out, report = convert(tmp_path, relu_chain(), "worse", bits=6, data=f"x:{data}",
-                             weight={"per_channel": "false"})
+                             weight={"per_channel": "false", "quant_strategy": "MAX_MIN"})
     _, plain, _ = convert(tmp_path, relu_chain(), "plain", bits=6,
                           weight={"per_channel": "false"})
     assert report.weight_quant.equalized == 0
@@ -551,3 +552,19 @@ def test_gptq_shrinks_conv_blocks_and_keeps_matmul_blocks_ranges(tmp_path):
         found[name] = {k: v for k, v in initializers(out).items() if k.endswith("_scale")}
     assert found["mn"] and all(np.array_equal(found["mn"][k], found["mg"][k])
                                for k in found["mn"])
+
+
+def test_below_8_bits_calibration_data_rounds_weights_by_gptq_unless_told_otherwise(tmp_path):
+    data = f"input:{CALIB}"
+    _, _, report = convert(tmp_path, DIGITS / "model.onnx", "d", bits=4, data=data)
+    assert report.weight_quant.gptq.layers == 5 and report.weight_quant.gptq.by_default
+    assert "(ptqconv's default below 8 bits with calibration data; quant_strategy=MAX_MIN " \
+        "rounds to nearest)" in report.format()
+    for name, bits, keys, with_data in (("n", 4, {"quant_strategy": "MAX_MIN"}, True),
+                                        ("e", 8, {}, True), ("f", 4, {}, False)):
+        _, _, report = convert(tmp_path, DIGITS / "model.onnx", name, bits=bits,
+                               data=data if with_data else None, weight=keys)
+        assert report.weight_quant.gptq is None and "GPTQ" not in report.format()
+    _, _, report = convert(tmp_path, DIGITS / "model.onnx", "g", bits=4, data=data,
+                           weight={"quant_strategy": "GPTQ"})
+    assert not report.weight_quant.gptq.by_default and "default below" not in report.format()
