@@ -397,7 +397,9 @@ class PostTraining:
                     "method": choice.method, "bias_correction": choice.bias_correction,
                     "equalize": choice.equalize, "smooth_quant": choice.smooth_quant,
                     "float_outputs": choice.float_outputs,
-                    "float_products": choice.float_products}}
+                    "float_products": choice.float_products,
+                    # The weights written: GPTQ's where it was chosen and kept.
+                    "quant_strategy": "GPTQ" if self.integers else "MAX_MIN"}}
         return encodings.document(built.qdq.activation_encodings, built.qdq.param_encodings,
                                   # What the latency plan kept float too: an import that
                                   # calibrates nothing has no shapes to plan from.
@@ -446,7 +448,11 @@ class PostTraining:
             return self.build(model, choice, statistics, tensors, shared)
 
         solved = None
-        if s.quant_strategy == "GPTQ":
+        strategy = s.quant_strategy
+        if replay is not None and s.strategy_default:  # what the replayed file's model had
+            assert self.file is not None and self.file.choices is not None
+            strategy = str(self.file.choices.get("quant_strategy", strategy))
+        if strategy == "GPTQ":
             # The choice was measured with nearest weights; GPTQ rounds the chosen model's.
             solved = self.gptq(rebuild())
             self.integers = solved.integers
@@ -457,7 +463,8 @@ class PostTraining:
         # GPTQ below 8 bits).
         nearest_error = next((m.error for m in measured if m.choice == choice.label()), None)
         errors: tuple[float, float] | None = None
-        if solved is not None and s.strategy_default and nearest_error is not None:
+        if solved is not None and s.strategy_default and nearest_error is not None \
+                and replay is None:
             gptq_error = self.held_out_error(built.model)
             assert gptq_error is not None
             errors = (gptq_error, nearest_error)

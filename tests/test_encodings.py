@@ -424,3 +424,34 @@ def test_an_8_bit_run_replaying_4_bit_weights_says_whose_grids_they_are(tmp_path
     text = capsys.readouterr().out
     assert "  weights quantized: 5 (on the encodings file's grids)\n" in text, text
     assert "levels [-63, 63]" not in text
+
+
+@pytest.mark.parametrize("gptq_kept", [True, False])
+def test_a_4_bit_model_replays_the_weights_its_default_strategy_wrote(
+        tmp_path, capsys, monkeypatch, gptq_kept):
+    """Below 8 bits GPTQ is ptqconv's choice, kept where it scores better: the file records
+    which weights were written, and the replay writes the same."""
+    from ptqconv.post_training import PostTraining
+
+    if not gptq_kept:
+        monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 1e9)
+    config = tmp_path / "c.ini"
+    config.write_text((CONFIGS / "digits.ini").read_text().replace(
+        "calibrate_path=input:../", f"calibrate_path=input:{CONFIGS.parent}/").replace(
+        "[full_quant_param]", "[full_quant_param]\nmeasure_latency=false", 1))
+    first, second = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    model = DIGITS / "model.onnx"
+    assert main([f"--modelFile={model}", f"--outputFile={first}", "--quantType=PostTraining",
+                 "--bitNum=4", f"--configFile={config}",
+                 f"--encodingsFile={tmp_path / 'a.json'}"]) == 0
+    text = capsys.readouterr().out
+    assert ("  GPTQ: 5 layers" in text) == gptq_kept and ("GPTQ left out" in text) != gptq_kept
+    recorded = json.loads((tmp_path / "a.json").read_text())["quantizer_args"]
+    assert recorded[encodings.CHOICES_KEY]["quant_strategy"] == (
+        "GPTQ" if gptq_kept else "MAX_MIN")
+    replay = _import_config(config, tmp_path / "a.json", tmp_path / "b.ini")
+    assert main([f"--modelFile={model}", f"--outputFile={second}", "--quantType=PostTraining",
+                 "--bitNum=4", f"--configFile={replay}"]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    # The replay runs GPTQ only where the file's model had GPTQ's weights.
+    assert ("  GPTQ: 5 layers" in capsys.readouterr().out) == gptq_kept
