@@ -15,10 +15,11 @@ from .corpus import CorpusModel, metric, models, outputs
 TARGET_MODELS = ("mobilenet_v2", "all_minilm_l6_v2")
 # (column, bits, [weight_quant_param] keys or None for PostTraining W4A8 MSE + bias corr.)
 VARIANTS: tuple[tuple[str, int, dict[str, str] | None], ...] = (
-    ("8-bit nearest", 8, {}),
+    # Nearest named: with calibration data GPTQ is ptqconv's default at 1-8 bits.
+    ("8-bit nearest", 8, {"quant_strategy": "MAX_MIN"}),
     ("8-bit GPTQ", 8, {"quant_strategy": "GPTQ"}),
-    ("8-bit bias corr.", 8, {"bias_correction": "true"}),
-    ("4-bit nearest", 4, {}),
+    ("8-bit bias corr.", 8, {"bias_correction": "true", "quant_strategy": "MAX_MIN"}),
+    ("4-bit nearest", 4, {"quant_strategy": "MAX_MIN"}),
     ("4-bit GPTQ", 4, {"quant_strategy": "GPTQ"}),
     ("4-bit GPTQ + bias corr.", 4, {"quant_strategy": "GPTQ", "bias_correction": "true"}),
     ("4-bit blocks of 32, GPTQ", 4, {"quant_strategy": "GPTQ", "block_size": "32"}),

@@ -460,7 +460,7 @@ class PostTraining:
         # ptqconv's choice of GPTQ, not the config's, is kept where the held-out samples
         # score it below the chosen candidate's nearest weights. Its own figure is in-sample
         # (GPTQ saw those samples), so it is refused only when plainly worse (docs/decisions.md,
-        # GPTQ below 8 bits).
+        # GPTQ by default).
         nearest_error = next((m.error for m in measured if m.choice == choice.label()), None)
         errors: tuple[float, float] | None = None
         if solved is not None and s.strategy_default and nearest_error is not None \

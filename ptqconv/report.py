@@ -485,8 +485,8 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
 def gptq_line(g: GPTQSummary) -> str:
     ratio = "" if g.error_ratio is None else f", layer error {g.error_ratio:.3f} of nearest's"
     passes = f" in {g.passes} passes" if g.passes > 1 else ""
-    default = (" (ptqconv's default below 8 bits with calibration data; quant_strategy=MAX_MIN "
-               "rounds to nearest)" if g.by_default else "")
+    default = (" (ptqconv's default with calibration data at this width; quant_strategy="
+               "MAX_MIN rounds to nearest)" if g.by_default else "")
     measured = ("" if g.errors is None else
                 f"; held-out output error {g.errors[0]:.3g} against nearest weights' "
                 f"{g.errors[1]:.3g}")

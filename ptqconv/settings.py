@@ -52,9 +52,11 @@ LOW_BIT_TABLE_BITS = 8
 # kept in 8 bits, as PostTraining keeps them (docs/decisions.md, blocked convs).
 DEPTHWISE_BITS = 8
 DEFAULT_DYNAMIC_STRATEGY = "ALWC"
-# Weights of fewer bits than this are rounded by GPTQ where calibration data is given and the
-# config names no quant_strategy (docs/decisions.md, GPTQ below 8 bits).
+# Where the config names no quant_strategy, GPTQ rounds PostTraining weights of fewer bits than
+# GPTQ_BELOW (at 8 the activations' error dominates) and WeightQuant weights of up to
+# GPTQ_WEIGHT_ONLY_MAX bits when calibration data is given (docs/decisions.md, GPTQ by default).
 GPTQ_BELOW = 8
+GPTQ_WEIGHT_ONLY_MAX = 8
 # A calibration config is a few dozen lines; reading more than this is a wrong file.
 MAX_CONFIG_BYTES = 1 << 20
 # Beside --outputFile: its weights when it passes protobuf's 2 GB limit.
@@ -99,7 +101,7 @@ class WeightQuantSettings:
     # shift into Conv/Gemm biases). Off unless asked: MindSpore's default is on.
     bias_correction: bool = False
     quant_strategy: str = "MAX_MIN"  # or "GPTQ" (needs calibration)
-    strategy_default: bool = False  # GPTQ because the config left it to ptqconv (below 8 bits)
+    strategy_default: bool = False  # GPTQ because the config left it to ptqconv
     mixed_bit: MixedBitSettings | None = None  # with bit_num 0
     block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
     # block_size left out at 1-4 bits: MatMul/Gemm weights in blocks, Gather tables in 8 bits.
@@ -140,7 +142,7 @@ class PostTrainingSettings:
     smooth_quant: bool | None = None
     equalize: bool | None = None
     quant_strategy: str = "MAX_MIN"  # how weights are rounded: MAX_MIN (nearest) or GPTQ
-    strategy_default: bool = False  # GPTQ because the config left it to ptqconv (below 8 bits)
+    strategy_default: bool = False  # GPTQ because the config left it to ptqconv
     # Keep float the units onnxruntime runs faster in float (passes/latency_plan.py).
     latency_aware: bool = True
     # Time the written model against the float one for the summary.
@@ -358,8 +360,9 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
                             "(per_channel=false asks for one scale per weight)")
     paths = pick.config("calibrate_path")
     strategy_given = pick.config("weight_quant_strategy")
-    # Below 8 bits with calibration data, GPTQ (docs/decisions.md, GPTQ below 8 bits).
-    strategy_default = strategy_given is None and bool(paths) and 0 < bits < GPTQ_BELOW
+    # With calibration data, GPTQ (docs/decisions.md, GPTQ by default).
+    strategy_default = (strategy_given is None and bool(paths)
+                        and 0 < bits <= GPTQ_WEIGHT_ONLY_MAX)
     strategy = strategy_given or ("GPTQ" if strategy_default else "MAX_MIN")
     calibration = (DataSource(paths, pick.config("calibrate_size") or DEFAULT_CALIBRATE_SIZE,
                               shapes, layout=layout, image=image,

@@ -766,7 +766,7 @@ def test_w4a8_rounds_weights_by_gptq_where_the_held_out_samples_score_it_better(
     assert gptq.errors[1] == chosen
     line = next(x for x in report.format().splitlines() if "GPTQ" in x)
     assert line.startswith("  GPTQ left out" if gptq_worse else "  GPTQ: 5 layers")
-    assert "against nearest weights'" in line and "default below 8 bits" in line
+    assert "against nearest weights'" in line and "ptqconv's default with calibration data" in line
     # Nearest weights written where GPTQ lost: the model of quant_strategy=MAX_MIN.
     plain = tmp_path / "nearest.onnx"
     ptqconv.convert(str(DIGITS / "model.onnx"), str(plain), "PostTraining",

@@ -558,10 +558,14 @@ def test_below_8_bits_calibration_data_rounds_weights_by_gptq_unless_told_otherw
     data = f"input:{CALIB}"
     _, _, report = convert(tmp_path, DIGITS / "model.onnx", "d", bits=4, data=data)
     assert report.weight_quant.gptq.layers == 5 and report.weight_quant.gptq.by_default
-    assert "(ptqconv's default below 8 bits with calibration data; quant_strategy=MAX_MIN " \
+    assert "(ptqconv's default with calibration data at this width; quant_strategy=MAX_MIN " \
         "rounds to nearest)" in report.format()
+    # At 8 bits too (weights are a weight-only model's whole error); not above, nor without
+    # data, nor where the config says MAX_MIN.
+    _, _, report = convert(tmp_path, DIGITS / "model.onnx", "e", bits=8, data=data)
+    assert report.weight_quant.gptq.by_default
     for name, bits, keys, with_data in (("n", 4, {"quant_strategy": "MAX_MIN"}, True),
-                                        ("e", 8, {}, True), ("f", 4, {}, False)):
+                                        ("s", 9, {}, True), ("f", 4, {}, False)):
         _, _, report = convert(tmp_path, DIGITS / "model.onnx", name, bits=bits,
                                data=data if with_data else None, weight=keys)
         assert report.weight_quant.gptq is None and "GPTQ" not in report.format()

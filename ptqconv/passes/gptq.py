@@ -247,7 +247,7 @@ class GPTQSummary:
     passes: int  # streaming passes over the calibration samples
     rows_nearest: int  # rows the guard gave back to round-to-nearest
     error_ratio: float | None  # GPTQ's layer objective over round-to-nearest's
-    by_default: bool = False  # chosen by ptqconv below 8 bits, not by the config
+    by_default: bool = False  # chosen by ptqconv, not by the config
     # Held-out output error of the model with GPTQ weights and with nearest ones, where
     # ptqconv chose GPTQ and AUTO scored (None: not measured); kept: GPTQ's were written.
     errors: tuple[float, float] | None = None
