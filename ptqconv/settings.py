@@ -103,7 +103,7 @@ class WeightQuantSettings:
     quant_strategy: str = "MAX_MIN"  # or "GPTQ" (needs calibration)
     strategy_default: bool = False  # GPTQ because the config left it to ptqconv
     mixed_bit: MixedBitSettings | None = None  # with bit_num 0
-    block_size: int = 0  # MatMul/Gemm/Gather weights in blocks of this many (0: per channel)
+    block_size: int = 0  # MatMul/Gemm/Gather/Conv weights in blocks of this many (0: per channel)
     # block_size left out at 1-4 bits: MatMul/Gemm weights in blocks, Gather tables in 8 bits.
     low_bit_recipe: bool = False
     calibration: DataSource | None = None
