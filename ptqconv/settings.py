@@ -412,6 +412,9 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
     if config.encodings_path is not None:
         imported = encodings.read(files.input_file(config.where("encodings_path"),
                                                    config.encodings_path))
+    strategy_given = pick.config("quant_strategy")
+    # Below 8 bits, GPTQ (docs/decisions.md, GPTQ by default).
+    strategy_default = strategy_given is None and bits < GPTQ_BELOW
     return PostTrainingSettings(
         bit_num=bits,
         activation_bits=pick.config("activation_bit_num") or bits,
@@ -435,9 +438,8 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         embedding_quant=pick.switch("embedding_quant", True),
         dynamic_candidate=pick.switch("dynamic_candidate", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
-        quant_strategy=pick.config("quant_strategy") or (
-            "GPTQ" if bits < GPTQ_BELOW else "MAX_MIN"),
-        strategy_default=pick.config("quant_strategy") is None and bits < GPTQ_BELOW,
+        quant_strategy=strategy_given or ("GPTQ" if strategy_default else "MAX_MIN"),
+        strategy_default=strategy_default,
         threads=threads,
         skip=skip,
         debug_dir=debug,
