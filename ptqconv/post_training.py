@@ -11,6 +11,7 @@ sample.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -200,6 +201,10 @@ class PostTraining:
         # AUTO's held-out samples and float outputs, kept to score a later candidate alike:
         # (references by output and sample, sample indices by fold, the folds' samples).
         self.scoring: tuple[dict, dict, dict] | None = None
+        # held_out_error by model: the latency and dynamic checks may both score the model
+        # written (a scoring of BERT-base takes about 4 s).
+        self._held_out: weakref.WeakKeyDictionary[ir.Model, float | None] = (
+            weakref.WeakKeyDictionary())
         # Measured once per run (`residual_sum.measure`); None: nothing to measure.
         self.residual_sum: ResidualSum | None = None
 
@@ -745,13 +750,16 @@ class PostTraining:
         so its own figure is, if anything, flattering."""
         if self.scoring is None:
             return None
+        if model in self._held_out:
+            return self._held_out[model]
         references, samples, held = self.scoring
         noise = dict.fromkeys(references, 0.0)
         signal = dict.fromkeys(references, 0.0)
         for fold, indices in samples.items():
             _output_error(model, held[fold], indices, references, self.settings.threads,
                           noise, signal)
-        return mean_noise_to_signal(noise, signal)
+        self._held_out[model] = error = mean_noise_to_signal(noise, signal)
+        return error
 
     def describe(self, built: Built, summary: PostTrainingSummary) -> PostTrainingSummary:
         """`summary` (of `run`) with the figures of `built` (a rebuild: the accuracy-target

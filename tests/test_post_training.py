@@ -776,3 +776,40 @@ def test_w4a8_rounds_weights_by_gptq_where_the_held_out_samples_score_it_better(
     assert same == gptq_worse
     if not gptq_worse:  # both agree with float on every eval digit (held-out 3.3e-4 / 1.2e-3)
         assert digits_accuracy(out)[1] >= digits_accuracy(plain)[1]
+
+
+def test_a_model_is_scored_on_the_held_out_samples_once(monkeypatch):
+    # The latency check and the dynamic candidate may both ask for the written model's
+    # held-out error: the second asking reuses the first figure.
+    import weakref
+    from types import SimpleNamespace
+
+    import onnx_ir as ir
+
+    import ptqconv.post_training as post_training
+    from ptqconv.post_training import PostTraining
+
+    runs = []
+    real = post_training._output_error
+
+    def counted(model, *args):
+        runs.append(model)
+        return real(model, *args)
+
+    monkeypatch.setattr(post_training, "_output_error", counted)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(3)]
+    float_model = mlp((8, 16, 4))
+    session = ort.InferenceSession(float_model.SerializeToString())
+    output = session.get_outputs()[0].name
+    references = {output: {i: session.run(None, f)[0] for i, f in enumerate(feeds)}}
+    pt = PostTraining.__new__(PostTraining)
+    pt.settings = SimpleNamespace(threads=1)
+    pt.scoring = (references, {0: [0, 1, 2]}, {0: feeds})
+    pt._held_out = weakref.WeakKeyDictionary()
+    model, other = ir.serde.deserialize_model(float_model), ir.serde.deserialize_model(float_model)
+    first = pt.held_out_error(model)
+    assert first == pytest.approx(0.0, abs=1e-12)
+    assert pt.held_out_error(model) == first and runs == [model]
+    pt.held_out_error(other)
+    assert runs == [model, other]
