@@ -331,10 +331,16 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     errors: tuple[float, float] | None = None
     try:
         latency, integer = pt.all_integer()
-        keep, timed, why = _faster_twice(
-            {"float": settings.model_file, "planned": saved.path, "integer": integer.model},
-            sample, "integer", "planned")
-        if keep and pt.scoring is not None:
+        models = {"float": settings.model_file, "planned": saved.path, "integer": integer.model}
+        if pt.plan_float:
+            # The plan is the float model: the quantized one asked for is written unless
+            # the plan runs faster at all, beyond the noise, twice (the cost model's
+            # prediction, measured here before it costs the user their quantized model).
+            slower, timed = _slower_twice(models, sample, "integer")
+            keep, why = not slower, f"slower than the {slower}" if slower else ""
+        else:
+            keep, timed, why = _faster_twice(models, sample, "integer", "planned")
+        if keep and pt.scoring is not None and not pt.plan_float:
             assert built is not None
             planned_error = pt.held_out_error(built.model)
             integer_error = pt.held_out_error(integer.model)
@@ -345,10 +351,11 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     except PtqError:
         return saved, built
     report.post_training = pt.adopt(latency, integer, summary) if keep else summary
-    report.post_training.plan_check = PlanCheck(timed, units, keep, why, errors)
+    report.post_training.plan_check = PlanCheck(timed, units, keep, why, errors, pt.plan_float)
     report.latency = _written(timed, "integer" if keep else "planned")
     if not keep:
         return saved, built
+    report.kept_input = ""  # the float model was written for the plan, not for this one
     saved = _save(integer.model, settings, report, staging)
     return _never_grow(settings, report, sources, staging, saved) or saved, integer
 
@@ -364,7 +371,9 @@ def _dynamic_worth_trying(settings: ConvertSettings, mode: PostTrainingSettings,
             and mode.activation_bits == 8
             and mode.quant_strategy != "GPTQ" and settings.gate is None
             and mode.encodings_out is None and mode.encodings_in is None
-            and mode.debug_dir is None and not mode.sensitivity and not report.kept_input
+            and mode.debug_dir is None and not mode.sensitivity
+            # A float model written for the latency plan is no reason: there is one to beat.
+            and (not report.kept_input or pt.plan_float)
             and pt.scoring is not None
             # DynamicQuant leaves convs float: where their weights weigh as much, it is no
             # candidate (and the float model is not loaded again for it).
@@ -377,9 +386,13 @@ def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: Conversi
     """DynamicQuant's model as AUTO's last candidate (_dynamic_worth_trying says where):
     scored on the held-out samples like the static model written, and timed against it.
     Written instead when it is more accurate (beyond TIE) and not slower than the static
-    model or float, or as accurate and faster (runtime.Latency.faster, twice)."""
+    model or float, or as accurate and faster (runtime.Latency.faster, twice). Where the
+    latency plan kept every unit float and that float model was written, it is the quantized
+    model asked for, as all-integer is: written unless the float plan runs faster, twice."""
     summary = report.post_training
     assert summary is not None
+    plan_written = pt.plan_float and not (summary.plan_check is not None
+                                          and summary.plan_check.kept_integer)
     model = modelio.load_model(settings.model_file, check=False)
     mode = settings.mode
     assert isinstance(mode, PostTrainingSettings)
@@ -388,6 +401,8 @@ def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: Conversi
         mode.reduce_range, skip=mode.skip))
     if not any(r.quantized for r in records):
         return saved
+    if plan_written:
+        return _dynamic_over_float(pt, settings, report, data, staging, saved, built, dynamic)
     try:
         dynamic_error = pt.held_out_error(dynamic)
         # The chosen candidate's fold error is, as a rule, no lower than the written model's
@@ -427,6 +442,31 @@ def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: Conversi
     return _save(dynamic, settings, report, staging)
 
 
+def _dynamic_over_float(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
+                        data: CalibrationSet, staging: files.Staging,
+                        saved: modelio.SavedModel, built: Built, dynamic: ir.Model,
+                        ) -> modelio.SavedModel:
+    """_check_dynamic where the written model is the latency plan's float one."""
+    summary = report.post_training
+    assert summary is not None
+    try:
+        dynamic_error = pt.held_out_error(dynamic)
+        static_error = pt.held_out_error(built.model)
+        assert static_error is not None and dynamic_error is not None
+        models = {"float": settings.model_file, "written": saved.path, "dynamic": dynamic}
+        slower, timed = _slower_twice(models, next(iter(data)), "dynamic")
+    except PtqError:
+        return saved
+    why = f"slower than the {slower}" if slower else ""
+    summary.dynamic_check = DynamicCheck(static_error, dynamic_error, timed, not slower, why,
+                                         over_float=True)
+    if slower:
+        return saved
+    report.kept_input = ""
+    report.latency = _written(timed, "dynamic")
+    return _save(dynamic, settings, report, staging)
+
+
 def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, b: str,
                   ) -> tuple[bool, runtime.Latency, str]:
     """Whether `a` runs faster than `b` (Latency.faster) in two comparisons of fresh
@@ -441,6 +481,24 @@ def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, 
     second = runtime.compare_latency(models, sample)
     why = second.not_faster(a, b)
     return not why, second, f"a second timing: {why}" if why else ""
+
+
+def _slower_twice(models: dict[str, runtime.ModelSource], sample: dict, candidate: str,
+                  ) -> tuple[str, runtime.Latency]:
+    """Whether the quantized `candidate` runs slower than any float model of `models` (the
+    others: float and the latency plan's float rewrite) at all, beyond the noise, in two
+    comparisons of fresh sessions (the second only when the first finds it): what it is
+    slower than ("" when not; "float model" or "float plan"), and the last timing."""
+    def slower_than(timed: runtime.Latency) -> str:
+        return next((("float model" if label == "float" else "float plan")
+                     for label in models if label != candidate
+                     and timed.faster(label, candidate, 1.0)), "")
+
+    timed = runtime.compare_latency(models, sample)
+    if not slower_than(timed):
+        return "", timed
+    timed = runtime.compare_latency(models, sample)
+    return slower_than(timed), timed
 
 
 def _written(timed: runtime.Latency, label: str) -> runtime.Latency:

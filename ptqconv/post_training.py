@@ -11,9 +11,10 @@ sample.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,10 @@ class PostTraining:
         # calibration saw; None: latency_aware=false.
         self.latency: LatencyPlan | None = None
         self.latency_units: frozenset[str] = frozenset()
+        # The plan keeps every unit float (and is checked): AUTO then chooses among
+        # all-integer candidates, which the latency check writes unless the float plan runs
+        # faster (conversion._check_plan).
+        self.plan_float = False
         # Weights GPTQ rounded for the chosen model, by name: every later build uses them.
         self.integers: dict[str, IntegerWeight] | None = None
         # AUTO's held-out samples and float outputs, kept to score a later candidate alike:
@@ -435,8 +440,10 @@ class PostTraining:
         if shared:
             statistics = self._collect_folds(model, choice, tensors, folds)
             self._plan_latency(plan, statistics, tensors)
-            if replay is None and self._has_units(model):
-                choice, measured = self.decide(model, choice, tensors, statistics, folds)
+            self.plan_float = self._plan_float(model)
+            if replay is None and (self.plan_float or self._has_units(model)):
+                with self._every_unit(self.plan_float):
+                    choice, measured = self.decide(model, choice, tensors, statistics, folds)
             statistics = statistics.view()
         else:
             points = self._range_method(model, choice.method).points(tensors)
@@ -448,6 +455,7 @@ class PostTraining:
             statistics = collect(model, points, self.data, s.threads,
                                  self._step(len(self.data), f"calibrating ({s.method})"))
             self._plan_latency(plan, statistics, tensors)
+            self.plan_float = self._plan_float(model)
 
         def rebuild() -> Built:
             return self.build(model, choice, statistics, tensors, shared)
@@ -458,8 +466,10 @@ class PostTraining:
             assert self.file is not None and self.file.choices is not None
             strategy = str(self.file.choices.get("quant_strategy", strategy))
         if strategy == "GPTQ":
-            # The choice was measured with nearest weights; GPTQ rounds the chosen model's.
-            solved = self.gptq(rebuild())
+            # The choice was measured with nearest weights; GPTQ rounds the chosen model's
+            # (all-integer's where the plan keeps every unit float: the model checked after).
+            with self._every_unit(self.plan_float):
+                solved = self.gptq(rebuild())
             self.integers = solved.integers
         built, kernels = self._fused_build(rebuild)
         # ptqconv's choice of GPTQ, not the config's, is kept where the held-out samples
@@ -470,7 +480,12 @@ class PostTraining:
         errors: tuple[float, float] | None = None
         if solved is not None and s.strategy_default and nearest_error is not None \
                 and replay is None:
-            gptq_error = self.held_out_error(built.model)
+            scored = built
+            if self.plan_float:
+                with self._every_unit():
+                    scored, _ = self._fused_build(rebuild)
+            gptq_error = self.held_out_error(scored.model)
+            del scored
             assert gptq_error is not None
             errors = (gptq_error, nearest_error)
             if gptq_error > nearest_error:
@@ -715,6 +730,23 @@ class PostTraining:
         latency_aware on)."""
         latency = LatencyPlan()
         return latency, self._rebuilt(latency)
+
+    def _plan_float(self, model: ir.Model) -> bool:
+        """Whether the latency plan keeps every unit float and the latency check will time
+        all-integer against it on this machine."""
+        return (self.settings.latency_check and bool(self.latency_units)
+                and not self._has_units(model))
+
+    @contextlib.contextmanager
+    def _every_unit(self, active: bool = True) -> Iterator[None]:
+        """Within: builds keep no unit float for speed (`active`), as all-integer does."""
+        kept = self.latency, self.latency_units
+        if active:
+            self.latency, self.latency_units = LatencyPlan(), frozenset()
+        try:
+            yield
+        finally:
+            self.latency, self.latency_units = kept
 
     def _rebuilt(self, latency: LatencyPlan) -> Built:
         """`run`'s model and choice built with `latency`'s units float; the plan `run` used

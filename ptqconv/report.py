@@ -100,9 +100,13 @@ class DynamicCheck:
     timed: Latency | None  # "float", "written" (static), "dynamic"; None: not timed
     written: bool = False
     why: str = ""  # why it was not written
+    # The model it was weighed against is the latency plan's float one (static_error is
+    # that float rewrite's): written unless that runs faster.
+    over_float: bool = False
 
     def line(self) -> str:
-        errors = (f"held-out error {self.dynamic_error:.3g} against the static model's "
+        errors = (f"held-out error {self.dynamic_error:.3g} against the "
+                  f"{'float plan' if self.over_float else 'static model'}'s "
                   f"{self.static_error:.3g}")
         timed = ""
         if self.timed is not None:
@@ -110,11 +114,17 @@ class DynamicCheck:
             timed = (f", {ms['dynamic'] / ms['float']:.2f}x float against "
                      f"{ms['written'] / ms['float']:.2f}x ({self.timed.runs} interleaved runs, "
                      f"{self.timed.cpu})")
+        if self.written and self.over_float:
+            return (f"  dynamic quantization (MatMul/Gemm weights int8, activations quantized "
+                    f"at run time) written instead of the float plan, not slower: {errors}"
+                    f"{timed}; the lines above describe the float plan it replaced "
+                    "(dynamic_candidate=false keeps it)")
         if self.written:
             return (f"  dynamic quantization (MatMul/Gemm weights int8, activations quantized "
                     f"at run time) written instead: {errors}{timed}; the lines above describe "
                     "the static model it replaced (dynamic_candidate=false keeps it)")
-        return f"  dynamic quantization tried: {errors}{timed}: kept the static model ({self.why})"
+        kept = "the float plan" if self.over_float else "the static model"
+        return f"  dynamic quantization tried: {errors}{timed}: kept {kept} ({self.why})"
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,8 @@ class PlanCheck:
     # Held-out output error of the plan and of all-integer, where it was faster and AUTO
     # scored candidates (None: not scored).
     errors: tuple[float, float] | None = None
+    # The plan keeps every unit float: all-integer is written unless the plan runs faster.
+    plan_float: bool = False
 
 
 @dataclass
@@ -716,7 +728,10 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
 def plan_check_line(check: PlanCheck) -> str:
     ms = check.timed.ms
     kept = ("kept all-integer" if check.kept_integer else "kept the plan")
-    if check.errors is not None:
+    if check.plan_float:
+        kept += (" (the model asked for: not slower than the float plan)" if check.kept_integer
+                 else f" (all-integer {check.why_kept})")
+    elif check.errors is not None:
         planned, integer = check.errors
         errors = f"held-out error {integer:.3g} against the plan's {planned:.3g}"
         kept += (f" (as accurate: {errors})" if check.kept_integer

@@ -280,10 +280,13 @@ def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_in
 
 
 def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
-                          method: str = "MAX_MIN", samples: int = 2) -> tuple:
-    """MOBILE at 112 converted (`method`) on a host taken for `detected`, every timing faked
-    by `timings(labels, n)` -> {label: ms} for the n-th timing (never time in a test); the
-    float model, the config, the output and the labels of each timing, in order."""
+                          method: str = "MAX_MIN", samples: int = 2, size: int = 112,
+                          model: onnx.ModelProto | None = None,
+                          shape: tuple[int, ...] | None = None) -> tuple:
+    """MOBILE at `size` (or `model`, fed `shape`) converted (`method`) on a host taken for
+    `detected`, every timing faked by `timings(labels, n)` -> {label: ms} for the n-th timing
+    (never time in a test); the float model, the config, the output and the labels of each
+    timing, in order."""
     import ptqconv.runtime as runtime
     import ptqconv.target as target
     from ptqconv.runtime import Latency
@@ -297,8 +300,8 @@ def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
         return Latency({label: ms[label] for label in models}, 10, 2, f"a {detected} CPU")
 
     monkeypatch.setattr(runtime, "compare_latency", compare)
-    src = save(_conv_net(MOBILE, 112), tmp_path / "float.onnx")
-    data = random_samples(tmp_path / "x", samples, seed=0, shape=(1, 3, 112, 112))
+    src = save(model or _conv_net(MOBILE, size), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", samples, seed=0, shape=shape or (1, 3, size, size))
     config = tmp_path / "c.ini"
     config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
                       f"[full_quant_param]\nactivation_quant_method={method}\n")
@@ -573,3 +576,53 @@ def test_the_written_models_latency_keeps_the_rounds_of_its_check():
     assert written.rounds == {"float": rounds["float"], "quantized": rounds["planned"]}
     # Faster on the medians, but in 2 of 3 rounds only: not beyond the noise.
     assert not written.faster("float", "quantized")
+
+
+@pytest.mark.parametrize("integer_ms, written", [(0.98, "integer"), (1.2, "plan")])
+def test_a_plan_keeping_every_unit_float_yields_to_a_quantized_model_not_slower(
+        tmp_path, monkeypatch, capsys, integer_ms, written):
+    # Tiny: the cost model keeps every unit float. AUTO still chooses among all-integer
+    # candidates, and that model, the one asked for, is written unless a float one runs
+    # faster (twice, fresh sessions).
+    _, _, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 1.0, "planned": 1.0, "integer": integer_ms},
+        method="AUTO", samples=8, size=4)
+    summary = capsys.readouterr().out
+    check = next(line for line in summary.splitlines() if "latency check" in line)
+    assert "chosen by measurement" in summary  # among all-integer candidates
+    assert calls == [["float", "integer", "planned"]] * (1 if written == "integer" else 2)
+    ops = optimized_ops(out, tmp_path)
+    if written == "integer":
+        assert check.endswith("kept all-integer (the model asked for: not slower than the "
+                              "float plan)"), check
+        assert ops["QLinearConv"] == len(MOBILE)
+        assert f"node units quantized: {len(MOBILE)}" in summary
+        assert "written float" not in summary and "nothing quantized" not in summary
+    else:
+        assert check.endswith("kept the plan (all-integer slower than the float model)"), check
+        assert ops["QLinearConv"] == 0 and "nothing quantized" in summary
+
+
+@pytest.mark.parametrize("dynamic_ms, written", [(0.9, True), (1.3, False)])
+def test_dynamic_quantization_is_tried_against_a_float_plan(tmp_path, monkeypatch, capsys,
+                                                            dynamic_ms, written):
+    # A small MLP the cost model keeps float and whose all-integer model runs slower: the
+    # dynamic candidate is weighed against the float plan, written unless slower.
+    from models import mlp
+
+    _, _, out, _ = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 1.0, "planned": 1.0, "written": 1.0, "integer": 1.5,
+                           "dynamic": dynamic_ms},
+        method="AUTO", samples=8, model=mlp((16, 32, 8)), shape=(1, 16))
+    summary = capsys.readouterr().out
+    line = next(x for x in summary.splitlines() if "dynamic quantization" in x)
+    assert "against the float plan's" in line
+    ops = optimized_ops(out, tmp_path)
+    if written:
+        assert "written instead of the float plan, not slower" in line, line
+        assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0
+    else:
+        assert line.endswith("kept the float plan (slower than the float model)"), line
+        assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] == 0

@@ -813,3 +813,35 @@ def test_a_model_is_scored_on_the_held_out_samples_once(monkeypatch):
     assert pt.held_out_error(model) == first and runs == [model]
     pt.held_out_error(other)
     assert runs == [model, other]
+
+
+def test_a_gemm_and_relu_before_float_ops_run_as_one_integer_gemm(tmp_path):
+    # Gemm -> Relu -> Einsum (no integer kernel): a float-output Gemm would be fused with the
+    # Relu into a float FusedGemm that dequantizes its weight every run; quantized after the
+    # Relu it is a QGemm, the Relu dropped.
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((32, 64)) / 8).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["g"], transB=1),
+         helper.make_node("Relu", ["g"], ["r"]),
+         helper.make_node("Einsum", ["r", "r"], ["y"], equation="bi,bi->b")],
+        "gemm_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [w, b])
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
+               tmp_path / "m.onnx")
+    data = random_samples(tmp_path / "x", 8, seed=0, shape=(1, 64))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nactivation_quant_method=MAX_MIN\n"
+                      "latency_aware=false\nmeasure_latency=false\n")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}", f"--configFile={config}") == 0
+    ops = optimized_ops(out, tmp_path)
+    assert ops["QGemm"] == 1 and ops["FusedGemm"] == 0 and ops["Relu"] == 0
+    feeds = [{"x": np.fromfile(p, np.float32).reshape(1, 64)} for p in sorted(data.iterdir())]
+    want = np.concatenate([run_model(src, f)[0] for f in feeds])
+    got = np.concatenate([run_model(out, f)[0] for f in feeds])
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()

@@ -25,6 +25,7 @@ inputs (they are quantized where they are read), and readers in other graphs do 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -143,6 +144,16 @@ def _into_sum(node: ir.Node) -> bool:
     other = add.inputs[1 - index] if len(add.inputs) == 2 else None
     return (add.op_type == "Add" and is_onnx(add) and add.graph is node.graph
             and other is not None and other.const_value is None)
+
+
+def _into_activation(node: ir.Node, skipped: Iterable[ir.Node]) -> bool:
+    """Whether this Gemm's only reader is a Relu/Clip. onnxruntime fuses a float-output Gemm
+    and its activation into a float FusedGemm before its QDQ fusions, which then dequantizes
+    the weight on every run (a 4096 x 64 Gemm: 1.24x float); with Q after the activation it
+    runs as QGemm, the activation dropped (docs/decisions.md)."""
+    users = node.outputs[0].uses()
+    return (node.op_type == "Gemm" and len(users) == 1 and users[0][0].op_type in FOLD_OPS
+            and users[0][0] not in skipped and users[0][0].graph is node.graph)
 
 
 def _constant_weight_index(node: ir.Node) -> int | None:
@@ -274,7 +285,7 @@ def plan_quantization(
             mark(value)
         output = node.outputs[0]
         if (node.op_type in FLOAT_OUTPUT_OK and not planner.readers(output)
-                and not _into_sum(node)):
+                and not _into_sum(node) and not _into_activation(node, planner.skipped)):
             bias = _matmul_bias(node, weight_index, planner.skipped)
             if bias is not None:
                 plan.biases.append(PlannedBias(*bias, node))
