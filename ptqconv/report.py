@@ -755,9 +755,15 @@ def slower_line(latency: Latency, size_ratio: float) -> str:
 
 def latency_line(latency: Latency) -> str:
     quantized, reference = latency.ms["quantized"], latency.ms["float"]
+    # A slower median the rounds do not bear out is noise, not a finding (sub-millisecond
+    # models on a busy machine: 1.64x one run, 1.02x the next).
+    noise = (", slower on the medians only: within the noise"
+             if quantized > reference and latency.rounds
+             and not latency.faster("float", "quantized", 1.0) else "")
     return (f"  latency: {quantized:.3f} ms, float {reference:.3f} ms "
             f"({quantized / reference:.2f}x; median of {latency.runs} interleaved runs, "
-            f"{latency.threads} thread{'s' if latency.threads > 1 else ''}, {latency.cpu})")
+            f"{latency.threads} thread{'s' if latency.threads > 1 else ''}, {latency.cpu}"
+            f"{noise})")
 
 
 def at_load_lines(latency: Latency) -> list[str]:

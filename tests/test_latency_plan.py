@@ -626,3 +626,19 @@ def test_dynamic_quantization_is_tried_against_a_float_plan(tmp_path, monkeypatc
     else:
         assert line.endswith("kept the float plan (slower than the float model)"), line
         assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] == 0
+
+
+@pytest.mark.parametrize("quantized_rounds, noise", [
+    ((1.2, 0.9) * 20, True),  # a slower median, half the rounds faster: noise
+    ((1.2,) * 40, False),  # slower in every round: the warning's business, not noise
+    ((0.9,) * 40, False),  # faster
+])
+def test_the_latency_line_says_when_a_slower_median_is_noise(quantized_rounds, noise):
+    from ptqconv.report import latency_line
+    from ptqconv.runtime import Latency
+
+    rounds = {"float": (1.0,) * 40, "quantized": quantized_rounds}
+    timed = Latency({k: float(np.median(v)) for k, v in rounds.items()}, 40, 2, "cpu", rounds)
+    line = latency_line(timed)
+    assert line.endswith("slower on the medians only: within the noise)") == noise, line
+    assert line.startswith(f"  latency: {timed.ms['quantized']:.3f} ms, float 1.000 ms")

@@ -150,7 +150,8 @@ def test_top1_agreement_over_rows_of_the_last_axis():
 
 @pytest.mark.parametrize(
     "shape, dtype",
-    [((10,), np.float32), ((4, 1), np.float32), ((2, 5), np.int64), ((), np.float32)],
+    [((10,), np.float32), ((4, 1), np.float32), ((2, 5), np.int64), ((), np.float32),
+     ((1, 1, 8, 8), np.float32)],  # a mask: argmax over its width means nothing
 )
 def test_top1_is_none_for_outputs_that_are_not_score_vectors(shape, dtype):
     c = OutputComparison("y")

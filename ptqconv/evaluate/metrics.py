@@ -306,9 +306,11 @@ def model_mean_bias_percent(outputs: Mapping[str, OutputComparison] | Iterable[f
 
 
 def _is_scores(reference: np.ndarray, output: np.ndarray) -> bool:
-    """A batch of score vectors: float, rank >= 2, more than one score per row."""
+    """A batch of score vectors: float, rank 2 or 3 ([N, classes], [N, tokens, vocabulary]),
+    more than one score per row. A rank-4 map ([N, C, H, W]) is no row of scores: its argmax
+    over the width means nothing (a segmentation mask read "top-1 0.769")."""
     return (
-        output.ndim >= 2
+        output.ndim in (2, 3)
         and output.shape[-1] > 1
         and reference.dtype.kind == "f"
         and output.dtype.kind == "f"
