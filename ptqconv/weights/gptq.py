@@ -68,13 +68,10 @@ def _add_diagonal(h: np.ndarray, values: np.ndarray) -> None:
     h.reshape(g, c * c)[:, :: c + 1] += np.asarray(values, h.dtype)[:, None]
 
 
-def _unit_upper(h: np.ndarray, dtype: np.dtype | type,
-                factor_dtype: np.dtype | type = np.float64) -> np.ndarray:
+def _unit_upper(h: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
     """A with H = (I + A) D (I + A)^T (only its strictly upper part is read), from the Cholesky
-    factor (in `factor_dtype`) of the column-reversed H. Raises LinAlgError when H is not
-    positive definite."""
-    reversed_h = np.asarray(h[..., ::-1, ::-1], factor_dtype)
-    upper = np.linalg.cholesky(reversed_h)[..., ::-1, ::-1]  # H = U U^T
+    factor of the column-reversed H. Raises LinAlgError when H is not positive definite."""
+    upper = np.linalg.cholesky(h[..., ::-1, ::-1])[..., ::-1, ::-1]  # H = U U^T
     diag = np.diagonal(upper, axis1=-2, axis2=-1)
     return np.divide(upper, diag[..., None, :], dtype=dtype)
 
@@ -84,13 +81,10 @@ def _factor(h: np.ndarray, dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarr
     g = h.shape[0]
     mean = np.mean(np.diagonal(h, axis1=-2, axis2=-1), axis=-1)
     _add_diagonal(h, DAMPING * mean)
-    # float32 first, as GPTQ's reference runs it (2.7x faster on a 4608-column H); float64
-    # where float32 finds H not positive definite, before any more damping.
-    for factor_dtype in (np.float32, np.float64) if dtype == np.float32 else (np.float64,):
-        try:
-            return _unit_upper(h, dtype, factor_dtype), np.zeros(g, bool)
-        except np.linalg.LinAlgError:
-            pass
+    try:
+        return _unit_upper(h, dtype), np.zeros(g, bool)
+    except np.linalg.LinAlgError:
+        pass
     out = np.zeros(h.shape, dtype)
     failed = np.zeros(g, bool)
     for i in range(g):
