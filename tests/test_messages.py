@@ -112,13 +112,14 @@ def test_skip_quant_node_names_matching_nothing_are_refused(tmp_path, capsys):
     assert status == 0, err
 
 
-def test_calibrate_size_above_the_files_is_refused(tmp_path, capsys):
-    files = digits_workspace(tmp_path, samples=5)
-    files["config"].write_text(files["config"].read_text().replace("calibrate_size=5",
-                                                                   "calibrate_size=50"))
+@pytest.mark.parametrize("samples, found", [(5, "5 files"), (1, "1 file in")])
+def test_calibrate_size_above_the_files_is_refused(tmp_path, capsys, samples, found):
+    files = digits_workspace(tmp_path, samples=samples)
+    files["config"].write_text(files["config"].read_text().replace(
+        f"calibrate_size={samples}", "calibrate_size=50"))
     fails(capsys, tmp_path, _pt(files), 2,
            "c.ini:3: [data_preprocess_param] calibrate_size: 50 samples asked for, but input "
-           "'input' has only 5 files")
+           f"'input' has only {found}")
 
 
 @pytest.mark.parametrize("ask", ["--debugDir", "--sensitivity"])

@@ -230,7 +230,8 @@ class CalibrationSet:
         if count_given is not None and len(all_files[first]) < count:
             raise PtqUsageError(
                 f"{count_given}: {count} samples asked for, but input {first!r} has only "
-                f"{len(all_files[first])} files in {shown(dirs[first])}; lower it or add files")
+                f"{_files(len(all_files[first]))} in {shown(dirs[first])}; lower it or add "
+                "files")
         n = min(count, len(all_files[first]))
         files = {name: f[:n] for name, f in all_files.items()}
         if image is not None:
@@ -566,6 +567,10 @@ def _resolve_shape(
 
 def _with(shape: tuple[int, ...], axis: int, length: int) -> tuple[int, ...]:
     return (*shape[:axis], length, *shape[axis + 1:])
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _length(spec: InputSpec, shape: tuple[int, ...], axis: int, path: Path, what: str) -> int:
