@@ -18,13 +18,23 @@ import time
 import traceback
 from pathlib import Path
 
-from . import accuracy, bert, calibration, controlflow, gptq, hardswish, weightquant, weights
+from . import (
+    accuracy,
+    bert,
+    calibration,
+    controlflow,
+    exports,
+    gptq,
+    hardswish,
+    weightquant,
+    weights,
+)
 from .common import GB, Context, Section, machine
 from .report import write
 
 SECTIONS = {"calibration": calibration, "bert": bert, "weightquant": weightquant,
             "controlflow": controlflow, "hardswish": hardswish, "gptq": gptq,
-            "accuracy": accuracy, "weights": weights}
+            "accuracy": accuracy, "weights": weights, "exports": exports}
 
 
 def _default_cap() -> float:

@@ -502,15 +502,22 @@ class PostTraining:
         summary.min_max_only = len(self.min_max & set(tensors))
         if self.file is not None and built.imported is not None:
             summary.imported = self._import_summary(built, replay is not None)
+        return built, replace(summary, **self._diagnostics(built))
+
+    def _diagnostics(self, built: Built) -> dict[str, Any]:
+        """The per-layer report (--debugDir) and the sensitivity ranking (--sensitivity) of
+        `built`, as summary fields (none asked: none)."""
+        s = self.settings
+        fields: dict[str, Any] = {}
         if s.debug_dir is not None:
             stats = layer_report.activation_report(
                 built.prepared, built.qdq, self.data, s.threads,
                 self._step(len(self.data), "layer report"))
             stats += layer_report.weight_report(built.qdq)
-            summary.layer_report = layer_report.build(s.debug_dir, stats)
+            fields["layer_report"] = layer_report.build(s.debug_dir, stats)
         if s.sensitivity:
-            summary.sensitivity = self._sensitivity(built)
-        return built, summary
+            fields["sensitivity"] = self._sensitivity(built)
+        return fields
 
     def ranking(self) -> list[sensitivity.UnitSensitivity]:
         """The units of the model `run` made, most harmful first (each quantized alone)."""
@@ -767,7 +774,9 @@ class PostTraining:
         `run`) describes it."""
         self.latency, self.latency_units = latency, latency.keys
         self._rebuild = (*self._rebuild[:5], built)
-        return replace(summary, **self._built_fields(built), latency_plan=latency)
+        # The per-layer report and the ranking describe the model written: this one now.
+        return replace(summary, **self._built_fields(built), **self._diagnostics(built),
+                       latency_plan=latency)
 
     def float_weight_bytes(self, op_types: frozenset[str]) -> int:
         """Bytes of the constant weights of the float model's `op_types` nodes (main graph)."""

@@ -282,7 +282,7 @@ def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_in
 def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
                           method: str = "MAX_MIN", samples: int = 2, size: int = 112,
                           model: onnx.ModelProto | None = None,
-                          shape: tuple[int, ...] | None = None) -> tuple:
+                          shape: tuple[int, ...] | None = None, flags: tuple = ()) -> tuple:
     """MOBILE at `size` (or `model`, fed `shape`) converted (`method`) on a host taken for
     `detected`, every timing faked by `timings(labels, n)` -> {label: ms} for the n-th timing
     (never time in a test); the float model, the config, the output and the labels of each
@@ -307,7 +307,7 @@ def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
                       f"[full_quant_param]\nactivation_quant_method={method}\n")
     out = tmp_path / "q.onnx"
     assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
-                 f"--configFile={config}"]) == 0
+                 f"--configFile={config}", *flags]) == 0
     return src, config, out, calls
 
 
@@ -642,3 +642,19 @@ def test_the_latency_line_says_when_a_slower_median_is_noise(quantized_rounds, n
     line = latency_line(timed)
     assert line.endswith("slower on the medians only: within the noise)") == noise, line
     assert line.startswith(f"  latency: {timed.ms['quantized']:.3f} ms, float 1.000 ms")
+
+
+def test_the_layer_report_and_ranking_describe_the_model_the_latency_check_wrote(
+        tmp_path, monkeypatch, capsys):
+    # Every unit planned float, all-integer written by the check: the per-layer report and
+    # the sensitivity ranking are of all-integer, not of the float plan first built.
+    debug = tmp_path / "debug"
+    _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 1.0, "planned": 1.0, "integer": 0.9},
+        method="AUTO", samples=8, size=4, flags=(f"--debugDir={debug}", "--sensitivity"))
+    summary = capsys.readouterr().out
+    assert "kept all-integer" in summary
+    assert f"sensitivity ({len(MOBILE)} units" in summary
+    rows = (debug / "layer_report.csv").read_text().splitlines()[1:]
+    assert len(rows) >= 2 * len(MOBILE)  # each conv's input activation and weight
