@@ -1,5 +1,5 @@
 """Small PyTorch exports (`bench/exports/*.onnx`, trained a few hundred steps on synthetic
-tasks by the torch scripts in `bench/exports/torch/`): a 1-D audio CNN with PReLU, a
+tasks by the torch scripts in `bench/exports/recipes/`): a 1-D audio CNN with PReLU, a
 YOLO-style detector head, a ViT-tiny, a GPT-2-style decoder (token ids and a mask, tied
 embeddings) and an EfficientNet-style net. Models this small are where the latency cost model
 keeps every unit float, so the default output depends on timings: each is converted by the
