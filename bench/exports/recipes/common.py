@@ -1,6 +1,8 @@
 # ruff: noqa
 # Provenance of bench/exports/*.onnx (torch==2.13.0; not run by the bench or CI): trained a few
 # hundred steps on synthetic tasks, exported under ROOT (common.py), then copied.
+# Copied to bench/exports/: audio -> audio_cnn, yolo -> yolo_head, vit -> vit_tiny,
+# gpt2_d18 -> gpt2_tiny, effnet -> effnet_small (the model.onnx of each).
 """Shared helpers for building sweep models (run with /tmp/sweep/tvenv/bin/python)."""
 import json, os, shutil, time
 import numpy as np
