@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,3 +155,23 @@ def test_hardswish_spellings_are_one_function():
     for spelling in SPELLINGS:
         np.testing.assert_allclose(found[spelling], found["hardswish"], rtol=1e-3, atol=1e-3)
     assert parse(["--only", "hardswish"]).sections == ["hardswish"]
+
+
+def test_export_samples_fit_the_committed_models():
+    # Every committed export gets samples of its inputs' element types and static dims.
+    import onnx
+
+    from bench import exports
+
+    types = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.INT64: np.int64}
+    for name, (file, draw) in exports.MODELS.items():
+        model = onnx.load(exports.HERE / file, load_external_data=False)
+        drawn = draw(np.random.default_rng(0), 3)
+        assert sorted(drawn) == sorted(v.name for v in model.graph.input), name
+        for value in model.graph.input:
+            samples = drawn[value.name]
+            assert samples.shape[0] == 3 and samples.dtype == types[
+                value.type.tensor_type.elem_type], (name, value.name)
+            dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
+            assert all(want in (None, got) for want, got in
+                       zip(dims, samples.shape[1:], strict=True)), (name, dims, samples.shape)
