@@ -520,6 +520,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     lines = [
         f"  target: {s.target.describe(s.bit_num)}{given}",
         (f"  calibration: {s.method} on {s.samples} samples" if s.units or s.bodies else
+         f"  calibration: {s.method} on {s.samples} samples (for the all-integer candidates; "
+         "the float plan written uses no range)" if s.measured else
          f"  calibration: {s.samples} samples (tensor shapes for the latency plan; no range "
          "used)")
         + (f" (histograms of {s.histogram_sampled} tensors from at most "
@@ -664,8 +666,9 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
         return []
     how = (f"{s.scored_folds} folds, each scored with ranges from the others"
            if s.scored_folds > 1 else "ranges from the other samples")
-    lines = [f"  chosen by measurement: {s.chosen_shown or s.chosen} (output error against "
-             f"float on {s.held_out} held-out samples; {how}):"]
+    among = "" if s.units or s.bodies else " among all-integer candidates"
+    lines = [f"  chosen by measurement{among}: {s.chosen_shown or s.chosen} (output error "
+             f"against float on {s.held_out} held-out samples; {how}):"]
     most = max(m.folds for m in s.measured)
     lines += [f"    {m.what}: {m.error:.3g}"
               # Its error over fewer folds than the others': not comparable with theirs.

@@ -602,6 +602,9 @@ def test_a_plan_keeping_every_unit_float_yields_to_a_quantized_model_not_slower(
     else:
         assert check.endswith("kept the plan (all-integer slower than the float model)"), check
         assert ops["QLinearConv"] == 0 and "nothing quantized" in summary
+        assert "chosen by measurement among all-integer candidates: " in summary
+        assert ("on 8 samples (for the all-integer candidates; the float plan written uses "
+                "no range)") in summary
 
 
 @pytest.mark.parametrize("dynamic_ms, written", [(0.9, True), (1.3, False)])
