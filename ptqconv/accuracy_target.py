@@ -7,16 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import onnx_ir as ir
-
-from ptqconv import runtime
 from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.evaluate.comparison import compare_models, gate_failures
 from ptqconv.post_training import Built, PostTraining
 from ptqconv.report import GateReport, TargetAttempt, TargetReport
 from ptqconv.settings import GateSettings
-
-LATENCY_LOOPS = 10
 
 
 def meet_target(pt: PostTraining, model_file: Path, data: CalibrationSet, gate: GateSettings,
@@ -64,8 +59,3 @@ def meet_target(pt: PostTraining, model_file: Path, data: CalibrationSet, gate: 
         return None, report
     return models[high], report
 
-
-def latency_ms(model: ir.Model | Path, sample: dict, threads: int) -> float:
-    """Median latency of `model` on `sample` with onnxruntime's default optimizations."""
-    session = runtime.Session(model, threads, label="latency")
-    return session.latency_ms(sample, LATENCY_LOOPS, 3)

@@ -63,6 +63,8 @@ def test_a_missed_target_keeps_the_most_harmful_units_float(tmp_path, capsys, fl
                                  **{keys[f.split("=")[0]]: f.split("=")[1] for f in flags})
         target = report.target
         assert target.met and report.passed and report.gate.failures == []
+        # The three models timed together, interleaved (one timing, one CPU).
+        assert set(target.latency_ms) == {"float", "quantized", "written"}
         # The summary describes the model written: the units kept float are not counted.
         plain = ptqconv.convert(MODEL, tmp_path / "plain.onnx", "PostTraining",
                                 config_file=config(tmp_path))
