@@ -105,8 +105,8 @@ class DynamicCheck:
     over_float: bool = False
 
     def line(self) -> str:
-        errors = (f"held-out error {self.dynamic_error:.3g} against the "
-                  f"{'float plan' if self.over_float else 'static model'}'s "
+        weighed = "float plan" if self.over_float else "static model"
+        errors = (f"held-out error {self.dynamic_error:.3g} against the {weighed}'s "
                   f"{self.static_error:.3g}")
         timed = ""
         if self.timed is not None:
@@ -114,17 +114,12 @@ class DynamicCheck:
             timed = (f", {ms['dynamic'] / ms['float']:.2f}x float against "
                      f"{ms['written'] / ms['float']:.2f}x ({self.timed.runs} interleaved runs, "
                      f"{self.timed.cpu})")
-        if self.written and self.over_float:
-            return (f"  dynamic quantization (MatMul/Gemm weights int8, activations quantized "
-                    f"at run time) written instead of the float plan, not slower: {errors}"
-                    f"{timed}; the lines above describe the float plan it replaced "
-                    "(dynamic_candidate=false keeps it)")
         if self.written:
+            instead = " of the float plan, not slower" if self.over_float else ""
             return (f"  dynamic quantization (MatMul/Gemm weights int8, activations quantized "
-                    f"at run time) written instead: {errors}{timed}; the lines above describe "
-                    "the static model it replaced (dynamic_candidate=false keeps it)")
-        kept = "the float plan" if self.over_float else "the static model"
-        return f"  dynamic quantization tried: {errors}{timed}: kept {kept} ({self.why})"
+                    f"at run time) written instead{instead}: {errors}{timed}; the lines above "
+                    f"describe the {weighed} it replaced (dynamic_candidate=false keeps it)")
+        return f"  dynamic quantization tried: {errors}{timed}: kept the {weighed} ({self.why})"
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,6 @@ def shrunk_blocks(w: np.ndarray, importance: np.ndarray, layout: layouts.WeightL
 
     params = np.moveaxis(layouts.blocked(w, axis, layout.block_size), axis + 1, -1).shape[:-1]
     scale, zero = shrunk_rows(as_rows(np.asarray(w, np.float32)),
-                              as_rows(np.asarray(importance, np.float64)), layout.grid,
+                              as_rows(np.asarray(importance, np.float32)), layout.grid,
                               scale_dtype)
     return scale.reshape(params), zero.reshape(params)
