@@ -665,7 +665,10 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     lines = [f"  chosen by measurement{among}: {s.chosen_shown or s.chosen} (output error "
              f"against float on {s.held_out} held-out samples; {how}):"]
     most = max(m.folds for m in s.measured)
+    # The header's name leaves out what a choice turned off, which a candidate's
+    # difference from the start names: the chosen line is marked.
     lines += [f"    {m.what}: {m.error:.3g}"
+              + (" <- chosen" if m.choice == s.chosen else "")
               # Its error over fewer folds than the others': not comparable with theirs.
               + (f" (dropped after {m.folds} of {most} folds, on which the kept ones scored "
                  "lower)" if m.folds < most else "")

@@ -55,6 +55,11 @@ def test_auto_measures_what_the_config_leaves_open_and_keeps_only_what_helps(tmp
     for technique in ("equalization", "SmoothQuant"):
         assert (technique in s.chosen_shown) == (technique in s.chosen and technique in migrated)
     assert f"chosen by measurement: {s.chosen_shown} (" in report.format()
+    # The chosen candidate's line is marked, and only it (its name in the header may also
+    # name a candidate that differs from it by a technique turned off).
+    marked = [line for line in report.format().splitlines() if "<- chosen" in line]
+    chosen_line = next(m for m in s.measured if m.choice == s.chosen)
+    assert marked == [f"    {chosen_line.what}: {chosen_line.error:.3g} <- chosen"]
     # A usable model: no warning. One whose chosen error is past 10 dB gets one, with what
     # to try (the W4A4 outputs of five CNNs in a sweep scored 0.8-1.4, silently).
     assert "warning:" not in report.format()

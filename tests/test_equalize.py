@@ -143,20 +143,34 @@ def test_equalization_lowers_the_w8a8_error_on_quiet_channels(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 3]),
        st.integers(0, 2**31 - 1))
-def test_conv_readers_match_the_dense_matmul_they_compute(groups, k_per_group, n_per_group,
-                                                         kernel, seed):
+def test_conv_readers_predict_the_noise_of_the_dense_matmul_they_compute(
+        groups, k_per_group, n_per_group, kernel, seed):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((groups * n_per_group, k_per_group, kernel, kernel))
     reader = scale_migration.Reader.conv(w, groups, 127)
-    # The same conv as a dense [K, N, taps] weight with zeros between groups.
-    dense = np.zeros((groups * k_per_group, groups * n_per_group, kernel * kernel))
+    # The same conv as a dense [K, N, taps] weight with zeros between groups, and the noise
+    # the docstring's formula gives for it, summed term by term.
+    channels = groups * k_per_group
+    dense = np.zeros((channels, groups * n_per_group, kernel * kernel))
     for n in range(groups * n_per_group):
         g = n // n_per_group
         dense[g * k_per_group:(g + 1) * k_per_group, n] = w[n].reshape(k_per_group, -1)
-    assert np.allclose(reader.square, np.square(dense).sum(axis=2))
-    assert np.allclose(reader.absmax, np.abs(dense).max(axis=2))
-    assert (reader.connected == (np.abs(dense).sum(axis=2) > 0)).all()
+    s = 10 ** rng.uniform(-1, 1, channels)
+    hi = np.abs(rng.standard_normal(channels)) + 0.1
+    lo = -hi * rng.uniform(0, 1, channels)
+    mean_square = hi**2 / 3
+    dx = (np.max(hi / s) - min(np.min(lo / s), 0.0)) / 255
+    migrated = dense * s[:, None, None]
+    expected = dx**2 / 12 * np.square(migrated).sum()
+    for n in range(dense.shape[1]):
+        reads = np.abs(dense[:, n]).sum(axis=1) > 0
+        dw = np.abs(migrated[:, n]).max() / 127
+        expected += dw**2 / 12 * kernel * kernel * (mean_square / s**2)[reads].sum()
+    got = scale_migration.predicted_noise(s, lo, hi, mean_square, [reader], 255)
+    assert got == pytest.approx(expected, rel=1e-5)  # float32 kernel sums
     assert reader.taps == kernel * kernel
+    assert reader.channels == channels
+    assert np.allclose(reader.channel_max, np.abs(dense).max(axis=(1, 2)), rtol=1e-6)
 
 
 @settings(max_examples=100, deadline=None)

@@ -166,7 +166,7 @@ class EqualizePass(MigrationPass):
         plan_hi = np.minimum(hi * HEADROOM, np.max(hi))
         readers = [scale_migration.Reader.conv(c.inputs[1].const_value.numpy(), _group(c),
                                                self.weight_levels(c)) for c in group.consumers]
-        if any(r.square.shape[0] != lo.shape[0] for r in readers):
+        if any(r.channels != lo.shape[0] for r in readers):
             return None
         alpha, s = scale_migration.choose_scales(plan_lo, plan_hi, mean_square, readers,
                                                  self.act_levels, clip_max=group.clip_max)
