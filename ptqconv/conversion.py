@@ -36,7 +36,7 @@ from ptqconv.graph.ops import is_quantized
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.passes.latency_plan import CONV_OPS
-from ptqconv.post_training import TIE, Built, PostTraining
+from ptqconv.post_training import TIE, Built, PostTraining, Probed, weight_bytes
 from ptqconv.report import (
     ConversionReport,
     DynamicCheck,
@@ -143,6 +143,8 @@ def _convert(settings: ConvertSettings, progress: ProgressFactory | None,
             del model
             runtime.release_memory()
             pt = PostTraining(mode, data, progress)
+            if mode.latency_check:
+                pt.probe = _float_plan_probe(settings, mode, data, report)
             built, report.post_training = pt.run(simplification.result(), original_names,
                                                  report.size_before)
             # The float weights were read for quantizing; unmapped, they do not add to the
@@ -329,6 +331,13 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     assert summary is not None and summary.latency_plan is not None
     units = len(summary.latency_plan.kept_float)
     errors: tuple[float, float] | None = None
+    if pt.probed is not None and pt.probed.slower:  # settled before AUTO scored anything
+        report.post_training.plan_check = PlanCheck(
+            pt.probed.timed, units, False,
+            f"slower than the {pt.probed.slower}; timed with AUTO's first candidate, so no "
+            "other was scored", None, True)
+        report.latency = _written(pt.probed.timed, "planned")
+        return saved, built
     try:
         latency, integer = pt.all_integer()
         models = {"float": settings.model_file, "planned": saved.path, "integer": integer.model}
@@ -363,15 +372,48 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
 GEMM_OPS = frozenset({"MatMul", "Gemm"})  # what DynamicQuant quantizes (convs stay float)
 
 
-def _dynamic_worth_trying(settings: ConvertSettings, mode: PostTrainingSettings,
-                          pt: PostTraining, report: ConversionReport) -> bool:
+def _float_plan_probe(settings: ConvertSettings, mode: PostTrainingSettings,
+                      data: CalibrationSet, report: ConversionReport,
+                      ) -> Callable[[ir.Model, ir.Model], Probed | None]:
+    """PostTraining.probe: where the latency plan keeps every unit float, the start choice's
+    all-integer model timed against the float model and the plan's, as _check_plan times the
+    chosen one (_slower_twice), before AUTO scores all-integer candidates: when it runs
+    slower, the scores could change nothing (ppocr_mobile_v2_cls: 10.8 s of conversion, 8 of
+    them AUTO's; docs/decisions.md, float plan probe). Not where DynamicQuant's model is a
+    candidate, which is weighed on AUTO's scores."""
+    sample = next(iter(data))
+    dynamic = _dynamic_possible(settings, mode)
+
+    def probe(plan: ir.Model, integer: ir.Model) -> Probed | None:
+        if dynamic and weight_bytes(plan, GEMM_OPS) > weight_bytes(plan, CONV_OPS):
+            return None
+        if _crowded(3 * report.size_before):
+            return None
+        try:
+            slower, timed = _slower_twice(
+                {"float": settings.model_file, "planned": plan, "integer": integer}, sample,
+                "integer")
+        except PtqError:
+            return None
+        return Probed(slower, timed)
+
+    return probe
+
+
+def _dynamic_possible(settings: ConvertSettings, mode: PostTrainingSettings) -> bool:
     """AUTO at 8 bits, free to write any model (no accuracy target to repair against, no
-    encodings to export or replay, no per-layer report), with candidates scored."""
+    encodings to export or replay, no per-layer report)."""
     return (mode.dynamic_candidate and mode.method == AUTO and mode.bit_num == 8
             and mode.activation_bits == 8
             and mode.quant_strategy != "GPTQ" and settings.gate is None
             and mode.encodings_out is None and mode.encodings_in is None
-            and mode.debug_dir is None and not mode.sensitivity
+            and mode.debug_dir is None and not mode.sensitivity)
+
+
+def _dynamic_worth_trying(settings: ConvertSettings, mode: PostTrainingSettings,
+                          pt: PostTraining, report: ConversionReport) -> bool:
+    """_dynamic_possible, with candidates scored."""
+    return (_dynamic_possible(settings, mode)
             # A float model written for the latency plan is no reason: there is one to beat.
             and (not report.kept_input or pt.plan_float)
             and pt.scoring is not None

@@ -178,6 +178,22 @@ class Built:
     tables: list[WeightRecord] = field(default_factory=list)  # embedding tables
 
 
+def weight_bytes(model: ir.Model, op_types: frozenset[str]) -> int:
+    """Bytes of the constant weights of `model`'s `op_types` nodes (main graph)."""
+    return sum(v.const_value.nbytes for node in model.graph
+               if node.op_type in op_types and (slot := weight_slot(node)) is not None
+               and (v := node.inputs[slot.index]).const_value is not None)
+
+
+@dataclass(frozen=True)
+class Probed:
+    """A wholly float plan's all-integer model timed against the float models before AUTO
+    scored candidates for it: what it ran slower than ("" when not) and the timing."""
+
+    slower: str
+    timed: runtime.Latency
+
+
 class PostTraining:
     """One PostTraining conversion with `settings` on the calibration samples `data`."""
 
@@ -201,6 +217,12 @@ class PostTraining:
         # all-integer candidates, which the latency check writes unless the float plan runs
         # faster (conversion._check_plan).
         self.plan_float = False
+        # Set by the conversion where AUTO's candidates would only be all-integer models:
+        # times the start choice's all-integer model against the float models (`plan`,
+        # `integer`) before they are scored (None: it could not be timed).
+        self.probe: Callable[[ir.Model, ir.Model], Probed | None] | None = None
+        # What the probe found; all-integer slower: the float plan is settled, unscored.
+        self.probed: Probed | None = None
         # Weights GPTQ rounded for the chosen model, by name: every later build uses them.
         self.integers: dict[str, IntegerWeight] | None = None
         # AUTO's held-out samples and float outputs, kept to score a later candidate alike:
@@ -441,7 +463,9 @@ class PostTraining:
             statistics = self._collect_folds(model, choice, tensors, folds)
             self._plan_latency(plan, statistics, tensors)
             self.plan_float = self._plan_float(model)
-            if replay is None and (self.plan_float or self._has_units(model)):
+            if replay is None and self.plan_float and self.probe is not None:
+                self.probed = self._probe(model, choice, statistics.view(), tensors)
+            if replay is None and (self.integer_open or self._has_units(model)):
                 with self._every_unit(self.plan_float):
                     choice, measured = self.decide(model, choice, tensors, statistics, folds)
             statistics = statistics.view()
@@ -468,7 +492,7 @@ class PostTraining:
         if strategy == "GPTQ":
             # The choice was measured with nearest weights; GPTQ rounds the chosen model's
             # (all-integer's where the plan keeps every unit float: the model checked after).
-            with self._every_unit(self.plan_float):
+            with self._every_unit(self.integer_open):
                 solved = self.gptq(rebuild())
             self.integers = solved.integers
         built, kernels = self._fused_build(rebuild)
@@ -738,6 +762,23 @@ class PostTraining:
         latency = LatencyPlan()
         return latency, self._rebuilt(latency)
 
+    @property
+    def integer_open(self) -> bool:
+        """Whether the plan keeps every unit float and all-integer may still be written
+        (the probe did not find it slower)."""
+        return self.plan_float and not (self.probed is not None and self.probed.slower)
+
+    def _probe(self, model: ir.Model, choice: Choice, statistics: Statistics,
+               tensors: list[str]) -> Probed | None:
+        """The probe's timing of the start choice's all-integer model beside the plan's."""
+        assert self.probe is not None
+        plan, _ = self._fused_build(lambda: self.build(model, choice, statistics, tensors,
+                                                       True))
+        with self._every_unit():
+            integer, _ = self._fused_build(lambda: self.build(model, choice, statistics,
+                                                              tensors, True))
+        return self.probe(plan.model, integer.model)
+
     def _plan_float(self, model: ir.Model) -> bool:
         """Whether the latency plan keeps every unit float and the latency check will time
         all-integer against it on this machine."""
@@ -780,10 +821,7 @@ class PostTraining:
 
     def float_weight_bytes(self, op_types: frozenset[str]) -> int:
         """Bytes of the constant weights of the float model's `op_types` nodes (main graph)."""
-        model = self._rebuild[0]
-        return sum(v.const_value.nbytes for node in model.graph
-                   if node.op_type in op_types and (slot := weight_slot(node)) is not None
-                   and (v := node.inputs[slot.index]).const_value is not None)
+        return weight_bytes(self._rebuild[0], op_types)
 
     def held_out_error(self, model: ir.Model) -> float | None:
         """`model`'s output error on the samples AUTO scored its candidates on, pooled the
