@@ -374,7 +374,8 @@ GEMM_OPS = frozenset({"MatMul", "Gemm"})  # what DynamicQuant quantizes (convs s
 
 def _float_plan_probe(settings: ConvertSettings, mode: PostTrainingSettings,
                       data: CalibrationSet, report: ConversionReport,
-                      ) -> Callable[[ir.Model, ir.Model], Probed | None]:
+                      ) -> Callable[[ir.Model, Callable[[], tuple[ir.Model, ir.Model]]],
+                                    Probed | None]:
     """PostTraining.probe: where the latency plan keeps every unit float, the start choice's
     all-integer model timed against the float model and the plan's, as _check_plan times the
     chosen one (_slower_twice), before AUTO scores all-integer candidates: when it runs
@@ -384,11 +385,13 @@ def _float_plan_probe(settings: ConvertSettings, mode: PostTrainingSettings,
     sample = next(iter(data))
     dynamic = _dynamic_possible(settings, mode)
 
-    def probe(plan: ir.Model, integer: ir.Model) -> Probed | None:
-        if dynamic and weight_bytes(plan, GEMM_OPS) > weight_bytes(plan, CONV_OPS):
+    def probe(model: ir.Model, build: Callable[[], tuple[ir.Model, ir.Model]],
+              ) -> Probed | None:
+        if dynamic and weight_bytes(model, GEMM_OPS) > weight_bytes(model, CONV_OPS):
             return None
         if _crowded(3 * report.size_before):
             return None
+        plan, integer = build()
         try:
             slower, timed = _slower_twice(
                 {"float": settings.model_file, "planned": plan, "integer": integer}, sample,

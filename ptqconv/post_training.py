@@ -218,9 +218,10 @@ class PostTraining:
         # faster (conversion._check_plan).
         self.plan_float = False
         # Set by the conversion where AUTO's candidates would only be all-integer models:
-        # times the start choice's all-integer model against the float models (`plan`,
-        # `integer`) before they are scored (None: it could not be timed).
-        self.probe: Callable[[ir.Model, ir.Model], Probed | None] | None = None
+        # given the float model and what builds the plan's and the start choice's all-integer
+        # model, times them before any candidate is scored (None: not timed).
+        self.probe: Callable[[ir.Model, Callable[[], tuple[ir.Model, ir.Model]]],
+                             Probed | None] | None = None
         # What the probe found; all-integer slower: the float plan is settled, unscored.
         self.probed: Probed | None = None
         # Weights GPTQ rounded for the chosen model, by name: every later build uses them.
@@ -772,12 +773,16 @@ class PostTraining:
                tensors: list[str]) -> Probed | None:
         """The probe's timing of the start choice's all-integer model beside the plan's."""
         assert self.probe is not None
-        plan, _ = self._fused_build(lambda: self.build(model, choice, statistics, tensors,
-                                                       True))
-        with self._every_unit():
-            integer, _ = self._fused_build(lambda: self.build(model, choice, statistics,
-                                                              tensors, True))
-        return self.probe(plan.model, integer.model)
+
+        def build() -> tuple[ir.Model, ir.Model]:
+            plan, _ = self._fused_build(lambda: self.build(model, choice, statistics, tensors,
+                                                           True))
+            with self._every_unit():
+                integer, _ = self._fused_build(lambda: self.build(model, choice, statistics,
+                                                                  tensors, True))
+            return plan.model, integer.model
+
+        return self.probe(model, build)
 
     def _plan_float(self, model: ir.Model) -> bool:
         """Whether the latency plan keeps every unit float and the latency check will time
