@@ -13,6 +13,7 @@ import difflib
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,7 @@ def _convert(settings: ConvertSettings, progress: ProgressFactory | None,
         # as any model built from it may be read: up to the accuracy-target repair.
         simplification = _Simplification(scope.enter_context(files.temporary_directory()))
     model = modelio.load_model(settings.model_file, onnxruntime_check=simplification)
+    settings = _resolve_fp16(settings, model)
     model_files = modelio.model_files(settings.model_file, model)
     report.size_before = modelio.files_size(model_files)
     report.opset_before = model.opset_imports.get("", 1)
@@ -624,16 +626,28 @@ def _meet_target(pt: PostTraining, settings: ConvertSettings, gate: GateSettings
     return session, built, saved
 
 
-def float16(model: ir.Model) -> Float16Summary:
+def _resolve_fp16(settings: ConvertSettings, model: ir.Model) -> ConvertSettings:
+    """--fp16 not given: on for a model that stores its float constants in float16. They
+    are computed in float32 (the simplification folds their Casts), and what stays float
+    would be written float32, twice its size: a LLaMA-style float16 export whose latency
+    plan keeps 25 MatMuls float came out at 1.08x its size (docs/decisions.md, float16
+    models)."""
+    if settings.fp16 is not None:
+        return settings
+    half = modelio.stores_float16(model)
+    return replace(settings, fp16=half, fp16_from_model=half)
+
+
+def float16(model: ir.Model, from_model: bool = False) -> Float16Summary:
     """--fp16: the float32 constants that stay float stored in float16."""
     result = Float16ConstantsPass()(model)
-    return Float16Summary(result.converted, result.float32_bytes, result.kept)
+    return Float16Summary(result.converted, result.float32_bytes, result.kept, from_model)
 
 
 def _save(model: ir.Model, settings: ConvertSettings, report: ConversionReport,
           staging: files.Staging) -> modelio.SavedModel:
     if settings.fp16:
-        report.fp16 = float16(model)
+        report.fp16 = float16(model, settings.fp16_from_model)
     report.opset_after = model.opset_imports.get("", 1)
     saved = modelio.save_model(model, settings.output_file, staging)
     report.size_after = modelio.files_size(saved.files)

@@ -364,6 +364,25 @@ def tensor_bytes(model: ir.Model) -> int:
     )
 
 
+def stores_float16(model: ir.Model) -> bool:
+    """Whether the model keeps most of its float constants (initializers, Constant nodes, in
+    every graph) in float16: a float16 model, whose output should keep what stays float in
+    float16 too."""
+    found = {ir.DataType.FLOAT16: 0, ir.DataType.FLOAT: 0}
+
+    def count(tensor: ir.TensorProtocol | None) -> None:
+        if tensor is not None and tensor.dtype in found:
+            found[tensor.dtype] += tensor.nbytes
+
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            count(value.const_value)
+        for node in graph:
+            if node.op_type == "Constant" and (attr := node.attributes.get("value")) is not None:
+                count(attr.as_tensor())
+    return found[ir.DataType.FLOAT16] > found[ir.DataType.FLOAT]
+
+
 def model_files(path: Path, model: ir.Model) -> list[Path]:
     """The model file and the external data files its tensors live in."""
     data = {

@@ -201,6 +201,7 @@ class Float16Summary:
     converted: int  # float32 constants stored in float16
     float32_bytes: int  # their size before
     kept: int  # float32 constants float16 cannot hold
+    from_model: bool = False  # --fp16 not given: the model stores its own in float16
 
 
 @dataclass
@@ -404,11 +405,15 @@ class ConversionReport:
             lines.append(f"    {w.name} [{w.op_type} {'x'.join(map(str, w.shape))}]: {w.reason}")
         if len(self.skipped) > max_skipped:
             lines.append(f"    ... and {len(self.skipped) - max_skipped} more")
-        if self.fp16 is not None:
+        # Asked for, the line says what it did; for a float16 model, only what it changed.
+        if self.fp16 is not None and not (self.fp16.from_model and not self.fp16.converted
+                                          and not self.fp16.kept):
             f = self.fp16
             kept = (f"; {f.kept} kept float32 (beyond float16's range)" if f.kept else "")
+            why = (", as the model stores its own (--fp16=off: float32)" if f.from_model
+                   else "")
             lines.append(f"  fp16: {f.converted} float32 constants stored in float16 "
-                         f"({_mb(f.float32_bytes)} -> {_mb(f.float32_bytes // 2)}){kept}")
+                         f"({_mb(f.float32_bytes)} -> {_mb(f.float32_bytes // 2)}){kept}{why}")
         if self.kept_input:
             lines.append(f"  written float: {self.kept_input}")
         if self.encodings_file is not None:

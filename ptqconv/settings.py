@@ -184,12 +184,15 @@ class ConvertSettings:
     quant_type: QuantType
     mode: WeightQuantSettings | PostTrainingSettings | DynamicQuantSettings
     gate: GateSettings | None = None
-    fp16: bool = False  # --fp16: what stays float is stored in float16
+    # --fp16: what stays float is stored in float16; None (not given): as the model stores
+    # its own float constants (`conversion._resolve_fp16`).
+    fp16: bool | None = None
     config_file: Path | None = None
     # Where each --skipQuantNode / skip_quant_node name was given, for messages.
     skip_given: tuple[tuple[str, str], ...] = ()
     # --inputShape / input_shape: what a random sample for timing takes without data.
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    fp16_from_model: bool = False  # fp16 set because the model stores float16 constants
 
     @property
     def data_file(self) -> Path:
@@ -291,7 +294,7 @@ class ConvertSettings:
                                   sensitivity, layout, image, encodings_out)
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads,
                      layout, image)
-        half = False if fp16 is None else _flag("--fp16", fp16, values.boolean)
+        half = None if fp16 is None else _flag("--fp16", fp16, values.boolean)
         return cls(model, output, qtype, mode, gate, half, config_path,
                    tuple(skip_given.items()), tuple(shapes.items()))
 

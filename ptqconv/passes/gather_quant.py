@@ -22,6 +22,8 @@ from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
 from ptqconv.passes.weight_quant import WeightRecord
 
+FLOAT_TABLES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+FLOAT16_SCALE_OPSET = 19  # DequantizeLinear's float16 scales (per table)
 STORAGE = "int8 (Gather, then DequantizeLinear)"
 STORAGE_PER_ROW = "int8 per row (Gather, then Cast and Mul by the gathered row scales)"
 
@@ -43,6 +45,7 @@ class GatherQuantPass(ir.passes.InPlacePass):
     def __init__(self, config: GatherQuantConfig):
         super().__init__()
         self.config = config
+        self.opset = 1  # the model's, read by `call`
 
     def call(self, model: ir.Model) -> GatherQuantResult:
         graph = model.graph
@@ -50,6 +53,7 @@ class GatherQuantPass(ir.passes.InPlacePass):
         result = GatherQuantResult(model, False)
         # Gathers inside Loop or If bodies too: an EmbeddingBag exported by TorchScript
         # gathers each bag's rows of the main graph's table in a Loop.
+        self.opset = model.opset_imports.get("", 1)
         for node in list(ir.traversal.RecursiveGraphIterator(graph)):
             if not is_onnx(node) or node.op_type != "Gather" or node.inputs[0] is None:
                 continue
@@ -74,8 +78,12 @@ class GatherQuantPass(ir.passes.InPlacePass):
         assert tensor is not None
         if node.name in cfg.skip or "Gather" in cfg.skip:
             return f"skip_quant_node ({node.name or 'Gather'})"
-        if tensor.dtype != ir.DataType.FLOAT:
-            return f"dtype {tensor.dtype.name.lower()} (only float32 tables)"
+        if tensor.dtype not in FLOAT_TABLES:
+            return f"dtype {tensor.dtype.name.lower()} (only float32 and float16 tables)"
+        if tensor.dtype == ir.DataType.FLOAT16 and not cfg.per_row \
+                and self.opset < FLOAT16_SCALE_OPSET:
+            return (f"a float16 table: its DequantizeLinear needs opset {FLOAT16_SCALE_OPSET}, "
+                    f"the model has {self.opset}")
         if len(tensor.shape) < 2:
             return f"rank {len(tensor.shape)} < 2"
         if table.name not in graph.initializers or table.is_graph_output():
@@ -91,13 +99,17 @@ class GatherQuantPass(ir.passes.InPlacePass):
     def _replace(self, graph: ir.Graph, names: NameAllocator, node: ir.Node,
                  table: ir.Value) -> None:
         grid, per_row = self.config.grid, self.config.per_row
-        weights = table.const_value.numpy()
+        # A float16 table (a float16 model's) gathers float16 rows: its scales are float16,
+        # rounded up so that each row still fits the grid.
+        float_type = table.const_value.dtype
+        weights = table.const_value.numpy().astype(np.float32, copy=False)
         axis = 0 if per_row else None
         rmin, rmax = qparams.tensor_range(weights, axis=axis)
-        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid, float_type.numpy())
         q = qparams.quantize(weights, scale, zero_point, grid, axis=axis, dtype=np.int8)
         base = table.name or "table"
         integers = add_initializer(graph, names.new(f"{base}_quantized"), q)
         dequantize_gathered(graph, names, node, integers, scale,
-                            None if per_row else zero_point.astype(np.int8), per_row, base)
+                            None if per_row else zero_point.astype(np.int8), per_row, base,
+                            float_type)
         graph.initializers.pop(table.name)
