@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv.calibrate.dataset import (
@@ -420,3 +422,13 @@ def test_a_file_layout_for_a_model_without_4d_inputs_is_said_to_do_nothing():
         ".bin samples in the inputs' shapes (--inputDataFormat=NHWC applies to 4-D inputs "
         "only; the model has none)")
     assert SampleFormat("bin", (), None).describe() == ".bin samples in the inputs' shapes"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(16, 400), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_float32_saved_as_float64_is_told_from_float32(count, spread, seed):
+    from ptqconv.calibrate.dataset import _float64_of_float32
+
+    values = (np.random.default_rng(seed).standard_normal(count * 2) * spread).astype(np.float32)
+    assert not _float64_of_float32(values)
+    assert _float64_of_float32(values[:count].astype(np.float64).view(np.float32))

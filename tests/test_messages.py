@@ -165,13 +165,34 @@ def test_samples_holding_several_batches(tmp_path, capsys):
     assert status == 0, err
     assert ("calibration data: input 'input' read as float32 [2,1,8,8] (from the size of "
             "000000.bin)") in out
+    # float32 samples saved as float64 (numpy's default) would pass as two garbage samples.
+    first = sorted(files["calib"].iterdir())[0]
+    doubled = first.read_bytes()
+    noisy = np.fromfile(first, np.float32)[:64] + np.random.default_rng(0).random(64, np.float32)
+    noisy.astype(np.float64).tofile(first)
+    fails(capsys, tmp_path, _pt(files), 2, "000000.bin holds float64 values, it seems",
+          "save them with .astype(numpy.float32)")
+    first.write_bytes(doubled)
     # A fixed batch is refused, saying what the file holds.
     proto = onnx.load(str(files["model"]))
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
     onnx.save(proto, str(files["model"]))
     fails(capsys, tmp_path, _pt(files), 2, "000000.bin is 512 bytes; expected 256",
-           "it holds 2 samples, but one file is one sample and the model's batch dimension is "
-           "fixed at 1")
+           "that is the size of one sample of float64 values (the model takes float32: save "
+           "them with .astype(numpy.float32)) or of 2 samples (one file is one sample, and the "
+           "model's batch dimension is fixed at 1)")
+    # Half the size: int64 token ids saved as int32 are named before float32.
+    ids = tmp_path / "ids"
+    ids.mkdir()
+    np.arange(8, dtype=np.int32).tofile(ids / "000000.bin")
+    from models import embedding, save
+    src = save(embedding(), tmp_path / "e.onnx")
+    (tmp_path / "e.ini").write_text(f"[data_preprocess_param]\ncalibrate_path=ids:{ids}\n")
+    fails(capsys, tmp_path, [f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                             "--quantType=PostTraining", f"--configFile={tmp_path / 'e.ini'}"],
+          2, "000000.bin is 32 bytes; expected 64 (int64 [1,8]); that is the size of one "
+          "sample of int32 values (the model takes int64: save them with "
+          ".astype(numpy.int64))")
 
 
 def test_progress_in_ci_logs_is_a_plain_line_every_few_seconds(tmp_path):

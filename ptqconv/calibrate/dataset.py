@@ -435,16 +435,30 @@ def _check_memory(spec: InputSpec, shape: tuple[int, ...], what: str,
             f"{limit / 2**30:.1f} GiB of memory this process may use")
 
 
+# dtypes samples are commonly saved in, by mistake or by numpy's default.
+SAVED_DTYPES = tuple(np.dtype(d) for d in ("float64", "float32", "float16", "int64", "int32"))
+
+
 def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
                 origin: str) -> None:
     expected = math.prod(shape) * spec.dtype.itemsize
     size = _size(spec.name, path, what)
     if size != expected:
-        hint = ""
+        fixed = bool(spec.shape) and not _is_dynamic(spec.shape[0])
+        # A sample saved in another dtype (numpy's default float64; float32 samples of a
+        # float16 model) is as likely as several samples in one file: both are named.
+        sizes = []
+        other = next((d for d in sorted(SAVED_DTYPES, key=lambda d: d.kind != spec.dtype.kind)
+                      if d != spec.dtype and expected
+                      and size == expected // spec.dtype.itemsize * d.itemsize), None)
+        if other is not None:
+            sizes.append(f"one sample of {other.name} values (the model takes "
+                         f"{spec.dtype.name}: save them with .astype(numpy.{spec.dtype.name}))")
         if expected and size > expected and size % expected == 0:
-            hint = (f"; it holds {size // expected} samples, but one file is one sample"
-                    + (f" and the model's batch dimension is fixed at {shape[0]}"
-                       if spec.shape and not _is_dynamic(spec.shape[0]) else ""))
+            sizes.append(f"{size // expected} samples (one file is one sample"
+                         + (f", and the model's batch dimension is fixed at {shape[0]}"
+                            if fixed else "") + ")")
+        hint = f"; that is the size of {' or of '.join(sizes)}" if sizes else ""
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(path)} is {size} bytes; expected {expected} "
             f"({spec.dtype.name} {_fmt(shape)}{origin}){hint}")
@@ -602,6 +616,11 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
     if not _is_float(dtype):
         return
     arr = _load(spec.name, path, dtype, math.prod(shape), what)
+    if dtype == np.float32 and _float64_of_float32(arr):
+        raise PtqUsageError(
+            f"{what}: input {spec.name!r}: {shown(path)} holds float64 values, it seems (each "
+            "other 32-bit word has its low 29 bits zero, as float32 numbers saved as float64 "
+            "do): the model takes float32; save them with .astype(numpy.float32)")
     finite = np.isfinite(arr)
     if finite.all():
         return
@@ -613,6 +632,20 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
         f"{_index(i, shape)} (flat {i}; {bad.size} non-finite values in the "
         f"file, {dtype.name} {_fmt(shape)}); calibration data must be finite"
     )
+
+
+def _float64_of_float32(arr: np.ndarray) -> bool:
+    """Whether float32 `arr` is float32 numbers saved as float64 (numpy's default dtype):
+    read as float32 words, every value's low word then has its low 29 bits zero. A file of
+    such values passes the size check where the batch is read from the size (as two
+    samples of garbage)."""
+    if arr.size % 2:
+        return False
+    low = arr.view(np.uint32).reshape(-1, 2)[:, 0]  # little-endian: each float64's low word
+    # Its top 3 bits are the float32 mantissa's last 3, set in 7 values of 8; a low word that
+    # is all zero is no evidence (0 / 1 masks, or float32 data that is 0 at even places), so
+    # at least 8 set ones are asked for (float32 data with 8 such words is 2.0 there).
+    return bool(np.count_nonzero(low) >= 8 and not (low & 0x1FFFFFFF).any())
 
 
 def _is_float(dtype: np.dtype) -> bool:
