@@ -663,7 +663,9 @@ class PostTraining:
                 scorer.add(choice, fold)
                 if step:
                     step(1)
-            if len(alive) > 2:
+            # Not after the last fold: every candidate scored on all folds is weighed by the
+            # tie rule below (a sweep's deeplab dropped MAX_MIN within TIE of the best).
+            if len(alive) > 2 and fold != scored[-1]:
                 alive = sorted(alive, key=scorer.error)[:max(2, (len(alive) + 1) // 2)]
         # Errors this small are equally good: prefer the candidate listed first (the simplest
         # method, no bias correction) over one that wins by less than TIE.
