@@ -181,8 +181,8 @@ def ptqconv() -> None:
     "fp16",
     metavar="on|off",
     help="Store the float32 constants that stay float in float16 (as converter_lite "
-    "does); inputs, outputs and the arithmetic stay as they are.  [default: on for a model "
-    "that stores its float constants in float16, else off]",
+    "does); inputs, outputs and the arithmetic stay as they are.  [default: off; a model "
+    "that stores its float constants in float16 gets those stored so again]",
 )
 @click.option("--debugDir", "debug_dir", metavar="DIR",
               help="PostTraining: write a per-layer report (layer_report.csv/.json) of every "

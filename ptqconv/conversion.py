@@ -634,20 +634,22 @@ def _resolve_fp16(settings: ConvertSettings, model: ir.Model) -> ConvertSettings
     models)."""
     if settings.fp16 is not None:
         return settings
-    half = modelio.stores_float16(model)
-    return replace(settings, fp16=half, fp16_from_model=half)
+    names = modelio.float16_constants(model)
+    return replace(settings, fp16=bool(names), fp16_names=names or None)
 
 
-def float16(model: ir.Model, from_model: bool = False) -> Float16Summary:
-    """--fp16: the float32 constants that stay float stored in float16."""
-    result = Float16ConstantsPass()(model)
-    return Float16Summary(result.converted, result.float32_bytes, result.kept, from_model)
+def float16(model: ir.Model, names: frozenset[str] | None = None) -> Float16Summary:
+    """--fp16: the float32 constants that stay float stored in float16 (only `names`, the
+    model's own float16 constants, when given)."""
+    result = Float16ConstantsPass(names)(model)
+    return Float16Summary(result.converted, result.float32_bytes, result.kept,
+                          names is not None)
 
 
 def _save(model: ir.Model, settings: ConvertSettings, report: ConversionReport,
           staging: files.Staging) -> modelio.SavedModel:
     if settings.fp16:
-        report.fp16 = float16(model, settings.fp16_from_model)
+        report.fp16 = float16(model, settings.fp16_names)
     report.opset_after = model.opset_imports.get("", 1)
     saved = modelio.save_model(model, settings.output_file, staging)
     report.size_after = modelio.files_size(saved.files)

@@ -364,23 +364,25 @@ def tensor_bytes(model: ir.Model) -> int:
     )
 
 
-def stores_float16(model: ir.Model) -> bool:
-    """Whether the model keeps most of its float constants (initializers, Constant nodes, in
-    every graph) in float16: a float16 model, whose output should keep what stays float in
-    float16 too."""
-    found = {ir.DataType.FLOAT16: 0, ir.DataType.FLOAT: 0}
+def float16_constants(model: ir.Model) -> frozenset[str]:
+    """The names of the model's float16 constants (initializers and Constant nodes, in every
+    graph) when they outweigh its float32 ones: a float16 model, whose output should keep
+    them float16 where they stay float (empty otherwise). Float32 constants of a mixed
+    model are not named: kept float32 on purpose, perhaps (a LayerNormalization's)."""
+    found: dict[ir.DataType, dict[str, int]] = {ir.DataType.FLOAT16: {}, ir.DataType.FLOAT: {}}
 
-    def count(tensor: ir.TensorProtocol | None) -> None:
-        if tensor is not None and tensor.dtype in found:
-            found[tensor.dtype] += tensor.nbytes
+    def count(name: str | None, tensor: ir.TensorProtocol | None) -> None:
+        if tensor is not None and tensor.dtype in found and name:
+            found[tensor.dtype][name] = tensor.nbytes
 
     for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            count(value.const_value)
+        for name, value in graph.initializers.items():
+            count(name, value.const_value)
         for node in graph:
             if node.op_type == "Constant" and (attr := node.attributes.get("value")) is not None:
-                count(attr.as_tensor())
-    return found[ir.DataType.FLOAT16] > found[ir.DataType.FLOAT]
+                count(node.outputs[0].name, attr.as_tensor())
+    half, full = found[ir.DataType.FLOAT16], found[ir.DataType.FLOAT]
+    return frozenset(half) if sum(half.values()) > sum(full.values()) else frozenset()
 
 
 def model_files(path: Path, model: ir.Model) -> list[Path]:

@@ -192,7 +192,9 @@ class ConvertSettings:
     skip_given: tuple[tuple[str, str], ...] = ()
     # --inputShape / input_shape: what a random sample for timing takes without data.
     input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
-    fp16_from_model: bool = False  # fp16 set because the model stores float16 constants
+    # fp16 set because the model stores its constants in float16: only these (their names
+    # in the model read) are stored in float16 again.
+    fp16_names: frozenset[str] | None = None
 
     @property
     def data_file(self) -> Path:

@@ -166,3 +166,38 @@ def test_a_float16_embedding_table_is_quantized_like_a_float32_one(tmp_path, cap
     got = run_model(tmp_path / "q.onnx", ids)[0]
     assert got.dtype == np.float16
     assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 30
+
+
+def test_only_a_float16_models_own_constants_go_back_to_float16():
+    """A mixed model's float32 constants may be float32 on purpose: with --fp16 left out,
+    only the constants the model stored in float16 are stored so again."""
+    import onnx_ir as ir
+
+    from ptqconv import modelio
+    from ptqconv.passes.float16 import Float16ConstantsPass
+
+    half = np.ones((64, 8), np.float16)
+    model = ir.Model(ir.Graph([], [], nodes=[], name="g"), ir_version=9)
+    for name, array in (("big16", half), ("small32", np.ones(4, np.float32))):
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        model.graph.register_initializer(value)
+    assert modelio.float16_constants(model) == {"big16"}
+    # Mostly float32: not a float16 model.
+    model.graph.register_initializer(ir.Value(
+        name="big32", const_value=ir.tensor(np.ones((64, 8), np.float32), name="big32")))
+    assert modelio.float16_constants(model) == frozenset()
+    # What the simplification made of them: float32 each, read by one node.
+    graph = ir.Graph([], [], nodes=[], name="g")
+    users = []
+    for name in ("big16", "small32"):
+        value = ir.Value(name=name, const_value=ir.tensor(np.ones(4, np.float32), name=name))
+        graph.register_initializer(value)
+        users.append(ir.node("Identity", [value], name=f"use_{name}"))
+    for node in users:
+        graph.append(node)
+        graph.outputs.append(node.outputs[0])
+        node.outputs[0].name = f"out_{node.name}"
+    result = Float16ConstantsPass(frozenset({"big16"}))(ir.Model(graph, ir_version=9))
+    assert result.converted == 1
+    dtypes = {name: v.const_value.dtype for name, v in graph.initializers.items()}
+    assert dtypes == {"big16_float16": ir.DataType.FLOAT16, "small32": ir.DataType.FLOAT}

@@ -29,6 +29,12 @@ class Float16Result(ir.passes.PassResult):
 
 
 class Float16ConstantsPass(ir.passes.InPlacePass):
+    """`names`: only the constants of these names (None: every float32 constant)."""
+
+    def __init__(self, names: frozenset[str] | None = None) -> None:
+        super().__init__()
+        self.names = names
+
     def call(self, model: ir.Model) -> Float16Result:
         graph = model.graph
         names = NameAllocator(graph)
@@ -36,7 +42,8 @@ class Float16ConstantsPass(ir.passes.InPlacePass):
         for value in list(graph.initializers.values()):
             tensor = value.const_value
             if tensor is None or tensor.dtype != ir.DataType.FLOAT or tensor.size < 2 \
-                    or value.is_graph_output() or not value.uses():
+                    or value.is_graph_output() or not value.uses() \
+                    or (self.names is not None and value.name not in self.names):
                 continue
             if any(not is_onnx(user) or index in _PARAMETER_SLOTS.get(user.op_type, ())
                    for user, index in value.uses()):
