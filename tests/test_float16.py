@@ -156,8 +156,9 @@ def test_a_float16_embedding_table_is_quantized_like_a_float32_one(tmp_path, cap
         assert "table [Gather 1000x64]: a float16 table: its DequantizeLinear needs opset " \
                "19, the model has 17" in printed, printed
         return
+    # DynamicQuant: the table and the float16 projection.
     assert ("embedding tables: 1 in int8" if mode == "PostTraining"
-            else "weights quantized: 1") in printed, printed
+            else "weights quantized: 2") in printed, printed
     model = onnx.load(str(tmp_path / "q.onnx"))
     types = {t.name: t.data_type for t in model.graph.initializer}
     assert types["table_quantized"] == TensorProto.INT8 and "table" not in types
@@ -201,3 +202,25 @@ def test_only_a_float16_models_own_constants_go_back_to_float16():
     assert result.converted == 1
     dtypes = {name: v.const_value.dtype for name, v in graph.initializers.items()}
     assert dtypes == {"big16_float16": ir.DataType.FLOAT16, "small32": ir.DataType.FLOAT}
+
+
+def test_a_float16_models_matmuls_get_dynamic_quantization(tmp_path, capsys):
+    """DynamicQuantizeMatMul takes float32: a float16 product runs it between two Casts, as
+    onnxruntime's CPU provider runs float16 models anyway."""
+    from test_weight_quant import float16_mlp
+
+    src = save(float16_mlp(), tmp_path / "f.onnx")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=DynamicQuant",
+                 "--quantWeightSize=0"]) == 0
+    assert "weights quantized: 2" in capsys.readouterr().out
+    model = onnx.load(str(out))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2 and ops.count("Cast") == 4
+    assert {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16} \
+        == set()  # the float16 weights are gone
+    x = {"x": np.random.default_rng(1).standard_normal((4, 64)).astype(np.float16)}
+    ref = run_model(src, x)[0].astype(np.float64)
+    got = run_model(out, x)[0]
+    assert got.dtype == np.float16
+    assert 10 * np.log10(np.sum(ref**2) / np.sum((got - ref) ** 2)) > 25

@@ -22,6 +22,7 @@ from ptqconv.graph.ops import is_onnx
 from ptqconv.passes.weight_quant import WeightRecord
 
 MS_DOMAIN = "com.microsoft"
+FLOAT_WEIGHTS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
 STORAGE = "int8 (DynamicQuantizeMatMul)"
 
 
@@ -45,6 +46,7 @@ class _Candidate:
     bias: np.ndarray | None
     bias_add: ir.Node | None
     transposed: bool = False  # Gemm transB: `weights` is the stored weight transposed
+    float16: bool = False  # a float16 product: run in float32 between two Casts
 
 
 class DynamicQuantPass(ir.passes.InPlacePass):
@@ -57,6 +59,8 @@ class DynamicQuantPass(ir.passes.InPlacePass):
         # (weight, transposed) -> its int8 weights, scale and zero point: nodes that share a
         # float weight share its integers.
         self._integers: dict[tuple[int, bool], list[ir.Value]] = {}
+        # A float16 input -> its float32 Cast, shared by the products that read it.
+        self._float32: dict[int, ir.Value] = {}
 
     def call(self, model: ir.Model) -> DynamicQuantResult:
         graph = model.graph
@@ -92,8 +96,8 @@ class DynamicQuantPass(ir.passes.InPlacePass):
             return f"skip_quant_node ({node.name or node.op_type})"
         tensor = weight.const_value
         assert tensor is not None
-        if tensor.dtype != ir.DataType.FLOAT:
-            return f"dtype {tensor.dtype.name.lower()} (DynamicQuantizeMatMul takes float32)"
+        if tensor.dtype not in FLOAT_WEIGHTS:
+            return f"dtype {tensor.dtype.name.lower()} (float32 and float16 weights only)"
         if len(tensor.shape) != 2:
             return f"rank {len(tensor.shape)} (a 2-D weight is needed)"
         if weight.name not in graph.initializers or weight.is_graph_output():
@@ -103,7 +107,7 @@ class DynamicQuantPass(ir.passes.InPlacePass):
                 return f"also read by {user.op_type} {user.name or ''}".rstrip()
         if tensor.size <= cfg.min_size:
             return f"{tensor.size} elements <= quantWeightSize {cfg.min_size}"
-        weights = tensor.numpy()
+        weights = tensor.numpy().astype(np.float32, copy=False)
         bias, bias_add = None, None
         if node.op_type == "Gemm":
             attrs = {k: v.value for k, v in node.attributes.items()}
@@ -120,7 +124,8 @@ class DynamicQuantPass(ir.passes.InPlacePass):
         else:
             bias_add, bias = _bias_add(node, weights.shape[1])
         return _Candidate(node, np.ascontiguousarray(weights, np.float32), bias, bias_add,
-                          node.op_type == "Gemm" and transposed)
+                          node.op_type == "Gemm" and transposed,
+                          tensor.dtype == ir.DataType.FLOAT16)
 
     def _replace(self, graph: ir.Graph, names: NameAllocator, c: _Candidate) -> None:
         cfg = self.config
@@ -139,23 +144,48 @@ class DynamicQuantPass(ir.passes.InPlacePass):
                 add_initializer(graph, names.new(f"{base}_zero_point"),
                                 np.zeros(scale.shape, np.int8)),
             ]
-        inputs = [c.node.inputs[0], *integers]
+        x = c.node.inputs[0]
+        assert x is not None
+        before: list[ir.Node] = []
+        if c.float16:
+            # onnxruntime's CPU provider computes a float16 model in float32 behind Casts
+            # anyway; DynamicQuantizeMatMul takes float32 only.
+            cast = self._float32.get(id(x))
+            if cast is None:
+                node = ir.node("Cast", [x], {"to": ir.DataType.FLOAT},
+                               name=names.new(f"{x.name or base}_to_float32"))
+                node.outputs[0].name = names.new(f"{x.name or base}_float32")
+                node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+                node.outputs[0].shape = x.shape
+                before.append(node)
+                cast = self._float32[id(x)] = node.outputs[0]
+            x = cast
+        inputs = [x, *integers]
         if c.bias is not None:
             inputs.append(add_initializer(graph, names.new(f"{base}_bias"), c.bias))
         last = c.bias_add if c.bias_add is not None else c.node
         fused = ir.node("DynamicQuantizeMatMul", inputs, domain=MS_DOMAIN,
                         name=names.new(f"{c.node.name or base}_dynamic"))
-        graph.insert_after(last, fused)
+        after = [fused]
+        if c.float16:
+            fused.outputs[0].name = names.new(f"{c.node.name or base}_dynamic_float32")
+            fused.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            fused.outputs[0].shape = last.outputs[0].shape
+            after.append(ir.node("Cast", [fused.outputs[0]], {"to": ir.DataType.FLOAT16},
+                                 name=names.new(f"{c.node.name or base}_to_float16")))
+        if before:
+            graph.insert_before(c.node, before)
+        graph.insert_after(last, after)
         # The float constants the rewrite replaces, dropped once nothing reads them.
         replaced = [c.node.inputs[1], *(c.bias_add.inputs if c.bias_add else c.node.inputs[2:])]
-        take_place(last.outputs[0], fused.outputs[0])
+        take_place(last.outputs[0], after[-1].outputs[0])
         graph.remove([n for n in (c.bias_add, c.node) if n is not None], safe=True)
         drop_unused(graph, [v for v in replaced if v is not None])
 
 
 def _vector(value: ir.Value, width: int) -> np.ndarray | None:
     tensor = value.const_value
-    if tensor is None or tensor.dtype != ir.DataType.FLOAT:
+    if tensor is None or tensor.dtype not in FLOAT_WEIGHTS:
         return None
     array = tensor.numpy()
     if array.size != width or array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
