@@ -845,3 +845,39 @@ def test_a_gemm_and_relu_before_float_ops_run_as_one_integer_gemm(tmp_path):
     want = np.concatenate([run_model(src, f)[0] for f in feeds])
     got = np.concatenate([run_model(out, f)[0] for f in feeds])
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_grouped_conv_transpose_gets_a_bias_scale_per_output_channel(tmp_path, group):
+    """A ConvTranspose weight [C, M/g, k, k] has a scale per output of a group (axis 1);
+    output channel o is output o mod M/g of its group, so the int32 bias takes the scales
+    tiled over the groups (a sweep's group-4 decoder failed with a broadcast error)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((16, 16 // group, 3, 3)) * 0.2).astype(np.float32)
+    b = (rng.standard_normal(16) * 0.1).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("ConvTranspose", ["x", "w", "b"], ["t"], group=group,
+                               strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+         onnx.helper.make_node("Relu", ["t"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    src = tmp_path / "ct.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
+              src)
+    data = tmp_path / "x"
+    data.mkdir()
+    samples = [np.abs(rng.standard_normal((1, 16, 8, 8))).astype(np.float32) for _ in range(8)]
+    for i, sample in enumerate(samples):
+        sample.tofile(data / f"{i:06d}.bin")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    model = onnx.load(str(out))
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert scales["w_scale"].shape == (16 // group,) and scales["b_scale"].shape == (16,)
+    assert np.allclose(scales["b_scale"] / np.tile(scales["w_scale"], group),
+                       scales["b_scale"][0] / scales["w_scale"][0], rtol=1e-6)
+    (ref,), (got,) = run_model(src, {"x": samples[0]}), run_model(out, {"x": samples[0]})
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.999

@@ -353,6 +353,10 @@ class QDQPass(ir.passes.InPlacePass):
             return
         bias = value.const_value.numpy().astype(np.float64)
         bias_scale = np.float64(input_params.scale) * weight_scale.astype(np.float64)
+        if bias_scale.ndim and bias_scale.size < bias.size and bias.size % bias_scale.size == 0:
+            # A grouped ConvTranspose: its weight [C, M/g, k...] has a scale per output of a
+            # group, and output channel o is output o mod M/g of group o div M/g.
+            bias_scale = np.tile(bias_scale.reshape(-1), bias.size // bias_scale.size)
         bias_scale = np.broadcast_to(bias_scale, bias.shape) if bias_scale.ndim else bias_scale
         q = np.clip(np.rint(bias / bias_scale), INT32_MIN, INT32_MAX).astype(np.int32)
         name = value.name
