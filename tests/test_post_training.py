@@ -881,3 +881,34 @@ def test_grouped_conv_transpose_gets_a_bias_scale_per_output_channel(tmp_path, g
     (ref,), (got,) = run_model(src, {"x": samples[0]}), run_model(out, {"x": samples[0]})
     cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cosine > 0.999
+
+
+def test_an_input_passed_straight_through_as_an_output_keeps_its_name(tmp_path):
+    """A graph input that is also a graph output (and quantized for the Conv reading it)
+    stays the model's input: renamed as a quantized output, the model lost its input."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.2).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Relu", ["c"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
+         onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.numpy_helper.from_array(w, "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
+              src)
+    data = tmp_path / "x"
+    data.mkdir()
+    samples = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(8)]
+    for i, sample in enumerate(samples):
+        sample.tofile(data / f"{i:06d}.bin")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    model = onnx.load(str(out))
+    assert [i.name for i in model.graph.input] == ["x"]
+    assert [o.name for o in model.graph.output] == ["y", "x"]
+    assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
+    _, x = run_model(out, {"x": samples[0]})
+    assert np.array_equal(x, samples[0])

@@ -236,7 +236,9 @@ class QDQPass(ir.passes.InPlacePass):
             # fuse them into a DQ -> op -> Q integer kernel.
             if user not in self.graph_plan.skipped:
                 user.replace_input_with(index, out)
-        is_output = value in graph.outputs
+        # A graph input passed straight through as an output keeps being both: renaming it
+        # would rename the model's input.
+        is_output = value in graph.outputs and not value.is_graph_input()
         if not out.uses() and not is_output:
             graph.remove(dequant, safe=True)
             if quant is not None and not quantized.uses():
