@@ -254,3 +254,44 @@ def test_a_repair_that_keeps_every_unit_float_writes_no_bigger_model(tmp_path, c
     assert out.stat().st_size <= model.stat().st_size
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear")
                    for n in onnx.load(str(out)).graph.node)
+
+
+def test_a_sequence_output_is_calibrated_around_and_compared_element_by_element(tmp_path,
+                                                                                 capsys):
+    """A model output that is a sequence (SplitToSequence) carries no tensor statistics and
+    is compared with its elements end to end (it failed calibration with an internal
+    error, then the gate)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 3, 3, 3)) * 0.2).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"]),
+         helper.make_node("SplitToSequence", ["y", "parts"], ["ys"], axis=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_sequence_value_info("ys", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([3, 5]), "parts")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    dirs = {}
+    for split in ("calib", "eval"):
+        dirs[split] = tmp_path / split
+        dirs[split].mkdir()
+        for i in range(8):
+            rng.standard_normal((1, 3, 8, 8)).astype(np.float32).tofile(
+                dirs[split] / f"{i:06d}.bin")
+    ini = tmp_path / "c.ini"
+    ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{dirs['calib']}\n"
+                   f"[evaluate_param]\neval_path=x:{dirs['eval']}\n"
+                   "[full_quant_param]\nlatency_aware=false\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={ini}", "--accuracyThreshold=50"]) == 0
+    printed = capsys.readouterr().out
+    assert "node units quantized: 1" in printed
+    line = next(x for x in printed.splitlines() if x.strip().startswith("ys:"))
+    assert float(line.split("cosine ")[1].split(",")[0]) > 0.99, line

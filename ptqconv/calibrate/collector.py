@@ -48,6 +48,10 @@ def collect(
     arrivals: dict[str, tuple[str, bool]] = {}  # output -> (tensor, per-execution pairs)
 
     def update(name: str, array: np.ndarray) -> None:
+        if not isinstance(array, np.ndarray):  # a sequence or map output: no tensor values
+            refused.update(id(a) for a in by_tensor[name])
+            skipped.add(name)
+            return
         for accumulator in by_tensor[name]:
             if id(accumulator) in refused or not (array.size or accumulator.per_sample):
                 continue
@@ -60,7 +64,7 @@ def collect(
     def consume(outputs: dict[str, np.ndarray]) -> None:
         for output, array in outputs.items():
             name, pairs = arrivals[output]
-            if pairs and array.dtype == np.float32:
+            if pairs and isinstance(array, np.ndarray) and array.dtype == np.float32:
                 array = _executed(array)
             update(name, array)
 

@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,19 @@ def check_same_io(model: Session, reference: Session) -> None:
             f"{names(only_reference) or 'none'})")
 
 
+def as_array(value: Any) -> np.ndarray:
+    """An output's values as one array: a sequence output's elements flattened end to end,
+    a map's values by key (sklearn's ZipMap), a tensor as it is."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        return np.asarray([value[key] for key in sorted(value)], np.float64)
+    if isinstance(value, (list, tuple)):
+        parts = [as_array(v).ravel() for v in value]
+        return np.concatenate(parts) if parts else np.zeros(0)
+    return np.asarray(value)
+
+
 def compare_sessions(
     model: Session,
     reference: Session,
@@ -61,7 +75,7 @@ def compare_sessions(
         expected = reference.run(sample, sample=label)
         actual = model.run(sample, sample=label)
         for name, comparison in comparisons.items():
-            comparison.update(expected[name], actual[name])
+            comparison.update(as_array(expected[name]), as_array(actual[name]))
         if progress:
             progress(1)
     return comparisons
