@@ -175,6 +175,9 @@ def load_model(path: Path, check: bool = True,
     # need to look at initializers. Initializers listed as graph inputs are weights too.
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1)(model)
     common_passes.RemoveInitializersFromInputsPass()(model)
+    # IR 3 lists every initializer as an input: without them listed, the model is IR 4's
+    # (onnx's version converter misses initializers of an IR 3 model that are not inputs).
+    model.ir_version = max(model.ir_version, 4)
     return model
 
 
@@ -341,6 +344,8 @@ def ensure_opset(model: ir.Model, needed: int, base_dir: Path) -> ir.Model:
             f"cannot upgrade the model from opset {current} to {needed}, which the chosen "
             f"integer types need: {message}"
         ) from None
+    if current < RESIZE_HALF_PIXEL_OPSET <= needed:
+        _keep_asymmetric_resizes(converted.graph)
     upgraded = ir.serde.deserialize_model(converted)
     for name, tensor in detached.items():
         value = upgraded.graph.initializers.get(name)
@@ -350,6 +355,28 @@ def ensure_opset(model: ir.Model, needed: int, base_dir: Path) -> ir.Model:
     ir.external_data.set_base_dir(upgraded.graph, base_dir)
     upgraded.ir_version = max(upgraded.ir_version, _min_ir_version(needed))
     return upgraded
+
+
+# Resize's default coordinate transformation from opset 11: half_pixel. Upsample and Resize-10
+# sample asymmetrically (onnxruntime: nearest rounds down), and onnx's version converter
+# leaves the attributes out, so an upgraded bilinear upsample moved a detector's outputs
+# (output cosine 0.958-0.986 against the model as given, in float).
+RESIZE_HALF_PIXEL_OPSET = 11
+
+
+def _keep_asymmetric_resizes(graph: onnx.GraphProto) -> None:
+    """Give every Resize the converter made from an opset 7-10 Upsample or Resize the
+    sampling it had: asymmetric coordinates, nearest rounding down."""
+    for g in _graphs(graph):
+        for node in g.node:
+            if node.op_type != "Resize" or node.domain not in ("", "ai.onnx"):
+                continue
+            names = {a.name for a in node.attribute}
+            if "coordinate_transformation_mode" not in names:
+                node.attribute.append(onnx.helper.make_attribute(
+                    "coordinate_transformation_mode", "asymmetric"))
+            if "nearest_mode" not in names:
+                node.attribute.append(onnx.helper.make_attribute("nearest_mode", "floor"))
 
 
 def _min_ir_version(opset: int) -> int:

@@ -16,6 +16,7 @@ from harness import cli, digits_workspace, error_line, fails
 from models import mlp
 
 from ptqconv import conversion
+from ptqconv.cli import main as cli_main
 
 SECRET = np.arange(16 * 64, dtype=np.float32)
 
@@ -268,3 +269,53 @@ def test_a_model_with_external_data_converted_elsewhere_loads_from_there(tmp_pat
     shutil.rmtree(tmp_path / "in")
     assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx"]
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def _old_upsampling_net(opset: int, mode: str, scale: float) -> onnx.ModelProto:
+    """An opset-`opset`, IR 3 net (initializers listed as inputs, as old exporters wrote
+    them): Conv -> BatchNormalization -> Relu -> Upsample(mode, scale) -> Conv."""
+    rng = np.random.default_rng(0)
+    h, T = onnx.helper, onnx.TensorProto
+    weights = {"w1": rng.standard_normal((8, 3, 3, 3)) * 0.3,
+               "g": 1 + 0.1 * rng.standard_normal(8), "be": 0.1 * rng.standard_normal(8),
+               "mu": 0.1 * rng.standard_normal(8), "var": 1 + 0.1 * rng.random(8),
+               "w2": rng.standard_normal((4, 8, 3, 3)) * 0.2}
+    inits = [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    up = (h.make_node("Upsample", ["r"], ["u"], mode=mode, scales=[1.0, 1.0, scale, scale])
+          if opset < 9 else h.make_node("Upsample", ["r", "sc"], ["u"], mode=mode))
+    if opset >= 9:
+        inits.append(onnx.numpy_helper.from_array(
+            np.array([1, 1, scale, scale], np.float32), "sc"))
+    nodes = [h.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             h.make_node("BatchNormalization", ["c", "g", "be", "mu", "var"], ["b"]),
+             h.make_node("Relu", ["b"], ["r"]), up,
+             h.make_node("Conv", ["u", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])] + [
+        h.make_tensor_value_info(t.name, T.FLOAT, list(t.dims)) for t in inits]
+    graph = h.make_graph(nodes, "old", inputs, [h.make_tensor_value_info("y", T.FLOAT, None)],
+                         inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    model.ir_version = 3
+    return model
+
+
+@pytest.mark.parametrize("opset, mode, scale", [(7, "nearest", 3.0), (9, "linear", 2.0),
+                                                (9, "nearest", 3.0)])
+def test_old_opsets_upgrade_without_changing_what_the_model_computes(tmp_path, opset, mode,
+                                                                    scale):
+    """Upgraded to opset 13, an IR 3 model keeps its weights (the version converter missed
+    initializers not listed as inputs) and its Upsample keeps sampling asymmetrically,
+    nearest rounding down (the converter's Resize took half_pixel: cosine 0.97 in float)."""
+    src = tmp_path / "old.onnx"
+    onnx.save(_old_upsampling_net(opset, mode, scale), src)
+    out = tmp_path / "q.onnx"
+    assert cli_main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=WeightQuant",
+                     "--bitNum=8", "--quantWeightSize=0", "--quantWeightChannel=0"]) == 0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 13 and model.ir_version >= 4
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    ref = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.9995, cosine
