@@ -124,6 +124,12 @@ def scale_zero_point(
         divisor = exact if scale.dtype == np.float32 else scale.astype(np.float64)
         zero_point = np.clip(np.rint(grid.qmin - rmin / divisor), grid.qmin, grid.qmax)
         zero_point = zero_point.astype(np.int64)
+    # A channel holding only zeros (pruned) is exact on any grid; the floor's scale (1e-10)
+    # would make its int32 bias scale, input x weight, too fine for its bias, which saturated
+    # (a pruned conv's output cosine 0.72). It takes its neighbours' largest scale.
+    empty = (rmax - rmin) <= 0
+    if np.ndim(scale) and empty.any() and not empty.all():
+        scale = np.where(empty, scale[~empty].max(), scale).astype(scale.dtype)
     return scale, zero_point
 
 

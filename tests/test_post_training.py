@@ -912,3 +912,38 @@ def test_an_input_passed_straight_through_as_an_output_keeps_its_name(tmp_path):
     assert "QuantizeLinear" in {n.op_type for n in model.graph.node}
     _, x = run_model(out, {"x": samples[0]})
     assert np.array_equal(x, samples[0])
+
+
+def _conv_relu(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+         onnx.helper.make_node("Relu", ["c"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+
+
+def test_pruned_channels_keep_their_bias(tmp_path):
+    """Pruned output channels (all-zero weights) borrow a scale that holds their bias: they
+    had the floor's 1e-10, and their int32 biases saturated (output cosine 0.72)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.2).astype(np.float32)
+    w[[1, 5]] = 0.0
+    b = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    src = tmp_path / "m.onnx"
+    onnx.save(_conv_relu(w, b), src)
+    data = tmp_path / "x"
+    data.mkdir()
+    for i in range(8):
+        rng.standard_normal((1, 4, 8, 8)).astype(np.float32).tofile(data / f"{i:06d}.bin")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    model = onnx.load(str(out))
+    biases = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.abs(biases["b_quantized"]).max() < 2**31 - 1  # none saturated
+    probe = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    (ref,), (got,) = run_model(src, {"x": probe}), run_model(out, {"x": probe})
+    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cosine > 0.999, cosine

@@ -133,3 +133,26 @@ def test_fixed_grids_have_a_step_of_one_over_an_integer():
     assert qparams.fixed_scale_zero_point(-1.0, 1.0, grid) == (np.float32(1 / 128), 128)
     assert qparams.fixed_scale_zero_point(-1.0, 1.0, qparams.activation_grid(4)) == (
         np.float32(1 / 8), 8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(2, 12), st.integers(0, 2**31 - 1), st.booleans())
+def test_an_all_zero_channel_takes_its_neighbours_largest_scale(channels, seed, symmetric):
+    """Pruned channels are exact on any grid; a floor-sized scale made their int32 bias
+    scale too fine for their bias."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((channels, 5)).astype(np.float32)
+    zero = rng.random(channels) < 0.4
+    zero[rng.integers(channels)] = False  # at least one channel holds values
+    w[zero] = 0.0
+    grid = (qparams.Grid(8, -127, 127, ir.DataType.INT8, symmetric=True) if symmetric
+            else qparams.Grid(8, 0, 255, ir.DataType.UINT8, symmetric=False))
+    rmin, rmax = qparams.tensor_range(w, axis=0)
+    scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+    assert np.all(scale[zero] == scale[~zero].max())
+    q = qparams.quantize(w, scale, zero_point, grid, axis=0)
+    dequantized = (q.astype(np.float64) - zero_point[:, None]) * scale[:, None]
+    assert np.all(dequantized[zero] == 0.0)
+    # One value: no neighbour to borrow from; the floor stays.
+    one, _ = qparams.scale_zero_point(np.zeros(1), np.zeros(1), grid)
+    assert 0 < one[0] < 1e-6
