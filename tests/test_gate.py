@@ -295,3 +295,8 @@ def test_a_sequence_output_is_calibrated_around_and_compared_element_by_element(
     assert "node units quantized: 1" in printed
     line = next(x for x in printed.splitlines() if x.strip().startswith("ys:"))
     assert float(line.split("cosine ")[1].split(",")[0]) > 0.99, line
+    # Weight-only: the latency line's sample error reads the sequence too.
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'w.onnx'}",
+                 "--quantType=WeightQuant", "--quantWeightSize=0",
+                 "--quantWeightChannel=0"]) == 0
+    assert "output error against float on a seeded random input" in capsys.readouterr().out

@@ -7,13 +7,12 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ptqconv import runtime
 from ptqconv.errors import PtqUsageError, shown
-from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
+from ptqconv.evaluate.metrics import OutputComparison, as_array, model_mean_bias_percent
 from ptqconv.runtime import ModelSource, Session
 
 # MindSpore benchmark defaults (benchmark_base.h): numThreads 2.
@@ -43,19 +42,6 @@ def check_same_io(model: Session, reference: Session) -> None:
             f"{reference.label} has {names(reference.outputs)} (only in the model: "
             f"{names(only_model) or 'none'}; only in the reference: "
             f"{names(only_reference) or 'none'})")
-
-
-def as_array(value: Any) -> np.ndarray:
-    """An output's values as one array: a sequence output's elements flattened end to end,
-    a map's values by key (sklearn's ZipMap), a tensor as it is."""
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, dict):
-        return np.asarray([value[key] for key in sorted(value)], np.float64)
-    if isinstance(value, (list, tuple)):
-        parts = [as_array(v).ravel() for v in value]
-        return np.concatenate(parts) if parts else np.zeros(0)
-    return np.asarray(value)
 
 
 def compare_sessions(

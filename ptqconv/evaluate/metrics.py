@@ -99,6 +99,19 @@ def cosine_similarity(dot: float, reference_sq: float, output_sq: float) -> floa
     return cosine if math.isnan(cosine) else min(1.0, max(-1.0, cosine))
 
 
+def as_array(value: Any) -> np.ndarray:
+    """An output's values as one array: a sequence output's elements flattened end to end,
+    a map's values by key (sklearn's ZipMap), a tensor as it is."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        return np.asarray([value[key] for key in sorted(value)], np.float64)
+    if isinstance(value, (list, tuple)):
+        parts = [as_array(v).ravel() for v in value]
+        return np.concatenate(parts) if parts else np.zeros(0)
+    return np.asarray(value)
+
+
 def squared_error(reference: np.ndarray, output: np.ndarray) -> float:
     """Sum of the squared differences (float64). Outputs of different shapes (data-dependent:
     the boxes a NonMaxSuppression kept) count as unrelated, |r|^2 + |o|^2: a change in what
@@ -117,6 +130,7 @@ def output_error(references: Sequence[np.ndarray], outputs: Sequence[np.ndarray]
     noise: dict[int, float] = {}
     signal: dict[int, float] = {}
     for k, (reference, output) in enumerate(zip(references, outputs, strict=True)):
+        reference, output = as_array(reference), as_array(output)
         if np.issubdtype(reference.dtype, np.floating):
             signal[k] = float(np.square(reference.astype(np.float64)).sum())
             noise[k] = squared_error(reference, np.asarray(output))
