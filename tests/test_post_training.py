@@ -947,3 +947,27 @@ def test_pruned_channels_keep_their_bias(tmp_path):
     (ref,), (got,) = run_model(src, {"x": probe}), run_model(out, {"x": probe})
     cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cosine > 0.999, cosine
+
+
+def test_a_weight_that_is_also_a_model_output_stays_one(tmp_path):
+    """Quantizing a Conv weight dropped its float initializer even where the graph outputs
+    it: an invalid model ("Graph output (w) does not exist")."""
+    rng = np.random.default_rng(0)
+    model = _conv_relu((rng.standard_normal((8, 4, 3, 3)) * 0.2).astype(np.float32),
+                       rng.uniform(0.5, 2.0, 8).astype(np.float32))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(
+        "w", onnx.TensorProto.FLOAT, [8, 4, 3, 3]))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    data = tmp_path / "x"
+    data.mkdir()
+    for i in range(8):
+        rng.standard_normal((1, 4, 8, 8)).astype(np.float32).tofile(data / f"{i:06d}.bin")
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    assert "w_quantized" in {t.name for t in written.graph.initializer}
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert np.array_equal(run_model(out, {"x": x})[1], run_model(src, {"x": x})[1])

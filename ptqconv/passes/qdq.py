@@ -341,7 +341,7 @@ class QDQPass(ir.passes.InPlacePass):
                 self.weight_scales[(user, i)] = scale
                 key = node_key(user)
                 self.result.weight_inputs[self.result.renamed.get(key, key)] = out.name
-        if not value.uses() and name in home.initializers:
+        if not value.uses() and not value.is_graph_output() and name in home.initializers:
             home.initializers.pop(name)
 
     def _quantize_bias(self, planned: PlannedBias) -> None:
@@ -370,7 +370,7 @@ class QDQPass(ir.passes.InPlacePass):
         node.replace_input_with(index, out)
         self.result.param_encodings[name] = qparams.Encoding(
             scale32, np.zeros(scale32.shape, np.int64), BIAS_GRID)
-        if not value.uses() and name in home.initializers:
+        if not value.uses() and not value.is_graph_output() and name in home.initializers:
             home.initializers.pop(name)
 
     def _input_params(self, node: ir.Node) -> ActivationParams | None:
@@ -403,7 +403,7 @@ class QDQPass(ir.passes.InPlacePass):
             user.replace_input_with(i, out)
         self.result.param_encodings[name] = qparams.Encoding(
             np.asarray(scale, np.float32), np.asarray(zero_point, np.int64), self.act_grid)
-        if not value.uses() and name in home.initializers:
+        if not value.uses() and not value.is_graph_output() and name in home.initializers:
             home.initializers.pop(name)
 
     def _dequantize(self, inputs: list[ir.Value], attributes: dict, name: str,
