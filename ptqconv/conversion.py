@@ -669,6 +669,12 @@ def _loaded(saved: modelio.SavedModel, settings: ConvertSettings) -> Session:
         return Session(saved.path, threads, level,
                        label=f"the quantized model for {shown(settings.output_file)}")
     except PtqError as exc:
+        # onnx's checker passes some models onnxruntime refuses (duplicate node names):
+        # then the model given is the one to blame.
+        try:
+            Session(settings.model_file, 1, "disable", label=shown(settings.model_file))
+        except PtqError as given:
+            raise PtqError(f"{given}; nothing was written") from None
         raise PtqError(f"{exc}; nothing was written") from None
 
 

@@ -261,3 +261,23 @@ def test_the_weight_lines_state_the_bits_written(tmp_path, capsys, bits, target,
     assert status == 0, err
     assert f"x86_avx2 (given: x86 without VNNI): {target}\n" in out, out
     assert f"(int8 symmetric per-channel, {levels})\n" in out, out
+
+
+def test_a_model_onnx_accepts_and_onnxruntime_refuses_is_named_as_the_culprit(tmp_path,
+                                                                            capsys):
+    """Duplicate node names pass onnx's checker; onnxruntime refuses the model, and then
+    the quantized one: the message names the model given, not the output."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="n"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="n")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [onnx.numpy_helper.from_array(w1, "w1"), onnx.numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    line = fails(capsys, tmp_path, [f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                                    "--quantType=WeightQuant"], 1,
+                 f"{src}: onnxruntime cannot load the model", "nothing was written")
+    assert "the quantized model" not in line
