@@ -134,6 +134,8 @@ def _convert(settings: ConvertSettings, progress: ProgressFactory | None,
     for source in (data, eval_data):
         if source is not None:
             report.inferred_shapes += inferred_shapes(source)
+    if data is not None:
+        report.identical_samples = {name: len(data) for name in data.identical}
     files.refuse_inputs(planned_outputs(settings),
                         read_files(settings, model_files, data, eval_data))
     with files.Staging() as staging:

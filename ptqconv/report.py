@@ -327,6 +327,8 @@ class ConversionReport:
     dynamic: DynamicSummary | None = None  # DynamicQuant
     fp16: Float16Summary | None = None  # --fp16
     inferred_shapes: list[InferredShape] = field(default_factory=list)
+    # Inputs whose calibration samples are all the same bytes, and how many there are.
+    identical_samples: dict[str, int] = field(default_factory=dict)
     # Files this run replaced that it had not written before: an existing <output>.data.
     replaced: list[Path] = field(default_factory=list)
     kept_input: str = ""  # why the float model was written instead, when it was
@@ -368,6 +370,10 @@ class ConversionReport:
         lines = [f"{self.quant_type} {bits}: {shown(self.model_file)} -> "
                  f"{shown(self.output_file)}"]
         lines += [shape.line() for shape in self.inferred_shapes]
+        lines += [f"  warning: calibration data: the {count} samples of input {name!r} are "
+                  "all the same bytes: every range fits that one sample; give samples that "
+                  "vary as the model's real inputs do"
+                  for name, count in self.identical_samples.items()]
         if self.quant_type == "WeightQuant":
             lines += [
                 f"  weights quantized: {len(self.quantized)}"

@@ -281,3 +281,18 @@ def test_a_model_onnx_accepts_and_onnxruntime_refuses_is_named_as_the_culprit(tm
                                     "--quantType=WeightQuant"], 1,
                  f"{src}: onnxruntime cannot load the model", "nothing was written")
     assert "the quantized model" not in line
+
+
+def test_calibration_samples_that_are_all_the_same_are_warned_about(tmp_path, capsys):
+    files = digits_workspace(tmp_path)
+    files["config"].write_text("[data_preprocess_param]\ncalibrate_path=input:calib\n")
+    status, out, err = cli(capsys, *_pt(files))
+    assert status == 0, err
+    assert "are all the same bytes" not in out
+    paths = sorted(files["calib"].iterdir())
+    for path in paths[1:]:
+        path.write_bytes(paths[0].read_bytes())
+    status, out, err = cli(capsys, *_pt(files))
+    assert status == 0, err
+    assert (f"warning: calibration data: the {len(paths)} samples of input 'input' are all "
+            "the same bytes: every range fits that one sample") in out

@@ -162,6 +162,8 @@ class CalibrationSet:
         self.shortest = dict(shortest or {})
         self._what = what
         self._count = min((len(f) for f in files.values()), default=0)
+        # Inputs whose samples (more than one) are all the same bytes: ranges fit one sample.
+        self.identical: tuple[str, ...] = ()
 
     @property
     def inferred(self) -> frozenset[str]:
@@ -266,6 +268,8 @@ class CalibrationSet:
             for spec in inputs:
                 for path in files[spec.name]:
                     _check_values(spec, data.sample_shape(spec, path), path, what)
+        data.identical = tuple(spec.name for spec in inputs
+                               if _all_same(files[spec.name][:count]))
         return data
 
     @classmethod
@@ -598,6 +602,20 @@ def _length(spec: InputSpec, shape: tuple[int, ...], axis: int, path: Path, what
             f"multiple of {unit} ({spec.dtype.name} [{dims}], dimension {axis} read from "
             f"each file's size); pass {_hint(spec)} if the files are of another shape")
     return size // unit
+
+
+def _all_same(paths: Sequence[Path]) -> bool:
+    """Whether more than one file holds the same bytes (read until two differ: two files
+    in the usual case)."""
+    if len(paths) < 2:
+        return False
+    try:
+        if len({p.stat().st_size for p in paths}) > 1:
+            return False
+        first = paths[0].read_bytes()
+        return all(p.read_bytes() == first for p in paths[1:])
+    except OSError:
+        return False
 
 
 def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str) -> None:
