@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import run_model
-from models import DIGITS, digits_eval, embedding, save
+from models import DIGITS, digits_eval, embedding, save, write_samples
 from onnx import TensorProto, numpy_helper
 
 import ptqconv
@@ -82,10 +82,8 @@ def test_a_float16_models_float_constants_stay_float16_unless_told_otherwise(tmp
         node.name = f"n{i}"
     src = save(model, tmp_path / "half.onnx")
     rng = np.random.default_rng(2)
-    data = tmp_path / "x"
-    data.mkdir()
-    for i in range(8):
-        rng.standard_normal((4, 64)).astype(np.float16).tofile(data / f"{i:06d}.bin")
+    data = write_samples(tmp_path / "x",
+                         [rng.standard_normal((4, 64)).astype(np.float16) for _ in range(8)])
     config = tmp_path / "c.ini"
     # The second MatMul stays float (skipped); no latency plan keeps anything else float.
     config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
@@ -142,10 +140,8 @@ def test_a_float16_embedding_table_is_quantized_like_a_float32_one(tmp_path, cap
     rng = np.random.default_rng(0)
     args = [f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}", f"--quantType={mode}"]
     if mode == "PostTraining":
-        data = tmp_path / "ids"
-        data.mkdir()
-        for i in range(8):
-            rng.integers(0, 1000, (1, 8)).astype(np.int64).tofile(data / f"{i:06d}.bin")
+        data = write_samples(tmp_path / "ids",
+                             [rng.integers(0, 1000, (1, 8)).astype(np.int64) for _ in range(8)])
         config = tmp_path / "c.ini"
         config.write_text(f"[data_preprocess_param]\ncalibrate_path=ids:{data}\n")
         args.append(f"--configFile={config}")

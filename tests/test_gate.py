@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from models import DIGITS
+from models import DIGITS, write_samples
 
 import ptqconv
 from ptqconv.cli import main
@@ -277,13 +277,9 @@ def test_a_sequence_output_is_calibrated_around_and_compared_element_by_element(
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([3, 5]), "parts")])
     src = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
-    dirs = {}
-    for split in ("calib", "eval"):
-        dirs[split] = tmp_path / split
-        dirs[split].mkdir()
-        for i in range(8):
-            rng.standard_normal((1, 3, 8, 8)).astype(np.float32).tofile(
-                dirs[split] / f"{i:06d}.bin")
+    dirs = {split: write_samples(tmp_path / split, [
+        rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(8)])
+        for split in ("calib", "eval")}
     ini = tmp_path / "c.ini"
     ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{dirs['calib']}\n"
                    f"[evaluate_param]\neval_path=x:{dirs['eval']}\n"

@@ -847,6 +847,22 @@ def test_a_gemm_and_relu_before_float_ops_run_as_one_integer_gemm(tmp_path):
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
 
 
+def _quantized(tmp_path, model: onnx.ModelProto, samples: list[np.ndarray]) -> tuple:
+    """`model` saved, calibrated on `samples` (input x) with `ini`'s settings, quantized:
+    the float and quantized models' paths."""
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)  # outputs of unknown shape: onnx's full check would refuse them
+    data = write_samples(tmp_path / "x", samples)
+    out = tmp_path / "q.onnx"
+    assert convert(f"--modelFile={src}", f"--outputFile={out}",
+                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    return src, out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_grouped_conv_transpose_gets_a_bias_scale_per_output_channel(tmp_path, group):
     """A ConvTranspose weight [C, M/g, k, k] has a scale per output of a group (axis 1);
@@ -862,25 +878,16 @@ def test_grouped_conv_transpose_gets_a_bias_scale_per_output_channel(tmp_path, g
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 16, 8, 8])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
         [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
-    src = tmp_path / "ct.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
-              src)
-    data = tmp_path / "x"
-    data.mkdir()
     samples = [np.abs(rng.standard_normal((1, 16, 8, 8))).astype(np.float32) for _ in range(8)]
-    for i, sample in enumerate(samples):
-        sample.tofile(data / f"{i:06d}.bin")
-    out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    src, out = _quantized(tmp_path, onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), samples)
     model = onnx.load(str(out))
     scales = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert scales["w_scale"].shape == (16 // group,) and scales["b_scale"].shape == (16,)
     assert np.allclose(scales["b_scale"] / np.tile(scales["w_scale"], group),
                        scales["b_scale"][0] / scales["w_scale"][0], rtol=1e-6)
     (ref,), (got,) = run_model(src, {"x": samples[0]}), run_model(out, {"x": samples[0]})
-    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
-    assert cosine > 0.999
+    assert _cosine(ref, got) > 0.999
 
 
 def test_an_input_passed_straight_through_as_an_output_keeps_its_name(tmp_path):
@@ -895,17 +902,9 @@ def test_an_input_passed_straight_through_as_an_output_keeps_its_name(tmp_path):
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None),
          onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
         [onnx.numpy_helper.from_array(w, "w")])
-    src = tmp_path / "m.onnx"
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)]),
-              src)
-    data = tmp_path / "x"
-    data.mkdir()
     samples = [rng.standard_normal((1, 3, 8, 8)).astype(np.float32) for _ in range(8)]
-    for i, sample in enumerate(samples):
-        sample.tofile(data / f"{i:06d}.bin")
-    out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    _, out = _quantized(tmp_path, onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 13)]), samples)
     model = onnx.load(str(out))
     assert [i.name for i in model.graph.input] == ["x"]
     assert [o.name for o in model.graph.output] == ["y", "x"]
@@ -931,22 +930,14 @@ def test_pruned_channels_keep_their_bias(tmp_path):
     w = (rng.standard_normal((8, 4, 3, 3)) * 0.2).astype(np.float32)
     w[[1, 5]] = 0.0
     b = rng.uniform(0.5, 2.0, 8).astype(np.float32)
-    src = tmp_path / "m.onnx"
-    onnx.save(_conv_relu(w, b), src)
-    data = tmp_path / "x"
-    data.mkdir()
-    for i in range(8):
-        rng.standard_normal((1, 4, 8, 8)).astype(np.float32).tofile(data / f"{i:06d}.bin")
-    out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    samples = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(8)]
+    src, out = _quantized(tmp_path, _conv_relu(w, b), samples)
     model = onnx.load(str(out))
     biases = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     assert np.abs(biases["b_quantized"]).max() < 2**31 - 1  # none saturated
     probe = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     (ref,), (got,) = run_model(src, {"x": probe}), run_model(out, {"x": probe})
-    cosine = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
-    assert cosine > 0.999, cosine
+    assert _cosine(ref, got) > 0.999, _cosine(ref, got)
 
 
 def test_a_weight_that_is_also_a_model_output_stays_one(tmp_path):
@@ -957,15 +948,8 @@ def test_a_weight_that_is_also_a_model_output_stays_one(tmp_path):
                        rng.uniform(0.5, 2.0, 8).astype(np.float32))
     model.graph.output.append(onnx.helper.make_tensor_value_info(
         "w", onnx.TensorProto.FLOAT, [8, 4, 3, 3]))
-    src = tmp_path / "m.onnx"
-    onnx.save(model, src)
-    data = tmp_path / "x"
-    data.mkdir()
-    for i in range(8):
-        rng.standard_normal((1, 4, 8, 8)).astype(np.float32).tofile(data / f"{i:06d}.bin")
-    out = tmp_path / "q.onnx"
-    assert convert(f"--modelFile={src}", f"--outputFile={out}",
-                   f"--configFile={ini(tmp_path, f'x:{data}')}") == 0
+    samples = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(8)]
+    src, out = _quantized(tmp_path, model, samples)
     written = onnx.load(str(out))
     onnx.checker.check_model(written, full_check=True)
     assert "w_quantized" in {t.name for t in written.graph.initializer}
