@@ -864,6 +864,7 @@ class PostTraining:
             activation_ranges=built.qdq.activation_ranges,
             quantize_nodes=built.qdq.quantize_nodes,
             weights_quantized=built.qdq.weights_quantized,
+            bias_widened=built.qdq.bias_widened,
             weight_grid=built.qdq.weight_grid,
             embedding_tables=[r for r in built.tables if r.quantized],
             bias_corrections=built.corrections,

@@ -133,6 +133,37 @@ def scale_zero_point(
     return scale, zero_point
 
 
+INT32_MAX = 2**31 - 1
+
+
+def bias_scale_floor(bias: np.ndarray, input_scale: float, channels: int
+                     ) -> np.ndarray | None:
+    """The least weight scale, per tensor (`channels` 1) or per output channel, at which the
+    int32 bias of a layer, at scale input scale x weight scale, holds `bias`; None when the
+    shapes do not pair. A (near) constant input has a floor-sized scale, and its layer's
+    biases saturated (onnxruntime's quantizer raises the weight scale likewise)."""
+    need = np.abs(np.asarray(bias, np.float64)).reshape(-1)
+    if channels == 1:
+        need = np.asarray(need.max(initial=0.0))
+    elif need.size != channels:
+        if need.size % channels:
+            return None
+        # A grouped ConvTranspose: output o reads channel o mod (M / groups) of the weight.
+        need = need.reshape(-1, channels).max(axis=0)
+    # 1e-4 above the least scale that holds it: float32 rounding must not tip it back over.
+    return need / (np.float64(input_scale) * INT32_MAX) * 1.0001
+
+
+def widened_range(rmin: np.ndarray, rmax: np.ndarray, grid: Grid, min_scale: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """[rmin, rmax] widened so that `scale_zero_point` gives at least `min_scale`."""
+    lo, hi = np.minimum(rmin, 0.0), np.maximum(rmax, 0.0)
+    if grid.symmetric:
+        half = min_scale * (2.0 if grid.binary else (grid.qmax - grid.qmin) / 2.0)
+        return np.minimum(lo, -half), np.maximum(hi, half)
+    return lo, np.maximum(hi, lo + min_scale * (grid.qmax - grid.qmin))
+
+
 def fixed_scale_zero_point(low: float, high: float, grid: Grid) -> tuple[np.float32, np.int64]:
     """The grid of an output whose range is known in advance: (high - low) split into as many
     steps as the grid has levels, so the step is 1/k for the ranges used (Softmax [0, 1]:

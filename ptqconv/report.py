@@ -159,6 +159,8 @@ class PostTrainingSummary:
     quantize_nodes: int
     weights_quantized: int
     weight_grid: qparams.Grid | None
+    # weights whose scale was raised so that their int32 bias holds (near-constant inputs)
+    bias_widened: int = 0
     embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
     # op type -> activations run as integer kernels they have none of their own
@@ -571,6 +573,10 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             own = ("on the encodings file's grids" if imported >= s.weights_quantized
                    else f"{imported} on the encodings file's grids, the others {own}")
         lines.append(f"  weights quantized: {s.weights_quantized} ({own})")
+        if s.bias_widened:
+            lines.append(f"  weight scales raised so that the int32 bias holds: "
+                         f"{s.bias_widened} (their inputs' calibration range is (nearly) "
+                         f"constant, so input scale x weight scale was too fine)")
     if s.embedding_tables:
         before = sum(r.float_bytes for r in s.embedding_tables)
         after = sum(math.prod(r.shape) + 4 * r.shape[0] for r in s.embedding_tables)

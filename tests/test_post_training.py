@@ -940,6 +940,28 @@ def test_pruned_channels_keep_their_bias(tmp_path):
     assert _cosine(ref, got) > 0.999, _cosine(ref, got)
 
 
+def test_a_layer_reading_a_constant_input_keeps_its_bias(tmp_path, capsys):
+    """An input that is zero in every calibration sample (a streaming model's first state)
+    has a floor-sized scale: input x weight scale was too fine for the int32 bias, which
+    saturated (output cosine 0.93 on the calibration data itself). The weight scale is
+    raised until the bias holds, as onnxruntime's quantizer does."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    zeros = np.zeros((1, 4, 8, 8), np.float32)
+    src, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(_conv_relu(w, b), src)
+    data = write_samples(tmp_path / "x", [zeros] * 8)
+    assert main(["--quantType=PostTraining", f"--modelFile={src}", f"--outputFile={out}",
+                 f"--configFile={ini(tmp_path, f'x:{data}')}"]) == 0
+    assert "weight scales raised so that the int32 bias holds: 1" in capsys.readouterr().out
+    biases = {t.name: onnx.numpy_helper.to_array(t)
+              for t in onnx.load(str(out)).graph.initializer}
+    assert np.abs(biases["b_quantized"]).max() < 2**31 - 1  # none saturated
+    (ref,), (got,) = run_model(src, {"x": zeros}), run_model(out, {"x": zeros})
+    assert np.allclose(got, ref, atol=0.02 * np.abs(ref).max()), np.abs(got - ref).max()
+
+
 def test_a_weight_that_is_also_a_model_output_stays_one(tmp_path):
     """Quantizing a Conv weight dropped its float initializer even where the graph outputs
     it: an invalid model ("Graph output (w) does not exist")."""

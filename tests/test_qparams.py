@@ -156,3 +156,29 @@ def test_an_all_zero_channel_takes_its_neighbours_largest_scale(channels, seed, 
     # One value: no neighbour to borrow from; the floor stays.
     one, _ = qparams.scale_zero_point(np.zeros(1), np.zeros(1), grid)
     assert 0 < one[0] < 1e-6
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 2**31 - 1), st.booleans(), st.booleans(),
+       st.floats(1e-12, 1e-2))
+def test_a_raised_weight_scale_makes_the_int32_bias_hold(channels, seed, symmetric, tensor,
+                                                         input_scale):
+    """Where input scale x weight scale is too fine for the bias (an input that was constant
+    in calibration), the weight range widens just enough; where it holds, nothing moves."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((channels, 6)) * 10.0 ** rng.uniform(-4, 0)).astype(np.float32)
+    bias = rng.standard_normal(channels) * 10.0 ** rng.uniform(-2, 3)
+    grid = (qparams.Grid(8, -63, 63, ir.DataType.INT8, symmetric=True) if symmetric
+            else qparams.Grid(8, 0, 255, ir.DataType.UINT8, symmetric=False))
+    rmin, rmax = qparams.tensor_range(w, axis=None if tensor else 0)
+    scale, _ = qparams.scale_zero_point(rmin, rmax, grid)
+    floor = qparams.bias_scale_floor(bias, input_scale, int(np.size(scale)))
+    low, high = qparams.widened_range(rmin, rmax, grid, np.maximum(scale, floor))
+    raised, _ = qparams.scale_zero_point(low, high, grid)
+    assert np.all(raised >= scale * (1 - 1e-6))
+    q_bias = np.rint(bias / (input_scale * np.broadcast_to(raised.astype(np.float64),
+                                                           bias.shape)))
+    assert np.abs(q_bias).max() <= 2**31 - 1  # nothing saturates
+    # The widened range still holds the weights, and no wider than the bias needs.
+    assert np.all(low <= rmin) and np.all(high >= rmax)
+    assert np.allclose(raised, np.maximum(scale, floor), rtol=1e-5, atol=0)

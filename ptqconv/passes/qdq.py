@@ -77,6 +77,8 @@ class QDQResult(ir.passes.PassResult):
     dequantized: dict[str, str] = field(default_factory=dict)  # float name -> dequantized name
     activation_ranges: int = 0  # distinct grids made (tensors sharing one count once)
     weights_quantized: int = 0
+    # weights whose scale was raised so that their layer's int32 bias holds the bias
+    bias_widened: int = 0
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # with keep_weights
     # node key (graph.naming.node_key in the float graph) -> error, with keep_weight_errors
     weight_errors: dict[str, WeightError] = field(default_factory=dict)
@@ -150,6 +152,7 @@ class QDQPass(ir.passes.InPlacePass):
             for name in plan.quantized_tensors():
                 if name in values and self._params(name) is not None:
                     self._insert_qdq(values[name])
+            self.bias_of = {bias.unit: bias for bias in plan.biases}
             for weight in plan.weights:
                 self._quantize_weight(weight)
             for bias in plan.biases:
@@ -304,6 +307,14 @@ class QDQPass(ir.passes.InPlacePass):
                                          dtype=np.int8)
                     self.cache[key] = (tensor, q, scale, zero_point)
                 _, q, scale, zero_point = self.cache[key]
+            floor = self._bias_scale_floor(node, index, int(np.size(scale)))
+            if floor is not None and np.any(scale < floor):
+                weights = tensor.numpy() if weights is None else weights
+                low, high = qparams.widened_range(*qparams.tensor_range(weights, axis), grid,
+                                                  np.maximum(scale, floor))
+                scale, zero_point = qparams.scale_zero_point(low, high, grid)
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
+                self.result.bias_widened += 1
         self.weight_scales[(node, index)] = scale
         if weights is None and (self.keep_weights or (self.keep_weight_errors
                                                       and node.op_type in CORRECTED_OPS)):
@@ -372,6 +383,19 @@ class QDQPass(ir.passes.InPlacePass):
             scale32, np.zeros(scale32.shape, np.int64), BIAS_GRID)
         if not value.uses() and not value.is_graph_output() and name in home.initializers:
             home.initializers.pop(name)
+
+    def _bias_scale_floor(self, node: ir.Node, index: int, channels: int
+                          ) -> np.ndarray | None:
+        """The least scale of `node`'s weight at which its int32 bias holds (None: no bias,
+        or its input is not quantized)."""
+        planned = self.bias_of.get(node) if index == 1 else None
+        if planned is None:
+            return None
+        bias = planned.node.inputs[planned.index]
+        params = self._input_params(node)
+        if bias is None or bias.const_value is None or params is None:
+            return None
+        return qparams.bias_scale_floor(bias.const_value.numpy(), params.scale, channels)
 
     def _input_params(self, node: ir.Node) -> ActivationParams | None:
         source = node.inputs[0]
