@@ -16,14 +16,17 @@ from ptqconv.graph.naming import NameAllocator
 def dequantize_gathered(graph: ir.Graph, names: NameAllocator, node: ir.Node,
                         integers: ir.Value, scale: np.ndarray, zero_point: np.ndarray | None,
                         per_row: bool, base: str,
-                        float_type: ir.DataType = ir.DataType.FLOAT) -> None:
+                        float_type: ir.DataType = ir.DataType.FLOAT,
+                        scale_type: ir.DataType | None = None) -> None:
     """Make `node`, a Gather of a float table along its rows, gather the rows of the integer
     table `integers` and dequantize only them. Per table: DequantizeLinear(rows, scale,
     zero_point). Per row: (Cast(rows) - zero_points) * scales, each row's scale (and zero
     point, unless `zero_point` is None) gathered with it; exact like DequantizeLinear, since
     the difference of two small integers is exact in float. The last node's output takes the
     gathered value's name and place; new names start with `base`, the float table's. New
-    constants go to `graph` (the table's), new nodes beside `node` (in a body, perhaps)."""
+    constants go to `graph` (the table's), new nodes beside `node` (in a body, perhaps).
+    Per table, a `scale_type` other than `float_type` (float32 scales of a float16 table,
+    before opset 19) is dequantized in it and cast to `float_type`."""
     prefix = node.name or base
     indices = node.inputs[1]
     node.replace_input_with(0, integers)
@@ -51,14 +54,19 @@ def dequantize_gathered(graph: ir.Graph, names: NameAllocator, node: ir.Node,
         last = ir.node("Mul", [current, chain[0].outputs[0]], name=names.new(f"{prefix}_Mul"))
         chain.append(last)
     else:
+        scale_type = scale_type or float_type
         inputs = [None, add_initializer(graph, names.new(f"{base}_scale"),
-                                        np.asarray(scale, float_type.numpy()))]
+                                        np.asarray(scale, scale_type.numpy()))]
         if zero_point is not None:
             inputs.append(add_initializer(graph, names.new(f"{base}_zero_point"), zero_point,
                                           integers.const_value.dtype))
         first = last = ir.node("DequantizeLinear", inputs,
                                name=names.new(f"{prefix}_DequantizeLinear"))
         chain = [first]
+        if scale_type != float_type:
+            last = ir.node("Cast", [first.outputs[0]], attributes={"to": float_type},
+                           name=names.new(f"{prefix}_Cast"))
+            chain.append(last)
     assert node.graph is not None
     # Named here: values left unnamed are named per graph when saved, and a Loop body's
     # names would repeat the main graph's.

@@ -20,10 +20,9 @@ from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
-from ptqconv.passes.weight_quant import WeightRecord
+from ptqconv.passes.weight_quant import FLOAT16_SCALE_OPSET, WeightRecord
 
 FLOAT_TABLES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
-FLOAT16_SCALE_OPSET = 19  # DequantizeLinear's float16 scales (per table)
 STORAGE = "int8 (Gather, then DequantizeLinear)"
 STORAGE_PER_ROW = "int8 per row (Gather, then Cast and Mul by the gathered row scales)"
 
@@ -80,10 +79,6 @@ class GatherQuantPass(ir.passes.InPlacePass):
             return f"skip_quant_node ({node.name or 'Gather'})"
         if tensor.dtype not in FLOAT_TABLES:
             return f"dtype {tensor.dtype.name.lower()} (only float32 and float16 tables)"
-        if tensor.dtype == ir.DataType.FLOAT16 and not cfg.per_row \
-                and self.opset < FLOAT16_SCALE_OPSET:
-            return (f"a float16 table: its DequantizeLinear needs opset {FLOAT16_SCALE_OPSET}, "
-                    f"the model has {self.opset}")
         if len(tensor.shape) < 2:
             return f"rank {len(tensor.shape)} < 2"
         if table.name not in graph.initializers or table.is_graph_output():
@@ -100,16 +95,20 @@ class GatherQuantPass(ir.passes.InPlacePass):
                  table: ir.Value) -> None:
         grid, per_row = self.config.grid, self.config.per_row
         # A float16 table (a float16 model's) gathers float16 rows: its scales are float16,
-        # rounded up so that each row still fits the grid.
+        # rounded up so that each row still fits the grid. Per table before opset 19,
+        # DequantizeLinear takes float32 scales only: float32, then a Cast to float16.
         float_type = table.const_value.dtype
+        scale_type = float_type
+        if not per_row and self.opset < FLOAT16_SCALE_OPSET:
+            scale_type = ir.DataType.FLOAT
         weights = table.const_value.numpy().astype(np.float32, copy=False)
         axis = 0 if per_row else None
         rmin, rmax = qparams.tensor_range(weights, axis=axis)
-        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid, float_type.numpy())
+        scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid, scale_type.numpy())
         q = qparams.quantize(weights, scale, zero_point, grid, axis=axis, dtype=np.int8)
         base = table.name or "table"
         integers = add_initializer(graph, names.new(f"{base}_quantized"), q)
         dequantize_gathered(graph, names, node, integers, scale,
                             None if per_row else zero_point.astype(np.int8), per_row, base,
-                            float_type)
+                            float_type, scale_type)
         graph.initializers.pop(table.name)
