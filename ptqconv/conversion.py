@@ -136,6 +136,7 @@ def _convert(settings: ConvertSettings, progress: ProgressFactory | None,
             report.inferred_shapes += inferred_shapes(source)
     if data is not None:
         report.identical_samples = {name: len(data) for name in data.identical}
+        report.outlier_samples = list(data.outliers)
     files.refuse_inputs(planned_outputs(settings),
                         read_files(settings, model_files, data, eval_data))
     with files.Staging() as staging:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptqconv import qparams
-from ptqconv.calibrate.dataset import SampleFormat
+from ptqconv.calibrate.dataset import OutlierSample, SampleFormat
 from ptqconv.calibrate.observers import KL_SQNR_FLOOR_DB
 from ptqconv.calibrate.ranges import SENTINEL_RANGE
 from ptqconv.debug.layer_report import LayerReport
@@ -331,6 +331,8 @@ class ConversionReport:
     inferred_shapes: list[InferredShape] = field(default_factory=list)
     # Inputs whose calibration samples are all the same bytes, and how many there are.
     identical_samples: dict[str, int] = field(default_factory=dict)
+    # Calibration samples whose largest magnitude is far above the others' (dataset.outlying).
+    outlier_samples: list[OutlierSample] = field(default_factory=list)
     # Files this run replaced that it had not written before: an existing <output>.data.
     replaced: list[Path] = field(default_factory=list)
     kept_input: str = ""  # why the float model was written instead, when it was
@@ -376,6 +378,11 @@ class ConversionReport:
                   "all the same bytes: every range fits that one sample; give samples that "
                   "vary as the model's real inputs do"
                   for name, count in self.identical_samples.items()]
+        lines += [f"  warning: calibration data: input {o.input!r}: {shown(o.path)} reaches "
+                  f"{o.peak:.3g}, {o.peak / o.median:.0f}x the median sample's largest "
+                  f"magnitude ({o.median:.3g}): a corrupted or unnormalized sample? Every "
+                  "range it reaches spans it (MAX_MIN); leave it out if it is not meant to "
+                  "be there" for o in self.outlier_samples]
         if self.quant_type == "WeightQuant":
             lines += [
                 f"  weights quantized: {len(self.quantized)}"

@@ -6,11 +6,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from harness import cli, digits_workspace, error_line, fails, subprocess_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from ptqconv import cli as cli_module
@@ -296,3 +299,37 @@ def test_calibration_samples_that_are_all_the_same_are_warned_about(tmp_path, ca
     assert status == 0, err
     assert (f"warning: calibration data: the {len(paths)} samples of input 'input' are all "
             "the same bytes: every range fits that one sample") in out
+
+
+def test_a_calibration_sample_far_above_the_others_is_named(tmp_path, capsys):
+    """One sample saved unnormalized (0-255 among 0-1 images, or a corrupted value) sets
+    every MAX_MIN range it reaches: the summary names the file."""
+    files = digits_workspace(tmp_path)
+    files["config"].write_text("[data_preprocess_param]\ncalibrate_path=input:calib\n")
+    paths = sorted(files["calib"].iterdir())
+    status, out, err = cli(capsys, *_pt(files))
+    assert status == 0, err
+    assert "unnormalized sample" not in out
+    x = np.fromfile(paths[3], np.float32)
+    (x * 255).tofile(paths[3])
+    status, out, err = cli(capsys, *_pt(files))
+    assert status == 0, err
+    assert f"warning: calibration data: input 'input': {paths[3]} reaches " in out, out
+    assert "a corrupted or unnormalized sample?" in out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(1.0, 10.0), min_size=8, max_size=60), st.integers(0, 3),
+       st.floats(100.0, 1e30))
+def test_only_few_samples_far_above_the_median_are_outliers(peaks, strays, factor):
+    """Natural spread is never flagged; a few samples 100x above the median are; many such
+    samples are a distribution and are not."""
+    from ptqconv.calibrate.dataset import outlying
+
+    paths = [Path(f"{i}.bin") for i in range(len(peaks) + strays)]
+    assert outlying("x", list(zip(paths, peaks, strict=False))) == ()
+    stray = [max(peaks) * factor * 1.01] * strays  # above 100x any median they leave
+    found = outlying("x", list(zip(paths, peaks + stray, strict=True)))
+    allowed = max(1, (len(peaks) + strays) // 20)
+    assert len(found) == (strays if strays <= allowed else 0)
+    assert all(o.path in paths[len(peaks):] for o in found)

@@ -164,6 +164,8 @@ class CalibrationSet:
         self._count = min((len(f) for f in files.values()), default=0)
         # Inputs whose samples (more than one) are all the same bytes: ranges fit one sample.
         self.identical: tuple[str, ...] = ()
+        # Samples whose largest magnitude stands far above the others' (read with the values).
+        self.outliers: tuple[OutlierSample, ...] = ()
 
     @property
     def inferred(self) -> frozenset[str]:
@@ -266,8 +268,10 @@ class CalibrationSet:
         data = cls(inputs, resolved, files, what, layout, axes=axes, shortest=shortest)
         if check_values:
             for spec in inputs:
-                for path in files[spec.name]:
-                    _check_values(spec, data.sample_shape(spec, path), path, what)
+                peaks = [(path, _check_values(spec, data.sample_shape(spec, path), path, what))
+                         for path in files[spec.name]]
+                data.outliers += outlying(spec.name, [(p, m) for p, m in peaks[:count]
+                                                      if m is not None])
         data.identical = tuple(spec.name for spec in inputs
                                if _all_same(files[spec.name][:count]))
         return data
@@ -618,7 +622,43 @@ def _all_same(paths: Sequence[Path]) -> bool:
         return False
 
 
-def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str) -> None:
+@dataclass(frozen=True)
+class OutlierSample:
+    """A sample of `input` whose largest magnitude, `peak`, is `OUTLIER_RATIO` or more times
+    the median sample's, `median`: a corrupted or unnormalized file sets every MAX_MIN range
+    it reaches."""
+
+    input: str
+    path: Path
+    peak: float
+    median: float
+
+
+# A sample's largest magnitude this many times the median sample's is an outlier: one image
+# in 0-255 among images in 0-1 is 255x; natural spread (quiet and loud audio, dark and
+# bright images) stays within a few times, and quieter samples are not flagged at all.
+OUTLIER_RATIO = 100.0
+# Flagged only where the median means something and outliers are few (one in 20 at most):
+# many samples that far above the median are a distribution, not a stray file.
+OUTLIER_MIN_SAMPLES = 8
+
+
+def outlying(name: str, peaks: Sequence[tuple[Path, float]]) -> tuple[OutlierSample, ...]:
+    """The samples of input `name` whose peak (largest magnitude) is an outlier."""
+    if len(peaks) < OUTLIER_MIN_SAMPLES:
+        return ()
+    median = float(np.median([peak for _, peak in peaks]))
+    if not median > 0:
+        return ()
+    found = tuple(OutlierSample(name, path, peak, median) for path, peak in peaks
+                  if peak >= OUTLIER_RATIO * median)
+    return found if len(found) <= max(1, len(peaks) // 20) else ()
+
+
+def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
+                  ) -> float | None:
+    """Refuse NaN / Inf (and bool bytes other than 0 and 1); a float sample's largest
+    magnitude."""
     dtype = spec.dtype
     if dtype.kind == "b":
         raw = _load(spec.name, path, np.dtype(np.uint8), math.prod(shape), what)
@@ -630,9 +670,9 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
                 f"{_index(i, shape)} (flat {i}; {bad.size} such bytes); bool "
                 "data must be 0 or 1"
             )
-        return
+        return None
     if not _is_float(dtype):
-        return
+        return None
     arr = _load(spec.name, path, dtype, math.prod(shape), what)
     if dtype == np.float32 and _float64_of_float32(arr):
         raise PtqUsageError(
@@ -641,7 +681,7 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
             "do): the model takes float32; save them with .astype(numpy.float32)")
     finite = np.isfinite(arr)
     if finite.all():
-        return
+        return float(np.abs(arr).max(initial=0.0))
     bad = np.flatnonzero(~finite)
     i = int(bad[0])
     kind = "NaN" if np.isnan(arr[i]) else "Inf"
