@@ -432,3 +432,21 @@ def test_float32_saved_as_float64_is_told_from_float32(count, spread, seed):
     values = (np.random.default_rng(seed).standard_normal(count * 2) * spread).astype(np.float32)
     assert not _float64_of_float32(values)
     assert _float64_of_float32(values[:count].astype(np.float64).view(np.float32))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(8, 400), st.integers(1, 2**16), st.integers(0, 2**31 - 1))
+def test_whole_numbers_saved_as_float64_are_told_from_float32(count, top, seed):
+    """Pixels 0-255 saved as float64 have all-zero low words: their float32 reading is 0 at
+    every even place, which masks and sparse float32 data also are."""
+    from ptqconv.calibrate.dataset import _float64_of_float32
+
+    rng = np.random.default_rng(seed)
+    whole = rng.integers(0, top + 1, count).astype(np.float64)
+    whole[:8] = rng.integers(1, top + 1, 8)  # some not 0: all-zero data is no evidence
+    assert _float64_of_float32(whole.view(np.float32))
+    sparse = np.zeros(count * 2, np.float32)
+    sparse[1::2] = rng.integers(0, 2, count)  # a 0 / 1 mask at odd places
+    assert not _float64_of_float32(sparse)
+    sparse[1::2] = rng.standard_normal(count)
+    assert not _float64_of_float32(sparse)

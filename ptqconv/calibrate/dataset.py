@@ -676,9 +676,9 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
     arr = _load(spec.name, path, dtype, math.prod(shape), what)
     if dtype == np.float32 and _float64_of_float32(arr):
         raise PtqUsageError(
-            f"{what}: input {spec.name!r}: {shown(path)} holds float64 values, it seems (each "
-            "other 32-bit word has its low 29 bits zero, as float32 numbers saved as float64 "
-            "do): the model takes float32; save them with .astype(numpy.float32)")
+            f"{what}: input {spec.name!r}: {shown(path)} holds float64 values, it seems (its "
+            "32-bit words pair up as float32 numbers or whole numbers saved as float64 do): "
+            "the model takes float32; save them with .astype(numpy.float32)")
     finite = np.isfinite(arr)
     if finite.all():
         return float(np.abs(arr).max(initial=0.0))
@@ -699,10 +699,19 @@ def _float64_of_float32(arr: np.ndarray) -> bool:
     samples of garbage)."""
     if arr.size % 2:
         return False
-    low = arr.view(np.uint32).reshape(-1, 2)[:, 0]  # little-endian: each float64's low word
-    # Its top 3 bits are the float32 mantissa's last 3, set in 7 values of 8; a low word that
-    # is all zero is no evidence (0 / 1 masks, or float32 data that is 0 at even places), so
-    # at least 8 set ones are asked for (float32 data with 8 such words is 2.0 there).
+    words = arr.view(np.uint32).reshape(-1, 2)  # little-endian: each float64's low, high word
+    low = words[:, 0]
+    if not low.any():
+        # Whole numbers (pixels 0-255) as float64 have all-zero low words, so the float32
+        # reading is 0 at every even place: such a reading whose pairs, as float64, are
+        # whole numbers (at least 8 of them not 0; as float32 words they read 1.875-5) is
+        # taken for it; 0 / 1 masks are not (a 1.0 at an odd place pairs into 2**-7).
+        if np.count_nonzero(words[:, 1]) < 8:
+            return False
+        wide = arr.view(np.float64)
+        return bool(np.all(np.abs(wide) <= 2.0**24) and np.all(wide == np.rint(wide)))
+    # Its top 3 bits are the float32 mantissa's last 3, set in 7 values of 8; at least 8 set
+    # ones are asked for (float32 data with 8 such words is 2.0 there).
     return bool(np.count_nonzero(low) >= 8 and not (low & 0x1FFFFFFF).any())
 
 
