@@ -253,6 +253,15 @@ def _measure_latency(settings: ConvertSettings, report: ConversionReport,
             models, sample,
             session_config={runtime.AT_LOAD: runtime.DEQUANTIZE_AT_LOAD} if at_load else None,
             outputs=outputs)
+    except runtime.ModelRefused as exc:
+        if exc.label != "quantized":
+            report.latency_skipped = str(exc)
+            return
+        # Checked at first without graph optimizations (`_loaded`): a model onnxruntime's
+        # own optimizer then fails on is no output.
+        raise PtqError(f"the quantized model for {shown(settings.output_file)}: onnxruntime "
+                       f"cannot load it with its default options: {exc.reason}; nothing was "
+                       "written") from None
     except PtqError as exc:
         report.latency_skipped = str(exc)
         return

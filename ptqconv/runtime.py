@@ -376,6 +376,14 @@ def _binomial_tail(n: int, k: int) -> float:
                      for i in range(k, n + 1))
 
 
+class ModelRefused(PtqError):
+    """onnxruntime refused to load the model timed as `label` (`compare_latency`)."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(f"{label}: onnxruntime cannot load the model: {reason}")
+        self.label, self.reason = label, reason
+
+
 def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.ndarray],
                     threads: int = 0, budget_s: float = BUDGET_SECONDS,
                     session_config: Mapping[str, Mapping[str, str]] | None = None,
@@ -404,8 +412,7 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
                 sessions[label] = ort.InferenceSession(loadable, options,
                                                        providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
-                           ) from None
+            raise ModelRefused(label, first_line(exc)) from None
     feeds = dict(feeds)
     for label, session in sessions.items():
         try:

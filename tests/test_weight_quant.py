@@ -155,6 +155,51 @@ def test_int2_matmul_with_n_not_multiple_of_4_uses_int4_container_and_stays_corr
     assert np.abs(got - expected).max() <= 0.02 * np.abs(expected).max()
 
 
+def test_int2_weight_read_through_a_transpose_loads_with_default_options(tmp_path):
+    """x @ W.T at 2 bits: onnxruntime's optimizer moves the Transpose onto the int2
+    initializer and its constant folding then refused the model ("Element type mismatch");
+    such weights keep the int2 grid in an int4 container."""
+    w = (np.random.default_rng(0).standard_normal((64, 64)) / 8).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+         onnx.helper.make_node("MatMul", ["x", "wt"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(w, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    _, out, report = quantize(tmp_path, model, 2)
+    assert [r.storage for r in report.quantized] == ["int4"]
+    assert report.latency is not None  # timed, so loaded with the default options
+    x = {"x": np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)}
+    (got,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    (ref,) = ort.InferenceSession(str(out), plain, providers=["CPUExecutionProvider"]).run(
+        None, x)
+    # The fused 4-bit kernel quantizes activations to int8 (accuracy_level 4).
+    assert np.abs(got - ref).max() <= 0.02 * np.abs(ref).max()
+    cosine = float((ref * (x["x"] @ w.T)).sum() / np.linalg.norm(ref)
+                   / np.linalg.norm(x["x"] @ w.T))
+    assert cosine > 0.85, cosine
+
+
+def test_a_written_model_onnxruntime_refuses_with_default_options_is_an_error(
+        tmp_path, monkeypatch):
+    """WeightQuant output is first loaded without graph optimizations (fusing a big model
+    costs more than it checks); the latency timing loads it as users do, and a refusal
+    there fails the conversion with nothing written."""
+    from ptqconv import runtime
+
+    def refuse(models, *args, **kwargs):
+        raise runtime.ModelRefused("quantized", "Element type mismatch")
+
+    monkeypatch.setattr(runtime, "compare_latency", refuse)
+    with pytest.raises(ptqconv.PtqError, match="onnxruntime cannot load it with its default "
+                       "options: Element type mismatch; nothing was written"):
+        quantize(tmp_path, mlp(), 8)
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_eligibility_rules_and_skip_list(tmp_path):
     model = conv_net(channels=16)
     _, _, report = quantize(tmp_path, model, 8)

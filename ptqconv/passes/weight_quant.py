@@ -30,7 +30,9 @@ from ptqconv.weights.correction import corrected
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 # onnxruntime's MatMulNBits is wrong for int2 weights unless N % 4 == 0: such weights keep the
-# int2 grid in an int4 container (docs/decisions.md, int2 weights).
+# int2 grid in an int4 container (docs/decisions.md, int2 weights). So do int2 weights read
+# through a Transpose (x @ W.T): onnxruntime 1.32's optimizer moves the Transpose onto the
+# int2 initializer and its constant folding then fails to load the model.
 _INT2_FUSED_OPS = ("MatMul", "Gemm")
 # float16 weights dequantize through a float16 scale, which DequantizeLinear takes from opset 19.
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -177,7 +179,8 @@ class WeightQuantPass(ir.passes.InPlacePass):
         shape = target.record.shape
         axis = target.channel_axis
         ops = {s.node.op_type for s in target.slots}
-        if grid.storage == ir.DataType.INT2 and shape[axis] % 4 and ops & set(_INT2_FUSED_OPS):
+        if grid.storage == ir.DataType.INT2 and ("Transpose" in ops or (
+                shape[axis] % 4 and ops & set(_INT2_FUSED_OPS))):
             grid = grid.with_storage(ir.DataType.INT4)
         if blocks and cfg.block_size and len(shape) == 2 and len(ops) == 1 \
                 and ops <= set(BLOCKED_OPS):
