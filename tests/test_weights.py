@@ -453,3 +453,27 @@ def test_mixed_bit_picks_the_fewest_bits_that_meet_the_target(seed, target):
         fewer = layouts.nearest(w, layout_for(bits - 1))
         assert relative_error(w, fewer.dequantized(), 0) > target
 
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 70), st.sampled_from([0, 8, 32]),
+       st.integers(0, 2**31 - 1))
+def test_binary_weights_take_the_least_squares_level_of_each_slice(rows, cols, block, seed):
+    """1 bit: sign(w) * s with s minimising the squared error of each slice (channel or
+    block, a last partial block over its own values): s = mean|w|."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * rng.uniform(0.01, 3.0, (rows, 1))
+    grid = qparams.weight_only_grid(1)
+    layout = WeightLayout(grid, 1, block) if block else WeightLayout(grid, 0)
+    deq = layouts.nearest(w, layout).dequantized()
+    assert np.all(deq * w >= 0)
+    if block:
+        for start in range(0, cols, block):
+            part = w[:, start:start + block]
+            level = np.abs(deq[:, start:start + block])
+            assert np.allclose(level, np.abs(part).mean(axis=1, keepdims=True), rtol=1e-6)
+    else:
+        assert np.allclose(np.abs(deq), np.abs(w).mean(axis=1, keepdims=True), rtol=1e-6)
+    # No other level does better on any slice: scaling all of them by 0.9 or 1.1 loses.
+    for factor in (0.9, 1.1):
+        assert np.sum((w - deq) ** 2) <= np.sum((w - factor * deq) ** 2)

@@ -25,6 +25,7 @@ from ptqconv.graph.ops import is_depthwise
 from ptqconv.graph.subgraphs import all_nodes, all_values, owner
 from ptqconv.passes.body_plan import every_plan
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
+from ptqconv.weights import layout as layouts
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -301,8 +302,7 @@ class QDQPass(ir.passes.InPlacePass):
             else:
                 if key not in self.cache:
                     weights = tensor.numpy()
-                    rmin, rmax = qparams.tensor_range(weights, axis)
-                    scale, zero_point = qparams.scale_zero_point(rmin, rmax, grid)
+                    scale, zero_point = layouts.parameters(weights, WeightLayout(grid, axis))
                     q = qparams.quantize(weights, scale, zero_point, grid, axis,
                                          dtype=np.int8)
                     self.cache[key] = (tensor, q, scale, zero_point)

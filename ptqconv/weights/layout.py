@@ -78,9 +78,29 @@ def ranges(w: np.ndarray, layout: WeightLayout) -> tuple[np.ndarray, np.ndarray]
     return qparams.tensor_range(w, layout.axis)
 
 
+def mean_magnitudes(w: np.ndarray, layout: WeightLayout) -> np.ndarray:
+    """Mean |w| of every slice that gets its own scale, in the parameter shape (a last,
+    padded block over its own values)."""
+    if layout.block_size:
+        sums = np.abs(blocked(w, layout.axis, layout.block_size)).sum(
+            axis=layout.axis + 1, dtype=np.float64)
+        n = w.shape[layout.axis]
+        counts = np.full(sums.shape[layout.axis], layout.block_size, np.float64)
+        counts[-1] = n - (counts.size - 1) * layout.block_size
+        shape = [1] * sums.ndim
+        shape[layout.axis] = -1
+        return sums / counts.reshape(shape)
+    axes = None if layout.axis is None else tuple(
+        d for d in range(w.ndim) if d != layout.axis % w.ndim)
+    return np.abs(w).mean(axis=axes, dtype=np.float64)
+
+
 def parameters(w: np.ndarray, layout: WeightLayout,
                scale_dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of `w` under `layout`, from its min/max (qparams)."""
+    """Scale and zero point of `w` under `layout`, from its min/max (qparams); on the
+    binary grid from its mean magnitude."""
+    if layout.grid.binary:
+        return qparams.binary_scale(mean_magnitudes(w, layout), scale_dtype)
     rmin, rmax = ranges(w, layout)
     return qparams.scale_zero_point(rmin, rmax, layout.grid, scale_dtype)
 
