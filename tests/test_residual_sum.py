@@ -81,8 +81,9 @@ def test_margin_keeps_noise_from_flipping_the_choice():
     def timed(fused: float, unfused: float) -> bool:
         return ResidualSum(1, (8, 32), fused, unfused, "cpu").applied
 
-    assert timed(0.57, 0.11) and timed(1.0, 0.9)
-    assert not timed(1.0, 0.95) and not timed(0.014, 0.013)
+    # Transformer shapes measure 3-6x; a tiny block 0.025 against 0.022 ms, run to run.
+    assert timed(0.57, 0.11) and timed(1.0, 0.66)
+    assert not timed(1.0, 0.7) and not timed(0.025, 0.022) and not timed(0.014, 0.013)
 
 
 @pytest.mark.parametrize(("fused", "unfused", "written"), [(0.6, 0.1, "Sum"), (0.1, 0.1, "Add")])
