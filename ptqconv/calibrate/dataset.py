@@ -268,8 +268,9 @@ class CalibrationSet:
         data = cls(inputs, resolved, files, what, layout, axes=axes, shortest=shortest)
         if check_values:
             for spec in inputs:
-                peaks = [(path, _check_values(spec, data.sample_shape(spec, path), path, what))
-                         for path in files[spec.name]]
+                sized = spec.name in axes
+                peaks = [(path, _check_values(spec, data.sample_shape(spec, path), path, what,
+                                              sized)) for path in files[spec.name]]
                 data.outliers += outlying(spec.name, [(p, m) for p, m in peaks[:count]
                                                       if m is not None])
         data.identical = tuple(spec.name for spec in inputs
@@ -314,7 +315,7 @@ class CalibrationSet:
                         if axis is not None else "")
             _check_memory(spec, shape, what,
                           blame_model=spec.name not in user and axis is None)
-            _check_values(spec, shape, path, what)
+            _check_values(spec, shape, path, what, axis is not None)
             resolved[spec.name] = shape
         return cls(inputs, resolved, {s.name: [p] for s, p in zip(inputs, files, strict=True)},
                    what, layout, image)
@@ -655,10 +656,11 @@ def outlying(name: str, peaks: Sequence[tuple[Path, float]]) -> tuple[OutlierSam
     return found if len(found) <= max(1, len(peaks) // 20) else ()
 
 
-def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
-                  ) -> float | None:
-    """Refuse NaN / Inf (and bool bytes other than 0 and 1); a float sample's largest
-    magnitude."""
+def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
+                  sized: bool = False) -> float | None:
+    """Refuse NaN / Inf (and bool bytes other than 0 and 1), and float32 files that hold
+    float64 values (`sized`: a dimension was read from the file's size, which a float64 file
+    passes); a float sample's largest magnitude."""
     dtype = spec.dtype
     if dtype.kind == "b":
         raw = _load(spec.name, path, np.dtype(np.uint8), math.prod(shape), what)
@@ -674,7 +676,7 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
     if not _is_float(dtype):
         return None
     arr = _load(spec.name, path, dtype, math.prod(shape), what)
-    if dtype == np.float32 and _float64_of_float32(arr):
+    if dtype == np.float32 and _float64_of_float32(arr, sized):
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(path)} holds float64 values, it seems (its "
             "32-bit words pair up as float32 numbers or whole numbers saved as float64 do): "
@@ -692,27 +694,39 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
     )
 
 
-def _float64_of_float32(arr: np.ndarray) -> bool:
-    """Whether float32 `arr` is float32 numbers saved as float64 (numpy's default dtype):
-    read as float32 words, every value's low word then has its low 29 bits zero. A file of
-    such values passes the size check where the batch is read from the size (as two
-    samples of garbage)."""
+def _float64_of_float32(arr: np.ndarray, loose: bool = False) -> bool:
+    """Whether the float32 reading `arr` of a file is float64 values (numpy's default dtype).
+    A file of them passes the size check where a dimension is read from the size, as two
+    samples of garbage (`loose`: that is the case).
+
+    Always told: float32 numbers saved as float64, whose low words have their low 29 bits
+    zero. Where `loose`, also: short values (whole numbers, k/16), whose low words are all
+    zero (the float32 reading is 0 at every even place), and any float64 data whose float32
+    reading at even places (the low words, random bits) is absurd in a quarter of them or
+    more (not 0 and below 1e-20 or beyond 1e20, or not finite); in both
+    the float64 reading must look like data: finite, within 2**24, 3 distinct values not 0
+    or more (a 0 / 1 mask at odd places pairs into {0, 2**-7})."""
     if arr.size % 2:
         return False
     words = arr.view(np.uint32).reshape(-1, 2)  # little-endian: each float64's low, high word
     low = words[:, 0]
-    if not low.any():
-        # Whole numbers (pixels 0-255) as float64 have all-zero low words, so the float32
-        # reading is 0 at every even place: such a reading whose pairs, as float64, are
-        # whole numbers (at least 8 of them not 0; as float32 words they read 1.875-5) is
-        # taken for it; 0 / 1 masks are not (a 1.0 at an odd place pairs into 2**-7).
-        if np.count_nonzero(words[:, 1]) < 8:
-            return False
-        wide = arr.view(np.float64)
-        return bool(np.all(np.abs(wide) <= 2.0**24) and np.all(wide == np.rint(wide)))
     # Its top 3 bits are the float32 mantissa's last 3, set in 7 values of 8; at least 8 set
     # ones are asked for (float32 data with 8 such words is 2.0 there).
-    return bool(np.count_nonzero(low) >= 8 and not (low & 0x1FFFFFFF).any())
+    if np.count_nonzero(low) >= 8 and not (low & 0x1FFFFFFF).any():
+        return True
+    if not loose or np.count_nonzero(words[:, 1]) < 8:
+        return False
+    wide = arr.view(np.float64)
+    plausible = bool(np.all(np.abs(wide) <= 2.0**24)  # False for NaN too
+                     and np.unique(wide[wide != 0]).size >= 3)
+    if not plausible:
+        return False
+    if not low.any():
+        return True
+    with np.errstate(invalid="ignore", over="ignore"):
+        magnitude = np.abs(arr[0::2])
+        absurd = ~((magnitude == 0) | ((magnitude >= 1e-20) & (magnitude <= 1e20)))
+    return bool(4 * np.count_nonzero(absurd) >= absurd.size)
 
 
 def _is_float(dtype: np.dtype) -> bool:
