@@ -679,8 +679,8 @@ def _check_values(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str
     if dtype == np.float32 and _float64_of_float32(arr, sized):
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(path)} holds float64 values, it seems (its "
-            "32-bit words pair up as float32 numbers or whole numbers saved as float64 do): "
-            "the model takes float32; save them with .astype(numpy.float32)")
+            "32-bit words pair up into float64 numbers; numpy saves float64 unless told): the "
+            "model takes float32; save them with .astype(numpy.float32)")
     finite = np.isfinite(arr)
     if finite.all():
         return float(np.abs(arr).max(initial=0.0))
