@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from ptqconv import __version__, runtime
-from ptqconv.errors import PtqError, escaped, shown
+from ptqconv.errors import PtqError, PtqUsageError, escaped, shown
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EPILOG = """\b
@@ -92,6 +92,16 @@ FOREIGN_FLAGS = {
     "--benchmarkDataType": "outputs are compared in the model's output types",
     "--cryptoLibPath": "MindIR encryption has no ONNX counterpart",
 }
+
+
+def _refuse_empty(flags: dict[str, Any]) -> None:
+    """`--flag=` with nothing after it (an unset CI variable) is an error, never the flag
+    left out: `--accuracyThreshold=$THRESHOLD` must not turn the gate off unseen."""
+    params = {p.name: p for p in click.get_current_context().command.params}
+    for name, value in flags.items():
+        if isinstance(value, str) and not value.strip():
+            flag = params[name].opts[0] if name in params else name
+            raise PtqUsageError(f"{flag}: empty value; give one, or leave the flag out")
 
 
 class _ConvertByDefault(click.Group):
@@ -210,6 +220,7 @@ def convert_command(quiet: bool, verbose: bool, **flags: Any) -> None:
     from ptqconv.conversion import convert
     from ptqconv.settings import ConvertSettings
 
+    _refuse_empty(flags)
     settings = ConvertSettings.create(**flags)
     with _Progress.shown(quiet) as progress:
         report = convert(settings, progress=progress)
@@ -342,6 +353,7 @@ def benchmark_command(quiet: bool, verbose: bool, **flags: Any) -> None:
     """Check a quantized model's accuracy against its float model (MindSpore benchmark flags)."""
     from ptqconv.evaluate import BenchmarkSettings, benchmark
 
+    _refuse_empty(flags)
     advance: list[Callable[[int], None]] = []
     with _Progress.shown(quiet) as progress:
 

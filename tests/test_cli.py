@@ -278,3 +278,17 @@ def test_an_already_quantized_model_is_refused_in_every_mode(tmp_path, capsys):
         assert "int8.onnx is quantized already (" in line and "QuantizeLinear" in line
         assert line.endswith("give ptqconv the float model (onnxruntime runs this one as it is)")
         assert set(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("flag", ["--accuracyThreshold=", "--bitNum=", "--debugDir= ",
+                                  "--inputShape=", "--encodingsFile="])
+def test_an_empty_flag_value_is_an_error_not_the_flag_left_out(tmp_path, capsys, flag):
+    """`--accuracyThreshold=$UNSET` in CI turned the gate off without a word."""
+    out = tmp_path / "q.onnx"
+    status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                   "--quantType=WeightQuant", flag])
+    assert status == 2
+    name = flag.split("=")[0]
+    assert capsys.readouterr().err.strip() == (
+        f"ptqconv: error: {name}: empty value; give one, or leave the flag out")
+    assert not out.exists()
