@@ -98,10 +98,32 @@ def _refuse_empty(flags: dict[str, Any]) -> None:
     """`--flag=` with nothing after it (an unset CI variable) is an error, never the flag
     left out: `--accuracyThreshold=$THRESHOLD` must not turn the gate off unseen."""
     params = {p.name: p for p in click.get_current_context().command.params}
+    options = {opt for p in params.values() for opt in p.opts}
     for name, value in flags.items():
-        if isinstance(value, str) and not value.strip():
-            flag = params[name].opts[0] if name in params else name
+        if not isinstance(value, str):
+            continue
+        flag = params[name].opts[0] if name in params else name
+        if not value.strip():
             raise PtqUsageError(f"{flag}: empty value; give one, or leave the flag out")
+        if value.split("=", 1)[0] in options:
+            # `--debugDir --quiet`: the next flag was taken for the value.
+            raise PtqUsageError(f"{flag}: its value {value!r} is another flag; give the value "
+                                f"as {flag}=VALUE")
+
+
+def _refuse_repeated(args: Sequence[str]) -> None:
+    """A flag given twice is an error, as a key given twice in a config is: which one was
+    meant is not for ptqconv to guess (click would keep the last)."""
+    seen: dict[str, str] = {}
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("--") or arg in ("--help", "--version"):
+            continue
+        name = arg.split("=", 1)[0]
+        if name in seen:
+            raise PtqUsageError(f"{name} given twice ({seen[name]} and {arg}); give it once")
+        seen[name] = arg
 
 
 class _ConvertByDefault(click.Group):
@@ -110,6 +132,7 @@ class _ConvertByDefault(click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and args[0] != "--version"):
             args = ["convert", *args]
+        _refuse_repeated(args[1:])
         return super().parse_args(ctx, args)
 
 
@@ -507,7 +530,8 @@ def _run(args: list[str], verbose: bool) -> int:
         return _fail(f"{exc.option_name} (MindSpore's) has no meaning here: {why}", 2, verbose)
     except click.UsageError as exc:
         command = exc.ctx.command.name if exc.ctx is not None else None
-        prog = "ptqconv benchmark" if command == "benchmark" else "ptqconv"
+        prog = ("ptqconv benchmark" if command == "benchmark" or args[:1] == ["benchmark"]
+                else "ptqconv")
         return _fail(f"{exc.format_message()} (see {prog} --help)", 2, verbose)
     except PtqError as exc:
         return _fail(str(exc), exc.exit_code, verbose)

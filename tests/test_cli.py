@@ -292,3 +292,26 @@ def test_an_empty_flag_value_is_an_error_not_the_flag_left_out(tmp_path, capsys,
     assert capsys.readouterr().err.strip() == (
         f"ptqconv: error: {name}: empty value; give one, or leave the flag out")
     assert not out.exists()
+
+
+def test_a_flag_given_twice_is_an_error(tmp_path, capsys):
+    """click kept the last: --quantType=WeightQuant --quantType=PostTraining ran PostTraining."""
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
+                 "--quantType=WeightQuant", "--bitNum=4", "--bitNum", "8"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ptqconv: error: --bitNum given twice (--bitNum=4 and --bitNum); give it once")
+    assert main(["benchmark", f"--modelFile={DIGITS / 'model.onnx'}", "--loopCount=2",
+                 "--loopCount=3"]) == 2
+    assert "--loopCount given twice" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_flag_taken_for_the_value_of_the_one_before_is_an_error(tmp_path, capsys):
+    """`--debugDir --quiet` made a directory named --quiet and ran loudly."""
+    assert main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", "--debugDir", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ptqconv: error: --debugDir: its value '--quiet' is another flag; give the value as "
+        "--debugDir=VALUE")
+    assert not (tmp_path / "--quiet").exists()
