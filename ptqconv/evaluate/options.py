@@ -35,7 +35,9 @@ class BenchmarkSettings:
     input_shapes: tuple[tuple[int, ...], ...] = ()  # MindSpore's --inputShapes, by position
     input_data_format: str | None = None  # of 4-D .bin samples; None: the model's layout
     image: ImagePreprocess | None = None  # --configFile with input_type=IMAGE
-    accuracy_threshold: float = DEFAULT_ACCURACY_THRESHOLD
+    # None: only --cosineDistanceThreshold was given, which then is the gate alone (as in
+    # the converter's gate); with neither, MindSpore's 0.5%.
+    accuracy_threshold: float | None = DEFAULT_ACCURACY_THRESHOLD
     cosine_distance_threshold: float | None = None
     report_file: Path | None = None
     graph_optimization_level: str = "all"
@@ -136,7 +138,8 @@ class BenchmarkSettings:
             image=image,
             accuracy_threshold=_optional("--accuracyThreshold", accuracy_threshold,
                                          lambda v: values.real(v, 0.0, 1e6),
-                                         DEFAULT_ACCURACY_THRESHOLD),
+                                         None if _given(cosine_distance_threshold)
+                                         else DEFAULT_ACCURACY_THRESHOLD),
             cosine_distance_threshold=_optional("--cosineDistanceThreshold",
                                                 cosine_distance_threshold,
                                                 lambda v: values.real(v, -1.0, 1.0), None),

@@ -190,10 +190,12 @@ class BenchmarkReport:
         limit = self.settings.cosine_distance_threshold
         cosine = "" if limit is None else f", every cosine >= --cosineDistanceThreshold {limit:g}"
         if self.passed:
-            lines.append(
-                f"PASS: mean bias {_num(self.mean_bias_percent, '.4g')}% <= --accuracyThreshold "
-                f"{self.settings.accuracy_threshold:g}%{cosine}, no NaN/Inf"
-            )
+            bias = _num(self.mean_bias_percent, '.4g')
+            accuracy = self.settings.accuracy_threshold
+            checked = (f"mean bias {bias}% <= --accuracyThreshold {accuracy:g}%{cosine}"
+                       if accuracy is not None else
+                       f"mean bias {bias}%{cosine.replace(', every', ' (every', 1)})")
+            lines.append(f"PASS: {checked}, no NaN/Inf")
         else:
             shown_failures = self.failures[:MAX_FAILURES_SHOWN]
             more = len(self.failures) - len(shown_failures)
