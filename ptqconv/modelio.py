@@ -22,6 +22,7 @@ from ptqconv.files import Staging, is_utf8, os_reason, regular_file_size, write_
 from ptqconv.graph.initializers import release_mapping
 from ptqconv.runtime import (
     IN_MEMORY_BYTES,
+    ORT_LOG_LEVEL,
     Session,
     path_source,
     release_memory,
@@ -71,7 +72,7 @@ def simplify_with_onnxruntime(path: Path, workdir: Path, size: int | None = None
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_LEVEL
     options.add_session_config_entry(
         "session.optimized_model_external_initializers_file_name", "simplified.onnx.data")
     # A big model's weights go to a data file that onnx-ir then maps instead of reading:

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from ptqconv.errors import PtqError, one_line
+from ptqconv.errors import PtqError, PtqUsageError, one_line
 from ptqconv.files import is_utf8, temporary_directory
 from ptqconv.graph.naming import values_by_name
 
@@ -49,6 +49,11 @@ ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 SPIN_US = 200
 
 
+# onnxruntime logs its errors (in colour) before raising them: ptqconv reports each as one
+# line of its own, so only fatal ones are left to its log.
+ORT_LOG_LEVEL = 4
+
+
 def session_options(threads: int, level: str = "all",
                     prepack: bool = True) -> ort.SessionOptions:
     """`prepack=False` for a session that is only loaded (or only writes its graph), never
@@ -56,7 +61,7 @@ def session_options(threads: int, level: str = "all",
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_LEVEL
     bound_spinning(options)
     options.graph_optimization_level = LEVELS[level]
     if not prepack:
@@ -193,11 +198,16 @@ class Session:
             sample: str = "a sample") -> dict[str, np.ndarray]:
         """The outputs named in `names` (all outputs when None), by name."""
         fetched = list(self.outputs if names is None else names)
+        source = getattr(feeds, "source", "")
         try:
             found = self.session.run(fetched, dict(feeds))
         except Exception as exc:
-            raise PtqError(f"{self.label}: inference failed on {sample}: {first_line(exc)}"
-                           ) from None
+            # A sample read from the user's files that the model refuses (token ids out of
+            # a table's range): the data is wrong, and the files are named.
+            kind = PtqUsageError if source and "INVALID_ARGUMENT" in str(exc) else PtqError
+            where = f"{sample} ({source})" if source else sample
+            raise kind(f"{self.label}: inference failed on {where}: {first_line(exc)}"
+                       ) from None
         return dict(zip(fetched, found, strict=True))
 
     def latency_ms(self, feeds: Mapping[str, np.ndarray], loops: int, warm_up: int) -> float:
@@ -285,7 +295,7 @@ def stream_together(
     pool = ThreadPoolExecutor(max_workers=len(runs))
 
     def submit(index: int, sample: Mapping[str, np.ndarray]) -> list[Future]:
-        feeds = dict(sample)
+        feeds = sample if isinstance(sample, dict) else dict(sample)  # a Sample keeps its files
         return [pool.submit(session.run, feeds, names, f"sample {index}")
                 for session, names in runs]
 
@@ -403,7 +413,7 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
     for label, source in models.items():
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = ORT_LOG_LEVEL
         bound_spinning(options)
         for key, value in (session_config or {}).get(label, {}).items():
             options.add_session_config_entry(key, value)

@@ -333,3 +333,35 @@ def test_only_few_samples_far_above_the_median_are_outliers(peaks, strays, facto
     allowed = max(1, (len(peaks) + strays) // 20)
     assert len(found) == (strays if strays <= allowed else 0)
     assert all(o.path in paths[len(peaks):] for o in found)
+
+
+def test_a_sample_the_model_refuses_is_named_with_its_file(tmp_path, capsys):
+    """Token ids out of a table's range pass every file check; onnxruntime refuses them at
+    run time. The error names the file, exits 2 (the data is wrong), and onnxruntime's own
+    coloured log line is not printed before it."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["t", "i"], ["e"]),
+         helper.make_node("MatMul", ["e", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(rng.standard_normal((50, 64)).astype(np.float32), "t"),
+         onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), src)
+    ids = [rng.integers(0, 50, (1, 4)) for _ in range(4)]
+    ids[2][0, 1] = 999
+    data = tmp_path / "i"
+    data.mkdir()
+    for k, a in enumerate(ids):
+        a.astype(np.int64).tofile(data / f"{k:04d}.bin")
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=i:{data}\n")
+    child = subprocess_cli([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                            "--quantType=PostTraining", f"--configFile={config}"], tmp_path)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 2, err
+    assert err.startswith(
+        f"ptqconv: error: calibration: inference failed on sample 2 ({data / '0002.bin'}): ")
+    assert "idx=999" in err and "\x1b[" not in err
+    assert not (tmp_path / "q.onnx").exists()

@@ -337,10 +337,13 @@ class CalibrationSet:
         return self._count
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Sample k as ``{name: array}``, each array read from disk when the sample is due."""
+        """Sample k as ``{name: array}`` (a `Sample`, naming its files), each array read from
+        disk when the sample is due."""
         for k in range(self._count):
-            yield {spec.name: self._sample(spec, self.files[spec.name][k])
-                   for spec in self.inputs}
+            paths = [self.files[spec.name][k] for spec in self.inputs]
+            yield Sample({spec.name: self._sample(spec, path)
+                          for spec, path in zip(self.inputs, paths, strict=True)},
+                         ", ".join(shown(p) for p in paths))
 
     def sample_shape(self, spec: InputSpec, path: Path) -> tuple[int, ...]:
         """The shape of `spec`'s sample in the file `path` (checked by `open`)."""
@@ -621,6 +624,15 @@ def _all_same(paths: Sequence[Path]) -> bool:
         return all(p.read_bytes() == first for p in paths[1:])
     except OSError:
         return False
+
+
+class Sample(dict):
+    """One sample's arrays by input name, and `source`: the files they were read from, for
+    a message about the sample (onnxruntime refusing its values)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], source: str = "") -> None:
+        super().__init__(arrays)
+        self.source = source
 
 
 @dataclass(frozen=True)
