@@ -152,8 +152,22 @@ class WeightQuantPass(ir.passes.InPlacePass):
                 target.record.reason = reason
             else:
                 self._layout(target)
+                self._no_smaller(target)
             targets.append(target)
         return targets
+
+    @staticmethod
+    def _no_smaller(target: Target) -> None:
+        """A weight whose integers take as many bytes as its floats (a float16 model's at 9-16
+        bits: int16) stays float: scales on top, it would only grow the file."""
+        assert target.layout is not None
+        storage = target.layout.grid.storage
+        float_type = target.value.const_value.dtype
+        if storage.bitwidth >= float_type.bitwidth:
+            target.layout = None
+            target.record.bits, target.record.layout = 0, ""
+            target.record.reason = (f"{storage.name.lower()} takes as many bytes as its "
+                                    f"{float_type.name.lower()} values")
 
     def _layout(self, target: Target) -> None:
         table = (self.config.table_grid is not None and target.name not in self.grids
