@@ -205,6 +205,32 @@ def test_a_written_model_onnxruntime_refuses_with_default_options_is_an_error(
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_float_constants_no_weight_slot_reads_are_listed_as_skipped(tmp_path):
+    """A MatMul's constant first input and a weight behind a Reshape stay float; the summary
+    counted neither ("weights skipped: 0" with two float matrices left)."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["wl", "x"], ["a"]),
+         h.make_node("Transpose", ["a"], ["t"], perm=[1, 0]),
+         h.make_node("Reshape", ["wr", "shape"], ["w2"]),
+         h.make_node("MatMul", ["t", "w2"], ["b"]),
+         h.make_node("MatMul", ["b", "wn"], ["y"])], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64, 8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 64])],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wl"),
+         numpy_helper.from_array(rng.standard_normal(4096).astype(np.float32), "wr"),
+         numpy_helper.from_array(np.array([64, 64], np.int64), "shape"),
+         numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "wn")])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    _, out, report = quantize(tmp_path, model, 8, quant_weight_size=0)
+    assert [w.name for w in report.quantized] == ["wn"]
+    assert {w.name: w.reason for w in report.skipped} == {
+        "wl": "the MatMul's first input (A): only B is a weight",
+        "wr": "read through a Reshape: weights are quantized where an op reads them directly"}
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
 def test_eligibility_rules_and_skip_list(tmp_path):
     model = conv_net(channels=16)
     _, _, report = quantize(tmp_path, model, 8)

@@ -18,7 +18,7 @@ from ptqconv import qparams
 from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
-from ptqconv.graph.ops import is_depthwise
+from ptqconv.graph.ops import is_depthwise, is_onnx
 from ptqconv.graph.weight_slots import (
     WeightSlot,
     recurrent_weight_slots,
@@ -154,7 +154,40 @@ class WeightQuantPass(ir.passes.InPlacePass):
                 self._layout(target)
                 self._no_smaller(target)
             targets.append(target)
-        return targets
+        return targets + self._unreached(graph, slots)
+
+    def _unreached(self, graph: ir.Graph, slots: dict[ir.Value, list[WeightSlot]]
+                   ) -> list[Target]:
+        """Float constants a Conv / MatMul / Gemm reads that are no weight slot (a MatMul's
+        constant first input; a weight behind a Reshape): they stay float, and the summary
+        says so instead of leaving them out of its count."""
+        found: dict[ir.Value, Target] = {}
+        for node in graph:
+            if not is_onnx(node) or node.op_type not in ("Conv", "ConvTranspose", "MatMul",
+                                                         "Gemm"):
+                continue
+            for value in node.inputs[:2]:
+                if value is None or value in slots:
+                    continue
+                source, reason = value, f"the {node.op_type}'s first input (A): only B is a weight"
+                producer = value.producer()
+                if producer is not None and producer.inputs and producer.op_type in (
+                        "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Transpose"):
+                    source = producer.inputs[0]
+                    reason = (f"read through a {producer.op_type}: weights are quantized where "
+                              "an op reads them directly")
+                elif producer is not None:
+                    continue
+                tensor = source.const_value if source is not None else None
+                if (tensor is None or source in slots or source in found
+                        or source.name not in graph.initializers
+                        or tensor.dtype not in FLOAT_TYPES or tensor.size <= self.config.min_size):
+                    continue
+                record = WeightRecord(source.name or "", node.op_type, (node.name or node.op_type,),
+                                      tuple(tensor.shape), False, reason,
+                                      float_bytes=tensor.nbytes)
+                found[source] = Target(source, [], record)
+        return list(found.values())
 
     @staticmethod
     def _no_smaller(target: Target) -> None:
