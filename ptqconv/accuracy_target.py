@@ -32,7 +32,7 @@ def meet_target(pt: PostTraining, model_file: Path, data: CalibrationSet, gate: 
         built = pt.with_float_units(frozenset(keys[:count]))
         comparisons = compare_models(built.model, model_file, data, "all", gate.threads)
         report = GateReport(len(data), comparisons, gate_failures(
-            comparisons, gate.accuracy_threshold, gate.cosine_threshold))
+            comparisons, gate.accuracy_threshold, gate.cosine_threshold, gate.names))
         attempts.append(TargetAttempt(count, not report.failures, report.mean_bias_percent,
                                       min(c.similarity for c in comparisons.values())))
         if not report.failures:

@@ -35,8 +35,9 @@ Examples:
 
 \b
 Accuracy gate for CI: ptqconv benchmark --help
-Exit status: 0 done, 1 the conversion failed (or missed --accuracyThreshold), 2 a flag or
-the config is wrong, 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
+Exit status: 0 done (PostTraining keeps units float until the accuracy gate passes), 1 the
+conversion failed (or WeightQuant / DynamicQuant missed the gate), 2 a flag or the config is
+wrong, 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM).
 """
 # Without a terminal (CI logs), one plain progress line at most this often.
 PLAIN_PROGRESS_SECONDS = 5.0

@@ -801,4 +801,5 @@ def accuracy_gate(quantized: Session, data: CalibrationSet, settings: ConvertSet
     check_same_io(quantized, reference)
     comparisons = compare_sessions(quantized, reference, data, progress)
     return GateReport(len(data), comparisons,
-                      gate_failures(comparisons, gate.accuracy_threshold, gate.cosine_threshold))
+                      gate_failures(comparisons, gate.accuracy_threshold, gate.cosine_threshold,
+                                    gate.names))

@@ -173,6 +173,8 @@ class GateSettings:
     accuracy_threshold: float | None  # percent mean bias (MindSpore's benchmark)
     cosine_threshold: float | None
     threads: int = DEFAULT_THREADS
+    # Where each threshold was set, for the messages: the flag, or the config's key.
+    names: tuple[str, str] = ("--accuracyThreshold", "--cosineDistanceThreshold")
 
 
 @dataclass(frozen=True)
@@ -457,10 +459,14 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
 def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | None,
           shapes: tuple[tuple[str, tuple[int, ...]], ...], threads: int,
           layout: str | None, image: ImagePreprocess | None) -> GateSettings | None:
+    given_accuracy = accuracy if _given_flag(accuracy) else None
+    given_cosine = cosine if _given_flag(cosine) else None
     accuracy = pick.one("--accuracyThreshold", accuracy, "accuracy_threshold",
                         lambda v: values.real(v, 0.0, 1e6), None)
     cosine = pick.one("--cosineDistanceThreshold", cosine, "cosine_threshold",
                       lambda v: values.real(v, -1.0, 1.0), None)
+    # Without a threshold the held-out data is left unread: one config may serve runs that
+    # give the threshold as a flag and runs that do not.
     if accuracy is None and cosine is None:
         return None
     paths = pick.config("eval_path")
@@ -471,7 +477,16 @@ def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | Non
             "of the config (name:dir like calibrate_path)")
     data = DataSource(paths, pick.config("eval_size") or ALL_SAMPLES, shapes, "eval data",
                       layout, image, _where(pick, "eval_size"))
-    return GateSettings(data, accuracy, cosine, threads)
+    names = tuple(flag if given is not None else f"{key} in [evaluate_param]"
+                  for flag, given, key in (("--accuracyThreshold", given_accuracy,
+                                            "accuracy_threshold"),
+                                           ("--cosineDistanceThreshold", given_cosine,
+                                            "cosine_threshold")))
+    return GateSettings(data, accuracy, cosine, threads, names)
+
+
+def _given_flag(value: Any) -> bool:
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def _where(pick: _Picker, key: str) -> str | None:

@@ -296,3 +296,16 @@ def test_a_sequence_output_is_calibrated_around_and_compared_element_by_element(
                  "--quantType=WeightQuant", "--quantWeightSize=0",
                  "--quantWeightChannel=0"]) == 0
     assert "output error against float on a seeded random input" in capsys.readouterr().out
+
+
+def test_a_threshold_from_the_config_is_named_as_the_config_names_it(tmp_path, capsys):
+    """The gate's message named --accuracyThreshold where the config's key set it."""
+    path = config(tmp_path)
+    with open(path, "a") as f:
+        f.write("accuracy_threshold=0.000001\n")
+    status = main([f"--modelFile={MODEL}", f"--outputFile={tmp_path / 'q.onnx'}",
+                   "--quantType=WeightQuant", "--bitNum=2", f"--configFile={path}"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "is above accuracy_threshold in [evaluate_param] 1e-06%" in err, err
+    assert "--accuracyThreshold" not in err

@@ -118,9 +118,9 @@ def gate_failures(
     if accuracy_threshold is not None and comparisons:
         bias = model_mean_bias_percent(comparisons)
         if math.isnan(bias):
-            failures.append(f"mean bias is NaN (limit {flags[0]} {accuracy_threshold:g}%)")
+            failures.append(f"mean bias is NaN (limit {flags[0]} {accuracy_threshold:.10g}%)")
         elif not bias <= accuracy_threshold:
-            failures.append(f"mean bias {bias:.4g}% is above {flags[0]} {accuracy_threshold:g}%")
+            failures.append(f"mean bias {bias:.4g}% is above {flags[0]} {accuracy_threshold:.10g}%")
     if cosine_threshold is not None:
         for name, c in comparisons.items():
             agreement = c.agreement
@@ -128,14 +128,14 @@ def gate_failures(
                 if not agreement >= cosine_threshold:
                     failures.append(
                         f"output {name!r}: {agreement:.4f} of its integer values equal the "
-                        f"reference's, below {flags[1]} {cosine_threshold:g}")
+                        f"reference's, below {flags[1]} {cosine_threshold:.10g}")
                 continue
             cosine = c.cosine
             if math.isnan(cosine):
                 failures.append(
-                    f"output {name!r}: cosine is NaN (limit {flags[1]} {cosine_threshold:g})")
+                    f"output {name!r}: cosine is NaN (limit {flags[1]} {cosine_threshold:.10g})")
             elif not cosine >= cosine_threshold:
                 failures.append(
                     f"output {name!r}: cosine {cosine:.6f} is below {flags[1]} "
-                    f"{cosine_threshold:g}")
+                    f"{cosine_threshold:.10g}")
     return failures

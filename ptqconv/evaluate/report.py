@@ -188,7 +188,8 @@ class BenchmarkReport:
         if self.kernels is not None and self.kernels.total_macs:
             lines.append(f"kernels: {kernel_line(self.kernels)}")
         limit = self.settings.cosine_distance_threshold
-        cosine = "" if limit is None else f", every cosine >= --cosineDistanceThreshold {limit:g}"
+        cosine = ("" if limit is None
+                  else f", every cosine >= --cosineDistanceThreshold {limit:.10g}")
         if self.passed:
             bias = _num(self.mean_bias_percent, '.4g')
             accuracy = self.settings.accuracy_threshold
