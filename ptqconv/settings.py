@@ -294,6 +294,14 @@ class ConvertSettings:
                 skip=skip,
                 measure_latency=pick.switch("dynamic_measure_latency", True))
         else:
+            # MindSpore's full quantization configs carry min_quant_weight_size in
+            # [common_quant_param]: the keys pass, the flags (weight quantization's) do not.
+            for flag, given in (("--quantWeightSize", quant_weight_size),
+                                ("--quantWeightChannel", quant_weight_channel)):
+                if _given_flag(given):
+                    raise PtqUsageError(f"{flag} is for --quantType=WeightQuant and "
+                                        "DynamicQuant (PostTraining quantizes every weight "
+                                        "of the units it quantizes)")
             mode = _post_training(pick, bits, skip, threads, tuple(shapes.items()), debug_dir,
                                   sensitivity, layout, image, encodings_out)
         gate = _gate(pick, accuracy_threshold, cosine_threshold, tuple(shapes.items()), threads,
@@ -306,7 +314,7 @@ class ConvertSettings:
 def _check_encode(pick: _Picker, qtype: QuantType, bits: int) -> None:
     """MindSpore refuses enable_encode=false below 8 bits: its packing is the only storage
     there. ONNX int4/int2 tensors are always packed, so false changes nothing at 8 and 16."""
-    if pick.config("enable_encode") is False and qtype is QuantType.WEIGHT_QUANT \
+    if pick.config("enable_encode") is False and qtype is not QuantType.DYNAMIC_QUANT \
             and bits not in (8, 16):
         assert pick.source is not None
         raise PtqUsageError(
@@ -434,7 +442,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         target=device,
         reduce_range=pick.switch("reduce_range", device.saturates),
         smooth_quant=pick.config("smooth_quant"),
-        equalize=pick.config("equalize"),
+        equalize=_equalize(pick),
         # The cost model was measured on x86 without VNNI (docs/decisions.md): elsewhere
         # every unit stays integer unless asked.
         latency_aware=pick.switch("latency_aware", device.name == "x86_avx2"),
@@ -483,6 +491,17 @@ def _gate(pick: _Picker, accuracy: float | str | None, cosine: float | str | Non
                                            ("--cosineDistanceThreshold", given_cosine,
                                             "cosine_threshold")))
     return GateSettings(data, accuracy, cosine, threads, names)
+
+
+def _equalize(pick: _Picker) -> bool | None:
+    """equalize=true needs per-channel weights: one scale per weight tensor cannot take the
+    per-channel factors it moves into the weights."""
+    equalize = pick.config("equalize")
+    if equalize and not pick.switch("per_channel", True):
+        assert pick.source is not None
+        raise PtqUsageError(f"{pick.source.where('equalize')}: true needs per_channel=true "
+                            "(cross-layer equalization rescales weight channels)")
+    return equalize
 
 
 def _given_flag(value: Any) -> bool:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from models import DIGITS, REPO
 
+from ptqconv.cli import main
 from ptqconv.config import QuantConfig, detect_format, load_config
 from ptqconv.errors import PtqUsageError
 from ptqconv.values import QuantType
@@ -1016,3 +1017,26 @@ def _put(name: str, text: str) -> str:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.mark.parametrize(("extra", "args", "message"), [
+    ("per_channel=false\nequalize=true\n", [],
+     "equalize: true needs per_channel=true (cross-layer equalization rescales weight "
+     "channels)"),
+    ("", ["--quantWeightSize=0"],
+     "--quantWeightSize is for --quantType=WeightQuant and DynamicQuant"),
+    ("", ["--bitNum=4"], None),
+])
+def test_post_training_settings_that_cannot_apply_are_refused(tmp_path, capsys, extra, args,
+                                                             message):
+    """A sweep found them ignored in silence (the equalization asked for never ran)."""
+    config = tmp_path / "c.ini"
+    config.write_text(f"[common_quant_param]\nenable_encode=false\n[data_preprocess_param]\n"
+                      f"calibrate_path=input:{DIGITS / 'calib' / 'input'}\n"
+                      f"[full_quant_param]\n{extra}")
+    status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={tmp_path / 'q.onnx'}",
+                   "--quantType=PostTraining", f"--configFile={config}", *args])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    # enable_encode=false below 8 bits is refused for PostTraining as for WeightQuant.
+    assert (message or "enable_encode: false needs bit_num 8 or 16") in err, err

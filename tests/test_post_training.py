@@ -329,7 +329,6 @@ def test_reduce_range_spares_depthwise_convs(tmp_path):
             convert(
                 f"--modelFile={src}",
                 f"--outputFile={out}",
-                "--quantWeightChannel=0",
                 f"--configFile={config}",
             )
             == 0
