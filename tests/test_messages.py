@@ -365,3 +365,26 @@ def test_a_sample_the_model_refuses_is_named_with_its_file(tmp_path, capsys):
         f"ptqconv: error: calibration: inference failed on sample 2 ({data / '0002.bin'}): ")
     assert "idx=999" in err and "\x1b[" not in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_file_of_the_wrong_size_names_the_likely_causes(tmp_path, capsys):
+    """Directories given in the wrong order (the file is the other input's sample) and a
+    stray file that is no sample were blamed on float16 or on the shape."""
+    from ptqconv.calibrate.dataset import InputSpec
+
+    a = InputSpec("a", np.dtype(np.float32), (1, 16))
+    b = InputSpec("b", np.dtype(np.int64), (1, 4))
+    da, db = tmp_path / "a", tmp_path / "b"
+    for d, arr in ((da, np.zeros((1, 16), np.float32)), (db, np.zeros((1, 4), np.int64))):
+        d.mkdir()
+        arr.tofile(d / "0.bin")
+    with pytest.raises(Exception, match="that is the size of a sample of input 'b' "
+                       r"\(int64 \[1,4\]: directories in the wrong order\?\)"):
+        CalibrationSet.open([a, b], [(None, db), (None, da)], count=1)
+    (da / "notes.txt").write_text("calibration notes\n")
+    with pytest.raises(Exception, match=r"notes\.txt is no \.bin file: is it a sample\?"):
+        CalibrationSet.open([a, b], [(None, da), (None, db)], count=2)
+    (db / "1.bin").write_bytes((db / "0.bin").read_bytes())
+    with pytest.raises(Exception, match=r"is it a sample\? Every file of the directory but "
+                       r"hidden ones is read as one"):
+        CalibrationSet.open([a, b], [(None, da), (None, db)], count=2)

@@ -226,10 +226,14 @@ class CalibrationSet:
         for spec in inputs[1:]:
             a, b = len(all_files[first]), len(all_files[spec.name])
             if a != b:
+                stray = [p for name in (first, spec.name) for p in all_files[name]
+                         if p.suffix.lower() != ".bin"]
+                also = (f" ({shown(stray[0])} is no .bin file: is it a sample? Every file of "
+                        "a directory but hidden ones is read as one)" if stray else "")
                 raise PtqUsageError(
                     f"{what}: input {first!r} has {a} files in {shown(dirs[first])} but input "
                     f"{spec.name!r} has {b} files in {shown(dirs[spec.name])}; sample k is file k "
-                    "of every input directory, so the counts must be equal"
+                    f"of every input directory, so the counts must be equal{also}"
                 )
         if count_given is not None and len(all_files[first]) < count:
             raise PtqUsageError(
@@ -256,8 +260,10 @@ class CalibrationSet:
         for spec in inputs:
             shape, axis = resolved[spec.name], axes.get(spec.name)
             if axis is None:
+                others = {s.name: (s, resolved[s.name]) for s in inputs
+                          if s is not spec and s.name not in axes}
                 for path in files[spec.name]:
-                    _check_size(spec, shape, path, what, "")
+                    _check_size(spec, shape, path, what, "", others)
             else:
                 lengths = [_length(spec, shape, axis, path, what) for path in files[spec.name]]
                 resolved[spec.name] = _with(shape, axis, max(lengths))
@@ -452,14 +458,20 @@ SAVED_DTYPES = tuple(np.dtype(d) for d in ("float64", "float32", "float16", "int
 
 
 def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
-                origin: str) -> None:
+                origin: str,
+                others: Mapping[str, tuple[InputSpec, tuple[int, ...]]] | None = None) -> None:
+    """The file holds one sample of `spec` in `shape`; else a one-line error with the likely
+    causes: another input's sample (`others`: directories in the wrong order), another
+    dtype, several samples, a file that is no sample at all."""
     expected = math.prod(shape) * spec.dtype.itemsize
     size = _size(spec.name, path, what)
     if size != expected:
         fixed = bool(spec.shape) and not _is_dynamic(spec.shape[0])
         # A sample saved in another dtype (numpy's default float64; float32 samples of a
         # float16 model) is as likely as several samples in one file: both are named.
-        sizes = []
+        sizes = [f"a sample of input {name!r} ({o.dtype.name} {_fmt(s)}: directories in the "
+                 "wrong order?)" for name, (o, s) in (others or {}).items()
+                 if size == math.prod(s) * o.dtype.itemsize]
         other = next((d for d in sorted(SAVED_DTYPES, key=lambda d: d.kind != spec.dtype.kind)
                       if d != spec.dtype and expected
                       and size == expected // spec.dtype.itemsize * d.itemsize), None)
@@ -471,6 +483,9 @@ def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
                          + (f", and the model's batch dimension is fixed at {shape[0]}"
                             if fixed else "") + ")")
         hint = f"; that is the size of {' or of '.join(sizes)}" if sizes else ""
+        if path.suffix.lower() != ".bin":
+            hint += ("; is it a sample? Every file of the directory but hidden ones is read as "
+                     "one")
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(path)} is {size} bytes; expected {expected} "
             f"({spec.dtype.name} {_fmt(shape)}{origin}){hint}")
@@ -582,10 +597,12 @@ def _resolve_shape(
     unit = known * spec.dtype.itemsize
     size = _size(spec.name, first_file, what)
     if size == 0 or size % unit:
+        fix = (f"pass {_hint(spec)}" if first_file.suffix.lower() == ".bin" else
+               "is it a sample? Every file of the directory but hidden ones is read as one")
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(first_file)} is {size} bytes, not a positive "
             f"multiple of {unit} ({spec.dtype.name} {_fmt(model)} without dimension "
-            f"{unknown[0]}), so dimension {unknown[0]} cannot be inferred; pass {_hint(spec)}"
+            f"{unknown[0]}), so dimension {unknown[0]} cannot be inferred; {fix}"
         )
     shape = tuple(size // unit if i == unknown[0] else int(d) for i, d in enumerate(model))
     return shape, unknown[0]
@@ -785,7 +802,8 @@ def _list_dir(name: str, directory: Path, what: str) -> list[Path]:
                 if not entry.is_file():
                     # Reading a FIFO or a device would hang or never end.
                     raise PtqUsageError(f"{where}: {shown(entry.name)} is {_kind(entry)}, not "
-                                        "a regular file; only .bin files are data")
+                                        "a regular file; every file of the directory but "
+                                        "hidden ones is read as a sample")
                 names.append(entry.name)
     except OSError as exc:
         raise PtqUsageError(f"{where} cannot be listed: {exc.strerror or exc}") from None
