@@ -506,7 +506,17 @@ def _pair(
                 f"{what}: {len(paths)} directories given by position for {len(inputs)} model "
                 f"inputs ({listed}); give one directory per input, in the model's input order"
             )
-        return {name: Path(d) for name, (_, d) in zip(names, paths, strict=True)}
+        paired = {name: Path(d) for name, (_, d) in zip(names, paths, strict=True)}
+        for name, directory in paired.items():
+            # Paired by position, a directory named after another input is in the wrong place.
+            other = next((n for n in names if n != name
+                          and n.lower() == directory.name.lower()), None)
+            if other is not None:
+                raise PtqUsageError(
+                    f"{what}: directory {shown(directory)}, given by position for input "
+                    f"{name!r}, is named after input {other!r}; give the directories in the "
+                    f"model's input order ({listed}) or by name (input:dir)")
+        return paired
     if any(k is None for k in keys):
         raise PtqUsageError(
             f"{what}: some directories are named by input and some are not; name every one "
