@@ -23,7 +23,10 @@ _INT = re.compile(r"[+-]?[0-9]+")
 
 
 def allowed_range(low: int | float, high: int | float | None) -> str:
-    return f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+    def shown(bound: int | float) -> str:  # integer bounds in full (1048576, not 1.04858e+06)
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+    return f"[{shown(low)}, {shown(high)}]" if high is not None else f">= {shown(low)}"
 
 
 def integer(value: str | int, low: int, high: int | None = None) -> int:
@@ -100,7 +103,11 @@ BLOCK_SIZE_ALLOWED = "0 (per channel) or a power of two >= 16"
 def block_size(value: str | int) -> int:
     """0, or a power of two of at least 16 (onnxruntime fuses no other block into
     MatMulNBits, docs/reference.md §6)."""
-    number = integer(value, 0, 1 << 20)
+    try:
+        number = integer(value, 0, 1 << 20)
+    except Invalid as exc:  # the rule, not only the bounds
+        raise Invalid(f"{str(exc).split('; allowed')[0]}; allowed: {BLOCK_SIZE_ALLOWED}, at "
+                      f"most {1 << 20}") from None
     if number and (number < 16 or number & (number - 1)):
         raise Invalid(f"{number} is not allowed; allowed: {BLOCK_SIZE_ALLOWED}")
     return number

@@ -1040,3 +1040,17 @@ def test_post_training_settings_that_cannot_apply_are_refused(tmp_path, capsys, 
     assert status == 2, err
     # enable_encode=false below 8 bits is refused for PostTraining as for WeightQuant.
     assert (message or "enable_encode: false needs bit_num 8 or 16") in err, err
+
+
+@pytest.mark.parametrize(("given", "shown"), [("-32", "-32 is out of range"),
+                                               ("24", "24 is not allowed"),
+                                               (str(2**30), "1073741824 is out of range")])
+def test_block_size_errors_state_the_rule_with_integer_bounds(given, shown):
+    """`allowed: [0, 1.04858e+06]` gave a float for an integer bound and not the rule."""
+    from ptqconv import values
+
+    with pytest.raises(values.Invalid) as caught:
+        values.block_size(given)
+    assert str(caught.value).startswith(f"{shown}; allowed: 0 (per channel) or a power of two "
+                                        ">= 16")
+    assert "e+" not in str(caught.value)
