@@ -451,7 +451,8 @@ class ConversionReport:
         elif self.latency_skipped:
             lines.append(f"  latency: not measured ({self.latency_skipped})")
         lines.append(
-            f"  size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({ratio:.3f} of float)"
+            f"  size: {_mb(self.size_before, self.size_after)} -> "
+            f"{_mb(self.size_after, self.size_before)} ({ratio:.3f} of float)"
         )
         lines.append(f"  time: {self.seconds:.2f} s")
         return "\n".join(lines)
@@ -882,5 +883,9 @@ def residual_sum_line(r: ResidualSum) -> str:
             f"[{r.shape[0]}, {r.shape[1]}] on {r.cpu})")
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+def _mb(n: int, unit_of: int | None = None) -> str:
+    """`n` bytes in MB, or in kB below 100 kB; `unit_of`: in the unit `_mb(unit_of)` takes,
+    so that the two sides of an arrow read alike (99.5 kB -> 100.2 kB, not -> 0.10 MB)."""
+    if max(n, unit_of or 0) < 1e5:
+        return f"{n / 1e3:.1f} kB"
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e6:.3f} MB"
