@@ -131,7 +131,9 @@ class _ConvertByDefault(click.Group):
     """`ptqconv FLAGS` is `ptqconv convert FLAGS`, as converter_lite users type it."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] != "--version"):
+        if not args:  # `ptqconv` alone: how to use it, not "--quantType is required"
+            args = ["convert", "--help"]
+        elif args[0] not in self.commands and args[0] != "--version":
             args = ["convert", *args]
         _refuse_repeated(args[1:])
         return super().parse_args(ctx, args)

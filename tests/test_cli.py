@@ -315,3 +315,10 @@ def test_a_flag_taken_for_the_value_of_the_one_before_is_an_error(tmp_path, caps
         "ptqconv: error: --debugDir: its value '--quiet' is another flag; give the value as "
         "--debugDir=VALUE")
     assert not (tmp_path / "--quiet").exists()
+
+
+def test_no_arguments_print_the_usage(capsys):
+    """converter_lite alone prints its help; `ptqconv` alone said "--quantType is required"."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: ptqconv convert [OPTIONS]") and "ptqconv benchmark" in out
