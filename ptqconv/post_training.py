@@ -877,6 +877,7 @@ class PostTraining:
                  folds: int) -> PostTrainingSummary:
         s = self.settings
         return PostTrainingSummary(
+            tie=TIE,
             method=choice.method,
             samples=len(self.data),
             bit_num=s.bit_num,

@@ -186,6 +186,9 @@ class PostTrainingSummary:
     unobserved: list[str] = field(default_factory=list)  # planned, never ran in calibration
     min_max_only: int = 0  # body tensors whose range is their min/max whatever the method
     imported: ImportSummary | None = None  # encodings_path
+    # AUTO's tie margin: a candidate within it of the lowest error counts as as good, and the
+    # simpler one is chosen.
+    tie: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -690,10 +693,13 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     lines = [f"  chosen by measurement{among}: {s.chosen_shown or s.chosen} (output error "
              f"against float on {s.held_out} held-out samples; {how}):"]
     most = max(m.folds for m in s.measured)
+    least = min((m.error for m in s.measured if m.folds == most), default=0.0)
     # The header's name leaves out what a choice turned off, which a candidate's
     # difference from the start names: the chosen line is marked.
+    tied = f" <- chosen (within {s.tie:g} of the lowest: a tie, the simpler wins)"
     lines += [f"    {m.what}: {m.error:.3g}"
-              + (" <- chosen" if m.choice == s.chosen else "")
+              + ((tied if least < m.error <= least + s.tie else " <- chosen")
+                 if m.choice == s.chosen else "")
               # Its error over fewer folds than the others': not comparable with theirs.
               + (f" (dropped after {m.folds} of {most} folds, on which the kept ones scored "
                  "lower)" if m.folds < most else "")
