@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from ptqconv import encodings, modelio, qparams, runtime
+from ptqconv import target as target_module
 from ptqconv.calibrate.collector import collect
 from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.calibrate.exposure import per_execution
@@ -884,6 +885,7 @@ class PostTraining:
             activation_bits=s.activation_bits,
             per_channel=s.per_channel,
             target=s.target,
+            host_saturates=target_module.detect().saturates,
             histogram_values=self.histogram_values,
             reduce_range=s.reduce_range,
             residual_sum=self.residual_sum,

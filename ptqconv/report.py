@@ -189,6 +189,9 @@ class PostTrainingSummary:
     # AUTO's tie margin: a candidate within it of the lowest error counts as as good, and the
     # simpler one is chosen.
     tie: float = 0.0
+    # This machine's U8S8 kernels saturate 8-bit weights: figures measured here (AUTO's
+    # scores, the gate) include that, whatever the target.
+    host_saturates: bool = False
 
 
 @dataclass(frozen=True)
@@ -536,8 +539,13 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     grid = s.weight_grid
     given = ("" if s.reduce_range == s.target.saturates
              else f"; reduce_range={str(s.reduce_range).lower()} set in the config")
+    host = ([f"  note: the errors below are measured on this CPU, whose U8S8 kernels saturate "
+             f"the 8-bit weights {s.target.name}'s do not: they overstate the error there"]
+            if s.host_saturates and not s.target.saturates and not s.reduce_range
+            and s.bit_num >= 8 and (s.measured or s.units) else [])
     lines = [
         f"  target: {s.target.describe(s.bit_num)}{given}",
+        *host,
         (f"  calibration: {s.method} on {s.samples} samples" if s.units or s.bodies else
          f"  calibration: {s.method} on {s.samples} samples (for the all-integer candidates; "
          "the float plan written uses no range)" if s.measured else

@@ -61,3 +61,24 @@ def test_other_devices_have_no_meaning_here(tmp_path):
         _settings(tmp_path, "target_device=KIRIN")
     with pytest.raises(PtqUsageError, match="'x86' is not supported; allowed: auto, x86_avx2"):
         _settings(tmp_path, "target_device=x86")
+
+
+def test_a_target_without_saturation_converted_here_says_the_errors_are_this_cpus(
+        tmp_path, capsys, monkeypatch):
+    """AUTO's scores for x86_vnni measured on an AVX2 machine include the int16 saturation of
+    its U8S8 kernels, which the target does not have; nothing said so."""
+    from models import DIGITS
+
+    from ptqconv import target as target_module
+    from ptqconv.cli import main
+
+    monkeypatch.setattr(target_module, "detect",
+                        lambda: target_module.Target("x86_avx2", True, "detected: test"))
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:"
+                      f"{DIGITS / 'calib' / 'input'}\n[full_quant_param]\n"
+                      "target_device=x86_vnni\nlatency_aware=false\n")
+    assert main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    assert ("note: the errors below are measured on this CPU, whose U8S8 kernels saturate the "
+            "8-bit weights x86_vnni's do not") in capsys.readouterr().out
