@@ -237,6 +237,7 @@ class ConvertSettings:
         config = None if config_path is None else load_config(config_path)
         pick = _Picker(config)
         qtype = _quant_type(pick, quant_type)
+        _refuse_other_sections(config, qtype)
         model = files.input_file("--modelFile", model_file)
         if output_file:  # an input behind a link is named as such, not as a link
             output = Path(output_file)
@@ -336,6 +337,29 @@ def _quant_type(pick: _Picker, given: str | QuantType | None) -> QuantType:
             f"--quantType={found.value} contradicts {config.where('quant_type')}="
             f"{written.value}; give one of them, or make them agree")
     return found
+
+
+# The sections of one quantization type: given to another, their keys would do nothing.
+_OWN_SECTIONS = {
+    "full_quant_param": QuantType.POST_TRAINING,
+    "weight_quant_param": QuantType.WEIGHT_QUANT,
+    "mixed_bit_weight_quant_param": QuantType.WEIGHT_QUANT,
+    "dynamic_quant_param": QuantType.DYNAMIC_QUANT,
+}
+
+
+def _refuse_other_sections(config: QuantConfig | None, qtype: QuantType) -> None:
+    """A key of another quantization type's section (a [full_quant_param] in a config run as
+    WeightQuant) is an error, as an unknown key is: it was ignored in silence."""
+    if config is None:
+        return
+    for name, key in config.keys.items():
+        section = key[1:].split("]", 1)[0] if key.startswith("[") else ""
+        owner = _OWN_SECTIONS.get(section)
+        if owner is not None and owner is not qtype:
+            raise PtqUsageError(f"{config.where(name)}: [{section}] is for "
+                                f"--quantType={owner.value}, not {qtype.value}: its keys would "
+                                "do nothing; remove the section")
 
 
 def _refuse_debug(pick: _Picker, debug_dir: str | os.PathLike | None,

@@ -1054,3 +1054,24 @@ def test_block_size_errors_state_the_rule_with_integer_bounds(given, shown):
     assert str(caught.value).startswith(f"{shown}; allowed: 0 (per channel) or a power of two "
                                         ">= 16")
     assert "e+" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("quant_type", "section", "key"), [
+    ("WeightQuant", "full_quant_param", "per_channel=false"),
+    ("DynamicQuant", "weight_quant_param", "quant_strategy=GPTQ"),
+    ("PostTraining", "mixed_bit_weight_quant_param", "init_scale=0.5"),
+])
+def test_another_quant_types_section_is_refused(tmp_path, capsys, quant_type, section, key):
+    """Its keys were ignored in silence (a sweep: per_channel=false under WeightQuant)."""
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:"
+                      f"{DIGITS / 'calib' / 'input'}\n[{section}]\n{key}\n")
+    status = main([f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={tmp_path / 'q.onnx'}",
+                   f"--quantType={quant_type}", f"--configFile={config}"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    owner = {"full_quant_param": "PostTraining", "weight_quant_param": "WeightQuant",
+             "mixed_bit_weight_quant_param": "WeightQuant"}[section]
+    assert (f"{config}:4: [{section}] {key.split('=')[0]}: [{section}] is for "
+            f"--quantType={owner}, not {quant_type}") in err, err
+    assert not (tmp_path / "q.onnx").exists()
