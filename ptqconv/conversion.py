@@ -769,7 +769,10 @@ def check_skip_names(model: ir.Model, settings: ConvertSettings) -> None:
     for name, where in settings.skip_given:
         if name in known:
             continue
-        near = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+        # Exporters' names hold the module path (/fc2/Gemm for fc2): names that contain the
+        # one given come first, then the close ones.
+        holding = sorted((n for n in known if name.lower() in n.lower()), key=len)[:3]
+        near = holding or difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
             "; give node names or op types of the model"
         raise PtqUsageError(f"{where}: {name!r} matches no node name or op type of "

@@ -39,7 +39,8 @@ def integer(value: str | int, low: int, high: int | None = None) -> int:
         raise Invalid(f"{value!r} is not an integer; allowed: {allowed}")
     # Far out of range; int() would also refuse more than 4300 digits.
     if len(text.lstrip("+-").lstrip("0")) > 18:
-        raise Invalid(f"{text} is out of range; allowed: {allowed}")
+        raise Invalid(f"{text} is too {'small' if text.startswith('-') else 'large'}; "
+                      f"allowed: {allowed}")
     number = int(text, 10)
     if number < low or (high is not None and number > high):
         raise Invalid(f"{text} is out of range; allowed: {allowed}")

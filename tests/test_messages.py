@@ -111,6 +111,9 @@ def test_skip_quant_node_names_matching_nothing_are_refused(tmp_path, capsys):
     files["config"].write_text(files["config"].read_text().replace("Comv", "Conv"))
     fails(capsys, tmp_path, _wq(files, "--skipQuantNode=/fc2/Gem"), 2,
            "--skipQuantNode: '/fc2/Gem' matches no node", "did you mean '/fc2/Gemm'")
+    # An exporter's name holds the module's: fc2 suggests /fc2/Gemm.
+    fails(capsys, tmp_path, _wq(files, "--skipQuantNode=fc2"), 2,
+          "--skipQuantNode: 'fc2' matches no node", "did you mean '/fc2/Gemm'")
     status, _, err = cli(capsys, *_wq(files, "--skipQuantNode=/fc2/Gemm,Relu"))
     assert status == 0, err
 
