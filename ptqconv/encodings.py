@@ -97,8 +97,13 @@ def read(path: Path) -> EncodingsFile:
                 raise _Bad("a scale is not a positive number")
         except _Bad as exc:
             raise PtqUsageError(f"{where}: tensor {name!r}: {exc}") from None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise PtqUsageError(f"{where}: tensor {name!r}: malformed encoding ({exc!r})"
+        except KeyError as exc:
+            raise PtqUsageError(
+                f"{where}: tensor {name!r}: the encoding has no {exc.args[0]!r}; AIMET 0.6.1 "
+                "entries need bitwidth and scale + offset (or min + max), 1.0.0 ones bw, "
+                "scale and offset") from None
+        except (TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise PtqUsageError(f"{where}: tensor {name!r}: malformed encoding ({exc})"
                                 ) from None
         tensors[name] = encoding
     args = doc.get("quantizer_args")

@@ -257,6 +257,10 @@ def test_trained_ranges_given_as_min_and_max_are_kept(tmp_path):
     ('{"version": "0.6.1", "activation_encodings": {"x": [{"bitwidth": 8, '
      '"is_symmetric": "False", "scale": -0.1, "offset": 0}]}}',
      "tensor 'x': a scale is not a positive number"),
+    ('{"version": "0.6.1", "activation_encodings": {"x": [{"bitwidth": 8, '
+     '"is_symmetric": "False", "max": 1.0}]}}',
+     "tensor 'x': the encoding has no 'min'; AIMET 0.6.1 entries need bitwidth and scale + "
+     "offset (or min + max)"),
 ])
 def test_a_bad_encodings_file_is_a_one_line_usage_error(tmp_path, capsys, doc, message):
     src, config, out = _qat_setup(tmp_path, {})
