@@ -166,7 +166,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
             if not is_onnx(node) or node.op_type not in ("Conv", "ConvTranspose", "MatMul",
                                                          "Gemm"):
                 continue
-            for value in node.inputs[:2]:
+            for index, value in enumerate(node.inputs[:2]):
                 if value is None or value in slots:
                     continue
                 source, reason = value, f"the {node.op_type}'s first input (A): only B is a weight"
@@ -176,7 +176,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
                     source = producer.inputs[0]
                     reason = (f"read through a {producer.op_type}: weights are quantized where "
                               "an op reads them directly")
-                elif producer is not None:
+                elif producer is not None or index or node.op_type not in ("MatMul", "Gemm"):
                     continue
                 tensor = source.const_value if source is not None else None
                 if (tensor is None or source in slots or source in found
