@@ -317,6 +317,7 @@ def test_benchmark_data_file_round_trip(tmp_path):
         ("logits\n1\n", r"line 1: header 'logits' has no dimension count"),
         ("logits 1 3\n1 2\n", r"line 2: tensor 'logits' \[3\] needs 3 values, the line has 2"),
         ("logits 1 3\n1 oops 3\n", r"line 2: tensor 'logits': value 2 'oops' is not a number"),
+        ("logits 1 3\n1 nan 3\n", r"line 2: tensor 'logits': value 2 'nan' is not finite"),
         ("\n\n", r"no tensors"),
         ("y 1 1\n1\ny 1 1\n2\n", r"line 3: tensor 'y' is given twice \(first on line 1\)"),
     ],

@@ -117,6 +117,13 @@ def _parse_values(tokens: list[str], where: str) -> np.ndarray:
     except ValueError:
         k, token = next((k, t) for k, t in enumerate(tokens, 1) if not _is_number(t))
         raise PtqUsageError(f"{where}: value {k} {_clip(token)!r} is not a number") from None
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        # A reference that is NaN or infinite cannot be compared with: the model would be
+        # blamed for it ("mean bias is NaN").
+        k = int(bad[0])
+        raise PtqUsageError(f"{where}: value {k + 1} {tokens[k]!r} is not finite; reference "
+                            "outputs must be finite numbers")
     with np.errstate(over="ignore"):
         single = values.astype(np.float32)
     overflow = np.flatnonzero(np.isinf(single) & np.isfinite(values))
