@@ -858,6 +858,8 @@ class PostTraining:
         return dict(
             histogram_sampled=built.calibration.sampled,
             units=len(built.plan.units),
+            skipped=sorted(n.name or n.op_type for n in built.plan.skipped
+                           if n.name in self.skip or n.op_type in self.skip),
             kl_refused=built.calibration.kl_refused,
             migrations=[Migration(r.technique, r.migrated, r.left_alone)
                         for r in built.migrations],

@@ -189,6 +189,7 @@ class PostTrainingSummary:
     # AUTO's tie margin: a candidate within it of the lowest error counts as as good, and the
     # simpler one is chosen.
     tie: float = 0.0
+    skipped: list[str] = field(default_factory=list)  # nodes skip_quant_node kept float
     # This machine's U8S8 kernels saturate 8-bit weights: figures measured here (AUTO's
     # scores, the gate) include that, whatever the target.
     host_saturates: bool = False
@@ -560,6 +561,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
         *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
         f"  node units quantized: {s.units}",
+        *([f"  kept float by skip_quant_node: {len(s.skipped)} node"
+           f"{'s' if len(s.skipped) > 1 else ''} ({', '.join(s.skipped[:5])}"
+           f"{', ...' if len(s.skipped) > 5 else ''})"] if s.skipped else []),
         *([f"  LSTM/GRU/RNN weights kept float: {s.recurrent_float} (onnxruntime has no "
            "static int8 recurrent kernel; DynamicQuant runs LSTMs in int8, WeightQuant stores "
            "them in fewer bits)"] if s.recurrent_float else []),

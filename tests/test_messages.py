@@ -410,3 +410,10 @@ def test_directories_by_position_named_after_another_input_are_refused(tmp_path)
                                           (None, tmp_path / "input_ids")], count=1)
     CalibrationSet.open([ids, mask], [(None, tmp_path / "input_ids"),
                                       (None, tmp_path / "attention_mask")], count=1)
+
+
+def test_nodes_skip_quant_node_keeps_float_are_named_in_the_summary(tmp_path, capsys):
+    files = digits_workspace(tmp_path)
+    status, out, err = cli(capsys, *_pt(files), "--skipQuantNode=/fc2/Gemm")
+    assert status == 0, err
+    assert "  kept float by skip_quant_node: 1 node (/fc2/Gemm)\n" in out
