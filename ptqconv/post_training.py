@@ -667,7 +667,13 @@ class PostTraining:
             # Not after the last fold: every candidate scored on all folds is weighed by the
             # tie rule below (a sweep's deeplab dropped MAX_MIN within TIE of the best).
             if len(alive) > 2 and fold != scored[-1]:
-                alive = sorted(alive, key=scorer.error)[:max(2, (len(alive) + 1) // 2)]
+                ranked = sorted(alive, key=scorer.error)
+                # Candidates tied with the best so far are not dropped on noise (a fold whose
+                # outputs saturate scores every candidate about 1e-13: ppocr_mobile_v2_cls
+                # kept MSE over MAX_MIN on it, 80x the error on the eval split).
+                least = scorer.error(ranked[0])
+                tied = sum(1 for c in ranked if scorer.error(c) <= least + TIE)
+                alive = ranked[:max(2, (len(alive) + 1) // 2, tied)]
         # Errors this small are equally good: prefer the candidate listed first (the simplest
         # method, no bias correction) over one that wins by less than TIE.
         least = min(scorer.error(c) for c in alive)

@@ -415,3 +415,41 @@ def test_a_weight_folded_into_both_branches_is_written_once(tmp_path):
         got = session.run({"x": x, "s": np.array([s], np.float32)})["y"]
         expected = x @ w.T * (1.0 if s > 0 else 2.0)
         assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_the_layer_report_of_an_input_read_only_inside_if_branches(tmp_path):
+    """x is a graph input that only the If's branches read: it is quantized inside them, so
+    its dequantized value is no main-graph tensor. --debugDir crashed (KeyError
+    'x_dequantized'); the report now leaves such tensors out, as it does body tensors."""
+    rng = np.random.default_rng(0)
+
+    def branch(name: str, k: int) -> onnx.GraphProto:
+        w = numpy_helper.from_array(
+            (rng.standard_normal((32, 16, k, k)) / (4 * k)).astype(np.float32), f"{name}_w")
+        w2 = numpy_helper.from_array(
+            (rng.standard_normal((32, 32, 1, 1)) / 6).astype(np.float32), f"{name}_w2")
+        nodes = [helper.make_node("Conv", ["x", f"{name}_w"], [f"{name}_c"], pads=[k // 2] * 4),
+                 helper.make_node("Relu", [f"{name}_c"], [f"{name}_r"]),
+                 helper.make_node("Conv", [f"{name}_r", f"{name}_w2"], [f"{name}_o"])]
+        out = helper.make_tensor_value_info(f"{name}_o", TensorProto.FLOAT, [1, 32, 16, 16])
+        return helper.make_graph(nodes, name, [], [out], [w, w2])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y0"], then_branch=branch("then", 3),
+                          else_branch=branch("other", 1)),
+         helper.make_node("Relu", ["y0"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 16, 16]),
+         helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 16, 16])])
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+               tmp_path / "float.onnx")
+    xs = write_samples(tmp_path / "x", [rng.standard_normal((1, 16, 16, 16)).astype(np.float32)
+                                        for _ in range(8)])
+    cs = write_samples(tmp_path / "c", [np.array(k % 2 == 0) for k in range(8)])
+    ini = tmp_path / "c.ini"
+    ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{xs},c:{cs}\n"
+                   "[full_quant_param]\nlatency_aware=false\n")
+    convert(src, tmp_path / "q.onnx", "PostTraining", config_file=ini,
+            debug_dir=tmp_path / "debug")
+    report = (tmp_path / "debug" / "layer_report.csv").read_text()
+    assert "then_w" in report or "other_w" in report  # the branches' weights are reported

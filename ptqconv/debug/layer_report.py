@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams, runtime
+from ptqconv.graph.naming import values_by_name
 from ptqconv.passes.qdq import QDQResult
 
 QUANTILE_BINS = 4096
@@ -198,8 +199,11 @@ def activation_report(
     owners = {v.name: "(model input)" for v in float_model.graph.inputs}
     owners.update((v.name, n.name or n.op_type) for n in float_model.graph for v in n.outputs)
     stats = {}
+    # A main-graph tensor read only inside an If / Loop body is dequantized there: its
+    # quantized value cannot be fetched, as a body tensor's cannot.
+    fetchable = values_by_name(qdq.model.graph)
     for name, params in qdq.activations.items():
-        if name not in owners:  # inside a control-flow body: not fetched here
+        if name not in owners or qdq.dequantized.get(name) not in fetchable:
             continue
         lo = (grid.qmin - params.zero_point) * params.scale
         hi = (grid.qmax - params.zero_point) * params.scale
