@@ -767,8 +767,9 @@ def check_skip_names(model: ir.Model, settings: ConvertSettings) -> None:
     known = {node.name for graph in model.graphs() for node in graph if node.name}
     known |= {node.op_type for graph in model.graphs() for node in graph}
     for name, where in settings.skip_given:
-        if name in known:
-            continue
+        head, _, fusion = name.rpartition("/")
+        if name in known or (head in known and fusion.endswith("Fusion")):
+            continue  # the second: a name onnxruntime gave a fusion (--sensitivity prints it)
         # Exporters' names hold the module path (/fc2/Gemm for fc2): names that contain the
         # one given come first, then the close ones.
         holding = sorted((n for n in known if name.lower() in n.lower()), key=len)[:3]

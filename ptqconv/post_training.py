@@ -47,7 +47,7 @@ from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
 from ptqconv.evaluate.metrics import mean_noise_to_signal, squared_error
 from ptqconv.graph.naming import node_key
-from ptqconv.graph.ops import data_dependent_outputs
+from ptqconv.graph.ops import data_dependent_outputs, in_skip
 from ptqconv.graph.weight_slots import recurrent_weight_slots, weight_slot
 from ptqconv.imported import Imported, resolve, saturating
 from ptqconv.passes import bias_correction, gptq, residual_sum
@@ -865,7 +865,7 @@ class PostTraining:
             histogram_sampled=built.calibration.sampled,
             units=len(built.plan.units),
             skipped=sorted(n.name or n.op_type for n in built.plan.skipped
-                           if n.name in self.skip or n.op_type in self.skip),
+                           if in_skip(n, self.skip)),
             kl_refused=built.calibration.kl_refused,
             migrations=[Migration(r.technique, r.migrated, r.left_alone)
                         for r in built.migrations],

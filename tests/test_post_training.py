@@ -976,3 +976,37 @@ def test_a_weight_that_is_also_a_model_output_stays_one(tmp_path):
     assert "w_quantized" in {t.name for t in written.graph.initializer}
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     assert np.array_equal(run_model(out, {"x": x})[1], run_model(src, {"x": x})[1])
+
+
+@pytest.mark.parametrize("skip", ["fc1", "MatMul", "fc1/MatMulAddFusion"])
+def test_skip_quant_node_names_a_matmul_onnxruntime_fused_with_its_bias(tmp_path, capsys,
+                                                                         skip):
+    """onnxruntime's simplification fuses MatMul + bias Add into a Gemm named
+    "fc1/MatMulAddFusion": the MatMul's own name, its op type and the fused name (printed by
+    --sensitivity) all keep it float; the first two were ignored and the third refused."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+         h.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+         h.make_node("Relu", ["a1"], ["r"]),
+         h.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 64])],
+        [onnx.numpy_helper.from_array((rng.standard_normal((64, 64)) / 8).astype(np.float32),
+                                      n) for n in ("w1", "w2")]
+        + [onnx.numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1")])
+    src = tmp_path / "m.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), src)
+    data = write_samples(tmp_path / "x", [rng.standard_normal((4, 64)).astype(np.float32)
+                                          for _ in range(8)])
+    out = tmp_path / "q.onnx"
+    assert main(["--quantType=PostTraining", f"--modelFile={src}", f"--outputFile={out}",
+                 f"--configFile={ini(tmp_path, f'x:{data}')}", f"--skipQuantNode={skip}"]) == 0
+    printed = capsys.readouterr().out
+    kept = "2 nodes (fc1/MatMulAddFusion, fc2)" if skip == "MatMul" else \
+        "1 node (fc1/MatMulAddFusion)"
+    assert f"kept float by skip_quant_node: {kept}" in printed, printed
+    types = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert types["w1"] == onnx.TensorProto.FLOAT and "w1_quantized" not in types
+    assert ("w2_quantized" in types) == (skip != "MatMul")

@@ -3,7 +3,7 @@ depthwise, quantized, scalar constants, a Conv's SAME pads."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import onnx_ir as ir
 
@@ -22,6 +22,19 @@ QUANTIZED_OPS = frozenset({
     "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
     "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized",
     "QOrderedMatMul", "QOrderedAttention", "QOrderedLayerNormalization"})
+
+
+def in_skip(node: ir.Node, skip: Collection[str]) -> bool:
+    """Whether skip_quant_node names `node`, by its name or op type, or names what
+    onnxruntime's simplification fused into it: "mm/MatMulAddFusion" is the MatMul "mm" and
+    its bias Add, become a Gemm, so "mm" and "MatMul" still name it."""
+    if node.name in skip or node.op_type in skip:
+        return True
+    head, _, fusion = (node.name or "").rpartition("/")
+    if not head or not fusion.endswith("Fusion") or fusion == "Fusion":
+        return False
+    fused = fusion.removesuffix("Fusion")  # "MatMulAdd": the op types fused, in order
+    return head in skip or any(fused.startswith(s) for s in skip if s[:1].isupper())
 
 
 def is_quantized(node: ir.Node) -> bool:

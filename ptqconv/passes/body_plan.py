@@ -22,6 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from ptqconv.graph.naming import node_key
+from ptqconv.graph.ops import in_skip
 from ptqconv.graph.subgraphs import Body, all_nodes, bodies
 from ptqconv.graph.weight_slots import weight_slot
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, QuantPlan, plan_quantization
@@ -88,7 +89,7 @@ def _plan_body(body: Body, skip: frozenset[str], float_tensors: frozenset[str],
     for node in body.graph:
         key = node_key(node)
         if node.op_type in WEIGHT_OPS and node not in plan.units and key not in kept:
-            kept[key] = ("skip_quant_node" if node.name in skip or node.op_type in skip
+            kept[key] = ("skip_quant_node" if in_skip(node, skip)
                          else "an input or its output stays float (not observed in "
                          "calibration, or not float32)")
     if not any(n.op_type in WEIGHT_OPS for n in plan.units):

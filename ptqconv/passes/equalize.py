@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Statistic
 from ptqconv.graph.initializers import scale_constant, set_constant
-from ptqconv.graph.ops import is_onnx
+from ptqconv.graph.ops import in_skip, is_onnx
 from ptqconv.passes import scale_migration
 from ptqconv.passes.calibrated import Divided, Migrated, MigrationPass
 from ptqconv.qparams import Range
@@ -95,7 +95,7 @@ def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> GroupSea
     def unusable(node: ir.Node) -> str:
         if node.op_type != "Conv" or not is_onnx(node):
             return f"also read by {node.op_type}"
-        if node.name in skip or node.op_type in skip:
+        if in_skip(node, skip):
             return "a reader is in skip_quant_node"
         if not _own_constant(node, 1) or not (
                 len(node.inputs) < 3 or node.inputs[2] is None or _own_constant(node, 2)):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from ptqconv.graph.naming import node_key
-from ptqconv.graph.ops import is_onnx
+from ptqconv.graph.ops import in_skip, is_onnx
 from ptqconv.graph.weight_slots import weight_slot
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ class _Planner:
         self.graph = graph
         self.float_tensors = float_tensors
         self.outputs = {v.name for v in graph.outputs}
-        self.skipped = {n for n in graph if n.name in skip or n.op_type in skip
+        self.skipped = {n for n in graph if in_skip(n, skip)
                         or not is_onnx(n) or n in float_nodes}
         candidates = {n for n in graph if n not in self.skipped and self._candidate(n)}
         # Kept float for speed, their outputs still feed integer units (quantized where those

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from ptqconv.calibrate.statistics import ChannelMoments, ChannelStatistics, Statistic
 from ptqconv.graph.initializers import add_initializer, scale_constant
 from ptqconv.graph.naming import NameAllocator
-from ptqconv.graph.ops import is_onnx
+from ptqconv.graph.ops import in_skip, is_onnx
 from ptqconv.passes import scale_migration
 from ptqconv.passes.calibrated import Divided, Migrated, MigrationPass
 from ptqconv.qparams import Range
@@ -57,7 +57,7 @@ def find_groups(graph: ir.Graph, skip: frozenset[str] = frozenset()) -> GroupSea
         if x is None or x.const_value is not None or not x.name:
             continue
         reason = ""
-        if node.name in skip:
+        if in_skip(node, skip):
             reason = "a reader is in skip_quant_node"
         elif (w is None or w.const_value is None or w.dtype != ir.DataType.FLOAT
               or len(w.const_value.shape) != 2):

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv.graph.initializers import set_constant
-from ptqconv.graph.ops import is_onnx
+from ptqconv.graph.ops import in_skip, is_onnx
 
 
 @dataclass
@@ -53,7 +53,7 @@ class WeightEqualizePass(ir.passes.InPlacePass):
         self.skip = skip
 
     def _skipped(self, node: ir.Node) -> bool:
-        return node.name in self.skip or node.op_type in self.skip
+        return in_skip(node, self.skip)
 
     def find(self, graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
         """The (first, second) convs of every chain this pass would equalize."""
