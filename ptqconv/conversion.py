@@ -419,9 +419,10 @@ def _float_plan_probe(settings: ConvertSettings, mode: PostTrainingSettings,
 
 def _dynamic_possible(settings: ConvertSettings, mode: PostTrainingSettings) -> bool:
     """AUTO at 8 bits, free to write any model (no accuracy target to repair against, no
-    encodings to export or replay, no per-layer report)."""
+    encodings to export or replay, no per-layer report), whose settings DynamicQuant's
+    model keeps (its weights are per channel, its embedding tables int8)."""
     return (mode.dynamic_candidate and mode.method == AUTO and mode.bit_num == 8
-            and mode.activation_bits == 8
+            and mode.activation_bits == 8 and mode.per_channel and mode.embedding_quant
             and mode.quant_strategy != "GPTQ" and settings.gate is None
             and mode.encodings_out is None and mode.encodings_in is None
             and mode.debug_dir is None and not mode.sensitivity)

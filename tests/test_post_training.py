@@ -718,9 +718,13 @@ def test_auto_writes_dynamic_quantization_where_it_measures_better(tmp_path, cap
         assert "QuantizeLinear" in ops
 
 
-def test_dynamic_candidate_false_keeps_the_static_model(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("extra", ["dynamic_candidate=false\n", "per_channel=false\n",
+                                   "embedding_quant=false\n"])
+def test_dynamic_candidate_false_keeps_the_static_model(tmp_path, capsys, monkeypatch, extra):
+    """So do settings DynamicQuant's model would not keep (a sweep: written with per-channel
+    weights and int8 tables over per_channel=false / embedding_quant=false, unsaid)."""
     status, out = _auto_with_dynamic_timed(tmp_path, monkeypatch, mlp((64, 256, 256, 16)),
-                                           (128, 64), 5.0, "dynamic_candidate=false\n")
+                                           (128, 64), 5.0, extra)
     text = capsys.readouterr().out
     assert status == 0, text
     assert "dynamic quantization" not in text
