@@ -843,6 +843,12 @@ def target_lines(t: TargetReport) -> list[str]:
     tried = ", ".join(f"{a.float_units} float: {'pass' if a.passed else 'fail'} "
                       f"(mean bias {a.mean_bias_percent:.3g}%, min cosine {a.min_cosine:.6f})"
                       for a in t.attempts)
+    if not t.attempts:
+        # Units inside If / Loop / Scan bodies are not ranked: nothing to keep float.
+        lines.append("    not met: the repair keeps main-graph units float, and this model "
+                     "quantizes units only inside If / Loop / Scan bodies; the quantized model "
+                     "was written (skip_quant_node keeps body nodes float)")
+        return lines
     lines.append(f"    tried, most harmful units first: {tried}")
     if not t.met:
         lines.append("    not met even with every unit float: the quantized model was written")
