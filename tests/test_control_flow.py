@@ -417,10 +417,9 @@ def test_a_weight_folded_into_both_branches_is_written_once(tmp_path):
         assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
 
 
-def test_the_layer_report_of_an_input_read_only_inside_if_branches(tmp_path):
-    """x is a graph input that only the If's branches read: it is quantized inside them, so
-    its dequantized value is no main-graph tensor. --debugDir crashed (KeyError
-    'x_dequantized'); the report now leaves such tensors out, as it does body tensors."""
+def _if_branches_setup(tmp_path) -> tuple:
+    """An If whose two conv branches read the graph input x (nothing quantizable outside),
+    its samples and a config: (float model, config)."""
     rng = np.random.default_rng(0)
 
     def branch(name: str, k: int) -> onnx.GraphProto:
@@ -448,8 +447,27 @@ def test_the_layer_report_of_an_input_read_only_inside_if_branches(tmp_path):
     cs = write_samples(tmp_path / "c", [np.array(k % 2 == 0) for k in range(8)])
     ini = tmp_path / "c.ini"
     ini.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{xs},c:{cs}\n"
-                   "[full_quant_param]\nlatency_aware=false\n")
+                   "[full_quant_param]\nlatency_aware=false\n"
+                   f"[evaluate_param]\neval_path=x:{xs},c:{cs}\n")
+    return src, ini
+
+
+def test_the_layer_report_of_an_input_read_only_inside_if_branches(tmp_path):
+    """x is a graph input that only the If's branches read: it is quantized inside them, so
+    its dequantized value is no main-graph tensor. --debugDir crashed (KeyError
+    'x_dequantized'); the report now leaves such tensors out, as it does body tensors."""
+    src, ini = _if_branches_setup(tmp_path)
     convert(src, tmp_path / "q.onnx", "PostTraining", config_file=ini,
             debug_dir=tmp_path / "debug")
     report = (tmp_path / "debug" / "layer_report.csv").read_text()
     assert "then_w" in report or "other_w" in report  # the branches' weights are reported
+
+
+def test_a_target_only_body_units_could_meet_says_the_repair_cannot_rank_them(tmp_path):
+    """It printed an empty "tried" list and "not met even with every unit float"."""
+    src, ini = _if_branches_setup(tmp_path)
+    report = convert(src, tmp_path / "q.onnx", "PostTraining", config_file=ini,
+                     cosine_threshold="1")
+    assert not report.passed and report.target is not None and not report.target.attempts
+    assert ("not met: the repair keeps main-graph units float, and this model quantizes "
+            "units only inside If / Loop / Scan bodies") in report.format()
