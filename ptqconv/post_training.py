@@ -540,7 +540,13 @@ class PostTraining:
                 built.prepared, built.qdq, self.data, s.threads,
                 self._step(len(self.data), "layer report"))
             stats += layer_report.weight_report(built.qdq)
-            fields["layer_report"] = layer_report.build(s.debug_dir, stats)
+            report = layer_report.build(s.debug_dir, stats)
+            # SmoothQuant's Mul is ptqconv's node, no name to skip: its readers are.
+            smoothers = smoothing_nodes(built.prepared.graph)
+            readers = {n.name: sorted(u.name for v in n.outputs for u, _ in v.uses() if u.name)
+                       for n in built.prepared.graph if n.name in smoothers}
+            fields["layer_report"] = replace(report, suggested_skip=sorted(
+                {r for name in report.suggested_skip for r in readers.get(name) or [name]}))
         if s.sensitivity:
             fields["sensitivity"] = self._sensitivity(built)
         return fields
