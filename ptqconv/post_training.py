@@ -863,7 +863,7 @@ class PostTraining:
     def describe(self, built: Built, summary: PostTrainingSummary) -> PostTrainingSummary:
         """`summary` (of `run`) with the figures of `built` (a rebuild: the accuracy-target
         repair's), so that it describes the model written."""
-        return replace(summary, **self._built_fields(built))
+        return replace(summary, repaired=True, **self._built_fields(built))
 
     def _built_fields(self, built: Built) -> dict[str, Any]:
         """The summary's figures that describe one built model."""

@@ -190,6 +190,9 @@ class PostTrainingSummary:
     # simpler one is chosen.
     tie: float = 0.0
     skipped: list[str] = field(default_factory=list)  # nodes skip_quant_node kept float
+    # The accuracy target's repair rebuilt the model written: the candidates measured (and
+    # GPTQ's layers) describe the model before it, which the summary then says.
+    repaired: bool = False
     # This machine's U8S8 kernels saturate 8-bit weights: figures measured here (AUTO's
     # scores, the gate) include that, whatever the target.
     host_saturates: bool = False
@@ -608,7 +611,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     if s.residual_sum is not None:
         lines.append(residual_sum_line(s.residual_sum))
     if s.gptq is not None:
-        lines.append(gptq_line(s.gptq))
+        lines.append(gptq_line(s.gptq) + (" (before the accuracy target's repair)"
+                                          if s.repaired else ""))
     lines += _body_lines(s, shown)
     if s.bias_corrections is not None:
         applied = [c for c in s.bias_corrections if c.applied]
@@ -702,8 +706,9 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     how = (f"{s.scored_folds} folds, each scored with ranges from the others"
            if s.scored_folds > 1 else "ranges from the other samples")
     among = "" if s.units or s.bodies else " among all-integer candidates"
+    before = " (before the accuracy target's repair, below)" if s.repaired else ""
     lines = [f"  chosen by measurement{among}: {s.chosen_shown or s.chosen} (output error "
-             f"against float on {s.held_out} held-out samples; {how}):"]
+             f"against float on {s.held_out} held-out samples; {how}){before}:"]
     most = max(m.folds for m in s.measured)
     least = min((m.error for m in s.measured if m.folds == most), default=0.0)
     # The header's name leaves out what a choice turned off, which a candidate's
@@ -721,7 +726,7 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     if s.gptq is not None and s.gptq.errors is not None and s.gptq.kept:
         # Scored with nearest weights; GPTQ's were written, with their own figure.
         chosen, which = s.gptq.errors[0], "written"
-    if chosen is not None and chosen >= POOR_OUTPUT_ERROR:
+    if chosen is not None and chosen >= POOR_OUTPUT_ERROR and not s.repaired:
         hint = (f"{s.activation_bits}-bit activations cost most: activation_bit_num=8 keeps "
                 "8-bit ones" if s.activation_bits < 8 else
                 "--accuracyThreshold checks it, and keeps its most harmful units float")

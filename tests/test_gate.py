@@ -56,6 +56,8 @@ def test_a_missed_target_keeps_the_most_harmful_units_float(tmp_path, capsys, fl
         # The written model passes; the units kept float are named, with what they cost.
         assert "float: pass" in captured.out and "met with " in captured.out
         assert "cost: size" in captured.out and captured.err == ""
+        # AUTO's scores are the model's before the repair, and the summary says so.
+        assert "(before the accuracy target's repair, below):" in captured.out
         keys = {"--accuracyThreshold": "accuracy_threshold",
                 "--cosineDistanceThreshold": "cosine_threshold"}
         report = ptqconv.convert(MODEL, tmp_path / "again.onnx", "PostTraining",
