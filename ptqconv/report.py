@@ -558,7 +558,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         + (f" (histograms of {s.histogram_sampled} tensors from at most "
            f"{s.histogram_values:,} of their values a sample; histogram_sampling=false bins "
            f"all)" if s.histogram_sampled else ""),
-        *(_import_lines(s.imported, s.method) if s.imported else []),
+        *(_import_lines(s.imported, s.method, s.bit_num) if s.imported else []),
         *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
@@ -626,11 +626,13 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     return lines
 
 
-def _import_lines(i: ImportSummary, method: str) -> list[str]:
+def _import_lines(i: ImportSummary, method: str, bits: int = 8) -> list[str]:
     grids = [f"{i.activations} activations", f"{i.weights} weights"]
+    # The file's grids carry their own widths: bit_num only makes the others.
+    widths = (f" (their widths, not bit_num {bits})" if bits != 8 else "")
     lines = [f"  encodings imported from {i.path} ({i.version}): {' and '.join(grids)} on the "
-             f"file's grids; {i.calibrated} activations calibrated ({method}), {i.computed} "
-             "weights from their values"]
+             f"file's grids{widths}; {i.calibrated} activations calibrated ({method}), "
+             f"{i.computed} weights from their values"]
     if i.regridded:
         lines.append(f"    {i.regridded} activations keep the file's range on {8}-bit grids "
                      "(wider than uint8 in the file)")
