@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import onnx
@@ -191,3 +192,27 @@ def test_the_layer_report_streams_with_its_own_progress(tmp_path):
                                       config_file=config, debug_dir=tmp_path / "d")
     convert(settings, progress)
     assert steps["layer report"] == [6, 6]
+
+
+@pytest.mark.skipif(not os.environ.get("PTQCONV_CORPUS"), reason="no corpus ($PTQCONV_CORPUS)")
+def test_the_suggested_skip_names_nodes_of_the_users_model(tmp_path, capsys):
+    """all_minilm_l6_v2's worst tensor is a SmoothQuant output: the report suggested the Mul
+    ptqconv inserts (gelu_smooth), which is no node of the model, and following the
+    suggestion failed. Its readers are suggested, and following them converts."""
+    from pathlib import Path
+
+    root = Path(os.environ["PTQCONV_CORPUS"]) / "all_minilm_l6_v2"
+    paths = ",".join(f"{n}:{root / 'calib' / n}" for n in ("input_ids", "attention_mask"))
+    base = (f"[data_preprocess_param]\ncalibrate_path={paths}\ncalibrate_size=8\n"
+            "[full_quant_param]\nlatency_aware=false\nactivation_quant_method=MAX_MIN\n")
+    config = tmp_path / "a.ini"
+    config.write_text(base)
+    args = [f"--modelFile={root / 'model.onnx'}", "--quantType=PostTraining", "--quiet"]
+    assert main([*args, f"--outputFile={tmp_path / 'a.onnx'}", f"--configFile={config}",
+                 f"--debugDir={tmp_path / 'debug'}"]) == 0
+    report = json.loads((tmp_path / "debug" / "layer_report.json").read_text())
+    suggested = report["suggested_skip_quant_node"]
+    assert suggested and not any(name.endswith("_smooth") for name in suggested)
+    config.write_text(base + f"[common_quant_param]\nskip_quant_node={','.join(suggested)}\n")
+    assert main([*args, f"--outputFile={tmp_path / 'b.onnx'}", f"--configFile={config}"]) == 0, \
+        capsys.readouterr().err
