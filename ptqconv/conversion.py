@@ -33,7 +33,7 @@ from ptqconv.errors import PtqError, PtqUsageError, shown
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
 from ptqconv.evaluate.metrics import output_error
 from ptqconv.evaluate.run import random_sample
-from ptqconv.graph.ops import is_quantized
+from ptqconv.graph.ops import fusion_parts, is_quantized
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
 from ptqconv.passes.latency_plan import CONV_OPS
@@ -85,12 +85,12 @@ class _Simplification:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.path: Path | None = None
-        self.refused: modelio.OnnxRuntimeRefused | None = None
+        self.refused: runtime.ModelRefused | None = None
 
     def __call__(self, path: Path, size: int) -> bool:
         try:
             self.path = modelio.simplify_with_onnxruntime(path, self.workdir, size)
-        except modelio.OnnxRuntimeRefused as exc:
+        except runtime.ModelRefused as exc:
             self.refused = exc
             return False
         return True
@@ -768,8 +768,8 @@ def check_skip_names(model: ir.Model, settings: ConvertSettings) -> None:
     known = {node.name for graph in model.graphs() for node in graph if node.name}
     known |= {node.op_type for graph in model.graphs() for node in graph}
     for name, where in settings.skip_given:
-        head, _, fusion = name.rpartition("/")
-        if name in known or (head in known and fusion.endswith("Fusion")):
+        fused = fusion_parts(name)
+        if name in known or (fused is not None and fused[0] in known):
             continue  # the second: a name onnxruntime gave a fusion (--sensitivity prints it)
         # Exporters' names hold the module path (/fc2/Gemm for fc2): names that contain the
         # one given come first, then the close ones.

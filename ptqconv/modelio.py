@@ -23,7 +23,9 @@ from ptqconv.graph.initializers import release_mapping
 from ptqconv.runtime import (
     IN_MEMORY_BYTES,
     ORT_LOG_LEVEL,
+    ModelRefused,
     Session,
+    first_line,
     path_source,
     release_memory,
     skip_prepacking,
@@ -52,10 +54,6 @@ _OPSET_FOR_TYPE = {
 
 # Tensors of at least this many bytes are written to the simplified model's data file.
 SIMPLIFIED_EXTERNAL_BYTES = 1 << 20
-
-
-class OnnxRuntimeRefused(PtqError):
-    """onnxruntime cannot load the model (as opposed to failing to write its output)."""
 
 
 def simplify_with_onnxruntime(path: Path, workdir: Path, size: int | None = None) -> Path:
@@ -97,9 +95,7 @@ def simplify_with_onnxruntime(path: Path, workdir: Path, size: int | None = None
             reason = write_failure(workdir, path.stat().st_size) or "the write failed"
             raise PtqError(f"cannot write the simplified model to the temporary directory "
                            f"{shown(workdir)} (TMPDIR): {reason}") from None
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxRuntimeRefused(f"{shown(path)}: onnxruntime cannot load the model: {message}"
-                                  ) from None
+        raise ModelRefused(shown(path), first_line(exc)) from None
     return out
 
 

@@ -172,6 +172,15 @@ def path_source(path: Path) -> str | bytes:
     return str(path) if is_utf8(path) else path.read_bytes()
 
 
+class ModelRefused(PtqError):
+    """onnxruntime refused to load the model named `label` (as opposed to failing to run it
+    or to write its output)."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(f"{label}: onnxruntime cannot load the model: {reason}")
+        self.label, self.reason = label, reason
+
+
 class Session:
     """One onnxruntime CPU session whose failures are one-line PtqErrors starting with `label`.
 
@@ -189,8 +198,7 @@ class Session:
                     loadable, session_options(threads, level, prepack),
                     providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         except Exception as exc:
-            raise PtqError(f"{label}: onnxruntime cannot load the model: {first_line(exc)}"
-                           ) from None
+            raise ModelRefused(label, first_line(exc)) from None
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.inputs = {i.name: i.type for i in self.session.get_inputs()}
 
@@ -239,8 +247,7 @@ def optimized(source: ModelSource, threads: int = 1) -> ir.Model:
             with _loadable(source) as loadable:
                 ort.InferenceSession(loadable, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise PtqError(f"optimized model: onnxruntime cannot load the model: "
-                           f"{first_line(exc)}") from None
+            raise ModelRefused("optimized model", first_line(exc)) from None
         return ir.serde.deserialize_model(onnx.load(str(path), load_external_data=False))
 
 
@@ -384,14 +391,6 @@ def _binomial_tail(n: int, k: int) -> float:
     base = math.lgamma(n + 1) - n * math.log(2)
     return math.fsum(math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1))
                      for i in range(k, n + 1))
-
-
-class ModelRefused(PtqError):
-    """onnxruntime refused to load the model timed as `label` (`compare_latency`)."""
-
-    def __init__(self, label: str, reason: str) -> None:
-        super().__init__(f"{label}: onnxruntime cannot load the model: {reason}")
-        self.label, self.reason = label, reason
 
 
 def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.ndarray],

@@ -254,7 +254,7 @@ class ConvertSettings:
             encodings_out = files.output_file("--encodingsFile", encodings_file, ())
         low, high = BIT_RANGE[qtype]
         config_low, config_high = CONFIG_BIT_RANGE[qtype]
-        if bit_num is not None and not (isinstance(bit_num, str) and not bit_num.strip()):
+        if _given_flag(bit_num):
             bits = _flag("--bitNum", bit_num, lambda v: values.integer(v, low, high),
                          f" for {qtype.value}")
         else:
@@ -529,6 +529,7 @@ def _equalize(pick: _Picker) -> bool | None:
 
 
 def _given_flag(value: Any) -> bool:
+    """A flag given a value (None and blank strings are a flag left out)."""
     return value is not None and not (isinstance(value, str) and not value.strip())
 
 
@@ -550,7 +551,7 @@ class _Picker:
 
     def one(self, flag: str, given: Any, key: str, parse: Callable[[Any], T],
             default: T, where: str = "") -> T:
-        if given is not None and not (isinstance(given, str) and not given.strip()):
+        if _given_flag(given):
             return _flag(flag, given, parse, where)
         found = self.config(key)
         if found is None:

@@ -30,11 +30,20 @@ def in_skip(node: ir.Node, skip: Collection[str]) -> bool:
     its bias Add, become a Gemm, so "mm" and "MatMul" still name it."""
     if node.name in skip or node.op_type in skip:
         return True
-    head, _, fusion = (node.name or "").rpartition("/")
-    if not head or not fusion.endswith("Fusion") or fusion == "Fusion":
+    parts = fusion_parts(node.name or "")
+    if parts is None:
         return False
-    fused = fusion.removesuffix("Fusion")  # "MatMulAdd": the op types fused, in order
+    head, fused = parts
     return head in skip or any(fused.startswith(s) for s in skip if s[:1].isupper())
+
+
+def fusion_parts(name: str) -> tuple[str, str] | None:
+    """("mm", "MatMulAdd") for "mm/MatMulAddFusion", the name onnxruntime's simplification
+    gives a node it fused from "mm" (the op types fused, in order); None for other names."""
+    head, _, fusion = name.rpartition("/")
+    if not head or not fusion.endswith("Fusion") or fusion == "Fusion":
+        return None
+    return head, fusion.removesuffix("Fusion")
 
 
 def is_quantized(node: ir.Node) -> bool:
