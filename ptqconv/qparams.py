@@ -112,9 +112,7 @@ def scale_zero_point(
     rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
     if grid.symmetric:
         absmax = np.maximum(np.maximum(-rmin, rmax), MIN_RANGE / 2)
-        # Binary levels sit at the centres of the two halves of [-absmax, absmax].
-        half_span = 2.0 if grid.binary else (grid.qmax - grid.qmin) / 2.0
-        scale = _representable(absmax / half_span, scale_dtype)
+        scale = _representable(absmax / _half_span(grid), scale_dtype)
         zero_point = np.zeros_like(scale, dtype=np.int64)
     else:
         span = np.maximum(rmax - rmin, MIN_RANGE)
@@ -127,10 +125,21 @@ def scale_zero_point(
     # A channel holding only zeros (pruned) is exact on any grid; the floor's scale (1e-10)
     # would make its int32 bias scale, input x weight, too fine for its bias, which saturated
     # (a pruned conv's output cosine 0.72). It takes its neighbours' largest scale.
-    empty = (rmax - rmin) <= 0
+    return _neighbours_for_empty(scale, (rmax - rmin) <= 0), zero_point
+
+
+def _half_span(grid: Grid) -> float:
+    """Steps from 0 to the top of a symmetric grid; binary levels sit at the centres of the
+    two halves of [-absmax, absmax]."""
+    return 2.0 if grid.binary else (grid.qmax - grid.qmin) / 2.0
+
+
+def _neighbours_for_empty(scale: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """`scale` with the slices that hold only zeros (`empty`) at the largest scale of the
+    others, where there are others."""
     if np.ndim(scale) and empty.any() and not empty.all():
-        scale = np.where(empty, scale[~empty].max(), scale).astype(scale.dtype)
-    return scale, zero_point
+        return np.where(empty, scale[~empty].max(), scale).astype(scale.dtype)
+    return scale
 
 
 def binary_scale(mean_abs: np.ndarray | float, scale_dtype: np.dtype | type = np.float32
@@ -141,10 +150,8 @@ def binary_scale(mean_abs: np.ndarray | float, scale_dtype: np.dtype | type = np
     weights on a Gaussian channel (relative error 1.0 against 0.6)."""
     mean_abs = np.asarray(mean_abs, np.float64)
     # An all-zero slice (pruned) takes its neighbours' largest level, as in scale_zero_point.
-    empty = mean_abs <= 0
-    if mean_abs.ndim and empty.any() and not empty.all():
-        mean_abs = np.where(empty, mean_abs[~empty].max(), mean_abs)
-    scale = _representable(np.maximum(mean_abs, MIN_RANGE / 4), scale_dtype)
+    scale = _neighbours_for_empty(
+        _representable(np.maximum(mean_abs, MIN_RANGE / 4), scale_dtype), mean_abs <= 0)
     return scale, np.zeros_like(scale, dtype=np.int64)
 
 
@@ -174,7 +181,7 @@ def widened_range(rmin: np.ndarray, rmax: np.ndarray, grid: Grid, min_scale: np.
     """[rmin, rmax] widened so that `scale_zero_point` gives at least `min_scale`."""
     lo, hi = np.minimum(rmin, 0.0), np.maximum(rmax, 0.0)
     if grid.symmetric:
-        half = min_scale * (2.0 if grid.binary else (grid.qmax - grid.qmin) / 2.0)
+        half = min_scale * _half_span(grid)
         return np.minimum(lo, -half), np.maximum(hi, half)
     return lo, np.maximum(hi, lo + min_scale * (grid.qmax - grid.qmin))
 

@@ -28,7 +28,7 @@ from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, Quan
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT32_MIN, INT32_MAX = -qparams.INT32_MAX - 1, qparams.INT32_MAX
 BIAS_GRID = qparams.Grid(32, INT32_MIN, INT32_MAX, ir.DataType.INT32, symmetric=True)
 # Ops whose weight rounding error bias correction measures.
 CORRECTED_OPS = ("Conv", "Gemm")
