@@ -277,7 +277,7 @@ class CalibrationSet:
                 sized = spec.name in axes
                 peaks = [(path, _check_values(spec, data.sample_shape(spec, path), path, what,
                                               sized)) for path in files[spec.name]]
-                data.outliers += outlying(spec.name, [(p, m) for p, m in peaks[:count]
+                data.outliers += outlying(spec.name, [(p, m) for p, m in peaks
                                                       if m is not None])
         data.identical = tuple(spec.name for spec in inputs
                                if _all_same(files[spec.name][:count]))
