@@ -887,8 +887,11 @@ def gate_lines(gate: GateReport) -> list[str]:
 
 
 def layer_report_lines(report: LayerReport) -> list[str]:
-    lines = [f"  per-layer report: {report.path} ({report.tensors} tensors); "
-             "worst by per-channel SQNR:"]
+    head = (f"  per-layer report: {report.path} ({report.tensors} "
+            f"tensor{'' if report.tensors == 1 else 's'})")
+    if not report.worst:  # nothing quantized in the main graph: no heading over nothing
+        return [head]
+    lines = [f"{head}; worst by per-channel SQNR:"]
     for r in report.worst:
         lines.append(f"    {r['tensor_name']} ({r['kind']}, {r['node_name']}): channel SQNR "
                      f"{r['channel_sqnr_db']:.1f} dB, rmse/scale {r['rmse_over_scale']:.2f}, "

@@ -216,3 +216,16 @@ def test_the_suggested_skip_names_nodes_of_the_users_model(tmp_path, capsys):
     config.write_text(base + f"[common_quant_param]\nskip_quant_node={','.join(suggested)}\n")
     assert main([*args, f"--outputFile={tmp_path / 'b.onnx'}", f"--configFile={config}"]) == 0, \
         capsys.readouterr().err
+
+
+def test_a_report_without_rows_has_no_heading_over_nothing(tmp_path):
+    from ptqconv.debug.layer_report import LayerReport
+    from ptqconv.report import layer_report_lines
+
+    empty = LayerReport(tmp_path / "layers.csv", [], [], [])
+    assert layer_report_lines(empty) == [f"  per-layer report: {tmp_path / 'layers.csv'} "
+                                         "(0 tensors)"]
+    row = dict(tensor_name="t", kind="activation", node_name="n", channel_sqnr_db=20.0,
+               rmse_over_scale=0.3, clip_rate=0.0, cos_similarity=0.999)
+    lines = layer_report_lines(LayerReport(tmp_path / "layers.csv", [row], [row], []))
+    assert lines[0].endswith("(1 tensor); worst by per-channel SQNR:") and len(lines) == 2
