@@ -291,8 +291,11 @@ class Staging:
                 self._dirs[final_dir] = Path(tempfile.mkdtemp(
                     prefix=STAGING_PREFIX, suffix=STAGING_SUFFIX, dir=final_dir))
             except OSError as exc:
-                raise PtqError(f"cannot write in {shown(final_dir)}: {os_reason(exc)}"
-                               ) from None
+                # The directory exists: "no such file" would be wrong about it (/proc, /sys
+                # take no new files).
+                reason = ("it takes no new files" if exc.errno == errno.ENOENT
+                          else os_reason(exc))
+                raise PtqError(f"cannot write in {shown(final_dir)}: {reason}") from None
         return self._dirs[final_dir]
 
     def path(self, final: Path, staged_name: str | None = None) -> Path:

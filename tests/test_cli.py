@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -127,6 +128,10 @@ def bad_cases(tmp_path):
         ([*base, "--fmk=TF"], 2, "--fmk: 'TF' is not supported; allowed: ONNX"),
         ([*base, "--bitnum=8"], 2, "No such option '--bitnum'. Did you mean '--bitNum'?"),
         ([*base[:2], "--quantType=PostTraining"], 2, "--configFile is required"),
+        # A directory that exists but takes no files (writable to root): not "no such file".
+        *([([*base[::2], "--outputFile=/proc/ptqconv-test.onnx"], 1,
+            "cannot write in /proc: it takes no new files")]
+          if Path("/proc/self").is_dir() and os.access("/proc", os.W_OK) else []),
     ]
 
 
