@@ -45,7 +45,9 @@ from ptqconv.calibrate.statistics import (
 )
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.errors import PtqError
-from ptqconv.evaluate.metrics import mean_noise_to_signal, squared_error
+from ptqconv.evaluate import held_out
+from ptqconv.evaluate.held_out import SampleErrors
+from ptqconv.evaluate.metrics import squared_error
 from ptqconv.graph.naming import node_key
 from ptqconv.graph.ops import data_dependent_outputs, in_skip
 from ptqconv.graph.weight_slots import recurrent_weight_slots, weight_slot
@@ -677,13 +679,13 @@ class PostTraining:
                 # Candidates tied with the best so far are not dropped on noise (a fold whose
                 # outputs saturate scores every candidate about 1e-13: ppocr_mobile_v2_cls
                 # kept MSE over MAX_MIN on it, 80x the error on the eval split).
-                least = scorer.error(ranked[0])
-                tied = sum(1 for c in ranked if scorer.error(c) <= least + TIE)
-                alive = ranked[:max(2, (len(alive) + 1) // 2, tied)]
-        # Errors this small are equally good: prefer the candidate listed first (the simplest
-        # method, no bias correction) over one that wins by less than TIE.
-        least = min(scorer.error(c) for c in alive)
-        best = next(c for c in candidates if c in alive and scorer.error(c) <= least + TIE)
+                keep = max(2, (len(alive) + 1) // 2)
+                alive = [c for i, c in enumerate(ranked)
+                         if i < keep or not scorer.beats(ranked[0], c)]
+        # A win by less than TIE, or one that a single held-out sample carries, is a tie:
+        # prefer the candidate listed first (the simplest method, no bias correction).
+        lowest = min(alive, key=scorer.error)
+        best = next(c for c in candidates if c in alive and not scorer.beats(lowest, c))
         # Each technique flips the best so far, earlier flips kept included.
         flips = (("equalize", {"equalize": False}), ("smooth_quant", {"smooth_quant": False}),
                  ("float_outputs", {"float_outputs": True}),
@@ -706,7 +708,7 @@ class PostTraining:
                 if scorer.error(flipped) > FLIP_MARGIN * scorer.error(best, scored[:count]):
                     break
             else:
-                if scorer.error(flipped) < scorer.error(best) - TIE:
+                if scorer.beats(flipped, best):
                     best = flipped
         return best, scorer.measured(start)
 
@@ -852,12 +854,9 @@ class PostTraining:
         if model in self._held_out:
             return self._held_out[model]
         references, samples, held = self.scoring
-        noise = dict.fromkeys(references, 0.0)
-        signal = dict.fromkeys(references, 0.0)
-        for fold, indices in samples.items():
-            _output_error(model, held[fold], indices, references, self.settings.threads,
-                          noise, signal)
-        self._held_out[model] = error = mean_noise_to_signal(noise, signal)
+        self._held_out[model] = error = held_out.pooled(
+            [_output_error(model, held[fold], indices, references, self.settings.threads)
+             for fold, indices in samples.items()])
         return error
 
     def describe(self, built: Built, summary: PostTrainingSummary) -> PostTrainingSummary:
@@ -941,25 +940,28 @@ class _Scorer:
         self.views = {f: statistics.view(without=f) for f in scored}
         self.migrations: dict = {}
         self.weights: dict = {}
-        # choice -> fold -> (noise, signal) per output
-        self.sums: dict[Choice, dict[int, tuple[dict[str, float], dict[str, float]]]] = {}
+        # choice -> fold -> its errors on each of the fold's samples
+        self.sums: dict[Choice, dict[int, SampleErrors]] = {}
 
     def add(self, choice: Choice, fold: int) -> None:
-        noise = dict.fromkeys(self.references, 0.0)
-        signal = dict.fromkeys(self.references, 0.0)
         built = self.pt.build(self.float_model, choice, self.views[fold], self.tensors, True,
                               migrations=self.migrations, weights=self.weights)
-        _output_error(_lean(built.model), self.held[fold], self.samples[fold],
-                      self.references, self.pt.settings.threads, noise, signal)
-        self.sums.setdefault(choice, {})[fold] = (noise, signal)
+        self.sums.setdefault(choice, {})[fold] = _output_error(
+            _lean(built.model), self.held[fold], self.samples[fold], self.references,
+            self.pt.settings.threads)
 
     def error(self, choice: Choice, folds: Iterable[int] | None = None) -> float:
         """The error pooled over `folds` (every fold `choice` was scored on: None)."""
         scored = self.sums[choice]
-        chosen = [f for f in (scored if folds is None else folds) if f in scored]
-        noise = {n: sum(scored[f][0][n] for f in chosen) for n in self.references}
-        signal = {n: sum(scored[f][1][n] for f in chosen) for n in self.references}
-        return mean_noise_to_signal(noise, signal)
+        return held_out.pooled([scored[f] for f in (scored if folds is None else folds)
+                                if f in scored])
+
+    def beats(self, a: Choice, b: Choice) -> bool:
+        """Whether `a` has less error than `b` beyond TIE on the folds both were scored on,
+        with any one held-out sample left out too (held_out.beats)."""
+        common = [f for f in self.sums[a] if f in self.sums[b]]
+        return held_out.beats([self.sums[a][f] for f in common],
+                              [self.sums[b][f] for f in common], TIE)
 
     def measured(self, start: Choice) -> list[Measured]:
         """Every choice scored, in the order first scored, described by how it differs
@@ -1052,18 +1054,20 @@ def _lean(model: ir.Model) -> ir.Model:
 
 
 def _output_error(model: ir.Model, samples: CalibrationSet, indices: list[int],
-                  references: dict[str, dict[int, np.ndarray]], threads: int,
-                  noise: dict[str, float], signal: dict[str, float]) -> None:
-    """Add the squared error of each float output on `samples` (sample indices `indices`)
-    against the float model's, and the float output's power, to `noise` and `signal`.
-    Pooled over samples, so a sample whose output is near zero cannot dominate."""
+                  references: dict[str, dict[int, np.ndarray]], threads: int
+                  ) -> SampleErrors:
+    """The squared error of each float output on each of `samples` (sample indices
+    `indices`) against the float model's, and the float output's power."""
     try:  # as it will be deployed: onnxruntime's default graph optimizations
         session = runtime.Session(model, threads, label="scoring")
     except PtqError:
         session = runtime.Session(model, threads, label="scoring", own_graph=True)
-    for index, sample in zip(indices, samples, strict=True):
+    noise = {name: np.zeros(len(indices)) for name in references}
+    signal = {name: np.zeros(len(indices)) for name in references}
+    for i, (index, sample) in enumerate(zip(indices, samples, strict=True)):
         got = session.run(sample, list(references), f"held-out sample {index}")
         for name, values in references.items():
             reference = values[index].astype(np.float64)
-            noise[name] += squared_error(reference, got[name])
-            signal[name] += float(np.square(reference).sum())
+            noise[name][i] = squared_error(reference, got[name])
+            signal[name][i] = float(np.square(reference).sum())
+    return SampleErrors(noise, signal)

@@ -715,9 +715,14 @@ def _measured_lines(s: PostTrainingSummary) -> list[str]:
     least = min((m.error for m in s.measured if m.folds == most), default=0.0)
     # The header's name leaves out what a choice turned off, which a candidate's
     # difference from the start names: the chosen line is marked.
+    # Chosen over a lower error: within the margin, or (beyond it) a win that one held-out
+    # sample carried (evaluate.held_out.beats).
     tied = f" <- chosen (within {s.tie:g} of the lowest: a tie, the simpler wins)"
+    carried = (" <- chosen (the lower errors rest on one held-out sample: a tie, the simpler "
+               "wins)")
     lines += [f"    {m.what}: {m.error:.3g}"
-              + ((tied if least < m.error <= least + s.tie else " <- chosen")
+              + ((tied if least < m.error <= least + s.tie
+                  else carried if m.error > least + s.tie else " <- chosen")
                  if m.choice == s.chosen else "")
               # Its error over fewer folds than the others': not comparable with theirs.
               + (f" (dropped after {m.folds} of {most} folds, on which the kept ones scored "
