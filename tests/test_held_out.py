@@ -20,9 +20,9 @@ def errors(noise: list[float], signal: list[float] | None = None) -> SampleError
 
 
 @st.composite
-def pairs(draw, samples=st.integers(1, 12)):
+def pairs(draw):
     """Errors of two choices on the same samples (same float outputs, so same power)."""
-    n = draw(samples)
+    n = draw(st.integers(1, 12))
     signal = draw(st.lists(power, min_size=n, max_size=n))
     a = draw(st.lists(error, min_size=n, max_size=n))
     b = draw(st.lists(error, min_size=n, max_size=n))
