@@ -42,10 +42,15 @@ def convert(model_file: str | os.PathLike, output_file: str | os.PathLike,
     """Quantize an ONNX model file, with the same checks and pipeline as the `ptqconv` CLI.
 
     `flags` are `ConvertSettings.create`'s: bit_num, quant_weight_size, quant_weight_channel,
-    config_file, skip_quant_node, input_shape, debug_dir, accuracy_threshold,
-    cosine_threshold, sensitivity, encodings_file. Raise PtqUsageError or PtqError with a
-    one-line message.
+    config_file, skip_quant_node, fmk, input_shape, debug_dir, accuracy_threshold,
+    cosine_threshold, sensitivity, input_data_format, fp16, encodings_file. Paths may be
+    str, bytes or os.PathLike. Raise PtqUsageError or PtqError with a one-line message.
     """
+    import inspect
+
+    from ptqconv.arguments import known_keywords
     from ptqconv.conversion import convert as run
 
+    accepted = list(inspect.signature(ConvertSettings.create).parameters)[3:]
+    known_keywords("convert", flags, accepted)
     return run(ConvertSettings.create(model_file, output_file, quant_type, **flags))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ptqconv import encodings, files, values
+from ptqconv import arguments, encodings, files, values
 from ptqconv import target as target_module
 from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
 from ptqconv.config import QuantConfig, load_config
@@ -223,13 +223,22 @@ class ConvertSettings:
         debug_dir: str | os.PathLike | None = None,
         accuracy_threshold: float | str | None = None,
         cosine_threshold: float | str | None = None,
-        sensitivity: bool = False,
+        sensitivity: bool | str | None = False,
         input_data_format: str | None = None,
         fp16: bool | str | None = None,
         encodings_file: str | os.PathLike | None = None,
     ) -> ConvertSettings:
         """Check raw values (strings from the command line, or Python values; None: not
         given) and resolve them against the config file and the defaults."""
+        model_file = arguments.path("--modelFile", model_file)
+        output_file = arguments.path("--outputFile", output_file)
+        config_file = arguments.path("--configFile", config_file)
+        debug_dir = arguments.path("--debugDir", debug_dir)
+        encodings_file = arguments.path("--encodingsFile", encodings_file)
+        skip_quant_node = arguments.names("--skipQuantNode", skip_quant_node)
+        input_shape = arguments.shapes("--inputShape", input_shape)
+        sensitivity = sensitivity is not None and _flag("--sensitivity", sensitivity,
+                                                        values.boolean)
         if fmk is not None and str(fmk).strip().upper() not in SUPPORTED_FMK:
             raise PtqUsageError(f"--fmk: {fmk!r} is not supported; allowed: ONNX")
         config_path = None if config_file is None else files.input_file(

@@ -8,6 +8,7 @@ the value came from: the caller prefixes `--flag: ` or `file:line: [section] key
 from __future__ import annotations
 
 import configparser
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from enum import Enum
@@ -32,6 +33,8 @@ def allowed_range(low: int | float, high: int | float | None) -> str:
 def integer(value: str | int, low: int, high: int | None = None) -> int:
     """A base-10 integer in [low, high] (no upper bound when `high` is None)."""
     allowed = allowed_range(low, high)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy's integers too
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise Invalid(f"{value!r} is not an integer; allowed: {allowed}")
     text = str(value).strip()
@@ -217,6 +220,9 @@ _DIM = re.compile(r"\+?[0-9]{1,18}")
 
 def dims(value: str | Iterable[str | int], name: str) -> tuple[int, ...]:
     """Positive dimensions `1,3,224,224` (or a list) of input `name`."""
+    if not isinstance(value, (str, Iterable)) or isinstance(value, bytes):
+        raise Invalid(f"input {name!r}: {value!r} is not a list of dimensions; allowed: "
+                      f"{SHAPES_ALLOWED}")
     parts = value.split(",") if isinstance(value, str) else list(value)
     texts = [str(p).strip() for p in parts]
     if texts in ([""], []):

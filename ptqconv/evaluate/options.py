@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ptqconv import files, runtime, values
+from ptqconv import arguments, files, runtime, values
 from ptqconv.calibrate.images import ImagePreprocess, image_preprocess
 from ptqconv.config import load_config
 from ptqconv.errors import PtqUsageError
@@ -75,6 +75,14 @@ class BenchmarkSettings:
 
         Without input data the inputs are random and only latency is measured (MindSpore's
         benchmark does the same); a reference is then optional."""
+        model_file = arguments.path("--modelFile", model_file)
+        reference_model = arguments.path("--referenceModel", reference_model)
+        benchmark_data_file = arguments.path("--benchmarkDataFile", benchmark_data_file)
+        report_file = arguments.path("--reportFile", report_file)
+        config_file = arguments.path("--configFile", config_file)
+        in_data_dir = arguments.paths("--inDataDir", in_data_dir)
+        in_data_file = arguments.paths("--inDataFile", in_data_file)
+        input_shape = arguments.shapes("--inputShape", input_shape)
         model = files.input_file("--modelFile", model_file)
         random_inputs = not _given(in_data_dir) and not _given(in_data_file)
         if _given(reference_model) and _given(benchmark_data_file):
@@ -106,15 +114,18 @@ class BenchmarkSettings:
         sample_files = (_flag("--inDataFile", in_data_file, _in_data_file)
                  if _given(in_data_file) else ())
         shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
-        if isinstance(input_shape, Mapping):
-            shapes = _flag("--inputShape", list(input_shape.items()), values.shapes)
-        elif _given(input_shape):
+        if _given(input_shape):
             shapes = _flag("--inputShape", input_shape, values.shapes)
         positional: tuple[tuple[int, ...], ...] = ()
         if isinstance(input_shapes, str) and _given(input_shapes):
             positional = _flag("--inputShapes", input_shapes, values.positional_shapes)
         elif input_shapes:
-            positional = tuple(tuple(int(d) for d in s) for s in input_shapes)
+            if isinstance(input_shapes, (bytes, Mapping)) or not isinstance(input_shapes,
+                                                                          Sequence):
+                raise PtqUsageError(f"--inputShapes: {input_shapes!r} is not a list of "
+                                    "shapes, one per model input")
+            positional = tuple(_flag("--inputShapes", s, lambda v, i=i: values.dims(v, f"#{i}"))
+                               for i, s in enumerate(input_shapes, 1))
         if shapes and positional:
             raise PtqUsageError("--inputShape and --inputShapes both given; give one: "
                                 "name:d0,d1,...;... or MindSpore's d0,d1,...:... by position")

@@ -42,6 +42,9 @@ def benchmark(
 
     Raise PtqUsageError for wrong flags or data, PtqError when a model cannot be run.
     """
+    if not isinstance(settings, BenchmarkSettings):
+        raise PtqUsageError(f"benchmark takes BenchmarkSettings.create(...), not "
+                            f"{type(settings).__name__}")
     level, threads = settings.graph_optimization_level, settings.num_threads
     if settings.random_inputs:
         return _latency_only(settings, progress, on_start)
