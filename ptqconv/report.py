@@ -6,6 +6,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ptqconv import qparams
 from ptqconv.calibrate.dataset import OutlierSample, SampleFormat
@@ -20,6 +21,7 @@ from ptqconv.passes.gptq import GPTQSummary
 from ptqconv.passes.latency_plan import LatencyPlan
 from ptqconv.passes.residual_sum import ResidualSum
 from ptqconv.passes.weight_quant import WeightRecord
+from ptqconv.plain_data import plain
 from ptqconv.runtime import AT_LOAD, DEQUANTIZE_AT_LOAD, Latency
 from ptqconv.target import Target
 
@@ -358,6 +360,10 @@ class ConversionReport:
     @property
     def gate_failures(self) -> list[str]:
         return self.gate.failures if self.gate is not None else []
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every figure as JSON-ready data (plain_data.plain), with `passed` added."""
+        return {**plain(self), "passed": self.passed}
 
     @property
     def passed(self) -> bool:
