@@ -305,16 +305,34 @@ class Staging:
         return tmp
 
     def commit(self) -> list[Path]:
-        replaced = []
+        """Move every staged file into place, or none: a destination that exists is first
+        moved aside into the staging directory, and if any move fails every destination is
+        put back as it was (a model must not be replaced when its encodings file cannot be
+        written)."""
+        replaced: list[Path] = []
+        moved: list[tuple[Path, Path | None]] = []  # destination, where its old file went
         with _interrupts_deferred():
-            for tmp, final in self._files:
-                if not tmp.exists():
-                    continue
-                if os.path.lexists(final):
-                    replaced.append(final)
-                try:
+            try:
+                for tmp, final in self._files:
+                    if not tmp.exists():
+                        continue
+                    previous = None
+                    if os.path.lexists(final):
+                        if final.is_dir() and not final.is_symlink():
+                            raise IsADirectoryError(errno.EISDIR, "is a directory")
+                        previous = tmp.with_name(tmp.name + ".previous")
+                        os.replace(final, previous)
+                        replaced.append(final)
+                    moved.append((final, previous))
                     os.replace(tmp, final)
-                except OSError as exc:
-                    raise PtqError(f"cannot write {shown(final)}: {os_reason(exc)}") from None
+            except OSError as exc:
+                failed = final
+                for done, previous in reversed(moved):
+                    with contextlib.suppress(OSError):
+                        if previous is not None:
+                            os.replace(previous, done)
+                        elif os.path.lexists(done):
+                            os.unlink(done)
+                raise PtqError(f"cannot write {shown(failed)}: {os_reason(exc)}") from None
             self.committed = True
         return replaced

@@ -248,3 +248,33 @@ def test_sigterm_during_the_save_cleans_up(tmp_path):
                             signal.SIGTERM)
     assert status == 143, err
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("failure", ["directory", "rename"])
+def test_a_commit_that_fails_puts_every_destination_back(tmp_path, monkeypatch, failure):
+    """All outputs or none: a model is not replaced when its encodings file cannot be
+    written (the encodings path became a directory, or its rename failed)."""
+    from ptqconv import files
+    from ptqconv.errors import PtqError
+
+    model, encodings = tmp_path / "m.onnx", tmp_path / "enc.json"
+    model.write_bytes(b"old model")
+    with files.Staging() as staging:
+        staging.path(model).write_bytes(b"new model")
+        staging.path(encodings).write_text("{}")
+        if failure == "directory":
+            encodings.mkdir()
+        else:
+            real = os.replace
+
+            def replace(src, dst):
+                if os.fspath(dst) == os.fspath(encodings):
+                    raise OSError(errno.EIO, "input/output error")
+                real(src, dst)
+
+            monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(PtqError, match=f"cannot write {encodings}"):
+            staging.commit()
+    assert model.read_bytes() == b"old model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["enc.json", "m.onnx"] if failure == "directory" else ["m.onnx"])
