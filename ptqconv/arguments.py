@@ -25,6 +25,11 @@ def path(flag: str, value: Any) -> str | None:
     raise PtqUsageError(f"{flag}: {_shown(value)} is not a path (str, bytes or os.PathLike)")
 
 
+def each_path(*given: tuple[str, Any]) -> list[str | None]:
+    """`path` of each (flag, value) pair, in order."""
+    return [path(flag, value) for flag, value in given]
+
+
 def paths(flag: str, value: Any) -> str | list[Any] | None:
     """One path, or several (a sequence; pairs of (input name, path) kept as pairs; a mapping
     of input name to path as its pairs), with each path as a str."""

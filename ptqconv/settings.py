@@ -230,11 +230,10 @@ class ConvertSettings:
     ) -> ConvertSettings:
         """Check raw values (strings from the command line, or Python values; None: not
         given) and resolve them against the config file and the defaults."""
-        model_file = arguments.path("--modelFile", model_file)
-        output_file = arguments.path("--outputFile", output_file)
-        config_file = arguments.path("--configFile", config_file)
-        debug_dir = arguments.path("--debugDir", debug_dir)
-        encodings_file = arguments.path("--encodingsFile", encodings_file)
+        model_file, output_file, config_file, debug_dir, encodings_file = arguments.each_path(
+            ("--modelFile", model_file), ("--outputFile", output_file),
+            ("--configFile", config_file), ("--debugDir", debug_dir),
+            ("--encodingsFile", encodings_file))
         skip_quant_node = arguments.names("--skipQuantNode", skip_quant_node)
         input_shape = arguments.shapes("--inputShape", input_shape)
         sensitivity = sensitivity is not None and _flag("--sensitivity", sensitivity,

@@ -75,11 +75,11 @@ class BenchmarkSettings:
 
         Without input data the inputs are random and only latency is measured (MindSpore's
         benchmark does the same); a reference is then optional."""
-        model_file = arguments.path("--modelFile", model_file)
-        reference_model = arguments.path("--referenceModel", reference_model)
-        benchmark_data_file = arguments.path("--benchmarkDataFile", benchmark_data_file)
-        report_file = arguments.path("--reportFile", report_file)
-        config_file = arguments.path("--configFile", config_file)
+        model_file, reference_model, benchmark_data_file, report_file, config_file = (
+            arguments.each_path(("--modelFile", model_file),
+                                ("--referenceModel", reference_model),
+                                ("--benchmarkDataFile", benchmark_data_file),
+                                ("--reportFile", report_file), ("--configFile", config_file)))
         in_data_dir = arguments.paths("--inDataDir", in_data_dir)
         in_data_file = arguments.paths("--inDataFile", in_data_file)
         input_shape = arguments.shapes("--inputShape", input_shape)
