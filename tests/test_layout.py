@@ -8,9 +8,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ptqconv"
 # Bottom to top; a module may import its own layer and the ones below.
 LAYERS = [
-    ["lazy", "errors", "values", "qparams", "target"],
-    ["files", "config", "encodings", "graph", "calibrate.statistics", "calibrate.observers",
-     "calibrate.images", "weights", "calibrate.moments", "piecewise_parse"],
+    ["lazy", "errors", "values", "qparams", "target", "plain_data"],
+    ["files", "arguments", "config", "encodings", "graph", "calibrate.statistics",
+     "calibrate.observers", "calibrate.images", "weights", "calibrate.moments",
+     "piecewise_parse"],
     ["runtime", "modelio"],
     ["calibrate.ranges", "calibrate.dataset", "calibrate.exposure", "calibrate.collector"],
     ["passes"],
