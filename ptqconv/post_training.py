@@ -941,33 +941,33 @@ class _Scorer:
         self.migrations: dict = {}
         self.weights: dict = {}
         # choice -> fold -> its errors on each of the fold's samples
-        self.sums: dict[Choice, dict[int, SampleErrors]] = {}
+        self.per_sample: dict[Choice, dict[int, SampleErrors]] = {}
 
     def add(self, choice: Choice, fold: int) -> None:
         built = self.pt.build(self.float_model, choice, self.views[fold], self.tensors, True,
                               migrations=self.migrations, weights=self.weights)
-        self.sums.setdefault(choice, {})[fold] = _output_error(
+        self.per_sample.setdefault(choice, {})[fold] = _output_error(
             _lean(built.model), self.held[fold], self.samples[fold], self.references,
             self.pt.settings.threads)
 
     def error(self, choice: Choice, folds: Iterable[int] | None = None) -> float:
         """The error pooled over `folds` (every fold `choice` was scored on: None)."""
-        scored = self.sums[choice]
+        scored = self.per_sample[choice]
         return held_out.pooled([scored[f] for f in (scored if folds is None else folds)
                                 if f in scored])
 
     def beats(self, a: Choice, b: Choice) -> bool:
         """Whether `a` has less error than `b` beyond TIE on the folds both were scored on,
         with any one held-out sample left out too (held_out.beats)."""
-        common = [f for f in self.sums[a] if f in self.sums[b]]
-        return held_out.beats([self.sums[a][f] for f in common],
-                              [self.sums[b][f] for f in common], TIE)
+        common = [f for f in self.per_sample[a] if f in self.per_sample[b]]
+        return held_out.beats([self.per_sample[a][f] for f in common],
+                              [self.per_sample[b][f] for f in common], TIE)
 
     def measured(self, start: Choice) -> list[Measured]:
         """Every choice scored, in the order first scored, described by how it differs
         from `start`."""
         return [Measured(_difference(start, choice), choice.label(), self.error(choice),
-                         len(folds)) for choice, folds in self.sums.items()]
+                         len(folds)) for choice, folds in self.per_sample.items()]
 
 
 def _scored_outputs(graph: ir.Graph, inputs: frozenset[str]) -> list[str]:

@@ -226,7 +226,7 @@ def test_each_technique_is_scored_against_the_best_so_far_earlier_flips_included
     def add(self, choice, fold):
         n = len(self.samples[fold])
         error = 1.0 - 0.1 * (not choice.equalize) - 0.2 * (not choice.smooth_quant)
-        self.sums.setdefault(choice, {})[fold] = SampleErrors(
+        self.per_sample.setdefault(choice, {})[fold] = SampleErrors(
             {k: np.full(n, error) for k in self.references},
             {k: np.ones(n) for k in self.references})
 
@@ -256,7 +256,7 @@ def test_a_lower_error_one_held_out_sample_carries_is_a_tie(tmp_path, monkeypatc
             noise[:carried_by] = 5e-2
         errors = SampleErrors({k: noise for k in self.references},
                               {k: np.ones(n) for k in self.references})
-        self.sums.setdefault(choice, {})[fold] = errors
+        self.per_sample.setdefault(choice, {})[fold] = errors
 
     monkeypatch.setattr(post_training._Scorer, "add", add)
     report = ptqconv.convert(MODEL, tmp_path / "q.onnx", "PostTraining",
