@@ -83,3 +83,11 @@ def test_noise_on_an_output_without_power_loses_to_none():
     assert beats([errors([0.0, 0.0], silent)], [errors([1.0, 1.0], silent)], TIE)
     assert not beats([errors([1.0, 1.0], silent)], [errors([0.0, 0.0], silent)], TIE)
     assert not beats([], [], TIE)
+
+
+def test_nan_outputs_lose_to_any_number_and_tie_with_each_other():
+    broken = errors([1e-3, float("nan"), 1e-3])
+    fine = errors([5e-1, 5e-1, 5e-1])
+    assert pooled([broken]) == np.inf
+    assert beats([fine], [broken], TIE) and not beats([broken], [fine], TIE)
+    assert not beats([broken], [errors([float("nan")] * 3)], TIE)

@@ -45,7 +45,8 @@ def _left_out(parts: Sequence[SampleErrors]) -> np.ndarray:
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(signal > 0, noise / np.where(signal > 0, signal, 1.0),
                              np.where(noise > 0, np.inf, 0.0))
-        ratios.append(ratio)
+        # NaN outputs are the worst error there is (pooled: inf), never a tie with a number.
+        ratios.append(np.where(np.isnan(ratio), np.inf, ratio))
     return np.mean(ratios, axis=0) if ratios else np.zeros(1)
 
 
