@@ -44,13 +44,18 @@ def convert(model_file: str | os.PathLike, output_file: str | os.PathLike,
     `flags` are `ConvertSettings.create`'s: bit_num, quant_weight_size, quant_weight_channel,
     config_file, skip_quant_node, fmk, input_shape, debug_dir, accuracy_threshold,
     cosine_threshold, sensitivity, input_data_format, fp16, encodings_file. Paths may be
-    str, bytes or os.PathLike. Raise PtqUsageError or PtqError with a one-line message.
+    str, bytes or os.PathLike. Raise PtqUsageError or PtqError with a one-line message
+    that names the keywords (bit_num) where the command line's names its flags (--bitNum).
     """
     import inspect
 
-    from ptqconv.arguments import known_keywords
+    from ptqconv.arguments import as_keywords, known_keywords
     from ptqconv.conversion import convert as run
 
-    accepted = list(inspect.signature(ConvertSettings.create).parameters)[3:]
-    known_keywords("convert", flags, accepted)
-    return run(ConvertSettings.create(model_file, output_file, quant_type, **flags))
+    keywords = list(inspect.signature(ConvertSettings.create).parameters)
+    known_keywords("convert", flags, keywords[3:])
+    try:
+        return run(ConvertSettings.create(model_file, output_file, quant_type, **flags))
+    except PtqError as exc:  # name what the caller typed: bit_num, not --bitNum
+        exc.args = (as_keywords(str(exc), keywords), *exc.args[1:])
+        raise

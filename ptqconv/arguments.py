@@ -90,3 +90,20 @@ def known_keywords(function: str, given: Iterable[str], accepted: Iterable[str])
                 difflib.get_close_matches(snake, accepted, n=1, cutoff=0.6))
         hint = f"; did you mean {near[0]!r}?" if near else f"; allowed: {', '.join(accepted)}"
         raise PtqUsageError(f"{function}: unknown keyword {keyword!r}{hint}")
+
+
+# The keyword a converter flag is, where its name is not the flag's in snake case.
+_FLAG_KEYWORDS = {"--cosineDistanceThreshold": "cosine_threshold"}
+
+
+def as_keywords(message: str, keywords: Iterable[str]) -> str:
+    """`message` with each converter flag (--bitNum) written as the keyword a Python caller
+    gave (bit_num)."""
+    flags = {"--" + re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), k): k
+             for k in keywords}
+    flags.update({f: k for f, k in _FLAG_KEYWORDS.items() if k in flags.values()})
+    pattern = re.compile("(?:" + "|".join(re.escape(f) for f in sorted(flags, key=len,
+                                                                         reverse=True))
+                         + r")(?![A-Za-z0-9])")
+    return pattern.sub(lambda m: flags[m.group(0)], message)
+

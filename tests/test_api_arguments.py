@@ -106,3 +106,32 @@ def test_a_path_is_the_same_str_as_str_bytes_or_path_like(text):
 def test_anything_else_is_not_a_path(value):
     with pytest.raises(PtqUsageError, match=r"--x: .* is not a path"):
         arguments.path("--x", value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(bit_num=17), "bit_num: 17 is out of range; allowed: [0, 16] for WeightQuant"),
+    (dict(cosine_threshold=2), "cosine_threshold: 2 is out of range"),
+    (dict(skip_quant_node="nope"), "skip_quant_node: 'nope' matches no node name"),
+])
+def test_convert_names_the_keywords_the_caller_gave(tmp_path, flags, message):
+    with pytest.raises(PtqUsageError) as failure:
+        ptqconv.convert(MODEL, tmp_path / "q.onnx", "WeightQuant", **flags)
+    assert str(failure.value).startswith(message) and "--" not in str(failure.value)
+    # The command line keeps its flags' names.
+    with pytest.raises(PtqUsageError, match=r"^--bitNum: 17 is out of range"):
+        ConvertSettings.create(MODEL, tmp_path / "q.onnx", "WeightQuant", bit_num=17)
+
+
+@given(st.sampled_from(["bit_num", "quant_weight_size", "skip_quant_node", "input_shape",
+                        "cosine_threshold", "config_file", "fp16"]),
+       st.text(alphabet=st.characters(blacklist_characters="-"), max_size=20))
+def test_each_flag_becomes_its_keyword_and_nothing_else_changes(keyword, text):
+    from ptqconv.arguments import as_keywords
+
+    flag = {"cosine_threshold": "--cosineDistanceThreshold"}.get(keyword) or "--" + "".join(
+        part.capitalize() if i else part for i, part in enumerate(keyword.split("_")))
+    keywords = ["bit_num", "quant_weight_size", "skip_quant_node", "input_shape",
+                "cosine_threshold", "config_file", "fp16"]
+    assert as_keywords(f"{flag}: {text}", keywords) == f"{keyword}: {text}"
+    assert as_keywords(text, keywords) == text
+    assert as_keywords(f"{flag}s {text}", keywords) == f"{flag}s {text}"  # another word
