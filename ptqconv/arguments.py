@@ -105,5 +105,8 @@ def as_keywords(message: str, keywords: Iterable[str]) -> str:
     pattern = re.compile("(?:" + "|".join(re.escape(f) for f in sorted(flags, key=len,
                                                                          reverse=True))
                          + r")(?![A-Za-z0-9])")
-    return pattern.sub(lambda m: flags[m.group(0)], message)
+    # "--inputShape / input_shape" (the flag or the config key) reads as the keyword alone.
+    named = pattern.sub(lambda m: flags[m.group(0)], message)
+    keywords = "|".join(re.escape(k) for k in flags.values())
+    return re.sub(rf"(?<![A-Za-z0-9_])({keywords}) / \1(?![A-Za-z0-9_])", r"\1", named)
 

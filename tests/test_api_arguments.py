@@ -135,3 +135,5 @@ def test_each_flag_becomes_its_keyword_and_nothing_else_changes(keyword, text):
     assert as_keywords(f"{flag}: {text}", keywords) == f"{keyword}: {text}"
     assert as_keywords(text, keywords) == text
     assert as_keywords(f"{flag}s {text}", keywords) == f"{flag}s {text}"  # another word
+    # The flag or the config key ("--inputShape / input_shape") is the keyword alone.
+    assert as_keywords(f"{flag} / {keyword}: {text}", keywords) == f"{keyword}: {text}"

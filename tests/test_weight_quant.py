@@ -526,7 +526,7 @@ def test_an_input_shape_for_timing_is_checked_like_one_for_data(tmp_path):
     out = tmp_path / "q.onnx"
     for kind in ("WeightQuant", "DynamicQuant"):
         with pytest.raises(PtqUsageError, match=re.escape(
-                "--inputShape / input_shape: an input shape is given for 'nope', which is "
+                "input_shape: an input shape is given for 'nope', which is "
                 "not an input of the model; model inputs: 'x'")):
             ptqconv.convert(src, out, kind, input_shape="nope:1,64")
         assert not out.exists()
