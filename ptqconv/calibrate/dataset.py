@@ -228,8 +228,8 @@ class CalibrationSet:
             if a != b:
                 stray = [p for name in (first, spec.name) for p in all_files[name]
                          if p.suffix.lower() != ".bin"]
-                also = (f" ({shown(stray[0])} is no .bin file: is it a sample? Every file of "
-                        "a directory but hidden ones is read as one)" if stray else "")
+                also = (f" ({shown(stray[0])} is no .bin file: {NOT_A_SAMPLE})" if stray
+                        else "")
                 raise PtqUsageError(
                     f"{what}: input {first!r} has {a} files in {shown(dirs[first])} but input "
                     f"{spec.name!r} has {b} files in {shown(dirs[spec.name])}; sample k is file k "
@@ -454,6 +454,9 @@ def _check_memory(spec: InputSpec, shape: tuple[int, ...], what: str,
 
 
 # dtypes samples are commonly saved in, by mistake or by numpy's default.
+# What a file that is not named .bin and does not fit is asked (a note or a listing left
+# in a sample directory).
+NOT_A_SAMPLE = "is it a sample? Every file of the directory but hidden ones is read as one"
 SAVED_DTYPES = tuple(np.dtype(d) for d in ("float64", "float32", "float16", "int64", "int32"))
 
 
@@ -484,8 +487,7 @@ def _check_size(spec: InputSpec, shape: tuple[int, ...], path: Path, what: str,
                             if fixed else "") + ")")
         hint = f"; that is the size of {' or of '.join(sizes)}" if sizes else ""
         if path.suffix.lower() != ".bin":
-            hint += ("; is it a sample? Every file of the directory but hidden ones is read as "
-                     "one")
+            hint += f"; {NOT_A_SAMPLE}"
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(path)} is {size} bytes; expected {expected} "
             f"({spec.dtype.name} {_fmt(shape)}{origin}){hint}")
@@ -607,8 +609,7 @@ def _resolve_shape(
     unit = known * spec.dtype.itemsize
     size = _size(spec.name, first_file, what)
     if size == 0 or size % unit:
-        fix = (f"pass {_hint(spec)}" if first_file.suffix.lower() == ".bin" else
-               "is it a sample? Every file of the directory but hidden ones is read as one")
+        fix = f"pass {_hint(spec)}" if first_file.suffix.lower() == ".bin" else NOT_A_SAMPLE
         raise PtqUsageError(
             f"{what}: input {spec.name!r}: {shown(first_file)} is {size} bytes, not a positive "
             f"multiple of {unit} ({spec.dtype.name} {_fmt(model)} without dimension "

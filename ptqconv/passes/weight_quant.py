@@ -25,6 +25,7 @@ from ptqconv.graph.weight_slots import (
     transposed_weight_slot,
     weight_slot,
 )
+from ptqconv.passes.qdq_plan import WEIGHT_OPS
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
@@ -163,8 +164,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         says so instead of leaving them out of its count."""
         found: dict[ir.Value, Target] = {}
         for node in graph:
-            if not is_onnx(node) or node.op_type not in ("Conv", "ConvTranspose", "MatMul",
-                                                         "Gemm"):
+            if not is_onnx(node) or node.op_type not in WEIGHT_OPS:
                 continue
             for index, value in enumerate(node.inputs[:2]):
                 if value is None or value in slots:
