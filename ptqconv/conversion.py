@@ -30,6 +30,7 @@ from ptqconv.calibrate.dataset import (
 from ptqconv.debug import layer_report, sensitivity
 from ptqconv.dynamic_quant import dynamic_quant
 from ptqconv.errors import PtqError, PtqUsageError, shown
+from ptqconv.evaluate import held_out
 from ptqconv.evaluate.comparison import check_same_io, compare_sessions, gate_failures
 from ptqconv.evaluate.metrics import output_error
 from ptqconv.evaluate.run import random_sample
@@ -345,6 +346,7 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
     assert summary is not None and summary.latency_plan is not None
     units = len(summary.latency_plan.kept_float)
     errors: tuple[float, float] | None = None
+    one_sample = False  # the plan's lower error rests on one held-out sample: a tie
     if pt.probed is not None and pt.probed.slower:  # settled before AUTO scored anything
         report.post_training.plan_check = PlanCheck(
             pt.probed.timed, units, False,
@@ -365,16 +367,18 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
             keep, timed, why = _faster_twice(models, sample, "integer", "planned")
         if keep and pt.scoring is not None and not pt.plan_float:
             assert built is not None
-            planned_error = pt.held_out_error(built.model)
-            integer_error = pt.held_out_error(integer.model)
-            assert planned_error is not None and integer_error is not None
-            errors = (planned_error, integer_error)
-            if integer_error > planned_error + TIE:
+            planned_errors = pt.held_out_errors(built.model)
+            integer_errors = pt.held_out_errors(integer.model)
+            assert planned_errors is not None and integer_errors is not None
+            errors = (held_out.pooled(planned_errors), held_out.pooled(integer_errors))
+            if held_out.beats(planned_errors, integer_errors, TIE):
                 keep, why = False, "more held-out error"
+            one_sample = errors[1] > errors[0] + TIE
     except PtqError:
         return saved, built
     report.post_training = pt.adopt(latency, integer, summary) if keep else summary
-    report.post_training.plan_check = PlanCheck(timed, units, keep, why, errors, pt.plan_float)
+    report.post_training.plan_check = PlanCheck(timed, units, keep, why, errors, pt.plan_float,
+                                                one_sample and keep)
     report.latency = _written(timed, "integer" if keep else "planned")
     if not keep:
         return saved, built
@@ -464,24 +468,29 @@ def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: Conversi
     if plan_written:
         return _dynamic_over_float(pt, settings, report, data, staging, saved, built, dynamic)
     try:
-        dynamic_error = pt.held_out_error(dynamic)
-        # The chosen candidate's fold error is, as a rule, no lower than the written model's
-        # (calibrated on the held-out samples too): a model worse than it is refused without
-        # scoring the written one (BERT-base: 4 s).
-        chosen = next((m.error for m in summary.measured if m.choice == summary.chosen), None)
-        static_error = (chosen if chosen is not None and dynamic_error is not None
-                        and dynamic_error > chosen + TIE else pt.held_out_error(built.model))
+        dynamic_errors = pt.held_out_errors(dynamic)
+        # The chosen candidate's fold errors are, as a rule, no lower than the written
+        # model's (calibrated on the held-out samples too): a model worse than them is
+        # refused without scoring the written one (BERT-base: 4 s).
+        chosen = pt.chosen_errors
+        static_errors = (chosen if chosen is not None and dynamic_errors is not None
+                         and held_out.beats(chosen, dynamic_errors, TIE)
+                         else pt.held_out_errors(built.model))
     except PtqError:
         return saved
-    assert static_error is not None and dynamic_error is not None
-    if dynamic_error > static_error + TIE:
+    assert static_errors is not None and dynamic_errors is not None
+    # Both ways the AUTO rule: a lower error that one held-out sample carries is a tie.
+    static_error, dynamic_error = held_out.pooled(static_errors), held_out.pooled(dynamic_errors)
+    if held_out.beats(static_errors, dynamic_errors, TIE):
         summary.dynamic_check = DynamicCheck(static_error, dynamic_error, None,
                                              why="more held-out error")
         return saved
+    one_sample = abs(static_error - dynamic_error) > TIE  # and yet a tie
     models = {"float": settings.model_file, "written": saved.path, "dynamic": dynamic}
     sample = next(iter(data))
     try:
-        if dynamic_error < static_error - TIE:
+        if held_out.beats(dynamic_errors, static_errors, TIE):
+            one_sample = False
             # More accurate, as AUTO picks among the static candidates: kept unless it runs
             # slower than the static model, or than float, beyond the noise.
             timed = runtime.compare_latency(models, sample)
@@ -495,7 +504,8 @@ def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: Conversi
             why = f"not faster: {why}" if not keep else ""
     except PtqError:
         return saved
-    summary.dynamic_check = DynamicCheck(static_error, dynamic_error, timed, keep, why)
+    summary.dynamic_check = DynamicCheck(static_error, dynamic_error, timed, keep, why,
+                                         one_sample=one_sample)
     if not keep:
         return saved
     report.latency = _written(timed, "dynamic")

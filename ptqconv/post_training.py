@@ -232,10 +232,13 @@ class PostTraining:
         # AUTO's held-out samples and float outputs, kept to score a later candidate alike:
         # (references by output and sample, sample indices by fold, the folds' samples).
         self.scoring: tuple[dict, dict, dict] | None = None
-        # held_out_error by model: the latency and dynamic checks may both score the model
+        # held_out_errors by model: the latency and dynamic checks may both score the model
         # written (a scoring of BERT-base takes about 4 s).
-        self._held_out: weakref.WeakKeyDictionary[ir.Model, float | None] = (
+        self._held_out: weakref.WeakKeyDictionary[ir.Model, list[SampleErrors]] = (
             weakref.WeakKeyDictionary())
+        # The chosen candidate's errors on the held-out samples, per scored fold (None:
+        # AUTO scored nothing).
+        self.chosen_errors: list[SampleErrors] | None = None
         # Measured once per run (`residual_sum.measure`); None: nothing to measure.
         self.residual_sum: ResidualSum | None = None
 
@@ -710,6 +713,7 @@ class PostTraining:
             else:
                 if scorer.beats(flipped, best):
                     best = flipped
+        self.chosen_errors = [scorer.per_sample[best][f] for f in scored]
         return best, scorer.measured(start)
 
     def _light_products(self, float_model: ir.Model, statistics: Statistics,
@@ -845,19 +849,24 @@ class PostTraining:
         """Bytes of the constant weights of the float model's `op_types` nodes (main graph)."""
         return weight_bytes(self._rebuild[0], op_types)
 
-    def held_out_error(self, model: ir.Model) -> float | None:
-        """`model`'s output error on the samples AUTO scored its candidates on, pooled the
-        same way (None: AUTO scored nothing). The model written was calibrated on them too,
-        so its own figure is, if anything, flattering."""
+    def held_out_errors(self, model: ir.Model) -> list[SampleErrors] | None:
+        """`model`'s output errors on the samples AUTO scored its candidates on, per scored
+        fold, as the candidates' (None: AUTO scored nothing). The model written was
+        calibrated on them too, so its own figures are, if anything, flattering."""
         if self.scoring is None:
             return None
-        if model in self._held_out:
-            return self._held_out[model]
-        references, samples, held = self.scoring
-        self._held_out[model] = error = held_out.pooled(
-            [_output_error(model, held[fold], indices, references, self.settings.threads)
-             for fold, indices in samples.items()])
-        return error
+        if model not in self._held_out:
+            references, samples, held = self.scoring
+            self._held_out[model] = [
+                _output_error(model, held[fold], indices, references, self.settings.threads)
+                for fold, indices in samples.items()]
+        return self._held_out[model]
+
+    def held_out_error(self, model: ir.Model) -> float | None:
+        """held_out_errors pooled as the candidates' errors are (None: AUTO scored
+        nothing)."""
+        errors = self.held_out_errors(model)
+        return None if errors is None else held_out.pooled(errors)
 
     def describe(self, built: Built, summary: PostTrainingSummary) -> PostTrainingSummary:
         """`summary` (of `run`) with the figures of `built` (a rebuild: the accuracy-target

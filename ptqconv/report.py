@@ -105,11 +105,16 @@ class DynamicCheck:
     # The model it was weighed against is the latency plan's float one (static_error is
     # that float rewrite's): written unless that runs faster.
     over_float: bool = False
+    # The errors differ by more than the tie, but the lower one rests on one held-out
+    # sample (evaluate.held_out.beats): weighed as a tie, on speed.
+    one_sample: bool = False
 
     def line(self) -> str:
         weighed = "float plan" if self.over_float else "static model"
-        errors = (f"held-out error {self.dynamic_error:.3g} against the {weighed}'s "
-                  f"{self.static_error:.3g}")
+        dynamic, static = distinct(self.dynamic_error, self.static_error)
+        errors = (f"held-out error {dynamic} against the {weighed}'s {static}"
+                  + (" (the lower rests on one held-out sample: a tie)" if self.one_sample
+                     else ""))
         timed = ""
         if self.timed is not None:
             ms = self.timed.ms
@@ -138,6 +143,9 @@ class PlanCheck:
     errors: tuple[float, float] | None = None
     # The plan keeps every unit float: all-integer is written unless the plan runs faster.
     plan_float: bool = False
+    # all-integer was written though its error is above the plan's by more than the tie:
+    # the plan's lower error rests on one held-out sample (evaluate.held_out.beats).
+    one_sample: bool = False
 
 
 @dataclass
@@ -794,9 +802,10 @@ def plan_check_line(check: PlanCheck) -> str:
         kept += (" (the model asked for: not slower than the float plan)" if check.kept_integer
                  else f" (all-integer {check.why_kept})")
     elif check.errors is not None:
-        planned, integer = check.errors
-        errors = f"held-out error {integer:.3g} against the plan's {planned:.3g}"
-        kept += (f" (as accurate: {errors})" if check.kept_integer
+        integer, planned = distinct(check.errors[1], check.errors[0])
+        errors = f"held-out error {integer} against the plan's {planned}"
+        tie = "; the plan's lower error rests on one held-out sample" if check.one_sample else ""
+        kept += (f" (as accurate: {errors}{tie})" if check.kept_integer
                  else f" (all-integer faster, less accurate: {errors})")
     elif not check.kept_integer and ms["integer"] < ms["planned"] and check.why_kept:
         kept += f" (all-integer: {check.why_kept})"
@@ -926,6 +935,15 @@ def residual_sum_line(r: ResidualSum) -> str:
             f"{'written as Sum' if r.applied else 'kept'} (onnxruntime's SkipLayerNormalization "
             f"fusion {r.fused_ms:.3f} ms, unfused {r.unfused_ms:.3f} ms at "
             f"[{r.shape[0]}, {r.shape[1]}] on {r.cpu})")
+
+
+def distinct(a: float, b: float) -> tuple[str, str]:
+    """`a` and `b` to 3 significant digits, or as many more (up to 6) as tell them apart."""
+    for digits in range(3, 7):
+        shown = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return f"{a:.3g}", f"{b:.3g}"
 
 
 def _mb(n: int, unit_of: int | None = None) -> str:

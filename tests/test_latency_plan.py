@@ -358,9 +358,9 @@ def test_on_the_cost_models_cpu_its_plan_is_timed_against_all_integer(
         tmp_path, monkeypatch, capsys, integer_ms, kept_integer):
     # This machine taken for an AVX2 one: the plan keeps 3 units float, then the plan and the
     # all-integer model are timed together (scored as accurate: timings decide).
-    from ptqconv.post_training import PostTraining
+    from conftest import scored_alike
 
-    monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 0.001)
+    scored_alike(monkeypatch, 0.001)
     _, _, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_avx2",
         lambda labels, n: {"float": 2.0, "planned": 1.0, "integer": integer_ms})
@@ -388,20 +388,23 @@ def test_auto_writes_a_faster_all_integer_model_only_when_it_is_as_accurate(
         tmp_path, monkeypatch, capsys, as_accurate):
     # All-integer runs twice as fast as the plan; AUTO scored its candidates on held-out
     # samples, and the model that quantizes more is written only when it loses no accuracy.
+    from ptqconv.evaluate.held_out import pooled
     from ptqconv.post_training import PostTraining
 
-    scored = PostTraining.held_out_error
+    scored = PostTraining.held_out_errors
     errors = []
+    planned_errors = []
 
-    def held_out_error(self, model):
-        error = scored(self, model)
+    def held_out_errors(self, model):
+        found = scored(self, model)
         quantized = sum(n.op_type == "QuantizeLinear" for n in model.graph)
-        if errors and as_accurate:  # all-integer scored as the plan, a tie
-            error = errors[0][1]
-        errors.append((quantized, error))
-        return error
+        if planned_errors and as_accurate:  # all-integer scored as the plan, a tie
+            found = planned_errors[0]
+        planned_errors.append(found)
+        errors.append((quantized, pooled(found)))
+        return found
 
-    monkeypatch.setattr(PostTraining, "held_out_error", held_out_error)
+    monkeypatch.setattr(PostTraining, "held_out_errors", held_out_errors)
     _, _, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_avx2",
         lambda labels, n: {"float": 2.0, "planned": 1.0, "integer": 0.5},
@@ -422,6 +425,53 @@ def test_auto_writes_a_faster_all_integer_model_only_when_it_is_as_accurate(
     ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == (len(MOBILE) if as_accurate else 4)
     assert ("kept float for speed: 3 units" in summary) == (not as_accurate)
+
+
+@pytest.mark.parametrize("one_sample", [True, False])
+def test_a_plans_lower_error_that_one_held_out_sample_carries_is_a_tie(
+        tmp_path, monkeypatch, capsys, one_sample):
+    # All-integer runs twice as fast as the plan and scores worse on the first held-out
+    # sample only (one_sample), or on every sample: AUTO's rule, a win one sample carries is
+    # a tie, and the faster model is written.
+    from conftest import scored_alike
+
+    from ptqconv.evaluate.held_out import SampleErrors
+    from ptqconv.post_training import PostTraining
+
+    scored_alike(monkeypatch, 0.001)
+    scored, models = PostTraining.held_out_errors, []
+
+    def held_out_errors(self, model):
+        found = scored(self, model)
+        if model not in models:
+            models.append(model)
+        if models.index(model) == 0:  # the plan, scored first
+            return found
+        worse = []
+        for i, e in enumerate(found):
+            noise = {k: v * 2 for k, v in e.noise.items()}
+            if one_sample:
+                noise = {k: np.where(np.arange(len(v)) == 0, 0.1 if i == 0 else v, v)
+                         for k, v in e.noise.items()}
+            worse.append(SampleErrors(noise, e.signal))
+        return worse
+
+    monkeypatch.setattr(PostTraining, "held_out_errors", held_out_errors)
+    _, _, out, _ = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_avx2",
+        lambda labels, n: {"float": 2.0, "planned": 1.0, "integer": 0.5},
+        method="AUTO", samples=8)
+    summary = capsys.readouterr().out
+    check = next(line for line in summary.splitlines() if "latency check" in line)
+    assert len(models) == 2
+    if one_sample:
+        assert re.search(r"kept all-integer \(as accurate: held-out error 0\.\d+ against the "
+                         r"plan's 0\.001; the plan's lower error rests on one held-out "
+                         r"sample\)$", check), check
+    else:
+        assert check.endswith("kept the plan (all-integer faster, less accurate: held-out "
+                              "error 0.002 against the plan's 0.001)"), check
+    assert optimized_ops(out, tmp_path)["QLinearConv"] == (len(MOBILE) if one_sample else 4)
 
 
 def test_a_timing_decides_only_beyond_the_margin_and_the_noise():
@@ -466,10 +516,10 @@ def test_the_sign_tests_tail_is_the_binomial_tail(n, data):
 def test_an_encodings_file_replays_what_the_timing_chose(tmp_path, monkeypatch, capsys):
     # All-integer timed faster than the plan is what the encodings file records; imported, the
     # file decides alone (no plan, no timing) and the model comes out the same.
-    from ptqconv.post_training import PostTraining
+    from conftest import scored_alike
 
     faster = {"integer": 0.5}  # then the plan, should anything time them again
-    monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 0.001)
+    scored_alike(monkeypatch, 0.001)
     src, config, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_avx2",
         lambda labels, n: {"float": 2.0, "planned": 1.0, "quantized": 0.5,

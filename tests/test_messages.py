@@ -1,5 +1,6 @@
 """Messages a user needs: one line whatever a file is called, the culprit of a huge shape,
-misspelt or contradicting settings, the shape read from a file, progress in CI logs."""
+misspelt or contradicting settings, the shape read from a file, progress in CI logs, figures
+that can be told apart."""
 
 from __future__ import annotations
 
@@ -417,3 +418,15 @@ def test_nodes_skip_quant_node_keeps_float_are_named_in_the_summary(tmp_path, ca
     status, out, err = cli(capsys, *_pt(files), "--skipQuantNode=/fc2/Gemm")
     assert status == 0, err
     assert "  kept float by skip_quant_node: 1 node (/fc2/Gemm)\n" in out
+
+
+@given(st.floats(1e-12, 1e6), st.floats(1e-12, 1e6))
+def test_two_errors_are_shown_apart_unless_they_agree_to_six_digits(a, b):
+    from ptqconv.report import distinct
+
+    shown = distinct(a, b)
+    assert all(abs(float(x) - v) <= 5e-3 * v for x, v in zip(shown, (a, b), strict=True))
+    if f"{a:.6g}" != f"{b:.6g}":
+        assert shown[0] != shown[1]
+    if f"{a:.3g}" != f"{b:.3g}" or f"{a:.6g}" == f"{b:.6g}":  # no more digits than needed
+        assert shown == (f"{a:.3g}", f"{b:.3g}")

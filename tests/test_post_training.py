@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import run_model
+from conftest import run_model, scored_alike
 from harness import optimized_ops
 from models import (
     DIGITS,
@@ -693,15 +694,13 @@ def test_auto_writes_dynamic_quantization_where_it_measures_better(tmp_path, cap
     """A model of MatMul weights: DynamicQuant's model is scored on AUTO's held-out samples
     and timed against the static one. More accurate (run-time ranges fit each sample of
     scales 1/30 to 30), it is written unless slower; as accurate, only when faster."""
-    from ptqconv.post_training import PostTraining
-
     if tie:
-        monkeypatch.setattr(PostTraining, "held_out_error", lambda self, model: 0.001)
+        scored_alike(monkeypatch, 0.001)
     # 128 rows a sample: GEMMs the cost model quantizes.
     status, out = _auto_with_dynamic_timed(tmp_path, monkeypatch, mlp((64, 256, 256, 16)),
                                            (128, 64), dynamic_ms)
-    text = capsys.readouterr().out
-    assert status == 0, text
+    text, err = capsys.readouterr()
+    assert status == 0, err
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert ("DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops) == (not why), ops
     line = next(x for x in text.splitlines() if x.startswith("  dynamic quantization"))
@@ -715,6 +714,48 @@ def test_auto_writes_dynamic_quantization_where_it_measures_better(tmp_path, cap
     else:
         assert line.startswith("  dynamic quantization tried: held-out error ")
         assert line.endswith(f": kept the static model ({why})"), line
+        assert "QuantizeLinear" in ops
+
+
+@pytest.mark.parametrize("first_only", [True, False])
+def test_dynamic_quantizations_higher_error_on_one_held_out_sample_is_a_tie(
+        tmp_path, capsys, monkeypatch, first_only):
+    """DynamicQuant's model scores worse than the static one on the first held-out sample
+    only, or on every sample: the first is a tie (AUTO's rule), so the faster dynamic model
+    is written; the second refuses it without a timing."""
+    dynamic_ops = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+    def error(model):
+        return 0.1 if dynamic_ops & {n.op_type for n in model.graph} else None
+
+    scored_alike(monkeypatch, 0.001, error)
+    if not first_only:
+        from ptqconv.post_training import PostTraining
+
+        scored = PostTraining.held_out_errors
+
+        def everywhere(self, model):
+            found = scored(self, model)
+            if error(model) is None:
+                return found
+            return [type(e)({k: np.full_like(v, 0.1) for k, v in e.noise.items()}, e.signal)
+                    for e in found]
+
+        monkeypatch.setattr(PostTraining, "held_out_errors", everywhere)
+    status, out = _auto_with_dynamic_timed(tmp_path, monkeypatch, mlp((64, 256, 256, 16)),
+                                           (128, 64), 5.0)
+    text, err = capsys.readouterr()
+    assert status == 0, err
+    line = next(x for x in text.splitlines() if x.startswith("  dynamic quantization"))
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    if first_only:
+        assert re.search(r" written instead: held-out error 0\.\d+ against the static model's "
+                         r"0\.001 \(the lower rests on one held-out sample: a tie\), 0\.50x "
+                         r"float against 0\.80x", line), line
+        assert dynamic_ops & ops, ops
+    else:
+        assert line == ("  dynamic quantization tried: held-out error 0.1 against the static "
+                        "model's 0.001: kept the static model (more held-out error)"), line
         assert "QuantizeLinear" in ops
 
 
