@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import IdentityEliminationPass
 
 from ptqconv import qparams
 from ptqconv.errors import PtqUsageError
@@ -14,6 +13,7 @@ from ptqconv.passes.dynamic_quant import DynamicQuantConfig, DynamicQuantPass
 from ptqconv.passes.fold_recurrent_weights import FoldRecurrentWeightsPass
 from ptqconv.passes.fold_transposed_weights import FoldTransposedWeightsPass
 from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
+from ptqconv.passes.identity_elimination import IdentityEliminationPass
 from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.settings import DynamicQuantSettings

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import IdentityEliminationPass
 
 from ptqconv import modelio, qparams, runtime
 from ptqconv.calibrate.collector import collect
@@ -31,6 +30,7 @@ from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
 from ptqconv.passes.fold_recurrent_weights import FoldRecurrentWeightsPass
+from ptqconv.passes.identity_elimination import IdentityEliminationPass
 from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
 from ptqconv.passes.residual_sum import ResidualSumPass
 from ptqconv.passes.weight_equalize import WeightEqualizePass

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from cf_models import (
     loop_model,
@@ -18,6 +19,7 @@ from cf_models import (
     streaming_model,
     weights,
 )
+from conftest import run_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import save, write_samples
@@ -471,3 +473,45 @@ def test_a_target_only_body_units_could_meet_says_the_repair_cannot_rank_them(tm
     assert not report.passed and report.target is not None and not report.target.attempts
     assert ("not met: the repair keeps main-graph units float, and this model quantizes "
             "units only inside If / Loop / Scan bodies") in report.format()
+
+
+def _gated_model() -> onnx.ModelProto:
+    """openWakeWord's shape: an If whose else branch returns an outer value through Identity
+    (onnxruntime refuses a body output that is an outer value itself), and a model output
+    that is another one's Identity."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    then = helper.make_graph(
+        [helper.make_node("Relu", ["y"], ["t"])], "then", [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 64])])
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["y"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 64])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]),
+         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+         helper.make_node("Greater", ["s", "zero"], ["c"]),
+         helper.make_node("If", ["c"], ["out"], then_branch=then, else_branch=other),
+         helper.make_node("Identity", ["out"], ["copy"])],
+        "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 64]),
+         helper.make_tensor_value_info("copy", TensorProto.FLOAT, [1, 64])],
+        [w, numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("quant_type", ["WeightQuant", "DynamicQuant"])
+def test_identities_that_onnxruntime_or_the_outputs_need_stay(tmp_path, quant_type):
+    # onnx-ir's Identity elimination would return the outer y from the else branch (a model
+    # onnxruntime does not load) and rename out to copy, listing copy twice.
+    src = save(_gated_model(), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    report = convert(src, out, quant_type, bit_num=8)
+    assert report.quantized
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["out", "copy"]
+    for sign in (1.0, -1.0):
+        x = sign * np.abs(np.random.default_rng(1).standard_normal((1, 64))).astype(np.float32)
+        expected = run_model(src, {"x": x})
+        for got, want in zip(session.run(None, {"x": x}), expected, strict=True):
+            np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
