@@ -169,15 +169,17 @@ def run_child(case: str, args: dict[str, Any], repeat: int = 1,
 
 def machine() -> dict[str, Any]:
     """CPU, cores, SIMD flags and library versions: what the figures depend on."""
-    cpu, flags = platform.processor() or "unknown CPU", set()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
+            if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
+    from ptqconv.target import cpu_name
+
+    cpu = cpu_name()
     import numpy
     import onnx
     import onnxruntime

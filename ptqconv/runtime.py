@@ -8,7 +8,6 @@ import ctypes
 import gc
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -26,6 +25,7 @@ import onnxruntime as ort
 from ptqconv.errors import PtqError, PtqUsageError, one_line
 from ptqconv.files import is_utf8, temporary_directory
 from ptqconv.graph.naming import values_by_name
+from ptqconv.target import cpu_name
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -467,13 +467,8 @@ def available_memory() -> int | None:
 
 def cpu_description() -> str:
     """The CPU's name and the SIMD features onnxruntime's integer kernels depend on
-    (docs/reference.md §3), e.g. "AMD EPYC (AVX2, no VNNI)"."""
-    name = platform.processor() or platform.machine() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+    (docs/reference.md §3), e.g. "AMD EPYC family 25 model 1 (AVX2, no VNNI)"."""
+    name = cpu_name()
     from numpy._core._multiarray_umath import __cpu_features__ as features
 
     if features.get("AVX2"):

@@ -82,3 +82,18 @@ def test_a_target_without_saturation_converted_here_says_the_errors_are_this_cpu
                  "--quantType=PostTraining", f"--configFile={config}"]) == 0
     assert ("note: the errors below are measured on this CPU, whose U8S8 kernels saturate the "
             "8-bit weights x86_vnni's do not") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cpuinfo, name", [
+    # A virtual machine's generic name gets the family and model that tell its generation.
+    ("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+     "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n",
+     "AMD EPYC family 25 model 1"),
+    ("cpu family\t: 6\nmodel\t\t: 106\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ "
+     "2.90GHz\n", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"),
+    ("model name\t: AMD EPYC\n", "AMD EPYC"),  # no family to add
+])
+def test_the_cpu_is_named_so_that_two_machines_can_be_told_apart(cpuinfo, name):
+    from ptqconv.target import cpu_name
+
+    assert cpu_name(cpuinfo) == name
