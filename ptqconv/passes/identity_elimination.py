@@ -18,6 +18,7 @@ from ptqconv.graph.subgraphs import owner
 
 
 class IdentityEliminationPass(_OnnxIrPass):
+    # onnx-ir's per-node hook; should it be renamed, tests/test_control_flow.py fails.
     def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
         if node.op_type == "Identity" and node.domain == "" and len(node.inputs) == 1 \
                 and len(node.outputs) == 1 and node.outputs[0].is_graph_output() \
@@ -25,4 +26,3 @@ class IdentityEliminationPass(_OnnxIrPass):
                 and (x.is_graph_output() or owner(x) is not node.graph):
             return False
         return super()._try_eliminate_identity_node(node)
-
