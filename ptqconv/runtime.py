@@ -410,10 +410,7 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
     threads = threads or os.cpu_count() or 1
     sessions = {}
     for label, source in models.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = ORT_LOG_LEVEL
-        bound_spinning(options)
+        options = session_options(threads)
         for key, value in (session_config or {}).get(label, {}).items():
             options.add_session_config_entry(key, value)
         try:

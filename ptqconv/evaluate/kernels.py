@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ptqconv.runtime import LEVELS, ORT_LOG_LEVEL
+from ptqconv.runtime import session_options
 
 # docs/reference.md §3. MatMulNBits computes with int8 activations at onnxruntime's default
 # accuracy level for fused weight-only models (level 4).
@@ -55,10 +55,7 @@ def kernel_share(model_file: Path, feeds: Mapping[str, np.ndarray], threads: int
     """Run `feeds` once through `model_file` with profiling; size each Conv/MatMul/Gemm node
     of the optimized graph from its output shape and weight (or input) depth."""
     with tempfile.TemporaryDirectory(prefix="ptqconv-kernels-") as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = LEVELS[level]
-        options.log_severity_level = ORT_LOG_LEVEL
+        options = session_options(threads, level)
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
