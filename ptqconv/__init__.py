@@ -5,8 +5,11 @@
                              config_file="quant.ini")
     report.post_training.units, report.size_after, report.format()
 
-`convert` takes the converter's flags as keyword arguments (see `ConvertSettings.create`);
-`ptqconv.evaluate.benchmark` is `ptqconv benchmark`.
+    check = ptqconv.benchmark("model_int8.onnx", "model.onnx", in_data_dir="input:eval")
+    check.passed, check.comparisons
+
+`convert` takes the converter's flags as keyword arguments (see `ConvertSettings.create`),
+`benchmark` the benchmark's (`ptqconv benchmark`; see `BenchmarkSettings.create`).
 """
 
 from __future__ import annotations
@@ -22,16 +25,19 @@ from typing import Any
 # Imported for its effect, before anything imports onnx_ir: sympy loads only when used.
 import ptqconv.lazy  # noqa: F401
 from ptqconv.errors import PtqError, PtqUsageError
+from ptqconv.evaluate.report import BenchmarkReport
 from ptqconv.report import ConversionReport
 from ptqconv.settings import ConvertSettings
 from ptqconv.values import QuantType
 
 __all__ = [
+    "BenchmarkReport",
     "ConversionReport",
     "ConvertSettings",
     "PtqError",
     "PtqUsageError",
     "QuantType",
+    "benchmark",
     "convert",
 ]
 __version__ = "0.1.0"
@@ -57,5 +63,30 @@ def convert(model_file: str | os.PathLike, output_file: str | os.PathLike,
     try:
         return run(ConvertSettings.create(model_file, output_file, quant_type, **flags))
     except PtqError as exc:  # name what the caller typed: bit_num, not --bitNum
+        exc.args = (as_keywords(str(exc), keywords), *exc.args[1:])
+        raise
+
+
+def benchmark(model_file: str | os.PathLike, reference_model: str | os.PathLike | None = None,
+              **flags: Any) -> BenchmarkReport:
+    """Compare a quantized model with its float one on input samples and time both, as the
+    `ptqconv benchmark` command does.
+
+    `flags` are `BenchmarkSettings.create`'s: in_data_dir, in_data_file, benchmark_data_file,
+    input_shape, accuracy_threshold, cosine_distance_threshold, report_file,
+    graph_optimization_level, num_threads, loop_count, warm_up_loop_count, input_shapes,
+    input_data_format, config_file. Errors are `convert`'s: one line, naming the keywords.
+    """
+    import inspect
+
+    from ptqconv.arguments import as_keywords, known_keywords
+    from ptqconv.evaluate import BenchmarkSettings
+    from ptqconv.evaluate import benchmark as run
+
+    keywords = list(inspect.signature(BenchmarkSettings.create).parameters)
+    known_keywords("benchmark", flags, keywords[2:])
+    try:
+        return run(BenchmarkSettings.create(model_file, reference_model, **flags))
+    except PtqError as exc:
         exc.args = (as_keywords(str(exc), keywords), *exc.args[1:])
         raise

@@ -137,3 +137,24 @@ def test_each_flag_becomes_its_keyword_and_nothing_else_changes(keyword, text):
     assert as_keywords(f"{flag}s {text}", keywords) == f"{flag}s {text}"  # another word
     # The flag or the config key ("--inputShape / input_shape") is the keyword alone.
     assert as_keywords(f"{flag} / {keyword}: {text}", keywords) == f"{keyword}: {text}"
+
+
+def test_ptqconv_benchmark_takes_the_benchmarks_flags_as_keywords(tmp_path):
+    report = ptqconv.benchmark(MODEL, os.fsencode(MODEL), in_data_dir={"input": EVAL},
+                               loop_count=np.int32(2), report_file=tmp_path / "r.json")
+    assert report.passed and report.comparisons["logits"].cosine == pytest.approx(1.0)
+    assert (tmp_path / "r.json").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(inDataDir=EVAL), "benchmark: unknown keyword 'inDataDir'; did you mean "
+                           "'in_data_dir'?"),
+    (dict(in_data_dir="input:/no/such/dir"), "in_data_dir: input 'input': directory "
+                                             "/no/such/dir does not exist"),
+    (dict(in_data_dir=EVAL, accuracy_threshold=-1), "accuracy_threshold: -1 is out of range"),
+    (dict(in_data_dir=EVAL, cosine_distance_threshold=2),
+     "cosine_distance_threshold: 2 is out of range"),
+])
+def test_ptqconv_benchmarks_errors_name_the_keywords(flags, message):
+    with pytest.raises(PtqUsageError, match=message):
+        ptqconv.benchmark(MODEL, MODEL, **flags)
