@@ -189,8 +189,10 @@ def test_a_streaming_if_model_runs_its_convs_and_matmuls_as_integer_kernels(tmp_
     dirs = {name: write_samples(tmp_path / name, [s[name] for s in samples])
             for name in ("x", "h", "active")}
     ini = tmp_path / "c.ini"
+    # The dynamic model scores more accurate here and is written when timed 5% faster (VNNI).
     ini.write_text("[data_preprocess_param]\ncalibrate_path="
-                   + ",".join(f"{n}:{d}" for n, d in dirs.items()) + "\ncalibrate_size=48\n")
+                   + ",".join(f"{n}:{d}" for n, d in dirs.items()) + "\ncalibrate_size=48\n"
+                   "[full_quant_param]\ndynamic_candidate=false\n")
     out = tmp_path / "q.onnx"
     report = convert(src, out, "PostTraining", config_file=ini)
     branches = _optimized_bodies(out)
