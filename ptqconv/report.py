@@ -80,14 +80,17 @@ class ImportSummary:
 @dataclass(frozen=True)
 class LatencyCheck:
     """Where latency_aware was left to a target the cost model was not measured on: the
-    all-integer model timed against float on a calibration sample, and the cost model's plan
-    timed too when all-integer was slower."""
+    all-integer model timed against float on a calibration sample, beside the cost model's
+    plan where that keeps units float (conversion._check_latency)."""
 
-    integer: Latency  # "float" and "quantized" (all-integer)
-    planned: Latency | None = None  # "float", "quantized", "planned"; None: not needed
+    integer: Latency  # "float" and "quantized" (all-integer), the first timing
+    planned: Latency | None = None  # "float", "quantized", "planned"; None: no plan to time
     planned_float_units: int = 0  # units the plan keeps float
     kept_plan: bool = False
     why_kept: str = ""  # why the faster-looking model was not written (runtime.not_faster)
+    # Held-out errors (plan, all-integer), where the plan ran faster than an all-integer
+    # model that was not slower than float and AUTO scored candidates.
+    errors: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -789,9 +792,14 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
     plan = (f"the cost model's plan ({check.planned_float_units} units float) "
             f"{ms['planned'] / ms['float']:.2f}x, all-integer {ms['quantized'] / ms['float']:.2f}x")
     kept = "kept the plan" if check.kept_plan else "kept all-integer"
-    if not check.kept_plan and ms["planned"] < ms["quantized"] and check.why_kept:
+    if check.errors is not None:
+        planned, integer = distinct(*check.errors)
+        errors = f"held-out error {planned} against all-integer's {integer}"
+        kept += (f" (as accurate: {errors})" if check.kept_plan
+                 else f" (the plan faster, less accurate: {errors})")
+    elif not check.kept_plan and ms["planned"] < ms["quantized"] and check.why_kept:
         kept += f" (the plan: {check.why_kept})"
-    return (f"{line}, then {plan} ({check.planned.runs} interleaved runs, "
+    return (f"{line}; {plan} ({check.planned.runs} interleaved runs, "
             f"{check.planned.cpu}): {kept}")
 
 
