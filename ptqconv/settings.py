@@ -356,6 +356,14 @@ _OWN_SECTIONS = {
 }
 
 
+# Keys of [full_quant_param] that other types read too: GPTQ's calibration runs on
+# thread_num threads, and DynamicQuant's weights follow the target.
+_SHARED_KEYS = {
+    "thread_num": frozenset({QuantType.WEIGHT_QUANT}),
+    "target_device": frozenset({QuantType.DYNAMIC_QUANT}),
+}
+
+
 def _refuse_other_sections(config: QuantConfig | None, qtype: QuantType) -> None:
     """A key of another quantization type's section (a [full_quant_param] in a config run as
     WeightQuant) is an error, as an unknown key is: it was ignored in silence."""
@@ -364,7 +372,8 @@ def _refuse_other_sections(config: QuantConfig | None, qtype: QuantType) -> None
     for name, key in config.keys.items():
         section = key[1:].split("]", 1)[0] if key.startswith("[") else ""
         owner = _OWN_SECTIONS.get(section)
-        if owner is not None and owner is not qtype:
+        if owner is not None and owner is not qtype and qtype not in _SHARED_KEYS.get(
+                name, ()):
             raise PtqUsageError(f"{config.where(name)}: [{section}] is for "
                                 f"--quantType={owner.value}, not {qtype.value}: its keys would "
                                 "do nothing; remove the section")

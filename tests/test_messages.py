@@ -129,6 +129,19 @@ def test_calibrate_size_above_the_files_is_refused(tmp_path, capsys, samples, fo
            f"'input' has only {found}")
 
 
+def test_a_post_training_key_given_to_weight_quant_is_refused_unless_it_reads_it(
+        tmp_path, capsys):
+    files = digits_workspace(tmp_path, config="[full_quant_param]\nactivation_quant_method=KL\n")
+    args = _wq(files, "--bitNum=8", f"--configFile={files['config']}")
+    fails(capsys, tmp_path, args, 2, "[full_quant_param] activation_quant_method: "
+          "[full_quant_param] is for --quantType=PostTraining, not WeightQuant")
+    # GPTQ calibrates on thread_num threads: MindSpore's key, where its docs put it.
+    files["config"].write_text(files["config"].read_text().replace(
+        "activation_quant_method=KL", "thread_num=2\n[weight_quant_param]\nquant_strategy=GPTQ"))
+    status, _, err = cli(capsys, *args)
+    assert status == 0, err
+
+
 @pytest.mark.parametrize("ask", ["--debugDir", "--sensitivity"])
 def test_post_training_debugging_asked_of_weight_quant_is_refused(tmp_path, capsys, ask):
     files = digits_workspace(tmp_path)
