@@ -29,6 +29,7 @@ from ptqconv.passes.qdq_plan import WEIGHT_OPS
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
+from ptqconv.weights.sum_rounding import sum_preserving
 
 # onnxruntime's MatMulNBits is wrong for int2 weights unless N % 4 == 0: such weights keep the
 # int2 grid in an int4 container (docs/decisions.md, int2 weights). So do int2 weights read
@@ -63,6 +64,12 @@ class WeightRecord:
     bits: int = 0
     layout: str = ""  # "per channel", "per tensor", "blocks of 32"
     method: str = ""  # "nearest" or "GPTQ"
+
+
+# Ops whose every output adds its weights' products over one channel (or block): their
+# integers keep that channel's sum (weights.sum_rounding). Not Gather's rows, nor
+# ConvTranspose, whose strided outputs each read a subset of the taps.
+SUMMING_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
 @dataclass
@@ -307,6 +314,8 @@ class WeightQuantPass(ir.passes.InPlacePass):
             if weights.dtype != np.float32:
                 weights = weights.astype(np.float32)
             integer = layouts.nearest(weights, layout, float_type.numpy())
+            if all(slot.node.op_type in SUMMING_OPS for slot in slots):
+                integer = sum_preserving(weights, integer, target.channel_axis)
             if self.config.correct:
                 integer = corrected(weights, integer,
                                     None if layout.axis is None else target.channel_axis)
