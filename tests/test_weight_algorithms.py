@@ -133,9 +133,9 @@ def chain(gemm: bool) -> onnx.ModelProto:
     return model
 
 
-def rounded(w: np.ndarray, layout: WeightLayout, channel_axis: int) -> IntegerWeight:
-    """How WeightQuant rounds a Conv/Gemm/MatMul weight without GPTQ."""
-    return sum_preserving(w, layouts.nearest(w, layout), channel_axis)
+def rounded(w: np.ndarray, layout: WeightLayout) -> IntegerWeight:
+    """How WeightQuant rounds a Conv weight without GPTQ (other weights: to nearest)."""
+    return sum_preserving(w, layouts.nearest(w, layout))
 
 
 @pytest.mark.parametrize("gemm", [False, True])
@@ -159,8 +159,8 @@ def test_blocks_are_fused_into_matmulnbits(tmp_path, gemm):
     floats, h = initializers(src), x.astype(np.float64)
     for i in range(3):  # numpy with the blocks' own dequantized weights
         w = floats[f"w{i}"].T if gemm else floats[f"w{i}"]
-        h = h @ rounded(w, WeightLayout(qparams.weight_only_grid(4), 0, 32), 1
-                        ).dequantized() + floats[f"b{i}"]
+        h = h @ layouts.nearest(w, WeightLayout(qparams.weight_only_grid(4), 0, 32)
+                                ).dequantized() + floats[f"b{i}"]
         h = h / (1 + np.abs(h)) if i < 2 else h
     # MatMulNBits quantizes activations to int8 by default (accuracy level 4).
     assert sqnr_db(h, got) > 35
@@ -178,8 +178,8 @@ def test_block_dequantization_matches_each_blocks_own_grid(tmp_path):
     np.testing.assert_array_equal(inits["table_scale"], want.scale)
     ids = np.arange(8, dtype=np.int64).reshape(1, 8) * 97
     (got,) = run_model(out, {"ids": ids})
-    expected = want.dequantized()[ids[0]] @ rounded(
-        initializers(src)["proj"], WeightLayout(qparams.weight_only_grid(4), 0, 16), 1
+    expected = want.dequantized()[ids[0]] @ layouts.nearest(
+        initializers(src)["proj"], WeightLayout(qparams.weight_only_grid(4), 0, 16)
     ).dequantized()
     np.testing.assert_allclose(got[0], expected, atol=0.05 * np.abs(expected).max())
 
@@ -215,7 +215,7 @@ def test_weight_correction_is_folded_into_the_scales(tmp_path):
     w = initializers(src)["w"]
     a, b = initializers(plain), initializers(out)
     np.testing.assert_array_equal(a["w_quantized"], b["w_quantized"])
-    integers = rounded(w, WeightLayout(qparams.weight_only_grid(3), 0), 0)
+    integers = rounded(w, WeightLayout(qparams.weight_only_grid(3), 0))
     var, _ = correction_factors(w, integers.dequantized(), 0)
     np.testing.assert_allclose(b["w_scale"], a["w_scale"] * var.reshape(-1), rtol=1e-6)
     assert len(onnx.load(str(out)).graph.node) == 2  # DequantizeLinear + Conv: nothing added

@@ -66,12 +66,6 @@ class WeightRecord:
     method: str = ""  # "nearest" or "GPTQ"
 
 
-# Ops whose every output adds its weights' products over one channel (or block): their
-# integers keep that channel's sum (weights.sum_rounding). Not Gather's rows, nor
-# ConvTranspose, whose strided outputs each read a subset of the taps.
-SUMMING_OPS = frozenset({"Conv", "Gemm", "MatMul"})
-
-
 @dataclass
 class WeightQuantConfig:
     grid: qparams.Grid
@@ -314,8 +308,8 @@ class WeightQuantPass(ir.passes.InPlacePass):
             if weights.dtype != np.float32:
                 weights = weights.astype(np.float32)
             integer = layouts.nearest(weights, layout, float_type.numpy())
-            if all(slot.node.op_type in SUMMING_OPS for slot in slots):
-                integer = sum_preserving(weights, integer, target.channel_axis)
+            if all(slot.node.op_type == "Conv" for slot in slots):
+                integer = sum_preserving(weights, integer)
             if self.config.correct:
                 integer = corrected(weights, integer,
                                     None if layout.axis is None else target.channel_axis)

@@ -1,75 +1,38 @@
-"""Rounding that keeps each output channel's sum: round to nearest, then move the fewest
-integers whose rounding was closest to a tie one step the other way, so that within every
-run of weights one output reads through (a channel, or one block of it) the integers add up to
-the rounded sum of the unrounded grid values.
+"""Rounding that keeps each kernel's sum: round a Conv weight to nearest, then move the fewest
+integers whose rounding was closest to a tie one step the other way, so that the taps of
+every (output, input channel) kernel add up to the rounded sum of their unrounded grid values.
 
-Why: a layer's output error is sum_k e_k x_k over the weights' errors e. Where the inputs of
-one output share a common level (smooth images under a 3x3 depthwise conv, activations with a
-mean), that level times sum_k e_k is the error, and nearest rounding leaves that sum a random
-walk of the errors: mobilenet_v2's first depthwise conv, whose BN-folded channels are
-derivative filters with weights that nearly cancel, lost 2.7% of output cosine to it at 8
-bits. Data-free and on the same grid: every integer stays within one step of its value,
-nothing is added to the graph (docs/decisions.md, sum-preserving rounding).
+Why: on a smooth input map a kernel's output is its taps' sum times the local level, and
+nearest rounding misses that sum by a random walk of the taps' rounding errors: mobilenet_v2's
+first depthwise conv, whose BN-folded channels are derivative filters with taps that nearly
+cancel, lost 2.7% of output cosine to it at 8 bits. Data-free and on the same grid: every
+integer stays within one step of its value, nothing is added to the graph. Kept per kernel,
+not per output channel: the inputs of a 1x1 conv, a Gemm or a MatMul share no level, and
+moving their roundings only added error (docs/decisions.md, sum-preserving rounding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from ptqconv.weights.layout import IntegerWeight, blocked, expand
+from ptqconv.weights.layout import IntegerWeight, expand
 
 
-def sum_preserving(w: np.ndarray, integer: IntegerWeight, channel_axis: int) -> IntegerWeight:
-    """`integer` (nearest rounding of `w`) with each output channel's integers, or each
-    block's, adding up to their rounded unrounded sum (module docstring)."""
-    if integer.layout.grid.binary or w.ndim < 2:
-        return integer
-    shape = w.shape
-    scale = expand(integer.scale, integer.layout, shape).astype(np.float64)
-    zero_point = expand(integer.zero_point, integer.layout, shape).astype(np.float64)
-    exact = w.astype(np.float64) / scale + zero_point
-    group, ungroup = _grouping(shape, integer, channel_axis)
-    x, q = group(exact), group(integer.q.astype(np.float64))
-    _keep_sums(x, q, integer.layout.grid.qmin, integer.layout.grid.qmax)
-    return IntegerWeight(ungroup(q).astype(integer.q.dtype), integer.scale, integer.zero_point,
-                         integer.layout)
-
-
-def _grouping(shape: tuple[int, ...], integer: IntegerWeight, channel_axis: int,
-              ) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-    """Views of a weight-shaped array as [groups, members] (a channel, or a block of one,
-    per row; a short last block padded with exact zeros) and back."""
-    ndim = len(shape)
-    channel = channel_axis % ndim
+def sum_preserving(w: np.ndarray, integer: IntegerWeight) -> IntegerWeight:
+    """`integer` (nearest rounding of the Conv weight `w`, [O, I, *kernel]) with each
+    kernel's taps adding up to their rounded unrounded sum (module docstring). Weights of
+    one tap, and layouts whose blocks would split a kernel, are returned as they are."""
     layout = integer.layout
-    if layout.block_size and layout.axis is not None and layout.axis % ndim != channel:
-        axis, size = layout.axis % ndim, layout.block_size
-        front = [channel + 1 if channel > axis else channel, axis]
-        order = front + [d for d in range(ndim + 1) if d not in front]
-
-        def group(a: np.ndarray) -> np.ndarray:
-            t = blocked(a, axis, size).transpose(order)
-            return np.ascontiguousarray(t).reshape(t.shape[0] * t.shape[1], -1)
-
-        def ungroup(g: np.ndarray) -> np.ndarray:
-            blocks = -(-shape[axis] // size)
-            full = [*shape[:axis], blocks, size, *shape[axis + 1:]]
-            t = g.reshape([full[d] for d in order]).transpose(np.argsort(order))
-            t = t.reshape(*shape[:axis], blocks * size, *shape[axis + 1:])
-            return t[(slice(None),) * axis + (slice(0, shape[axis]),)]
-
-        return group, ungroup
-
-    def group_channels(a: np.ndarray) -> np.ndarray:
-        return np.moveaxis(a, channel, 0).reshape(shape[channel], -1)
-
-    def ungroup_channels(g: np.ndarray) -> np.ndarray:
-        moved = [shape[channel], *(shape[d] for d in range(ndim) if d != channel)]
-        return np.moveaxis(g.reshape(moved), 0, channel)
-
-    return group_channels, ungroup_channels
+    taps = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
+    if taps == 1 or layout.grid.binary or (layout.block_size and layout.axis not in (0, 1)):
+        return integer
+    scale = expand(integer.scale, layout, w.shape).astype(np.float64)
+    zero_point = expand(integer.zero_point, layout, w.shape).astype(np.float64)
+    exact = (w.astype(np.float64) / scale + zero_point).reshape(-1, taps)
+    q = integer.q.astype(np.float64).reshape(-1, taps)
+    _keep_sums(exact, q, layout.grid.qmin, layout.grid.qmax)
+    return IntegerWeight(q.reshape(w.shape).astype(integer.q.dtype), integer.scale,
+                         integer.zero_point, layout)
 
 
 def _keep_sums(x: np.ndarray, q: np.ndarray, qmin: int, qmax: int) -> None:
