@@ -567,12 +567,12 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
     lines = [
         f"  target: {s.target.describe(s.bit_num)}{given}",
         *host,
-        (f"  calibration: {s.method} on {s.samples} samples" if s.units or s.bodies else
-         f"  calibration: {s.method} on {s.samples} samples (for the all-integer candidates; "
-         "the float plan written uses no range)" if s.measured else
-         f"  calibration: {s.samples} samples (tensor shapes for the latency plan; no range "
-         "used)")
-        + (f" (histograms of {s.histogram_sampled} tensors from at most "
+        (f"  calibration: {s.method} on {_count(s.samples, 'sample')}" if s.units or s.bodies
+         else f"  calibration: {s.method} on {_count(s.samples, 'sample')} (for the "
+         "all-integer candidates; the float plan written uses no range)" if s.measured else
+         f"  calibration: {_count(s.samples, 'sample')} (tensor shapes for the latency plan; "
+         "no range used)")
+        + (f" (histograms of {_count(s.histogram_sampled, 'tensor')} from at most "
            f"{s.histogram_values:,} of their values a sample; histogram_sampling=false bins "
            f"all)" if s.histogram_sampled else ""),
         *(_import_lines(s.imported, s.method, s.bit_num) if s.imported else []),
@@ -779,6 +779,10 @@ def kept_float_lines(plan: LatencyPlan | None, shown: int = 3) -> list[str]:
              f"{plan.quantized_us / 1e3:.2f} ms all integer, {plan.float_us / 1e3:.2f} ms all "
              "float)"]
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def latency_check_line(check: LatencyCheck, target: str) -> str:

@@ -27,7 +27,9 @@ def allowed_range(low: int | float, high: int | float | None) -> str:
     def shown(bound: int | float) -> str:  # integer bounds in full (1048576, not 1.04858e+06)
         return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
-    return f"[{shown(low)}, {shown(high)}]" if high is not None else f">= {shown(low)}"
+    if high is None:
+        return f">= {shown(low)}"
+    return shown(low) if low == high else f"[{shown(low)}, {shown(high)}]"
 
 
 def integer(value: str | int, low: int, high: int | None = None) -> int:

@@ -78,7 +78,9 @@ def test_integer_accepts_exactly_the_range(number, low, span):
         assert values.integer(str(number), low, high) == number
         assert values.integer(f" {number} ", low, high) == number
     else:
-        with pytest.raises(Invalid, match=rf"^{number} is out of range; allowed: \[{low}, "):
+        # A one-value range is that value ("allowed: 8", not "[8, 8]").
+        allowed = rf"{low}$" if span == 0 else rf"\[{low}, {high}\]$"
+        with pytest.raises(Invalid, match=rf"^{number} is out of range; allowed: {allowed}"):
             values.integer(str(number), low, high)
 
 
