@@ -129,13 +129,12 @@ def test_sensitivity_ranks_the_outlier_unit_first(tmp_path, capsys):
     )
     rows = list(csv.DictReader((tmp_path / "d" / "sensitivity.csv").open()))
     assert len(rows) == 9  # 5 Conv, 2 Add, GlobalAveragePool, Gemm
-    # The unit that reads the crushed tensor b0ar (block0_conv1) costs far more than a
-    # well-behaved one and ranks among the worst three; since conv kernels keep their sums,
-    # the crushed channels' near-constant codes cost less, and the Gemm may rank first.
+    # The worst unit is one that quantizes the crushed tensor b0ar (block0_conv0 writes it,
+    # block0_conv1 reads it); a well-behaved unit costs far less.
+    assert rows[0]["node_name"] in ("block0_conv0", "block0_conv1")
     sqnr = {r["node_name"]: float(r["output_sqnr_db_alone"]) for r in rows}
     assert list(sqnr.values()) == sorted(sqnr.values())
-    assert "block0_conv1" in [r["node_name"] for r in rows[:3]]
-    assert sqnr["block0_conv1"] < sqnr["stem"] - 20
+    assert sqnr[rows[0]["node_name"]] < sqnr["stem"] - 20
     assert f"--skipQuantNode={rows[0]['node_name']}" in capsys.readouterr().out
 
 
