@@ -579,7 +579,10 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         *_measured_lines(s),
         *([f"  KL thresholds refused: {s.kl_refused} (clipping would leave below "
            f"{KL_SQNR_FLOOR_DB:g} dB SQNR; observed range used)"] if s.kl_refused else []),
-        *([f"  activations: {s.activation_bits}-bit"] if s.activation_bits != s.bit_num else []),
+        *([f"  activations: {s.activation_bits}-bit"
+           + (" (activation_bit_num follows bit_num; activation_bit_num=8 keeps 8-bit ones)"
+              if s.activation_bits == s.bit_num else "")]
+          if s.activation_bits != s.bit_num or s.activation_bits < 8 else []),
         f"  node units quantized: {s.units}",
         *([f"  kept float by skip_quant_node: {len(s.skipped)} node"
            f"{'s' if len(s.skipped) > 1 else ''} ({', '.join(s.skipped[:5])}"

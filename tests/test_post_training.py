@@ -363,6 +363,24 @@ def test_w4a8_keeps_8_bit_activations_with_4_bit_weights(tmp_path):
     assert errors["w4a8"] < 0.7 * errors["w4a4"], errors
 
 
+@pytest.mark.parametrize("extra, line", [
+    ("", "  activations: 4-bit (activation_bit_num follows bit_num; activation_bit_num=8 keeps "
+         "8-bit ones)\n"),
+    ("activation_bit_num=8\n", "  activations: 8-bit\n"),
+])
+def test_the_summary_says_what_width_the_activations_take(tmp_path, extra, line):
+    import ptqconv
+
+    config = tmp_path / "c.ini"
+    config.write_text(f"[common_quant_param]\nbit_num=4\n[data_preprocess_param]\n"
+                      f"calibrate_path=input:{DIGITS / 'calib' / 'input'}\ncalibrate_size=8\n"
+                      "[full_quant_param]\nactivation_quant_method=MAX_MIN\n"
+                      f"measure_latency=false\n{extra}")
+    report = ptqconv.convert(DIGITS / "model.onnx", tmp_path / "q.onnx", "PostTraining",
+                             config_file=config)
+    assert line in report.format()
+
+
 @pytest.mark.parametrize("layers, hidden, heads, ffn, seq",
                          [(2, 128, 2, 256, 16), (3, 256, 4, 1024, 32)])
 def test_attention_blocks_convert_and_fuse(tmp_path, layers, hidden, heads, ffn, seq):
