@@ -77,3 +77,55 @@ def test_a_derivative_filter_keeps_its_response_to_a_flat_input():
     # The weights themselves stay as close: the error grows by few ties moved.
     sq = [np.sum((t.dequantized() - taps) ** 2) for t in (nearest, kept)]
     assert sq[1] < 1.2 * sq[0]
+
+
+def _kernel_sums_kept(src, out) -> tuple[int, int]:
+    """(convs whose every kernel keeps its sum within half a step, convs) of a PostTraining
+    output, its weights within a step of the float ones either way."""
+    from conftest import initializers
+
+    floats, written = initializers(src), initializers(out)
+    kept = convs = 0
+    for name, w in floats.items():
+        q = written.get(f"{name}_quantized")
+        if q is None or w.ndim != 4:
+            continue
+        exact = w.astype(np.float64) / written[f"{name}_scale"].astype(np.float64).reshape(
+            -1, 1, 1, 1)
+        assert np.all(np.abs(q - exact) < 1 + 1e-6)
+        convs += 1
+        kept += bool(np.all(np.abs(q.sum(axis=(2, 3)) - exact.sum(axis=(2, 3))) <= 0.5 + 1e-6))
+    return kept, convs
+
+
+def test_post_training_conv_kernels_keep_their_sums_where_the_choice_says(tmp_path):
+    """AUTO scores kernel sums as one more candidate and records the choice in the encodings
+    file; a replay with kernel_sums true rounds PostTraining's conv weights that way (the
+    Gemm's stay nearest), with false to nearest."""
+    import json
+
+    from models import random_samples, residual_cnn, save
+
+    from ptqconv.cli import main
+
+    src = save(residual_cnn(seed=3), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 8, seed=1)
+    base = (f"[data_preprocess_param]\ncalibrate_path=x:{data}\n[full_quant_param]\n"
+            "equalize=false\nlatency_aware=false\nmeasure_latency=false\n")
+    (tmp_path / "a.ini").write_text(base)
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'a.onnx'}", "--quiet",
+                 "--quantType=PostTraining", f"--configFile={tmp_path / 'a.ini'}",
+                 f"--encodingsFile={tmp_path / 'a.json'}"]) == 0
+    doc = json.loads((tmp_path / "a.json").read_text())
+    choices = doc["quantizer_args"]["ptqconv"]
+    assert isinstance(choices["kernel_sums"], bool)
+    for kept in (True, False):
+        choices["kernel_sums"] = kept
+        (tmp_path / "b.json").write_text(json.dumps(doc))
+        (tmp_path / "b.ini").write_text(base + f"encodings_path={tmp_path / 'b.json'}\n")
+        out = tmp_path / f"b{kept}.onnx"
+        assert main([f"--modelFile={src}", f"--outputFile={out}", "--quiet",
+                     "--quantType=PostTraining", f"--configFile={tmp_path / 'b.ini'}"]) == 0
+        found, convs = _kernel_sums_kept(src, out)
+        assert convs == 5
+        assert found == 5 if kept else found < 5
