@@ -12,7 +12,6 @@ sample.
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -137,7 +136,6 @@ class Choice:
     float_outputs: bool = False  # the elementwise units that write model outputs stay float
     float_products: bool = False  # the MatMuls of two activations (attention) stay float
     float_units: frozenset[str] = frozenset()  # node keys kept float to meet an accuracy target
-    kernel_sums: bool = False  # conv kernels keep their sums (weights.sum_rounding)
 
     def label(self, applied: frozenset[str] | None = None) -> str:
         """The method and the techniques on; with `applied`, the migrations among them only
@@ -150,8 +148,7 @@ class Choice:
                                           ("SmoothQuant",
                                            shown("SmoothQuant", self.smooth_quant)),
                                           ("float outputs", self.float_outputs),
-                                          ("activation MatMuls float", self.float_products),
-                                          ("kernel sums", self.kernel_sums))
+                                          ("activation MatMuls float", self.float_products))
                     if on]
         if self.float_units:
             switches.append(f"{len(self.float_units)} units float")
@@ -353,7 +350,7 @@ class PostTraining:
         debug = s.debug_dir is not None
         qdq = self.quantize(model, plan, ranges, keep_weight_errors=choice.bias_correction,
                             keep_weights=debug, weights=weights, fixed=fixed,
-                            integer_weights=self.integers, kernel_sums=choice.kernel_sums)
+                            integer_weights=self.integers)
         corrections = None
         if choice.bias_correction and qdq.weight_errors:
             divided = {name: d for result in migrated for name, d in result.divided.items()}
@@ -366,8 +363,7 @@ class PostTraining:
                               choice.float_nodes(model.graph), self.unfused, self.macs,
                               self.latency_units)
             qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
-                                fixed=fixed, integer_weights=self.integers,
-                                kernel_sums=choice.kernel_sums)
+                                fixed=fixed, integer_weights=self.integers)
         tables = []
         if s.embedding_quant:
             kept = {n.name for n in choice.float_nodes(model.graph) if n.name}
@@ -424,7 +420,7 @@ class PostTraining:
             smooth_quant=bool(pick("smooth_quant", s.smooth_quant, start.smooth_quant)),
             float_outputs=bool(recorded.get("float_outputs", False)),
             float_products=bool(recorded.get("float_products", False)),
-            float_units=keys, kernel_sums=bool(recorded.get("kernel_sums", False)))
+            float_units=keys)
 
     def encodings(self, built: Built) -> dict[str, Any]:
         """The encodings document of `built`'s model (--encodingsFile), recording the choice
@@ -441,7 +437,6 @@ class PostTraining:
                     "equalize": choice.equalize, "smooth_quant": choice.smooth_quant,
                     "float_outputs": choice.float_outputs,
                     "float_products": choice.float_products,
-                    "kernel_sums": choice.kernel_sums,
                     # The weights written: GPTQ's where it was chosen and kept.
                     "quant_strategy": "GPTQ" if self.integers else "MAX_MIN"}}
         return encodings.document(built.qdq.activation_encodings, built.qdq.param_encodings,
@@ -697,15 +692,11 @@ class PostTraining:
         # Each technique flips the best so far, earlier flips kept included.
         flips = (("equalize", {"equalize": False}), ("smooth_quant", {"smooth_quant": False}),
                  ("float_outputs", {"float_outputs": True}),
-                 ("float_products", {"float_products": True}),
-                 ("kernel_sums", {"kernel_sums": True}))
+                 ("float_products", {"float_products": True}))
         for name, change in flips:
             flipped = replace(best, **change)
             if name == "float_outputs":
                 if not output_units(float_model.graph):
-                    continue
-            elif name == "kernel_sums":
-                if self.integers or not _kernels(float_model.graph):
                     continue
             elif name == "float_products":
                 if not self._light_products(float_model, statistics, tensors):
@@ -939,21 +930,8 @@ class PostTraining:
         samples = [sample for _, sample in zip(range(sensitivity.MAX_SAMPLES), self.data,
                                                 strict=False)]
         return sensitivity.rank_units(
-            built.prepared, plan,
-            lambda sub: self.qdq_pass(sub, built.ranges, kernel_sums=built.choice.kernel_sums),
-            samples,
+            built.prepared, plan, lambda sub: self.qdq_pass(sub, built.ranges), samples,
             self.settings.threads, self._step(len(plan.units), "sensitivity"))
-
-
-def _kernels(graph: ir.Graph) -> bool:
-    """Whether a Conv of `graph` has a constant weight of more than one tap, whose kernels'
-    sums the `kernel_sums` candidate keeps."""
-    for node in graph:
-        if node.op_type == "Conv" and len(node.inputs) > 1 and node.inputs[1] is not None:
-            weight = node.inputs[1].const_value
-            if weight is not None and len(weight.shape) > 2 and math.prod(weight.shape[2:]) > 1:
-                return True
-    return False
 
 
 class _Scorer:

@@ -237,7 +237,8 @@ def weight_report(qdq: QDQResult) -> list[TensorStats]:
         w, scale, zp, axis, grid = (weight.values, weight.scale, weight.zero_point,
                                     weight.axis, weight.grid)
         owner = weight.owner
-        local = qparams.dequantize(weight.q, scale, zp, axis)
+        q = qparams.quantize(w, scale, zp, grid, axis)
+        local = qparams.dequantize(q, scale, zp, axis)
         stats = TensorStats(name, "weight", owner, grid.bits, float(np.mean(scale)), 0,
                             float(w.min()), float(w.max()), channel_axis=axis)
         stats.update(w, local, local)  # nothing upstream: cumulative equals local

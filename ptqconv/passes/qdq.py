@@ -27,7 +27,6 @@ from ptqconv.passes.body_plan import every_plan
 from ptqconv.passes.qdq_plan import WEIGHT_OPS, PlannedBias, PlannedWeight, QuantPlan
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.layout import IntegerWeight, WeightLayout
-from ptqconv.weights.sum_rounding import kernel_sums_kept
 
 INT32_MIN, INT32_MAX = -qparams.INT32_MAX - 1, qparams.INT32_MAX
 BIAS_GRID = qparams.Grid(32, INT32_MIN, INT32_MAX, ir.DataType.INT32, symmetric=True)
@@ -57,7 +56,6 @@ class QuantizedWeight:
     axis: int | None  # None: per tensor
     owner: str  # the node's name (or op type)
     grid: qparams.Grid
-    q: np.ndarray  # the integers written
 
 
 @dataclass(frozen=True)
@@ -115,11 +113,8 @@ class QDQPass(ir.passes.InPlacePass):
                  keep_weights: bool = False, reduce_range: bool = True,
                  act_bits: int | None = None, weights: dict | None = None,
                  fixed: Mapping[str, qparams.Encoding] | None = None,
-                 integer_weights: Mapping[str, IntegerWeight] | None = None,
-                 kernel_sums: bool = False):
+                 integer_weights: Mapping[str, IntegerWeight] | None = None):
         super().__init__()
-        # Conv kernels keep their sums (weights.sum_rounding): an AUTO candidate, scored.
-        self.kernel_sums = kernel_sums
         self.plan = plan
         self.ranges = ranges
         self.bits = bits
@@ -294,13 +289,12 @@ class QDQPass(ir.passes.InPlacePass):
                 q = given.q.astype(np.int8)
             else:
                 weights = tensor.numpy()
-                q = _rounded(node, weights, scale, zero_point, grid, axis,
-                             self.kernel_sums)
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
             self.result.imported.add(name)
         else:
             axis = planned.axis if self.per_channel else None
             grid = weight_grid_for(node, self.bits, self.reduce_range)
-            key = (id(tensor), grid, axis, self.kernel_sums and node.op_type == "Conv")
+            key = (id(tensor), grid, axis)
             given = self.given_weights.get(name or "")
             if (given is not None and given.layout == WeightLayout(grid, axis)
                     and given.q.shape == tuple(tensor.shape)):
@@ -309,8 +303,8 @@ class QDQPass(ir.passes.InPlacePass):
                 if key not in self.cache:
                     weights = tensor.numpy()
                     scale, zero_point = layouts.parameters(weights, WeightLayout(grid, axis))
-                    q = _rounded(node, weights, scale, zero_point, grid, axis,
-                             self.kernel_sums)
+                    q = qparams.quantize(weights, scale, zero_point, grid, axis,
+                                         dtype=np.int8)
                     self.cache[key] = (tensor, q, scale, zero_point)
                 _, q, scale, zero_point = self.cache[key]
             floor = self._bias_scale_floor(node, index, int(np.size(scale)))
@@ -319,8 +313,7 @@ class QDQPass(ir.passes.InPlacePass):
                 low, high = qparams.widened_range(*qparams.tensor_range(weights, axis), grid,
                                                   np.maximum(scale, floor))
                 scale, zero_point = qparams.scale_zero_point(low, high, grid)
-                q = _rounded(node, weights, scale, zero_point, grid, axis,
-                             self.kernel_sums)
+                q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
                 self.result.bias_widened += 1
         self.weight_scales[(node, index)] = scale
         if weights is None and (self.keep_weights or (self.keep_weight_errors
@@ -328,7 +321,7 @@ class QDQPass(ir.passes.InPlacePass):
             weights = tensor.numpy()
         if self.keep_weights:
             self.result.weights[name] = QuantizedWeight(name, weights, scale, zero_point, axis,
-                                                        node.name or node.op_type, grid, q)
+                                                        node.name or node.op_type, grid)
         if self.keep_weight_errors and node.op_type in CORRECTED_OPS:
             error = weights - qparams.dequantize(q, scale, zero_point, axis)
             for user, _ in value.uses():
@@ -456,21 +449,6 @@ def _insert_after_definition(graph: ir.Graph, value: ir.Value, nodes: list[ir.No
         graph.insert_before(next(iter(graph), None), nodes)
     else:
         graph.insert_after(producer, nodes)
-
-
-def _rounded(node: ir.Node, weights: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-             grid: qparams.Grid, axis: int | None, kernel_sums: bool) -> np.ndarray:
-    """The int8 integers of a node's weight: nearest, with `kernel_sums` a Conv's kernels
-    keeping their sums (weights.sum_rounding; weights already on the grid, as trained ones,
-    do not move)."""
-    q = qparams.quantize(weights, scale, zero_point, grid, axis, dtype=np.int8)
-    if not kernel_sums or node.op_type != "Conv":
-        return q
-    view = [1] * weights.ndim
-    if axis is not None and np.ndim(scale):
-        view[axis] = -1
-    return kernel_sums_kept(weights, q, np.reshape(scale, view), np.reshape(zero_point, view),
-                            grid)
 
 
 def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool) -> qparams.Grid:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ptqconv import qparams
 from ptqconv.weights.layout import IntegerWeight, expand
 
 
@@ -24,27 +23,16 @@ def sum_preserving(w: np.ndarray, integer: IntegerWeight) -> IntegerWeight:
     kernel's taps adding up to their rounded unrounded sum (module docstring). Weights of
     one tap, and layouts whose blocks would split a kernel, are returned as they are."""
     layout = integer.layout
-    if layout.grid.binary or (layout.block_size and layout.axis not in (0, 1)):
-        return integer
-    scale = expand(integer.scale, layout, w.shape)
-    zero_point = expand(integer.zero_point, layout, w.shape)
-    q = kernel_sums_kept(w, integer.q, scale, zero_point, layout.grid)
-    return IntegerWeight(q, integer.scale, integer.zero_point, layout)
-
-
-def kernel_sums_kept(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                     grid: qparams.Grid) -> np.ndarray:
-    """The nearest integers `q` of the Conv weight `w` ([O, I, *kernel]; `scale` and
-    `zero_point` broadcast to it) with each kernel's sum kept; `q` itself when a kernel has
-    one tap."""
     taps = int(np.prod(w.shape[2:])) if w.ndim > 2 else 1
-    if taps == 1:
-        return q
-    exact = (w.astype(np.float64) / np.asarray(scale, np.float64)
-             + np.asarray(zero_point, np.float64)).reshape(-1, taps)
-    moved = q.astype(np.float64).reshape(-1, taps)
-    _keep_sums(exact, moved, grid.qmin, grid.qmax)
-    return moved.reshape(w.shape).astype(q.dtype)
+    if taps == 1 or layout.grid.binary or (layout.block_size and layout.axis not in (0, 1)):
+        return integer
+    scale = expand(integer.scale, layout, w.shape).astype(np.float64)
+    zero_point = expand(integer.zero_point, layout, w.shape).astype(np.float64)
+    exact = (w.astype(np.float64) / scale + zero_point).reshape(-1, taps)
+    q = integer.q.astype(np.float64).reshape(-1, taps)
+    _keep_sums(exact, q, layout.grid.qmin, layout.grid.qmax)
+    return IntegerWeight(q.reshape(w.shape).astype(integer.q.dtype), integer.scale,
+                         integer.zero_point, layout)
 
 
 def _keep_sums(x: np.ndarray, q: np.ndarray, qmin: int, qmax: int) -> None:
