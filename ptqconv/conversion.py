@@ -322,15 +322,8 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
         latency, planned = found
         models = {"float": settings.model_file, "quantized": saved.path,
                   "planned": planned.model}
-        first = runtime.compare_latency(models, sample)
+        keep, first, second, why = _faster_twice(models, sample, "planned", "quantized")
         slower = first.faster("float", "quantized")
-        why = first.not_faster("planned", "quantized")
-        second = first
-        if not why:
-            second = runtime.compare_latency(models, sample)
-            why = second.not_faster("planned", "quantized")
-            why = f"a second timing: {why}" if why else ""
-        keep = not why
         if keep and not slower and pt.scoring is not None:
             assert built is not None
             integer_error, planned_error, better = _weigh(pt, built.model, planned.model)
@@ -380,7 +373,7 @@ def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionR
             slower, timed = _slower_twice(models, sample, "integer")
             keep, why = not slower, f"slower than the {slower}" if slower else ""
         else:
-            keep, timed, why = _faster_twice(models, sample, "integer", "planned")
+            keep, _, timed, why = _faster_twice(models, sample, "integer", "planned")
         if keep and pt.scoring is not None and not pt.plan_float:
             assert built is not None
             planned_error, integer_error, better = _weigh(pt, built.model, integer.model)
@@ -524,7 +517,7 @@ def _check_dynamic(pt: PostTraining, settings: ConvertSettings, report: Conversi
             why = (f"slower than the {'static' if slower == 'written' else 'float'} model"
                    if slower else "")
         else:  # as accurate: it has to be faster
-            keep, timed, why = _faster_twice(models, sample, "dynamic", "written")
+            keep, _, timed, why = _faster_twice(models, sample, "dynamic", "written")
             why = f"not faster: {why}" if not keep else ""
     except PtqError:
         return saved
@@ -562,19 +555,19 @@ def _dynamic_over_float(pt: PostTraining, settings: ConvertSettings, report: Con
 
 
 def _faster_twice(models: dict[str, runtime.ModelSource], sample: dict, a: str, b: str,
-                  ) -> tuple[bool, runtime.Latency, str]:
+                  ) -> tuple[bool, runtime.Latency, runtime.Latency, str]:
     """Whether `a` runs faster than `b` (Latency.faster) in two comparisons of fresh
-    sessions, the last timing, and why not: a session can run a few percent slow for the
-    whole of one comparison (mobilenet_v2: one switch in five from one comparison;
-    docs/decisions.md, latency timings), which a second one rarely repeats. The second runs
-    only when the first would change the model."""
+    sessions, the first and the last timing, and why not: a session can run a few percent
+    slow for the whole of one comparison (mobilenet_v2: one switch in five from one
+    comparison; docs/decisions.md, latency timings), which a second one rarely repeats. The
+    second runs only when the first would change the model."""
     first = runtime.compare_latency(models, sample)
     why = first.not_faster(a, b)
     if why:
-        return False, first, why
+        return False, first, first, why
     second = runtime.compare_latency(models, sample)
     why = second.not_faster(a, b)
-    return not why, second, f"a second timing: {why}" if why else ""
+    return not why, first, second, f"a second timing: {why}" if why else ""
 
 
 def _slower_twice(models: dict[str, runtime.ModelSource], sample: dict, candidate: str,
