@@ -243,6 +243,14 @@ def dequantize(
     return ((q.astype(np.int64) - z) * s).astype(np.float32)
 
 
+def exact_in_float32(grid: Grid) -> bool:
+    """Whether float32 arithmetic gives `quantize` and `dequantize` results bit for bit:
+    below 4096 levels the integers, q - zero point and the float32 steps are exact in float32,
+    and (q - zp) * scale, a product of two float32 values, is rounded once, as in float64 then
+    to float32 (`fake_quantize` relies on it too)."""
+    return not grid.binary and grid.qmax - grid.qmin < 4096
+
+
 def fake_quantize(x: np.ndarray, scale: float, zero_point: int, grid: Grid) -> np.ndarray:
     """Per-tensor quantize-dequantize of `x` as float32, bit for bit what `quantize` then
     `dequantize` give, without their integer temporaries: the layer report runs it on every

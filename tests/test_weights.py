@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +15,7 @@ from onnx.reference import ReferenceEvaluator
 
 from ptqconv import qparams
 from ptqconv.calibrate.moments import DenseMoment, Im2colMoment, output_size
+from ptqconv.weights import gptq as gptq_module
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected, correction_factors
 from ptqconv.weights.gptq import conv_rows, gptq, row_errors
@@ -76,6 +78,31 @@ def test_gptq_gives_the_reference_algorithms_integers(seed, rows, cols, grid, ac
     got = gptq(w[None], h[None], grid, s[:, None], z[:, None], act_order=act, guard=False,
                block=block, work_dtype=np.float64)
     assert np.mean(got.q[0] == want) >= 0.99
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), cols=st.integers(1, 40), block=st.integers(1, 16),
+       rows=st.integers(1, 8))
+def test_blocked_cholesky_gives_numpys_factor_and_gptqs_integers(seed, cols, block, rows):
+    """Large layers factor H in blocks (`gptq._upper_cholesky`, in place): the same unit upper
+    factor as numpy's Cholesky to float64 rounding, and GPTQ's integers with it; a matrix
+    that is not positive definite raises as numpy's does."""
+    w, h = problem(seed, rows, cols, 3 * cols + 5)
+    h = h + 0.01 * np.mean(np.diag(h)) * np.eye(cols)
+    want = gptq_module._unit_upper(h[None], np.float64)
+    with mock.patch.object(gptq_module, "BLOCKED_CHOLESKY", 1), \
+            mock.patch.object(gptq_module, "CHOLESKY_BLOCK", block):
+        got = gptq_module._unit_upper(h[None].copy(), np.float64, overwrite=True)
+        upper = np.triu_indices(cols, 1)
+        np.testing.assert_allclose(got[0][upper], want[0][upper], rtol=1e-7, atol=1e-9)
+        grid = qparams.weight_only_grid(4)
+        s, z = per_row(w, grid)
+        q = gptq(w[None], h[None], grid, s[:, None], z[:, None], guard=False,
+                 work_dtype=np.float64).q[0]
+        assert np.mean(q == reference_gptq(w, h, grid, s, z)) >= 0.99
+        if cols > 1:
+            with pytest.raises(np.linalg.LinAlgError):
+                gptq_module._unit_upper(-h[None], np.float64, overwrite=True)
 
 
 @FAST
@@ -317,6 +344,41 @@ def test_im2col_columns_are_in_the_weights_order(c):
     rows = conv_rows(w, g).astype(np.float64)
     total = sum(np.trace(rows[i] @ hs[i] @ rows[i].T) for i in range(g))
     np.testing.assert_allclose(total, np.sum(y * y), rtol=1e-4)
+
+
+lag_cases = st.fixed_dictionaries({
+    "c": st.integers(1, 4), "kh": st.integers(1, 5), "kw": st.integers(1, 5),
+    "sizes": st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9)), min_size=1, max_size=3),
+    "pads": st.tuples(*[st.integers(0, 3)] * 4), "seed": st.integers(0, 1000)})
+
+
+@settings(max_examples=80, deadline=None)
+@given(lag_cases)
+def test_stride_one_moments_by_lag_equal_explicit_patches(c):
+    """Stride-1 convs take their matrix from lagged products, not patches
+    (`moments._lagged_blocks`): the sums equal the patches', over inputs of several sizes
+    (each size its own windows) streamed one sample at a time."""
+    kernel, pads = (c["kh"], c["kw"]), c["pads"]
+    rng = np.random.default_rng(c["seed"])
+    acc = Im2colMoment(c["c"], kernel, (1, 1), pads, (1, 1))
+    cols = c["c"] * c["kh"] * c["kw"]
+    want = np.zeros((1, cols, cols))
+    for h, w in c["sizes"]:
+        if output_size(h, c["kh"], 1, pads[0], pads[2], 1) <= 0 or output_size(
+                w, c["kw"], 1, pads[1], pads[3], 1) <= 0:
+            continue
+        x = rng.standard_normal((2, c["c"], h, w)).astype(np.float32)
+        for i in range(2):
+            acc.update(x[i:i + 1])
+        if c["kh"] * c["kw"] > 1:
+            assert acc._padded, "a stride-1 conv should buffer its padded input"
+        want = want + naive_patches(x, kernel, (1, 1), pads, (1, 1), 1)
+    got = acc.matrices()
+    if got is None:
+        assert not want.any()
+        return
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[0], got[0].T)
 
 
 def test_streaming_equals_one_batch_and_merges():

@@ -8,11 +8,22 @@ a chunk of output rows at a time from a strided view of the padded input, buffer
 BLAS call has enough rows to run at speed, multiplied out in float32 (numpy calls syrk for
 P^T P) and added into a float64 sum. Memory: the sum, plus one buffer of at most
 `MAX_BUFFER` values (twice that while it is joined), whatever the number of samples.
+
+A Conv of stride 1 and dilation 1 with one group and a kernel of more than one tap, whose
+patches are all kept, takes no patches: its matrix is a [kh*kw]^2 grid of [C, C] blocks, the
+block of taps (a, b) being the sum of x(u) x(u + b - a)^T over the input positions u that tap
+a reads. Blocks of the same lag b - a differ only by the window u runs over, which moves by
+one row or column from tap to tap, so each lag takes one full product and, for each further
+tap, the two strips that enter and leave the window (`_lagged_blocks`): 12.5 instead of 40.5
+multiplies of [C, C] per position for 3x3 kernels, the same sums up to float32 rounding
+(docs/decisions.md, second moments by lag). Inputs are buffered up to `CHUNK` values (a sample
+larger than that takes the patch path) and at most three copies of that size are alive.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -119,6 +130,12 @@ class Im2colMoment(_Moment):
         self.samples = samples
         self.stride: int | None = None
         self._updates = 0
+        # Padded channels-last inputs [n, H, W, C] waiting for `_lagged_blocks`.
+        self._padded: list[np.ndarray] = []
+        self._padded_values = 0
+        self._padded_pads = (0, 0, 0, 0)
+        self._pairs: list[tuple[int, int]] = []
+        self._blocks: np.ndarray | None = None  # [pairs, C, C] float64, folded by `matrices`
 
     def update(self, x: np.ndarray) -> None:
         rank = len(self.kernel)
@@ -149,6 +166,14 @@ class Im2colMoment(_Moment):
         padded = np.pad(x.astype(np.float32, copy=False),
                         ((0, 0), (0, 0), (begins[0], ends[0]), (begins[1], ends[1])))
         n = x.shape[0]
+        if (self.stride == 1 and self.groups == 1 and math.prod(kernel) > 1
+                and all(s == 1 for s in strides) and all(d == 1 for d in dilations)
+                and padded[0].size <= CHUNK):
+            self._buffer_padded(np.ascontiguousarray(padded.transpose(0, 2, 3, 1)),
+                                (begins[0], begins[1], ends[0], ends[1]))
+            self._updates += 1
+            self.rows += n * oh * ow
+            return
         cg = self.channels // self.groups
         kh, kw = kernel
         s_n, s_c, s_h, s_w = padded.strides
@@ -171,3 +196,117 @@ class Im2colMoment(_Moment):
                 rows = np.ascontiguousarray(part.transpose(0, 2, 3, 1, 4, 5))
                 self._add(rows.reshape(self.groups, -1, self.cols))
         self.rows += n * rows_out * cols_out
+
+    def _buffer_padded(self, xs: np.ndarray, pads: tuple[int, int, int, int]) -> None:
+        if self._padded and (self._padded[0].shape[1:] != xs.shape[1:]
+                             or self._padded_pads != pads):
+            self._flush_padded()  # a new input size: its windows differ
+        self._padded_pads = pads
+        self._padded.append(xs)
+        self._padded_values += xs.size
+        if self._padded_values >= CHUNK:
+            self._flush_padded()
+
+    def _flush_padded(self) -> None:
+        if not self._padded:
+            return
+        xs = self._padded[0] if len(self._padded) == 1 else np.concatenate(self._padded)
+        self._padded, self._padded_values = [], 0
+        kernel = self.kernel if len(self.kernel) == 2 else (1, *self.kernel)
+        blocks = list(_lagged_blocks(xs, kernel, self._padded_pads))
+        if self._blocks is None:
+            # Contiguous float64 sums per tap pair: adding into the strided [C, taps, C, taps]
+            # layout every flush cost more than the products (ResNet-18, 512 channels).
+            self._pairs = [(a, b) for a, b, _ in blocks]
+            self._blocks = np.zeros((len(blocks), self.channels, self.channels), np.float64)
+        for i, (_, _, block) in enumerate(blocks):
+            self._blocks[i] += block
+
+    def _flush(self) -> None:
+        self._flush_padded()
+        super()._flush()
+
+    def matrices(self) -> np.ndarray | None:
+        self._flush()
+        if self._blocks is not None:
+            if self.total is None:
+                self.total = np.zeros((1, self.cols, self.cols), np.float64)
+            c, taps = self.channels, self.cols // self.channels
+            grid = self.total[0].reshape(c, taps, c, taps)
+            for (a, b), block in zip(self._pairs, self._blocks, strict=True):
+                grid[:, a, :, b] += block
+                if a != b:
+                    grid[:, b, :, a] += block.T
+            self._blocks = None
+        return self.total
+
+
+def _lagged_blocks(xs: np.ndarray, kernel: tuple[int, int],
+                   pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+                   ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(a, b, block) for every pair of taps a <= b (flat indices into the kernel) of a stride-1
+    conv over padded channels-last inputs xs [n, H, W, C] (`pads`: the zero rows and columns
+    at top, left, bottom, right): block = sum over output positions y of x(y + a) x(y + b)^T,
+    float32 [C, C]; the pairs b < a are the transposes."""
+    kh, kw = kernel
+    _, hp, wp, c = xs.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    top, left, bottom, right = pads
+
+    def product(lag: tuple[int, int], row: int, col: int, rows: int, cols: int
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The factors X, X' of X^T X' = sum of x(u) x(u + lag)^T over u in the window, trimmed
+        to where neither is padding (zeros); None where nothing is left, as for about half
+        the strips of a conv padded by one on every side."""
+        di, dj = lag
+        r0, r1 = max(row, top, top - di), min(row + rows, hp - bottom, hp - bottom - di)
+        c0, c1 = max(col, left, left - dj), min(col + cols, wp - right, wp - right - dj)
+        if r0 >= r1 or c0 >= c1:
+            return None
+        return (xs[:, r0:r1, c0:c1].reshape(-1, c),
+                xs[:, r0 + di:r1 + di, c0 + dj:c1 + dj].reshape(-1, c))
+
+    def moved(block: np.ndarray, lag: tuple[int, int], enter: tuple[int, int],
+              leave: tuple[int, int], rows: int, cols: int) -> np.ndarray:
+        """block with the strip at `enter` added and the one at `leave` taken out, in one
+        product: [E; -L]^T [E'; L']."""
+        lefts, rights = [], []
+        for sign, (r, col) in ((1, enter), (-1, leave)):
+            found = product(lag, r, col, rows, cols)
+            if found is not None:
+                lefts.append(found[0] if sign > 0 else -found[0])
+                rights.append(found[1])
+        if not lefts:
+            return block
+        if len(lefts) == 1:
+            return block + lefts[0].T @ rights[0]
+        return block + np.concatenate(lefts).T @ np.concatenate(rights)
+
+    def walk(lag: tuple[int, int], first_col: int, base: np.ndarray
+             ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Every tap pair of `lag` from the one whose first tap is at (0, first_col): one row
+        down, then along the row, one column at a time."""
+        di, dj = lag
+        row_start = base
+        for ai in range(kh - di):
+            if ai:
+                row_start = moved(row_start, lag, (ai + oh - 1, first_col), (ai - 1, first_col),
+                                  1, ow)
+            block = row_start
+            for aj in range(first_col, min(kw, kw - dj)):
+                if aj > first_col:
+                    block = moved(block, lag, (ai, aj + ow - 1), (ai, aj - 1), oh, 1)
+                yield ai * kw + aj, (ai + di) * kw + aj + dj, block
+
+    # Lags (di, dj) with dj >= 0 start from tap (0, 0); lag (di, -j) from tap (0, j). Lags with
+    # di = 0 and dj < 0 are transposes of (0, -dj).
+    for first_col in range(kw):
+        lags = ([(di, dj) for di in range(kh) for dj in range(kw)] if first_col == 0
+                else [(di, -first_col) for di in range(1, kh)])
+        for lag in lags:
+            found = product(lag, 0, first_col, oh, ow)
+            if found is None:
+                base = np.zeros((c, c), np.float32)
+            else:
+                base = found[0].T @ (found[0] if lag == (0, 0) else found[1])
+            yield from walk(lag, first_col, base)
