@@ -40,12 +40,17 @@ def _keep_sums(x: np.ndarray, q: np.ndarray, qmin: int, qmax: int) -> None:
     step towards `x`, those nearest a tie first, until the row's sum is the rounded sum of
     `x`'s row; only entries that move towards their value and stay on the grid."""
     need = np.rint(x.sum(axis=1) - q.sum(axis=1)).astype(np.int64)
-    for sign, room in ((1, q < qmax), (-1, q > qmin)):
-        wanted = np.maximum(sign * need, 0)
-        most = min(int(wanted.max(initial=0)), q.shape[1])
-        if most == 0:
+    for sign in (1, -1):
+        # Only the rows that need a move this way (about 3 in 10 for 3x3 kernels): ranking
+        # every row's taps took most of a ResNet-18's conversion.
+        moving = np.nonzero(sign * need > 0)[0]
+        if not moving.size:
             continue
-        towards = sign * (x - q)
+        wanted = sign * need[moving]
+        most = min(int(wanted.max()), q.shape[1])
+        xs, qs = x[moving], q[moving]
+        room = qs < qmax if sign > 0 else qs > qmin
+        towards = sign * (xs - qs)
         towards = np.where(room & (towards > 0), towards, -np.inf)
         top = np.argpartition(-towards, most - 1, axis=1)[:, :most]
         values = np.take_along_axis(towards, top, axis=1)
@@ -53,5 +58,5 @@ def _keep_sums(x: np.ndarray, q: np.ndarray, qmin: int, qmax: int) -> None:
         top = np.take_along_axis(top, ranked, axis=1)
         values = np.take_along_axis(values, ranked, axis=1)
         pick = (np.arange(most)[None, :] < wanted[:, None]) & np.isfinite(values)
-        rows = np.nonzero(pick)[0]
+        rows = moving[np.nonzero(pick)[0]]
         q[rows, top[pick]] += sign
