@@ -510,7 +510,7 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
             lines.append(f"  equalization of {s.equalize_chains} Conv -> Relu -> Conv chains: "
                          f"{'kept' if s.equalized else 'left out'} (1 - output cosine on the "
                          f"calibration samples: {without:.3g} without, {with_:.3g} with)")
-    if s.gptq is not None:
+    if s.gptq is not None and s.gptq.layers:  # a float plan rounds nothing
         lines.append(gptq_line(s.gptq))
     if s.bias_correction:
         lines.append(f"  weight correction (MindSpore var/mean, in scales and zero points): "
@@ -630,7 +630,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
                      f"({_mb(before)} -> {_mb(after)}; embedding_quant=false keeps them float)")
     if s.residual_sum is not None:
         lines.append(residual_sum_line(s.residual_sum))
-    if s.gptq is not None:
+    if s.gptq is not None and s.gptq.layers:  # a float plan rounds nothing
         lines.append(gptq_line(s.gptq) + (" (before the accuracy target's repair)"
                                           if s.repaired else ""))
     lines += _body_lines(s, shown)

@@ -156,6 +156,22 @@ def test_a_model_fastest_in_float_says_how_to_quantize_it_anyway(tmp_path, capsy
     assert (tmp_path / "q.onnx").read_bytes() == src.read_bytes()
 
 
+def test_a_float_plan_at_4_bits_reports_no_gptq(tmp_path, capsys):
+    """GPTQ is the default below 8 bits, but a plan that keeps every unit float rounds no
+    weight: the summary has no GPTQ line (it said "GPTQ: 0 layers")."""
+    src = save(_conv_net(MOBILE, 4), tmp_path / "float.onnx")
+    data = random_samples(tmp_path / "x", 8, seed=0, shape=(1, 3, 4, 4))
+    config = tmp_path / "c.ini"
+    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\nbit_num=4\n"
+                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nmeasure_latency=false\n")
+    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
+                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    out = capsys.readouterr().out
+    assert "node units quantized: 0" in out
+    assert "GPTQ" not in out
+
+
 def test_a_latency_onnxruntime_cannot_measure_is_said_not_fatal(tmp_path, capsys):
     # A static 0 dimension: the samples are read as [1, 16] (the file's size), which the float
     # model file itself refuses to run, so its latency cannot be taken.
