@@ -152,6 +152,7 @@ class QuantConfig:
     weight_quant_strategy: str | None = None  # MAX_MIN | GPTQ
     block_size: int | None = None  # 0 or a power of two >= 16
     weight_measure_latency: bool | None = None
+    keep_kernel_sums: bool | None = None
     # [mixed_bit_weight_quant_param]
     init_scale: float | None = None  # (0, 1)
     auto_tune: bool | None = None
@@ -713,6 +714,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
             "nodes already dequantize at run time on onnxruntime's CPU provider"), "-")),
         _Key("block_size", *_scalar(values.block_size, values.BLOCK_SIZE_ALLOWED)),
         _bool_key("weight_measure_latency").named("measure_latency"),
+        _bool_key("keep_kernel_sums"),
     ),
     "mixed_bit_weight_quant_param": _keys(
         _Key("init_scale", *_scalar(lambda t: values.real(t, 0.0, 1.0, open_interval=True),

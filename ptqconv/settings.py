@@ -110,6 +110,8 @@ class WeightQuantSettings:
     threads: int = DEFAULT_THREADS
     # Time the written model against float (on a calibration sample, else a random one).
     measure_latency: bool = True
+    # Nearest-rounded Conv kernels keep their taps' sum (`weights.sum_rounding`).
+    keep_kernel_sums: bool = True
 
 
 @dataclass(frozen=True)
@@ -440,7 +442,8 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         low_bit_recipe=given is None and block > 0,
         calibration=calibration,
         threads=threads,
-        measure_latency=pick.switch("weight_measure_latency", True))
+        measure_latency=pick.switch("weight_measure_latency", True),
+        keep_kernel_sums=pick.switch("keep_kernel_sums", True))
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,

@@ -77,7 +77,7 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         grid=qparams.weight_only_grid(settings.bit_num or 8), min_size=settings.min_size,
         min_channel=settings.min_channel, skip=frozenset(settings.skip),
         per_channel=settings.per_channel, block_size=settings.block_size,
-        correct=settings.bias_correction,
+        correct=settings.bias_correction, keep_sums=settings.keep_kernel_sums,
         table_grid=(qparams.weight_only_grid(LOW_BIT_TABLE_BITS) if settings.low_bit_recipe
                     else None),
         # Blocks, given or the recipe's, at fewer bits: a depthwise weight cannot be blocked

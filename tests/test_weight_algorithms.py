@@ -221,6 +221,20 @@ def test_weight_correction_is_folded_into_the_scales(tmp_path):
     assert len(onnx.load(str(out)).graph.node) == 2  # DequantizeLinear + Conv: nothing added
 
 
+def test_keep_kernel_sums_false_writes_plain_nearest_integers(tmp_path):
+    """`[weight_quant_param] keep_kernel_sums=false` turns sum-preserving rounding off: the
+    integers written are nearest rounding's, which differ from the default's here."""
+    src, default, _ = convert(tmp_path, single_conv(), "d", bits=3)
+    _, plain, _ = convert(tmp_path, single_conv(), "p", bits=3,
+                               weight={"keep_kernel_sums": "false"})
+    w = initializers(src)["w"]
+    layout = WeightLayout(qparams.weight_only_grid(3), 0)
+    np.testing.assert_array_equal(initializers(plain)["w_quantized"],
+                                  layouts.nearest(w, layout).q)
+    np.testing.assert_array_equal(initializers(default)["w_quantized"], rounded(w, layout).q)
+    assert not np.array_equal(rounded(w, layout).q, layouts.nearest(w, layout).q)
+
+
 def test_bias_correction_with_data_removes_the_mean_output_error(tmp_path):
     """For a linear layer the shift op(E[x], W - Ŵ) is exact on the calibration samples: the
     quantized conv's mean output per channel equals the float one's, padding included."""

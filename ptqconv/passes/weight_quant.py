@@ -75,6 +75,7 @@ class WeightQuantConfig:
     per_channel: bool = True  # False: one scale (and zero point) per weight tensor
     block_size: int = 0  # > 0: MatMul/Gemm/Gather/Conv weights in blocks of this many
     correct: bool = False  # MindSpore's weight correction of the weights rounded here
+    keep_sums: bool = True  # Conv kernels rounded to nearest keep their sums (sum_rounding)
     # Weights a Gather reads (tables), per row on this grid instead of `grid` and blocks.
     table_grid: qparams.Grid | None = None
     # Depthwise conv weights (9 values a channel for 3x3) on this grid instead of `grid`.
@@ -308,7 +309,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
             if weights.dtype != np.float32:
                 weights = weights.astype(np.float32)
             integer = layouts.nearest(weights, layout, float_type.numpy())
-            if all(slot.node.op_type == "Conv" for slot in slots):
+            if self.config.keep_sums and all(slot.node.op_type == "Conv" for slot in slots):
                 integer = sum_preserving(weights, integer)
             if self.config.correct:
                 integer = corrected(weights, integer,
