@@ -213,14 +213,17 @@ class Im2colMoment(_Moment):
         xs = self._padded[0] if len(self._padded) == 1 else np.concatenate(self._padded)
         self._padded, self._padded_values = [], 0
         kernel = self.kernel if len(self.kernel) == 2 else (1, *self.kernel)
-        blocks = list(_lagged_blocks(xs, kernel, self._padded_pads))
         if self._blocks is None:
-            # Contiguous float64 sums per tap pair: adding into the strided [C, taps, C, taps]
-            # layout every flush cost more than the products (ResNet-18, 512 channels).
-            self._pairs = [(a, b) for a, b, _ in blocks]
-            self._blocks = np.zeros((len(blocks), self.channels, self.channels), np.float64)
-        for i, (_, _, block) in enumerate(blocks):
-            self._blocks[i] += block
+            # Contiguous float64 sums per tap pair a <= b: adding into the strided
+            # [C, taps, C, taps] layout every flush cost more than the products (ResNet-18,
+            # 512 channels).
+            taps = math.prod(kernel)
+            self._pairs = [(a, b) for a in range(taps) for b in range(a, taps)]
+            self._blocks = np.zeros((len(self._pairs), self.channels, self.channels),
+                                    np.float64)
+        index = {pair: i for i, pair in enumerate(self._pairs)}
+        for a, b, block in _lagged_blocks(xs, kernel, self._padded_pads):
+            self._blocks[index[a, b]] += block
 
     def _flush(self) -> None:
         self._flush_padded()
