@@ -393,6 +393,22 @@ def test_streaming_equals_one_batch_and_merges():
     assert parts[0].rows == whole.rows == 4 * 4 * 4
 
 
+def test_lagged_moments_merge_and_stream_like_one_batch():
+    """Stride 1: a merge of two accumulators (one already folded, one not) equals one fed
+    every sample."""
+    x = np.random.default_rng(6).standard_normal((4, 5, 6, 7)).astype(np.float32)
+    whole = Im2colMoment(5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    whole.update(x)
+    parts = [Im2colMoment(5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)) for _ in range(2)]
+    for i in range(4):
+        parts[i % 2].update(x[i:i + 1])
+    parts[0].matrices()  # folded before the merge; parts[1] is folded by it
+    parts[0].update(x[:1])
+    parts[0].merge(parts[1])
+    want = whole.matrices() + naive_patches(x[:1], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    np.testing.assert_allclose(parts[0].matrices(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_same_auto_pad_and_conv1d():
     x = np.random.default_rng(2).standard_normal((2, 4, 20)).astype(np.float32)
     same = Im2colMoment(4, (5,), (2,), (0, 0), (1,), 2, auto_pad="SAME_UPPER")

@@ -163,17 +163,21 @@ class Im2colMoment(_Moment):
             self.stride = max(1, math.isqrt(patches // max(ROWS_PER_COLUMN * self.cols, 1)))
             if not self.samples:
                 self.stride = 1
-        padded = np.pad(x.astype(np.float32, copy=False),
-                        ((0, 0), (0, 0), (begins[0], ends[0]), (begins[1], ends[1])))
         n = x.shape[0]
+        hp, wp = (size + b + e for size, b, e in zip(spatial, begins, ends, strict=True))
         if (self.stride == 1 and self.groups == 1 and math.prod(kernel) > 1
                 and all(s == 1 for s in strides) and all(d == 1 for d in dilations)
-                and padded[0].size <= CHUNK):
-            self._buffer_padded(np.ascontiguousarray(padded.transpose(0, 2, 3, 1)),
-                                (begins[0], begins[1], ends[0], ends[1]))
+                and self.channels * hp * wp <= CHUNK):
+            # Padded and channels-last in one copy.
+            xs = np.zeros((n, hp, wp, self.channels), np.float32)
+            xs[:, begins[0]:begins[0] + spatial[0], begins[1]:begins[1] + spatial[1]] = (
+                x.transpose(0, 2, 3, 1))
+            self._buffer_padded(xs, (begins[0], begins[1], ends[0], ends[1]))
             self._updates += 1
             self.rows += n * oh * ow
             return
+        padded = np.pad(x.astype(np.float32, copy=False),
+                        ((0, 0), (0, 0), (begins[0], ends[0]), (begins[1], ends[1])))
         cg = self.channels // self.groups
         kh, kw = kernel
         s_n, s_c, s_h, s_w = padded.strides
@@ -232,14 +236,23 @@ class Im2colMoment(_Moment):
     def matrices(self) -> np.ndarray | None:
         self._flush()
         if self._blocks is not None:
-            if self.total is None:
-                self.total = np.zeros((1, self.cols, self.cols), np.float64)
+            # The pairs a <= b and their transposes cover every block once: assigned into a
+            # fresh matrix rather than added to zeros, unless a merge put sums there first.
+            fresh = self.total is None
+            if fresh:
+                self.total = np.empty((1, self.cols, self.cols), np.float64)
             c, taps = self.channels, self.cols // self.channels
             grid = self.total[0].reshape(c, taps, c, taps)
             for (a, b), block in zip(self._pairs, self._blocks, strict=True):
-                grid[:, a, :, b] += block
-                if a != b:
-                    grid[:, b, :, a] += block.T
+                if a == b:  # strips' products are general matrix products: symmetrise
+                    block = (block + block.T) * 0.5
+                if fresh:
+                    grid[:, a, :, b] = block
+                    grid[:, b, :, a] = block.T
+                else:
+                    grid[:, a, :, b] += block
+                    if a != b:
+                        grid[:, b, :, a] += block.T
             self._blocks = None
         return self.total
 
