@@ -81,6 +81,30 @@ def test_a_mobile_net_keeps_its_stem_float_and_the_rest_integer():
     assert plan_latency(plan, _shapes(model, 112)).keys == latency.keys
 
 
+def test_a_conv_transpose_costs_its_float_kernel_plus_dequantize_and_quantize_as_integer():
+    """onnxruntime's CPU provider has no integer ConvTranspose: quantized, it runs the float
+    kernel between DequantizeLinear and QuantizeLinear (seen in the optimized graph of
+    ppocrv4_det), so the plan keeps it float."""
+    rng = np.random.default_rng(0)
+    c, size = 64, 56
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.1, name)
+             for name, shape in (("w0", (c, c, 1, 1)), ("wt", (c, c, 2, 2)),
+                                 ("w1", (c, c, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("ConvTranspose", ["c0", "wt"], ["t"], name="up", strides=[2, 2]),
+             helper.make_node("Conv", ["t", "w1"], ["y"], name="conv1")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 2 * size, 2 * size])],
+        inits)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    shapes = {"x": (1, c, size, size), "c0": (1, c, size, size),
+              "t": (1, c, 2 * size, 2 * size), "y": (1, c, 2 * size, 2 * size)}
+    latency = plan_latency(plan_quantization(model.graph), shapes)
+    kept = {u.name: u for u in latency.kept_float}
+    assert "up" in kept and kept["up"].int_us > kept["up"].float_us
+
+
 def test_a_tiny_net_stays_float():
     tiny = ir.from_proto(_conv_net(MOBILE, 4))
     latency = plan_latency(plan_quantization(tiny.graph), _shapes(tiny, 4))

@@ -208,7 +208,14 @@ class _Costs:
             return self._pair(node, GEMM, macs=macs, outputs=outputs,
                               weights=float(math.prod(weight.shape)))
         if node.op_type == "ConvTranspose":
-            return self._pair(node, GEMM, macs=macs, outputs=outputs)
+            # onnxruntime's CPU provider has no integer ConvTranspose: a quantized one runs
+            # the float kernel on its dequantized input and weight, then quantizes the output
+            # (docs/decisions.md, integer ConvTranspose).
+            pair = self._pair(node, GEMM, macs=macs, outputs=outputs)
+            weights = float(math.prod(weight.shape)) if weight is not None else 0.0
+            extra = (DEQUANTIZE.us(outputs=self.elements(node.inputs[0]) or 0.0)
+                     + DEQUANTIZE.us(outputs=weights) + QUANTIZE.us(outputs=outputs))
+            return UnitCost(pair.name, pair.op_type, pair.float_us, pair.float_us + extra)
         if is_depthwise(node):
             return self._pair(node, DEPTHWISE, macs=macs, outputs=outputs,
                               pixels=outputs / out_shape[1])
