@@ -113,14 +113,14 @@ def test_a_tiny_net_stays_float():
 
 
 def _convert_for_avx2(src, tmp_path, samples: int = 0, shape: tuple[int, ...] = (),
-                      *flags: str, calibrate_path: str = ""):
+                      *flags: str, calibrate_path: str = "", bits: int = 8):
     """PostTraining of `src` for the cost model's CPU (whatever this one is) on `samples`
     random samples of `shape` for input x (or the given `calibrate_path`), without timing
     the result; the output path."""
     if not calibrate_path:
         calibrate_path = f"x:{random_samples(tmp_path / 'x', samples, seed=0, shape=shape)}"
     config = tmp_path / "c.ini"
-    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\n"
+    config.write_text(f"[common_quant_param]\ntarget_device=x86_avx2\nbit_num={bits}\n"
                       f"[data_preprocess_param]\ncalibrate_path={calibrate_path}\n"
                       "[full_quant_param]\nmeasure_latency=false\n")
     out = tmp_path / "q.onnx"
@@ -184,13 +184,7 @@ def test_a_float_plan_at_4_bits_reports_no_gptq(tmp_path, capsys):
     """GPTQ is the default below 8 bits, but a plan that keeps every unit float rounds no
     weight: the summary has no GPTQ line (it said "GPTQ: 0 layers")."""
     src = save(_conv_net(MOBILE, 4), tmp_path / "float.onnx")
-    data = random_samples(tmp_path / "x", 8, seed=0, shape=(1, 3, 4, 4))
-    config = tmp_path / "c.ini"
-    config.write_text("[common_quant_param]\ntarget_device=x86_avx2\nbit_num=4\n"
-                      f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-                      "[full_quant_param]\nmeasure_latency=false\n")
-    assert main([f"--modelFile={src}", f"--outputFile={tmp_path / 'q.onnx'}",
-                 "--quantType=PostTraining", f"--configFile={config}"]) == 0
+    _convert_for_avx2(src, tmp_path, 8, (1, 3, 4, 4), bits=4)
     out = capsys.readouterr().out
     assert "node units quantized: 0" in out
     assert "GPTQ" not in out

@@ -381,32 +381,24 @@ def test_stride_one_moments_by_lag_equal_explicit_patches(c):
     np.testing.assert_array_equal(got[0], got[0].T)
 
 
-def test_streaming_equals_one_batch_and_merges():
+@pytest.mark.parametrize("stride", [2, 1])  # patches; lagged products
+def test_streaming_equals_one_batch_and_merges(stride):
+    """A merge of two accumulators (one already folded, one not) equals one fed every
+    sample."""
     x = np.random.default_rng(1).standard_normal((4, 3, 7, 7)).astype(np.float32)
-    whole = Im2colMoment(3, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1))
+    strides, pads = (stride, stride), (1, 1, 1, 1)
+    whole = Im2colMoment(3, (3, 3), strides, pads, (1, 1))
     whole.update(x)
-    parts = [Im2colMoment(3, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)) for _ in range(2)]
-    for i in range(4):
-        parts[i % 2].update(x[i:i + 1])
-    parts[0].merge(parts[1])
-    np.testing.assert_allclose(parts[0].matrices(), whole.matrices(), rtol=1e-5)
-    assert parts[0].rows == whole.rows == 4 * 4 * 4
-
-
-def test_lagged_moments_merge_and_stream_like_one_batch():
-    """Stride 1: a merge of two accumulators (one already folded, one not) equals one fed
-    every sample."""
-    x = np.random.default_rng(6).standard_normal((4, 5, 6, 7)).astype(np.float32)
-    whole = Im2colMoment(5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-    whole.update(x)
-    parts = [Im2colMoment(5, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)) for _ in range(2)]
+    parts = [Im2colMoment(3, (3, 3), strides, pads, (1, 1)) for _ in range(2)]
     for i in range(4):
         parts[i % 2].update(x[i:i + 1])
     parts[0].matrices()  # folded before the merge; parts[1] is folded by it
     parts[0].update(x[:1])
     parts[0].merge(parts[1])
-    want = whole.matrices() + naive_patches(x[:1], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    want = whole.matrices() + naive_patches(x[:1], (3, 3), strides, pads, (1, 1), 1)
     np.testing.assert_allclose(parts[0].matrices(), want, rtol=1e-5, atol=1e-5)
+    side = 4 if stride == 2 else 7
+    assert parts[0].rows == whole.rows + side * side == 5 * side * side
 
 
 def test_same_auto_pad_and_conv1d():
