@@ -251,16 +251,23 @@ def exact_in_float32(grid: Grid) -> bool:
     return not grid.binary and grid.qmax - grid.qmin < 4096
 
 
-def fake_quantize(x: np.ndarray, scale: float, zero_point: int, grid: Grid) -> np.ndarray:
-    """Per-tensor quantize-dequantize of `x` as float32, bit for bit what `quantize` then
-    `dequantize` give, without their integer temporaries: the layer report runs it on every
-    activation of every sample."""
-    if grid.binary or grid.qmax - grid.qmin >= 4096:
-        return dequantize(quantize(x, scale, zero_point, grid), scale, zero_point)
-    s, z = np.float32(scale), np.float32(zero_point)
+def fake_quantize(x: np.ndarray, scale: float | np.ndarray, zero_point: int | np.ndarray,
+                  grid: Grid, out: np.ndarray | None = None) -> np.ndarray:
+    """Quantize-dequantize of `x` as float32 (scale and zero point scalars or broadcast to x),
+    bit for bit what `quantize` then `dequantize` give, without their integer temporaries:
+    the layer report runs it on every activation of every sample, GPTQ's range search on
+    every weight per shrink factor. `out`: a float32 array of x's shape to write into."""
+    if not exact_in_float32(grid):
+        q = dequantize(quantize(x, scale, zero_point, grid), scale, zero_point)
+        if out is None:
+            return q
+        out[...] = q
+        return out
+    s = np.asarray(scale, np.float32)
+    z = np.asarray(zero_point, np.float32)
     # Integers and float32 steps below 4096 levels are exact in float32, and the final product
     # of two float32 values is rounded once, as DequantizeLinear's is.
-    q = np.asarray(np.divide(x, s, dtype=np.float32))
+    q = np.asarray(np.divide(x, s, dtype=np.float32, out=out))
     np.rint(q, out=q)
     q += z
     np.clip(q, grid.qmin, grid.qmax, out=q)
