@@ -510,8 +510,7 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
             lines.append(f"  equalization of {s.equalize_chains} Conv -> Relu -> Conv chains: "
                          f"{'kept' if s.equalized else 'left out'} (1 - output cosine on the "
                          f"calibration samples: {without:.3g} without, {with_:.3g} with)")
-    if s.gptq is not None and s.gptq.layers:  # a float plan rounds nothing
-        lines.append(gptq_line(s.gptq))
+    lines += gptq_lines(s.gptq)
     if s.bias_correction:
         lines.append(f"  weight correction (MindSpore var/mean, in scales and zero points): "
                      f"{s.weight_corrections} weights")
@@ -535,6 +534,11 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     if s.residual_sum is not None:
         lines.append(residual_sum_line(s.residual_sum))
     return lines
+
+
+def gptq_lines(g: GPTQSummary | None, suffix: str = "") -> list[str]:
+    """The GPTQ line, none where GPTQ rounded no layer (a float plan)."""
+    return [gptq_line(g) + suffix] if g is not None and g.layers else []
 
 
 def gptq_line(g: GPTQSummary) -> str:
@@ -584,8 +588,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
               if s.activation_bits == s.bit_num else "")]
           if s.activation_bits != s.bit_num or s.activation_bits < 8 else []),
         f"  node units quantized: {s.units}",
-        *([f"  kept float by skip_quant_node: {len(s.skipped)} node"
-           f"{'s' if len(s.skipped) > 1 else ''} ({', '.join(s.skipped[:5])}"
+        *([f"  kept float by skip_quant_node: {_count(len(s.skipped), 'node')} "
+           f"({', '.join(s.skipped[:5])}"
            f"{', ...' if len(s.skipped) > 5 else ''})"] if s.skipped else []),
         *([f"  LSTM/GRU/RNN weights kept float: {s.recurrent_float} (onnxruntime has no "
            "static int8 recurrent kernel; DynamicQuant runs LSTMs in int8, WeightQuant stores "
@@ -630,9 +634,7 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
                      f"({_mb(before)} -> {_mb(after)}; embedding_quant=false keeps them float)")
     if s.residual_sum is not None:
         lines.append(residual_sum_line(s.residual_sum))
-    if s.gptq is not None and s.gptq.layers:  # a float plan rounds nothing
-        lines.append(gptq_line(s.gptq) + (" (before the accuracy target's repair)"
-                                          if s.repaired else ""))
+    lines += gptq_lines(s.gptq, " (before the accuracy target's repair)" if s.repaired else "")
     lines += _body_lines(s, shown)
     if s.bias_corrections is not None:
         applied = [c for c in s.bias_corrections if c.applied]
