@@ -25,7 +25,7 @@ import onnxruntime as ort
 from ptqconv.errors import PtqError, PtqUsageError, one_line
 from ptqconv.files import is_utf8, temporary_directory
 from ptqconv.graph.naming import values_by_name
-from ptqconv.target import cpu_name
+from ptqconv.target import cpu_name, usable_cpus
 
 LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -407,7 +407,7 @@ def compare_latency(models: Mapping[str, ModelSource], feeds: Mapping[str, np.nd
     busy, and on 2 cores a model timed beside two others ran at 1.8x its time alone, with
     ratios moving by 0.3 between rounds (docs/decisions.md, latency timings). `outputs`, when
     given, receives each model's outputs on the sample (from its first warm-up run)."""
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     sessions = {}
     for label, source in models.items():
         options = session_options(threads)

@@ -36,7 +36,9 @@ DEFAULT_QUANT_WEIGHT_CHANNEL = 16
 DEFAULT_CALIBRATE_SIZE = 100
 # With no method in the config, ptqconv measures which suits the model (post_training).
 AUTO = "AUTO"
-DEFAULT_THREADS = 1
+# MindSpore's thread_num defaults to 1; left out, calibration runs on every CPU the process
+# may use, as the latency timings do (docs/decisions.md, thread_num default).
+DEFAULT_THREADS = target_module.usable_cpus()
 # Everything, when eval_size is not given.
 ALL_SAMPLES = 2**31
 # [mixed_bit_weight_quant_param] and [dynamic_quant_param] defaults (docs/reference.md §1).

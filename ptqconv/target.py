@@ -8,6 +8,7 @@ saturate, 8 bits elsewhere.
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ def resolve(name: str) -> Target:
     if name == "arm64":
         return Target(name, False, "given: ARM with dot-product instructions")
     return detect()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a taskset or a container's cpuset
+    counts, where os.cpu_count() would give the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def detect() -> Target:
