@@ -130,6 +130,7 @@ class QuantConfig:
     measure_latency: bool | None = None
     embedding_quant: bool | None = None
     histogram_sampling: bool | None = None
+    shallow_convs_8bit: bool | None = None
     dynamic_candidate: bool | None = None  # AUTO may write DynamicQuant's model
     activation_bit_num: int | None = None  # [1, 8]
     encodings_path: Path | None = None  # an AIMET / QNN encodings file to import
@@ -695,6 +696,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _bool_key("measure_latency"),
         _bool_key("embedding_quant"),
         _bool_key("histogram_sampling"),
+        _bool_key("shallow_convs_8bit"),
         _bool_key("dynamic_candidate"),
         _int_key("activation_bit_num", 1, 8),
         _int_key("thread_num", 1, 64),

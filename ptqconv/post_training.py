@@ -283,7 +283,8 @@ class PostTraining:
         if choice.equalize and s.per_channel:
             found.append(EqualizePass(
                 self.skip, levels,
-                lambda conv: weight_grid_for(conv, s.bit_num, s.reduce_range).qmax))
+                lambda conv: weight_grid_for(conv, s.bit_num, s.reduce_range,
+                                             s.shallow_convs_8bit).qmax))
         if choice.smooth_quant:
             found.append(SmoothQuantPass(
                 self.skip, levels, qparams.fused_weight_grid(s.bit_num, s.reduce_range).qmax))
@@ -292,7 +293,8 @@ class PostTraining:
     def qdq_pass(self, plan: QuantPlan, ranges: dict[str, Range], **options: Any) -> QDQPass:
         s = self.settings
         return QDQPass(plan, ranges, s.bit_num, per_channel=s.per_channel,
-                       reduce_range=s.reduce_range, act_bits=s.activation_bits, **options)
+                       reduce_range=s.reduce_range, act_bits=s.activation_bits,
+                       shallow_8bit=s.shallow_convs_8bit, **options)
 
     def quantize(self, model: ir.Model, plan: QuantPlan, ranges: dict[str, Range],
                  **options: Any) -> QDQResult:
@@ -577,7 +579,8 @@ class PostTraining:
         for planned in plan.weights:
             value = planned.node.inputs[planned.index]
             if value is not None and value.name:
-                grid = weight_grid_for(planned.node, s.bit_num, s.reduce_range)
+                grid = weight_grid_for(planned.node, s.bit_num, s.reduce_range,
+                                       s.shallow_convs_8bit)
                 targets[value.name] = WeightLayout(grid, planned.axis if s.per_channel
                                                    else None)
         return gptq.run(built.prepared, targets, self.data, s.threads, self.progress)
@@ -887,6 +890,7 @@ class PostTraining:
             activation_ranges=built.qdq.activation_ranges,
             quantize_nodes=built.qdq.quantize_nodes,
             weights_quantized=built.qdq.weights_quantized,
+            shallow_8bit=built.qdq.shallow_8bit,
             bias_widened=built.qdq.bias_widened,
             weight_grid=built.qdq.weight_grid,
             embedding_tables=[r for r in built.tables if r.quantized],

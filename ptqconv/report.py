@@ -19,6 +19,7 @@ from ptqconv.evaluate.metrics import OutputComparison, model_mean_bias_percent
 from ptqconv.passes.bias_correction import Correction
 from ptqconv.passes.gptq import GPTQSummary
 from ptqconv.passes.latency_plan import LatencyPlan
+from ptqconv.passes.qdq import SHALLOW_DEPTH
 from ptqconv.passes.residual_sum import ResidualSum
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.plain_data import plain
@@ -172,6 +173,7 @@ class PostTrainingSummary:
     quantize_nodes: int
     weights_quantized: int
     weight_grid: qparams.Grid | None
+    shallow_8bit: int = 0  # weights of shallow convs kept in 8 bits below 8
     # weights whose scale was raised so that their int32 bias holds (near-constant inputs)
     bias_widened: int = 0
     embedding_tables: list[WeightRecord] = field(default_factory=list)  # quantized per row
@@ -623,6 +625,11 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
             own = ("on the encodings file's grids" if imported >= s.weights_quantized
                    else f"{imported} on the encodings file's grids, the others {own}")
         lines.append(f"  weights quantized: {s.weights_quantized} ({own})")
+        if s.shallow_8bit:
+            lines.append(f"  shallow convs in 8 bits: {s.shallow_8bit} (at most {SHALLOW_DEPTH} "
+                         "weights per output channel: depthwise convs, image stems, convs over few "
+                         "channels; "
+                         f"shallow_convs_8bit=false gives them {s.bit_num})")
         if s.bias_widened:
             lines.append(f"  weight scales raised so that the int32 bias holds: "
                          f"{s.bias_widened} (their inputs' calibration range is (nearly) "

@@ -161,6 +161,8 @@ class PostTrainingSettings:
     dynamic_candidate: bool = True
     # KL / MSE histograms from a strided sample of each tensor (calibrate/observers.py).
     histogram_sampling: bool = True
+    # Below 8 bits, depthwise convs and image stems keep 8-bit weights (passes/qdq.py).
+    shallow_convs_8bit: bool = True
     threads: int = DEFAULT_THREADS
     skip: tuple[str, ...] = ()
     debug_dir: Path | None = None  # per-layer report
@@ -283,7 +285,7 @@ class ConvertSettings:
         for name in config_skip:
             assert config is not None
             skip_given.setdefault(name, config.where("skip_quant_node"))
-        threads = pick.config("thread_num") or DEFAULT_THREADS
+        threads = pick.config("thread_num") or target_module.usable_cpus()
         layout = (None if input_data_format is None or not str(input_data_format).strip()
                   else _flag("--inputDataFormat", input_data_format, values.data_format))
         image = None if config is None else image_preprocess(config)
@@ -499,6 +501,7 @@ def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int
         embedding_quant=pick.switch("embedding_quant", True),
         dynamic_candidate=pick.switch("dynamic_candidate", True),
         histogram_sampling=pick.switch("histogram_sampling", True),
+        shallow_convs_8bit=pick.switch("shallow_convs_8bit", True),
         quant_strategy=strategy_given or ("GPTQ" if strategy_default else "MAX_MIN"),
         strategy_default=strategy_default,
         threads=threads,

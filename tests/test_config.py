@@ -29,8 +29,8 @@ COMMON_KEYS = (
 FULL_KEYS = (
     "activation_bit_num, activation_quant_method, bias_correction, dynamic_candidate, "
     "embedding_quant, enable_all_ops, encodings_path, equalize, histogram_sampling, latency_aware, "
-    "measure_latency, per_channel, quant_strategy, reduce_range, smooth_quant, target_device, "
-    "thread_num"
+    "measure_latency, per_channel, quant_strategy, reduce_range, shallow_convs_8bit, "
+    "smooth_quant, target_device, thread_num"
 )
 FLAT_KEYS = "batch_count, bias_correction, image_path, input_shape, method_x, thread_num"
 FAST = settings(

@@ -345,8 +345,10 @@ def test_w4a8_keeps_8_bit_activations_with_4_bit_weights(tmp_path):
     errors = {}
     for name, extra in (("w4a4", ""), ("w4a8", "activation_bit_num=8\n")):
         config = tmp_path / f"{name}.ini"
+        # Every weight on the 4-bit grid, its first conv's too (test_shallow_convs_...).
         config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:"
-                          f"{DIGITS / 'calib' / 'input'}\n[full_quant_param]\n{extra}")
+                          f"{DIGITS / 'calib' / 'input'}\n[full_quant_param]\n{extra}"
+                          "shallow_convs_8bit=false\n")
         out = tmp_path / f"{name}.onnx"
         assert convert(f"--modelFile={DIGITS / 'model.onnx'}", f"--outputFile={out}",
                        f"--configFile={config}", "--bitNum=4") == 0
@@ -361,6 +363,64 @@ def test_w4a8_keeps_8_bit_activations_with_4_bit_weights(tmp_path):
         (got,) = run_model(out, {"input": x})
         errors[name] = float(np.sqrt(np.mean(np.square(ref - got))))
     assert errors["w4a8"] < 0.7 * errors["w4a4"], errors
+
+
+def _stem_depthwise_deep(path: Path, rng: np.random.Generator) -> Path:
+    """A 3-channel stem, a depthwise conv and a 1x1 conv over 64 channels, with ReLUs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {"stem": (64, 3, 3, 3), "dw": (64, 1, 3, 3), "deep": (64, 64, 1, 1)}
+    inits = [numpy_helper.from_array(
+        (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32), name)
+        for name, shape in weights.items()]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem"], ["a"], name="stem", pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "dw"], ["b"], name="dw", group=64, pads=[1] * 4),
+        helper.make_node("Relu", ["b"], ["br"]),
+        helper.make_node("Conv", ["br", "deep"], ["y"], name="deep"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return save(model, path)
+
+
+def test_shallow_convs_keep_8_bit_weights_below_8_bits(tmp_path):
+    import ptqconv
+
+    rng = np.random.default_rng(21)
+    src = _stem_depthwise_deep(tmp_path / "float.onnx", rng)
+    data = write_samples(tmp_path / "x", (rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+                                          for _ in range(8)))
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    (ref,) = run_model(src, {"x": x})
+    errors, lines = {}, {}
+    for shallow in ("true", "false"):
+        config = Path(ini(tmp_path, f"x:{data}", extra="[common_quant_param]\nbit_num=4\n"))
+        config.write_text(config.read_text() + f"activation_bit_num=8\nmeasure_latency=false\n"
+                          f"quant_strategy=MAX_MIN\nshallow_convs_8bit={shallow}\n")
+        out = tmp_path / f"q_{shallow}.onnx"
+        report = ptqconv.convert(src, out, "PostTraining", config_file=config)
+        lines[shallow] = [line for line in report.format().splitlines()
+                          if line.startswith("  shallow")]
+        inits = {t.name: onnx.numpy_helper.to_array(t)
+                 for t in onnx.load(str(out)).graph.initializer}
+        levels = {name: int(np.abs(inits[f"{name}_quantized"]).max())
+                  for name in ("stem", "dw", "deep")}
+        # 64 input channels: the 1x1 conv keeps the 4 bits asked; 27 and 9 values per
+        # output channel do not average rounding errors out.
+        assert levels == ({"stem": 127, "dw": 127, "deep": 7} if shallow == "true"
+                          else {"stem": 7, "dw": 7, "deep": 7}), levels
+        (got,) = run_model(out, {"x": x})
+        errors[shallow] = float(np.sqrt(np.mean(np.square(ref - got))))
+    assert errors["true"] < 0.7 * errors["false"], errors
+    assert lines["true"] == [
+        "  shallow convs in 8 bits: 2 (at most 32 weights per output channel: depthwise convs, "
+        "image stems, convs over few channels; shallow_convs_8bit=false gives them 4)"]
+    assert lines["false"] == []
 
 
 @pytest.mark.parametrize("extra, line", [

@@ -97,3 +97,15 @@ def test_the_cpu_is_named_so_that_two_machines_can_be_told_apart(cpuinfo, name):
     from ptqconv.target import cpu_name
 
     assert cpu_name(cpuinfo) == name
+
+
+@pytest.mark.parametrize(("key", "threads"), [("", 3), ("thread_num=1", 1)])
+def test_thread_num_left_out_is_every_cpu_the_process_may_use(monkeypatch, tmp_path, key,
+                                                               threads):
+    monkeypatch.setattr(target.os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=input:{CALIB}\n"
+                      f"[full_quant_param]\n{key}\n")
+    mode = ConvertSettings.create(MODEL, tmp_path / "o.onnx", "PostTraining",
+                                  config_file=config).mode
+    assert mode.threads == threads

@@ -11,6 +11,7 @@ graph whose units read it; a weight's integer initializers stay where the float 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class QDQResult(ir.passes.PassResult):
     dequantized: dict[str, str] = field(default_factory=dict)  # float name -> dequantized name
     activation_ranges: int = 0  # distinct grids made (tensors sharing one count once)
     weights_quantized: int = 0
+    shallow_8bit: int = 0  # of them, shallow convs kept on the 8-bit grid below 8 bits
     # weights whose scale was raised so that their layer's int32 bias holds the bias
     bias_widened: int = 0
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # with keep_weights
@@ -113,8 +115,10 @@ class QDQPass(ir.passes.InPlacePass):
                  keep_weights: bool = False, reduce_range: bool = True,
                  act_bits: int | None = None, weights: dict | None = None,
                  fixed: Mapping[str, qparams.Encoding] | None = None,
-                 integer_weights: Mapping[str, IntegerWeight] | None = None):
+                 integer_weights: Mapping[str, IntegerWeight] | None = None,
+                 shallow_8bit: bool = False):
         super().__init__()
+        self.shallow_8bit = shallow_8bit
         self.plan = plan
         self.ranges = ranges
         self.bits = bits
@@ -293,7 +297,7 @@ class QDQPass(ir.passes.InPlacePass):
             self.result.imported.add(name)
         else:
             axis = planned.axis if self.per_channel else None
-            grid = weight_grid_for(node, self.bits, self.reduce_range)
+            grid = weight_grid_for(node, self.bits, self.reduce_range, self.shallow_8bit)
             key = (id(tensor), grid, axis)
             given = self.given_weights.get(name or "")
             if (given is not None and given.layout == WeightLayout(grid, axis)
@@ -343,6 +347,9 @@ class QDQPass(ir.passes.InPlacePass):
                                       np.asarray(zero_point, np.int8))]
             self.integer_weights[id(value)] = inputs
             self.result.weights_quantized += 1
+            if (self.shallow_8bit and self.bits < 8 and is_shallow(node)
+                    and name not in self.result.imported):
+                self.result.shallow_8bit += 1
             self.result.param_encodings[name] = qparams.Encoding(scale, zero_point, grid)
         out = self._dequantize(inputs, {"axis": planned.axis} if axis is not None else {}, name,
                                tuple(tensor.shape))
@@ -451,10 +458,28 @@ def _insert_after_definition(graph: ir.Graph, value: ir.Value, nodes: list[ir.No
         graph.insert_after(producer, nodes)
 
 
-def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool) -> qparams.Grid:
+# Below 8 bits, with `shallow_8bit`, Conv weights of at most this many values per output
+# channel (depthwise convs, image stems) keep the 8-bit grid: their outputs sum too few
+# products for rounding errors to average out, and int8 holds them either way
+# (docs/decisions.md, shallow convs in 8 bits).
+SHALLOW_DEPTH = 32
+
+
+def is_shallow(node: ir.Node) -> bool:
+    """A Conv whose constant weight has at most SHALLOW_DEPTH values per output channel."""
+    weight = node.inputs[1].const_value if node.op_type == "Conv" and len(node.inputs) > 1 \
+        else None
+    return weight is not None and math.prod(weight.shape[1:]) <= SHALLOW_DEPTH
+
+
+def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool,
+                    shallow_8bit: bool = False) -> qparams.Grid:
     """The int8 grid of `node`'s weight. onnxruntime's depthwise kernel accumulates single
     products in int32, so it cannot saturate like the GEMM kernels: depthwise weights keep the
-    full 8-bit grid (docs/decisions.md, depthwise weights)."""
+    full 8-bit grid (docs/decisions.md, depthwise weights). With `shallow_8bit`, shallow convs
+    get 8 bits whatever `bits` is (`is_shallow`)."""
+    if shallow_8bit and bits < 8 and is_shallow(node):
+        bits = 8
     return qparams.fused_weight_grid(bits, reduce_range and not is_depthwise(node))
 
 
