@@ -311,6 +311,7 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
             return saved, built
         return _check_plan(pt, settings, report, sample, staging, saved, sources, built)
     errors: tuple[float, float] | None = None
+    tied = False  # the plan kept as no slower and more accurate
     try:
         found = pt.latency_planned()
         if found is None:  # the cost model keeps no unit float: float is all to beat
@@ -330,11 +331,22 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
             errors = (planned_error, integer_error)
             if better:
                 keep, why = False, "more held-out error"
+        elif (not keep and pt.scoring is not None and not second.faster("quantized", "planned")
+              and not second.faster("float", "planned")):
+            # No faster, but no slower than all-integer or float beyond the noise: the more
+            # accurate is written, as _check_plan weighs it (ppocrv4_det on VNNI: the plan's
+            # held-out error a tenth of all-integer's, its timing 0.59-0.76x against
+            # 0.70-0.76x; docs/decisions.md, latency check off x86_avx2).
+            assert built is not None
+            planned_error, integer_error, better = _weigh(pt, planned.model, built.model)
+            if better:
+                keep, why, errors, tied = True, "", (planned_error, integer_error), True
     except PtqError:
         return saved, built
     report.post_training = pt.adopt(latency, planned, summary) if keep else summary
     report.post_training.latency_check = LatencyCheck(
-        _written(first, "quantized"), second, len(latency.kept_float), keep, why, errors)
+        _written(first, "quantized"), second, len(latency.kept_float), keep, why, errors,
+        tied)
     report.latency = _written(second, "planned" if keep else "quantized")
     if not keep:
         return saved, built

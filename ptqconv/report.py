@@ -89,9 +89,11 @@ class LatencyCheck:
     planned_float_units: int = 0  # units the plan keeps float
     kept_plan: bool = False
     why_kept: str = ""  # why the faster-looking model was not written (runtime.not_faster)
-    # Held-out errors (plan, all-integer), where the plan ran faster than an all-integer
-    # model that was not slower than float and AUTO scored candidates.
+    # Held-out errors (plan, all-integer), where AUTO scored candidates and the plan ran
+    # faster than an all-integer model that was not slower than float, or no slower (tied).
     errors: tuple[float, float] | None = None
+    # The plan kept as no slower than all-integer beyond the noise and more accurate.
+    tied: bool = False
 
 
 @dataclass(frozen=True)
@@ -811,7 +813,8 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
     if check.errors is not None:
         planned, integer = distinct(*check.errors)
         errors = f"held-out error {planned} against all-integer's {integer}"
-        kept += (f" (as accurate: {errors})" if check.kept_plan
+        kept += (f" (no slower beyond the noise, more accurate: {errors})" if check.tied
+                 else f" (as accurate: {errors})" if check.kept_plan
                  else f" (the plan faster, less accurate: {errors})")
     elif not check.kept_plan and ms["planned"] < ms["quantized"] and check.why_kept:
         kept += f" (the plan: {check.why_kept})"
