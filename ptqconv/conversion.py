@@ -37,7 +37,7 @@ from ptqconv.evaluate.run import random_sample
 from ptqconv.graph.ops import fusion_parts, is_quantized
 from ptqconv.passes.float16 import Float16ConstantsPass
 from ptqconv.passes.generated_names import value_names
-from ptqconv.passes.latency_plan import CONV_OPS
+from ptqconv.passes.latency_plan import CONV_OPS, LatencyPlan, cuts
 from ptqconv.post_training import TIE, Built, PostTraining, Probed, weight_bytes
 from ptqconv.report import (
     ConversionReport,
@@ -312,6 +312,7 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
         return _check_plan(pt, settings, report, sample, staging, saved, sources, built)
     errors: tuple[float, float] | None = None
     tied = False  # the plan kept as no slower and more accurate
+    tried = 1  # plans timed: the cost model's, and its cuts where it did not win
     try:
         found = pt.latency_planned()
         if found is None:  # the cost model keeps no unit float: float is all to beat
@@ -321,9 +322,13 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
             report.latency = first
             return saved, built
         latency, planned = found
+        whole = len(latency.kept_float)
         models = {"float": settings.model_file, "quantized": saved.path,
                   "planned": planned.model}
         keep, first, second, why = _faster_twice(models, sample, "planned", "quantized")
+        if not keep and cuts(latency):
+            latency, planned, keep, second, why, tried = _fastest_cut(
+                pt, settings, sample, saved, latency, planned)
         slower = first.faster("float", "quantized")
         if keep and not slower and pt.scoring is not None:
             assert built is not None
@@ -346,12 +351,48 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
     report.post_training = pt.adopt(latency, planned, summary) if keep else summary
     report.post_training.latency_check = LatencyCheck(
         _written(first, "quantized"), second, len(latency.kept_float), keep, why, errors,
-        tied)
+        tied, whole if len(latency.kept_float) < whole else 0, tried)
     report.latency = _written(second, "planned" if keep else "quantized")
     if not keep:
         return saved, built
     saved = _save(planned.model, settings, report, staging)
     return _never_grow(settings, report, sources, staging, saved) or saved, planned
+
+
+def _fastest_cut(pt: PostTraining, settings: ConvertSettings, sample: dict,
+                 saved: modelio.SavedModel, latency: LatencyPlan, planned: Built,
+                 ) -> tuple[LatencyPlan, Built, bool, runtime.Latency, str, int]:
+    """Where the cost model's plan did not run faster than all-integer: it and its cuts
+    (`PostTraining.latency_cuts`), timed together with float and all-integer, the fastest
+    of them; whether that runs faster than all-integer (the two-timing rule: the second
+    timing has float, all-integer and it only), its last timing with it as "planned", why
+    not, and how many plans were timed (docs/decisions.md, cuts of the latency plan)."""
+    plans = {"planned": (latency, planned),
+             **{f"cut {i}": cut for i, cut in enumerate(pt.latency_cuts(latency))}}
+    models: dict[str, runtime.ModelSource] = {"float": settings.model_file,
+                                              "quantized": saved.path}
+    models.update((label, built.model) for label, (_, built) in plans.items())
+    timed = runtime.compare_latency(models, sample)
+    best = min(plans, key=lambda label: timed.ms[label])
+    latency, planned = plans[best]
+    timed = _relabelled(timed, best)
+    why = timed.not_faster("planned", "quantized")
+    if why:
+        return latency, planned, False, timed, why, len(plans)
+    models = {"float": settings.model_file, "quantized": saved.path, "planned": planned.model}
+    second = runtime.compare_latency(models, sample)
+    why = second.not_faster("planned", "quantized")
+    return (latency, planned, not why, second, f"a second timing: {why}" if why else "",
+            len(plans))
+
+
+def _relabelled(timed: runtime.Latency, plan: str) -> runtime.Latency:
+    """A timing's float and all-integer figures, and `plan`'s as "planned"."""
+    labels = {"float": "float", "quantized": "quantized", "planned": plan}
+    return runtime.Latency({new: timed.ms[old] for new, old in labels.items()}, timed.runs,
+                           timed.threads, timed.cpu,
+                           {new: timed.rounds[old] for new, old in labels.items()
+                            if old in timed.rounds})
 
 
 def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,

@@ -70,7 +70,7 @@ from ptqconv.passes.gemm_sum import SplitGemmSumPass
 from ptqconv.passes.generated_names import PrefixGeneratedNamesPass
 from ptqconv.passes.hard_swish import HardSwishPass
 from ptqconv.passes.integer_activations import IntegerActivationsPass
-from ptqconv.passes.latency_plan import LatencyPlan, plan_latency, product_share
+from ptqconv.passes.latency_plan import LatencyPlan, cuts, plan_latency, product_share
 from ptqconv.passes.qdq import QDQPass, QDQResult, weight_grid_for
 from ptqconv.passes.qdq_plan import (
     WEIGHT_OPS,
@@ -780,6 +780,17 @@ class PostTraining:
         if not latency.keys:
             return None
         return latency, self._rebuilt(latency)
+
+    def latency_cuts(self, latency: LatencyPlan) -> list[tuple[LatencyPlan, Built]]:
+        """`latency_planned`'s plan cut to its first units (`latency_plan.cuts`), each built."""
+        model, _, statistics, tensors, _, _ = self._rebuild
+        plan = plan_model(model.graph, self.skip, macs=self.macs)
+        shapes = _shapes(statistics, tensors)
+        found = []
+        for keep in cuts(latency):
+            cut = plan_latency(plan, shapes, keep)
+            found.append((cut, self._rebuilt(cut)))
+        return found
 
     def all_integer(self) -> tuple[LatencyPlan, Built]:
         """The model `run` made, rebuilt with no unit kept float for speed (`run` planned:

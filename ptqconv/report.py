@@ -94,6 +94,10 @@ class LatencyCheck:
     errors: tuple[float, float] | None = None
     # The plan kept as no slower than all-integer beyond the noise and more accurate.
     tied: bool = False
+    # Where a cut of the cost model's plan timed fastest: the units of the whole plan (0: the
+    # whole plan did), and how many plans were timed (conversion._fastest_cut).
+    cut_from: int = 0
+    plans_timed: int = 1
 
 
 @dataclass(frozen=True)
@@ -807,7 +811,10 @@ def latency_check_line(check: LatencyCheck, target: str) -> str:
         return line + ": kept" + ("" if first["quantized"] <= first["float"]
                                   else " (the cost model keeps no unit float)")
     ms = check.planned.ms
-    plan = (f"the cost model's plan ({check.planned_float_units} units float) "
+    units = (f"cut to its first {_count(check.planned_float_units, 'unit')} of "
+             f"{check.cut_from} float, the fastest of {check.plans_timed} plans timed"
+             if check.cut_from else f"{check.planned_float_units} units float")
+    plan = (f"the cost model's plan ({units}) "
             f"{ms['planned'] / ms['float']:.2f}x, all-integer {ms['quantized'] / ms['float']:.2f}x")
     kept = "kept the plan" if check.kept_plan else "kept all-integer"
     if check.errors is not None:

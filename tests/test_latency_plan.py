@@ -331,7 +331,9 @@ def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
     def compare(models, feeds, threads=0, budget_s=0.0, session_config=None, outputs=None):
         ms = timings(sorted(models), len(calls))
         calls.append(sorted(models))
-        return Latency({label: ms[label] for label in models}, 10, 2, f"a {detected} CPU")
+        # Cuts of the plan (conversion._fastest_cut) time as "cut" says, else as the plan.
+        return Latency({label: ms[label] if label in ms else ms.get("cut", ms.get("planned"))
+                        for label in models}, 10, 2, f"a {detected} CPU")
 
     monkeypatch.setattr(runtime, "compare_latency", compare)
     src = save(model or _conv_net(MOBILE, size), tmp_path / "float.onnx")
@@ -362,7 +364,9 @@ def test_on_an_unmeasured_target_the_cost_models_plan_is_timed_against_all_integ
     # timed against float and the plan on a calibration sample.
     src, config, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_vnni",
+        # The plan's cuts (timed where it did not win) time as it did last.
         lambda labels, n: {"float": 1.0, **(timings[n] if n < len(timings)
+                                            else timings[-1] if "planned" in labels
                                             else {"quantized": 0.5})})
     summary = capsys.readouterr().out
     check = next(line for line in summary.splitlines() if "latency check" in line)
@@ -453,6 +457,52 @@ def test_on_an_unmeasured_target_a_plan_no_slower_and_more_accurate_is_written(
                               if timing["planned"] < timing["quantized"] else
                               "kept all-integer"), check
     assert optimized_ops(out, tmp_path)["QLinearConv"] == (0 if kept_plan else len(MOBILE))
+
+
+def test_where_the_plan_does_not_win_its_cuts_are_timed_and_the_fastest_can_be_written(
+        tmp_path, monkeypatch, capsys):
+    # On VNNI the AVX2 plan (3 units float here) can tie all-integer while its first units
+    # alone run faster (mobilenet_v2's stem and first depthwise conv): the cut is written.
+    timings = [{"quantized": 0.8, "planned": 0.8},  # the plan: no faster than all-integer
+               {"quantized": 0.8, "planned": 0.8, "cut": 0.6},  # the plan and its 2 cuts
+               {"quantized": 0.8, "planned": 0.6}]  # the fastest cut, timed again
+    _, _, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_vnni",
+        lambda labels, n: {"float": 1.0, **timings[min(n, 2)]})
+    check = next(line for line in capsys.readouterr().out.splitlines()
+                 if "latency check" in line)
+    assert calls[:3] == [["float", "planned", "quantized"],
+                         ["cut 0", "cut 1", "float", "planned", "quantized"],
+                         ["float", "planned", "quantized"]]
+    assert "the cost model's plan (cut to its first 1 unit of 3 float, the fastest of 3 plans " \
+           "timed) 0.60x, all-integer 0.80x" in check, check
+    assert "kept the plan" in check, check
+    # Only the first unit in graph order, the stem conv, stays float.
+    assert optimized_ops(out, tmp_path)["QLinearConv"] == len(MOBILE) - 1
+
+
+def test_cuts_are_the_first_units_of_a_plan_in_graph_order():
+    from ptqconv.passes.latency_plan import LatencyPlan, cuts
+
+    keys = tuple(f"conv{i}" for i in range(77))
+    assert [len(c) for c in cuts(LatencyPlan(ordered=keys))] == [10, 19, 38, 58]
+    assert cuts(LatencyPlan(ordered=keys))[0] == frozenset(keys[:10])
+    assert [len(c) for c in cuts(LatencyPlan(ordered=keys[:6]))] == [1, 2, 3, 4]
+    assert [len(c) for c in cuts(LatencyPlan(ordered=keys[:3]))] == [1, 2]
+    assert cuts(LatencyPlan(ordered=keys[:1])) == []
+
+
+def test_a_plan_given_its_units_predicts_as_the_min_cut_does_for_the_same_units():
+    model = ir.from_proto(_conv_net(MOBILE, 112))
+    plan = plan_quantization(model.graph)
+    shapes = _shapes(model, 112)
+    best = plan_latency(plan, shapes)
+    again = plan_latency(plan, shapes, best.keys)
+    assert (again.keys, again.ordered, again.planned_us) == (best.keys, best.ordered,
+                                                             best.planned_us)
+    first = plan_latency(plan, shapes, frozenset(best.ordered[:1]))
+    assert first.keys == frozenset(best.ordered[:1])
+    assert first.planned_us > best.planned_us  # the min cut is the cheapest labelling
 
 
 @pytest.mark.parametrize(("integer_ms", "kept_integer"), [(0.5, True), (0.97, False),

@@ -116,6 +116,23 @@ class LatencyPlan:
     quantized_us: float = 0.0
     planned_us: float = 0.0
     keys: frozenset[str] = frozenset()  # node keys (graph.naming.node_key) of kept_float
+    ordered: tuple[str, ...] = ()  # the same keys in the plan's (graph) order
+
+
+# Cuts of a plan timed on a target the cost model was not measured on: its first units in
+# graph order, these fractions of them (docs/decisions.md, cut plans).
+CUT_FRACTIONS = (0.125, 0.25, 0.5, 0.75)
+
+
+def cuts(latency: LatencyPlan) -> list[frozenset[str]]:
+    """Smaller plans to time beside `latency`: the first units it keeps float, in graph
+    order, CUT_FRACTIONS of them (distinct, each at least one unit, none the whole plan).
+    The cost model's constants are from x86 without VNNI, where integer kernels lose on more
+    units; elsewhere the units it keeps float first (image stems, early depthwise convs over
+    large maps) can still be the slow ones, and a timing says which cut is fastest."""
+    count = len(latency.ordered)
+    sizes = sorted({max(1, round(count * f)) for f in CUT_FRACTIONS} - {count})
+    return [frozenset(latency.ordered[:size]) for size in sizes]
 
 
 def _elements(shape: tuple[int, ...] | None) -> float | None:
@@ -386,8 +403,10 @@ class _Tensor:
         return self.quantize if any(r in integer for r in self.readers) else 0.0
 
 
-def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]) -> LatencyPlan:
-    """The units of `plan` to keep float so that the whole runs fastest, by the cost model.
+def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]],
+                 keep: frozenset[str] | None = None) -> LatencyPlan:
+    """The units of `plan` to keep float so that the whole runs fastest, by the cost model;
+    with `keep` (node keys), those units instead, with the cost model's predictions.
 
     `shapes` holds the calibration shapes of the plan's tensors; a unit whose work cannot be
     sized stays integer (it is not costed).
@@ -445,10 +464,13 @@ def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]) -> Late
         edges += [(reader, quantize, math.inf) for reader in tensor.readers]
         edges.append((tensor.producer, dequantize, tensor.dequantize))
         edges += [(dequantize, reader, math.inf) for reader in tensor.readers]
-    finite = sum(c for _, _, c in edges if math.isfinite(c)) + 1.0
-    integer = min_cut.source_side(
-        [(a, b, c if math.isfinite(c) else finite) for a, b, c in edges], source, sink)
-    integer_units = {n for n in units if n in integer}
+    if keep is None:
+        finite = sum(c for _, _, c in edges if math.isfinite(c)) + 1.0
+        integer = min_cut.source_side(
+            [(a, b, c if math.isfinite(c) else finite) for a, b, c in edges], source, sink)
+        integer_units = {n for n in units if n in integer}
+    else:
+        integer_units = {n for n in units if node_key(n) not in keep}
 
     def total(labelled: set[ir.Node]) -> float:
         return (sum(int_us[n] if n in labelled else float_us[n] for n in units)
@@ -464,4 +486,5 @@ def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]]) -> Late
         quantized_us=total(units),
         planned_us=total(integer_units),
         keys=frozenset(node_key(n) for n in units if n not in integer_units),
+        ordered=tuple(node_key(n) for n in plan.units if n in units and n not in integer_units),
     )
