@@ -459,13 +459,15 @@ def test_on_an_unmeasured_target_a_plan_no_slower_and_more_accurate_is_written(
     assert optimized_ops(out, tmp_path)["QLinearConv"] == (0 if kept_plan else len(MOBILE))
 
 
+@pytest.mark.parametrize("smallest_ms, units", [(0.6, 2), (0.5, 1)])
 def test_where_the_plan_does_not_win_its_cuts_are_timed_and_the_fastest_can_be_written(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, smallest_ms, units):
     # On VNNI the AVX2 plan (3 units float here) can tie all-integer while its first units
-    # alone run faster (mobilenet_v2's stem and first depthwise conv): the cut is written.
+    # alone run faster (mobilenet_v2's stem and first depthwise conv): the cut is written,
+    # the larger one unless the smaller is faster by the margin.
     timings = [{"quantized": 0.8, "planned": 0.8},  # the plan: no faster than all-integer
-               {"quantized": 0.8, "planned": 0.8, "cut": 0.6},  # the plan and its 2 cuts
-               {"quantized": 0.8, "planned": 0.6}]  # the fastest cut, timed again
+               {"quantized": 0.8, "planned": 0.8, "cut 0": smallest_ms, "cut 1": 0.6},
+               {"quantized": 0.8, "planned": 0.6}]  # the chosen cut, timed again
     _, _, out, calls = _convert_with_timings(
         tmp_path, monkeypatch, "x86_vnni",
         lambda labels, n: {"float": 1.0, **timings[min(n, 2)]})
@@ -474,11 +476,11 @@ def test_where_the_plan_does_not_win_its_cuts_are_timed_and_the_fastest_can_be_w
     assert calls[:3] == [["float", "planned", "quantized"],
                          ["cut 0", "cut 1", "float", "planned", "quantized"],
                          ["float", "planned", "quantized"]]
-    assert "the cost model's plan (cut to its first 1 unit of 3 float, the fastest of 3 plans " \
-           "timed) 0.60x, all-integer 0.80x" in check, check
+    assert (f"the cost model's plan (cut to its first {units} unit{'s' if units > 1 else ''} "
+            "of 3 float, the fastest of 3 plans timed) 0.60x, all-integer 0.80x") in check, check
     assert "kept the plan" in check, check
-    # Only the first unit in graph order, the stem conv, stays float.
-    assert optimized_ops(out, tmp_path)["QLinearConv"] == len(MOBILE) - 1
+    # The first units in graph order stay float: the stem conv, then the depthwise one.
+    assert optimized_ops(out, tmp_path)["QLinearConv"] == len(MOBILE) - units
 
 
 def test_cuts_are_the_first_units_of_a_plan_in_graph_order():
