@@ -327,8 +327,9 @@ def _check_latency(pt: PostTraining, settings: ConvertSettings, report: Conversi
                   "planned": planned.model}
         keep, first, second, why = _faster_twice(models, sample, "planned", "quantized")
         # Every cut is one more model held and timed side by side.
-        if not keep and cuts(latency) and not _crowded(
-                report.size_before + (2 + len(cuts(latency))) * report.size_after):
+        pieces = len(cuts(latency))
+        if not keep and pieces and not _crowded(
+                report.size_before + (2 + pieces) * report.size_after):
             latency, planned, keep, second, why, tried = _fastest_cut(
                 pt, settings, sample, saved, latency, planned)
         slower = first.faster("float", "quantized")
@@ -386,7 +387,7 @@ def _fastest_cut(pt: PostTraining, settings: ConvertSettings, sample: dict,
                 and timed.faster(label, best, 1.0)):
             best = label
     latency, planned = plans[best]
-    timed = _relabelled(timed, best)
+    timed = _relabelled(timed, {"float": "float", "quantized": "quantized", "planned": best})
     why = timed.not_faster("planned", "quantized")
     if why:
         return latency, planned, False, timed, why, len(plans)
@@ -395,15 +396,6 @@ def _fastest_cut(pt: PostTraining, settings: ConvertSettings, sample: dict,
     why = second.not_faster("planned", "quantized")
     return (latency, planned, not why, second, f"a second timing: {why}" if why else "",
             len(plans))
-
-
-def _relabelled(timed: runtime.Latency, plan: str) -> runtime.Latency:
-    """A timing's float and all-integer figures, and `plan`'s as "planned"."""
-    labels = {"float": "float", "quantized": "quantized", "planned": plan}
-    return runtime.Latency({new: timed.ms[old] for new, old in labels.items()}, timed.runs,
-                           timed.threads, timed.cpu,
-                           {new: timed.rounds[old] for new, old in labels.items()
-                            if old in timed.rounds})
 
 
 def _check_plan(pt: PostTraining, settings: ConvertSettings, report: ConversionReport,
@@ -655,10 +647,16 @@ def _slower_twice(models: dict[str, runtime.ModelSource], sample: dict, candidat
 def _written(timed: runtime.Latency, label: str) -> runtime.Latency:
     """The float and `label` timings of a check, as the summary's latency of the written
     model (the same interleaved runs)."""
-    rounds = ({"float": timed.rounds["float"], "quantized": timed.rounds[label]}
-              if "float" in timed.rounds and label in timed.rounds else {})
-    return runtime.Latency({"float": timed.ms["float"], "quantized": timed.ms[label]},
-                           timed.runs, timed.threads, timed.cpu, rounds)
+    return _relabelled(timed, {"float": "float", "quantized": label})
+
+
+def _relabelled(timed: runtime.Latency, labels: dict[str, str]) -> runtime.Latency:
+    """The timings of `labels`' values under its keys (the same interleaved runs; their
+    rounds where every one kept them)."""
+    rounds = ({new: timed.rounds[old] for new, old in labels.items()}
+              if all(old in timed.rounds for old in labels.values()) else {})
+    return runtime.Latency({new: timed.ms[old] for new, old in labels.items()}, timed.runs,
+                           timed.threads, timed.cpu, rounds)
 
 
 def _never_grow(settings: ConvertSettings, report: ConversionReport, sources: list[Path],

@@ -774,23 +774,25 @@ class PostTraining:
     def latency_planned(self) -> tuple[LatencyPlan, Built] | None:
         """The model `run` made, rebuilt with the units the latency cost model keeps float
         (`run` did not plan: latency_aware off); None when the model keeps none float."""
-        model, _, statistics, tensors, _, _ = self._rebuild
-        latency = plan_latency(plan_model(model.graph, self.skip, macs=self.macs),
-                               _shapes(statistics, tensors))
+        latency = plan_latency(*self._costed())
         if not latency.keys:
             return None
         return latency, self._rebuilt(latency)
 
     def latency_cuts(self, latency: LatencyPlan) -> list[tuple[LatencyPlan, Built]]:
         """`latency_planned`'s plan cut to its first units (`latency_plan.cuts`), each built."""
-        model, _, statistics, tensors, _, _ = self._rebuild
-        plan = plan_model(model.graph, self.skip, macs=self.macs)
-        shapes = _shapes(statistics, tensors)
+        plan, shapes = self._costed()
         found = []
         for keep in cuts(latency):
             cut = plan_latency(plan, shapes, keep)
             found.append((cut, self._rebuilt(cut)))
         return found
+
+    def _costed(self) -> tuple[QuantPlan, dict[str, tuple[int, ...]]]:
+        """The main graph's plan of `run`'s model and its calibration shapes, as the latency
+        cost model takes them."""
+        model, _, statistics, tensors, _, _ = self._rebuild
+        return plan_model(model.graph, self.skip, macs=self.macs), _shapes(statistics, tensors)
 
     def all_integer(self) -> tuple[LatencyPlan, Built]:
         """The model `run` made, rebuilt with no unit kept float for speed (`run` planned:

@@ -633,9 +633,8 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         lines.append(f"  weights quantized: {s.weights_quantized} ({own})")
         if s.shallow_8bit:
             lines.append(f"  shallow convs in 8 bits: {s.shallow_8bit} (at most {SHALLOW_DEPTH} "
-                         "weights per output channel: depthwise convs, image stems, convs over few "
-                         "channels; "
-                         f"shallow_convs_8bit=false gives them {s.bit_num})")
+                         "weights per output channel: depthwise convs, image stems, convs over "
+                         f"few channels; shallow_convs_8bit=false gives them {s.bit_num})")
         if s.bias_widened:
             lines.append(f"  weight scales raised so that the int32 bias holds: "
                          f"{s.bias_widened} (their inputs' calibration range is (nearly) "

@@ -476,7 +476,9 @@ def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]],
         return (sum(int_us[n] if n in labelled else float_us[n] for n in units)
                 + sum(t.cost(labelled) for t in tensors))
 
-    kept = [unit_costs[n] for n in plan.units if n in units and n not in integer_units]
+    kept_nodes = [n for n in plan.units if n in units and n not in integer_units]
+    kept = [unit_costs[n] for n in kept_nodes]
+    ordered = tuple(node_key(n) for n in kept_nodes)
     for cost in kept:
         logger.debug("%s %s kept float for speed: predicted %.1f us float, %.1f us integer",
                      cost.op_type, cost.name, cost.float_us, cost.int_us)
@@ -485,6 +487,6 @@ def plan_latency(plan: QuantPlan, shapes: Mapping[str, tuple[int, ...]],
         float_us=total(set()),
         quantized_us=total(units),
         planned_us=total(integer_units),
-        keys=frozenset(node_key(n) for n in units if n not in integer_units),
-        ordered=tuple(node_key(n) for n in plan.units if n in units and n not in integer_units),
+        keys=frozenset(ordered),
+        ordered=ordered,
     )

@@ -347,8 +347,7 @@ class QDQPass(ir.passes.InPlacePass):
                                       np.asarray(zero_point, np.int8))]
             self.integer_weights[id(value)] = inputs
             self.result.weights_quantized += 1
-            if (self.shallow_8bit and self.bits < 8 and is_shallow(node)
-                    and name not in self.result.imported):
+            if kept_8bit(node, self.bits, self.shallow_8bit) and name not in self.result.imported:
                 self.result.shallow_8bit += 1
             self.result.param_encodings[name] = qparams.Encoding(scale, zero_point, grid)
         out = self._dequantize(inputs, {"axis": planned.axis} if axis is not None else {}, name,
@@ -472,13 +471,18 @@ def is_shallow(node: ir.Node) -> bool:
     return weight is not None and math.prod(weight.shape[1:]) <= SHALLOW_DEPTH
 
 
+def kept_8bit(node: ir.Node, bits: int, shallow_8bit: bool) -> bool:
+    """Whether `node`'s weight takes 8 bits instead of `bits` (`shallow_8bit`, `is_shallow`)."""
+    return shallow_8bit and bits < 8 and is_shallow(node)
+
+
 def weight_grid_for(node: ir.Node, bits: int, reduce_range: bool,
                     shallow_8bit: bool = False) -> qparams.Grid:
     """The int8 grid of `node`'s weight. onnxruntime's depthwise kernel accumulates single
     products in int32, so it cannot saturate like the GEMM kernels: depthwise weights keep the
     full 8-bit grid (docs/decisions.md, depthwise weights). With `shallow_8bit`, shallow convs
-    get 8 bits whatever `bits` is (`is_shallow`)."""
-    if shallow_8bit and bits < 8 and is_shallow(node):
+    get 8 bits whatever `bits` is (`kept_8bit`)."""
+    if kept_8bit(node, bits, shallow_8bit):
         bits = 8
     return qparams.fused_weight_grid(bits, reduce_range and not is_depthwise(node))
 
