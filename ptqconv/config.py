@@ -36,8 +36,8 @@ The forms:
                     encodings_path (ptqconv's: AIMET / QNN encodings imported as
                     fixed grids)
                     [weight_quant_param] per_channel, bias_correction, quant_strategy,
-                    dequant_strategy (Ascend only: refused), block_size and
-                    measure_latency (ptqconv's)
+                    dequant_strategy (Ascend only: refused), block_size,
+                    measure_latency, keep_kernel_sums and shallow_convs_8bit (ptqconv's)
                     [mixed_bit_weight_quant_param] init_scale, auto_tune, max_iterations
                     [dynamic_quant_param] quant_strategy, measure_latency (ptqconv's)
                     [evaluate_param] eval_path, eval_size, accuracy_threshold,
@@ -154,6 +154,7 @@ class QuantConfig:
     block_size: int | None = None  # 0 or a power of two >= 16
     weight_measure_latency: bool | None = None
     keep_kernel_sums: bool | None = None
+    weight_shallow_convs_8bit: bool | None = None
     # [mixed_bit_weight_quant_param]
     init_scale: float | None = None  # (0, 1)
     auto_tune: bool | None = None
@@ -717,6 +718,7 @@ _SECTIONED: dict[str | None, dict[str, _Key]] = {
         _Key("block_size", *_scalar(values.block_size, values.BLOCK_SIZE_ALLOWED)),
         _bool_key("weight_measure_latency").named("measure_latency"),
         _bool_key("keep_kernel_sums"),
+        _bool_key("weight_shallow_convs_8bit").named("shallow_convs_8bit"),
     ),
     "mixed_bit_weight_quant_param": _keys(
         _Key("init_scale", *_scalar(lambda t: values.real(t, 0.0, 1.0, open_interval=True),

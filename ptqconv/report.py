@@ -248,6 +248,10 @@ class WeightQuantSummary:
     gptq: GPTQSummary | None = None
     low_bit_recipe: bool = False  # block_size left out at 1-4 bits: blocks, 8-bit tables
     depthwise_8bit: int = 0  # depthwise conv weights kept in 8 bits beside blocks
+    shallow_8bit: int = 0  # weights of shallow convs written on the 8-bit grid below 8 bits
+    # Output noise-to-signal on the calibration samples with shallow convs at the bits asked
+    # and at 8; None: not measured (set, or nothing to measure on).
+    shallow_errors: tuple[float, float] | None = None
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -509,6 +513,17 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     elif s.depthwise_8bit:
         lines.append(f"  depthwise convs in 8 bits: {s.depthwise_8bit} (one input channel per "
                      "group, no block to form; block_size=0 keeps them at the bits asked)")
+    if s.shallow_errors is not None or s.shallow_8bit:
+        measured = ""
+        if s.shallow_errors is not None:
+            low, high = s.shallow_errors
+            measured = (f"; output noise-to-signal on the calibration samples {low:.3g} at "
+                        f"the bits asked, {high:.3g} at 8")
+        lines.append(f"  shallow convs (at most {SHALLOW_DEPTH} weights per output channel: "
+                     f"image stems, convs over few channels) in 8 bits: "
+                     f"{s.shallow_8bit or 'none'}{measured} (8 bits only where they win with "
+                     "any one sample left out; shallow_convs_8bit in [weight_quant_param] "
+                     "sets it)")
     if s.equalize_chains:
         if s.equalize_errors is None:
             lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "

@@ -189,13 +189,17 @@ class Session:
     """
 
     def __init__(self, source: ModelSource, threads: int = 1, level: str = "all",
-                 label: str = "model", own_graph: bool = False, prepack: bool = True) -> None:
+                 label: str = "model", own_graph: bool = False, prepack: bool = True,
+                 config: Mapping[str, str] | None = None) -> None:
         self.label = label
         disabled = REAPPLIED_FUSIONS if own_graph else []
+        options = session_options(threads, level, prepack)
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         try:
             with _loadable(source) as loadable:
                 self.session = ort.InferenceSession(
-                    loadable, session_options(threads, level, prepack),
+                    loadable, options,
                     providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
         except Exception as exc:
             raise ModelRefused(label, first_line(exc)) from None

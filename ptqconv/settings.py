@@ -114,6 +114,9 @@ class WeightQuantSettings:
     measure_latency: bool = True
     # Nearest-rounded Conv kernels keep their taps' sum (`weights.sum_rounding`).
     keep_kernel_sums: bool = True
+    # Below 8 bits, shallow convs (image stems, 1x1 convs over few channels) on the 8-bit grid;
+    # None: measured on the calibration samples, off without them (`weight_only`).
+    shallow_convs_8bit: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -447,7 +450,8 @@ def _weight_quant(pick: _Picker, bits: int, min_size: int, min_channel: int,
         calibration=calibration,
         threads=threads,
         measure_latency=pick.switch("weight_measure_latency", True),
-        keep_kernel_sums=pick.switch("keep_kernel_sums", True))
+        keep_kernel_sums=pick.switch("keep_kernel_sums", True),
+        shallow_convs_8bit=pick.config("weight_shallow_convs_8bit"))
 
 
 def _post_training(pick: _Picker, bits: int, skip: tuple[str, ...], threads: int,

@@ -25,13 +25,15 @@ from ptqconv import modelio, qparams, runtime
 from ptqconv.calibrate.collector import collect
 from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.calibrate.statistics import Statistics
+from ptqconv.evaluate import held_out
+from ptqconv.evaluate.held_out import SampleErrors
 from ptqconv.evaluate.metrics import OutputComparison
 from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
 from ptqconv.passes.fold_recurrent_weights import FoldRecurrentWeightsPass
 from ptqconv.passes.identity_elimination import IdentityEliminationPass
-from ptqconv.passes.qdq import CORRECTED_OPS, WeightError
+from ptqconv.passes.qdq import CORRECTED_OPS, WeightError, is_shallow
 from ptqconv.passes.residual_sum import ResidualSumPass
 from ptqconv.passes.weight_equalize import WeightEqualizePass
 from ptqconv.passes.weight_quant import (
@@ -40,14 +42,16 @@ from ptqconv.passes.weight_quant import (
     Target,
     WeightQuantConfig,
     WeightQuantPass,
+    WeightQuantResult,
     WeightRecord,
 )
+from ptqconv.post_training import TIE
 from ptqconv.report import WeightQuantSummary
 from ptqconv.settings import DEPTHWISE_BITS, LOW_BIT_TABLE_BITS, WeightQuantSettings
 from ptqconv.target import detect
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
-from ptqconv.weights.layout import IntegerWeight
+from ptqconv.weights.layout import IntegerWeight, WeightLayout
 from ptqconv.weights.mixed_bit import smallest_bits
 
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -108,7 +112,13 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     quant_pass = WeightQuantPass(config, grids=grids)
     model = modelio.ensure_opset(model, needed_opset(model, quant_pass), base_dir)
     targets = [t for t in quant_pass.plan(model.graph) if t.layout is not None]
+    shallow = (_shallow_layouts(quant_pass, targets)
+               if settings.mixed_bit is None and (settings.shallow_convs_8bit
+                                                  or (settings.shallow_convs_8bit is None
+                                                      and data is not None))
+               else {})
     integers: dict[str, IntegerWeight] = {}
+    alternatives: dict[str, IntegerWeight] = {}
     solved_names: set[str] = set()
     statistics = Statistics({})
     shifted = data is not None and settings.bias_correction
@@ -116,8 +126,9 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     if settings.quant_strategy == "GPTQ":
         assert data is not None
         solved = gptq.run(model, {t.name: t.layout for t in targets if t.layout is not None},
-                          data, settings.threads, progress, extra)
+                          data, settings.threads, progress, extra, alternatives=shallow)
         integers.update(solved.integers)
+        alternatives.update(solved.alternatives)
         solved_names = set(solved.integers)
         statistics = solved.statistics
         summary.gptq = replace(solved.summary(), by_default=settings.strategy_default)
@@ -125,17 +136,30 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         assert data is not None
         step = progress(len(data), "calibrating (bias correction)") if progress else None
         statistics = collect(model, extra, data, settings.threads, step)
-    if settings.bias_correction:
-        for target in targets:
-            if target.name in integers:
-                integers[target.name] = corrected(_weight(target), integers[target.name],
-                                                  _correction_axis(target))
-    if shifted:
-        summary.bias_corrections = _shift_biases(model, targets, integers, statistics)
-    quant_pass.integers = integers
+    shallow_grids = {**grids, **{name: qparams.weight_only_grid(8) for name in shallow}}
+    chosen = bool(shallow) and bool(settings.shallow_convs_8bit)
+    if shallow and settings.shallow_convs_8bit is None:
+        assert data is not None
+        step = (progress(3 * len(data), f"shallow convs: {settings.bit_num} or 8 bits")
+                if progress else None)
+        errors = _candidate_errors(
+            model, data, settings.threads, step,
+            [lambda m: _written(m, config, grids, integers, statistics, settings, True),
+             lambda m: _written(m, config, shallow_grids, {**integers, **alternatives},
+                                statistics, settings, True)])
+        at_asked, at_eight = errors
+        # As AUTO chooses: 8 bits only where their win is beyond a tie with any one sample
+        # left out (`evaluate.held_out.beats`; docs/decisions.md, shallow convs in 8 bits).
+        chosen = held_out.beats([at_eight], [at_asked], TIE)
+        summary.shallow_errors = (held_out.pooled([at_asked]), held_out.pooled([at_eight]))
+    if chosen:
+        grids, integers = shallow_grids, {**integers, **alternatives}
+        summary.shallow_8bit = len(shallow)
     step = progress(modelio.tensor_bytes(model), "quantizing weights") if progress else None
-    quant_pass.progress = step
-    result = quant_pass(model)
+    result, corrections = _written(model, config, grids, integers, statistics, settings,
+                                    data is not None, step)
+    if shifted:
+        summary.bias_corrections = corrections
     for record in result.records:
         if record.quantized and record.name in solved_names:
             record.method = "GPTQ"
@@ -143,13 +167,83 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
                                      if r.quantized and settings.bias_correction)
     if config.depthwise_grid is not None:  # below 8 bits, the Conv weights in 8 are these
         summary.depthwise_8bit = sum(1 for r in result.records if r.quantized
-                                     and r.op_type == "Conv" and r.bits == DEPTHWISE_BITS)
+                                     and r.op_type == "Conv" and r.bits == DEPTHWISE_BITS
+                                     ) - summary.shallow_8bit
     # Weight-only models compute in float: their residual Adds fuse like the float model's.
     # WeightQuant names no target: the model runs where it is converted.
     summary.residual_sum = residual_sum.measure(model, detect())
     if summary.residual_sum is not None and summary.residual_sum.applied:
         ResidualSumPass()(model)
     return model, result.records, summary
+
+
+def _shallow_layouts(planner: WeightQuantPass, targets: list[Target]
+                     ) -> dict[str, WeightLayout]:
+    """The 8-bit layouts of the planned weights below 8 bits read only by shallow convs
+    (`passes.qdq.is_shallow`)."""
+    eight = qparams.weight_only_grid(8)
+    return {t.name: planner.layout_for(t, eight) for t in targets
+            if t.layout is not None and t.layout.grid.bits < 8
+            and all(is_shallow(s.node) for s in t.slots)}
+
+
+def _written(model: ir.Model, config: WeightQuantConfig, grids: dict[str, qparams.Grid],
+             integers: dict[str, IntegerWeight], statistics: Statistics,
+             settings: WeightQuantSettings, data_given: bool,
+             progress: Callable[[int], None] | None = None,
+             ) -> tuple[WeightQuantResult, list[bias_correction.Correction]]:
+    """`model` with its weights written on `grids` (else the config's) from `integers`
+    (else rounded to nearest), corrected as the settings say: with calibration data, bias
+    shifts from the points of `bias_correction.statistic_points` in `statistics`."""
+    quant_pass = WeightQuantPass(config, grids=grids)
+    targets = [t for t in quant_pass.plan(model.graph) if t.layout is not None]
+    integers = dict(integers)
+    if settings.bias_correction:
+        for target in targets:
+            if target.name in integers:
+                integers[target.name] = corrected(_weight(target), integers[target.name],
+                                                  _correction_axis(target))
+    shifted = data_given and settings.bias_correction
+    corrections = _shift_biases(model, targets, integers, statistics) if shifted else []
+    quant_pass.integers = integers
+    quant_pass.progress = progress
+    return quant_pass(model), corrections
+
+
+def _candidate_errors(model: ir.Model, data: CalibrationSet, threads: int,
+                      progress: Callable[[int], None] | None,
+                      writers: list[Callable[[ir.Model], object]],
+                      ) -> list[SampleErrors]:
+    """Each sample's output errors against the float `model` of each copy of `model` that a
+    writer quantizes. A sample runs through every model in turn, so only the errors are kept
+    (memory flat in the number of samples); the copies' weights are dequantized once, at load:
+    the same products at float speed."""
+    sessions = []
+    for write in writers:
+        candidate = model.clone()
+        write(candidate)
+        sessions.append(runtime.Session(candidate, threads, label="candidate model",
+                                        config=runtime.DEQUANTIZE_AT_LOAD))
+        del candidate
+    reference = runtime.Session(model, threads, label="float model")
+    signal: dict[str, list[float]] = {}
+    noise: list[dict[str, list[float]]] = [{} for _ in sessions]
+    for index, sample in enumerate(data):
+        label = f"calibration sample {index}"
+        want = {name: r.astype(np.float64) for name, r in reference.run(sample, sample=label)
+                .items() if np.issubdtype(r.dtype, np.floating)}
+        for name, r in want.items():
+            signal.setdefault(name, []).append(float(np.sum(r * r)))
+        for session, found in zip(sessions, noise, strict=True):
+            got = session.run(sample, sample=label)
+            for name, r in want.items():
+                found.setdefault(name, []).append(
+                    float(np.sum((got[name].astype(np.float64) - r) ** 2)))
+        if progress:
+            progress(1 + len(sessions))
+    powers = {name: np.asarray(v) for name, v in signal.items()}
+    return [SampleErrors({name: np.asarray(v) for name, v in found.items()}, powers)
+            for found in noise]
 
 
 def needed_opset(model: ir.Model, quant_pass: WeightQuantPass) -> int:
@@ -300,4 +394,3 @@ def _output_cosine(model: ir.Model, data: CalibrationSet, references: list[dict]
                 comparisons.setdefault(name, OutputComparison(name)).update(
                     reference, got[name])
     return min((c.cosine for c in comparisons.values()), default=1.0)
-

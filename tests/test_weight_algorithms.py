@@ -331,6 +331,7 @@ def test_auto_tune_finds_the_largest_init_scale_that_keeps_the_output(tmp_path):
      r"init_scale: 1 is out of range; allowed: \(0, 1\)"),
     ({"mixed": {"max_iterations": "39"}, "bits": 0},
      r"max_iterations: 39 is out of range; allowed: \[40, 65535\]"),
+    ({"weight": {"shallow_convs_8bit": "maybe"}}, r"shallow_convs_8bit: 'maybe' is not"),
 ])
 def test_config_errors_are_one_line_usage_errors(tmp_path, settings, message):
     with pytest.raises(ptqconv.PtqUsageError, match=message) as caught:
@@ -595,3 +596,88 @@ def test_below_8_bits_calibration_data_rounds_weights_by_gptq_unless_told_otherw
     _, _, report = convert(tmp_path, DIGITS / "model.onnx", "g", bits=4, data=data,
                            weight={"quant_strategy": "GPTQ"})
     assert not report.weight_quant.gptq.by_default and "default below" not in report.format()
+
+
+# --- Shallow convs in 8 bits ------------------------------------------------------------
+
+
+def storage(path, name: str) -> int:
+    return next(i.data_type for i in onnx.load(str(path)).graph.initializer
+                if i.name == f"{name}_quantized")
+
+
+def test_shallow_convs_take_8_bits_where_the_calibration_samples_measure_a_win(tmp_path):
+    """The digits stem (1x3x3: 9 weights per output channel) at 4 bits: the model written with
+    it on the 8-bit grid and the one without are scored on the calibration samples; 8 bits
+    win there, and the written model is the forced one's, integer for integer."""
+    data = f"input:{CALIB}"
+    src, out, report = convert(tmp_path, DIGITS / "model.onnx", "d", bits=4, data=data)
+    summary = report.weight_quant
+    asked, eight = summary.shallow_errors
+    assert eight < asked and summary.shallow_8bit == 1
+    assert storage(out, "conv1.weight") == TensorProto.INT8
+    assert storage(out, "conv2.weight") == TensorProto.INT4  # 288 weights a channel: deep
+    assert "shallow convs (at most 32 weights per output channel" in report.format()
+    _, forced, report = convert(tmp_path, DIGITS / "model.onnx", "t", bits=4, data=data,
+                                weight={"shallow_convs_8bit": "true"})
+    assert report.weight_quant.shallow_errors is None
+    a, b = initializers(out), initializers(forced)
+    assert a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+    _, off, report = convert(tmp_path, DIGITS / "model.onnx", "f", bits=4, data=data,
+                             weight={"shallow_convs_8bit": "false"})
+    assert report.weight_quant.shallow_8bit == 0 and storage(off, "conv1.weight") == \
+        TensorProto.INT4
+    # What was measured holds on held-out digits too.
+    x = digits_eval()
+    (ref,), (got,), (low,) = (run_model(p, {"input": x}) for p in (src, out, off))
+    assert sqnr_db(ref, got) > sqnr_db(ref, low)
+
+
+def test_shallow_convs_keep_the_bits_asked_when_one_sample_carries_the_win(tmp_path,
+                                                                             monkeypatch):
+    from ptqconv import weight_only
+    from ptqconv.evaluate.held_out import SampleErrors
+
+    def errors(noise):
+        return SampleErrors({"y": np.asarray(noise)}, {"y": np.ones(len(noise))})
+
+    # 8 bits lower pooled, but only through the last sample.
+    monkeypatch.setattr(weight_only, "_candidate_errors", lambda *args: [
+        errors([0.01, 0.01, 0.01, 0.5]), errors([0.011, 0.011, 0.011, 0.01])])
+    _, out, report = convert(tmp_path, DIGITS / "model.onnx", "d", bits=4,
+                             data=f"input:{CALIB}")
+    asked, eight = report.weight_quant.shallow_errors
+    assert eight < asked and report.weight_quant.shallow_8bit == 0
+    assert storage(out, "conv1.weight") == TensorProto.INT4
+    assert "in 8 bits: none" in report.format()
+
+
+def test_without_data_shallow_convs_keep_the_bits_asked_unless_told(tmp_path):
+    _, out, report = convert(tmp_path, DIGITS / "model.onnx", "d", bits=4)
+    assert report.weight_quant.shallow_errors is None and report.weight_quant.shallow_8bit == 0
+    assert storage(out, "conv1.weight") == TensorProto.INT4
+    assert "shallow convs" not in report.format()
+    _, out, report = convert(tmp_path, DIGITS / "model.onnx", "t", bits=4,
+                             weight={"shallow_convs_8bit": "true"})
+    assert report.weight_quant.shallow_8bit == 1
+    assert storage(out, "conv1.weight") == TensorProto.INT8
+    # Nothing to do at 8 bits.
+    _, _, report = convert(tmp_path, DIGITS / "model.onnx", "e", bits=8,
+                           data=f"input:{CALIB}")
+    assert report.weight_quant.shallow_errors is None
+
+
+def test_gptq_alternatives_are_solved_as_their_own_targets_would_be(tmp_path):
+    import onnx_ir as ir
+
+    model = ir.load(str(DIGITS / "model.onnx"))
+    samples = [{"input": np.fromfile(p, np.float32).reshape(1, 1, 8, 8)}
+               for p in sorted(CALIB.iterdir())[:16]]
+    four = WeightLayout(qparams.weight_only_grid(4), 0)
+    eight = WeightLayout(qparams.weight_only_grid(8), 0)
+    both = gptq.run(model, {"conv1.weight": four}, samples, alternatives={"conv1.weight": eight})
+    alone = gptq.run(model, {"conv1.weight": eight}, samples)
+    got, want = both.alternatives["conv1.weight"], alone.integers["conv1.weight"]
+    assert got.layout == eight and np.array_equal(got.q, want.q)
+    assert np.array_equal(got.scale, want.scale)
+    assert both.integers["conv1.weight"].layout == four

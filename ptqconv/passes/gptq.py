@@ -227,6 +227,8 @@ class Solved:
     results: dict[str, GPTQResult] = field(default_factory=dict)
     passes: int = 0
     statistics: Statistics = field(default_factory=lambda: Statistics({}))
+    # By weight name: the integers on the layout `run` was given for it in `alternatives`.
+    alternatives: dict[str, IntegerWeight] = field(default_factory=dict)
 
     @property
     def rows_nearest(self) -> int:
@@ -256,10 +258,12 @@ class GPTQSummary:
 
 def run(model: ir.Model, targets: Mapping[str, WeightLayout], samples: Sequence,
         threads: int = 1, progress: ProgressFactory | None = None,
-        extra: Sequence[StatisticPoint] = (), budget: int | None = None) -> Solved:
+        extra: Sequence[StatisticPoint] = (), budget: int | None = None,
+        alternatives: Mapping[str, WeightLayout] | None = None) -> Solved:
     """GPTQ every weight of `targets` (by initializer name, with its layout; the parameters
     are round-to-nearest's) that `layers` accepts, on the float `model` and the calibration
-    `samples`; `extra` points are collected in the first pass too."""
+    `samples`; `extra` points are collected in the first pass too. A weight also named in
+    `alternatives` is solved on that layout too, from the same second moments."""
     found = layers(model.graph, targets, len(samples))
     plan = rounds(list(found.values()), budget) or ([[]] if extra else [])
     solved = Solved(passes=len(plan))
@@ -279,6 +283,13 @@ def run(model: ir.Model, targets: Mapping[str, WeightLayout], samples: Sequence,
             made = solve(layer, weight, start, statistics)
             if made is not None:
                 solved.integers[layer.weight], solved.results[layer.weight] = made
+                other = (alternatives or {}).get(layer.weight)
+                if other is not None:
+                    again = solve(layer, weight,
+                                  layouts.nearest(weight, other, tensor.dtype.numpy()),
+                                  statistics)
+                    assert again is not None  # its inputs were observed a moment ago
+                    solved.alternatives[layer.weight] = again[0]
             else:
                 logger.debug("GPTQ: %s kept its nearest integers (input not observed)",
                              layer.weight)
