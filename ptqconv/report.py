@@ -252,6 +252,7 @@ class WeightQuantSummary:
     # Output noise-to-signal on the calibration samples with shallow convs at the bits asked
     # and at 8; None: not measured (set, or nothing to measure on).
     shallow_errors: tuple[float, float] | None = None
+    shallow_unmeasured: str = ""  # why the calibration samples could not decide it
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -513,8 +514,8 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
     elif s.depthwise_8bit:
         lines.append(f"  depthwise convs in 8 bits: {s.depthwise_8bit} (one input channel per "
                      "group, no block to form; block_size=0 keeps them at the bits asked)")
-    if s.shallow_errors is not None or s.shallow_8bit:
-        measured = ""
+    if s.shallow_errors is not None or s.shallow_8bit or s.shallow_unmeasured:
+        measured = f"; not measured: {s.shallow_unmeasured}" if s.shallow_unmeasured else ""
         if s.shallow_errors is not None:
             low, high = s.shallow_errors
             measured = (f"; output noise-to-signal on the calibration samples {low:.3g} at "

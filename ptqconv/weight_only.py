@@ -139,6 +139,8 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     shallow_grids = {**grids, **{name: qparams.weight_only_grid(8) for name in shallow}}
     chosen = bool(shallow) and bool(settings.shallow_convs_8bit)
     if shallow and settings.shallow_convs_8bit is None:
+        summary.shallow_unmeasured = _no_room(3 * modelio.tensor_bytes(model))
+    if shallow and settings.shallow_convs_8bit is None and not summary.shallow_unmeasured:
         assert data is not None
         step = (progress(3 * len(data), f"shallow convs: {settings.bit_num} or 8 bits")
                 if progress else None)
@@ -175,6 +177,16 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
     if summary.residual_sum is not None and summary.residual_sum.applied:
         ResidualSumPass()(model)
     return model, result.records, summary
+
+
+def _no_room(need: int) -> str:
+    """Why `need` bytes of sessions side by side do not fit in half of the memory the
+    kernel calls available ("" when they do)."""
+    available = runtime.available_memory()
+    if available is None or need <= available // 2:
+        return ""
+    return (f"the float model and both candidates need about {need / 1e6:.0f} MB, more than "
+            f"half of the {available / 1e6:.0f} MB available")
 
 
 def _shallow_layouts(planner: WeightQuantPass, targets: list[Target]

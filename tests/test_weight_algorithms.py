@@ -681,3 +681,17 @@ def test_gptq_alternatives_are_solved_as_their_own_targets_would_be(tmp_path):
     assert got.layout == eight and np.array_equal(got.q, want.q)
     assert np.array_equal(got.scale, want.scale)
     assert both.integers["conv1.weight"].layout == four
+
+
+def test_shallow_convs_keep_the_bits_asked_where_three_models_do_not_fit(tmp_path,
+                                                                          monkeypatch):
+    from ptqconv import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 100_000)  # 100 kB
+    _, out, report = convert(tmp_path, DIGITS / "model.onnx", "d", bits=4,
+                             data=f"input:{CALIB}")
+    summary = report.weight_quant
+    assert summary.shallow_errors is None and summary.shallow_8bit == 0
+    assert summary.shallow_unmeasured.startswith("the float model and both candidates need")
+    assert storage(out, "conv1.weight") == TensorProto.INT4
+    assert "in 8 bits: none; not measured: the float model and both" in report.format()
