@@ -520,11 +520,12 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
             low, high = s.shallow_errors
             measured = (f"; output noise-to-signal on the calibration samples {low:.3g} at "
                         f"the bits asked, {high:.3g} at 8")
+        why = ("8 bits only where they win with any one sample left out; shallow_convs_8bit "
+               "in [weight_quant_param] sets it" if measured else
+               "shallow_convs_8bit=true in [weight_quant_param]")
         lines.append(f"  shallow convs (at most {SHALLOW_DEPTH} weights per output channel: "
                      f"image stems, convs over few channels) in 8 bits: "
-                     f"{s.shallow_8bit or 'none'}{measured} (8 bits only where they win with "
-                     "any one sample left out; shallow_convs_8bit in [weight_quant_param] "
-                     "sets it)")
+                     f"{s.shallow_8bit or 'none'}{measured} ({why})")
     if s.equalize_chains:
         if s.equalize_errors is None:
             lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "

@@ -660,6 +660,7 @@ def test_without_data_shallow_convs_keep_the_bits_asked_unless_told(tmp_path):
     _, out, report = convert(tmp_path, DIGITS / "model.onnx", "t", bits=4,
                              weight={"shallow_convs_8bit": "true"})
     assert report.weight_quant.shallow_8bit == 1
+    assert "in 8 bits: 1 (shallow_convs_8bit=true in [weight_quant_param])" in report.format()
     assert storage(out, "conv1.weight") == TensorProto.INT8
     # Nothing to do at 8 bits.
     _, _, report = convert(tmp_path, DIGITS / "model.onnx", "e", bits=8,
