@@ -253,6 +253,8 @@ class WeightQuantSummary:
     # and at 8; None: not measured (set, or nothing to measure on).
     shallow_errors: tuple[float, float] | None = None
     shallow_unmeasured: str = ""  # why the calibration samples could not decide it
+    # Relu / Clip after blocked Gemm weights written as Max / Min (passes.blocked_gemm_relu)
+    activations_unfused: int = 0
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -526,6 +528,10 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
         lines.append(f"  shallow convs (at most {SHALLOW_DEPTH} weights per output channel: "
                      f"image stems, convs over few channels) in 8 bits: "
                      f"{s.shallow_8bit or 'none'}{measured} ({why})")
+    if s.activations_unfused:
+        lines.append(f"  Relu/Clip after blocked Gemm weights written as Max/Min: "
+                     f"{s.activations_unfused} (so that onnxruntime fuses those weights into "
+                     "MatMulNBits instead of dequantizing them on every inference)")
     if s.equalize_chains:
         if s.equalize_errors is None:
             lines.append(f"  equalization left alone: {s.equalize_chains} Conv -> Relu -> Conv "

@@ -124,8 +124,8 @@ def test_memory_rounds_hold_at_most_the_budget():
 
 
 def chain(gemm: bool) -> onnx.ModelProto:
-    """MatMul + Add (or Gemm with transB=1) layers joined by Softsign. (Behind a Relu,
-    onnxruntime 1.32 prefers its FusedGemm to MatMulNBits.)"""
+    """MatMul + Add (or Gemm with transB=1) layers joined by Softsign, which nothing
+    rewrites (behind a Relu: test_blocks_behind_relu_or_clip_are_fused_into_matmulnbits)."""
     model = mlp(gemm=gemm)
     for node in model.graph.node:
         if node.op_type == "Relu":
@@ -164,6 +164,58 @@ def test_blocks_are_fused_into_matmulnbits(tmp_path, gemm):
         h = h / (1 + np.abs(h)) if i < 2 else h
     # MatMulNBits quantizes activations to int8 by default (accuracy level 4).
     assert sqnr_db(h, got) > 35
+
+
+def clipped(model: onnx.ModelProto, low: float | None, high: float | None) -> onnx.ModelProto:
+    """`model` with each Relu a Clip to [low, high] (a bound of None left out)."""
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Relu":
+            bounds = []
+            for name, bound in ((f"lo{i}", low), (f"hi{i}", high)):
+                if bound is not None:
+                    model.graph.initializer.append(
+                        numpy_helper.from_array(np.array(bound, np.float32), name))
+                bounds.append(name if bound is not None else "")
+            node.op_type = "Clip"
+            node.input.extend(bounds[:2] if high is not None else bounds[:1])
+    return model
+
+
+@pytest.mark.parametrize("gemm", [False, True])
+@pytest.mark.parametrize("bounds", [None, (0.0, 6.0), (0.0, None), (None, 0.5)])
+def test_blocks_behind_relu_or_clip_are_fused_into_matmulnbits(tmp_path, gemm, bounds):
+    """onnxruntime 1.32 leaves a blocked weight's DequantizeLinear unfused (run on every
+    inference) where a Relu or Clip reads the Gemm; as Max / Min they fuse, and the model
+    computes the same: equal to the float graph with the weights dequantized, at load."""
+    model = mlp(gemm=gemm) if bounds is None else clipped(mlp(gemm=gemm), *bounds)
+    src, out, report = convert(tmp_path, model, "b", bits=4, weight={"block_size": 32})
+    assert report.weight_quant.activations_unfused == 2
+    assert "written as Max/Min: 2" in report.format()
+    ops = optimized_ops(out, tmp_path)
+    assert ops["MatMulNBits"] == 3 and ops["DequantizeLinear"] == 0
+    assert ops["Relu"] + ops["Clip"] + ops["FusedGemm"] == 0
+    x = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    floats, h = initializers(src), x.astype(np.float64)
+    low, high = bounds if bounds is not None else (0.0, None)
+    for i in range(3):
+        w = floats[f"w{i}"].T if gemm else floats[f"w{i}"]
+        h = h @ layouts.nearest(w, WeightLayout(qparams.weight_only_grid(4), 0, 32)
+                                ).dequantized() + floats[f"b{i}"]
+        if i < 2:
+            h = np.clip(h, low, high)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    (at_load,) = session.run(None, {"x": x})
+    assert np.abs(at_load - h).max() < 1e-4 * np.abs(h).max()
+    (got,) = run_model(out, {"x": x})  # MatMulNBits: int8 activations (accuracy level 4)
+    assert sqnr_db(h, got) > 35
+
+
+def test_relu_after_per_channel_weights_is_left_alone(tmp_path):
+    _, out, report = convert(tmp_path, mlp(gemm=True), "c", bits=8)
+    assert report.weight_quant.activations_unfused == 0
+    assert sum(n.op_type == "Relu" for n in onnx.load(str(out)).graph.node) == 2
 
 
 def test_block_dequantization_matches_each_blocks_own_grid(tmp_path):
