@@ -253,7 +253,7 @@ class WeightQuantSummary:
     # and at 8; None: not measured (set, or nothing to measure on).
     shallow_errors: tuple[float, float] | None = None
     shallow_unmeasured: str = ""  # why the calibration samples could not decide it
-    # Relu / Clip after blocked Gemm weights written as Max / Min (passes.blocked_gemm_relu)
+    # Relu / Clip behind Gemm weights MatMulNBits takes, as Max / Min (passes.matmulnbits_relu)
     activations_unfused: int = 0
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
@@ -529,7 +529,7 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
                      f"image stems, convs over few channels) in 8 bits: "
                      f"{s.shallow_8bit or 'none'}{measured} ({why})")
     if s.activations_unfused:
-        lines.append(f"  Relu/Clip after blocked Gemm weights written as Max/Min: "
+        lines.append(f"  Relu/Clip behind MatMulNBits-ready Gemm weights written as Max/Min: "
                      f"{s.activations_unfused} (so that onnxruntime fuses those weights into "
                      "MatMulNBits instead of dequantizing them on every inference)")
     if s.equalize_chains:

@@ -31,9 +31,9 @@ from ptqconv.evaluate.metrics import OutputComparison
 from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
-from ptqconv.passes.blocked_gemm_relu import BlockedGemmReluPass
 from ptqconv.passes.fold_recurrent_weights import FoldRecurrentWeightsPass
 from ptqconv.passes.identity_elimination import IdentityEliminationPass
+from ptqconv.passes.matmulnbits_relu import MatMulNBitsReluPass
 from ptqconv.passes.qdq import CORRECTED_OPS, WeightError, is_shallow
 from ptqconv.passes.residual_sum import ResidualSumPass
 from ptqconv.passes.weight_equalize import WeightEqualizePass
@@ -172,7 +172,7 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
         summary.depthwise_8bit = sum(1 for r in result.records if r.quantized
                                      and r.op_type == "Conv" and r.bits == DEPTHWISE_BITS
                                      ) - summary.shallow_8bit
-    summary.activations_unfused = len(BlockedGemmReluPass()(model).rewritten)
+    summary.activations_unfused = len(MatMulNBitsReluPass()(model).rewritten)
     # Weight-only models compute in float: their residual Adds fuse like the float model's.
     # WeightQuant names no target: the model runs where it is converted.
     summary.residual_sum = residual_sum.measure(model, detect())

@@ -190,7 +190,7 @@ def test_blocks_behind_relu_or_clip_are_fused_into_matmulnbits(tmp_path, gemm, b
     model = mlp(gemm=gemm) if bounds is None else clipped(mlp(gemm=gemm), *bounds)
     src, out, report = convert(tmp_path, model, "b", bits=4, weight={"block_size": 32})
     assert report.weight_quant.activations_unfused == 2
-    assert "written as Max/Min: 2" in report.format()
+    assert "Gemm weights written as Max/Min: 2" in report.format()
     ops = optimized_ops(out, tmp_path)
     assert ops["MatMulNBits"] == 3 and ops["DequantizeLinear"] == 0
     assert ops["Relu"] + ops["Clip"] + ops["FusedGemm"] == 0
@@ -212,10 +212,18 @@ def test_blocks_behind_relu_or_clip_are_fused_into_matmulnbits(tmp_path, gemm, b
     assert sqnr_db(h, got) > 35
 
 
-def test_relu_after_per_channel_weights_is_left_alone(tmp_path):
-    _, out, report = convert(tmp_path, mlp(gemm=True), "c", bits=8)
-    assert report.weight_quant.activations_unfused == 0
-    assert sum(n.op_type == "Relu" for n in onnx.load(str(out)).graph.node) == 2
+@pytest.mark.parametrize(("bits", "fused"), [(8, True), (12, False)])
+def test_per_channel_gemm_weights_are_stored_for_matmulnbits(tmp_path, bits, fused):
+    """A transB=1 Gemm's per-channel weight is stored [K, N] with scales per column, which
+    MatMulNBits takes at 2-8 bits (int16 it does not: left as it was)."""
+    _, out, report = convert(tmp_path, mlp(gemm=True), "c", bits=bits)
+    assert report.weight_quant.activations_unfused == (2 if fused else 0)
+    model = onnx.load(str(out))
+    assert sum(n.op_type == "Relu" for n in model.graph.node) == (0 if fused else 2)
+    assert initializers(out)["w0_quantized"].shape == ((256, 512) if fused else (512, 256))
+    ops = optimized_ops(out, tmp_path)
+    assert ops["MatMulNBits"] == (3 if fused else 0)
+    assert ops["DequantizeLinear"] == (0 if fused else 3)
 
 
 def test_block_dequantization_matches_each_blocks_own_grid(tmp_path):

@@ -25,6 +25,7 @@ from ptqconv.graph.weight_slots import (
     transposed_weight_slot,
     weight_slot,
 )
+from ptqconv.passes.matmulnbits_relu import nbits_layout
 from ptqconv.passes.qdq_plan import WEIGHT_OPS
 from ptqconv.weights import layout as layouts
 from ptqconv.weights.correction import corrected
@@ -86,7 +87,8 @@ class WeightQuantConfig:
 class Target:
     """One weight met by the pass: its uses, its record and, when it is quantized, its
     layout. `transposed`: a Gemm B with transB=1 that is stored [K, N] with transB cleared,
-    so that its blocks run along axis 0 as onnxruntime's MatMulNBits fusion wants."""
+    so that onnxruntime can fuse it into MatMulNBits (blocks along axis 0, scales per
+    column; `passes.matmulnbits_relu.nbits_layout`)."""
 
     value: ir.Value
     slots: list[WeightSlot]
@@ -213,8 +215,12 @@ class WeightQuantPass(ir.passes.InPlacePass):
                 else self.grids.get(target.name, self.config.grid))
         assert grid is not None
         target.layout = self.layout_for(target, grid, blocks=not table)
-        target.transposed = bool(target.layout.block_size) and target.channel_axis == 0 \
-            and target.slots[0].node.op_type == "Gemm"
+        # A Gemm B with transB=1 is stored [K, N] where MatMulNBits could then take it.
+        layout = target.layout
+        target.transposed = target.channel_axis == 0 and target.slots[0].node.op_type == "Gemm" \
+            and nbits_layout(layout.grid.storage, target.record.shape[::-1],
+                             None if layout.axis is None else 1 - layout.axis,
+                             layout.block_size)
         target.record.bits = target.layout.grid.bits
         target.record.layout = (f"blocks of {target.layout.block_size}"
                                 if target.layout.block_size else
