@@ -246,3 +246,21 @@ def test_float16_weights_are_not_stored_in_integers_as_wide(tmp_path, capsys, bi
     assert "int16 takes as many bytes as its float16 values" in printed, printed
     assert "weights quantized: 0" in printed
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_fp16_leaves_the_scales_of_conv_weights_folded_at_load_in_float32(tmp_path):
+    """Conv weights dequantized at load (Cast -> Mul) keep float32 scales under --fp16, as
+    DequantizeLinear's do: only the constants that stay float go to float16."""
+    out = tmp_path / "half.onnx"
+    assert main([f"--modelFile={MODEL}", "--quantType=WeightQuant", f"--outputFile={out}",
+                 "--quantWeightChannel=0", "--fp16=on"]) == 0
+    inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    for name in ("conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight"):
+        assert inits[f"{name}_scale"].data_type == TensorProto.FLOAT, name
+    assert inits["conv1.bias_float16"].data_type == TensorProto.FLOAT16
+    x = digits_eval(50)
+    full = tmp_path / "full.onnx"
+    assert main([f"--modelFile={MODEL}", "--quantType=WeightQuant", f"--outputFile={full}",
+                 "--quantWeightChannel=0"]) == 0
+    a, b = run_model(out, {"input": x})[0], run_model(full, {"input": x})[0]
+    assert (a.argmax(1) == b.argmax(1)).all()

@@ -25,8 +25,47 @@ def quantize(tmp_path, model, bits, name="q.onnx", **kwargs):
     return src, out, report
 
 
+def run_optimized(path, feeds: dict, tmp_path, config: dict) -> tuple[np.ndarray, set[str]]:
+    """The first output of `path` in onnxruntime with session `config` entries, and the op
+    types of the graph it optimized."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / f"optimized{len(config)}.onnx")
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds)[0]
+    return got, {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+def _folded(model: onnx.ModelProto, name: str, integers: np.ndarray) -> np.ndarray:
+    """The weight `name` computed by the nodes that make it from its initializers, with
+    `integers` in place of `{name}_quantized`."""
+    from onnx.reference import ReferenceEvaluator
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, pending, used = [], [name], set()
+    while pending:
+        value = pending.pop()
+        if value in producers and producers[value] not in nodes:
+            nodes.insert(0, producers[value])
+            pending += list(producers[value].input)
+        elif value in inits:
+            used.add(value)
+    q = inits[f"{name}_quantized"]
+    replaced = onnx.helper.make_tensor(q.name, q.data_type, q.dims,
+                                       integers.astype(np.int64).ravel().tolist())
+    graph = onnx.helper.make_graph(
+        sorted(nodes, key=list(model.graph.node).index), "w", [],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)],
+        [replaced if n == q.name else inits[n] for n in sorted(used)])
+    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import)
+    return ReferenceEvaluator(sub).run(None, {})[0].astype(np.float64)
+
+
 def dequantized_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
-    """name -> (dequantized weight, per-channel step, binary) for every DequantizeLinear."""
+    """name -> (dequantized weight, per-channel step, binary) for every weight's
+    DequantizeLinear (or the Cast -> Mul onnxruntime folds at load)."""
     model = onnx.load(str(path))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     result = {}
@@ -56,6 +95,18 @@ def dequantized_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray, bool]]:
         deq = (q - zp.reshape(shape)) * scale.reshape(shape)
         binary = len(node.input) == 2 and set(np.unique(q)) <= {-1, 1}
         result[node.output[0]] = (deq, scale.reshape(shape), binary)
+    # Weights dequantized at load (graph.folded_dequantize): Cast [-> Sub] -> Mul (and
+    # Reshapes), named as the weight; evaluated by onnx's reference runtime, the step as
+    # what one more integer adds.
+    for node in model.graph.node:
+        name = node.output[0]
+        if node.op_type in ("Mul", "Reshape") and f"{name}_quantized" in inits:
+            q = inits[f"{name}_quantized"]
+            deq = _folded(model, name, q)
+            step = np.abs(_folded(model, name, np.ones_like(q))
+                          - _folded(model, name, np.zeros_like(q)))
+            binary = f"{name}_zero_point" not in inits and set(np.unique(q)) <= {-1, 1}
+            result[name] = (deq, step, binary)
     # Tables a Gather reads as integers, each gathered row dequantized after it with the
     # row scales (and zero points) gathered alongside.
     for node in model.graph.node:
@@ -422,24 +473,19 @@ def test_weight_quant_output_is_timed_against_float_and_dequantized_at_load(tmp_
 def test_dequantize_at_load_option_folds_every_weight_dequantize(tmp_path):
     # What the summary's advice rests on: with the option, onnxruntime's optimized graph has
     # no DequantizeLinear left (the weights are float at load), and the outputs are the same.
-    import onnxruntime as ort
 
     from ptqconv.runtime import DEQUANTIZE_AT_LOAD
 
-    _, out, _ = quantize(tmp_path, conv_net(channels=64), 8)
+    # 12-bit MatMul weights (int16, which MatMulNBits does not take) keep DequantizeLinear,
+    # which onnxruntime runs on every inference unless told (conv weights per channel are
+    # written to fold at load anyway, graph.folded_dequantize).
+    _, out, _ = quantize(tmp_path, mlp(), 12)
     assert any(n.op_type == "DequantizeLinear" for n in onnx.load(out).graph.node)
-    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
-    results = []
-    for config in ({}, DEQUANTIZE_AT_LOAD):
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(tmp_path / f"opt{len(config)}.onnx")
-        for key, value in config.items():
-            options.add_session_config_entry(key, value)
-        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-        results.append(session.run(None, x)[0])
-        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-        assert ("DequantizeLinear" in ops) == (not config)
-    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-5)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)}
+    (default, ops), (at_load, ops_at_load) = (run_optimized(out, x, tmp_path, config)
+                                              for config in ({}, DEQUANTIZE_AT_LOAD))
+    assert "DequantizeLinear" in ops and "DequantizeLinear" not in ops_at_load
+    np.testing.assert_allclose(at_load, default, rtol=1e-5, atol=1e-5)
 
 
 def test_at_load_advice_only_where_weight_only_is_slower_and_at_load_faster():
@@ -666,12 +712,13 @@ def test_low_bits_block_convs_along_their_inputs_and_keep_depthwise_weights_in_8
                        "pw_w": ("blocks of 32", 4), "conv_w": ("blocks of 32", 4)}
     model = onnx.load(str(out))
     inits = {t.name: t for t in model.graph.initializer}
+    scales = {name: tuple(inits[f"{name}_scale"].dims) for name in ("pw_w", "conv_w")}
+    assert scales == {"pw_w": (64, 2, 1, 1), "conv_w": (40, 2, 3, 3)}
+    # conv_w's 64 input channels are two whole blocks: folded at load (Cast -> Mul); pw_w's
+    # 40 end a block short: DequantizeLinear with blocks along axis 1.
     dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    attrs = {name: {a.name: a.i for a in node.attribute} for name, node in dq.items()}
-    blocked = {name: tuple(inits[node.input[1]].dims) for name, node in dq.items()
-               if attrs[name].get("block_size")}
-    assert sorted(blocked.values()) == [(40, 2, 3, 3), (64, 2, 1, 1)]
-    assert all(attrs[name]["axis"] == 1 for name in blocked)
+    assert {a.name: a.i for a in dq["pw_w"].attribute} == {"axis": 1, "block_size": 32}
+    assert "conv_w" not in dq
     assert "depthwise convs and Gather tables in 8 bits" in report.format()
     x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
     (ref,), (got,) = run_model(src, {"x": x}), run_model(out, {"x": x})
@@ -687,3 +734,58 @@ def test_low_bits_block_convs_along_their_inputs_and_keep_depthwise_weights_in_8
                             config_file=str(config))
     assert {w.name: w.bits for w in report.quantized}["dw_w"] == 8
     assert "  depthwise convs in 8 bits: 1 (one input channel per group" in report.format()
+
+
+@pytest.mark.parametrize(("channels", "bits", "blocked"),
+                         [(24, 8, 0), (24, 4, 0), (24, 2, 0), (64, 4, 1), (48, 4, 1)])
+def test_conv_weights_are_dequantized_when_onnxruntime_loads_them(tmp_path, channels, bits,
+                                                                 blocked):
+    """Conv and ConvTranspose weights are written as Cast [-> Sub] -> Mul (blocks through a
+    Reshape), which onnxruntime folds into float weights at load: nothing of them runs per
+    inference, and the outputs equal those of the same weights dequantized at load from
+    DequantizeLinear. Blocks that do not divide their axis (48 input channels in blocks of
+    32) keep DequantizeLinear."""
+    from ptqconv.runtime import DEQUANTIZE_AT_LOAD
+
+    src, out, report = quantize(tmp_path, conv_net(channels=channels), bits,
+                                quant_weight_channel=0)
+    layouts = {w.name: w.layout for w in report.quantized}
+    assert sum(v.startswith("blocks") for v in layouts.values()) == blocked
+    model = onnx.load(str(out))
+    kept = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    assert kept == ({"conv1_w"} if channels == 48 else set())
+    assert set(dequantized_weights(out)) == {w.name for w in report.quantized}
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
+    outputs = []
+    for config in ({}, DEQUANTIZE_AT_LOAD):
+        got, ops = run_optimized(out, x, tmp_path, config)
+        outputs.append(got)
+        assert not ops & {"Cast", "Sub", "Mul", "Reshape"}
+        assert ("DequantizeLinear" in ops) == bool(kept and not config)
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    # The same numbers as DequantizeLinear's: the float model with the weights numpy
+    # dequantizes from the written integers, scales and zero points.
+    float_model = onnx.load(str(src))
+    weights = dequantized_weights(out)
+    for init in float_model.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name][0].astype(np.float32),
+                                                  init.name))
+    (expected,) = run_model(save(float_model, tmp_path / "dequantized.onnx"), x)
+    np.testing.assert_allclose(outputs[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float16_conv_weights_keep_dequantize_linear(tmp_path):
+    """onnxruntime's CPU provider has no float16 Mul to fold at load: a float16 model's conv
+    weights keep DequantizeLinear."""
+    model = conv_net(channels=24)
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16),
+                                              init.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    _, out, report = quantize(tmp_path, model, 8, quant_weight_channel=0)
+    nodes = onnx.load(str(out)).graph.node
+    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    assert dequantized == {w.name for w in report.quantized}
+    assert not any(n.op_type == "Mul" for n in nodes)

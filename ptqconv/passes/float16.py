@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from ptqconv.graph.folded_dequantize import PARAMETER
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
@@ -45,8 +46,9 @@ class Float16ConstantsPass(ir.passes.InPlacePass):
                     or value.is_graph_output() or not value.uses() \
                     or (self.names is not None and value.name not in self.names):
                 continue
-            if any(not is_onnx(user) or index in _PARAMETER_SLOTS.get(user.op_type, ())
-                   for user, index in value.uses()):
+            if value.meta.get(PARAMETER) or any(
+                    not is_onnx(user) or index in _PARAMETER_SLOTS.get(user.op_type, ())
+                    for user, index in value.uses()):
                 continue
             array = tensor.numpy()
             with np.errstate(over="ignore"):

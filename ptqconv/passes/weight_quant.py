@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
+from ptqconv.graph.folded_dequantize import folded_dequantize
 from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
@@ -109,6 +110,26 @@ class Target:
 @dataclass
 class WeightQuantResult(ir.passes.PassResult):
     records: list[WeightRecord] = field(default_factory=list)  # every weight met, in order
+
+
+# Weights read only by these ops (which onnxruntime has no weight-only kernel for) are written
+# as Cast -> Sub -> Mul, folded at load, where the layout allows (`graph.folded_dequantize`).
+FOLDED_AT_LOAD_OPS = frozenset({"Conv", "ConvTranspose"})
+
+
+def folds_at_load(slots: list[WeightSlot], integer: IntegerWeight,
+                  float_type: ir.DataType) -> bool:
+    """Whether a weight read by `slots` is written for onnxruntime to dequantize at load:
+    Conv weights of a float32 model (float16 Cast / Mul have no CPU kernels, so onnxruntime
+    would not fold them), per tensor, per channel, or in blocks that divide their axis."""
+    if float_type != ir.DataType.FLOAT or not all(
+            s.node.op_type in FOLDED_AT_LOAD_OPS for s in slots):
+        return False
+    layout = integer.layout
+    if not layout.block_size:
+        return True
+    assert layout.axis is not None
+    return integer.q.shape[layout.axis] % layout.block_size == 0
 
 
 def _gathers_rows(slot: WeightSlot, integer: IntegerWeight) -> bool:
@@ -344,26 +365,29 @@ class WeightQuantPass(ir.passes.InPlacePass):
         rest = [s for s in slots if s not in gathers]
         if not rest:
             return grid.storage
-        inputs = [
-            integers,
-            add_initializer(graph, names.new(f"{name}_scale"),
-                            np.asarray(integer.scale, float_type.numpy()), float_type),
-        ]
-        if not grid.symmetric:
-            inputs.append(add_initializer(graph, names.new(f"{name}_zero_point"),
-                                          integer.zero_point.astype(storage_np), grid.storage))
-        attributes = {} if integer.layout.axis is None else {"axis": integer.layout.axis}
-        if integer.layout.block_size:
-            attributes["block_size"] = integer.layout.block_size
-        dequant = ir.node(
-            "DequantizeLinear", inputs, attributes, name=names.new(f"{name}_DequantizeLinear")
-        )
+        if folds_at_load(rest, integer, float_type):
+            made = folded_dequantize(graph, names, name, integers, integer, float_type)
+        else:
+            inputs = [
+                integers,
+                add_initializer(graph, names.new(f"{name}_scale"),
+                                np.asarray(integer.scale, float_type.numpy()), float_type),
+            ]
+            if not grid.symmetric:
+                inputs.append(add_initializer(graph, names.new(f"{name}_zero_point"),
+                                              integer.zero_point.astype(storage_np),
+                                              grid.storage))
+            attributes = {} if integer.layout.axis is None else {"axis": integer.layout.axis}
+            if integer.layout.block_size:
+                attributes["block_size"] = integer.layout.block_size
+            made = [ir.node("DequantizeLinear", inputs, attributes,
+                            name=names.new(f"{name}_DequantizeLinear"))]
+            made[0].outputs[0].type = ir.TensorType(float_type)
+            made[0].outputs[0].shape = ir.Shape(integer.q.shape)
         # Before its first reader, or first of all where that is in a body.
         graph.insert_before(rest[0].node if rest[0].node.graph is graph else next(iter(graph)),
-                            dequant)
-        out = dequant.outputs[0]
-        out.type = ir.TensorType(float_type)
-        out.shape = ir.Shape(integer.q.shape)
+                            made)
+        out = made[-1].outputs[0]
         for slot in rest:
             slot.node.replace_input_with(slot.index, out)
         # The dequantized value keeps the weight's name, so consumers and debug tools that

@@ -1,0 +1,87 @@
+"""A constant weight's dequantization as Cast -> Sub -> Mul, which onnxruntime folds into a
+float weight when the session loads.
+
+onnxruntime's constant folding skips DequantizeLinear (so that QDQ groups stay recognisable)
+and runs it on every inference, but folds Cast, Sub and Mul of initializers: a Conv weight
+so written takes the integers' size on disk and runs at float speed, with no session option
+(docs/decisions.md, conv weights dequantized at load). The arithmetic is DequantizeLinear's:
+(q - zero point) is exact in float, times the same float32 scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ptqconv.graph.initializers import add_initializer
+from ptqconv.graph.naming import NameAllocator
+from ptqconv.weights.layout import IntegerWeight
+
+# Marks (in `ir.Value.meta`) the scales of a folded dequantization: float32 quantization
+# parameters, as DequantizeLinear's are, which --fp16 must leave alone.
+PARAMETER = "ptqconv.quantization_parameter"
+
+
+def _node(names: NameAllocator, op: str, inputs: list[ir.Value], base: str,
+          float_type: ir.DataType,
+          shape: tuple[int, ...], attributes: dict | None = None) -> ir.Node:
+    name = names.new(base)
+    node = ir.node(op, inputs, attributes, name=name, num_outputs=1)
+    node.outputs[0].name = names.new(f"{name}_output")
+    node.outputs[0].type = ir.TensorType(float_type)
+    node.outputs[0].shape = ir.Shape(shape)
+    return node
+
+
+def folded_dequantize(graph: ir.Graph, names: NameAllocator, name: str, integers: ir.Value,
+                      integer: IntegerWeight, float_type: ir.DataType) -> list[ir.Node]:
+    """Nodes computing the float weight from `integers` (the initializer of `integer.q`),
+    per tensor, per channel or in blocks that divide their axis; the last one's output is
+    it. Scale and zero point are stored as DequantizeLinear takes them and reshaped to
+    broadcast: along the channel axis, or, for blocks, over the integers viewed as
+    [..., blocks, block_size, ...]."""
+    layout = integer.layout
+    full = tuple(integer.q.shape)
+    axis = None if layout.axis is None else layout.axis % len(full)
+    block = layout.block_size
+    if block:
+        assert axis is not None and full[axis] % block == 0
+        work = (*full[:axis], full[axis] // block, block, *full[axis + 1:])
+        params = (*full[:axis], full[axis] // block, 1, *full[axis + 1:])
+    else:
+        work = full
+        params = tuple(full[axis] if i == axis else 1 for i in range(len(full)))
+    storage = layout.grid.storage
+    to = {"to": float_type}
+    nodes: list[ir.Node] = []
+    shapes: dict[tuple[int, ...], ir.Value] = {}
+
+    def reshaped(value: ir.Value, target: tuple[int, ...], what: str) -> ir.Value:
+        if axis is None or tuple(value.shape or ()) == target:
+            return value
+        if target not in shapes:
+            shapes[target] = add_initializer(graph, names.new(f"{name}_{what}_shape"),
+                                             np.asarray(target, np.int64))
+        nodes.append(_node(names, "Reshape", [value, shapes[target]], f"{name}_{what}_Reshape",
+                           float_type, target))
+        return nodes[-1].outputs[0]
+
+    nodes.append(_node(names, "Cast", [integers], f"{name}_Cast", float_type, full, to))
+    value = reshaped(nodes[-1].outputs[0], work, "blocks")
+    if not layout.grid.symmetric:
+        zero = add_initializer(graph, names.new(f"{name}_zero_point"),
+                               np.asarray(integer.zero_point).astype(storage.numpy()), storage)
+        # Cast first: onnxruntime has no int4 / int2 Reshape.
+        nodes.append(_node(names, "Cast", [zero], f"{name}_zero_point_Cast", float_type,
+                           tuple(np.shape(integer.zero_point)), to))
+        zero = reshaped(nodes[-1].outputs[0], params, "zero_point")
+        nodes.append(_node(names, "Sub", [value, zero], f"{name}_Sub", float_type, work))
+        value = nodes[-1].outputs[0]
+    scale = add_initializer(graph, names.new(f"{name}_scale"),
+                            np.asarray(integer.scale, float_type.numpy()), float_type)
+    scale.shape = ir.Shape(np.shape(integer.scale))
+    scale.meta[PARAMETER] = True
+    nodes.append(_node(names, "Mul", [value, reshaped(scale, params, "scale")], f"{name}_Mul",
+                       float_type, work))
+    reshaped(nodes[-1].outputs[0], full, "weight")
+    return nodes
