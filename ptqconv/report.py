@@ -255,6 +255,9 @@ class WeightQuantSummary:
     shallow_unmeasured: str = ""  # why the calibration samples could not decide it
     # Relu / Clip behind Gemm weights MatMulNBits takes, as Max / Min (passes.matmulnbits_relu)
     activations_unfused: int = 0
+    # Weights rewritten to fold at load because the model ran slower than float as written
+    # (conversion._fold_if_faster): how many, and that timing's ratio to float.
+    folded_for_speed: tuple[int, float] | None = None
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -528,6 +531,12 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
         lines.append(f"  shallow convs (at most {SHALLOW_DEPTH} weights per output channel: "
                      f"image stems, convs over few channels) in 8 bits: "
                      f"{s.shallow_8bit or 'none'}{measured} ({why})")
+    if s.folded_for_speed is not None:
+        count, ratio = s.folded_for_speed
+        lines.append(f"  weights dequantized at load: {count} DequantizeLinear written as "
+                     f"Cast -> Mul, which onnxruntime folds into float weights when it loads "
+                     f"the model (with DequantizeLinear it ran at {ratio:.2f}x float; the "
+                     "file keeps the integers, memory holds float weights)")
     if s.activations_unfused:
         lines.append(f"  Relu/Clip behind MatMulNBits-ready Gemm weights written as Max/Min: "
                      f"{s.activations_unfused} (so that onnxruntime fuses those weights into "

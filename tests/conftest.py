@@ -46,6 +46,22 @@ def _short_latency_timings(monkeypatch):
     monkeypatch.setattr(ptqconv.runtime, "MIN_SECONDS", 0.0)
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "timed_folding: let a timing fold WeightQuant weights "
+                            "at load (conversion._fold_if_faster)")
+
+
+@pytest.fixture(autouse=True)
+def _no_timed_folding(request, monkeypatch):
+    # Whether a WeightQuant file is rewritten to fold at load follows this machine's timing
+    # (conversion._fold_if_faster): tests that read a written model's structure must not.
+    # Tests of the rule itself fake the timing and carry the marker.
+    if "timed_folding" not in request.keywords:
+        from ptqconv import conversion
+
+        monkeypatch.setattr(conversion, "_fold_if_faster", lambda *args, **kwargs: None)
+
+
 def scored_alike(monkeypatch, error: float, first_sample=None) -> None:
     """Every model AUTO or a later check scores has output error `error` on every held-out
     sample (against a float output of power 1): all candidates tie. `first_sample(model)`,

@@ -789,3 +789,47 @@ def test_float16_conv_weights_keep_dequantize_linear(tmp_path):
     dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
     assert dequantized == {w.name for w in report.quantized}
     assert not any(n.op_type == "Mul" for n in nodes)
+
+
+def _timed(quantized: float, at_load: float):
+    """A latency check's figures: float 1 ms, the model as written and dequantized at load,
+    each round alike (so that the sign test sees them)."""
+    from ptqconv.runtime import AT_LOAD, Latency
+
+    ms = {"float": 1.0, "quantized": quantized, AT_LOAD: at_load}
+    return Latency(ms, 30, 2, "test CPU", {k: (v,) * 30 for k, v in ms.items()})
+
+
+@pytest.mark.timed_folding
+@pytest.mark.parametrize(("quantized", "at_load", "folded"),
+                         [(1.5, 1.0, True), (0.8, 0.7, False), (1.5, 1.45, False)])
+def test_weights_are_folded_at_load_only_where_the_timing_says_it_pays(
+        tmp_path, monkeypatch, quantized, at_load, folded):
+    """MatMul weights keep DequantizeLinear (MatMulNBits) unless the model ran slower than
+    float as written and faster dequantized at load; then every weight is written as the
+    Cast -> Mul onnxruntime folds, and the file runs as the at-load timing did."""
+    from ptqconv import runtime
+    from ptqconv.runtime import DEQUANTIZE_AT_LOAD
+
+    def timed(models, *args, outputs=None, **kwargs):
+        if outputs is not None:  # what the summary's sample error is computed from
+            outputs.update((label, [np.ones(4, np.float32)]) for label in models)
+        return _timed(quantized, at_load)
+
+    monkeypatch.setattr(runtime, "compare_latency", timed)
+    _, out, report = quantize(tmp_path, mlp(), 8)
+    nodes = onnx.load(str(out)).graph.node
+    assert any(n.op_type == "DequantizeLinear" for n in nodes) != folded
+    summary = report.weight_quant
+    assert (summary.folded_for_speed == (3, quantized)) == folded
+    assert ("weights dequantized at load: 3 DequantizeLinear" in report.format()) == folded
+    assert report.latency.ms["quantized"] == (at_load if folded else quantized)
+    if folded:  # the values the weights had: the DequantizeLinear model's, at load
+        x = {"x": np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)}
+        untimed = tmp_path / "untimed.ini"
+        untimed.write_text("[weight_quant_param]\nmeasure_latency=false\n")
+        _, plain, _ = quantize(tmp_path, mlp(), 8, name="plain.onnx", config_file=str(untimed))
+        got, ops = run_optimized(out, x, tmp_path, {})
+        want, _ = run_optimized(plain, x, tmp_path, DEQUANTIZE_AT_LOAD)
+        assert not ops & {"DequantizeLinear", "MatMulNBits", "Cast", "Mul"}
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

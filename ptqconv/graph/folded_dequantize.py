@@ -33,17 +33,42 @@ def _node(names: NameAllocator, op: str, inputs: list[ir.Value], base: str,
     return node
 
 
+def folds(shape: tuple[int, ...], axis: int | None, block_size: int,
+          float_type: ir.DataType) -> bool:
+    """Whether a weight of `shape` so laid out can be written for onnxruntime to fold: float32
+    (its CPU provider has no float16 Mul), and blocks that divide their axis."""
+    if float_type != ir.DataType.FLOAT:
+        return False
+    return not block_size or (axis is not None and shape[axis] % block_size == 0)
+
+
 def folded_dequantize(graph: ir.Graph, names: NameAllocator, name: str, integers: ir.Value,
                       integer: IntegerWeight, float_type: ir.DataType) -> list[ir.Node]:
     """Nodes computing the float weight from `integers` (the initializer of `integer.q`),
-    per tensor, per channel or in blocks that divide their axis; the last one's output is
-    it. Scale and zero point are stored as DequantizeLinear takes them and reshaped to
-    broadcast: along the channel axis, or, for blocks, over the integers viewed as
-    [..., blocks, block_size, ...]."""
+    with its scale (and zero point) added as initializers as DequantizeLinear takes them;
+    the last node's output is the weight."""
     layout = integer.layout
-    full = tuple(integer.q.shape)
-    axis = None if layout.axis is None else layout.axis % len(full)
-    block = layout.block_size
+    scale = add_initializer(graph, names.new(f"{name}_scale"),
+                            np.asarray(integer.scale, float_type.numpy()), float_type)
+    zero = None if layout.grid.symmetric else add_initializer(
+        graph, names.new(f"{name}_zero_point"),
+        np.asarray(integer.zero_point).astype(layout.grid.storage.numpy()),
+        layout.grid.storage)
+    return folded_nodes(names, name, integers, scale, zero, layout.axis, layout.block_size,
+                        float_type)
+
+
+def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.Value,
+                 zero: ir.Value | None, axis: int | None, block: int,
+                 float_type: ir.DataType) -> list[ir.Node]:
+    """DequantizeLinear(integers, scale, zero, axis, block_size) as Cast [-> Sub] -> Mul,
+    per tensor, per channel or in blocks that divide their axis (`folds`): scale and zero
+    point reshaped to broadcast along the channel axis, or, for blocks, over the integers
+    viewed as [..., blocks, block_size, ...]. The last node's output is the weight."""
+    graph = integers.graph
+    assert graph is not None and integers.shape is not None and scale.shape is not None
+    full = tuple(integers.shape.numpy())
+    axis = None if axis is None or len(scale.shape) == 0 else axis % len(full)
     if block:
         assert axis is not None and full[axis] % block == 0
         work = (*full[:axis], full[axis] // block, block, *full[axis + 1:])
@@ -51,13 +76,12 @@ def folded_dequantize(graph: ir.Graph, names: NameAllocator, name: str, integers
     else:
         work = full
         params = tuple(full[axis] if i == axis else 1 for i in range(len(full)))
-    storage = layout.grid.storage
     to = {"to": float_type}
     nodes: list[ir.Node] = []
     shapes: dict[tuple[int, ...], ir.Value] = {}
 
     def reshaped(value: ir.Value, target: tuple[int, ...], what: str) -> ir.Value:
-        if axis is None or tuple(value.shape or ()) == target:
+        if axis is None or tuple(value.shape.numpy() if value.shape else ()) == target:
             return value
         if target not in shapes:
             shapes[target] = add_initializer(graph, names.new(f"{name}_{what}_shape"),
@@ -68,18 +92,15 @@ def folded_dequantize(graph: ir.Graph, names: NameAllocator, name: str, integers
 
     nodes.append(_node(names, "Cast", [integers], f"{name}_Cast", float_type, full, to))
     value = reshaped(nodes[-1].outputs[0], work, "blocks")
-    if not layout.grid.symmetric:
-        zero = add_initializer(graph, names.new(f"{name}_zero_point"),
-                               np.asarray(integer.zero_point).astype(storage.numpy()), storage)
+    if zero is not None:
+        assert zero.shape is not None
         # Cast first: onnxruntime has no int4 / int2 Reshape.
         nodes.append(_node(names, "Cast", [zero], f"{name}_zero_point_Cast", float_type,
-                           tuple(np.shape(integer.zero_point)), to))
-        zero = reshaped(nodes[-1].outputs[0], params, "zero_point")
-        nodes.append(_node(names, "Sub", [value, zero], f"{name}_Sub", float_type, work))
+                           tuple(zero.shape.numpy()), to))
+        nodes.append(_node(names, "Sub", [value, reshaped(nodes[-1].outputs[0], params,
+                                                           "zero_point")],
+                           f"{name}_Sub", float_type, work))
         value = nodes[-1].outputs[0]
-    scale = add_initializer(graph, names.new(f"{name}_scale"),
-                            np.asarray(integer.scale, float_type.numpy()), float_type)
-    scale.shape = ir.Shape(np.shape(integer.scale))
     scale.meta[PARAMETER] = True
     nodes.append(_node(names, "Mul", [value, reshaped(scale, params, "scale")], f"{name}_Mul",
                        float_type, work))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ptqconv import qparams
-from ptqconv.graph.folded_dequantize import folded_dequantize
+from ptqconv.graph.folded_dequantize import folded_dequantize, folds
 from ptqconv.graph.gathered_rows import dequantize_gathered
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
@@ -120,16 +120,10 @@ FOLDED_AT_LOAD_OPS = frozenset({"Conv", "ConvTranspose"})
 def folds_at_load(slots: list[WeightSlot], integer: IntegerWeight,
                   float_type: ir.DataType) -> bool:
     """Whether a weight read by `slots` is written for onnxruntime to dequantize at load:
-    Conv weights of a float32 model (float16 Cast / Mul have no CPU kernels, so onnxruntime
-    would not fold them), per tensor, per channel, or in blocks that divide their axis."""
-    if float_type != ir.DataType.FLOAT or not all(
-            s.node.op_type in FOLDED_AT_LOAD_OPS for s in slots):
-        return False
+    Conv weights that `graph.folded_dequantize.folds`."""
     layout = integer.layout
-    if not layout.block_size:
-        return True
-    assert layout.axis is not None
-    return integer.q.shape[layout.axis] % layout.block_size == 0
+    return all(s.node.op_type in FOLDED_AT_LOAD_OPS for s in slots) and folds(
+        tuple(integer.q.shape), layout.axis, layout.block_size, float_type)
 
 
 def _gathers_rows(slot: WeightSlot, integer: IntegerWeight) -> bool:
