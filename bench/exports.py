@@ -68,12 +68,24 @@ MODELS: dict[str, tuple[str, Draw]] = {
     "EfficientNet-style net": ("effnet_small.onnx",
                                lambda rng, n: {"input": smooth_images(rng, n, 64)}),
 }
-VARIANTS = {"ptqconv default": "", "ptqconv latency_aware=false": "latency_aware=false\n"}
+# label -> (--quantType, config lines after the calibration data). WeightQuant: the defaults
+# with calibration data (GPTQ), Conv weights folded at load and the rest measured
+# (README, weight-only quantization).
+VARIANTS = {
+    "ptqconv default": ("PostTraining", "[full_quant_param]\n"),
+    "ptqconv latency_aware=false": ("PostTraining", "[full_quant_param]\nlatency_aware=false\n"),
+    "ptqconv WeightQuant 8-bit": ("WeightQuant", "[common_quant_param]\nbit_num=8\n"),
+    "ptqconv WeightQuant 4-bit": ("WeightQuant", "[common_quant_param]\nbit_num=4\n"),
+}
 
 
 def _written(summary: list[str]) -> str:
     """What the summary says the latency checks wrote."""
     lines = [ln.strip() for ln in summary]
+    if any(ln.startswith("WeightQuant") for ln in lines):
+        if any(ln.startswith("weights dequantized at load") for ln in lines):
+            return "weights folded at load (timed faster)"
+        return "as written"
     if any(ln.startswith("dynamic quantization") and "written instead" in ln for ln in lines):
         return "DynamicQuant's model"
     check = next((ln for ln in lines if ln.startswith("latency check")), "")
@@ -109,12 +121,12 @@ def measure(work: Path, name: str, log: Callable[[str], None]) -> dict[str, Any]
     shapes = ";".join(f"{k}:{','.join(map(str, v.shape[1:]))}" for k, v in calib.items())
     found: dict[str, Any] = {"variants": {}}
     outputs = {"float": src}
-    for variant, extra in VARIANTS.items():
-        out, config = work / f"{variant.split()[-1]}.onnx", work / f"{len(outputs)}.ini"
+    for variant, (kind, extra) in VARIANTS.items():
+        out, config = work / f"{len(outputs)}.onnx", work / f"{len(outputs)}.ini"
         config.write_text("[data_preprocess_param]\ncalibrate_path="
                           + ",".join(f"{k}:{d}" for k, d in dirs.items())
-                          + f"\ninput_shape={shapes}\n[full_quant_param]\n{extra}")
-        args = [f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                          + f"\ninput_shape={shapes}\n{extra}")
+        args = [f"--modelFile={src}", f"--outputFile={out}", f"--quantType={kind}",
                 f"--configFile={config}"]
         child = run_child("bench.hardswish:convert", {"args": args}, timeout=1200)
         if not child.ok:
@@ -134,6 +146,12 @@ def measure(work: Path, name: str, log: Callable[[str], None]) -> dict[str, Any]
         outputs["onnxruntime quantize_static"] = ort_out
     else:
         found["variants"]["onnxruntime quantize_static"] = {"error": child.error}
+    nbits_out, label = work / "nbits.onnx", "onnxruntime MatMulNBitsQuantizer 4-bit"
+    child = run_child("ort_nbits", {"src": str(src), "out": str(nbits_out), "external": False})
+    found["variants"][label] = ({"seconds": child.seconds} if child.ok
+                                else {"error": child.error})
+    if child.ok:
+        outputs[label] = nbits_out
     feeds = [{k: v[i] for k, v in held.items()} for i in range(HELD_OUT)]
     # Timed before any session of this process exists: an idle onnxruntime session's threads
     # spin and take the cores from the ones being timed.
@@ -177,7 +195,11 @@ def section(tmp: Path, log: Callable[[str], None] = print) -> Section:
         "group interleaved (`ptqconv.runtime.compare_latency`, 2 threads, onnxruntime's "
         "default session options). \"written\" is what ptqconv's latency checks kept: the "
         "cost model's plan, all-integer (where the plan kept every unit float, written unless "
-        "a float model runs faster), or DynamicQuant's model.",
+        "a float model runs faster), or DynamicQuant's model; for WeightQuant (calibration "
+        "data, so GPTQ weights), the file as written or with every weight folded at load "
+        "where the converter's own timing found that faster than as written and float "
+        "slower. onnxruntime's MatMulNBitsQuantizer (blocks of 128) quantizes MatMul weights "
+        "only.",
         "",
         table(["model", "tool, config", "written", "output cosine", "x float latency",
                "x float size", "conversion (s)"], rows, 3),

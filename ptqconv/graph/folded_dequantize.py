@@ -36,10 +36,8 @@ def _node(names: NameAllocator, op: str, inputs: list[ir.Value], base: str,
 def folds(shape: tuple[int, ...], axis: int | None, block_size: int,
           float_type: ir.DataType) -> bool:
     """Whether a weight of `shape` so laid out can be written for onnxruntime to fold: float32
-    (its CPU provider has no float16 Mul), and blocks that divide their axis."""
-    if float_type != ir.DataType.FLOAT:
-        return False
-    return not block_size or (axis is not None and shape[axis] % block_size == 0)
+    (its CPU provider has no float16 Mul)."""
+    return float_type == ir.DataType.FLOAT and (not block_size or axis is not None)
 
 
 def folded_dequantize(graph: ir.Graph, names: NameAllocator, name: str, integers: ir.Value,
@@ -62,17 +60,22 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
                  zero: ir.Value | None, axis: int | None, block: int,
                  float_type: ir.DataType) -> list[ir.Node]:
     """DequantizeLinear(integers, scale, zero, axis, block_size) as Cast [-> Sub] -> Mul,
-    per tensor, per channel or in blocks that divide their axis (`folds`): scale and zero
-    point reshaped to broadcast along the channel axis, or, for blocks, over the integers
-    viewed as [..., blocks, block_size, ...]. The last node's output is the weight."""
+    per tensor, per channel or in blocks (`folds`): scale and zero point reshaped to
+    broadcast along the channel axis, or, for blocks, over the integers viewed as
+    [..., blocks, block_size, ...] (padded to whole blocks and cut back). The last node's
+    output is the weight."""
     graph = integers.graph
     assert graph is not None and integers.shape is not None and scale.shape is not None
     full = tuple(integers.shape.numpy())
     axis = None if axis is None or len(scale.shape) == 0 else axis % len(full)
+    padded = full
     if block:
-        assert axis is not None and full[axis] % block == 0
-        work = (*full[:axis], full[axis] // block, block, *full[axis + 1:])
-        params = (*full[:axis], full[axis] // block, 1, *full[axis + 1:])
+        assert axis is not None
+        blocks = -(-full[axis] // block)
+        # The last block may end short (as DequantizeLinear's may): padded, then cut back.
+        padded = (*full[:axis], blocks * block, *full[axis + 1:])
+        work = (*full[:axis], blocks, block, *full[axis + 1:])
+        params = (*full[:axis], blocks, 1, *full[axis + 1:])
     else:
         work = full
         params = tuple(full[axis] if i == axis else 1 for i in range(len(full)))
@@ -91,7 +94,16 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
         return nodes[-1].outputs[0]
 
     nodes.append(_node(names, "Cast", [integers], f"{name}_Cast", float_type, full, to))
-    value = reshaped(nodes[-1].outputs[0], work, "blocks")
+    value = nodes[-1].outputs[0]
+    if padded != full:
+        assert axis is not None
+        ends = [0] * len(full)
+        ends[axis] = padded[axis] - full[axis]
+        pads = add_initializer(graph, names.new(f"{name}_pads"),
+                               np.asarray([0] * len(full) + ends, np.int64))
+        nodes.append(_node(names, "Pad", [value, pads], f"{name}_Pad", float_type, padded))
+        value = nodes[-1].outputs[0]
+    value = reshaped(value, work, "blocks")
     if zero is not None:
         assert zero.shape is not None
         # Cast first: onnxruntime has no int4 / int2 Reshape.
@@ -104,5 +116,12 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
     scale.meta[PARAMETER] = True
     nodes.append(_node(names, "Mul", [value, reshaped(scale, params, "scale")], f"{name}_Mul",
                        float_type, work))
-    reshaped(nodes[-1].outputs[0], full, "weight")
+    value = reshaped(nodes[-1].outputs[0], padded, "weight")
+    if padded != full:
+        assert axis is not None
+        bounds = [add_initializer(graph, names.new(f"{name}_slice_{what}"),
+                                  np.asarray(v, np.int64))
+                  for what, v in (("starts", [0]), ("ends", [full[axis]]), ("axes", [axis]))]
+        nodes.append(_node(names, "Slice", [value, *bounds], f"{name}_Slice", float_type,
+                           full))
     return nodes

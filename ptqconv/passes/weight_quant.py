@@ -113,7 +113,7 @@ class WeightQuantResult(ir.passes.PassResult):
 
 
 # Weights read only by these ops (which onnxruntime has no weight-only kernel for) are written
-# as Cast -> Sub -> Mul, folded at load, where the layout allows (`graph.folded_dequantize`).
+# as Cast -> Sub -> Mul, folded at load, where the type allows (`graph.folded_dequantize`).
 FOLDED_AT_LOAD_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
