@@ -294,6 +294,9 @@ def _fold_if_faster(settings: ConvertSettings, report: ConversionReport,
             or not latency.faster("float", "quantized") \
             or not latency.faster(runtime.AT_LOAD, "quantized"):
         return None
+    if len(saved.files) > 1:
+        # Its weights would be read lazily from the very data file the rewrite writes.
+        return None
     model = modelio.load_model(saved.path, check=False)
     if not all(foldable(node) for node in weight_dequantizers(model.graph)):
         return None
