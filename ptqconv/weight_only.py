@@ -27,7 +27,7 @@ from ptqconv.calibrate.dataset import CalibrationSet
 from ptqconv.calibrate.statistics import Statistics
 from ptqconv.evaluate import held_out
 from ptqconv.evaluate.held_out import SampleErrors
-from ptqconv.evaluate.metrics import OutputComparison
+from ptqconv.evaluate.metrics import OutputComparison, squared_error
 from ptqconv.graph.naming import node_key
 from ptqconv.passes import bias_correction, gptq, residual_sum
 from ptqconv.passes.bias_correction import apply_shifts, expected_shifts
@@ -244,15 +244,14 @@ def _candidate_errors(model: ir.Model, data: CalibrationSet, threads: int,
     noise: list[dict[str, list[float]]] = [{} for _ in sessions]
     for index, sample in enumerate(data):
         label = f"calibration sample {index}"
-        want = {name: r.astype(np.float64) for name, r in reference.run(sample, sample=label)
-                .items() if np.issubdtype(r.dtype, np.floating)}
+        want = {name: r for name, r in reference.run(sample, sample=label).items()
+                if np.issubdtype(r.dtype, np.floating)}
         for name, r in want.items():
-            signal.setdefault(name, []).append(float(np.sum(r * r)))
+            signal.setdefault(name, []).append(float(np.square(r.astype(np.float64)).sum()))
         for session, found in zip(sessions, noise, strict=True):
             got = session.run(sample, sample=label)
             for name, r in want.items():
-                found.setdefault(name, []).append(
-                    float(np.sum((got[name].astype(np.float64) - r) ** 2)))
+                found.setdefault(name, []).append(squared_error(r, got[name]))
         if progress:
             progress(1 + len(sessions))
     powers = {name: np.asarray(v) for name, v in signal.items()}
