@@ -314,8 +314,8 @@ def _crowded(need: int) -> str:
     """Why models of `need` bytes in all cannot be loaded side by side for timing: every
     session holds its weights, and timing must leave room for the rest of the machine
     (at most half of what the kernel calls available); "" when they can."""
-    available = runtime.available_memory()
-    if available is None or need <= available // 2:
+    available = runtime.over_half_of_memory(need)
+    if available is None:
         return ""
     def size(n: int) -> str:
         return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"

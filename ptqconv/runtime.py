@@ -466,6 +466,14 @@ def available_memory() -> int | None:
     return None
 
 
+def over_half_of_memory(need: int) -> int | None:
+    """The bytes available (`available_memory`) where `need` is more than half of them, else
+    None: sessions loaded side by side each hold their weights, and must leave room for the
+    rest of the machine."""
+    available = available_memory()
+    return available if available is not None and need > available // 2 else None
+
+
 def cpu_description() -> str:
     """The CPU's name and the SIMD features onnxruntime's integer kernels depend on
     (docs/reference.md §3), e.g. "AMD EPYC family 25 model 1 (AVX2, no VNNI)"."""

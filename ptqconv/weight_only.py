@@ -184,8 +184,8 @@ def weight_quant(model: ir.Model, settings: WeightQuantSettings, base_dir: Path,
 def _no_room(need: int) -> str:
     """Why `need` bytes of sessions side by side do not fit in half of the memory the
     kernel calls available ("" when they do)."""
-    available = runtime.available_memory()
-    if available is None or need <= available // 2:
+    available = runtime.over_half_of_memory(need)
+    if available is None:
         return ""
     return (f"the float model and both candidates need about {need / 1e6:.0f} MB, more than "
             f"half of the {available / 1e6:.0f} MB available")
