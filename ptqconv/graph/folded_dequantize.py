@@ -33,11 +33,24 @@ def _node(names: NameAllocator, op: str, inputs: list[ir.Value], base: str,
     return node
 
 
-def folds(shape: tuple[int, ...], axis: int | None, block_size: int,
-          float_type: ir.DataType) -> bool:
-    """Whether a weight of `shape` so laid out can be written for onnxruntime to fold: float32
-    (its CPU provider has no float16 Mul)."""
-    return float_type == ir.DataType.FLOAT and (not block_size or axis is not None)
+def folds(float_type: ir.DataType) -> bool:
+    """Whether a weight dequantized to `float_type` can be written for onnxruntime to fold:
+    float32 (its CPU provider has no float16 Mul); every layout can."""
+    return float_type == ir.DataType.FLOAT
+
+
+def dequantize_layout(node: ir.Node) -> tuple[int | None, int]:
+    """A DequantizeLinear's axis (None: per tensor, a scalar scale) and block size (0: no
+    blocks), with the operator's default axis of 1."""
+    block = node.attributes.get("block_size")
+    block_size = block.as_int() if block is not None else 0
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = (scale.const_value.shape if scale is not None and scale.const_value is not None
+             else scale.shape if scale is not None else None)
+    if not block_size and shape is not None and len(shape) == 0:
+        return None, 0
+    axis = node.attributes.get("axis")
+    return (axis.as_int() if axis is not None else 1), block_size
 
 
 def folded_dequantize(graph: ir.Graph, names: NameAllocator, name: str, integers: ir.Value,

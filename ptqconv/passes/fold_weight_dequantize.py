@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from ptqconv.graph.folded_dequantize import folded_nodes, folds
+from ptqconv.graph.folded_dequantize import dequantize_layout, folded_nodes, folds
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
 
@@ -26,23 +26,10 @@ def weight_dequantizers(graph: ir.Graph) -> list[ir.Node]:
             and all(_constant(v) for v in node.inputs if v is not None)]
 
 
-def _layout(node: ir.Node) -> tuple[int | None, int]:
-    axis = node.attributes.get("axis")
-    block = node.attributes.get("block_size")
-    return (axis.as_int() if axis is not None else 1), (block.as_int() if block else 0)
-
-
 def foldable(node: ir.Node) -> bool:
     """Whether `node` (a weight's DequantizeLinear) can be written as Cast -> Mul."""
-    q, scale = node.inputs[0], node.inputs[1]
-    assert q is not None and scale is not None and q.shape is not None
-    axis, block = _layout(node)
-    shape = tuple(q.shape.numpy())
-    if axis is not None and len(scale.shape or ()) > 0:
-        axis %= len(shape)
-    else:
-        axis = None
-    return scale.dtype is not None and folds(shape, axis, block, scale.dtype)
+    scale = node.inputs[1]
+    return scale is not None and scale.dtype is not None and folds(scale.dtype)
 
 
 @dataclass
@@ -63,7 +50,7 @@ class FoldWeightDequantizePass(ir.passes.InPlacePass):
             assert q is not None and scale is not None and scale.dtype is not None
             out = node.outputs[0]
             name = out.name or q.name or "weight"
-            axis, block = _layout(node)
+            axis, block = dequantize_layout(node)
             made = folded_nodes(names, name, q, scale, zero, axis, block, scale.dtype)
             graph.insert_before(node, made)
             weight = made[-1].outputs[0]

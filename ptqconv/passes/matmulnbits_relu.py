@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from ptqconv.graph.folded_dequantize import dequantize_layout
 from ptqconv.graph.initializers import add_initializer
 from ptqconv.graph.naming import NameAllocator
 from ptqconv.graph.ops import is_onnx
@@ -53,12 +54,7 @@ def _nbits_weight(node: ir.Node) -> ir.DataType | None:
     if weight is None or weight.const_value is None or scale is None \
             or scale.const_value is None:
         return None
-    block = producer.attributes.get("block_size")
-    block_size = block.as_int() if block is not None else 0
-    axis_attr = producer.attributes.get("axis")
-    scale_rank = len(scale.const_value.shape)
-    axis = None if not block_size and scale_rank == 0 else (
-        axis_attr.as_int() if axis_attr is not None else 1)
+    axis, block_size = dequantize_layout(producer)
     fused = nbits_layout(weight.const_value.dtype, tuple(weight.const_value.shape), axis,
                          block_size)
     return scale.const_value.dtype if fused else None

@@ -117,13 +117,10 @@ class WeightQuantResult(ir.passes.PassResult):
 FOLDED_AT_LOAD_OPS = frozenset({"Conv", "ConvTranspose"})
 
 
-def folds_at_load(slots: list[WeightSlot], integer: IntegerWeight,
-                  float_type: ir.DataType) -> bool:
+def folds_at_load(slots: list[WeightSlot], float_type: ir.DataType) -> bool:
     """Whether a weight read by `slots` is written for onnxruntime to dequantize at load:
     Conv weights that `graph.folded_dequantize.folds`."""
-    layout = integer.layout
-    return all(s.node.op_type in FOLDED_AT_LOAD_OPS for s in slots) and folds(
-        tuple(integer.q.shape), layout.axis, layout.block_size, float_type)
+    return all(s.node.op_type in FOLDED_AT_LOAD_OPS for s in slots) and folds(float_type)
 
 
 def _gathers_rows(slot: WeightSlot, integer: IntegerWeight) -> bool:
@@ -359,7 +356,7 @@ class WeightQuantPass(ir.passes.InPlacePass):
         rest = [s for s in slots if s not in gathers]
         if not rest:
             return grid.storage
-        if folds_at_load(rest, integer, float_type):
+        if folds_at_load(rest, float_type):
             made = folded_dequantize(graph, names, name, integers, integer, float_type)
         else:
             inputs = [
