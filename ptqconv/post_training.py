@@ -63,6 +63,7 @@ from ptqconv.passes.body_plan import (
 )
 from ptqconv.passes.calibrated import MigrationPass, MigrationResult
 from ptqconv.passes.equalize import EqualizePass
+from ptqconv.passes.float_hard_swish import FloatHardSwishPass
 from ptqconv.passes.fold_affine import FoldAffinePass
 from ptqconv.passes.fold_casts import FoldInitializerCastsPass
 from ptqconv.passes.gather_quant import GatherQuantConfig, GatherQuantPass
@@ -299,11 +300,13 @@ class PostTraining:
     def quantize(self, model: ir.Model, plan: QuantPlan, ranges: dict[str, Range],
                  **options: Any) -> QDQResult:
         """Q/DQ by `plan`, then the activations onnxruntime has no integer kernel for in the
-        integer forms it fuses (counted in the result's `integer_activations`)."""
+        integer forms it fuses (counted in the result's `integer_activations`), and float
+        hard-swishes after a DequantizeLinear as HardSwish (`float_hard_swish`)."""
         qdq: QDQResult = self.qdq_pass(plan, ranges, **options)(model)
         activations = IntegerActivationsPass(qparams.activation_grid(
             self.settings.activation_bits))(model)
         qdq.integer_activations.update(activations.rewritten)
+        qdq.float_hard_swish = FloatHardSwishPass()(model).rewritten
         if self.residual_sum is not None and self.residual_sum.applied:
             ResidualSumPass()(model)
         return qdq
@@ -909,6 +912,7 @@ class PostTraining:
             embedding_tables=[r for r in built.tables if r.quantized],
             bias_corrections=built.corrections,
             integer_activations=dict(built.qdq.integer_activations),
+            float_hard_swish=built.qdq.float_hard_swish,
             recurrent_float=sum(len(recurrent_weight_slots(node)) for node
                                 in ir.traversal.RecursiveGraphIterator(built.model.graph)),
         )

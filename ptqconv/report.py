@@ -186,6 +186,7 @@ class PostTrainingSummary:
     residual_sum: ResidualSum | None = None  # SkipLayerNormalization fusion, measured
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
+    float_hard_swish: int = 0  # float hard-swishes after a DequantizeLinear, as HardSwish
     # Constant W and R of LSTM / GRU / RNN nodes, which stay float (no static int8 kernel).
     recurrent_float: int = 0
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -651,6 +652,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
         f"{s.quantize_nodes} QuantizeLinear nodes",
         *([f"  integer activations: {_integer_forms(s.integer_activations)}"]
           if s.integer_activations else []),
+        *([f"  float hard-swish after a quantized tensor written as HardSwish (one "
+           f"DequantizeLinear read): {s.float_hard_swish}"]
+          if s.float_hard_swish else []),
     ]
     if grid is not None:
         levels = ("binary levels {-1, +1}" if grid.binary

@@ -96,6 +96,8 @@ class QDQResult(ir.passes.PassResult):
     imported: set[str] = field(default_factory=set)  # grids taken from `fixed`
     # op type -> activations rewritten into integer kernels (passes.integer_activations)
     integer_activations: Counter[str] = field(default_factory=Counter)
+    # float hard-swishes after a DequantizeLinear written as HardSwish (float_hard_swish)
+    float_hard_swish: int = 0
 
     @property
     def quantize_nodes(self) -> int:
