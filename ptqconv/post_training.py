@@ -83,6 +83,7 @@ from ptqconv.passes.qdq_plan import (
 from ptqconv.passes.residual_sum import ResidualSum, ResidualSumPass
 from ptqconv.passes.shared_body_weights import ShareBodyWeightsPass
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
+from ptqconv.passes.spatial_mean import SpatialMeanPass
 from ptqconv.passes.unique_names import UniqueNamesPass
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.qparams import Range
@@ -269,7 +270,7 @@ class PostTraining:
         model = modelio.ensure_opset(model, QDQ_MIN_OPSET, source.parent)
         # Constants the folds (and onnxruntime's simplification) left unread: onnxruntime
         # warns about each one on every load of the output.
-        ir.passes.Sequential(FoldAffinePass(), HardSwishPass(),
+        ir.passes.Sequential(FoldAffinePass(), HardSwishPass(), SpatialMeanPass(),
                              common_passes.RemoveUnusedNodesPass())(model)
         return model
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from models import DIGITS
+from models import DIGITS, random_samples
 
 from ptqconv.cli import main
 
@@ -75,6 +75,19 @@ def optimized_ops(path: Path, tmp_path: Path) -> Counter:
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def quantize_every_unit(src: Path, tmp_path: Path, samples: int = 8) -> tuple[Path, Path]:
+    """`src` (one float input "x" of [1, 3, 16, 16]) converted by PostTraining with every unit
+    quantized (no latency plan, no timing) on random samples: (the output, the samples)."""
+    data = random_samples(tmp_path / "x", samples, seed=0)
+    config = tmp_path / "c.ini"
+    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
+                      "[full_quant_param]\nlatency_aware=false\nmeasure_latency=false\n")
+    out = tmp_path / "q.onnx"
+    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
+                 f"--configFile={config}"]) == 0
+    return out, data
 
 
 def fails(capsys, root: Path, args: list[str], status: int, *culprits: str) -> str:

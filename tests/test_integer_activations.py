@@ -10,13 +10,12 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from harness import optimized_ops
+from harness import optimized_ops, quantize_every_unit
 from lut_reference import hard_sigmoid, hard_swish, lookup_table, silu
-from models import random_samples, save
+from models import save
 from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv import qparams
-from ptqconv.cli import main
 from ptqconv.passes.hard_swish import HardSwishPass
 from ptqconv.passes.integer_activations import IntegerActivationsPass
 
@@ -209,14 +208,8 @@ def test_mobilenet_v3_blocks_run_without_going_back_to_float(tmp_path, capsys):
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
     src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]),
                tmp_path / "float.onnx")
-    data = random_samples(tmp_path / "x", 8, seed=0)
-    config = tmp_path / "c.ini"
     # Small enough that float would be faster: quantize all of it anyway.
-    config.write_text(f"[data_preprocess_param]\ncalibrate_path=x:{data}\n"
-                      "[full_quant_param]\nlatency_aware=false\nmeasure_latency=false\n")
-    out = tmp_path / "q.onnx"
-    assert main([f"--modelFile={src}", f"--outputFile={out}", "--quantType=PostTraining",
-                 f"--configFile={config}"]) == 0
+    out, _ = quantize_every_unit(src, tmp_path)
     assert "integer activations: 2 HardSigmoid as QLinearAdd" in capsys.readouterr().out
     ops = optimized_ops(out, tmp_path)
     assert ops["QLinearConv"] == 5 and ops["QLinearGlobalAveragePool"] == 1
