@@ -128,3 +128,20 @@ def test_a_squeeze_excite_block_runs_as_integer_kernels(tmp_path):
     expected, got = _run(onnx.load(src), x), _run(onnx.load(out), x)
     cosine = float((expected * got).sum() / np.linalg.norm(expected) / np.linalg.norm(got))
     assert cosine > 0.99
+
+
+def test_a_broadcast_from_a_lower_rank_does_not_fool_the_rank():
+    """Mul(constant [C, H, W], conv output [1, C, H, W]) is 4-D: a mean over axis 2 alone
+    (H) is no global pool, though axis 2 is the last spatial axis of the constant's rank."""
+    rng = np.random.default_rng(0)
+    inits = {"w": _weights(rng, C, 3, 3, 3), "k": rng.standard_normal((C, 16, 16)).astype(
+        np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Mul", ["k", "c"], ["b"]),
+             helper.make_node("ReduceMean", ["b"], ["y"], axes=[2])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 1, 16])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = _without_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert not SpatialMeanPass()(model).modified

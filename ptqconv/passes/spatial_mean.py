@@ -20,9 +20,10 @@ from ptqconv.graph.ops import is_onnx
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE})
 # Ops whose output has their first input's rank, walked through to find a feature map's rank.
-SAME_RANK = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add",
-                       "Div", "Sub", "LeakyRelu", "PRelu", "Tanh", "Identity",
-                       "BatchNormalization"})
+SAME_RANK = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu",
+                       "Tanh", "Identity", "BatchNormalization"})
+# Ops whose output has the highest rank of their inputs (broadcasting).
+BROADCAST = frozenset({"Mul", "Add", "Div", "Sub", "PRelu"})
 SEARCH_DEPTH = 8
 
 
@@ -67,6 +68,11 @@ def _rank(value: ir.Value, depth: int = 0) -> int | None:
             found = _rank(producer.inputs[0], depth + 1)
             if found is not None:
                 return found
+        if producer.op_type in BROADCAST:
+            ranks = [_rank(v, depth + 1) if v.const_value is None else len(v.const_value.shape)
+                     for v in producer.inputs if v is not None]
+            if ranks and None not in ranks:  # a lower rank broadcasts up: every one is needed
+                return max(ranks)
     for user, index in value.uses():
         if index == 0 and _conv_rank(user) is not None:
             return _conv_rank(user)
