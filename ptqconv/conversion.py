@@ -403,7 +403,8 @@ def _fastest_cut(pt: PostTraining, settings: ConvertSettings, sample: dict,
                  ) -> tuple[LatencyPlan, Built, bool, runtime.Latency, str, int]:
     """Where the cost model's plan did not run faster than all-integer: it and its cuts
     (`PostTraining.latency_cuts`), timed together with float and all-integer, the fastest
-    of them; whether that runs faster than all-integer (the two-timing rule: the second
+    of them (not a cut less accurate than a whole plan that ties all-integer); whether
+    that runs faster than all-integer (the two-timing rule: the second
     timing has float, all-integer and it only), its last timing with it as "planned", why
     not, and how many plans were timed (docs/decisions.md, cuts of the latency plan)."""
     plans = {"planned": (latency, planned),
@@ -422,6 +423,15 @@ def _fastest_cut(pt: PostTraining, settings: ConvertSettings, sample: dict,
         if (timed.ms[label] * runtime.LATENCY_MARGIN < timed.ms[best]
                 and timed.faster(label, best, 1.0)):
             best = label
+    # Nor where the whole plan, no slower than all-integer, is more accurate on AUTO's
+    # held-out samples: it would win that tie (ppocrv4_rec on Zen 4: a cut timed faster
+    # once, CTC exact match 0.98 -> 0.82). A whole plan all-integer beats leaves the cut
+    # (mobilenet_v2: its cut, 0.9953, against all-integer's 0.9905; docs/decisions.md, cuts
+    # of the latency plan).
+    if (best != "planned" and pt.scoring is not None
+            and not timed.faster("quantized", "planned")
+            and _weigh(pt, planned.model, plans[best][1].model)[2]):
+        best = "planned"
     latency, planned = plans[best]
     timed = _relabelled(timed, {"float": "float", "quantized": "quantized", "planned": best})
     why = timed.not_faster("planned", "quantized")

@@ -464,7 +464,16 @@ def test_where_the_plan_does_not_win_its_cuts_are_timed_and_the_fastest_can_be_w
         tmp_path, monkeypatch, capsys, smallest_ms, units):
     # On VNNI the AVX2 plan (3 units float here) can tie all-integer while its first units
     # alone run faster (mobilenet_v2's stem and first depthwise conv): the cut is written,
-    # the larger one unless the smaller is faster by the margin.
+    # the larger one unless the smaller is faster by the margin. Every model here is as
+    # accurate as the others on AUTO's held-out samples (a less accurate cut: below).
+    from ptqconv import post_training
+    from ptqconv.evaluate.held_out import SampleErrors
+
+    def output_error(model, samples, indices, references, threads):
+        return SampleErrors({n: np.full(len(indices), 0.01) for n in references},
+                            {n: np.ones(len(indices)) for n in references})
+
+    monkeypatch.setattr(post_training, "_output_error", output_error)
     timings = [{"quantized": 0.8, "planned": 0.8},  # the plan: no faster than all-integer
                {"quantized": 0.8, "planned": 0.8, "cut 0": smallest_ms, "cut 1": 0.6},
                {"quantized": 0.8, "planned": 0.6}]  # the chosen cut, timed again
@@ -481,6 +490,41 @@ def test_where_the_plan_does_not_win_its_cuts_are_timed_and_the_fastest_can_be_w
     assert "kept the plan" in check, check
     # The first units in graph order stay float: the stem conv, then the depthwise one.
     assert optimized_ops(out, tmp_path)["QLinearConv"] == len(MOBILE) - units
+
+
+@pytest.mark.parametrize("integer_ms, cut_written", [(0.8, False), (0.6, True)])
+def test_a_faster_cut_less_accurate_than_a_whole_plan_that_ties_is_not_written(
+        tmp_path, monkeypatch, capsys, integer_ms, cut_written):
+    # AUTO scored its candidates and every QuantizeLinear adds output error: a cut (fewer
+    # units float) is less accurate than the whole plan. Where the whole plan ties
+    # all-integer, it is written on accuracy however fast the cut; where all-integer beats
+    # it, the faster cut (2 units float of 3) stays in the running, and wins.
+    from ptqconv import post_training
+    from ptqconv.evaluate.held_out import SampleErrors
+
+    def output_error(model, samples, indices, references, threads):
+        quantizers = sum(n.op_type == "QuantizeLinear" for n in model.graph.all_nodes())
+        noise = np.full(len(indices), 0.01 * (1 + quantizers))
+        return SampleErrors({n: noise for n in references},
+                            {n: np.ones(len(indices)) for n in references})
+
+    monkeypatch.setattr(post_training, "_output_error", output_error)
+    timings = [{"quantized": integer_ms, "planned": 0.8},
+               {"quantized": integer_ms, "planned": 0.8, "cut 0": 0.5, "cut 1": 0.5},
+               {"quantized": integer_ms, "planned": 0.5}]  # the cut, timed again
+    _, _, out, calls = _convert_with_timings(
+        tmp_path, monkeypatch, "x86_vnni", lambda labels, n: {"float": 1.0, **timings[min(n, 2)]},
+        method="AUTO", samples=8)
+    check = next(line for line in capsys.readouterr().out.splitlines()
+                 if "latency check" in line)
+    assert ["cut 0", "cut 1", "float", "planned", "quantized"] in calls
+    if cut_written:
+        assert "the cost model's plan (cut to its first 2 units of 3 float" in check, check
+        assert optimized_ops(out, tmp_path)["QLinearConv"] == len(MOBILE) - 2
+    else:
+        assert "the cost model's plan (3 units float)" in check and "cut to" not in check, check
+        assert "kept the plan (no slower beyond the noise, more accurate" in check, check
+        assert optimized_ops(out, tmp_path)["QLinearConv"] == len(MOBILE) - 3
 
 
 def test_cuts_are_the_first_units_of_a_plan_in_graph_order():
