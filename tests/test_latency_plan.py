@@ -313,6 +313,21 @@ def test_attention_matmuls_behind_a_float_mask_stay_float_and_the_projections_in
                if n.op_type == "DequantizeLinear")
 
 
+def _fake_output_errors(monkeypatch, per_quantizer: float) -> None:
+    """AUTO's held-out output errors faked: 0.01 for every model and sample, plus
+    `per_quantizer` for each QuantizeLinear (more quantized, less accurate)."""
+    from ptqconv import post_training
+    from ptqconv.evaluate.held_out import SampleErrors
+
+    def output_error(model, samples, indices, references, threads):
+        quantizers = sum(n.op_type == "QuantizeLinear" for n in model.graph.all_nodes())
+        noise = np.full(len(indices), 0.01 + per_quantizer * quantizers)
+        return SampleErrors({n: noise for n in references},
+                            {n: np.ones(len(indices)) for n in references})
+
+    monkeypatch.setattr(post_training, "_output_error", output_error)
+
+
 def _convert_with_timings(tmp_path, monkeypatch, detected: str, timings,
                           method: str = "MAX_MIN", samples: int = 2, size: int = 112,
                           model: onnx.ModelProto | None = None,
@@ -434,16 +449,7 @@ def test_on_an_unmeasured_target_a_plan_no_slower_and_more_accurate_is_written(
         tmp_path, monkeypatch, capsys, timing, kept_plan):
     # AUTO scored its candidates; every QuantizeLinear adds output error, so the plan (every
     # unit float at this size) is the more accurate on every held-out sample.
-    from ptqconv import post_training
-    from ptqconv.evaluate.held_out import SampleErrors
-
-    def output_error(model, samples, indices, references, threads):
-        quantizers = sum(n.op_type == "QuantizeLinear" for n in model.graph.all_nodes())
-        noise = np.full(len(indices), 0.01 * (1 + quantizers))
-        return SampleErrors({n: noise for n in references},
-                            {n: np.ones(len(indices)) for n in references})
-
-    monkeypatch.setattr(post_training, "_output_error", output_error)
+    _fake_output_errors(monkeypatch, per_quantizer=0.01)
     _, _, out, _ = _convert_with_timings(
         tmp_path, monkeypatch, "x86_vnni", lambda labels, n: {"float": 1.0, **timing},
         method="AUTO", samples=8, size=4)
@@ -466,14 +472,7 @@ def test_where_the_plan_does_not_win_its_cuts_are_timed_and_the_fastest_can_be_w
     # alone run faster (mobilenet_v2's stem and first depthwise conv): the cut is written,
     # the larger one unless the smaller is faster by the margin. Every model here is as
     # accurate as the others on AUTO's held-out samples (a less accurate cut: below).
-    from ptqconv import post_training
-    from ptqconv.evaluate.held_out import SampleErrors
-
-    def output_error(model, samples, indices, references, threads):
-        return SampleErrors({n: np.full(len(indices), 0.01) for n in references},
-                            {n: np.ones(len(indices)) for n in references})
-
-    monkeypatch.setattr(post_training, "_output_error", output_error)
+    _fake_output_errors(monkeypatch, per_quantizer=0.0)
     timings = [{"quantized": 0.8, "planned": 0.8},  # the plan: no faster than all-integer
                {"quantized": 0.8, "planned": 0.8, "cut 0": smallest_ms, "cut 1": 0.6},
                {"quantized": 0.8, "planned": 0.6}]  # the chosen cut, timed again
@@ -499,16 +498,7 @@ def test_a_faster_cut_less_accurate_than_a_whole_plan_that_ties_is_not_written(
     # units float) is less accurate than the whole plan. Where the whole plan ties
     # all-integer, it is written on accuracy however fast the cut; where all-integer beats
     # it, the faster cut (2 units float of 3) stays in the running, and wins.
-    from ptqconv import post_training
-    from ptqconv.evaluate.held_out import SampleErrors
-
-    def output_error(model, samples, indices, references, threads):
-        quantizers = sum(n.op_type == "QuantizeLinear" for n in model.graph.all_nodes())
-        noise = np.full(len(indices), 0.01 * (1 + quantizers))
-        return SampleErrors({n: noise for n in references},
-                            {n: np.ones(len(indices)) for n in references})
-
-    monkeypatch.setattr(post_training, "_output_error", output_error)
+    _fake_output_errors(monkeypatch, per_quantizer=0.01)
     timings = [{"quantized": integer_ms, "planned": 0.8},
                {"quantized": integer_ms, "planned": 0.8, "cut 0": 0.5, "cut 1": 0.5},
                {"quantized": integer_ms, "planned": 0.5}]  # the cut, timed again
