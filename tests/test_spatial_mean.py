@@ -145,3 +145,39 @@ def test_a_broadcast_from_a_lower_rank_does_not_fool_the_rank():
         [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = _without_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     assert not SpatialMeanPass()(model).modified
+
+
+def test_a_mean_inside_an_if_branch_gets_names_the_outer_graph_does_not_use():
+    """A classifier-head mean (keepdims=0) in a branch over the outer conv's output: its new
+    names must not shadow an outer value (here one called "m_pooled")."""
+    rng = np.random.default_rng(0)
+    then_graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0)], "then", [],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, C])])
+    else_graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["c"], ["n"], axes=[2, 3], keepdims=0)], "else", [],
+        [helper.make_tensor_value_info("n", TensorProto.FLOAT, [1, C])])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4),
+             helper.make_node("Identity", ["x"], ["m_pooled"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_graph,
+                              else_branch=else_graph)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16]),
+                     helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C]),
+         helper.make_tensor_value_info("m_pooled", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [numpy_helper.from_array(_weights(rng, C, 3, 3, 3), "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = ir.from_proto(proto)
+    assert SpatialMeanPass()(model).rewritten == 1
+    rewritten = ir.to_proto(model)
+    then_branch = next(a.g for a in rewritten.graph.node[2].attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_branch.node] == ["GlobalAveragePool", "Flatten"]
+    assert "m_pooled" not in then_branch.node[0].output
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    feeds = {"x": x, "cond": np.array(True)}
+    got = ort.InferenceSession(rewritten.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)
+    expected = ort.InferenceSession(proto.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5, atol=1e-6)

@@ -104,8 +104,8 @@ class SpatialMeanPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> SpatialMeanResult:
         result = SpatialMeanResult(model, False)
+        names = NameAllocator(model.graph)  # every graph's names: bodies see the outer scope
         for graph in model.graphs():
-            names = NameAllocator(graph)
             for node in list(graph):
                 keep = _spatial_mean(node)
                 if keep is None:
