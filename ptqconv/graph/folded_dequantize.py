@@ -33,10 +33,15 @@ def _node(names: NameAllocator, op: str, inputs: list[ir.Value], base: str,
     return node
 
 
+# Weight types a folded dequantization can write: float32, and float16 computed in float32
+# and cast at the end (onnxruntime's CPU provider has no float16 Mul to fold; it folds Cast).
+FOLDED_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+
+
 def folds(float_type: ir.DataType) -> bool:
-    """Whether a weight dequantized to `float_type` can be written for onnxruntime to fold:
-    float32 (its CPU provider has no float16 Mul); every layout can."""
-    return float_type == ir.DataType.FLOAT
+    """Whether a weight dequantized to `float_type` can be written for onnxruntime to fold
+    (FOLDED_TYPES); every layout can."""
+    return float_type in FOLDED_TYPES
 
 
 def dequantize_layout(node: ir.Node) -> tuple[int | None, int]:
@@ -75,8 +80,9 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
     """DequantizeLinear(integers, scale, zero, axis, block_size) as Cast [-> Sub] -> Mul,
     per tensor, per channel or in blocks (`folds`): scale and zero point reshaped to
     broadcast along the channel axis, or, for blocks, over the integers viewed as
-    [..., blocks, block_size, ...] (padded to whole blocks and cut back). The last node's
-    output is the weight."""
+    [..., blocks, block_size, ...] (padded to whole blocks and cut back). The arithmetic is
+    float32; a float16 weight is cast at the end (its scale cast to float32 first). The last
+    node's output is the weight."""
     graph = integers.graph
     assert graph is not None and integers.shape is not None and scale.shape is not None
     full = tuple(integers.shape.numpy())
@@ -92,7 +98,8 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
     else:
         work = full
         params = tuple(full[axis] if i == axis else 1 for i in range(len(full)))
-    to = {"to": float_type}
+    compute = ir.DataType.FLOAT
+    to = {"to": compute}
     nodes: list[ir.Node] = []
     shapes: dict[tuple[int, ...], ir.Value] = {}
 
@@ -103,10 +110,10 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
             shapes[target] = add_initializer(graph, names.new(f"{name}_{what}_shape"),
                                              np.asarray(target, np.int64))
         nodes.append(_node(names, "Reshape", [value, shapes[target]], f"{name}_{what}_Reshape",
-                           float_type, target))
+                           compute, target))
         return nodes[-1].outputs[0]
 
-    nodes.append(_node(names, "Cast", [integers], f"{name}_Cast", float_type, full, to))
+    nodes.append(_node(names, "Cast", [integers], f"{name}_Cast", compute, full, to))
     value = nodes[-1].outputs[0]
     if padded != full:
         assert axis is not None
@@ -114,27 +121,34 @@ def folded_nodes(names: NameAllocator, name: str, integers: ir.Value, scale: ir.
         ends[axis] = padded[axis] - full[axis]
         pads = add_initializer(graph, names.new(f"{name}_pads"),
                                np.asarray([0] * len(full) + ends, np.int64))
-        nodes.append(_node(names, "Pad", [value, pads], f"{name}_Pad", float_type, padded))
+        nodes.append(_node(names, "Pad", [value, pads], f"{name}_Pad", compute, padded))
         value = nodes[-1].outputs[0]
     value = reshaped(value, work, "blocks")
     if zero is not None:
         assert zero.shape is not None
         # Cast first: onnxruntime has no int4 / int2 Reshape.
-        nodes.append(_node(names, "Cast", [zero], f"{name}_zero_point_Cast", float_type,
+        nodes.append(_node(names, "Cast", [zero], f"{name}_zero_point_Cast", compute,
                            tuple(zero.shape.numpy()), to))
         nodes.append(_node(names, "Sub", [value, reshaped(nodes[-1].outputs[0], params,
                                                            "zero_point")],
-                           f"{name}_Sub", float_type, work))
+                           f"{name}_Sub", compute, work))
         value = nodes[-1].outputs[0]
     scale.meta[PARAMETER] = True
+    if scale.dtype != compute:
+        nodes.append(_node(names, "Cast", [scale], f"{name}_scale_Cast", compute,
+                           tuple(scale.shape.numpy()), to))
+        scale = nodes[-1].outputs[0]
     nodes.append(_node(names, "Mul", [value, reshaped(scale, params, "scale")], f"{name}_Mul",
-                       float_type, work))
+                       compute, work))
     value = reshaped(nodes[-1].outputs[0], padded, "weight")
     if padded != full:
         assert axis is not None
         bounds = [add_initializer(graph, names.new(f"{name}_slice_{what}"),
                                   np.asarray(v, np.int64))
                   for what, v in (("starts", [0]), ("ends", [full[axis]]), ("axes", [axis]))]
-        nodes.append(_node(names, "Slice", [value, *bounds], f"{name}_Slice", float_type,
-                           full))
+        nodes.append(_node(names, "Slice", [value, *bounds], f"{name}_Slice", compute, full))
+        value = nodes[-1].outputs[0]
+    if float_type != compute:
+        nodes.append(_node(names, "Cast", [value], f"{name}_weight_Cast", float_type, full,
+                           {"to": float_type}))
     return nodes
