@@ -200,7 +200,7 @@ def _gemm_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarra
     attrs = node.attributes
     if "transA" in attrs and attrs["transA"].as_int():
         return None  # the mean over the leading axis would average columns, not rows
-    alpha = attrs["alpha"].as_float() if "alpha" in attrs else 1.0
+    alpha = attrs.get_float("alpha", 1.0)
     b = error.T if "transB" in attrs and attrs["transB"].as_int() else error
     row = mean.reshape(-1)
     if row.shape[0] != b.shape[0]:
@@ -234,7 +234,7 @@ def apply_shifts(graph: ir.Graph, shifts: Mapping[str, Shift]) -> list[Correctio
 
 def _add_to_bias(graph: ir.Graph, names: NameAllocator, node: ir.Node,
                  record: Correction) -> None:
-    beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 1.0
+    beta = node.attributes.get_float("beta", 1.0)
     correction = (record.mean / (beta if node.op_type == "Gemm" else 1.0)).astype(np.float32)
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     if bias is not None and bias.const_value is not None:

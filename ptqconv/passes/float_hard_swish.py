@@ -29,18 +29,13 @@ class FloatHardSwishResult(ir.passes.PassResult):
     rewritten: int = 0
 
 
-def _attribute(node: ir.Node, name: str, default: float) -> float:
-    found = node.attributes.get(name)
-    return found.as_float() if found is not None else default
-
-
 def _gate(node: ir.Node) -> tuple[ir.Value, ir.Node] | None:
     """(x, the Mul) when `node` is the HardSigmoid of a float x * HardSigmoid(x) whose x a
     DequantizeLinear writes."""
     if not is_onnx(node) or node.op_type != "HardSigmoid" or node.inputs[0] is None:
         return None
-    if (abs(_attribute(node, "alpha", 0.2) - SIXTH) > TOLERANCE * SIXTH
-            or abs(_attribute(node, "beta", 0.5) - 0.5) > TOLERANCE):
+    if (abs(node.attributes.get_float("alpha", 0.2) - SIXTH) > TOLERANCE * SIXTH
+            or abs(node.attributes.get_float("beta", 0.5) - 0.5) > TOLERANCE):
         return None
     x, gate = node.inputs[0], node.outputs[0]
     producer = x.producer()
@@ -73,16 +68,13 @@ class FloatHardSwishPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> FloatHardSwishResult:
         result = FloatHardSwishResult(model, False)
-        opset = model.opset_imports.get("", 1)
-        if opset < HARD_SWISH_OPSET and not _upgradable(model):
-            return result
         graph = model.graph
+        found = [(node, *gate) for node in graph if (gate := _gate(node)) is not None]
+        opset = model.opset_imports.get("", 1)
+        if not found or (opset < HARD_SWISH_OPSET and not _upgradable(model)):
+            return result
         names = NameAllocator(graph)
-        for node in list(graph):
-            found = _gate(node)
-            if found is None:
-                continue
-            x, mul = found
+        for node, x, mul in found:
             stem = mul.outputs[0].name or "hard_swish"
             swish = ir.node("HardSwish", [x], name=names.new(f"{stem}_HardSwish"))
             graph.insert_after(mul, [swish])

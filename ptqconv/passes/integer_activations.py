@@ -112,8 +112,8 @@ class IntegerActivationsPass(ir.passes.InPlacePass):
 
     def _hard_sigmoid(self, site: _Site) -> bool:
         node = site.fn
-        alpha = node.attributes["alpha"].as_float() if "alpha" in node.attributes else 0.2
-        beta = node.attributes["beta"].as_float() if "beta" in node.attributes else 0.5
+        alpha = node.attributes.get_float("alpha", 0.2)
+        beta = node.attributes.get_float("beta", 0.5)
         # The uint8 saturation is the clip only with zp 0 and the top of uint8 at most 1.
         if alpha <= 0 or site.out_zero_point != 0 or (
                 UINT8_MAX * site.out_scale > 1 + SCALE_TOLERANCE):

@@ -32,12 +32,13 @@ class SpatialMeanResult(ir.passes.PassResult):
     rewritten: int = 0
 
 
-def _ints(node: ir.Node, name: str, index: int) -> list[int] | None:
-    """An int list given as attribute `name` (before opset 18) or as constant input `index`."""
-    if name in node.attributes:
-        return list(node.attributes[name].as_ints())
-    if len(node.inputs) > index and node.inputs[index] is not None:
-        tensor = node.inputs[index].const_value
+def _axes(node: ir.Node) -> list[int] | None:
+    """A ReduceMean's axes: its attribute (before opset 18) or its constant second input."""
+    found = node.attributes.get_ints("axes")
+    if found is not None:
+        return list(found)
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        tensor = node.inputs[1].const_value
         return None if tensor is None else [int(v) for v in np.asarray(tensor.numpy()).ravel()]
     return None
 
@@ -73,29 +74,26 @@ def _rank(value: ir.Value, depth: int = 0) -> int | None:
                      for v in producer.inputs if v is not None]
             if ranks and None not in ranks:  # a lower rank broadcasts up: every one is needed
                 return max(ranks)
-    for user, index in value.uses():
-        if index == 0 and _conv_rank(user) is not None:
-            return _conv_rank(user)
-    return None
+    return next((rank for user, index in value.uses()
+                 if index == 0 and (rank := _conv_rank(user)) is not None), None)
 
 
-def _spatial_mean(node: ir.Node) -> bool | None:
-    """keepdims when `node` is a ReduceMean of a float feature map over all its spatial axes
-    (rank 3 or more), else None."""
+def _spatial_mean(node: ir.Node) -> tuple[bool, int] | None:
+    """(keepdims, the map's rank) when `node` is a ReduceMean of a float feature map over all
+    its spatial axes (rank 3 or more), else None."""
     if not is_onnx(node) or node.op_type != "ReduceMean" or not node.inputs or (
             node.inputs[0] is None):
         return None
     x = node.inputs[0]
     if x.dtype is not None and x.dtype not in FLOAT_TYPES:
         return None
-    axes = _ints(node, "axes", 1)
+    axes = _axes(node)
     rank = _rank(x)
     if not axes or rank is None or rank < 3:
         return None
     if sorted(a % rank for a in axes) != list(range(2, rank)):
         return None
-    keep = node.attributes.get("keepdims")
-    return keep is None or keep.as_int() != 0
+    return node.attributes.get_int("keepdims", 1) != 0, rank
 
 
 class SpatialMeanPass(ir.passes.InPlacePass):
@@ -107,10 +105,10 @@ class SpatialMeanPass(ir.passes.InPlacePass):
         names = NameAllocator(model.graph)  # every graph's names: bodies see the outer scope
         for graph in model.graphs():
             for node in list(graph):
-                keep = _spatial_mean(node)
-                if keep is None:
+                found = _spatial_mean(node)
+                if found is None:
                     continue
-                rank = _rank(node.inputs[0])
+                keep, rank = found
                 if not keep and rank != 4:
                     continue  # Flatten would keep [N, C, 1] of a 3-D map
                 stem = node.outputs[0].name or "mean"
