@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ from ptqconv.passes.shared_body_weights import ShareBodyWeightsPass
 from ptqconv.passes.smooth_quant import SmoothQuantPass, smoothing_nodes
 from ptqconv.passes.spatial_mean import SpatialMeanPass
 from ptqconv.passes.unique_names import UniqueNamesPass
+from ptqconv.passes.unused_smoothing import UnusedSmoothingPass
 from ptqconv.passes.weight_quant import WeightRecord
 from ptqconv.qparams import Range
 from ptqconv.report import (
@@ -299,11 +300,14 @@ class PostTraining:
                        shallow_8bit=s.shallow_convs_8bit, **options)
 
     def quantize(self, model: ir.Model, plan: QuantPlan, ranges: dict[str, Range],
-                 **options: Any) -> QDQResult:
-        """Q/DQ by `plan`, then the activations onnxruntime has no integer kernel for in the
-        integer forms it fuses (counted in the result's `integer_activations`), and float
-        hard-swishes after a DequantizeLinear as HardSwish (`float_hard_swish`)."""
+                 originals: Mapping[str, ir.Value], **options: Any) -> QDQResult:
+        """Q/DQ by `plan`; SmoothQuant undone where no reader got quantized, the MatMuls
+        given back their weights from `originals` (`smoothing_undone`); then the activations
+        onnxruntime has no integer kernel for in the integer forms it fuses (counted in the
+        result's `integer_activations`), and float hard-swishes after a DequantizeLinear as
+        HardSwish (`float_hard_swish`)."""
         qdq: QDQResult = self.qdq_pass(plan, ranges, **options)(model)
+        qdq.smoothing_undone = UnusedSmoothingPass(originals)(model).undone
         activations = IntegerActivationsPass(qparams.activation_grid(
             self.settings.activation_bits))(model)
         qdq.integer_activations.update(activations.rewritten)
@@ -354,7 +358,9 @@ class PostTraining:
         plan = plan_model(model.graph, skip, float_tensors, choice.float_nodes(model.graph),
                           self.unfused, self.macs, self.latency_units)
         debug = s.debug_dir is not None
-        qdq = self.quantize(model, plan, ranges, keep_weight_errors=choice.bias_correction,
+        originals = float_model.graph.initializers
+        qdq = self.quantize(model, plan, ranges, originals,
+                            keep_weight_errors=choice.bias_correction,
                             keep_weights=debug, weights=weights, fixed=fixed,
                             integer_weights=self.integers)
         corrections = None
@@ -368,7 +374,8 @@ class PostTraining:
             plan = plan_model(model.graph, skip, float_tensors,
                               choice.float_nodes(model.graph), self.unfused, self.macs,
                               self.latency_units)
-            qdq = self.quantize(model, plan, ranges, keep_weights=debug, weights=weights,
+            qdq = self.quantize(model, plan, ranges, originals, keep_weights=debug,
+                                weights=weights,
                                 fixed=fixed, integer_weights=self.integers)
         tables = []
         if s.embedding_quant:
@@ -914,6 +921,7 @@ class PostTraining:
             bias_corrections=built.corrections,
             integer_activations=dict(built.qdq.integer_activations),
             float_hard_swish=built.qdq.float_hard_swish,
+            smoothing_undone=len(built.qdq.smoothing_undone),
             recurrent_float=sum(len(recurrent_weight_slots(node)) for node
                                 in ir.traversal.RecursiveGraphIterator(built.model.graph)),
         )

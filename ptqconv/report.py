@@ -187,6 +187,7 @@ class PostTrainingSummary:
     # op type -> activations run as integer kernels they have none of their own
     integer_activations: dict[str, int] = field(default_factory=dict)
     float_hard_swish: int = 0  # float hard-swishes after a DequantizeLinear, as HardSwish
+    smoothing_undone: int = 0  # SmoothQuant undone: no MatMul reading the tensor quantized
     # Constant W and R of LSTM / GRU / RNN nodes, which stay float (no static int8 kernel).
     recurrent_float: int = 0
     latency_plan: LatencyPlan | None = None  # None: latency_aware=false
@@ -643,7 +644,9 @@ def post_training_lines(s: PostTrainingSummary, shown: int = 10) -> list[str]:
           and not s.bodies else []),
         *([f"  equalized: {len(equalized.migrated)} Conv -> Conv activations"]
           if equalized and equalized.migrated else []),
-        *([f"  SmoothQuant: {len(smoothed.migrated)} MatMul inputs"]
+        *([f"  SmoothQuant: {len(smoothed.migrated)} MatMul inputs"
+           + (f" ({s.smoothing_undone} undone: no MatMul reading them is quantized)"
+              if s.smoothing_undone else "")]
           if smoothed and smoothed.migrated else []),
         *[line for m in by_technique.values() for line in _left_alone(m)],
         *([f"  kept float (mask-like range beyond {SENTINEL_RANGE:g}): "

@@ -10,7 +10,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ptqconv.calibrate.statistics import ChannelMoments, StatisticPoint, Statistics
 from ptqconv.cli import main
+from ptqconv.graph.naming import node_key
 from ptqconv.passes import smooth_quant
+from ptqconv.passes.body_plan import plan_model
+from ptqconv.passes.qdq import QDQPass
+from ptqconv.passes.unused_smoothing import UnusedSmoothingPass
 
 
 def outlier_matmul(seed: int = 0):
@@ -92,3 +96,65 @@ def test_smoothing_lowers_the_w8a8_error_on_outlier_channels(tmp_path):
         diffs = [run_model(src, {"x": s})[0] - run_model(out, {"x": s})[0] for s in samples]
         errors[smooth] = float(np.sqrt(np.mean(np.square(diffs))))
     assert errors["true"] < 0.5 * errors["false"], errors
+
+
+def two_readers(seed: int = 0):
+    """`outlier_matmul` with a second MatMul `proj2` reading the same activation."""
+    model = outlier_matmul(seed)
+    w2 = (np.random.default_rng(seed + 1).standard_normal((64, 8)) / 8).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(w2, "w2"))
+    model.graph.node.append(helper.make_node("MatMul", ["h", "w2"], ["y2"], name="proj2"))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 16, 8]))
+    return model
+
+
+
+def _outlier_moments() -> ChannelMoments:
+    moments = ChannelMoments(-1)
+    moments.channel_min = np.full(64, -3.0, np.float32)
+    moments.channel_max = np.full(64, 3.0, np.float32)
+    moments.channel_min[[5, 17, 40]], moments.channel_max[[5, 17, 40]] = -180.0, 180.0
+    moments.channel_sumsq, moments.rows = (moments.channel_max / 3) ** 2, 1
+    return moments
+
+
+def _smoothed_then_quantized(kept: set[str]) -> tuple[ir.Model, ir.Model, list[str]]:
+    """(float, two_readers smoothed on h and quantized with the nodes `kept` float, what
+    UnusedSmoothingPass undid)."""
+    source = ir.from_proto(two_readers())
+    model = source.clone()
+    statistics = Statistics({StatisticPoint("h", smooth_quant.CHANNELS): _outlier_moments()})
+    assert smooth_quant.SmoothQuantPass(frozenset(), 255, 63).calibrated(statistics)(
+        model).migrated == ["h"]
+    skip = smooth_quant.smoothing_nodes(model.graph)
+    plan = plan_model(model.graph, skip, float_units=frozenset(
+        node_key(n) for n in model.graph if n.name in kept))
+    ranges = {"x": (-4.0, 4.0), "h": (-3.0, 3.0), "h_smoothed": (-3.0, 3.0),
+              "y": (-4.0, 4.0), "y2": (-4.0, 4.0)}
+    QDQPass(plan, ranges, 8)(model)
+    undone = UnusedSmoothingPass(source.graph.initializers)(model).undone
+    return source, model, undone
+
+
+def test_smoothing_is_undone_where_no_reader_is_quantized(tmp_path):
+    source, model, undone = _smoothed_then_quantized({"norm", "proj", "proj2"})
+    assert undone == ["h"]
+    assert smooth_quant.smoothing_nodes(model.graph) == frozenset()
+    assert not [n for n in model.graph.initializers if n.endswith(smooth_quant.INV_SCALE_SUFFIX)]
+    for name in ("w", "w2"):  # the float model's own weights again
+        assert (model.graph.initializers[name].const_value
+                is source.graph.initializers[name].const_value)
+    x = np.random.default_rng(3).standard_normal((1, 16, 64)).astype(np.float32)
+    src, out = tmp_path / "float.onnx", tmp_path / "undone.onnx"
+    ir.save(source, src)
+    ir.save(model, out)
+    for ref, got in zip(run_model(src, {"x": x}), run_model(out, {"x": x}), strict=True):
+        assert np.array_equal(ref, got)  # bit for bit
+
+
+def test_smoothing_stays_where_one_reader_is_quantized():
+    _, model, undone = _smoothed_then_quantized({"norm", "proj"})
+    assert undone == []
+    (mul,) = [n for n in model.graph if n.name in smooth_quant.smoothing_nodes(model.graph)]
+    # Quantized for proj2; proj, float, reads it dequantized.
+    assert {user.op_type for user, _ in mul.outputs[0].uses()} == {"QuantizeLinear"}

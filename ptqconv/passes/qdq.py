@@ -98,6 +98,8 @@ class QDQResult(ir.passes.PassResult):
     integer_activations: Counter[str] = field(default_factory=Counter)
     # float hard-swishes after a DequantizeLinear written as HardSwish (float_hard_swish)
     float_hard_swish: int = 0
+    # smoothed activations no quantized MatMul reads, smoothing undone (unused_smoothing)
+    smoothing_undone: list[str] = field(default_factory=list)
 
     @property
     def quantize_nodes(self) -> int:
