@@ -260,6 +260,7 @@ class WeightQuantSummary:
     # Weights rewritten to fold at load because the model ran slower than float as written
     # (conversion._fold_if_faster): how many, and that timing's ratio to float.
     folded_for_speed: tuple[int, float] | None = None
+    tables_folded: int = 0  # with them, embedding tables dequantized whole before the Gather
     weight_corrections: int = 0  # weights whose parameters took MindSpore's correction
     bias_corrections: list[Correction] | None = None  # None: no calibration data
     equalize_chains: int = 0  # Conv -> Relu -> Conv chains found
@@ -535,9 +536,11 @@ def weight_quant_lines(s: WeightQuantSummary, quantized: list[WeightRecord],
                      f"{s.shallow_8bit or 'none'}{measured} ({why})")
     if s.folded_for_speed is not None:
         count, ratio = s.folded_for_speed
+        tables = (f" and {_count(s.tables_folded, 'embedding table')} dequantized whole "
+                  "before the Gather" if s.tables_folded else "")
         lines.append(f"  weights dequantized at load: {count} DequantizeLinear written as "
-                     f"Cast -> Mul, which onnxruntime folds into float weights when it loads "
-                     f"the model (with DequantizeLinear it ran at {ratio:.2f}x float; the "
+                     f"Cast -> Mul{tables}, which onnxruntime folds into float weights when "
+                     f"it loads the model (with DequantizeLinear it ran at {ratio:.2f}x float; the "
                      "file keeps the integers, memory holds float weights)")
     if s.activations_unfused:
         lines.append(f"  Relu/Clip behind MatMulNBits-ready Gemm weights written as Max/Min: "

@@ -858,3 +858,41 @@ def test_weights_are_folded_at_load_only_where_the_timing_says_it_pays(
         tolerance = 1e-2 if half else 1e-6
         np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32),
                                    rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.timed_folding
+@pytest.mark.parametrize("bits", [8, 12])
+def test_gathered_tables_are_folded_with_the_weights(tmp_path, monkeypatch, bits):
+    """Folded for speed, a table gathered row by row is dequantized whole by constant ops
+    before its Gather (onnxruntime folds them at load), so the Gather reads float rows as in
+    the float model; the rows are the ones the gathered dequantization gave, and the file is
+    timed again, since the at-load timing ran the gathered rows."""
+    from ptqconv import runtime
+    from ptqconv.runtime import DEQUANTIZE_AT_LOAD
+
+    calls = []
+
+    def timed(models, *args, outputs=None, **kwargs):
+        calls.append(set(models))
+        if outputs is not None:
+            outputs.update((label, [np.ones(4, np.float32)]) for label in models)
+        return _timed(1.5, 1.0)
+
+    monkeypatch.setattr(runtime, "compare_latency", timed)
+    _, out, report = quantize(tmp_path, embedding(), bits)
+    assert report.weight_quant.tables_folded == 1
+    assert "and 1 embedding table dequantized whole before the Gather" in report.format()
+    assert calls == [{"float", "quantized", runtime.AT_LOAD}, {"float", "quantized"}]
+    table = next(n for n, a in initializers(out).items() if a.shape == (1000, 64))
+    assert _consumers(out)[table] == ["Cast"]
+    ids = {"ids": np.array([[0, 5, 999, 5, 17, 400, 3, 1]], np.int64)}
+    untimed = tmp_path / "untimed.ini"
+    untimed.write_text("[weight_quant_param]\nmeasure_latency=false\n")
+    _, plain, _ = quantize(tmp_path, embedding(), bits, name="plain.onnx",
+                           config_file=str(untimed))
+    assert _consumers(plain)[next(n for n, a in initializers(plain).items()
+                                  if a.shape == (1000, 64))] == ["Gather"]
+    got, ops = run_optimized(out, ids, tmp_path, {})
+    want, _ = run_optimized(plain, ids, tmp_path, DEQUANTIZE_AT_LOAD)
+    assert ops <= {"Gather", "MatMul", "Gemm"}, ops
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
