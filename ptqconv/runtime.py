@@ -12,6 +12,7 @@ import random
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -263,6 +264,30 @@ def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
     The model is not modified: the extra outputs are added to its output list only while it
     is serialized.
     """
+    with probes(model, outputs, [threads], label) as (session,):
+        yield session
+
+
+# A model with at most this many bytes of weights is calibrated by sessions running samples
+# side by side (`replicas`): each session holds its own copy of the weights.
+REPLICA_MAX_BYTES = 128_000_000
+
+
+def replicas(threads: int, weight_bytes: int) -> list[int]:
+    """The intra-op threads of each session that streams samples through a model: two
+    sessions of half the threads, each running every other sample, where there are two
+    threads and the weights are small; one session otherwise. On two cores two 1-thread
+    sessions of the ResNet-18-sized CNN's calibration graph ran 21 ms a sample against 24-25
+    for one of 2 threads (docs/decisions.md, sessions side by side)."""
+    if threads < 2 or weight_bytes > REPLICA_MAX_BYTES:
+        return [threads]
+    return [threads - threads // 2, threads // 2]
+
+
+@contextlib.contextmanager
+def probes(model: ir.Model, outputs: Sequence[str], threads: Sequence[int],
+           label: str = "model") -> Iterator[list[Session]]:
+    """`probe`'s session, once per entry of `threads` with that many intra-op threads."""
     graph = model.graph
     found = values_by_name(graph)
     original = list(graph.outputs)
@@ -272,43 +297,49 @@ def probe(model: ir.Model, outputs: Sequence[str], threads: int = 1,
         with _loadable(model) as loadable:
             graph.outputs.clear()
             graph.outputs.extend(original)
-            session = Session(loadable, threads, label=label, own_graph=True)
+            sessions = [Session(loadable, n, label=label, own_graph=True) for n in threads]
             del loadable  # serialized bytes as big as the weights; a file stays for the session
-            yield session
+            yield sessions
     finally:
         graph.outputs.clear()
         graph.outputs.extend(original)
 
 
 def stream(
-    session: Session,
+    session: Session | Sequence[Session],
     samples: Iterable[Mapping[str, np.ndarray]],
     names: Sequence[str],
     consume: Callable[[dict[str, np.ndarray]], None],
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Run every sample, hand `consume` the named outputs; inference runs one sample ahead
-    (onnxruntime releases the GIL), which hides most of the consumer's cost."""
+    """Run every sample, hand `consume` the named outputs in sample order; inference runs
+    ahead (onnxruntime releases the GIL), which hides most of the consumer's cost. Several
+    sessions of one model (`replicas`) take turns, sample k going to session k mod n."""
     return stream_together([(session, names)], samples,
                            lambda _, outputs: consume(outputs[0]), progress)
 
 
 def stream_together(
-    runs: Sequence[tuple[Session, Sequence[str]]],
+    runs: Sequence[tuple[Session | Sequence[Session], Sequence[str]]],
     samples: Iterable[Mapping[str, np.ndarray]],
     consume: Callable[[Mapping[str, np.ndarray], list[dict[str, np.ndarray]]], None],
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Run every sample through every `(session, output names)` of `runs`, each session in its
-    own thread and one sample ahead of `consume`, which gets the sample and the outputs of
-    each session in order. Returns the number of samples."""
+    """Run every sample through every `(session or its replicas, output names)` of `runs`,
+    each session in its own thread, and hand `consume` the sample and the outputs of each
+    run in order, in sample order. One sample per session runs ahead of `consume`. Returns
+    the number of samples."""
     count = 0
-    pool = ThreadPoolExecutor(max_workers=len(runs))
+    groups = [([s] if isinstance(s, Session) else list(s), names) for s, names in runs]
+    ahead = max(len(sessions) for sessions, _ in groups)
+    # One thread per session: a session runs its samples in order, one at a time.
+    pools = [[ThreadPoolExecutor(max_workers=1) for _ in sessions] for sessions, _ in groups]
 
     def submit(index: int, sample: Mapping[str, np.ndarray]) -> list[Future]:
         feeds = sample if isinstance(sample, dict) else dict(sample)  # a Sample keeps its files
-        return [pool.submit(session.run, feeds, names, f"sample {index}")
-                for session, names in runs]
+        return [pool[index % len(sessions)].submit(
+                    sessions[index % len(sessions)].run, feeds, names, f"sample {index}")
+                for (sessions, names), pool in zip(groups, pools, strict=True)]
 
     def finish(sample: Mapping[str, np.ndarray], futures: list[Future]) -> None:
         nonlocal count
@@ -317,18 +348,18 @@ def stream_together(
         if progress:
             progress(1)
 
+    pending: deque[tuple[Mapping[str, np.ndarray], list[Future]]] = deque()
     try:
-        pending = None
         for index, sample in enumerate(samples):
-            futures = submit(index, sample)
-            if pending is not None:
-                finish(*pending)
-            pending = (sample, futures)
-        if pending is not None:
-            finish(*pending)
+            pending.append((sample, submit(index, sample)))
+            if len(pending) > ahead:
+                finish(*pending.popleft())
+        while pending:
+            finish(*pending.popleft())
     finally:
         # Interrupted, the samples queued behind the running ones are not started.
-        pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (p for group in pools for p in group):
+            pool.shutdown(wait=True, cancel_futures=True)
     return count
 
 

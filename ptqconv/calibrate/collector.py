@@ -3,7 +3,9 @@
 The float model gets the tensors to observe as extra graph outputs (tensors inside If / Loop /
 Scan bodies are threaded out first, `calibrate.exposure`); each sample is run, every
 accumulator of a tensor is updated with it, and the outputs are dropped, so memory does not
-depend on the number of samples. Inference of sample k+1 overlaps with accumulating sample k.
+depend on the number of samples. Inference of the next samples overlaps with accumulating
+sample k; a small model runs in two sessions side by side (`runtime.replicas`), and the
+accumulators still see the samples in order.
 """
 
 from __future__ import annotations
@@ -82,9 +84,10 @@ def collect(
         probed, exposed = expose(model, fetched)
         arrivals.update((e.output, (name, e.per_execution)) for name, e in exposed.items())
         outputs = list(arrivals)
-        with runtime.probe(probed, outputs, threads, label="calibration") as session:
-            runtime.stream(session, with_inputs(samples), outputs, consume, progress)
-        del session, probed  # what release_memory is to give back
+        split = runtime.replicas(threads, runtime.initializer_bytes(probed))
+        with runtime.probes(probed, outputs, split, label="calibration") as sessions:
+            runtime.stream(sessions, with_inputs(samples), outputs, consume, progress)
+        del sessions, probed  # what release_memory is to give back
         runtime.release_memory()
     kept = {point: acc for point, acc in accumulators.items() if id(acc) not in refused}
     return Statistics(kept, frozenset(skipped))
